@@ -1,0 +1,353 @@
+//! The paravirtual connect interface: request blocks, opcodes and their rules.
+//!
+//! A request is a block of guest memory that starts with a [`RequestHeader`].
+//! The guest fills the header and the opcode's input fields, zeroes everything
+//! else, and writes the block's guest-physical address to
+//! [`crate::layout::PV_DOORBELL_PORT`] with a 32-bit `out`. Before the vCPU
+//! resumes, the VMM writes the answer into the same block: `status` in the
+//! header, and the opcode's output fields. Input fields are never modified.
+//!
+//! A block must be 8-byte aligned, lie wholly in guest RAM, have
+//! `length == ` the opcode's size for the block's `abi_version`, and have every
+//! `reserved` field zero. A block the VMM cannot read at all gets no answer; a
+//! readable but malformed one gets its defined status and changes nothing.
+//!
+//! Versioning: each opcode's layout for a version is fixed. A later version
+//! may only append fields, so `length` tells which layout the guest used and
+//! the VMM answers a version it knows with that version's layout.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// `RequestHeader::magic`: `"IRQP"` in little-endian byte order.
+pub const PV_MAGIC: u32 = u32::from_le_bytes(*b"IRQP");
+/// The ABI version this crate describes.
+pub const ABI_VERSION_1: u16 = 1;
+/// Highest ABI version the VMM implements.
+pub const ABI_VERSION_MAX: u16 = ABI_VERSION_1;
+/// Required alignment of a request block's guest-physical address.
+pub const BLOCK_ALIGN: u64 = 8;
+
+/// Opcodes of [`RequestHeader::opcode`].
+pub mod opcode {
+    /// [`super::QueryPlatform`]: processors, limits, conventions.
+    pub const QUERY_PLATFORM: u16 = 1;
+    /// [`super::QueryResources`]: a device's translated interrupt resources.
+    pub const QUERY_RESOURCES: u16 = 2;
+    /// [`super::Connect`]: IoConnectInterrupt.
+    pub const CONNECT: u16 = 3;
+    /// [`super::Disconnect`]: IoDisconnectInterrupt.
+    pub const DISCONNECT: u16 = 4;
+    /// [`super::QueryRoute`]: how a pin is programmed (introspection for tests).
+    pub const QUERY_ROUTE: u16 = 5;
+}
+
+/// The 16 bytes every request block starts with.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct RequestHeader {
+    /// Must be [`PV_MAGIC`].
+    pub magic: u32,
+    /// The ABI version whose layout the block uses ([`ABI_VERSION_1`]).
+    pub abi_version: u16,
+    /// One of [`opcode`].
+    pub opcode: u16,
+    /// Size in bytes of the whole block, header included.
+    pub length: u32,
+    /// Output: the NTSTATUS of the request. The guest should preset it to a
+    /// value the VMM never writes (e.g. `u32::MAX`) to detect "no answer".
+    pub status: u32,
+}
+
+impl RequestHeader {
+    /// A header for `opcode` with the layout of `T`, version 1, status preset
+    /// to [`STATUS_NO_ANSWER`].
+    pub const fn new<T>(opcode: u16) -> Self {
+        Self {
+            magic: PV_MAGIC,
+            abi_version: ABI_VERSION_1,
+            opcode,
+            length: core::mem::size_of::<T>() as u32,
+            status: STATUS_NO_ANSWER,
+        }
+    }
+}
+
+/// A status value the VMM never writes: guests preset `status` with it.
+pub const STATUS_NO_ANSWER: u32 = 0xffff_ffff;
+
+/// `KINTERRUPT_MODE` values (wdm.h): `LevelSensitive` = 0, `Latched` = 1.
+pub mod interrupt_mode {
+    /// The device holds its line until serviced.
+    pub const LEVEL_SENSITIVE: u8 = 0;
+    /// The device signals with an edge.
+    pub const LATCHED: u8 = 1;
+}
+
+/// The irqchip mode the VMM runs, as reported by [`QueryPlatform::irqchip_mode`].
+pub mod irqchip_mode {
+    /// KVM's in-kernel IOAPIC and LAPICs.
+    pub const KERNEL: u8 = 0;
+    /// Our IOAPIC, KVM's LAPICs.
+    pub const SPLIT: u8 = 1;
+    /// Our IOAPIC and our LAPICs.
+    pub const USER: u8 = 2;
+}
+
+/// Bits of [`QueryPlatform::flags`].
+pub mod platform_flags {
+    /// The vCPUs offer x2APIC in CPUID.
+    pub const X2APIC: u32 = 1 << 0;
+    /// Logical-destination convention: flat model, LDR = 1 << processor index
+    /// (xAPIC), or the architectural x2APIC cluster LDR (x2APIC).
+    pub const LOGICAL_FLAT_BY_INDEX: u32 = 1 << 1;
+}
+
+/// Size of [`QueryPlatform::apic_ids`].
+pub const PLATFORM_MAX_CPUS: usize = 256;
+
+/// `QUERY_PLATFORM`: no inputs; the VMM fills every other field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryPlatform {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Output: highest ABI version the VMM implements.
+    pub abi_version_max: u16,
+    /// Output: one of [`irqchip_mode`].
+    pub irqchip_mode: u8,
+    /// Must be zero.
+    pub reserved0: u8,
+    /// Output: [`platform_flags`].
+    pub flags: u32,
+    /// Output: number of processors.
+    pub cpu_count: u32,
+    /// Output: number of devices with interrupt resources.
+    pub device_count: u32,
+    /// Output: processors a KAFFINITY mask can name that are online.
+    pub online_mask: u64,
+    /// Output: lowest device vector.
+    pub vector_min: u8,
+    /// Output: highest device vector.
+    pub vector_max: u8,
+    /// Must be zero.
+    pub reserved1: u16,
+    /// Output: the VM-wide quota of interrupt objects.
+    pub object_quota: u32,
+    /// Output: interrupt objects currently in use.
+    pub objects_in_use: u32,
+    /// Output: live connections.
+    pub connections: u32,
+    /// Output: consecutive unclaimed re-deliveries after which the host masks
+    /// a level pin (the storm guard).
+    pub storm_threshold: u32,
+    /// Output: pins the storm guard has masked since boot.
+    pub storm_masked_pins: u32,
+    /// Output: APIC ID of processor `i` at index `i` (`cpu_count` entries).
+    pub apic_ids: [u32; PLATFORM_MAX_CPUS],
+}
+
+/// Share dispositions (`CM_SHARE_DISPOSITION`).
+pub mod share {
+    /// `CmResourceShareDeviceExclusive`.
+    pub const DEVICE_EXCLUSIVE: u8 = 1;
+    /// `CmResourceShareShared`.
+    pub const SHARED: u8 = 3;
+}
+
+/// `CmResourceTypeInterrupt`.
+pub const RESOURCE_TYPE_INTERRUPT: u8 = 2;
+/// `CM_RESOURCE_INTERRUPT_LATCHED` in [`InterruptResource::flags`]
+/// (clear: `CM_RESOURCE_INTERRUPT_LEVEL_SENSITIVE`).
+pub const RESOURCE_FLAG_LATCHED: u16 = 1;
+
+/// A translated interrupt resource: the analogue of a
+/// `CM_PARTIAL_RESOURCE_DESCRIPTOR` of type `CmResourceTypeInterrupt`.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct InterruptResource {
+    /// [`RESOURCE_TYPE_INTERRUPT`].
+    pub kind: u8,
+    /// One of [`share`].
+    pub share_disposition: u8,
+    /// [`RESOURCE_FLAG_LATCHED`] or 0 (level-sensitive).
+    pub flags: u16,
+    /// `u.Interrupt.Level`: the DIRQL (vector >> 4).
+    pub level: u32,
+    /// `u.Interrupt.Vector`: the IDT vector.
+    pub vector: u32,
+    /// The raw resource: the IOAPIC pin the device drives.
+    pub line: u32,
+    /// `u.Interrupt.Affinity`: the processors the device may interrupt.
+    pub affinity: u64,
+}
+
+/// Most interrupt resources one device has.
+pub const MAX_RESOURCES: usize = 4;
+
+/// `QUERY_RESOURCES`: the device's translated interrupt resources.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryResources {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: the device (0-based).
+    pub device_id: u32,
+    /// Output: valid entries of `resources`.
+    pub count: u32,
+    /// Output: the resources.
+    pub resources: [InterruptResource; MAX_RESOURCES],
+}
+
+/// `CONNECT`: IoConnectInterrupt's parameters plus the device, as
+/// IoConnectInterruptEx's PDO names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct Connect {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: the device whose resource is connected.
+    pub device_id: u32,
+    /// Input: `Vector`.
+    pub vector: u32,
+    /// Input: `Irql`.
+    pub irql: u8,
+    /// Input: `SynchronizeIrql`.
+    pub synchronize_irql: u8,
+    /// Input: `InterruptMode`, one of [`interrupt_mode`].
+    pub interrupt_mode: u8,
+    /// Input: `ShareVector` (0 or 1).
+    pub share_vector: u8,
+    /// Input: `FloatingSave` (0 or 1).
+    pub floating_save: u8,
+    /// Must be zero.
+    pub reserved0: [u8; 3],
+    /// Input: `ProcessorEnableMask` (KAFFINITY).
+    pub processor_enable_mask: u64,
+    /// Input: `ServiceRoutine`, a guest address.
+    pub service_routine: u64,
+    /// Input: `ServiceContext`, a guest-physical address or 0.
+    pub service_context: u64,
+    /// Input: `SpinLock`, a guest-physical address or 0.
+    pub spin_lock: u64,
+    /// Output: the connection's handle (never 0 on success).
+    pub handle: u64,
+    /// Output: the effective mask (processors that got an interrupt object).
+    pub effective_mask: u64,
+}
+
+/// `DISCONNECT`: IoDisconnectInterrupt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct Disconnect {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: a handle [`Connect`] returned.
+    pub handle: u64,
+}
+
+/// Values of [`QueryRoute::trigger`].
+pub mod trigger {
+    /// Edge-triggered.
+    pub const EDGE: u8 = 0;
+    /// Level-triggered.
+    pub const LEVEL: u8 = 1;
+}
+
+/// `QUERY_ROUTE`: how the host has programmed a pin.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryRoute {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: the IOAPIC pin.
+    pub pin: u32,
+    /// Output: 1 when the pin is masked.
+    pub masked: u8,
+    /// Output: one of [`trigger`].
+    pub trigger: u8,
+    /// Output: the vector.
+    pub vector: u8,
+    /// Output: 1 when routed lowest-priority to a set, 0 for fixed.
+    pub lowest_priority: u8,
+    /// Output: processors the route may deliver to.
+    pub destination_mask: u64,
+    /// Output: live connections on the pin's vector.
+    pub connections: u32,
+    /// Must be zero.
+    pub reserved0: u32,
+}
+
+const _: () = {
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<RequestHeader>() == 16);
+    assert!(size_of::<InterruptResource>() == 24);
+    assert!(size_of::<QueryPlatform>() == 64 + 4 * PLATFORM_MAX_CPUS);
+    assert!(size_of::<QueryResources>() == 24 + 24 * MAX_RESOURCES);
+    assert!(size_of::<Connect>() == 80);
+    assert!(size_of::<Disconnect>() == 24);
+    assert!(size_of::<QueryRoute>() == 40);
+    assert!(align_of::<Connect>() as u64 <= BLOCK_ALIGN);
+    assert!(align_of::<QueryPlatform>() as u64 <= BLOCK_ALIGN);
+};
+
+/// The block size of `opcode` in ABI version `version`, or `None` when the
+/// pair is not defined.
+pub const fn request_size(version: u16, opcode: u16) -> Option<usize> {
+    use core::mem::size_of;
+    if version != ABI_VERSION_1 {
+        return None;
+    }
+    match opcode {
+        opcode::QUERY_PLATFORM => Some(size_of::<QueryPlatform>()),
+        opcode::QUERY_RESOURCES => Some(size_of::<QueryResources>()),
+        opcode::CONNECT => Some(size_of::<Connect>()),
+        opcode::DISCONNECT => Some(size_of::<Disconnect>()),
+        opcode::QUERY_ROUTE => Some(size_of::<QueryRoute>()),
+        _ => None,
+    }
+}
+
+/// The largest block any known (version, opcode) uses: the most the VMM ever
+/// reads for one request.
+pub const MAX_REQUEST_SIZE: usize = core::mem::size_of::<QueryPlatform>();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::FromZeros;
+
+    #[test]
+    fn request_size_known_opcodes_match_layouts() {
+        assert_eq!(request_size(1, opcode::CONNECT), Some(80));
+        assert_eq!(request_size(1, 0), None);
+        assert_eq!(request_size(2, opcode::CONNECT), None);
+        for op in 1..=5 {
+            let size = request_size(1, op).unwrap_or(0);
+            assert!(size > 0 && size <= MAX_REQUEST_SIZE);
+            assert_eq!(size % BLOCK_ALIGN as usize, 0);
+        }
+    }
+
+    #[test]
+    fn header_new_presets_no_answer() {
+        let h = RequestHeader::new::<Connect>(opcode::CONNECT);
+        assert_eq!(h.length, 80);
+        assert_eq!(h.status, STATUS_NO_ANSWER);
+        assert_eq!(h.magic.to_le_bytes(), *b"IRQP");
+    }
+
+    #[test]
+    fn connect_bytes_roundtrip() {
+        let mut c = Connect::new_zeroed();
+        c.vector = 0x51;
+        c.processor_enable_mask = 0b1010;
+        let mut bytes = [0u8; 80];
+        bytes.copy_from_slice(c.as_bytes());
+        let back = Connect::read_from_bytes(&bytes[..]).unwrap_or_else(|_| Connect::new_zeroed());
+        assert_eq!(back, c);
+    }
+}

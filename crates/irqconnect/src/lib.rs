@@ -1,0 +1,3 @@
+//! Host-side paravirtual IoConnectInterrupt service.
+
+#![forbid(unsafe_code)]

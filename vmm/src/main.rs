@@ -1,0 +1,3 @@
+//! `vmm`: boots a guest under KVM with our interrupt controllers.
+
+fn main() {}
