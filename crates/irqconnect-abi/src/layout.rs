@@ -87,3 +87,16 @@ pub const MAX_CPUS: usize = 255;
 pub const DEVICE_VECTOR_MIN: u8 = 0x30;
 /// Last vector the PnP manager assigns to devices (IRQL 11).
 pub const DEVICE_VECTOR_MAX: u8 = 0xbf;
+
+/// Test-marker port: the guest's test runner writes the name of the test it is
+/// starting, one byte per `out`, ended by `b'\n'` (names longer than
+/// [`TEST_MARKER_MAX_LEN`] are truncated). The VMM remembers the last complete
+/// name, so `--timeout` can say which test was running. Harmless elsewhere.
+pub const TEST_MARKER_PORT: u16 = 0x2208;
+/// Longest test name the VMM keeps.
+pub const TEST_MARKER_MAX_LEN: usize = 96;
+
+/// Local APIC timer input clock: 1 GHz (one tick per nanosecond before the
+/// divider), as KVM's in-kernel LAPIC runs it and as our model is configured,
+/// so the guest programs the timer the same way in every mode.
+pub const LAPIC_BUS_HZ: u64 = 1_000_000_000;

@@ -90,5 +90,6 @@ mod tests {
         let last =
             device_port(crate::layout::TESTDEV_MAX_DEVICES - 1) + crate::layout::TESTDEV_STRIDE;
         assert!(last <= crate::layout::PV_DOORBELL_PORT);
+        assert!(crate::layout::TEST_MARKER_PORT > crate::layout::PV_DOORBELL_PORT + 3);
     }
 }
