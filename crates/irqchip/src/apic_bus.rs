@@ -124,3 +124,26 @@ impl Message {
         }
     }
 }
+
+/// What the bus needs to know about one local APIC to decide whether a
+/// message reaches it. A local APIC model produces it
+/// (`lapic::Lapic::bus_target`); a VMM may also build it from KVM state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ApicTarget {
+    /// The APIC ID (xAPIC: bits 24..31 of the ID register; x2APIC: 32 bits).
+    pub apic_id: u32,
+    /// The APIC is in x2APIC mode.
+    pub x2apic: bool,
+    /// The logical destination register (xAPIC: bits 24..31 hold the logical
+    /// ID, stored here shifted down to bits 0..7; x2APIC: the 32-bit LDR).
+    pub logical_id: u32,
+    /// xAPIC DFR model: true for flat (0b1111), false for cluster (0b0000).
+    pub dfr_flat: bool,
+    /// IA32_APIC_BASE global enable (hardware enable).
+    pub hw_enabled: bool,
+    /// SVR software enable.
+    pub sw_enabled: bool,
+    /// The priority used for lowest-priority arbitration (the processor
+    /// priority, PPR, SDM Vol. 3A 11.8.3.1).
+    pub arbitration_priority: u8,
+}

@@ -7,3 +7,6 @@
 #![forbid(unsafe_code)]
 
 pub mod apic_bus;
+pub mod ioapic;
+pub mod lapic;
+pub mod msi;

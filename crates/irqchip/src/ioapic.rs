@@ -1,0 +1,1 @@
+//! The 82093AA IOAPIC model.

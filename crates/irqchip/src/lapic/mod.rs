@@ -1,0 +1,1 @@
+//! The local APIC model (xAPIC and x2APIC).
