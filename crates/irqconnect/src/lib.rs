@@ -1,3 +1,39 @@
 //! Host-side paravirtual IoConnectInterrupt service.
+//!
+//! The VMM plays PnP manager and kernel: it owns a [`Service`] built from
+//! platform facts ([`platform`]) and a device table ([`devices`]), and on
+//! every doorbell write calls [`Service::handle_doorbell`] with its guest
+//! memory ([`ram::GuestRam`]). The service decodes the request block
+//! ([`request`]), checks SEMANTICS.md's rules in order ([`validate`]), keeps
+//! the interrupt objects per (processor, vector) ([`registry`]), decides how
+//! each IOAPIC pin is programmed ([`route`]) and answers in the block. Route
+//! changes come back as values ([`route::RouteUpdate`]) for the VMM to apply
+//! to whichever irqchip is active; nothing on the per-interrupt path consults
+//! the service.
+//!
+//! Pure: no KVM, no libc, no threads, no clocks. A guest's mistake is an
+//! NTSTATUS answer; only host configuration mistakes are [`Error`]s.
 
 #![forbid(unsafe_code)]
+
+pub mod devices;
+pub mod error;
+pub mod handle;
+pub mod harness;
+pub mod platform;
+pub mod ram;
+pub mod registry;
+pub mod request;
+pub mod route;
+pub mod service;
+pub mod validate;
+
+pub use devices::{DeviceTable, InterruptMode, ShareDisposition};
+pub use error::Error;
+pub use handle::Handle;
+pub use platform::{Platform, PlatformFacts};
+pub use ram::{FlatRam, GuestRam};
+pub use request::Outcome;
+pub use route::{PinRoute, RouteUpdate, Trigger};
+pub use service::{Service, ServiceConfig, ServiceState};
+pub use validate::{ConnectRequest, Violation};

@@ -1,0 +1,2 @@
+//! Connect + disconnect with 1,000 live connections.
+fn main() {}

@@ -1,0 +1,248 @@
+//! Fuzz and property-test entry points: arbitrary bytes become guest memory
+//! and doorbell writes, run through the same path the VMM calls
+//! ([`Service::handle_doorbell`]), with every invariant checked after each
+//! step. A broken invariant panics, which is what a fuzzer looks for.
+//!
+//! Session input format ([`run_session`]):
+//!
+//! | bytes | meaning |
+//! |---|---|
+//! | 0 | processors: `1 + b % 16`, all online, default device table |
+//! | 1 | `n`: number of steps |
+//! | 2 .. 2 + 4n | steps, each a little-endian `u32` |
+//! | the rest | guest RAM at guest-physical 0 |
+//!
+//! A step whose top nibble is `0xf` is not a doorbell: it writes the handle
+//! of the last successful CONNECT (little-endian `u64`) at RAM offset
+//! `step & 0x0fff_ffff`, so a fuzzer can disconnect live handles. Any other
+//! step is a doorbell write of that value. Input that ends early is padded
+//! with nothing: missing steps are not run.
+
+use core::mem::offset_of;
+
+use irqconnect_abi::pv::{
+    Connect, Disconnect, QueryPlatform, QueryResources, QueryRoute, RequestHeader, opcode,
+};
+use zerocopy::{FromZeros, IntoBytes};
+
+use crate::handle::Handle;
+use crate::ram::{FlatRam, GuestRam};
+use crate::request::Outcome;
+use crate::service::Service;
+
+/// Step values with this top nibble are handle copies, not doorbells.
+pub const COPY_HANDLE_TAG: u32 = 0xf000_0000;
+
+/// Runs one doorbell write on a fresh 4-processor test platform with
+/// `memory` as guest RAM at guest-physical 0, checks the invariants, and
+/// returns the outcome. Panics when an invariant breaks.
+pub fn one_request(memory: &[u8], doorbell: u32) -> Outcome {
+    let Ok(mut service) = Service::with_defaults(4) else {
+        panic!("the default platform must build");
+    };
+    let mut ram = FlatRam::from_bytes(0, memory.to_vec());
+    let outcome = step(&mut service, &mut ram, doorbell, memory);
+    assert_invariants(&service);
+    outcome
+}
+
+/// Runs a session (see the module docs) and returns each doorbell's
+/// outcome. Panics when an invariant breaks.
+pub fn run_session(data: &[u8]) -> Vec<Outcome> {
+    let cpus = 1 + u32::from(data.first().copied().unwrap_or(0) % 16);
+    let steps = usize::from(data.get(1).copied().unwrap_or(0));
+    let step_bytes = data.get(2..).unwrap_or(&[]);
+    let steps_len = (steps * 4).min(step_bytes.len() / 4 * 4);
+    let (step_bytes, memory) = step_bytes.split_at(steps_len);
+    let Ok(mut service) = Service::with_defaults(cpus) else {
+        panic!("the default platform must build");
+    };
+    let mut ram = FlatRam::from_bytes(0, memory.to_vec());
+    let mut last_handle: Option<Handle> = None;
+    let mut dead: Vec<Handle> = Vec::new();
+    let mut outcomes = Vec::new();
+    for chunk in step_bytes.chunks_exact(4) {
+        let value = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        if value & 0xf000_0000 == COPY_HANDLE_TAG {
+            if let Some(h) = last_handle {
+                let _ = ram.write(u64::from(value & 0x0fff_ffff), &h.raw().to_le_bytes());
+            }
+            continue;
+        }
+        let before_handles: Vec<Handle> = service.registry().iter().map(|(h, _)| h).collect();
+        let before = ram.bytes().to_vec();
+        let outcome = step(&mut service, &mut ram, value, &before);
+        assert_invariants(&service);
+        for h in before_handles {
+            if service.registry().get(h).is_none() {
+                dead.push(h);
+            }
+        }
+        for h in &dead {
+            assert!(
+                service.registry().get(*h).is_none(),
+                "handle {:#x} accepted after its disconnect",
+                h.raw()
+            );
+        }
+        if let Outcome::Answered(a) = &outcome
+            && a.opcode == opcode::CONNECT
+            && a.refusal.is_none()
+        {
+            let at = (value as usize).saturating_add(offset_of!(Connect, handle));
+            if let Some(b) = ram.bytes().get(at..at.saturating_add(8)) {
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(b);
+                last_handle = Some(Handle::from_raw(u64::from_le_bytes(raw)));
+            }
+        }
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// One doorbell with the path's own postconditions checked.
+fn step(service: &mut Service, ram: &mut FlatRam, doorbell: u32, before: &[u8]) -> Outcome {
+    let objects = service.registry().objects_in_use();
+    let routes = service.routes();
+    let outcome = service.handle_doorbell(ram, doorbell);
+    match &outcome {
+        Outcome::Unreadable { .. } | Outcome::Unwritable { .. } => {
+            assert_eq!(ram.bytes(), before, "no answer must leave memory alone");
+            assert_eq!(service.registry().objects_in_use(), objects);
+            assert_eq!(service.routes(), routes);
+        }
+        Outcome::Answered(answer) => {
+            let at = (doorbell as usize).saturating_add(offset_of!(RequestHeader, status));
+            let status = ram
+                .bytes()
+                .get(at..at.saturating_add(4))
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            assert_eq!(status, Some(answer.status), "the status must be written");
+            if answer.refusal.is_some() {
+                assert_eq!(service.registry().objects_in_use(), objects);
+                assert_eq!(service.routes(), routes, "a refusal must change no route");
+            }
+            for update in &answer.routes {
+                assert_eq!(service.route(update.pin), Some(update.route));
+            }
+        }
+    }
+    outcome
+}
+
+fn assert_invariants(service: &Service) {
+    if let Err(what) = service.check_invariants() {
+        panic!("invariant broken: {what}");
+    }
+}
+
+/// Named seed inputs for [`run_session`]: valid requests of every opcode,
+/// connect/disconnect cycles and malformed headers. A fuzz corpus can start
+/// from these.
+pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    // Layout of the seed RAM: one block per 0x200 bytes.
+    let mut ram = vec![0u8; 0x1000];
+    let mut put = |offset: usize, bytes: &[u8]| {
+        if let Some(dst) = ram.get_mut(offset..offset + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    };
+    let mut qp = QueryPlatform::new_zeroed();
+    qp.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
+    put(0x000, qp.as_bytes());
+    let mut qr = QueryResources::new_zeroed();
+    qr.header = RequestHeader::new::<QueryResources>(opcode::QUERY_RESOURCES);
+    qr.device_id = 6;
+    put(0x600, qr.as_bytes());
+    let mut c = Connect::new_zeroed();
+    c.header = RequestHeader::new::<Connect>(opcode::CONNECT);
+    c.device_id = 2;
+    c.vector = 0x70;
+    c.irql = 7;
+    c.synchronize_irql = 7;
+    c.share_vector = 1;
+    c.processor_enable_mask = 0b11;
+    c.service_routine = 0x10_0000;
+    c.service_context = 0x800;
+    put(0x700, c.as_bytes());
+    let mut d = Disconnect::new_zeroed();
+    d.header = RequestHeader::new::<Disconnect>(opcode::DISCONNECT);
+    put(0x780, d.as_bytes());
+    let mut route = QueryRoute::new_zeroed();
+    route.header = RequestHeader::new::<QueryRoute>(opcode::QUERY_ROUTE);
+    route.pin = 18;
+    put(0x7c0, route.as_bytes());
+    let session = |steps: &[u32]| {
+        let mut data = vec![3u8, steps.len() as u8];
+        for s in steps {
+            data.extend_from_slice(&s.to_le_bytes());
+        }
+        data.extend_from_slice(&ram);
+        data
+    };
+    let copy_to_disconnect = COPY_HANDLE_TAG | (0x780 + 16);
+    seeds.push(("query_platform", session(&[0x000])));
+    seeds.push(("query_resources_device_6", session(&[0x600])));
+    seeds.push((
+        "connect_route_disconnect",
+        session(&[0x700, 0x7c0, copy_to_disconnect, 0x780, 0x7c0]),
+    ));
+    seeds.push(("connect_twice_shared", session(&[0x700, 0x700, 0x7c0])));
+    seeds.push((
+        "misaligned_and_unreadable",
+        session(&[0x704, 0x0fff, 0x10_0000]),
+    ));
+    seeds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use irqconnect_abi::ntstatus::{STATUS_INVALID_HANDLE, STATUS_SUCCESS};
+
+    #[test]
+    fn harness_seed_corpus_runs_clean() {
+        for (name, data) in seed_corpus() {
+            let outcomes = run_session(&data);
+            assert!(!outcomes.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn harness_connect_route_disconnect_seed_answers_success() {
+        let seeds = seed_corpus();
+        let Some((_, data)) = seeds.iter().find(|(n, _)| *n == "connect_route_disconnect") else {
+            panic!("seed missing");
+        };
+        let statuses: Vec<_> = run_session(data).iter().map(Outcome::status).collect();
+        assert_eq!(statuses, vec![Some(STATUS_SUCCESS); 4]);
+    }
+
+    #[test]
+    fn harness_disconnect_of_zero_handle_is_invalid_handle() {
+        let seeds = seed_corpus();
+        let Some((_, data)) = seeds.iter().find(|(n, _)| *n == "query_platform") else {
+            panic!("seed missing");
+        };
+        let mut data = data.clone();
+        data[1] = 1;
+        data[2..6].copy_from_slice(&0x780u32.to_le_bytes());
+        let statuses: Vec<_> = run_session(&data).iter().map(Outcome::status).collect();
+        assert_eq!(statuses, vec![Some(STATUS_INVALID_HANDLE)]);
+    }
+
+    #[test]
+    fn harness_garbage_never_panics() {
+        let mut data: Vec<u8> = (0..600u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        data[1] = 40;
+        run_session(&data);
+        run_session(&[]);
+        run_session(&[7]);
+        one_request(&[0xff; 64], 0);
+        one_request(&[], u32::MAX);
+    }
+}

@@ -1,0 +1,245 @@
+//! Platform facts the VMM hands the service at construction: processors,
+//! their APIC IDs, which are online, the irqchip mode, x2APIC, the limits.
+
+use irqconnect_abi::layout::MAX_CPUS;
+use irqconnect_abi::pv::{PLATFORM_MAX_CPUS, irqchip_mode, platform_flags};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Default VM-wide quota of interrupt objects (one object per processor of a
+/// connection's effective mask). Eight devices on eight processors fill it.
+pub const DEFAULT_OBJECT_QUOTA: u32 = 64;
+/// Largest quota accepted: bounds the registry's memory.
+pub const MAX_OBJECT_QUOTA: u32 = 1 << 20;
+/// Default storm-guard threshold the VMM reports through `QUERY_PLATFORM`:
+/// consecutive unclaimed re-deliveries of a level pin before it is masked.
+pub const DEFAULT_STORM_THRESHOLD: u32 = 10_000;
+
+/// Processors a KAFFINITY can name: bits 0..63.
+pub const AFFINITY_BITS: u32 = u64::BITS;
+
+/// The irqchip mode the VMM runs (`vmm --irqchip`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IrqchipMode {
+    /// KVM's IOAPIC and LAPICs.
+    #[default]
+    Kernel,
+    /// Our IOAPIC, KVM's LAPICs.
+    Split,
+    /// Our IOAPIC and our LAPICs.
+    User,
+}
+
+impl IrqchipMode {
+    /// The value of `QueryPlatform::irqchip_mode`.
+    pub const fn to_abi(self) -> u8 {
+        match self {
+            Self::Kernel => irqchip_mode::KERNEL,
+            Self::Split => irqchip_mode::SPLIT,
+            Self::User => irqchip_mode::USER,
+        }
+    }
+}
+
+/// What the VMM knows about the machine, before validation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformFacts {
+    /// Number of processors (vCPUs), 1..=255.
+    pub cpu_count: u32,
+    /// Online processors among those a KAFFINITY can name (bits 0..63).
+    pub online_mask: u64,
+    /// APIC ID of processor `i` at index `i`.
+    pub apic_ids: Vec<u32>,
+    /// The irqchip mode.
+    #[serde(default)]
+    pub irqchip_mode: IrqchipMode,
+    /// Whether the vCPUs offer x2APIC.
+    #[serde(default)]
+    pub x2apic: bool,
+    /// Storm-guard threshold the VMM applies (reported, not enforced here).
+    #[serde(default = "default_storm_threshold")]
+    pub storm_threshold: u32,
+}
+
+const fn default_storm_threshold() -> u32 {
+    DEFAULT_STORM_THRESHOLD
+}
+
+impl PlatformFacts {
+    /// `cpu_count` processors, all online, APIC ID = index, kernel irqchip,
+    /// no x2APIC, the default storm threshold.
+    pub fn uniform(cpu_count: u32) -> Self {
+        Self {
+            cpu_count,
+            online_mask: present_mask(cpu_count),
+            apic_ids: (0..cpu_count).collect(),
+            irqchip_mode: IrqchipMode::Kernel,
+            x2apic: false,
+            storm_threshold: DEFAULT_STORM_THRESHOLD,
+        }
+    }
+}
+
+/// The mask of processors `0..cpu_count` a KAFFINITY can name.
+pub const fn present_mask(cpu_count: u32) -> u64 {
+    if cpu_count >= AFFINITY_BITS {
+        u64::MAX
+    } else {
+        (1u64 << cpu_count) - 1
+    }
+}
+
+/// Validated platform facts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    facts: PlatformFacts,
+}
+
+impl Platform {
+    /// Validates `facts`: 1..=255 processors, one distinct APIC ID each, a
+    /// non-empty online mask naming only present processors.
+    pub fn new(facts: PlatformFacts) -> Result<Self, Error> {
+        let max = MAX_CPUS.min(PLATFORM_MAX_CPUS) as u32;
+        if facts.cpu_count == 0 || facts.cpu_count > max {
+            return Err(Error::CpuCountOutOfRange {
+                count: facts.cpu_count,
+                max,
+            });
+        }
+        if facts.apic_ids.len() != facts.cpu_count as usize {
+            return Err(Error::ApicIdCount {
+                expected: facts.cpu_count,
+                got: facts.apic_ids.len(),
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for &id in &facts.apic_ids {
+            if !seen.insert(id) {
+                return Err(Error::DuplicateApicId { apic_id: id });
+            }
+        }
+        if facts.online_mask == 0 || facts.online_mask & !present_mask(facts.cpu_count) != 0 {
+            return Err(Error::OnlineMaskInvalid {
+                mask: facts.online_mask,
+            });
+        }
+        Ok(Self { facts })
+    }
+
+    /// [`PlatformFacts::uniform`], validated.
+    pub fn uniform(cpu_count: u32) -> Result<Self, Error> {
+        Self::new(PlatformFacts::uniform(cpu_count))
+    }
+
+    /// The facts this platform was built from.
+    pub fn facts(&self) -> &PlatformFacts {
+        &self.facts
+    }
+
+    /// Number of processors.
+    pub fn cpu_count(&self) -> u32 {
+        self.facts.cpu_count
+    }
+
+    /// Online processors a KAFFINITY can name.
+    pub fn online_mask(&self) -> u64 {
+        self.facts.online_mask
+    }
+
+    /// APIC ID of processor `index`.
+    pub fn apic_id(&self, index: u32) -> Option<u32> {
+        self.facts.apic_ids.get(index as usize).copied()
+    }
+
+    /// APIC IDs in processor order.
+    pub fn apic_ids(&self) -> &[u32] {
+        &self.facts.apic_ids
+    }
+
+    /// The irqchip mode.
+    pub fn irqchip_mode(&self) -> IrqchipMode {
+        self.facts.irqchip_mode
+    }
+
+    /// Whether the vCPUs offer x2APIC.
+    pub fn x2apic(&self) -> bool {
+        self.facts.x2apic
+    }
+
+    /// The storm-guard threshold.
+    pub fn storm_threshold(&self) -> u32 {
+        self.facts.storm_threshold
+    }
+
+    /// `QueryPlatform::flags`.
+    pub fn abi_flags(&self) -> u32 {
+        let x2apic = if self.facts.x2apic {
+            platform_flags::X2APIC
+        } else {
+            0
+        };
+        x2apic | platform_flags::LOGICAL_FLAT_BY_INDEX
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_uniform_four_cpus_all_online() {
+        let p = Platform::uniform(4);
+        assert_eq!(p.as_ref().map(Platform::online_mask), Ok(0b1111));
+        assert_eq!(
+            p.as_ref().map(|p| p.apic_ids().to_vec()),
+            Ok(vec![0, 1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn platform_more_than_64_cpus_mask_saturates() {
+        let p = Platform::uniform(100);
+        assert_eq!(p.map(|p| p.online_mask()), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn platform_zero_cpus_rejected() {
+        assert_eq!(
+            Platform::uniform(0),
+            Err(Error::CpuCountOutOfRange { count: 0, max: 255 })
+        );
+        assert!(matches!(
+            Platform::uniform(256),
+            Err(Error::CpuCountOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn platform_online_mask_naming_absent_cpu_rejected() {
+        let mut facts = PlatformFacts::uniform(2);
+        facts.online_mask = 0b100;
+        assert_eq!(
+            Platform::new(facts),
+            Err(Error::OnlineMaskInvalid { mask: 0b100 })
+        );
+    }
+
+    #[test]
+    fn platform_duplicate_apic_id_rejected() {
+        let mut facts = PlatformFacts::uniform(3);
+        facts.apic_ids = vec![0, 2, 2];
+        assert_eq!(
+            Platform::new(facts),
+            Err(Error::DuplicateApicId { apic_id: 2 })
+        );
+        let mut facts = PlatformFacts::uniform(3);
+        facts.apic_ids = vec![0, 1];
+        assert!(matches!(
+            Platform::new(facts),
+            Err(Error::ApicIdCount { .. })
+        ));
+    }
+}

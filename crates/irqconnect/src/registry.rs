@@ -1,0 +1,673 @@
+//! The registry of connections and their interrupt objects.
+//!
+//! A connection is one successful CONNECT: one interrupt object on each
+//! processor of its effective mask. The chain on (processor, vector) is the
+//! vector's connections whose mask holds the processor, in connection order;
+//! the registry keeps each vector's connections in that order, with running
+//! unions of their masks so the sharing check and the route do not walk the
+//! chain. Slots are reused; handles carry a generation (see [`crate::handle`]).
+//!
+//! Memory is bounded: every connection holds at least one object, so live
+//! connections, and so live slots, never exceed the object quota.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::InterruptMode;
+use crate::error::Error;
+use crate::handle::{FIRST_GENERATION, Handle};
+use crate::platform::MAX_OBJECT_QUOTA;
+
+/// One connection: the IoConnectInterrupt parameters that were accepted and
+/// the effective mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    /// The device (PDO) whose resource is connected.
+    pub device: u32,
+    /// The vector.
+    pub vector: u8,
+    /// `Irql` (= vector >> 4).
+    pub irql: u8,
+    /// `SynchronizeIrql`.
+    pub synchronize_irql: u8,
+    /// `InterruptMode`.
+    pub mode: InterruptMode,
+    /// `ShareVector`.
+    pub share_vector: bool,
+    /// `FloatingSave`.
+    pub floating_save: bool,
+    /// Effective mask: the processors that hold one of its objects.
+    pub mask: u64,
+    /// `ServiceRoutine` (guest address).
+    pub service_routine: u64,
+    /// `ServiceContext` (guest-physical address or 0).
+    pub service_context: u64,
+    /// `SpinLock` (guest-physical address or 0).
+    pub spin_lock: u64,
+}
+
+impl Connection {
+    /// Interrupt objects the connection holds: one per processor of its mask.
+    pub fn objects(&self) -> u32 {
+        self.mask.count_ones()
+    }
+}
+
+/// True when `a` and `b` may sit in one (processor, vector) chain: both
+/// share the vector, with one interrupt mode and one IRQL (rule 9).
+pub fn may_chain(a: &Connection, b: &Connection) -> bool {
+    a.share_vector && b.share_vector && a.mode == b.mode && a.irql == b.irql
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    slot: u32,
+    mask: u64,
+    mode: InterruptMode,
+    share: bool,
+}
+
+/// One vector's connections in connection order, with unions of their masks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct VectorChains {
+    entries: Vec<Entry>,
+    /// Processors with at least one object on the vector.
+    all: u64,
+    /// Processors holding an object that does not share the vector.
+    exclusive: u64,
+    /// Processors holding a LevelSensitive object.
+    level: u64,
+    /// Processors holding a Latched object.
+    latched: u64,
+}
+
+impl VectorChains {
+    fn add_to_unions(&mut self, e: &Entry) {
+        self.all |= e.mask;
+        if !e.share {
+            self.exclusive |= e.mask;
+        }
+        match e.mode {
+            InterruptMode::LevelSensitive => self.level |= e.mask,
+            InterruptMode::Latched => self.latched |= e.mask,
+        }
+    }
+
+    fn recompute_unions(&mut self) {
+        let entries = std::mem::take(&mut self.entries);
+        *self = Self::default();
+        for e in &entries {
+            self.add_to_unions(e);
+        }
+        self.entries = entries;
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Slot {
+    generation: u32,
+    connection: Option<Connection>,
+}
+
+/// Per-(processor, vector) chains of interrupt objects, the object quota and
+/// the handles that name connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registry {
+    quota: u32,
+    slots: Vec<Slot>,
+    /// Dead slots ready for reuse, oldest first (spreads generations).
+    free: VecDeque<u32>,
+    /// Indexed by vector: 256 entries.
+    vectors: Vec<VectorChains>,
+    /// Live connections per (device, vector).
+    device_vectors: BTreeMap<(u32, u8), u32>,
+    objects: u32,
+    connections: u32,
+}
+
+impl Registry {
+    /// An empty registry holding at most `quota` interrupt objects.
+    pub fn new(quota: u32) -> Result<Self, Error> {
+        if quota == 0 || quota > MAX_OBJECT_QUOTA {
+            return Err(Error::QuotaOutOfRange {
+                quota,
+                max: MAX_OBJECT_QUOTA,
+            });
+        }
+        Ok(Self {
+            quota,
+            slots: Vec::new(),
+            free: VecDeque::new(),
+            vectors: vec![VectorChains::default(); 256],
+            device_vectors: BTreeMap::new(),
+            objects: 0,
+            connections: 0,
+        })
+    }
+
+    /// The object quota.
+    pub fn quota(&self) -> u32 {
+        self.quota
+    }
+
+    /// Interrupt objects in use.
+    pub fn objects_in_use(&self) -> u32 {
+        self.objects
+    }
+
+    /// Live connections.
+    pub fn connections(&self) -> u32 {
+        self.connections
+    }
+
+    /// True when `extra` more objects fit the quota.
+    pub fn fits(&self, extra: u32) -> bool {
+        self.objects
+            .checked_add(extra)
+            .is_some_and(|n| n <= self.quota)
+    }
+
+    /// The live connection `handle` names; `None` for a stale, forged or
+    /// zero handle.
+    pub fn get(&self, handle: Handle) -> Option<&Connection> {
+        let slot = self.slots.get(handle.slot()?)?;
+        if slot.generation != handle.generation() {
+            return None;
+        }
+        slot.connection.as_ref()
+    }
+
+    /// The first processor of `mask` whose chain on `vector` a connection
+    /// with `mode` and `share` could not join (rule 9), or `None`.
+    pub fn sharing_conflict(
+        &self,
+        vector: u8,
+        mask: u64,
+        mode: InterruptMode,
+        share: bool,
+    ) -> Option<u32> {
+        let v = self.vectors.get(usize::from(vector))?;
+        let occupied = mask & v.all;
+        let mut conflict = mask & v.exclusive;
+        if !share {
+            conflict |= occupied;
+        }
+        conflict |= mask
+            & match mode {
+                InterruptMode::LevelSensitive => v.latched,
+                InterruptMode::Latched => v.level,
+            };
+        (conflict != 0).then(|| conflict.trailing_zeros())
+    }
+
+    /// Vectors on which `device` has live connections, with their counts.
+    pub fn device_vectors(&self, device: u32) -> impl Iterator<Item = (u8, u32)> + '_ {
+        self.device_vectors
+            .range((device, 0)..=(device, u8::MAX))
+            .map(|(&(_, vector), &count)| (vector, count))
+    }
+
+    /// Records `connection` at the tail of its chains. `None` (and nothing
+    /// recorded) when its objects do not fit the quota or its mask is empty.
+    pub fn insert(&mut self, connection: Connection) -> Option<Handle> {
+        let objects = connection.objects();
+        if objects == 0 || !self.fits(objects) {
+            return None;
+        }
+        let chains = self.vectors.get_mut(usize::from(connection.vector))?;
+        let index = match self.free.front() {
+            Some(&i) => i as usize,
+            None => self.slots.len(),
+        };
+        let generation = self
+            .slots
+            .get(index)
+            .map_or(FIRST_GENERATION, |s| s.generation);
+        let handle = Handle::new(index, generation)?;
+        let entry = Entry {
+            slot: u32::try_from(index).ok()?,
+            mask: connection.mask,
+            mode: connection.mode,
+            share: connection.share_vector,
+        };
+        // Nothing can fail from here on.
+        if self.free.pop_front().is_none() {
+            self.slots.push(Slot {
+                generation,
+                connection: None,
+            });
+        }
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.connection = Some(connection);
+        }
+        chains.add_to_unions(&entry);
+        chains.entries.push(entry);
+        *self
+            .device_vectors
+            .entry((connection.device, connection.vector))
+            .or_insert(0) += 1;
+        self.objects += objects;
+        self.connections += 1;
+        Some(handle)
+    }
+
+    /// Removes the connection `handle` names and all its objects. `None`
+    /// (and nothing changed) for a stale, forged or zero handle.
+    pub fn remove(&mut self, handle: Handle) -> Option<Connection> {
+        let index = handle.slot()?;
+        let slot = self.slots.get_mut(index)?;
+        if slot.generation != handle.generation() {
+            return None;
+        }
+        let connection = slot.connection.take()?;
+        match slot.generation.checked_add(1) {
+            Some(next) => {
+                slot.generation = next;
+                self.free.push_back(index as u32);
+            }
+            // Retired: the slot is never reused, so no handle repeats.
+            None => slot.generation = 0,
+        }
+        if let Some(chains) = self.vectors.get_mut(usize::from(connection.vector)) {
+            chains.entries.retain(|e| e.slot as usize != index);
+            chains.recompute_unions();
+        }
+        let key = (connection.device, connection.vector);
+        if let Some(count) = self.device_vectors.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                self.device_vectors.remove(&key);
+            }
+        }
+        self.objects -= connection.objects();
+        self.connections -= 1;
+        Some(connection)
+    }
+
+    /// Processors with at least one object on `vector`.
+    pub fn vector_mask(&self, vector: u8) -> u64 {
+        self.vectors.get(usize::from(vector)).map_or(0, |v| v.all)
+    }
+
+    /// Live connections on `vector`.
+    pub fn vector_connections(&self, vector: u8) -> u32 {
+        self.vectors
+            .get(usize::from(vector))
+            .map_or(0, |v| v.entries.len() as u32)
+    }
+
+    /// The connections on `vector` in connection order.
+    pub fn on_vector(&self, vector: u8) -> impl Iterator<Item = (Handle, &Connection)> + '_ {
+        self.vectors
+            .get(usize::from(vector))
+            .into_iter()
+            .flat_map(|v| v.entries.iter())
+            .filter_map(|e| self.live(e.slot as usize))
+    }
+
+    /// The chain on (`cpu`, `vector`): handles in connection order.
+    pub fn chain(&self, cpu: u32, vector: u8) -> Vec<Handle> {
+        let Some(bit) = 1u64.checked_shl(cpu) else {
+            return Vec::new();
+        };
+        self.on_vector(vector)
+            .filter(|(_, c)| c.mask & bit != 0)
+            .map(|(h, _)| h)
+            .collect()
+    }
+
+    /// Every live connection, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (Handle, &Connection)> + '_ {
+        (0..self.slots.len()).filter_map(|i| self.live(i))
+    }
+
+    fn live(&self, index: usize) -> Option<(Handle, &Connection)> {
+        let slot = self.slots.get(index)?;
+        let c = slot.connection.as_ref()?;
+        Some((Handle::new(index, slot.generation)?, c))
+    }
+
+    /// The live state without handles: for each vector with connections,
+    /// the connections in connection order. Two registries with equal live
+    /// chains differ at most in slot generations and the free-slot order.
+    pub fn live_chains(&self) -> Vec<(u8, Vec<Connection>)> {
+        (0..=u8::MAX)
+            .filter_map(|v| {
+                let chain: Vec<Connection> = self.on_vector(v).map(|(_, c)| *c).collect();
+                (!chain.is_empty()).then_some((v, chain))
+            })
+            .collect()
+    }
+
+    /// Checks the registry's internal consistency: counters, unions, order
+    /// lists and free list agree with the slots. `Err` names the first
+    /// inconsistency.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let mut objects = 0u64;
+        let mut connections = 0u32;
+        let mut per_device: BTreeMap<(u32, u8), u32> = BTreeMap::new();
+        for (h, c) in self.iter() {
+            if c.mask == 0 {
+                return Err(format!("connection {:#x} has an empty mask", h.raw()));
+            }
+            objects += u64::from(c.objects());
+            connections += 1;
+            *per_device.entry((c.device, c.vector)).or_insert(0) += 1;
+            let listed = self.vectors.get(usize::from(c.vector)).map_or(0, |v| {
+                v.entries
+                    .iter()
+                    .filter(|e| Some(e.slot as usize) == h.slot())
+                    .count()
+            });
+            if listed != 1 {
+                return Err(format!(
+                    "connection {:#x} is listed {listed} times on vector {:#x}",
+                    h.raw(),
+                    c.vector
+                ));
+            }
+        }
+        if objects != u64::from(self.objects) || objects > u64::from(self.quota) {
+            return Err(format!(
+                "objects: counted {objects}, recorded {}, quota {}",
+                self.objects, self.quota
+            ));
+        }
+        if connections != self.connections {
+            return Err(format!(
+                "connections: counted {connections}, recorded {}",
+                self.connections
+            ));
+        }
+        if per_device != self.device_vectors {
+            return Err("per-device counts disagree with the slots".into());
+        }
+        let listed: usize = self.vectors.iter().map(|v| v.entries.len()).sum();
+        if listed != connections as usize {
+            return Err(format!(
+                "{listed} chain entries for {connections} connections"
+            ));
+        }
+        for (vector, v) in self.vectors.iter().enumerate() {
+            let mut fresh = v.clone();
+            fresh.recompute_unions();
+            if fresh != *v {
+                return Err(format!("stale mask unions on vector {vector:#x}"));
+            }
+            for e in &v.entries {
+                let c = self.live(e.slot as usize).map(|(_, c)| c);
+                if c.is_none_or(|c| usize::from(c.vector) != vector || c.mask != e.mask) {
+                    return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
+                }
+            }
+        }
+        for &i in &self.free {
+            if self
+                .slots
+                .get(i as usize)
+                .is_none_or(|s| s.connection.is_some())
+            {
+                return Err(format!("free slot {i} is live or absent"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The registry as a plain serde value.
+    pub fn to_state(&self) -> RegistryState {
+        let Self {
+            quota,
+            slots,
+            free,
+            vectors,
+            device_vectors: _,
+            objects: _,
+            connections: _,
+        } = self;
+        RegistryState {
+            quota: *quota,
+            slots: slots
+                .iter()
+                .map(|s| SlotState {
+                    generation: s.generation,
+                    connection: s.connection,
+                })
+                .collect(),
+            free: free.iter().copied().collect(),
+            order: vectors
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !v.entries.is_empty())
+                .map(|(vector, v)| VectorOrder {
+                    vector: vector as u8,
+                    slots: v.entries.iter().map(|e| e.slot).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds a registry from [`Registry::to_state`]'s value, checking its
+    /// structure (quota, slots, order lists, free list).
+    pub fn from_state(state: &RegistryState) -> Result<Self, Error> {
+        let bad = |what: &str| Error::SnapshotInconsistent { what: what.into() };
+        let mut reg = Self::new(state.quota)?;
+        if state.slots.len() > MAX_OBJECT_QUOTA as usize * 2 {
+            return Err(bad("too many slots"));
+        }
+        reg.slots = state
+            .slots
+            .iter()
+            .map(|s| Slot {
+                generation: s.generation,
+                connection: s.connection,
+            })
+            .collect();
+        reg.free = state.free.iter().copied().collect();
+        for order in &state.order {
+            let chains = reg
+                .vectors
+                .get_mut(usize::from(order.vector))
+                .ok_or_else(|| bad("vector out of range"))?;
+            if !chains.entries.is_empty() {
+                return Err(bad("a vector is listed twice"));
+            }
+            for &slot in &order.slots {
+                let c = reg
+                    .slots
+                    .get(slot as usize)
+                    .and_then(|s| s.connection)
+                    .ok_or_else(|| bad("an order list names a dead slot"))?;
+                if c.vector != order.vector {
+                    return Err(bad("an order list names another vector's connection"));
+                }
+                let entry = Entry {
+                    slot,
+                    mask: c.mask,
+                    mode: c.mode,
+                    share: c.share_vector,
+                };
+                chains.add_to_unions(&entry);
+                chains.entries.push(entry);
+            }
+        }
+        for c in reg.slots.iter().filter_map(|s| s.connection) {
+            reg.objects = reg
+                .objects
+                .checked_add(c.objects())
+                .ok_or_else(|| bad("object count overflows"))?;
+            reg.connections += 1;
+            *reg.device_vectors.entry((c.device, c.vector)).or_insert(0) += 1;
+        }
+        if reg.objects > reg.quota {
+            return Err(bad("objects exceed the quota"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if !reg.free.iter().all(|&i| seen.insert(i)) {
+            return Err(bad("the free list repeats a slot"));
+        }
+        let dead = reg
+            .slots
+            .iter()
+            .filter(|s| s.connection.is_none() && s.generation != 0);
+        if dead.count() != reg.free.len() {
+            return Err(bad("the free list does not hold every reusable dead slot"));
+        }
+        reg.check_consistency().map_err(|what| bad(&what))?;
+        Ok(reg)
+    }
+}
+
+/// One slot in a [`RegistryState`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotState {
+    /// The slot's current generation (0: retired).
+    pub generation: u32,
+    /// Its live connection, if any.
+    pub connection: Option<Connection>,
+}
+
+/// One vector's connection order in a [`RegistryState`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VectorOrder {
+    /// The vector.
+    pub vector: u8,
+    /// Slots of its connections, in connection order.
+    pub slots: Vec<u32>,
+}
+
+/// The registry's snapshot state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryState {
+    /// The object quota.
+    pub quota: u32,
+    /// Every slot ever used, with its generation.
+    pub slots: Vec<SlotState>,
+    /// Dead slots in reuse order.
+    pub free: Vec<u32>,
+    /// Per vector, the connection order.
+    pub order: Vec<VectorOrder>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(device: u32, vector: u8, mask: u64, mode: InterruptMode, share: bool) -> Connection {
+        Connection {
+            device,
+            vector,
+            irql: vector >> 4,
+            synchronize_irql: vector >> 4,
+            mode,
+            share_vector: share,
+            floating_save: false,
+            mask,
+            service_routine: 0x1000,
+            service_context: 0,
+            spin_lock: 0,
+        }
+    }
+
+    fn registry(quota: u32) -> Registry {
+        match Registry::new(quota) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const LEVEL: InterruptMode = InterruptMode::LevelSensitive;
+
+    #[test]
+    fn registry_chain_keeps_connection_order_per_processor() {
+        let mut r = registry(16);
+        let a = r.insert(conn(2, 0x70, 0b011, LEVEL, true));
+        let b = r.insert(conn(3, 0x70, 0b110, LEVEL, true));
+        let c = r.insert(conn(2, 0x70, 0b100, LEVEL, true));
+        let (Some(a), Some(b), Some(c)) = (a, b, c) else {
+            panic!("insert failed");
+        };
+        assert_eq!(r.chain(0, 0x70), vec![a]);
+        assert_eq!(r.chain(1, 0x70), vec![a, b]);
+        assert_eq!(r.chain(2, 0x70), vec![b, c]);
+        r.remove(b);
+        assert_eq!(r.chain(2, 0x70), vec![c]);
+        assert_eq!(r.objects_in_use(), 3);
+        assert_eq!(r.check_consistency(), Ok(()));
+    }
+
+    #[test]
+    fn registry_stale_handle_never_hits_reused_slot() {
+        let mut r = registry(4);
+        let Some(old) = r.insert(conn(0, 0x60, 1, LEVEL, false)) else {
+            panic!("insert failed");
+        };
+        assert!(r.remove(old).is_some());
+        let Some(new) = r.insert(conn(0, 0x60, 1, LEVEL, false)) else {
+            panic!("insert failed");
+        };
+        assert_eq!(old.slot(), new.slot());
+        assert_ne!(old, new);
+        assert!(r.get(old).is_none());
+        assert!(r.remove(old).is_none());
+        assert!(r.get(new).is_some());
+        assert!(r.get(Handle::from_raw(0)).is_none());
+        assert!(r.get(Handle::from_raw(new.raw() ^ (1 << 40))).is_none());
+    }
+
+    #[test]
+    fn registry_generation_wrap_retires_slot() {
+        let mut r = registry(4);
+        let Some(h) = r.insert(conn(0, 0x60, 1, LEVEL, false)) else {
+            panic!("insert failed");
+        };
+        let mut state = r.to_state();
+        state.slots[0].generation = u32::MAX;
+        let Ok(mut r) = Registry::from_state(&state) else {
+            panic!("restore failed");
+        };
+        let wrapped = Handle::from_raw((u64::from(u32::MAX) << 32) | 1);
+        assert!(r.remove(wrapped).is_some());
+        let again = r.insert(conn(0, 0x60, 1, LEVEL, false));
+        assert_eq!(again.and_then(Handle::slot), Some(1));
+        assert!(r.get(h).is_none());
+        assert_eq!(r.check_consistency(), Ok(()));
+    }
+
+    #[test]
+    fn registry_quota_refuses_insert_beyond_it() {
+        let mut r = registry(3);
+        assert!(r.insert(conn(0, 0x60, 0b11, LEVEL, true)).is_some());
+        assert!(r.insert(conn(1, 0x60, 0b11, LEVEL, true)).is_none());
+        assert!(r.insert(conn(1, 0x60, 0b1, LEVEL, true)).is_some());
+        assert_eq!(r.objects_in_use(), 3);
+        assert!(Registry::new(0).is_err());
+    }
+
+    #[test]
+    fn registry_sharing_conflict_names_first_bad_processor() {
+        let mut r = registry(16);
+        r.insert(conn(0, 0x70, 0b0100, LEVEL, true));
+        r.insert(conn(1, 0x70, 0b1000, LEVEL, false));
+        assert_eq!(r.sharing_conflict(0x70, 0b0011, LEVEL, true), None);
+        assert_eq!(r.sharing_conflict(0x70, 0b0110, LEVEL, false), Some(2));
+        assert_eq!(
+            r.sharing_conflict(0x70, 0b0110, InterruptMode::Latched, true),
+            Some(2)
+        );
+        assert_eq!(r.sharing_conflict(0x70, 0b1001, LEVEL, true), Some(3));
+    }
+
+    #[test]
+    fn registry_state_roundtrip_preserves_everything() {
+        let mut r = registry(16);
+        let a = r.insert(conn(2, 0x70, 0b011, LEVEL, true));
+        r.insert(conn(3, 0x70, 0b110, LEVEL, true));
+        r.insert(conn(6, 0xa0, 0b1, InterruptMode::Latched, false));
+        if let Some(a) = a {
+            r.remove(a);
+        }
+        let back = Registry::from_state(&r.to_state());
+        assert_eq!(back.as_ref(), Ok(&r));
+    }
+}

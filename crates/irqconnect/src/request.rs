@@ -1,0 +1,444 @@
+//! The doorbell path: read a request block from guest memory, check its
+//! header and fields (SEMANTICS.md rule 1), dispatch it, write the answer.
+//!
+//! Header checks, in order; the first failure answers (only `status` is
+//! written) and nothing changes:
+//!
+//! 1. the 16-byte header cannot be read: no answer ([`Outcome::Unreadable`]);
+//! 2. `magic != PV_MAGIC`: STATUS_INVALID_PARAMETER;
+//! 3. the block is not 8-byte aligned: STATUS_INVALID_PARAMETER;
+//! 4. `abi_version` unknown: STATUS_INVALID_PARAMETER_1;
+//! 5. `opcode` unknown for that version: STATUS_INVALID_DEVICE_REQUEST;
+//! 6. `length` is not the opcode's size: STATUS_INVALID_PARAMETER;
+//! 7. the whole block cannot be read: no answer;
+//! 8. a reserved field is non-zero, or a CONNECT field is outside its domain
+//!    (`InterruptMode` not 0/1, `ShareVector` or `FloatingSave` not 0/1):
+//!    STATUS_INVALID_PARAMETER.
+//!
+//! Then the opcode runs. On an opcode-level failure the outputs are written
+//! as zeros (a failed CONNECT answers handle 0, *InterruptObject stays NULL).
+//! Outputs are written before `status`; input fields are never written.
+//! At most [`MAX_REQUEST_SIZE`] bytes are read, into a stack buffer.
+
+use core::mem::{offset_of, size_of};
+
+use irqconnect_abi::layout::IOAPIC_PINS;
+use irqconnect_abi::ntstatus::{
+    NtStatus, STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1,
+    STATUS_SUCCESS,
+};
+use irqconnect_abi::pv::{
+    ABI_VERSION_MAX, BLOCK_ALIGN, Connect, Disconnect, InterruptResource, MAX_REQUEST_SIZE,
+    MAX_RESOURCES, PV_MAGIC, QueryPlatform, QueryResources, QueryRoute, RequestHeader, opcode,
+    request_size,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::devices::InterruptMode;
+use crate::handle::Handle;
+use crate::ram::GuestRam;
+use crate::route::RouteUpdate;
+use crate::service::Service;
+use crate::validate::{ConnectRequest, Violation};
+
+/// A malformed block (rule 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockError {
+    /// `magic` is not [`PV_MAGIC`].
+    BadMagic,
+    /// The block's address is not a multiple of [`BLOCK_ALIGN`].
+    Misaligned,
+    /// `abi_version` is not one the VMM implements.
+    UnknownVersion,
+    /// `opcode` is not defined for the version.
+    UnknownOpcode,
+    /// `length` is not the opcode's block size.
+    BadLength,
+    /// A reserved field is not zero.
+    ReservedNotZero,
+    /// A field holds a value outside its domain.
+    FieldOutOfDomain,
+}
+
+impl BlockError {
+    /// The NTSTATUS the guest receives.
+    pub const fn status(self) -> NtStatus {
+        match self {
+            Self::UnknownVersion => STATUS_INVALID_PARAMETER_1,
+            Self::UnknownOpcode => STATUS_INVALID_DEVICE_REQUEST,
+            _ => STATUS_INVALID_PARAMETER,
+        }
+    }
+}
+
+/// Why an answered request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The block is malformed (rule 1).
+    Block(BlockError),
+    /// A CONNECT or DISCONNECT rule, or QUERY_RESOURCES' unknown device.
+    Rule(Violation),
+    /// QUERY_ROUTE names a pin the IOAPIC does not have.
+    PinOutOfRange,
+}
+
+impl Refusal {
+    /// The NTSTATUS the guest receives.
+    pub const fn status(self) -> NtStatus {
+        match self {
+            Self::Block(e) => e.status(),
+            Self::Rule(v) => v.status(),
+            Self::PinOutOfRange => STATUS_INVALID_PARAMETER,
+        }
+    }
+}
+
+/// An answered request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The header's opcode (as the guest wrote it).
+    pub opcode: u16,
+    /// The status written.
+    pub status: NtStatus,
+    /// Why it failed, when it did.
+    pub refusal: Option<Refusal>,
+    /// Pins whose route changed: the VMM applies them.
+    pub routes: Vec<RouteUpdate>,
+}
+
+/// What a doorbell write led to, for the VMM to count, log and apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The block was answered.
+    Answered(Answer),
+    /// The block (or its header) is not readable guest RAM: no answer, no
+    /// change. The VMM counts it and logs at a rate limit.
+    Unreadable {
+        /// The doorbell address.
+        gpa: u64,
+        /// Bytes that could not be read.
+        len: u64,
+    },
+    /// The answer could not be written; any change was undone.
+    Unwritable {
+        /// The doorbell address.
+        gpa: u64,
+    },
+}
+
+impl Outcome {
+    /// Route updates to apply (empty unless answered with changes).
+    pub fn routes(&self) -> &[RouteUpdate] {
+        match self {
+            Self::Answered(a) => &a.routes,
+            _ => &[],
+        }
+    }
+
+    /// The status written, if an answer was.
+    pub fn status(&self) -> Option<NtStatus> {
+        match self {
+            Self::Answered(a) => Some(a.status),
+            _ => None,
+        }
+    }
+}
+
+const STATUS_OFFSET: u64 = offset_of!(RequestHeader, status) as u64;
+
+/// Checks the header (steps 2..6) and returns the block size.
+pub fn check_header(header: &RequestHeader, gpa: u64) -> Result<usize, BlockError> {
+    if header.magic != PV_MAGIC {
+        return Err(BlockError::BadMagic);
+    }
+    if !gpa.is_multiple_of(BLOCK_ALIGN) {
+        return Err(BlockError::Misaligned);
+    }
+    if header.abi_version == 0 || header.abi_version > ABI_VERSION_MAX {
+        return Err(BlockError::UnknownVersion);
+    }
+    let size = request_size(header.abi_version, header.opcode).ok_or(BlockError::UnknownOpcode)?;
+    if header.length as usize != size {
+        return Err(BlockError::BadLength);
+    }
+    Ok(size)
+}
+
+/// Decodes a CONNECT block's inputs, checking reserved fields and domains.
+pub fn decode_connect(block: &Connect) -> Result<ConnectRequest, BlockError> {
+    if block.reserved0 != [0; 3] {
+        return Err(BlockError::ReservedNotZero);
+    }
+    let flag = |v: u8| match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(BlockError::FieldOutOfDomain),
+    };
+    Ok(ConnectRequest {
+        device_id: block.device_id,
+        vector: block.vector,
+        irql: block.irql,
+        synchronize_irql: block.synchronize_irql,
+        interrupt_mode: InterruptMode::from_abi(block.interrupt_mode)
+            .ok_or(BlockError::FieldOutOfDomain)?,
+        share_vector: flag(block.share_vector)?,
+        floating_save: flag(block.floating_save)?,
+        processor_enable_mask: block.processor_enable_mask,
+        service_routine: block.service_routine,
+        service_context: block.service_context,
+        spin_lock: block.spin_lock,
+    })
+}
+
+/// The outputs one opcode writes back: bytes at `offset` within the block.
+struct Reply {
+    offset: usize,
+    bytes: [u8; MAX_REQUEST_SIZE],
+    len: usize,
+    /// Undo on a failed write: the handle of a connection just made.
+    made: Option<Handle>,
+    /// Storm-guard marks before the request ran (restored on undo).
+    storm_before: u32,
+}
+
+impl Reply {
+    fn none() -> Self {
+        Self {
+            offset: 0,
+            bytes: [0; MAX_REQUEST_SIZE],
+            len: 0,
+            made: None,
+            storm_before: 0,
+        }
+    }
+
+    /// The bytes `start..end` of `block`.
+    fn of<T: IntoBytes + zerocopy::Immutable>(block: &T, start: usize, end: usize) -> Self {
+        let mut reply = Self::none();
+        if let Some(src) = block.as_bytes().get(start..end)
+            && let Some(dst) = reply.bytes.get_mut(..src.len())
+        {
+            dst.copy_from_slice(src);
+            reply.offset = start;
+            reply.len = src.len();
+        }
+        reply
+    }
+}
+
+/// The doorbell path (see the module docs).
+pub fn handle<M: GuestRam + ?Sized>(service: &mut Service, mem: &mut M, doorbell: u32) -> Outcome {
+    let gpa = u64::from(doorbell);
+    let mut head = [0u8; size_of::<RequestHeader>()];
+    if mem.read(gpa, &mut head).is_err() {
+        return Outcome::Unreadable {
+            gpa,
+            len: head.len() as u64,
+        };
+    }
+    let Ok(header) = RequestHeader::read_from_bytes(&head[..]) else {
+        return Outcome::Unreadable {
+            gpa,
+            len: head.len() as u64,
+        };
+    };
+    let size = match check_header(&header, gpa) {
+        Ok(size) => size,
+        Err(e) => {
+            return finish(
+                service,
+                mem,
+                gpa,
+                header.opcode,
+                Err(Refusal::Block(e)),
+                Reply::none(),
+            );
+        }
+    };
+    let mut buf = [0u8; MAX_REQUEST_SIZE];
+    let Some(block) = buf.get_mut(..size) else {
+        return Outcome::Unreadable {
+            gpa,
+            len: size as u64,
+        };
+    };
+    if mem.read(gpa, block).is_err() {
+        return Outcome::Unreadable {
+            gpa,
+            len: size as u64,
+        };
+    }
+    let storm_before = service.storm_bits();
+    let (result, mut reply) = dispatch(service, mem, header.opcode, block);
+    reply.storm_before = storm_before;
+    finish(service, mem, gpa, header.opcode, result, reply)
+}
+
+type Dispatched = (Result<Vec<RouteUpdate>, Refusal>, Reply);
+
+fn dispatch<M: GuestRam + ?Sized>(
+    service: &mut Service,
+    mem: &M,
+    op: u16,
+    block: &[u8],
+) -> Dispatched {
+    let malformed = (Err(Refusal::Block(BlockError::BadLength)), Reply::none());
+    match op {
+        opcode::QUERY_PLATFORM => match QueryPlatform::read_from_bytes(block) {
+            Ok(b) => query_platform(service, &b),
+            Err(_) => malformed,
+        },
+        opcode::QUERY_RESOURCES => match QueryResources::read_from_bytes(block) {
+            Ok(b) => query_resources(service, b),
+            Err(_) => malformed,
+        },
+        opcode::CONNECT => match Connect::read_from_bytes(block) {
+            Ok(b) => connect(service, mem, b),
+            Err(_) => malformed,
+        },
+        opcode::DISCONNECT => match Disconnect::read_from_bytes(block) {
+            Ok(b) => disconnect(service, &b),
+            Err(_) => malformed,
+        },
+        opcode::QUERY_ROUTE => match QueryRoute::read_from_bytes(block) {
+            Ok(b) => query_route(service, b),
+            Err(_) => malformed,
+        },
+        _ => (
+            Err(Refusal::Block(BlockError::UnknownOpcode)),
+            Reply::none(),
+        ),
+    }
+}
+
+fn query_platform(service: &Service, block: &QueryPlatform) -> Dispatched {
+    if block.reserved0 != 0 || block.reserved1 != 0 {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    let out = service.query_platform();
+    let start = offset_of!(QueryPlatform, abi_version_max);
+    (
+        Ok(Vec::new()),
+        Reply::of(&out, start, size_of::<QueryPlatform>()),
+    )
+}
+
+fn query_resources(service: &Service, mut block: QueryResources) -> Dispatched {
+    let start = offset_of!(QueryResources, count);
+    let end = size_of::<QueryResources>();
+    block.count = 0;
+    block.resources = [InterruptResource::default(); MAX_RESOURCES];
+    let Some(device) = service.devices().device(block.device_id) else {
+        return (
+            Err(Refusal::Rule(Violation::UnknownDevice)),
+            Reply::of(&block, start, end),
+        );
+    };
+    for (slot, r) in block.resources.iter_mut().zip(device.resources()) {
+        *slot = r.to_abi();
+        block.count += 1;
+    }
+    (Ok(Vec::new()), Reply::of(&block, start, end))
+}
+
+fn connect<M: GuestRam + ?Sized>(service: &mut Service, mem: &M, mut block: Connect) -> Dispatched {
+    let start = offset_of!(Connect, handle);
+    let end = size_of::<Connect>();
+    block.handle = 0;
+    block.effective_mask = 0;
+    let req = match decode_connect(&block) {
+        Ok(req) => req,
+        Err(e) => return (Err(Refusal::Block(e)), Reply::none()),
+    };
+    match service.connect(&req, mem) {
+        Ok(done) => {
+            block.handle = done.handle.raw();
+            block.effective_mask = done.effective_mask;
+            let mut reply = Reply::of(&block, start, end);
+            reply.made = Some(done.handle);
+            (Ok(done.routes), reply)
+        }
+        Err(v) => (Err(Refusal::Rule(v)), Reply::of(&block, start, end)),
+    }
+}
+
+fn disconnect(service: &mut Service, block: &Disconnect) -> Dispatched {
+    match service.disconnect(Handle::from_raw(block.handle)) {
+        Ok(routes) => (Ok(routes), Reply::none()),
+        Err(v) => (Err(Refusal::Rule(v)), Reply::none()),
+    }
+}
+
+fn query_route(service: &Service, mut block: QueryRoute) -> Dispatched {
+    if block.reserved0 != 0 {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    let start = offset_of!(QueryRoute, masked);
+    let end = offset_of!(QueryRoute, reserved0);
+    block.masked = 0;
+    block.trigger = 0;
+    block.vector = 0;
+    block.lowest_priority = 0;
+    block.destination_mask = 0;
+    block.connections = 0;
+    let route = u8::try_from(block.pin)
+        .ok()
+        .filter(|&p| p < IOAPIC_PINS)
+        .and_then(|p| service.route(p));
+    let Some(route) = route else {
+        return (Err(Refusal::PinOutOfRange), Reply::of(&block, start, end));
+    };
+    block.masked = u8::from(route.masked);
+    block.trigger = route.trigger.to_abi();
+    block.vector = route.vector;
+    block.lowest_priority = u8::from(route.lowest_priority);
+    block.destination_mask = route.destination;
+    block.connections = route.connections;
+    (Ok(Vec::new()), Reply::of(&block, start, end))
+}
+
+/// Writes the outputs, then the status; undoes a connection whose answer
+/// could not be written.
+fn finish<M: GuestRam + ?Sized>(
+    service: &mut Service,
+    mem: &mut M,
+    gpa: u64,
+    op: u16,
+    result: Result<Vec<RouteUpdate>, Refusal>,
+    reply: Reply,
+) -> Outcome {
+    let status = match &result {
+        Ok(_) => STATUS_SUCCESS,
+        Err(r) => r.status(),
+    };
+    let outputs = reply.bytes.get(..reply.len).unwrap_or(&[]);
+    let written = mem
+        .write(gpa.saturating_add(reply.offset as u64), outputs)
+        .and_then(|()| mem.write(gpa.saturating_add(STATUS_OFFSET), &status.to_le_bytes()));
+    if written.is_err() {
+        if let Some(handle) = reply.made {
+            // The guest never learns the handle: take the connection back so
+            // CONNECT stays all or nothing. The routes and storm marks return
+            // to their state before the connect, so nothing needs applying.
+            let _ = service.disconnect(handle);
+            service.restore_storm(reply.storm_before);
+        }
+        return Outcome::Unwritable { gpa };
+    }
+    let (refusal, routes) = match result {
+        Ok(routes) => (None, routes),
+        Err(r) => (Some(r), Vec::new()),
+    };
+    Outcome::Answered(Answer {
+        opcode: op,
+        status,
+        refusal,
+        routes,
+    })
+}
