@@ -442,3 +442,374 @@ fn finish<M: GuestRam + ?Sized>(
         routes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::ram::FlatRam;
+    use irqconnect_abi::ntstatus::{STATUS_INVALID_HANDLE, STATUS_NOT_FOUND};
+    use irqconnect_abi::pv::{ABI_VERSION_1, STATUS_NO_ANSWER, trigger};
+    use zerocopy::{FromZeros, Immutable, KnownLayout};
+
+    const AT: u32 = 0x1000;
+
+    fn service() -> Service {
+        match Service::with_defaults(4) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn ram() -> FlatRam {
+        FlatRam::new(0, 0x10_000)
+    }
+
+    fn put<T: IntoBytes + Immutable>(ram: &mut FlatRam, at: u32, block: &T) {
+        if let Err(e) = ram.write(u64::from(at), block.as_bytes()) {
+            panic!("{e}");
+        }
+    }
+
+    fn get<T: FromBytes + KnownLayout + Immutable>(ram: &FlatRam, at: u32) -> T {
+        let start = at as usize;
+        let bytes = ram.bytes().get(start..start + size_of::<T>());
+        match bytes.map(T::read_from_bytes) {
+            Some(Ok(t)) => t,
+            _ => panic!("block outside RAM"),
+        }
+    }
+
+    fn connect_block() -> Connect {
+        let mut c = Connect::new_zeroed();
+        c.header = RequestHeader::new::<Connect>(opcode::CONNECT);
+        c.device_id = 4;
+        c.vector = 0x80;
+        c.irql = 8;
+        c.synchronize_irql = 8;
+        c.interrupt_mode = irqconnect_abi::pv::interrupt_mode::LATCHED;
+        c.share_vector = 1;
+        c.processor_enable_mask = 0b0110;
+        c.service_routine = 0x20_0000;
+        c
+    }
+
+    /// Runs `block` at `at` and returns the outcome and the block after.
+    fn run<T>(s: &mut Service, at: u32, block: &T) -> (Outcome, T)
+    where
+        T: IntoBytes + FromBytes + KnownLayout + Immutable,
+    {
+        let mut mem = ram();
+        put(&mut mem, at, block);
+        let outcome = s.handle_doorbell(&mut mem, at);
+        (outcome, get(&mem, at))
+    }
+
+    fn refusal(o: &Outcome) -> Option<Refusal> {
+        match o {
+            Outcome::Answered(a) => a.refusal,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn rule_01_unreadable_header_gets_no_answer() {
+        let mut s = service();
+        let mut mem = ram();
+        let before = mem.clone();
+        assert_eq!(
+            s.handle_doorbell(&mut mem, 0x10_000 - 8),
+            Outcome::Unreadable {
+                gpa: 0x10_000 - 8,
+                len: 16
+            }
+        );
+        assert_eq!(mem, before);
+    }
+
+    #[test]
+    fn rule_01_unreadable_block_tail_gets_no_answer() {
+        let mut s = service();
+        let mut mem = ram();
+        let at = 0x10_000 - 40;
+        put(&mut mem, at, &connect_block().header);
+        let before = mem.clone();
+        assert_eq!(
+            s.handle_doorbell(&mut mem, at),
+            Outcome::Unreadable {
+                gpa: u64::from(at),
+                len: 80
+            }
+        );
+        assert_eq!(mem, before);
+        assert_eq!(s.registry().connections(), 0);
+    }
+
+    #[test]
+    fn rule_01_wrong_magic_invalid_parameter() {
+        let mut c = connect_block();
+        c.header.magic ^= 1;
+        let (o, after) = run(&mut service(), AT, &c);
+        assert_eq!(refusal(&o), Some(Refusal::Block(BlockError::BadMagic)));
+        assert_eq!(after.header.status, STATUS_INVALID_PARAMETER);
+        assert_eq!(after.handle, 0);
+    }
+
+    #[test]
+    fn rule_01_misaligned_block_invalid_parameter() {
+        let (o, after) = run(&mut service(), AT + 4, &connect_block());
+        assert_eq!(refusal(&o), Some(Refusal::Block(BlockError::Misaligned)));
+        assert_eq!(after.header.status, STATUS_INVALID_PARAMETER);
+    }
+
+    #[test]
+    fn rule_01_unknown_version_invalid_parameter_1() {
+        for version in [0, ABI_VERSION_1 + 1, u16::MAX] {
+            let mut c = connect_block();
+            c.header.abi_version = version;
+            let (o, after) = run(&mut service(), AT, &c);
+            assert_eq!(
+                refusal(&o),
+                Some(Refusal::Block(BlockError::UnknownVersion))
+            );
+            assert_eq!(after.header.status, STATUS_INVALID_PARAMETER_1);
+        }
+    }
+
+    #[test]
+    fn rule_01_unknown_opcode_invalid_device_request() {
+        for op in [0, 6, u16::MAX] {
+            let mut c = connect_block();
+            c.header.opcode = op;
+            let (o, after) = run(&mut service(), AT, &c);
+            assert_eq!(refusal(&o), Some(Refusal::Block(BlockError::UnknownOpcode)));
+            assert_eq!(after.header.status, STATUS_INVALID_DEVICE_REQUEST);
+        }
+    }
+
+    #[test]
+    fn rule_01_length_not_opcode_size_invalid_parameter() {
+        for length in [0, 79, 81, 24, u32::MAX] {
+            let mut c = connect_block();
+            c.header.length = length;
+            let (o, after) = run(&mut service(), AT, &c);
+            assert_eq!(refusal(&o), Some(Refusal::Block(BlockError::BadLength)));
+            assert_eq!(after.header.status, STATUS_INVALID_PARAMETER);
+        }
+    }
+
+    #[test]
+    fn rule_01_reserved_field_not_zero_invalid_parameter() {
+        let mut s = service();
+        let mut c = connect_block();
+        c.reserved0 = [0, 0, 1];
+        let (o, after) = run(&mut s, AT, &c);
+        assert_eq!(
+            refusal(&o),
+            Some(Refusal::Block(BlockError::ReservedNotZero))
+        );
+        assert_eq!(after.header.status, STATUS_INVALID_PARAMETER);
+        let mut q = QueryRoute::new_zeroed();
+        q.header = RequestHeader::new::<QueryRoute>(opcode::QUERY_ROUTE);
+        q.reserved0 = 1;
+        let (o, _) = run(&mut s, AT, &q);
+        assert_eq!(
+            refusal(&o),
+            Some(Refusal::Block(BlockError::ReservedNotZero))
+        );
+        let mut p = QueryPlatform::new_zeroed();
+        p.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
+        p.reserved1 = 1;
+        let (o, after) = run(&mut s, AT, &p);
+        assert_eq!(
+            refusal(&o),
+            Some(Refusal::Block(BlockError::ReservedNotZero))
+        );
+        assert_eq!(after.cpu_count, 0, "no output on a malformed block");
+        assert_eq!(s.registry().connections(), 0);
+    }
+
+    #[test]
+    fn rule_01_field_outside_domain_invalid_parameter() {
+        let mut s = service();
+        let fields: [fn(&mut Connect); 3] = [
+            |c| c.interrupt_mode = 2,
+            |c| c.share_vector = 2,
+            |c| c.floating_save = 0xff,
+        ];
+        for set in fields {
+            let mut c = connect_block();
+            set(&mut c);
+            let (o, after) = run(&mut s, AT, &c);
+            assert_eq!(
+                refusal(&o),
+                Some(Refusal::Block(BlockError::FieldOutOfDomain))
+            );
+            assert_eq!(after.header.status, STATUS_INVALID_PARAMETER);
+        }
+    }
+
+    #[test]
+    fn query_platform_reports_processors_limits_and_counters() {
+        let mut s = service();
+        let mut p = QueryPlatform::new_zeroed();
+        p.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
+        let (o, after) = run(&mut s, AT, &p);
+        assert_eq!(o.status(), Some(STATUS_SUCCESS));
+        assert_eq!(
+            after.header,
+            RequestHeader {
+                status: 0,
+                ..p.header
+            }
+        );
+        assert_eq!(after.abi_version_max, ABI_VERSION_MAX);
+        assert_eq!(after.cpu_count, 4);
+        assert_eq!(after.device_count, 8);
+        assert_eq!(after.online_mask, 0b1111);
+        assert_eq!((after.vector_min, after.vector_max), (0x30, 0xbf));
+        assert_eq!(after.object_quota, 64);
+        assert_eq!(after.apic_ids[..5], [0, 1, 2, 3, 0]);
+        assert_eq!(
+            after.flags,
+            irqconnect_abi::pv::platform_flags::LOGICAL_FLAT_BY_INDEX
+        );
+    }
+
+    #[test]
+    fn query_resources_reports_device_6_two_vectors() {
+        let mut q = QueryResources::new_zeroed();
+        q.header = RequestHeader::new::<QueryResources>(opcode::QUERY_RESOURCES);
+        q.device_id = 6;
+        let (o, after) = run(&mut service(), AT, &q);
+        assert_eq!(o.status(), Some(STATUS_SUCCESS));
+        assert_eq!(after.count, 2);
+        let r = after.resources;
+        assert_eq!((r[0].vector, r[0].level, r[0].line), (0x90, 9, 21));
+        assert_eq!((r[1].vector, r[1].level, r[1].line), (0xa0, 10, 23));
+        assert_eq!(r[2], InterruptResource::default());
+    }
+
+    #[test]
+    fn query_resources_unknown_device_not_found() {
+        let mut q = QueryResources::new_zeroed();
+        q.header = RequestHeader::new::<QueryResources>(opcode::QUERY_RESOURCES);
+        q.device_id = 8;
+        q.count = 7;
+        let (o, after) = run(&mut service(), AT, &q);
+        assert_eq!(o.status(), Some(STATUS_NOT_FOUND));
+        assert_eq!(after.count, 0);
+    }
+
+    #[test]
+    fn connect_answers_handle_mask_and_route_updates_inputs_untouched() {
+        let mut s = service();
+        let c = connect_block();
+        let (o, after) = run(&mut s, AT, &c);
+        assert_eq!(o.status(), Some(STATUS_SUCCESS));
+        assert_ne!(after.handle, 0);
+        assert_eq!(after.effective_mask, 0b0110);
+        let mut inputs = after;
+        inputs.header.status = c.header.status;
+        inputs.handle = 0;
+        inputs.effective_mask = 0;
+        assert_eq!(inputs, c, "input fields are never written");
+        // Vector 0x80 is on pins 19 and 20: both routed.
+        let pins: Vec<u8> = o.routes().iter().map(|u| u.pin).collect();
+        assert_eq!(pins, vec![19, 20]);
+    }
+
+    #[test]
+    fn connect_refused_answers_null_handle() {
+        let mut c = connect_block();
+        c.header.status = STATUS_NO_ANSWER;
+        c.handle = 0x1234;
+        c.processor_enable_mask = 0;
+        let (o, after) = run(&mut service(), AT, &c);
+        assert_eq!(o.status(), Some(STATUS_INVALID_PARAMETER));
+        assert_eq!((after.handle, after.effective_mask), (0, 0));
+        assert!(o.routes().is_empty());
+    }
+
+    #[test]
+    fn disconnect_by_doorbell_masks_pins_and_stale_handle_is_invalid() {
+        let mut s = service();
+        let (_, connected) = run(&mut s, AT, &connect_block());
+        let mut d = Disconnect::new_zeroed();
+        d.header = RequestHeader::new::<Disconnect>(opcode::DISCONNECT);
+        d.handle = connected.handle;
+        let (o, after) = run(&mut s, AT, &d);
+        assert_eq!(o.status(), Some(STATUS_SUCCESS));
+        assert_eq!(after.handle, connected.handle);
+        assert!(o.routes().iter().all(|u| u.route.masked));
+        assert_eq!(o.routes().len(), 2);
+        let (o, _) = run(&mut s, AT, &d);
+        assert_eq!(o.status(), Some(STATUS_INVALID_HANDLE));
+    }
+
+    #[test]
+    fn query_route_reports_programmed_pin() {
+        let mut s = service();
+        run(&mut s, AT, &connect_block());
+        let mut q = QueryRoute::new_zeroed();
+        q.header = RequestHeader::new::<QueryRoute>(opcode::QUERY_ROUTE);
+        q.pin = 20;
+        let (o, after) = run(&mut s, AT, &q);
+        assert_eq!(o.status(), Some(STATUS_SUCCESS));
+        assert_eq!(
+            (
+                after.masked,
+                after.trigger,
+                after.vector,
+                after.lowest_priority
+            ),
+            (0, trigger::EDGE, 0x80, 1)
+        );
+        assert_eq!((after.destination_mask, after.connections), (0b0110, 1));
+    }
+
+    #[test]
+    fn query_route_pin_out_of_range_invalid_parameter() {
+        let mut q = QueryRoute::new_zeroed();
+        q.header = RequestHeader::new::<QueryRoute>(opcode::QUERY_ROUTE);
+        for pin in [24, 255, 256, u32::MAX] {
+            q.pin = pin;
+            let (o, _) = run(&mut service(), AT, &q);
+            assert_eq!(refusal(&o), Some(Refusal::PinOutOfRange));
+            assert_eq!(o.status(), Some(STATUS_INVALID_PARAMETER));
+        }
+    }
+
+    /// RAM that can be read but never written.
+    struct ReadOnly(FlatRam);
+
+    impl GuestRam for ReadOnly {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
+            self.0.read(gpa, buf)
+        }
+        fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Error> {
+            Err(Error::NotRam {
+                gpa,
+                len: buf.len() as u64,
+            })
+        }
+        fn is_ram(&self, gpa: u64, len: u64) -> bool {
+            self.0.is_ram(gpa, len)
+        }
+    }
+
+    #[test]
+    fn connect_whose_answer_cannot_be_written_is_undone() {
+        let mut s = service();
+        let mut mem = ram();
+        put(&mut mem, AT, &connect_block());
+        let before = s.clone();
+        let mut ro = ReadOnly(mem);
+        assert_eq!(
+            s.handle_doorbell(&mut ro, AT),
+            Outcome::Unwritable { gpa: u64::from(AT) }
+        );
+        assert!(s.same_live_state(&before));
+        assert_eq!(s.check_invariants(), Ok(()));
+    }
+}

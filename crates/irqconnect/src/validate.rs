@@ -208,3 +208,448 @@ pub fn check_connect<R: GuestRam + ?Sized>(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! One test per SEMANTICS.md rule, named after it, run through
+    //! [`Service::connect`] / [`Service::disconnect`] on the default
+    //! 4-processor test platform.
+
+    use super::*;
+    use crate::handle::Handle;
+    use crate::ram::FlatRam;
+    use crate::service::Service;
+    use irqconnect_abi::ntstatus::STATUS_SUCCESS;
+
+    const RAM_SIZE: usize = 0x10_0000;
+
+    fn service() -> Service {
+        match Service::with_defaults(4) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn ram() -> FlatRam {
+        FlatRam::new(0, RAM_SIZE)
+    }
+
+    /// A valid CONNECT of device 0 (pin 16, vector 0x60, level, exclusive).
+    fn req() -> ConnectRequest {
+        ConnectRequest {
+            device_id: 0,
+            vector: 0x60,
+            irql: 6,
+            synchronize_irql: 6,
+            interrupt_mode: InterruptMode::LevelSensitive,
+            share_vector: false,
+            floating_save: false,
+            processor_enable_mask: 0b1111,
+            service_routine: 0x1000,
+            service_context: 0x2000,
+            spin_lock: 0x3000,
+        }
+    }
+
+    /// A shared CONNECT of device `device` (2 or 3) on vector 0x70.
+    fn shared(device: u32, mask: u64) -> ConnectRequest {
+        ConnectRequest {
+            device_id: device,
+            vector: 0x70,
+            irql: 7,
+            synchronize_irql: 7,
+            share_vector: true,
+            processor_enable_mask: mask,
+            ..req()
+        }
+    }
+
+    fn refused(s: &mut Service, r: &ConnectRequest) -> Option<Violation> {
+        s.connect(r, &ram()).err()
+    }
+
+    fn connected(s: &mut Service, r: &ConnectRequest) -> Handle {
+        match s.connect(r, &ram()) {
+            Ok(c) => c.handle,
+            Err(v) => panic!("refused: {v:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_connect_succeeds_with_handle_and_effective_mask() {
+        let mut s = service();
+        let done = s.connect(&req(), &ram());
+        assert!(
+            done.as_ref()
+                .is_ok_and(|c| c.handle.raw() != 0 && c.effective_mask == 0b1111)
+        );
+        assert_eq!(s.registry().objects_in_use(), 4);
+    }
+
+    #[test]
+    fn rule_02_empty_effective_mask_invalid_parameter() {
+        let mut s = service();
+        let r = ConnectRequest {
+            processor_enable_mask: 0b1_0000,
+            ..req()
+        };
+        assert_eq!(refused(&mut s, &r), Some(Violation::EmptyEffectiveMask));
+        assert_eq!(
+            Violation::EmptyEffectiveMask.status(),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn rule_02_absent_processors_dropped_silently() {
+        let mut s = service();
+        let r = ConnectRequest {
+            processor_enable_mask: 0xffff_0000_0000_0101,
+            ..req()
+        };
+        let done = s.connect(&r, &ram());
+        assert_eq!(done.map(|c| c.effective_mask), Ok(0b1));
+    }
+
+    #[test]
+    fn rule_03_null_service_routine_invalid_parameter() {
+        let mut s = service();
+        let r = ConnectRequest {
+            service_routine: 0,
+            ..req()
+        };
+        assert_eq!(refused(&mut s, &r), Some(Violation::NullServiceRoutine));
+        assert_eq!(
+            Violation::NullServiceRoutine.status(),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn rule_04_service_context_outside_ram_invalid_parameter() {
+        let mut s = service();
+        let r = ConnectRequest {
+            service_context: RAM_SIZE as u64,
+            ..req()
+        };
+        assert_eq!(
+            refused(&mut s, &r),
+            Some(Violation::ServiceContextNotResident)
+        );
+        assert_eq!(
+            Violation::ServiceContextNotResident.status(),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn rule_04_spin_lock_outside_ram_invalid_parameter() {
+        let mut s = service();
+        // The lock's 8 bytes must all be RAM: the last 4 bytes of RAM are not enough.
+        let r = ConnectRequest {
+            spin_lock: RAM_SIZE as u64 - 4,
+            ..req()
+        };
+        assert_eq!(refused(&mut s, &r), Some(Violation::SpinLockNotResident));
+        // Zero pointers are optional parameters, not errors.
+        let r = ConnectRequest {
+            spin_lock: 0,
+            service_context: 0,
+            ..req()
+        };
+        assert!(s.connect(&r, &ram()).is_ok());
+    }
+
+    #[test]
+    fn rule_05_synchronize_irql_below_irql_invalid_parameter() {
+        let mut s = service();
+        let r = ConnectRequest {
+            synchronize_irql: 5,
+            ..req()
+        };
+        assert_eq!(
+            refused(&mut s, &r),
+            Some(Violation::SynchronizeIrqlBelowIrql)
+        );
+        let higher = ConnectRequest {
+            synchronize_irql: 11,
+            ..req()
+        };
+        assert!(s.connect(&higher, &ram()).is_ok());
+    }
+
+    #[test]
+    fn rule_06_irql_not_vector_class_invalid_parameter() {
+        let mut s = service();
+        let r = ConnectRequest {
+            irql: 5,
+            synchronize_irql: 6,
+            ..req()
+        };
+        assert_eq!(refused(&mut s, &r), Some(Violation::IrqlNotVectorClass));
+        assert_eq!(
+            Violation::IrqlNotVectorClass.status(),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn rule_06_vector_outside_device_range_invalid_parameter() {
+        let mut s = service();
+        for vector in [0x2f, 0xc0, 0x160, u32::MAX] {
+            let r = ConnectRequest {
+                vector,
+                irql: 2,
+                synchronize_irql: 12,
+                ..req()
+            };
+            assert_eq!(
+                refused(&mut s, &r),
+                Some(Violation::VectorOutsideDeviceRange)
+            );
+        }
+    }
+
+    #[test]
+    fn rule_07_unknown_device_not_found() {
+        let mut s = service();
+        let r = ConnectRequest {
+            device_id: 8,
+            ..req()
+        };
+        assert_eq!(refused(&mut s, &r), Some(Violation::UnknownDevice));
+        assert_eq!(Violation::UnknownDevice.status(), STATUS_NOT_FOUND);
+    }
+
+    #[test]
+    fn rule_07_vector_not_owned_not_found() {
+        let mut s = service();
+        let r = ConnectRequest {
+            vector: 0x61,
+            ..req()
+        };
+        assert_eq!(refused(&mut s, &r), Some(Violation::VectorNotOwned));
+        assert_eq!(Violation::VectorNotOwned.status(), STATUS_NOT_FOUND);
+    }
+
+    #[test]
+    fn rule_08_floating_save_true_accepted() {
+        let mut s = service();
+        let r = ConnectRequest {
+            floating_save: true,
+            ..req()
+        };
+        let h = connected(&mut s, &r);
+        assert_eq!(s.registry().get(h).map(|c| c.floating_save), Some(true));
+    }
+
+    #[test]
+    fn rule_09_exclusive_chain_refuses_second_object_invalid_parameter() {
+        let mut s = service();
+        connected(&mut s, &shared(2, 0b0011));
+        let exclusive = ConnectRequest {
+            share_vector: false,
+            ..shared(3, 0b0110)
+        };
+        assert_eq!(
+            refused(&mut s, &exclusive),
+            Some(Violation::SharingConflict { cpu: 1 })
+        );
+        assert_eq!(
+            Violation::SharingConflict { cpu: 1 }.status(),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn rule_09_mode_mismatch_on_shared_chain_invalid_parameter() {
+        let mut s = service();
+        connected(&mut s, &shared(2, 0b0001));
+        let latched = ConnectRequest {
+            interrupt_mode: InterruptMode::Latched,
+            ..shared(3, 0b0001)
+        };
+        assert_eq!(
+            refused(&mut s, &latched),
+            Some(Violation::SharingConflict { cpu: 0 })
+        );
+    }
+
+    #[test]
+    fn rule_09_shared_same_mode_chains_and_disjoint_processors_never_conflict() {
+        let mut s = service();
+        let a = connected(&mut s, &shared(2, 0b0011));
+        let b = connected(&mut s, &shared(3, 0b0010));
+        assert_eq!(s.registry().chain(1, 0x70), vec![a, b]);
+        // Exclusive objects on processors nobody else uses on the vector are fine.
+        let exclusive = ConnectRequest {
+            share_vector: false,
+            ..shared(3, 0b1100)
+        };
+        assert!(s.connect(&exclusive, &ram()).is_ok());
+    }
+
+    #[test]
+    fn rule_10_second_vector_without_spin_lock_invalid_parameter() {
+        let mut s = service();
+        let first = ConnectRequest {
+            device_id: 6,
+            vector: 0x90,
+            irql: 9,
+            synchronize_irql: 10,
+            spin_lock: 0,
+            ..req()
+        };
+        connected(&mut s, &first);
+        let second = ConnectRequest {
+            vector: 0xa0,
+            irql: 10,
+            interrupt_mode: InterruptMode::Latched,
+            ..first
+        };
+        assert_eq!(refused(&mut s, &second), Some(Violation::SpinLockRequired));
+        assert_eq!(
+            Violation::SpinLockRequired.status(),
+            STATUS_INVALID_PARAMETER
+        );
+        let with_lock = ConnectRequest {
+            spin_lock: 0x3000,
+            ..second
+        };
+        assert!(s.connect(&with_lock, &ram()).is_ok());
+    }
+
+    #[test]
+    fn rule_10_synchronize_irql_below_device_highest_irql_invalid_parameter() {
+        let mut s = service();
+        let high = ConnectRequest {
+            device_id: 6,
+            vector: 0xa0,
+            irql: 10,
+            synchronize_irql: 10,
+            interrupt_mode: InterruptMode::Latched,
+            ..req()
+        };
+        connected(&mut s, &high);
+        let low = ConnectRequest {
+            vector: 0x90,
+            irql: 9,
+            synchronize_irql: 9,
+            interrupt_mode: InterruptMode::LevelSensitive,
+            ..high
+        };
+        assert_eq!(
+            refused(&mut s, &low),
+            Some(Violation::SynchronizeIrqlBelowDeviceIrql)
+        );
+        let raised = ConnectRequest {
+            synchronize_irql: 10,
+            ..low
+        };
+        assert!(s.connect(&raised, &ram()).is_ok());
+    }
+
+    #[test]
+    fn rule_11_quota_exceeded_insufficient_resources() {
+        let mut s = service();
+        // 64 objects: 16 connections of 4 processors each fill the default quota.
+        for _ in 0..16 {
+            connected(&mut s, &shared(2, 0b1111));
+        }
+        assert_eq!(s.registry().objects_in_use(), 64);
+        assert_eq!(
+            refused(&mut s, &shared(3, 0b0001)),
+            Some(Violation::QuotaExceeded)
+        );
+        assert_eq!(
+            Violation::QuotaExceeded.status(),
+            STATUS_INSUFFICIENT_RESOURCES
+        );
+    }
+
+    #[test]
+    fn rule_12_refused_connect_changes_nothing() {
+        let mut s = service();
+        connected(&mut s, &shared(2, 0b0011));
+        let before = s.clone();
+        let bad = ConnectRequest {
+            interrupt_mode: InterruptMode::Latched,
+            ..shared(3, 0b1111)
+        };
+        assert!(refused(&mut s, &bad).is_some());
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn rule_order_first_failing_rule_wins() {
+        let mut s = service();
+        let everything_wrong = ConnectRequest {
+            device_id: 99,
+            vector: 0x10,
+            irql: 9,
+            synchronize_irql: 0,
+            processor_enable_mask: 0,
+            service_routine: 0,
+            service_context: u64::MAX,
+            spin_lock: u64::MAX,
+            ..req()
+        };
+        let mut r = everything_wrong;
+        let mut rules = Vec::new();
+        // Fix one rule at a time, in order, and watch the next one fail.
+        for fix in 0..6 {
+            rules.push(refused(&mut s, &r).map(Violation::rule));
+            match fix {
+                0 => r.processor_enable_mask = 1,
+                1 => r.service_routine = 0x1000,
+                2 => {
+                    r.service_context = 0;
+                    r.spin_lock = 0;
+                }
+                3 => r.synchronize_irql = 9,
+                4 => r.vector = 0x90,
+                _ => {}
+            }
+        }
+        assert_eq!(
+            rules,
+            vec![Some(2), Some(3), Some(4), Some(5), Some(6), Some(7)]
+        );
+        r.device_id = 6;
+        assert!(s.connect(&r, &ram()).is_ok());
+    }
+
+    #[test]
+    fn disconnect_unknown_or_stale_handle_invalid_handle() {
+        let mut s = service();
+        assert_eq!(
+            s.disconnect(Handle::from_raw(0)),
+            Err(Violation::UnknownHandle)
+        );
+        assert_eq!(Violation::UnknownHandle.status(), STATUS_INVALID_HANDLE);
+        let h = connected(&mut s, &req());
+        assert!(s.disconnect(h).is_ok());
+        let before = s.clone();
+        assert_eq!(s.disconnect(h), Err(Violation::UnknownHandle));
+        assert_eq!(
+            s.disconnect(Handle::from_raw(h.raw() + 1)),
+            Err(Violation::UnknownHandle)
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn disconnect_removes_every_object_and_keeps_other_connections() {
+        let mut s = service();
+        let a = connected(&mut s, &shared(2, 0b0011));
+        let b = connected(&mut s, &shared(3, 0b0110));
+        assert_eq!(s.registry().objects_in_use(), 4);
+        assert!(s.disconnect(a).is_ok());
+        assert_eq!(s.registry().objects_in_use(), 2);
+        for cpu in 0..4 {
+            assert!(!s.registry().chain(cpu, 0x70).contains(&a));
+        }
+        assert_eq!(s.registry().chain(1, 0x70), vec![b]);
+        assert_eq!(STATUS_SUCCESS, 0);
+    }
+}
