@@ -350,3 +350,238 @@ pub struct ServiceState {
     /// Pins masked by the storm guard since boot.
     pub storm_masked_pins: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::InterruptMode;
+    use crate::ram::FlatRam;
+    use crate::route::Trigger;
+
+    fn service(cpus: u32) -> Service {
+        match Service::with_defaults(cpus) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn req(
+        device: u32,
+        vector: u32,
+        mode: InterruptMode,
+        share: bool,
+        mask: u64,
+    ) -> ConnectRequest {
+        ConnectRequest {
+            device_id: device,
+            vector,
+            irql: (vector >> 4) as u8,
+            synchronize_irql: (vector >> 4) as u8,
+            interrupt_mode: mode,
+            share_vector: share,
+            floating_save: false,
+            processor_enable_mask: mask,
+            service_routine: 0x1000,
+            service_context: 0,
+            spin_lock: 0x3000,
+        }
+    }
+
+    fn connect(s: &mut Service, r: &ConnectRequest) -> Connected {
+        match s.connect(r, &FlatRam::new(0, 0x10_000)) {
+            Ok(c) => c,
+            Err(v) => panic!("refused: {v:?}"),
+        }
+    }
+
+    const LEVEL: InterruptMode = InterruptMode::LevelSensitive;
+    const LATCHED: InterruptMode = InterruptMode::Latched;
+
+    #[test]
+    fn route_initial_device_pins_masked_with_table_vector() {
+        let s = service(4);
+        let r16 = s.route(16);
+        assert_eq!(
+            r16.map(|r| (r.masked, r.vector, r.trigger)),
+            Some((true, 0x60, Trigger::Level))
+        );
+        assert_eq!(s.route(17).map(|r| r.trigger), Some(Trigger::Edge));
+        assert_eq!(s.route(3), Some(PinRoute::UNUSED));
+        assert_eq!(s.check_invariants(), Ok(()));
+    }
+
+    #[test]
+    fn route_single_processor_is_fixed_delivery() {
+        let mut s = service(4);
+        let done = connect(&mut s, &req(0, 0x60, LEVEL, false, 0b0100));
+        let route = PinRoute {
+            masked: false,
+            vector: 0x60,
+            trigger: Trigger::Level,
+            destination: 0b0100,
+            lowest_priority: false,
+            connections: 1,
+        };
+        assert_eq!(done.routes, vec![RouteUpdate { pin: 16, route }]);
+    }
+
+    #[test]
+    fn route_more_than_one_processor_is_lowest_priority() {
+        let mut s = service(4);
+        connect(&mut s, &req(1, 0x61, LATCHED, false, 0b1010));
+        let r = s.route(17);
+        assert_eq!(
+            r.map(|r| (r.masked, r.trigger, r.destination, r.lowest_priority)),
+            Some((false, Trigger::Edge, 0b1010, true))
+        );
+    }
+
+    #[test]
+    fn route_shared_pin_two_devices_destination_is_union_of_masks() {
+        let mut s = service(4);
+        let a = connect(&mut s, &req(2, 0x70, LEVEL, true, 0b0001));
+        let b = connect(&mut s, &req(3, 0x70, LEVEL, true, 0b0100));
+        assert_eq!(
+            s.route(18).map(|r| (r.destination, r.connections)),
+            Some((0b0101, 2))
+        );
+        assert_eq!(b.routes.len(), 1);
+        assert!(s.disconnect(a.handle).is_ok());
+        assert_eq!(
+            s.route(18).map(|r| (r.destination, r.lowest_priority)),
+            Some((0b0100, false))
+        );
+    }
+
+    #[test]
+    fn route_two_pins_one_vector_both_follow_the_vector() {
+        let mut s = service(4);
+        let done = connect(&mut s, &req(4, 0x80, LATCHED, true, 0b0011));
+        assert_eq!(
+            done.routes.iter().map(|u| u.pin).collect::<Vec<_>>(),
+            vec![19, 20]
+        );
+        connect(&mut s, &req(5, 0x80, LATCHED, true, 0b1000));
+        for pin in [19, 20] {
+            assert_eq!(
+                s.route(pin).map(|r| (r.destination, r.connections)),
+                Some((0b1011, 2))
+            );
+        }
+    }
+
+    #[test]
+    fn route_masked_when_last_connection_goes() {
+        let mut s = service(2);
+        let fresh = s.clone();
+        let a = connect(&mut s, &req(0, 0x60, LEVEL, false, 0b11));
+        let updates = s.disconnect(a.handle);
+        let masked = fresh.route(16);
+        assert_eq!(updates.map(|u| u.first().map(|u| u.route)), Ok(masked));
+        assert!(s.same_live_state(&fresh));
+    }
+
+    #[test]
+    fn route_unchanged_pins_are_not_reported() {
+        let mut s = service(4);
+        connect(&mut s, &req(2, 0x70, LEVEL, true, 0b0011));
+        // Connections change but the route (destination, mode) barely does:
+        // the count moves, so pin 18 is reported once.
+        let again = connect(&mut s, &req(3, 0x70, LEVEL, true, 0b0001));
+        assert_eq!(again.routes.len(), 1);
+        assert_eq!(again.routes.first().map(|u| u.route.connections), Some(2));
+    }
+
+    #[test]
+    fn storm_report_masks_pin_counts_once_and_shows_in_query_platform() {
+        let mut s = service(2);
+        connect(&mut s, &req(7, 0xb0, LEVEL, false, 0b01));
+        assert_eq!(s.report_storm_masked(22), Ok(()));
+        assert_eq!(s.report_storm_masked(22), Ok(()));
+        assert_eq!(s.route(22).map(|r| r.masked), Some(true));
+        assert_eq!(s.query_platform().storm_masked_pins, 1);
+        assert_eq!(s.check_invariants(), Ok(()));
+        assert!(matches!(
+            s.report_storm_masked(24),
+            Err(Error::NoSuchPin { pin: 24, .. })
+        ));
+        // A new connection on the vector re-arms the pin.
+        let mut shared_b0 = req(7, 0xb0, LEVEL, false, 0b10);
+        shared_b0.share_vector = false;
+        connect(&mut s, &shared_b0);
+        assert_eq!(s.route(22).map(|r| r.masked), Some(false));
+        assert_eq!(s.storm_masked_pins(), 1);
+    }
+
+    #[test]
+    fn config_json_builds_service_with_quota_and_platform() {
+        let json = r#"{
+            "platform": {"cpu_count": 2, "online_mask": 1, "apic_ids": [0, 4],
+                         "irqchip_mode": "split", "x2apic": true},
+            "object_quota": 5
+        }"#;
+        let s = Service::from_json(json);
+        let q = s.as_ref().map(Service::query_platform);
+        assert_eq!(
+            q.as_ref()
+                .map(|q| (q.object_quota, q.online_mask, q.irqchip_mode, q.apic_ids[1])),
+            Ok((5, 1, 1, 4))
+        );
+        assert_eq!(
+            q.map(|q| q.flags & irqconnect_abi::pv::platform_flags::X2APIC),
+            Ok(irqconnect_abi::pv::platform_flags::X2APIC)
+        );
+        assert!(matches!(
+            Service::from_json(
+                r#"{"platform": {"cpu_count": 0, "online_mask": 0, "apic_ids": []}}"#
+            ),
+            Err(Error::CpuCountOutOfRange { .. })
+        ));
+        assert!(matches!(
+            Service::from_json(
+                r#"{"platform": {"cpu_count": 1, "online_mask": 1, "apic_ids": [0]}, "object_quota": 0}"#
+            ),
+            Err(Error::QuotaOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn snapshot_roundtrips_through_json() {
+        let mut s = service(4);
+        let a = connect(&mut s, &req(2, 0x70, LEVEL, true, 0b0011));
+        connect(&mut s, &req(3, 0x70, LEVEL, true, 0b0110));
+        connect(&mut s, &req(6, 0xa0, LATCHED, false, 0b1000));
+        assert!(s.disconnect(a.handle).is_ok());
+        assert_eq!(s.report_storm_masked(23), Ok(()));
+        let text = serde_json::to_string(&s.snapshot()).unwrap_or_default();
+        let state: Result<ServiceState, _> = serde_json::from_str(&text);
+        let back = state
+            .map_err(|e| Error::ConfigSyntax {
+                message: e.to_string(),
+            })
+            .and_then(|st| Service::restore(s.platform.clone(), s.devices.clone(), &st));
+        assert_eq!(back.as_ref(), Ok(&s));
+        // The old handle stays stale after restore.
+        assert_eq!(
+            back.map(|mut b| b.disconnect(a.handle)),
+            Ok(Err(Violation::UnknownHandle))
+        );
+    }
+
+    #[test]
+    fn snapshot_inconsistent_state_rejected() {
+        let mut s = service(4);
+        connect(&mut s, &req(2, 0x70, LEVEL, true, 0b0011));
+        let mut state = s.snapshot();
+        // A connection on a processor that is not online.
+        if let Some(c) = state.registry.slots[0].connection.as_mut() {
+            c.mask = 1 << 9;
+        }
+        let r = Service::restore(s.platform.clone(), s.devices.clone(), &state);
+        assert!(matches!(r, Err(Error::SnapshotInconsistent { .. })));
+        let mut state = s.snapshot();
+        state.registry.order.clear();
+        let r = Service::restore(s.platform.clone(), s.devices.clone(), &state);
+        assert!(matches!(r, Err(Error::SnapshotInconsistent { .. })));
+    }
+}
