@@ -4,6 +4,60 @@
 //! A [`Message`] is what travels on the bus. The IOAPIC builds one from a
 //! redirection entry, the MSI decoder from an address/data pair, and a local
 //! APIC from an ICR write. Local APICs accept the ones addressed to them.
+//!
+//! # Destination resolution
+//!
+//! [`resolve`] turns a message into the set of vCPU indices ([`ApicSet`])
+//! whose local APIC receives it, given one [`ApicTarget`] per vCPU (index =
+//! vCPU index, at most [`MAX_APICS`]; targets past that are never addressed)
+//! and the sender's index for IPIs (`None` for IOAPIC and MSI messages).
+//! A target receives the message when both of these hold:
+//!
+//! 1. **The destination matches** ([`matches_destination`]):
+//!    - Shorthand self: the sender only; all-including-self: every target;
+//!      all-excluding-self: every target but the sender (SDM Vol. 3A
+//!      11.6.1). Without a sender, "self" is nobody and "all but self" is
+//!      everybody.
+//!    - Physical, xAPIC target: `destination == 0xff` (broadcast) or
+//!      `destination == apic_id` (SDM Vol. 3A 11.6.2.1). A destination above
+//!      0xff never matches an xAPIC (no aliasing of the low byte, as KVM).
+//!    - Physical, x2APIC target: `destination == 0xffff_ffff` (broadcast)
+//!      or `destination == apic_id` (SDM Vol. 3A 11.12.9).
+//!    - Logical, xAPIC target, `destination == 0xff`: broadcast.
+//!      Flat model: `logical_id & destination != 0`. Cluster model: the
+//!      high nibbles are equal and the low nibbles share a bit (SDM Vol. 3A
+//!      11.6.2.2).
+//!    - Logical, x2APIC target, `destination == 0xffff_ffff`: broadcast.
+//!      Otherwise the cluster (bits 16..31) is equal and the member bits
+//!      (0..15) share a bit (SDM Vol. 3A 11.12.10.2).
+//!    - KVM's x2APIC broadcast quirk, reproduced so the user-mode chip
+//!      behaves like the in-kernel one: a message without a sender (IOAPIC,
+//!      MSI) whose destination is `0xff` is a broadcast for a target in
+//!      x2APIC mode, in physical and logical mode alike. Other 8-bit logical
+//!      destinations reach x2APIC targets through the x2APIC rule above:
+//!      cluster 0, member bits = the destination (KVM's
+//!      `kvm_apic_match_logical_addr` / `kvm_apic_mda`).
+//! 2. **The target accepts the delivery mode** ([`accepts`]): a
+//!    hardware-disabled APIC (IA32_APIC_BASE enable clear, SDM Vol. 3A
+//!    11.4.3) receives nothing; a software-disabled APIC (SVR enable clear)
+//!    receives only NMI, INIT, start-up and SMI messages (SDM Vol. 3A
+//!    11.4.7.2); nobody receives the reserved delivery mode.
+//!
+//! # Lowest-priority arbitration
+//!
+//! [`Arbiter::route`] resolves as above and, for a lowest-priority message,
+//! keeps one target: among the resolved targets that accept fixed
+//! interrupts (hardware and software enabled), the one with the smallest
+//! [`ApicTarget::arbitration_priority`] (SDM Vol. 3A 11.6.2.4). Ties go to
+//! the first tied index at or after the arbiter's cursor, counting upward
+//! and wrapping from 255 to 0; the cursor then moves to the winner's index
+//! plus one. So equal-priority APICs take turns in index order. The cursor
+//! is the arbiter's whole state ([`ArbiterState`]); one pass over the
+//! targets decides, so the cost grows linearly with the number of vCPUs.
+//! As KVM does, a lowest-priority message to the physical broadcast
+//! destination `0xff` is delivered to every resolved target, like a fixed
+//! one. The focus-processor rule (SDM 11.6.2.4, model specific) is not
+//! emulated.
 
 use serde::{Deserialize, Serialize};
 
@@ -146,4 +200,773 @@ pub struct ApicTarget {
     /// The priority used for lowest-priority arbitration (the processor
     /// priority, PPR, SDM Vol. 3A 11.8.3.1).
     pub arbitration_priority: u8,
+}
+
+/// The most local APICs a bus resolves against (one per vCPU index).
+pub const MAX_APICS: usize = 256;
+
+/// xAPIC broadcast destination, physical and logical (SDM Vol. 3A 11.6.2.1,
+/// 11.6.2.2).
+pub const XAPIC_BROADCAST: u32 = 0xff;
+
+/// x2APIC broadcast destination, physical and logical (SDM Vol. 3A 11.12.9).
+pub const X2APIC_BROADCAST: u32 = 0xffff_ffff;
+
+/// xAPIC cluster model: the cluster is the logical ID's high nibble (SDM
+/// Vol. 3A 11.6.2.2).
+pub const XAPIC_CLUSTER_SHIFT: u32 = 4;
+
+/// xAPIC cluster model: the member bits are the logical ID's low nibble (SDM
+/// Vol. 3A 11.6.2.2).
+pub const XAPIC_CLUSTER_MEMBER_MASK: u32 = 0xf;
+
+/// x2APIC logical ID: the cluster is bits 16..31 (SDM Vol. 3A 11.12.10.2).
+pub const X2APIC_CLUSTER_SHIFT: u32 = 16;
+
+/// x2APIC logical ID: the member bits are bits 0..15 (SDM Vol. 3A
+/// 11.12.10.2).
+pub const X2APIC_CLUSTER_MEMBER_MASK: u32 = 0xffff;
+
+const SET_WORDS: usize = MAX_APICS / 64;
+
+/// A set of vCPU indices below [`MAX_APICS`]: a fixed 256-bit bitset, so
+/// resolving a message never allocates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ApicSet {
+    words: [u64; SET_WORDS],
+}
+
+impl ApicSet {
+    /// The empty set.
+    pub const fn new() -> Self {
+        Self {
+            words: [0; SET_WORDS],
+        }
+    }
+
+    /// The set holding `index` alone; empty if `index >= MAX_APICS`.
+    pub fn single(index: usize) -> Self {
+        let mut set = Self::new();
+        set.insert(index);
+        set
+    }
+
+    /// Adds `index`; returns false (and changes nothing) if it is not below
+    /// [`MAX_APICS`].
+    pub fn insert(&mut self, index: usize) -> bool {
+        match self.words.get_mut(index / 64) {
+            Some(word) => {
+                *word |= 1 << (index % 64);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes `index` (nothing happens if it is absent).
+    pub fn remove(&mut self, index: usize) {
+        if let Some(word) = self.words.get_mut(index / 64) {
+            *word &= !(1 << (index % 64));
+        }
+    }
+
+    /// Whether `index` is in the set.
+    pub fn contains(&self, index: usize) -> bool {
+        self.words
+            .get(index / 64)
+            .is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&word| word == 0)
+    }
+
+    /// The number of indices in the set.
+    pub fn len(&self) -> usize {
+        self.words
+            .iter()
+            .map(|word| word.count_ones() as usize)
+            .sum()
+    }
+
+    /// The smallest index in the set.
+    pub fn first(&self) -> Option<usize> {
+        self.iter().next()
+    }
+
+    /// The indices in increasing order.
+    pub fn iter(&self) -> ApicSetIter {
+        ApicSetIter {
+            words: self.words,
+            word: 0,
+        }
+    }
+}
+
+impl IntoIterator for &ApicSet {
+    type Item = usize;
+    type IntoIter = ApicSetIter;
+
+    fn into_iter(self) -> ApicSetIter {
+        self.iter()
+    }
+}
+
+impl FromIterator<usize> for ApicSet {
+    /// Collects indices; those not below [`MAX_APICS`] are dropped.
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Self {
+        let mut set = Self::new();
+        for index in iter {
+            set.insert(index);
+        }
+        set
+    }
+}
+
+/// Iterator over an [`ApicSet`]'s indices, in increasing order.
+#[derive(Clone, Debug)]
+pub struct ApicSetIter {
+    words: [u64; SET_WORDS],
+    word: usize,
+}
+
+impl Iterator for ApicSetIter {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        while let Some(bits) = self.words.get_mut(self.word) {
+            if *bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                *bits &= *bits - 1;
+                return Some(self.word * 64 + bit);
+            }
+            self.word += 1;
+        }
+        None
+    }
+}
+
+/// Whether `message`'s destination (shorthand, mode and ID) selects
+/// `target`, the APIC of vCPU `index`; `source` is the sending vCPU's index
+/// for an IPI, `None` for IOAPIC and MSI messages. The rules are in the
+/// [module documentation](self). Enable state is not looked at here: see
+/// [`accepts`].
+pub fn matches_destination(
+    message: &Message,
+    target: &ApicTarget,
+    index: usize,
+    source: Option<usize>,
+) -> bool {
+    match message.shorthand {
+        Shorthand::SelfOnly => source == Some(index),
+        Shorthand::AllIncludingSelf => true,
+        Shorthand::AllExcludingSelf => source != Some(index),
+        Shorthand::None => {
+            let destination = message_destination_address(message, target, source);
+            match message.destination_mode {
+                DestinationMode::Physical => matches_physical(target, destination),
+                DestinationMode::Logical => matches_logical(target, destination),
+            }
+        }
+    }
+}
+
+/// The destination as `target` sees it, with KVM's x2APIC broadcast quirk:
+/// without a sender, 0xff means "everybody" to an x2APIC.
+fn message_destination_address(
+    message: &Message,
+    target: &ApicTarget,
+    source: Option<usize>,
+) -> u32 {
+    if source.is_none() && target.x2apic && message.destination == XAPIC_BROADCAST {
+        X2APIC_BROADCAST
+    } else {
+        message.destination
+    }
+}
+
+fn broadcast_for(target: &ApicTarget) -> u32 {
+    if target.x2apic {
+        X2APIC_BROADCAST
+    } else {
+        XAPIC_BROADCAST
+    }
+}
+
+fn matches_physical(target: &ApicTarget, destination: u32) -> bool {
+    destination == broadcast_for(target) || destination == target.apic_id
+}
+
+fn matches_logical(target: &ApicTarget, destination: u32) -> bool {
+    if destination == broadcast_for(target) {
+        return true;
+    }
+    if target.x2apic {
+        target.logical_id >> X2APIC_CLUSTER_SHIFT == destination >> X2APIC_CLUSTER_SHIFT
+            && target.logical_id & destination & X2APIC_CLUSTER_MEMBER_MASK != 0
+    } else {
+        let logical_id = target.logical_id & 0xff;
+        if target.dfr_flat {
+            logical_id & destination != 0
+        } else {
+            logical_id >> XAPIC_CLUSTER_SHIFT == destination >> XAPIC_CLUSTER_SHIFT
+                && logical_id & destination & XAPIC_CLUSTER_MEMBER_MASK != 0
+        }
+    }
+}
+
+/// Whether `target` takes a message of `delivery_mode` at all, given its
+/// enable state: hardware-disabled APICs take nothing (SDM Vol. 3A 11.4.3),
+/// software-disabled ones only NMI, INIT, start-up and SMI (SDM Vol. 3A
+/// 11.4.7.2), and nobody takes the reserved mode.
+pub fn accepts(delivery_mode: DeliveryMode, target: &ApicTarget) -> bool {
+    if !target.hw_enabled {
+        return false;
+    }
+    match delivery_mode {
+        DeliveryMode::Nmi | DeliveryMode::Init | DeliveryMode::StartUp | DeliveryMode::Smi => true,
+        DeliveryMode::Fixed | DeliveryMode::LowestPriority | DeliveryMode::ExtInt => {
+            target.sw_enabled
+        }
+        DeliveryMode::Reserved => false,
+    }
+}
+
+/// Every vCPU index whose APIC receives `message` (destination match and
+/// acceptance, see the [module documentation](self)), before
+/// lowest-priority arbitration. Targets past [`MAX_APICS`] are ignored.
+pub fn resolve(message: &Message, targets: &[ApicTarget], source: Option<usize>) -> ApicSet {
+    let mut set = ApicSet::new();
+    for (index, target) in targets.iter().enumerate().take(MAX_APICS) {
+        if accepts(message.delivery_mode, target)
+            && matches_destination(message, target, index, source)
+        {
+            set.insert(index);
+        }
+    }
+    set
+}
+
+/// Whether `message` is a lowest-priority message that the bus narrows to
+/// one APIC (everything but KVM's physical-broadcast exception).
+fn is_arbitrated(message: &Message) -> bool {
+    message.delivery_mode == DeliveryMode::LowestPriority
+        && !(message.shorthand == Shorthand::None
+            && message.destination_mode == DestinationMode::Physical
+            && message.destination == XAPIC_BROADCAST)
+}
+
+/// Lowest-priority arbitration state: a rotating cursor over vCPU indices
+/// that breaks ties fairly (rule in the [module documentation](self)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Arbiter {
+    cursor: u8,
+}
+
+/// The saved state of an [`Arbiter`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ArbiterState {
+    /// The first index that wins a tie.
+    pub cursor: u8,
+}
+
+impl Arbiter {
+    /// An arbiter whose cursor is at index 0.
+    pub const fn new() -> Self {
+        Self { cursor: 0 }
+    }
+
+    /// The index that wins the next tie if it takes part.
+    pub const fn cursor(&self) -> u8 {
+        self.cursor
+    }
+
+    /// Picks, among `candidates` that accept fixed interrupts, the one with
+    /// the lowest arbitration priority; ties go to the first index at or
+    /// after the cursor, which then moves past the winner. Candidates with
+    /// no entry in `targets` are skipped. `None` (cursor unmoved) if no
+    /// candidate qualifies.
+    pub fn select(&mut self, candidates: &ApicSet, targets: &[ApicTarget]) -> Option<usize> {
+        let mut best: Option<(u8, u8, usize)> = None;
+        for index in candidates {
+            let Some(target) = targets.get(index) else {
+                break;
+            };
+            if !accepts(DeliveryMode::Fixed, target) {
+                continue;
+            }
+            // `index < MAX_APICS == 256`, so it fits in a u8.
+            let distance = (index as u8).wrapping_sub(self.cursor);
+            let key = (target.arbitration_priority, distance, index);
+            if best.is_none_or(|best| (key.0, key.1) < (best.0, best.1)) {
+                best = Some(key);
+            }
+        }
+        let (_, _, winner) = best?;
+        self.cursor = (winner as u8).wrapping_add(1);
+        Some(winner)
+    }
+
+    /// Resolves `message` ([`resolve`]) and, for a lowest-priority message,
+    /// narrows the set to the arbitration winner ([`Arbiter::select`]).
+    pub fn route(
+        &mut self,
+        message: &Message,
+        targets: &[ApicTarget],
+        source: Option<usize>,
+    ) -> ApicSet {
+        let resolved = resolve(message, targets, source);
+        if !is_arbitrated(message) {
+            return resolved;
+        }
+        match self.select(&resolved, targets) {
+            Some(winner) => ApicSet::single(winner),
+            None => ApicSet::new(),
+        }
+    }
+
+    /// The arbiter's state.
+    pub fn save(&self) -> ArbiterState {
+        let Self { cursor } = *self;
+        ArbiterState { cursor }
+    }
+
+    /// An arbiter in the saved state (every state is valid).
+    pub fn restore(state: &ArbiterState) -> Self {
+        let ArbiterState { cursor } = *state;
+        Self { cursor }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xapic(apic_id: u32) -> ApicTarget {
+        ApicTarget {
+            apic_id,
+            x2apic: false,
+            logical_id: 0,
+            dfr_flat: true,
+            hw_enabled: true,
+            sw_enabled: true,
+            arbitration_priority: 0,
+        }
+    }
+
+    fn x2apic(apic_id: u32) -> ApicTarget {
+        ApicTarget {
+            x2apic: true,
+            // The x2APIC LDR is derived from the ID (SDM Vol. 3A 11.12.10.2).
+            logical_id: ((apic_id >> 4) << 16) | (1 << (apic_id & 0xf)),
+            ..xapic(apic_id)
+        }
+    }
+
+    fn logical(destination: u32) -> Message {
+        Message {
+            destination_mode: DestinationMode::Logical,
+            ..Message::fixed_physical(destination, 0x40)
+        }
+    }
+
+    fn with_mode(message: Message, delivery_mode: DeliveryMode) -> Message {
+        Message {
+            delivery_mode,
+            ..message
+        }
+    }
+
+    fn with_shorthand(shorthand: Shorthand) -> Message {
+        Message {
+            shorthand,
+            ..Message::fixed_physical(0, 0x40)
+        }
+    }
+
+    fn set(indices: &[usize]) -> ApicSet {
+        indices.iter().copied().collect()
+    }
+
+    #[test]
+    fn apic_set_insert_past_max_is_refused() {
+        let mut s = ApicSet::new();
+
+        let inserted = s.insert(MAX_APICS);
+
+        assert!(!inserted);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn apic_set_iter_yields_indices_in_increasing_order() {
+        let s = set(&[255, 3, 64, 0, 127]);
+
+        let indices: Vec<usize> = s.iter().collect();
+
+        assert_eq!(indices, vec![0, 3, 64, 127, 255]);
+        assert_eq!(s.len(), 5);
+    }
+
+    #[test]
+    fn physical_xapic_id_reaches_only_that_apic() {
+        let targets = [xapic(0), xapic(1), xapic(2)];
+
+        let got = resolve(&Message::fixed_physical(1, 0x40), &targets, None);
+
+        assert_eq!(got, set(&[1]));
+    }
+
+    #[test]
+    fn physical_xapic_broadcast_reaches_every_xapic() {
+        let targets = [xapic(0), xapic(1), xapic(2)];
+
+        let got = resolve(&Message::fixed_physical(0xff, 0x40), &targets, None);
+
+        assert_eq!(got, set(&[0, 1, 2]));
+    }
+
+    #[test]
+    fn physical_x2apic_32bit_id_reaches_that_apic() {
+        let targets = [x2apic(0), x2apic(0x1_0002)];
+
+        let got = resolve(&Message::fixed_physical(0x1_0002, 0x40), &targets, None);
+
+        assert_eq!(got, set(&[1]));
+    }
+
+    #[test]
+    fn physical_x2apic_broadcast_reaches_every_x2apic() {
+        let targets = [x2apic(0), x2apic(7), x2apic(0x300)];
+
+        let got = resolve(
+            &Message::fixed_physical(X2APIC_BROADCAST, 0x40),
+            &targets,
+            None,
+        );
+
+        assert_eq!(got, set(&[0, 1, 2]));
+    }
+
+    #[test]
+    fn physical_0xff_without_sender_broadcasts_to_x2apic_targets() {
+        let targets = [x2apic(0), x2apic(1), xapic(2)];
+
+        let got = resolve(&Message::fixed_physical(0xff, 0x40), &targets, None);
+
+        assert_eq!(got, set(&[0, 1, 2]));
+    }
+
+    #[test]
+    fn physical_0xff_ipi_reaches_only_x2apic_id_0xff() {
+        let targets = [x2apic(0), x2apic(0xff)];
+
+        let got = resolve(&Message::fixed_physical(0xff, 0x40), &targets, Some(0));
+
+        assert_eq!(got, set(&[1]));
+    }
+
+    #[test]
+    fn physical_destination_above_0xff_misses_xapic_with_same_low_byte() {
+        let targets = [xapic(0x05)];
+
+        let got = resolve(&Message::fixed_physical(0x105, 0x40), &targets, None);
+
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn logical_flat_reaches_apics_sharing_a_bit() {
+        let targets: Vec<ApicTarget> = (0..4)
+            .map(|i| ApicTarget {
+                logical_id: 1 << i,
+                ..xapic(i)
+            })
+            .collect();
+
+        let got = resolve(&logical(0b0101), &targets, None);
+
+        assert_eq!(got, set(&[0, 2]));
+    }
+
+    #[test]
+    fn logical_xapic_cluster_reaches_members_of_the_cluster() {
+        let targets = [
+            ApicTarget {
+                logical_id: 0x21,
+                dfr_flat: false,
+                ..xapic(0)
+            },
+            ApicTarget {
+                logical_id: 0x22,
+                dfr_flat: false,
+                ..xapic(1)
+            },
+            ApicTarget {
+                logical_id: 0x31,
+                dfr_flat: false,
+                ..xapic(2)
+            },
+        ];
+
+        let got = resolve(&logical(0x23), &targets, None);
+
+        assert_eq!(got, set(&[0, 1]));
+    }
+
+    #[test]
+    fn logical_xapic_cluster_0xff_broadcasts() {
+        let targets = [
+            ApicTarget {
+                logical_id: 0x21,
+                dfr_flat: false,
+                ..xapic(0)
+            },
+            ApicTarget {
+                logical_id: 0x31,
+                dfr_flat: false,
+                ..xapic(1)
+            },
+        ];
+
+        let got = resolve(&logical(0xff), &targets, None);
+
+        assert_eq!(got, set(&[0, 1]));
+    }
+
+    #[test]
+    fn logical_x2apic_cluster_reaches_members_of_that_cluster_only() {
+        // IDs 0x10 and 0x11 are cluster 1 members 0 and 1; ID 0x01 is cluster 0.
+        let targets = [x2apic(0x10), x2apic(0x11), x2apic(0x01)];
+
+        let got = resolve(&logical(0x0001_0003), &targets, None);
+
+        assert_eq!(got, set(&[0, 1]));
+    }
+
+    #[test]
+    fn logical_8bit_destination_reaches_x2apic_cluster_zero_members() {
+        // As KVM: mda = 0x06, cluster 0, members 1 and 2.
+        let targets = [x2apic(0), x2apic(1), x2apic(2), x2apic(0x11)];
+
+        let got = resolve(&logical(0x06), &targets, None);
+
+        assert_eq!(got, set(&[1, 2]));
+    }
+
+    #[test]
+    fn logical_0xff_without_sender_broadcasts_to_x2apic_targets() {
+        let targets = [x2apic(0x20), x2apic(0x31)];
+
+        let got = resolve(&logical(0xff), &targets, None);
+
+        assert_eq!(got, set(&[0, 1]));
+    }
+
+    #[test]
+    fn shorthand_self_reaches_only_the_sender() {
+        let targets = [xapic(0), xapic(1), xapic(2)];
+
+        let got = resolve(&with_shorthand(Shorthand::SelfOnly), &targets, Some(2));
+
+        assert_eq!(got, set(&[2]));
+    }
+
+    #[test]
+    fn shorthand_self_without_sender_reaches_nobody() {
+        let targets = [xapic(0), xapic(1)];
+
+        let got = resolve(&with_shorthand(Shorthand::SelfOnly), &targets, None);
+
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn shorthand_all_including_self_reaches_everyone() {
+        let targets = [xapic(0), x2apic(1), xapic(2)];
+
+        let got = resolve(
+            &with_shorthand(Shorthand::AllIncludingSelf),
+            &targets,
+            Some(1),
+        );
+
+        assert_eq!(got, set(&[0, 1, 2]));
+    }
+
+    #[test]
+    fn shorthand_all_excluding_self_skips_the_sender() {
+        let targets = [xapic(0), xapic(1), xapic(2)];
+
+        let got = resolve(
+            &with_shorthand(Shorthand::AllExcludingSelf),
+            &targets,
+            Some(1),
+        );
+
+        assert_eq!(got, set(&[0, 2]));
+    }
+
+    #[test]
+    fn hw_disabled_apic_receives_not_even_nmi() {
+        let targets = [ApicTarget {
+            hw_enabled: false,
+            ..xapic(0)
+        }];
+        let nmi = with_mode(Message::fixed_physical(0, 0), DeliveryMode::Nmi);
+
+        let got = resolve(&nmi, &targets, None);
+
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn sw_disabled_apic_receives_only_nmi_init_sipi_smi() {
+        let target = ApicTarget {
+            sw_enabled: false,
+            ..xapic(0)
+        };
+
+        let taken: Vec<DeliveryMode> = (0..8)
+            .map(DeliveryMode::from_bits)
+            .filter(|&mode| accepts(mode, &target))
+            .collect();
+
+        assert_eq!(
+            taken,
+            vec![
+                DeliveryMode::Smi,
+                DeliveryMode::Nmi,
+                DeliveryMode::Init,
+                DeliveryMode::StartUp
+            ]
+        );
+    }
+
+    #[test]
+    fn reserved_delivery_mode_reaches_nobody() {
+        let targets = [xapic(0), xapic(1)];
+        let message = with_mode(Message::fixed_physical(0xff, 0x40), DeliveryMode::Reserved);
+
+        let got = resolve(&message, &targets, None);
+
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn resolve_ignores_targets_past_max_apics() {
+        let targets = vec![xapic(0); MAX_APICS + 4];
+
+        let got = resolve(&with_shorthand(Shorthand::AllIncludingSelf), &targets, None);
+
+        assert_eq!(got.len(), MAX_APICS);
+    }
+
+    fn priorities(priorities: &[u8]) -> Vec<ApicTarget> {
+        priorities
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| ApicTarget {
+                arbitration_priority: p,
+                ..xapic(i as u32)
+            })
+            .collect()
+    }
+
+    fn lowest_to_all() -> Message {
+        with_mode(logical(0xff), DeliveryMode::LowestPriority)
+    }
+
+    #[test]
+    fn lowest_priority_picks_the_lowest_arbitration_priority() {
+        let targets = priorities(&[0x40, 0x20, 0x30]);
+        let mut arbiter = Arbiter::new();
+
+        let got = arbiter.route(&lowest_to_all(), &targets, None);
+
+        assert_eq!(got, set(&[1]));
+    }
+
+    #[test]
+    fn lowest_priority_ties_rotate_through_the_tied_apics() {
+        let targets = priorities(&[0x10, 0x50, 0x10, 0x10]);
+        let mut arbiter = Arbiter::new();
+
+        let winners: Vec<Option<usize>> = (0..4)
+            .map(|_| arbiter.route(&lowest_to_all(), &targets, None).first())
+            .collect();
+
+        assert_eq!(winners, vec![Some(0), Some(2), Some(3), Some(0)]);
+    }
+
+    #[test]
+    fn lowest_priority_skips_software_disabled_apics() {
+        let mut targets = priorities(&[0x00, 0x70]);
+        targets[0].sw_enabled = false;
+        let mut arbiter = Arbiter::new();
+
+        let got = arbiter.route(&lowest_to_all(), &targets, None);
+
+        assert_eq!(got, set(&[1]));
+    }
+
+    #[test]
+    fn lowest_priority_without_candidates_leaves_the_cursor() {
+        let targets = priorities(&[0x10]);
+        let mut arbiter = Arbiter::new();
+        let message = with_mode(
+            Message::fixed_physical(5, 0x40),
+            DeliveryMode::LowestPriority,
+        );
+
+        let got = arbiter.route(&message, &targets, None);
+
+        assert!(got.is_empty());
+        assert_eq!(arbiter.cursor(), 0);
+    }
+
+    #[test]
+    fn lowest_priority_to_physical_broadcast_reaches_everyone() {
+        let targets = priorities(&[0x10, 0x20, 0x30]);
+        let mut arbiter = Arbiter::new();
+        let message = with_mode(
+            Message::fixed_physical(0xff, 0x40),
+            DeliveryMode::LowestPriority,
+        );
+
+        let got = arbiter.route(&message, &targets, None);
+
+        assert_eq!(got, set(&[0, 1, 2]));
+    }
+
+    #[test]
+    fn arbiter_restore_of_save_continues_the_same_rotation() {
+        let targets = priorities(&[0x10; 5]);
+        let mut original = Arbiter::new();
+        original.route(&lowest_to_all(), &targets, None);
+        original.route(&lowest_to_all(), &targets, None);
+
+        let json = serde_json::to_string(&original.save()).unwrap();
+        let state: ArbiterState = serde_json::from_str(&json).unwrap();
+        let mut restored = Arbiter::restore(&state);
+
+        for _ in 0..7 {
+            assert_eq!(
+                restored.route(&lowest_to_all(), &targets, None),
+                original.route(&lowest_to_all(), &targets, None)
+            );
+        }
+    }
+
+    #[test]
+    fn arbiter_cursor_wraps_from_index_255_to_0() {
+        let targets = vec![xapic(0); MAX_APICS];
+        let mut arbiter = Arbiter::restore(&ArbiterState { cursor: 255 });
+
+        let first = arbiter.select(&set(&[0, 255]), &targets);
+        let second = arbiter.select(&set(&[0, 255]), &targets);
+
+        assert_eq!((first, second), (Some(255), Some(0)));
+    }
 }

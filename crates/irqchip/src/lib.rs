@@ -5,8 +5,13 @@
 //! every effect goes out as a return value.
 
 #![forbid(unsafe_code)]
+// Tests may unwrap: a panic there is a failed test, not a guest-reachable path.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod apic_bus;
+pub mod error;
 pub mod ioapic;
 pub mod lapic;
 pub mod msi;
+
+pub use error::Error;

@@ -1,1 +1,0 @@
-//! The 82093AA IOAPIC model.
