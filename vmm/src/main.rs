@@ -1,3 +1,102 @@
-//! `vmm`: boots a guest under KVM with our interrupt controllers.
+//! `vmm`: boots a Multiboot v1 guest under KVM with our interrupt controllers.
+//!
+//! Module map: [`cli`] (arguments), [`machine`] (assembly and teardown),
+//! [`memory`], [`loader`] (Multiboot v1), [`boot`] (initial vCPU state),
+//! [`cpuid`], [`vcpu`] (the per-thread run loop), [`kick`] (signals and
+//! `immediate_exit`), [`irq`] (the interrupt-controller abstraction and its
+//! modes), [`bus`] and [`devices`], [`event_loop`], [`control`] (how a run
+//! ends), [`report`] (guest results, JUnit), [`stats`].
 
-fn main() {}
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod boot;
+mod bus;
+mod cli;
+mod control;
+mod cpuid;
+mod devices;
+mod error;
+mod event_loop;
+mod guest_image;
+mod irq;
+mod kick;
+mod loader;
+mod machine;
+mod memory;
+mod ratelimit;
+mod report;
+mod stats;
+mod vcpu;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::Args;
+use crate::control::Outcome;
+use crate::error::{EXIT_VMM_ERROR, Error};
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "vmm: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+fn dump_guest(path: &std::path::Path) -> Result<(), Error> {
+    let image = guest_image::embedded();
+    if image.is_empty() {
+        return Err(Error::NoEmbeddedImage);
+    }
+    std::fs::write(path, image).map_err(|source| Error::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let args = Args::parse();
+    if let Some(path) = &args.dump_guest {
+        return match dump_guest(path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                ExitCode::from(EXIT_VMM_ERROR)
+            }
+        };
+    }
+    let finished = match machine::run(&args, Box::new(std::io::stdout())) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::from(e.exit_status());
+        }
+    };
+    let status = match finished.outcome {
+        Outcome::GuestExit(code) => match u8::try_from(code) {
+            Ok(code) => code,
+            Err(_) => {
+                eprintln!(
+                    "vmm: the guest's exit value {code:#x} does not fit an exit status; exiting with 255"
+                );
+                255
+            }
+        },
+        Outcome::Failed(e) => {
+            eprintln!("vmm: error: {e}");
+            e.exit_status()
+        }
+    };
+    if !args.quiet_stats {
+        eprintln!("{}", finished.stats);
+    }
+    ExitCode::from(status)
+}

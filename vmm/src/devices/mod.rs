@@ -1,0 +1,206 @@
+//! The platform's devices and how they are put on the buses.
+//!
+//! Models are plain structs behind the narrow [`crate::bus::BusDevice`] and
+//! [`crate::irq::LineSink`] traits; this module wires them to ports
+//! (constants from `irqconnect_abi::layout`), lines and the event loop.
+
+pub(crate) mod exit;
+pub(crate) mod fw_cfg;
+pub(crate) mod marker;
+pub(crate) mod pc_testdev;
+pub(crate) mod pic;
+pub(crate) mod serial;
+pub(crate) mod testdev;
+pub(crate) mod testdev_port;
+pub(crate) mod unclaimed;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use irqconnect_abi::layout;
+
+use crate::bus::{Bus, BusKind};
+use crate::cli::IrqchipMode;
+use crate::control::VmControl;
+use crate::error::{Error, Result};
+use crate::irq::lines::IrqLines;
+use crate::report::GuestReport;
+use serial::{SerialDevice, SerialIrq, SerialOut, Uart};
+use testdev::{TestDevice, Trigger};
+use testdev_port::{SharedTestdev, TestdevPort, TestdevSlot};
+
+/// First IOAPIC pin of the phase-1 test-device table.
+pub(crate) const TESTDEV_FIRST_PIN: u8 = 16;
+
+/// The phase-1 device table: device `i` drives pin `16 + i`, level-triggered
+/// for even `i`, edge for odd `i`. (The PV phase replaces this with the PnP
+/// manager's table.)
+pub(crate) fn default_testdev_table() -> Vec<(u8, u8, Trigger)> {
+    (0..layout::TESTDEV_MAX_DEVICES as u8)
+        .map(|i| {
+            let trigger = if i % 2 == 0 {
+                Trigger::Level
+            } else {
+                Trigger::Edge
+            };
+            (i, TESTDEV_FIRST_PIN + i, trigger)
+        })
+        .collect()
+}
+
+/// What the device set depends on.
+pub(crate) struct DeviceConfig {
+    /// vCPUs.
+    pub(crate) cpus: u16,
+    /// RAM in bytes.
+    pub(crate) ram: u64,
+    /// The interrupt-controller mode (decides who owns the PIC ports).
+    pub(crate) mode: IrqchipMode,
+}
+
+/// The buses and the devices the event loop needs to reach.
+pub(crate) struct Devices {
+    /// Port I/O.
+    pub(crate) pio: Arc<Bus>,
+    /// MMIO.
+    pub(crate) mmio: Arc<Bus>,
+    /// COM1, for stdin input and the final flush.
+    pub(crate) uart: Arc<Mutex<Uart>>,
+    /// The test devices, for their timers.
+    pub(crate) testdevs: Vec<SharedTestdev>,
+}
+
+fn overlap(e: crate::bus::OverlapError) -> Error {
+    Error::Host {
+        op: "build the device buses",
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn line(lines: &Arc<IrqLines>, gsi: u8) -> Result<crate::irq::lines::IrqLine> {
+    lines.line(u32::from(gsi)).ok_or_else(|| Error::Host {
+        op: "wire a device interrupt",
+        source: std::io::Error::other(format!("GSI {gsi} is not available")),
+    })
+}
+
+/// Builds every device and both buses.
+pub(crate) fn build(
+    cfg: &DeviceConfig,
+    lines: &Arc<IrqLines>,
+    control: &Arc<VmControl>,
+    report: &Arc<Mutex<GuestReport>>,
+    out: Box<dyn Write + Send>,
+) -> Result<Devices> {
+    let mut pio = Bus::new(BusKind::Pio);
+    let mut mmio = Bus::new(BusKind::Mmio);
+
+    let uart: Arc<Mutex<Uart>> = Arc::new(Mutex::new(Uart::new(
+        SerialIrq::new(line(lines, layout::SERIAL_COM1_IRQ)?),
+        SerialOut::new(out, Arc::clone(report)),
+    )));
+    pio.insert(
+        u64::from(layout::SERIAL_COM1_PORT),
+        u64::from(layout::SERIAL_PORT_COUNT),
+        "serial",
+        Arc::new(Mutex::new(SerialDevice::new(Arc::clone(&uart)))),
+    )
+    .map_err(overlap)?;
+
+    pio.insert(
+        u64::from(layout::EXIT_PORT),
+        u64::from(layout::EXIT_PORT_SIZE),
+        "exit",
+        Arc::new(Mutex::new(exit::ExitPort::new(Arc::clone(control)))),
+    )
+    .map_err(overlap)?;
+
+    let pc_lines = (0..layout::PC_TESTDEV_IRQ_COUNT as u8)
+        .map(|gsi| line(lines, gsi))
+        .collect::<Result<Vec<_>>>()?;
+    pio.insert(
+        u64::from(layout::PC_TESTDEV_IRQ_BASE),
+        u64::from(layout::PC_TESTDEV_IRQ_COUNT),
+        "pc-testdev",
+        Arc::new(Mutex::new(pc_testdev::PcTestdev::new(pc_lines))),
+    )
+    .map_err(overlap)?;
+
+    pio.insert(
+        u64::from(layout::FW_CFG_SELECTOR_PORT),
+        fw_cfg::FW_CFG_PORT_COUNT,
+        "fw_cfg",
+        Arc::new(Mutex::new(fw_cfg::FwCfg::new(
+            cfg.cpus,
+            layout::MAX_CPUS as u16,
+            cfg.ram,
+        ))),
+    )
+    .map_err(overlap)?;
+
+    pio.insert(
+        u64::from(layout::TEST_MARKER_PORT),
+        1,
+        "test-marker",
+        Arc::new(Mutex::new(marker::TestMarker::new(Arc::clone(report)))),
+    )
+    .map_err(overlap)?;
+
+    let mut testdevs = Vec::new();
+    for (index, pin, trigger) in default_testdev_table() {
+        let slot = TestdevSlot::new(TestDevice::new(index, pin, trigger), line(lines, pin)?)?;
+        pio.insert(
+            u64::from(irqconnect_abi::testdev::device_port(u16::from(index))),
+            u64::from(layout::TESTDEV_STRIDE),
+            "testdev",
+            Arc::new(Mutex::new(TestdevPort::new(Arc::clone(&slot)))),
+        )
+        .map_err(overlap)?;
+        testdevs.push(slot);
+    }
+
+    // In kernel mode KVM's PIC decodes these ports and they never exit.
+    if cfg.mode != IrqchipMode::Kernel {
+        let pic = Arc::new(Mutex::new(pic::LegacyPic::new()));
+        for (port, kind) in [
+            (layout::PIC_MASTER_CMD_PORT, pic::PicPortKind::Master),
+            (layout::PIC_SLAVE_CMD_PORT, pic::PicPortKind::Slave),
+            (layout::PIC_ELCR_PORT, pic::PicPortKind::Elcr),
+        ] {
+            pio.insert(
+                u64::from(port),
+                2,
+                "pic",
+                Arc::new(Mutex::new(pic::PicPorts::new(Arc::clone(&pic), kind))),
+            )
+            .map_err(overlap)?;
+        }
+    }
+
+    for (base, len, name, dev) in lines.controller().mmio_devices() {
+        mmio.insert(base, len, name, dev).map_err(overlap)?;
+    }
+
+    log::debug!("{}", pio.describe());
+    log::debug!("{}", mmio.describe());
+    Ok(Devices {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        uart,
+        testdevs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_table_alternates_level_and_edge_from_pin_16() {
+        let t = default_testdev_table();
+        assert_eq!(t.len(), 8);
+        assert_eq!(t[0], (0, 16, Trigger::Level));
+        assert_eq!(t[1], (1, 17, Trigger::Edge));
+        assert_eq!(t[7], (7, 23, Trigger::Edge));
+    }
+}

@@ -1,0 +1,136 @@
+//! Host glue of the test devices: the port window on the bus, the line into
+//! the wiring and the host timer (a non-blocking timerfd the event loop
+//! watches). Model, line and timer sit under one mutex so a timer program
+//! from a vCPU and an expiry on the event loop cannot reorder.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::testdev::{TestDevice, TimerCommand};
+use crate::bus::{Access, BusDevice};
+use crate::error::{Error, Result};
+use crate::irq::lines::IrqLine;
+use crate::ratelimit::RateLimiter;
+
+/// A test device with its line and its host timer.
+pub(crate) struct TestdevSlot {
+    model: TestDevice,
+    line: IrqLine,
+    timer: TimerFd,
+}
+
+/// Shared between the bus (vCPU threads) and the event loop.
+pub(crate) type SharedTestdev = Arc<Mutex<TestdevSlot>>;
+
+impl TestdevSlot {
+    /// `model` driving `line`, with a fresh non-blocking timer.
+    pub(crate) fn new(model: TestDevice, line: IrqLine) -> Result<SharedTestdev> {
+        let timer = TimerFd::new().map_err(Error::host("create a test-device timerfd"))?;
+        set_nonblocking(&timer)?;
+        Ok(Arc::new(Mutex::new(Self { model, line, timer })))
+    }
+
+    /// The timerfd, for the event loop.
+    pub(crate) fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// The timer became readable: raise what its expirations call for.
+    pub(crate) fn on_timer(&mut self) {
+        let expirations = match self.timer.wait() {
+            Ok(n) => n,
+            // Re-armed or disarmed between readiness and this read.
+            Err(e) if e.errno() == libc::EAGAIN => return,
+            Err(e) => {
+                log::warn!("test device timer: {e}");
+                return;
+            }
+        };
+        let cmd = self.model.timer_expired(expirations, &mut self.line);
+        self.apply(cmd);
+    }
+
+    fn apply(&mut self, cmd: Option<TimerCommand>) {
+        let result = match cmd {
+            None => return,
+            Some(TimerCommand::Start { period }) => self.timer.reset(period, Some(period)),
+            Some(TimerCommand::Stop) => self.timer.clear(),
+        };
+        if let Err(e) = result {
+            log::warn!("test device timer: {e}");
+        }
+    }
+}
+
+fn set_nonblocking(timer: &TimerFd) -> Result<()> {
+    let fd = timer.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL read and set
+    // its status flags and touch no memory of ours.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::host("make a timerfd non-blocking")(
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
+/// One test device's port window on the bus. Registers are 32 bits wide;
+/// other widths or unaligned offsets read all ones and are ignored.
+pub(crate) struct TestdevPort {
+    slot: SharedTestdev,
+    warn: RateLimiter,
+}
+
+impl TestdevPort {
+    /// The port window of `slot`.
+    pub(crate) fn new(slot: SharedTestdev) -> Self {
+        Self {
+            slot,
+            warn: RateLimiter::new(),
+        }
+    }
+
+    fn bad_access(&self, offset: u64, len: usize) {
+        if self.warn.allow() {
+            log::warn!(
+                "test device: {len}-byte access at offset {offset:#x} ignored (registers are 32-bit)"
+            );
+        }
+    }
+}
+
+impl BusDevice for TestdevPort {
+    fn read(&mut self, _access: Access, offset: u64, data: &mut [u8]) {
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0xff);
+            self.bad_access(offset, data.len());
+            return;
+        }
+        let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        data.copy_from_slice(&slot.model.read(offset as u16).to_le_bytes());
+    }
+
+    fn write(&mut self, _access: Access, offset: u64, data: &[u8]) {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.bad_access(offset, data.len());
+            return;
+        };
+        if offset % 4 != 0 {
+            self.bad_access(offset, data.len());
+            return;
+        }
+        let mut guard = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = &mut *guard;
+        let cmd = slot
+            .model
+            .write(offset as u16, u32::from_le_bytes(bytes), &mut slot.line);
+        slot.apply(cmd);
+    }
+}

@@ -1,0 +1,172 @@
+//! The interrupt-controller abstraction every `--irqchip` mode implements.
+//!
+//! Three layers, from the devices inward:
+//!
+//! 1. [`LineSink`]: what a device model sees, one method, one line. Models
+//!    are unit-tested against a recording sink.
+//! 2. [`lines::IrqLines`]: the board's wiring. Each device gets an
+//!    [`lines::IrqLine`] (a `LineSink`) for one GSI; lines shared by several
+//!    sources are wired-OR, and only changes of the combined level reach the
+//!    controller. Counts assertions per GSI.
+//! 3. [`InterruptController`]: the chip. VM-wide (`set_level`, called from
+//!    any thread) plus one [`VcpuInterrupts`] per vCPU that the vCPU loop
+//!    calls on its own thread: before each `KVM_RUN` and for the exits that
+//!    belong to the interrupt controller.
+//!
+//! Where each mode plugs in:
+//!
+//! | hook | kernel | split (phase 2) | user (phase 2) |
+//! |---|---|---|---|
+//! | VM setup ([`kernel::create`] etc.) | `KVM_CREATE_IRQCHIP` | `KVM_ENABLE_CAP(SPLIT_IRQCHIP, 24)`, GSI routes | none |
+//! | `set_level` | `KVM_IRQ_LINE` | our IOAPIC model -> MSI route per pin -> `KVM_IRQ_LINE`/`KVM_SIGNAL_MSI` | our IOAPIC -> APIC bus -> our LAPIC; kick the target vCPU |
+//! | [`InterruptController::mmio_devices`] | none | IOAPIC window `0xfec00000` | IOAPIC window |
+//! | [`VcpuInterrupts::before_run`] | nothing | nothing | INIT/SIPI state changes, `KVM_INTERRUPT` when `ready_for_interrupt_injection`, else `request_interrupt_window` |
+//! | [`VcpuInterrupts::on_exit`] | nothing expected | `IoapicEoi(vector)` -> our IOAPIC EOI | `IrqWindowOpen`, `Hlt` (wait), LAPIC MMIO, x2APIC MSRs, `SetTpr` |
+//! | `kick` | - | - | a vCPU with a new deliverable interrupt is kicked ([`crate::kick`]) |
+
+pub(crate) mod kernel;
+pub(crate) mod lines;
+
+use std::sync::Arc;
+
+use kvm_ioctls::VcpuFd;
+
+use crate::bus::BusDevice;
+use crate::cli::IrqchipMode;
+use crate::error::Result;
+
+/// A device's view of its interrupt line: one method, so models stay pure.
+pub(crate) trait LineSink {
+    /// Drives the line high (`true`) or low (`false`). Edge-triggered
+    /// devices send a pulse: `set_level(true)` then `set_level(false)`.
+    fn set_level(&mut self, high: bool);
+}
+
+/// Why a line change could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IrqError {
+    /// The GSI is not one the controller has.
+    #[error("GSI {0} does not exist")]
+    NoSuchGsi(u32),
+    /// KVM refused the change.
+    #[error("KVM_IRQ_LINE for GSI {gsi}: {source}")]
+    Kvm {
+        /// The GSI.
+        gsi: u32,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Counters a controller keeps; printed in the closing statistics line.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct IrqStats {
+    /// Interrupts injected into vCPUs by the VMM itself (user mode:
+    /// `KVM_INTERRUPT`; split: MSIs sent). Zero when KVM's chip delivers.
+    pub(crate) injected: u64,
+    /// EOIs the VMM handled (split: `KVM_EXIT_IOAPIC_EOI`; user: LAPIC EOI writes).
+    pub(crate) eois: u64,
+    /// Failures inside the controller (not counting refused line changes,
+    /// which the wiring counts).
+    pub(crate) errors: u64,
+}
+
+/// One interrupt controller (IOAPIC + local APICs), VM-wide part.
+///
+/// `set_level` is called from any thread (vCPU threads for port writes, the
+/// event-loop thread for timers and stdin). Implementations must apply the
+/// change before returning, so a vCPU that wrote a pc-testdev port sees its
+/// effect when it re-enters `KVM_RUN`.
+pub(crate) trait InterruptController: Send + Sync {
+    /// Which mode this is.
+    fn mode(&self) -> IrqchipMode;
+
+    /// Number of GSIs (IOAPIC pins) the controller has.
+    fn gsi_count(&self) -> u32;
+
+    /// Sets the level of `gsi`. Edge semantics are the caller's pulse.
+    fn set_level(&self, gsi: u32, high: bool) -> std::result::Result<(), IrqError>;
+
+    /// MMIO windows the controller emulates in user space, with their base
+    /// and length (split and user modes: the IOAPIC).
+    fn mmio_devices(&self) -> Vec<(u64, u64, &'static str, Arc<std::sync::Mutex<dyn BusDevice>>)> {
+        Vec::new()
+    }
+
+    /// The per-vCPU part for vCPU `index`; called once per vCPU before any
+    /// vCPU thread starts.
+    fn vcpu(&self, index: usize) -> Box<dyn VcpuInterrupts>;
+
+    /// Counters for the closing statistics line.
+    fn stats(&self) -> IrqStats;
+}
+
+/// Exits that belong to the interrupt controller, handed to
+/// [`VcpuInterrupts::on_exit`] by the vCPU loop.
+#[derive(Debug)]
+#[expect(
+    dead_code,
+    reason = "the payloads are read by the split and user modes (phase 2)"
+)]
+pub(crate) enum IrqExit<'a> {
+    /// `KVM_EXIT_IOAPIC_EOI` (split mode): the guest EOI'd a level vector.
+    IoapicEoi(u8),
+    /// `KVM_EXIT_IRQ_WINDOW_OPEN` (user mode).
+    IrqWindowOpen,
+    /// `KVM_EXIT_HLT`: only without an in-kernel LAPIC.
+    Hlt,
+    /// `KVM_EXIT_SET_TPR` (user mode: CR8 lowered).
+    SetTpr,
+    /// An MMIO read in the local APIC window (user mode).
+    LapicRead(u64, &'a mut [u8]),
+    /// An MMIO write in the local APIC window (user mode).
+    LapicWrite(u64, &'a [u8]),
+    /// `KVM_EXIT_X86_RDMSR` (user mode, x2APIC MSRs): index, value out.
+    RdMsr(u32, &'a mut u64),
+    /// `KVM_EXIT_X86_WRMSR` (user mode, x2APIC MSRs): index, value.
+    WrMsr(u32, u64),
+}
+
+impl IrqExit<'_> {
+    /// The exit's name, for messages.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            IrqExit::IoapicEoi(_) => "IoapicEoi",
+            IrqExit::IrqWindowOpen => "IrqWindowOpen",
+            IrqExit::Hlt => "Hlt",
+            IrqExit::SetTpr => "SetTpr",
+            IrqExit::LapicRead(..) => "LAPIC MMIO read",
+            IrqExit::LapicWrite(..) => "LAPIC MMIO write",
+            IrqExit::RdMsr(..) => "RDMSR",
+            IrqExit::WrMsr(..) => "WRMSR",
+        }
+    }
+}
+
+/// What the vCPU loop does after [`VcpuInterrupts::on_exit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExitAction {
+    /// Handled: run the guest again.
+    #[expect(dead_code, reason = "returned by the split and user modes (phase 2)")]
+    Resume,
+    /// The exit was not expected in this mode: the vCPU loop reports it.
+    Unexpected,
+}
+
+/// The per-vCPU part of an interrupt controller; lives on its vCPU's thread.
+pub(crate) trait VcpuInterrupts: Send {
+    /// Called before every `KVM_RUN`. User mode injects here (INIT/SIPI
+    /// state, `KVM_INTERRUPT`, interrupt-window requests).
+    fn before_run(&mut self, _vcpu: &mut VcpuFd) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether guest-physical `addr` is in a window this vCPU's local APIC
+    /// emulates in user space (so the vCPU loop sends it to `on_exit`).
+    fn owns_mmio(&self, _addr: u64) -> bool {
+        false
+    }
+
+    /// An interrupt-controller exit.
+    fn on_exit(&mut self, exit: IrqExit<'_>) -> ExitAction;
+}

@@ -1,0 +1,283 @@
+//! Putting a VM together, running it, and taking it apart.
+//!
+//! Order matters: guest RAM, the VM, the interrupt controller (before any
+//! vCPU), the image, every vCPU (all created before the BSP runs, so no
+//! early SIPI is lost), the devices, the kick handler, the event loop; then
+//! one thread per vCPU. Teardown joins every vCPU thread before the VM and
+//! then guest RAM go away.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+use crate::cli::{Args, IrqchipMode};
+use crate::control::{Outcome, VmControl};
+use crate::cpuid::{self, CpuidConfig};
+use crate::devices::{self, DeviceConfig};
+use crate::error::{Error, Result};
+use crate::event_loop::{EventLoop, LoopConfig};
+use crate::irq::InterruptController;
+use crate::irq::lines::IrqLines;
+use crate::loader::{self, ModuleImage};
+use crate::report::GuestReport;
+use crate::stats::RunStats;
+use crate::vcpu::{Vcpu, VcpuStats};
+use crate::{boot, guest_image, irq, kick, memory};
+
+/// Guest-physical address of the 3-page TSS area KVM needs on Intel
+/// (`KVM_SET_TSS_ADDR`), just below the identity-map page, both far above RAM.
+const TSS_ADDR: usize = 0xfffb_d000;
+/// Guest-physical address of the identity-map page (`KVM_SET_IDENTITY_MAP_ADDR`).
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// How a run ended, with what the VMM prints at the end.
+pub(crate) struct Finished {
+    /// The guest's exit value or the error that stopped the VM.
+    pub(crate) outcome: Outcome,
+    /// The closing statistics line.
+    pub(crate) stats: String,
+}
+
+/// Opens `/dev/kvm` with an actionable message on failure.
+pub(crate) fn open_kvm() -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(|e| {
+        Error::KvmOpen(match e.errno() {
+            libc::ENOENT => "no such device; load the KVM module (kvm_intel or kvm_amd) or enable virtualization".to_string(),
+            libc::EACCES | libc::EPERM => {
+                "permission denied; add yourself to the kvm group or run as root".to_string()
+            }
+            _ => e.to_string(),
+        })
+    })?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(Error::KvmApiVersion(version));
+    }
+    for (cap, name) in [
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::MpState, "KVM_CAP_MP_STATE"),
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The kernel image: `--kernel` or the embedded guest.
+fn kernel_image(args: &Args) -> Result<(String, Vec<u8>)> {
+    match &args.kernel {
+        Some(path) => Ok((path.display().to_string(), read_file(path)?)),
+        None if guest_image::embedded().is_empty() => Err(Error::NoEmbeddedImage),
+        None => Ok((
+            "embedded guest image".to_string(),
+            guest_image::embedded().to_vec(),
+        )),
+    }
+}
+
+/// `--module "PATH [ARGS]"`: the first word is the file, the whole string
+/// its command line (as GRUB passes it).
+fn modules(args: &Args) -> Result<Vec<ModuleImage>> {
+    args.modules
+        .iter()
+        .map(|spec| {
+            let path = spec.split_whitespace().next().unwrap_or_default();
+            Ok(ModuleImage {
+                bytes: read_file(Path::new(path))?,
+                cmdline: spec.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+fn create_irqchip(mode: IrqchipMode, vm: &Arc<VmFd>) -> Result<Arc<dyn InterruptController>> {
+    match mode {
+        IrqchipMode::Kernel => Ok(irq::kernel::create(Arc::clone(vm))?),
+        // Phase 2: KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, 24) + our IOAPIC.
+        IrqchipMode::Split => Err(Error::IrqchipNotImplemented("split")),
+        // Phase 2: no in-kernel chip; our IOAPIC and LAPICs.
+        IrqchipMode::User => Err(Error::IrqchipNotImplemented("user")),
+    }
+}
+
+/// Builds the VM from `args`, runs it to the end and tears it down.
+/// `serial_out` receives the guest's COM1 output.
+pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Finished> {
+    // Checked first so phase 1 says so before touching KVM.
+    if args.irqchip != IrqchipMode::Kernel {
+        return Err(Error::IrqchipNotImplemented(args.irqchip.name()));
+    }
+    let (image_name, image) = kernel_image(args)?;
+    let modules = modules(args)?;
+    let cpus = args.cpus as usize;
+    let ram = args.memory << 20;
+
+    let kvm = open_kvm()?;
+    // Guest RAM is declared before the VM so it is dropped after it.
+    let mem = memory::create(ram)?;
+    let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(IDENTITY_MAP_ADDR)
+        .map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    memory::register(&vm, &mem)?;
+    let ctrl = create_irqchip(args.irqchip, &vm)?;
+
+    let boot_entry =
+        loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(|source| {
+            Error::Load {
+                what: image_name.clone(),
+                source,
+            }
+        })?;
+    log::debug!("{image_name}: {boot_entry:x?}");
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid_cfg = CpuidConfig {
+        cpus: args.cpus,
+        x2apic: args.x2apic.is_on(),
+        tsc_deadline: args.irqchip != IrqchipMode::User
+            && kvm.check_extension(Cap::TscDeadlineTimer),
+    };
+    let mut vcpu_fds = Vec::with_capacity(cpus);
+    for i in 0..cpus {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, i as u32, cpuid_cfg)?)
+            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        if i == 0 {
+            boot::setup_bsp(&fd, &boot_entry)?;
+        } else {
+            boot::setup_ap(&fd)?;
+        }
+        vcpu_fds.push(fd);
+    }
+
+    let control = Arc::new(VmControl::new(cpus)?);
+    let report = Arc::new(Mutex::new(GuestReport::new()));
+    let lines = IrqLines::new(Arc::clone(&ctrl));
+    let devices = devices::build(
+        &DeviceConfig {
+            cpus: args.cpus as u16,
+            ram,
+            mode: args.irqchip,
+        },
+        &lines,
+        &control,
+        &report,
+        serial_out,
+    )?;
+    kick::install_handler()?;
+    let mut event_loop = EventLoop::new(LoopConfig {
+        control: Arc::clone(&control),
+        uart: Arc::clone(&devices.uart),
+        testdevs: devices.testdevs.clone(),
+        report: Arc::clone(&report),
+        timeout: args.timeout,
+        stdin: true,
+    })?;
+
+    let start = Instant::now();
+    let mut threads = Vec::with_capacity(cpus);
+    for (i, fd) in vcpu_fds.into_iter().enumerate() {
+        let vcpu = Vcpu::new(
+            i,
+            fd,
+            ctrl.vcpu(i),
+            Arc::clone(&devices.pio),
+            Arc::clone(&devices.mmio),
+            Arc::clone(&control),
+        );
+        match std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || vcpu.run())
+        {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                control.finish(Outcome::Failed(Error::host("start a vCPU thread")(e)));
+                break;
+            }
+        }
+    }
+    if let Err(e) = event_loop.run() {
+        control.finish(Outcome::Failed(e));
+    }
+    control.kicker().kick_all();
+    let mut vcpu_stats = VcpuStats::default();
+    for t in threads {
+        match t.join() {
+            Ok(s) => vcpu_stats.add(&s),
+            Err(_) => control.finish(Outcome::Failed(Error::Host {
+                op: "vCPU thread",
+                source: std::io::Error::other("a vCPU thread panicked"),
+            })),
+        }
+    }
+    let elapsed = start.elapsed();
+    drop(event_loop);
+    devices
+        .uart
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .writer_mut()
+        .finish();
+
+    let outcome = control.take_outcome().unwrap_or_else(|| {
+        Outcome::Failed(Error::Host {
+            op: "run the VM",
+            source: std::io::Error::other("the VM stopped without a recorded reason"),
+        })
+    });
+    {
+        let mut report = report.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Outcome::Failed(e) = &outcome {
+            report.abort_current(&e.to_string());
+        }
+        if let Some(path) = &args.junit {
+            let xml = report.junit(
+                "guest",
+                &[
+                    ("irqchip", ctrl.mode().name().to_string()),
+                    ("cpus", args.cpus.to_string()),
+                    ("x2apic", format!("{:?}", args.x2apic).to_lowercase()),
+                    ("image", image_name.clone()),
+                ],
+            );
+            std::fs::write(path, xml).map_err(|source| Error::WriteFile {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if let Some((passed, failed)) = report.summary() {
+            log::info!("guest summary: {passed} passed, {failed} failed");
+        }
+    }
+    let stats = RunStats {
+        elapsed,
+        vcpu: vcpu_stats,
+        pio: &devices.pio,
+        mmio: &devices.mmio,
+        lines: &lines,
+        irq: ctrl.stats(),
+    }
+    .line();
+    Ok(Finished { outcome, stats })
+}

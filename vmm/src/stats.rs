@@ -1,0 +1,72 @@
+//! The closing statistics line (stderr, at exit).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::bus::Bus;
+use crate::irq::IrqStats;
+use crate::irq::lines::IrqLines;
+use crate::vcpu::VcpuStats;
+
+/// Everything counted during a run.
+pub(crate) struct RunStats<'a> {
+    /// From the first vCPU thread start to the last join.
+    pub(crate) elapsed: Duration,
+    /// Summed over vCPUs.
+    pub(crate) vcpu: VcpuStats,
+    /// Port bus.
+    pub(crate) pio: &'a Bus,
+    /// MMIO bus.
+    pub(crate) mmio: &'a Bus,
+    /// The wiring (line assertions).
+    pub(crate) lines: &'a IrqLines,
+    /// The controller's own counters.
+    pub(crate) irq: IrqStats,
+}
+
+impl RunStats<'_> {
+    /// One line: `vmm: stats: ...`.
+    pub(crate) fn line(&self) -> String {
+        let v = &self.vcpu;
+        let secs = self.elapsed.as_secs_f64();
+        let exits = v.runs;
+        let rate = if secs > 0.0 { exits as f64 / secs } else { 0.0 };
+        let mut s = format!(
+            "vmm: stats: {secs:.3} s, {exits} exits ({rate:.0}/s): io in {} out {}, mmio r {} w {}, irqchip {}, kicks {}, eagain {}",
+            v.io_in, v.io_out, v.mmio_read, v.mmio_write, v.irqchip, v.kicks, v.eagain
+        );
+        s.push_str("; devices:");
+        let mut any = false;
+        for c in self.pio.counters().into_iter().chain(self.mmio.counters()) {
+            let _ = write!(s, " {} r{}/w{}", c.name, c.reads, c.writes);
+            any = true;
+        }
+        if !any {
+            s.push_str(" none");
+        }
+        let (pr, pw) = self.pio.unclaimed_counts();
+        let (mr, mw) = self.mmio.unclaimed_counts();
+        let _ = write!(
+            s,
+            "; unclaimed: pio r{pr}/w{pw}, mmio r{mr}/w{mw}; irq: lines asserted {}",
+            self.lines.assertions().iter().map(|(_, c)| c).sum::<u64>()
+        );
+        let per_gsi: Vec<String> = self
+            .lines
+            .assertions()
+            .iter()
+            .map(|(g, c)| format!("gsi{g} {c}"))
+            .collect();
+        if !per_gsi.is_empty() {
+            let _ = write!(s, " ({})", per_gsi.join(", "));
+        }
+        let _ = write!(
+            s,
+            ", injected {}, eoi {}, errors {}",
+            self.irq.injected,
+            self.irq.eois,
+            self.irq.errors + self.lines.errors()
+        );
+        s
+    }
+}
