@@ -352,6 +352,7 @@ impl Iterator for ApicSetIter {
 /// for an IPI, `None` for IOAPIC and MSI messages. The rules are in the
 /// [module documentation](self). Enable state is not looked at here: see
 /// [`accepts`].
+#[inline]
 pub fn matches_destination(
     message: &Message,
     target: &ApicTarget,
@@ -420,6 +421,7 @@ fn matches_logical(target: &ApicTarget, destination: u32) -> bool {
 /// enable state: hardware-disabled APICs take nothing (SDM Vol. 3A 11.4.3),
 /// software-disabled ones only NMI, INIT, start-up and SMI (SDM Vol. 3A
 /// 11.4.7.2), and nobody takes the reserved mode.
+#[inline]
 pub fn accepts(delivery_mode: DeliveryMode, target: &ApicTarget) -> bool {
     if !target.hw_enabled {
         return false;
@@ -436,6 +438,7 @@ pub fn accepts(delivery_mode: DeliveryMode, target: &ApicTarget) -> bool {
 /// Every vCPU index whose APIC receives `message` (destination match and
 /// acceptance, see the [module documentation](self)), before
 /// lowest-priority arbitration. Targets past [`MAX_APICS`] are ignored.
+#[inline]
 pub fn resolve(message: &Message, targets: &[ApicTarget], source: Option<usize>) -> ApicSet {
     let mut set = ApicSet::new();
     for (index, target) in targets.iter().enumerate().take(MAX_APICS) {
@@ -488,39 +491,70 @@ impl Arbiter {
     /// no entry in `targets` are skipped. `None` (cursor unmoved) if no
     /// candidate qualifies.
     pub fn select(&mut self, candidates: &ApicSet, targets: &[ApicTarget]) -> Option<usize> {
-        let mut best: Option<(u8, u8, usize)> = None;
+        let mut best = None;
         for index in candidates {
             let Some(target) = targets.get(index) else {
                 break;
             };
-            if !accepts(DeliveryMode::Fixed, target) {
-                continue;
-            }
-            // `index < MAX_APICS == 256`, so it fits in a u8.
-            let distance = (index as u8).wrapping_sub(self.cursor);
-            let key = (target.arbitration_priority, distance, index);
-            if best.is_none_or(|best| (key.0, key.1) < (best.0, best.1)) {
-                best = Some(key);
+            if accepts(DeliveryMode::Fixed, target) {
+                best = self.better(best, index, target);
             }
         }
-        let (_, _, winner) = best?;
+        self.award(best)
+    }
+
+    /// The arbitration key of `target` at `index`: priority first, then the
+    /// distance from the cursor. `index < MAX_APICS == 256` fits in a u8.
+    fn key(&self, index: usize, target: &ApicTarget) -> u16 {
+        u16::from(target.arbitration_priority) << 8
+            | u16::from((index as u8).wrapping_sub(self.cursor))
+    }
+
+    /// The better of the best so far and `target` at `index`.
+    #[inline]
+    fn better(
+        &self,
+        best: Option<(u16, usize)>,
+        index: usize,
+        target: &ApicTarget,
+    ) -> Option<(u16, usize)> {
+        let key = self.key(index, target);
+        match best {
+            Some((best_key, _)) if best_key <= key => best,
+            _ => Some((key, index)),
+        }
+    }
+
+    /// Moves the cursor past the winner, if any.
+    fn award(&mut self, best: Option<(u16, usize)>) -> Option<usize> {
+        let (_, winner) = best?;
         self.cursor = (winner as u8).wrapping_add(1);
         Some(winner)
     }
 
     /// Resolves `message` ([`resolve`]) and, for a lowest-priority message,
     /// narrows the set to the arbitration winner ([`Arbiter::select`]).
+    #[inline]
     pub fn route(
         &mut self,
         message: &Message,
         targets: &[ApicTarget],
         source: Option<usize>,
     ) -> ApicSet {
-        let resolved = resolve(message, targets, source);
         if !is_arbitrated(message) {
-            return resolved;
+            return resolve(message, targets, source);
         }
-        match self.select(&resolved, targets) {
+        // One pass: the same result as `select(&resolve(..))`, without the
+        // intermediate set.
+        let mut best = None;
+        for (index, target) in targets.iter().enumerate().take(MAX_APICS) {
+            if accepts(DeliveryMode::LowestPriority, target)
+                && matches_destination(message, target, index, source)
+            {
+                best = self.better(best, index, target);
+            }
+        }
+        match self.award(best) {
             Some(winner) => ApicSet::single(winner),
             None => ApicSet::new(),
         }
@@ -956,6 +990,22 @@ mod tests {
                 restored.route(&lowest_to_all(), &targets, None),
                 original.route(&lowest_to_all(), &targets, None)
             );
+        }
+    }
+
+    #[test]
+    fn route_of_lowest_priority_equals_select_of_resolve() {
+        let mut targets = priorities(&[0x30, 0x10, 0x20, 0x10, 0x10, 0x10]);
+        targets[3].sw_enabled = false;
+        targets[4].hw_enabled = false;
+        let mut by_route = Arbiter::new();
+        let mut by_select = Arbiter::new();
+
+        for _ in 0..5 {
+            let routed = by_route.route(&lowest_to_all(), &targets, None).first();
+            let resolved = resolve(&lowest_to_all(), &targets, None);
+            let selected = by_select.select(&resolved, &targets);
+            assert_eq!(routed, selected);
         }
     }
 

@@ -205,6 +205,7 @@ impl Ioapic {
         self.rte(pin).map(|entry| self.entry_message(entry))
     }
 
+    #[inline]
     fn entry_message(&self, entry: RedirectionEntry) -> Message {
         let mut destination = u32::from(entry.destination());
         if self.config.ext_dest_id {

@@ -8,6 +8,7 @@ impl Ioapic {
     /// pin sends because of it, if any (see the module documentation for the
     /// edge and level rules). A pin that does not exist is counted in
     /// [`super::IoapicCounters::bad_pins`] and ignored.
+    #[inline]
     pub fn set_line(&mut self, pin: u8, level: bool) -> Option<Message> {
         let Some(entry) = self.rte(pin) else {
             bump(&mut self.counters.bad_pins);
