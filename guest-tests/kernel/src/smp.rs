@@ -1,0 +1,128 @@
+//! SMP bring-up by INIT/SIPI and the per-CPU work mailboxes.
+//!
+//! The BSP copies the real-mode trampoline to 0x8000 and broadcasts
+//! INIT, SIPI, SIPI (all excluding self). Each AP enters long mode, takes a
+//! ticket (its stack), reports its APIC ID and waits; the BSP then sorts the
+//! APIC IDs, so processor index = APIC ID order (BSP = 0), and releases the
+//! APs, which set up their GS base, TSS, IDT and LAPIC and go idle:
+//! `cli; check mailbox; sti; hlt`.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use crate::interrupts::WAKE_VECTOR;
+use crate::lapic::{self, Delivery, Dest};
+use crate::percpu::{self, MAX_CPUS, WorkFn};
+use crate::{boot, cpu, gdt, idt, time};
+
+static ARRIVED: AtomicU32 = AtomicU32::new(0);
+static ARRIVAL_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
+static RELEASED: AtomicBool = AtomicBool::new(false);
+
+/// Starts the APs; `expected` counts the BSP. Returns the number of CPUs
+/// online (BSP included).
+pub fn start_aps(expected: usize) -> usize {
+    let expected = expected.clamp(1, MAX_CPUS);
+    if expected > 1 {
+        let (src, len) = boot::trampoline();
+        // SAFETY: 0x8000.. (below 1 MiB, under 4 KiB) is free RAM that
+        // nothing of the kernel uses; the trampoline is position-dependent on
+        // exactly this address.
+        unsafe { core::ptr::copy_nonoverlapping(src, boot::TRAMPOLINE_ADDR as *mut u8, len) };
+        let page = (boot::TRAMPOLINE_ADDR >> 12) as u8;
+        lapic::send_ipi(0, Delivery::Init, Dest::AllExcludingSelf);
+        time::delay_us(10_000);
+        lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
+        time::delay_us(200);
+        lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
+        time::wait_until(2_000_000, || ARRIVED.load(Ordering::Acquire) as usize >= expected - 1);
+    }
+    let arrived = (ARRIVED.load(Ordering::Acquire) as usize).min(MAX_CPUS - 1);
+    let mut ids = [u32::MAX; MAX_CPUS];
+    for (slot, id) in ids.iter_mut().zip(ARRIVAL_IDS.iter()).take(arrived) {
+        *slot = id.load(Ordering::Acquire);
+    }
+    ids[..arrived].sort_unstable();
+    for (i, id) in ids[..arrived].iter().enumerate() {
+        let slot = percpu::cpu(i + 1);
+        slot.apic_id.store(*id, Ordering::Relaxed);
+        slot.index.store((i + 1) as u32, Ordering::Relaxed);
+    }
+    RELEASED.store(true, Ordering::Release);
+    let total = arrived + 1;
+    time::wait_until(2_000_000, || (1..total).all(|i| percpu::cpu(i).online.load(Ordering::Acquire)));
+    let online = 1 + (1..total).filter(|&i| percpu::cpu(i).online.load(Ordering::Acquire)).count();
+    percpu::set_count(online);
+    online
+}
+
+/// Rust entry of an AP (from `ap_long_entry`, on its ticket's stack).
+#[unsafe(no_mangle)]
+extern "C" fn ap_main(ticket: u32) -> ! {
+    let apic_id = cpu::cpuid_apic_id();
+    ARRIVAL_IDS[ticket as usize].store(apic_id, Ordering::Release);
+    ARRIVED.fetch_add(1, Ordering::AcqRel);
+    while !RELEASED.load(Ordering::Acquire) {
+        cpu::pause();
+    }
+    let Some(index) = (1..MAX_CPUS).find(|&i| percpu::cpu(i).apic_id() == apic_id && percpu::cpu(i).index() == i)
+    else {
+        cpu::halt_forever();
+    };
+    // SAFETY: first thing this AP does with its own slot and index.
+    unsafe { percpu::install(index) };
+    // SAFETY: once, on this CPU, during its bring-up.
+    unsafe { gdt::init_cpu(index) };
+    idt::load();
+    let me = percpu::this();
+    let logical = lapic::init_cpu(index);
+    me.logical_id.store(logical, Ordering::Relaxed);
+    me.apic_id.store(lapic::id(), Ordering::Relaxed);
+    me.online.store(true, Ordering::Release);
+    idle()
+}
+
+/// The idle loop of an AP: run posted work, else sleep until an interrupt.
+fn idle() -> ! {
+    let me = percpu::this();
+    loop {
+        cpu::cli();
+        if !me.mailbox.idle() {
+            cpu::sti();
+            me.mailbox.run_pending();
+            continue;
+        }
+        cpu::sti_hlt();
+    }
+}
+
+/// Posts `func(arg)` to CPU `cpu` (not the caller) and wakes it.
+pub fn post(cpu: usize, func: WorkFn, arg: usize) -> Result<(), &'static str> {
+    if cpu == 0 || cpu >= percpu::count() {
+        return Err("post to a CPU that is not an online AP");
+    }
+    let slot = percpu::cpu(cpu);
+    if !slot.mailbox.post(func, arg) {
+        return Err("CPU still busy with a previous work item");
+    }
+    lapic::send_ipi(WAKE_VECTOR, Delivery::Fixed, Dest::Physical(slot.apic_id()));
+    Ok(())
+}
+
+/// Waits up to `timeout_us` for CPU `cpu`'s work item; returns its result.
+pub fn wait(cpu: usize, timeout_us: u64) -> Result<usize, &'static str> {
+    let slot = percpu::cpu(cpu);
+    if time::wait_until(timeout_us, || slot.mailbox.idle()) {
+        slot.mailbox.result().ok_or("timeout waiting for a work item")
+    } else {
+        Err("timeout waiting for a work item")
+    }
+}
+
+/// Runs `func(arg)` on CPU `cpu` (0 = here) and returns its result.
+pub fn run_on(cpu: usize, func: WorkFn, arg: usize) -> Result<usize, &'static str> {
+    if cpu == 0 {
+        return Ok(func(arg));
+    }
+    post(cpu, func, arg)?;
+    wait(cpu, 2_000_000)
+}

@@ -1,0 +1,26 @@
+//! The test suites, grouped by prefix.
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::runner::Test;
+
+mod fixture;
+mod ioapic;
+mod ipi;
+mod lapic;
+mod timer;
+mod tpr;
+
+/// Every suite, in run order.
+pub static SUITES: &[&[Test]] = &[lapic::TESTS, ipi::TESTS, tpr::TESTS, timer::TESTS, ioapic::TESTS];
+
+static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(1);
+
+/// Records the CPU count fw_cfg announced (checked by `lapic_` tests).
+pub fn set_expected_cpus(n: usize) {
+    EXPECTED_CPUS.store(n, Ordering::Relaxed);
+}
+
+fn expected_cpus() -> usize {
+    EXPECTED_CPUS.load(Ordering::Relaxed)
+}
