@@ -88,6 +88,7 @@ use spec::{
 use timer::Timer;
 use vectors::VectorSet;
 
+pub use kvm_regs::KVM_LAPIC_PAGE_SIZE;
 pub use snapshot::LapicState;
 pub use spec::{IA32_APIC_BASE, IA32_TSC_DEADLINE, X2APIC_MSR_FIRST, X2APIC_MSR_LAST};
 

@@ -299,7 +299,7 @@ impl Lapic {
             bump(&mut self.counters.bad_mmio_accesses);
             return None;
         };
-        if offset >= MMIO_PAGE_SIZE || offset % REG_STRIDE != 0 {
+        if offset >= MMIO_PAGE_SIZE || !offset.is_multiple_of(REG_STRIDE) {
             bump(&mut self.counters.bad_mmio_accesses);
             return None;
         }
