@@ -37,11 +37,17 @@ impl Lapic {
         (self.tpr >> spec::CR8_SHIFT) as u64
     }
 
-    /// Mirrors a guest CR8 write (SDM Vol. 3A 11.8.6: TPR[7:4] = CR8[3:0],
-    /// TPR[3:0] = 0) and returns the vector now deliverable, if any. A VMM
-    /// without an in-kernel LAPIC calls this with `kvm_run.cr8` on every exit.
+    /// Mirrors a guest CR8 write (SDM Vol. 3A 11.8.6: `TPR[7:4]` = `CR8[3:0]`,
+    /// `TPR[3:0]` = 0) and returns the vector now deliverable, if any. A VMM
+    /// without an in-kernel LAPIC calls this with `kvm_run.cr8` on every exit
+    /// (and puts [`Lapic::cr8`] back before entry). A value equal to the
+    /// current class leaves the TPR alone, so mirroring an unchanged CR8 does
+    /// not wipe a sub-class the guest wrote through MMIO.
     pub fn set_cr8(&mut self, cr8: u64) -> Option<u8> {
-        self.tpr = ((cr8 & spec::CR8_MASK) as u8) << spec::CR8_SHIFT;
+        let class = (cr8 & spec::CR8_MASK) as u8;
+        if u64::from(class) != self.cr8() {
+            self.tpr = class << spec::CR8_SHIFT;
+        }
         self.highest_deliverable()
     }
 
@@ -697,6 +703,17 @@ mod tests {
         let deliverable = lapic.set_cr8(0x8);
         // Assert
         assert_eq!(deliverable, None);
+    }
+
+    #[test]
+    fn set_cr8_unchanged_class_keeps_tpr_subclass() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        set32(&mut lapic, spec::REG_TPR, 0x57);
+        // Act
+        let _ = lapic.set_cr8(0x5);
+        // Assert
+        assert_eq!(lapic.tpr(), 0x57);
     }
 
     #[test]

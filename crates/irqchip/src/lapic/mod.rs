@@ -135,17 +135,17 @@ pub struct LapicConfig {
     pub apic_id: u32,
     /// Whether IA32_APIC_BASE bit 8 (BSP) is set at power-up.
     pub bsp: bool,
-    /// Whether x2APIC mode may be enabled (CPUID.01H:ECX[21]).
+    /// Whether x2APIC mode may be enabled (`CPUID.01H:ECX[21]`).
     pub x2apic: bool,
     /// Whether the version register advertises EOI-broadcast suppression
     /// (bit 24) and SVR bit 12 is writable (SDM Vol. 3A 11.8.5).
     pub directed_eoi: bool,
-    /// Physical-address width (CPUID.80000008H:EAX[7:0]); IA32_APIC_BASE bits
+    /// Physical-address width (`CPUID.80000008H:EAX[7:0]`); IA32_APIC_BASE bits
     /// at and above it are reserved.
     pub phys_addr_bits: u8,
     /// Timer input clock in Hz before the divider. Zero is treated as 1 Hz.
     pub bus_hz: u64,
-    /// The TSC, when TSC-deadline mode is offered (CPUID.01H:ECX[24]);
+    /// The TSC, when TSC-deadline mode is offered (`CPUID.01H:ECX[24]`);
     /// `None` makes timer mode 10b reserved and IA32_TSC_DEADLINE fault.
     pub tsc: Option<TscClock>,
 }

@@ -489,7 +489,7 @@ pub(crate) const DEFAULT_APIC_BASE_ADDRESS: u64 = 0xfee0_0000;
 impl ApicBaseReg {
     /// The bits a write may set for a processor with `phys_addr_bits` of
     /// physical address (SDM Vol. 3A 11.4.4, Figure 11-5); x2APIC enable only
-    /// when `x2apic_supported` (11.12.1: CPUID.01H:ECX[21]).
+    /// when `x2apic_supported` (11.12.1: `CPUID.01H:ECX[21]`).
     pub(crate) const fn valid_mask(phys_addr_bits: u8, x2apic_supported: bool) -> u64 {
         let bits = if phys_addr_bits > 63 {
             63
