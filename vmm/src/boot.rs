@@ -129,13 +129,13 @@ pub(crate) fn regs_line(vcpu: &VcpuFd) -> String {
             sr.idt.limit
         ));
     }
-    if let Ok(ev) = vcpu.get_vcpu_events() {
-        if ev.exception.injected != 0 || ev.exception.pending != 0 {
-            s.push_str(&format!(
-                " exception={} error_code={:#x}",
-                ev.exception.nr, ev.exception.error_code
-            ));
-        }
+    if let Ok(ev) = vcpu.get_vcpu_events()
+        && (ev.exception.injected != 0 || ev.exception.pending != 0)
+    {
+        s.push_str(&format!(
+            " exception={} error_code={:#x}",
+            ev.exception.nr, ev.exception.error_code
+        ));
     }
     s
 }

@@ -217,7 +217,7 @@ mod tests {
         let mut b = [0u8; 1];
         bus.read(A, 0x3fd, &mut b);
         assert_eq!(b, [5]);
-        bus.write(A, 0x3f8, &[b'x']);
+        bus.write(A, 0x3f8, b"x");
         assert_eq!(dev.lock().unwrap().writes, vec![(1, 0, vec![b'x'])]);
         assert_eq!(
             bus.counters(),

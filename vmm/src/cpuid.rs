@@ -82,7 +82,7 @@ fn topology_leaf(function: u32, apic_id: u32, cpus: u32) -> [kvm_cpuid_entry2; 3
     };
     [
         // SMT: one thread per core, no bits to shift.
-        entry(0, 0, 1, (LEVEL_TYPE_SMT << 8) | 0),
+        entry(0, 0, 1, LEVEL_TYPE_SMT << 8),
         // Core: shift past the core ID bits to reach the package ID.
         entry(1, id_bits(cpus), cpus, (LEVEL_TYPE_CORE << 8) | 1),
         // Terminator: level type 0 (invalid).

@@ -177,8 +177,9 @@ pub(crate) fn build(
         }
     }
 
-    for (base, len, name, dev) in lines.controller().mmio_devices() {
-        mmio.insert(base, len, name, dev).map_err(overlap)?;
+    for w in lines.controller().mmio_devices() {
+        mmio.insert(w.base, w.len, w.name, w.device)
+            .map_err(overlap)?;
     }
 
     log::debug!("{}", pio.describe());

@@ -108,7 +108,7 @@ impl TestdevPort {
 
 impl BusDevice for TestdevPort {
     fn read(&mut self, _access: Access, offset: u64, data: &mut [u8]) {
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0xff);
             self.bad_access(offset, data.len());
             return;
@@ -122,7 +122,7 @@ impl BusDevice for TestdevPort {
             self.bad_access(offset, data.len());
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.bad_access(offset, data.len());
             return;
         }

@@ -71,6 +71,18 @@ pub(crate) struct IrqStats {
     pub(crate) errors: u64,
 }
 
+/// An MMIO window a controller emulates in user space (e.g. the IOAPIC).
+pub(crate) struct MmioWindow {
+    /// Guest-physical base.
+    pub(crate) base: u64,
+    /// Length in bytes.
+    pub(crate) len: u64,
+    /// Name for statistics.
+    pub(crate) name: &'static str,
+    /// The device.
+    pub(crate) device: Arc<std::sync::Mutex<dyn BusDevice>>,
+}
+
 /// One interrupt controller (IOAPIC + local APICs), VM-wide part.
 ///
 /// `set_level` is called from any thread (vCPU threads for port writes, the
@@ -89,7 +101,7 @@ pub(crate) trait InterruptController: Send + Sync {
 
     /// MMIO windows the controller emulates in user space, with their base
     /// and length (split and user modes: the IOAPIC).
-    fn mmio_devices(&self) -> Vec<(u64, u64, &'static str, Arc<std::sync::Mutex<dyn BusDevice>>)> {
+    fn mmio_devices(&self) -> Vec<MmioWindow> {
         Vec::new()
     }
 
