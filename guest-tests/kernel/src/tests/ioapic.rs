@@ -4,13 +4,13 @@
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use super::fixture::{
-    apic_id, count, expect_counts, in_set, ioapic_logical_dest, need_cpus, settle, target_set, total, wait_count,
+    apic_id, count, expect_counts, need_isr_held, in_set, ioapic_logical_dest, need_cpus, settle, target_set, total, wait_count,
     wait_total, PIN_A, PIN_B, PIN_C,
 };
-use crate::interrupts::{self, eoi_now};
+use crate::interrupts;
 use crate::ioapic::{self, Rte, RTE_DELIVERY_STATUS, RTE_DEST_SHIFT, RTE_LEVEL, RTE_REMOTE_IRR};
 use crate::runner::{Test, TestResult};
-use crate::{check, lapic, lines, percpu, skip};
+use crate::{check, fail, lapic, lines, percpu, skip};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
@@ -159,17 +159,39 @@ fn level_handler(vector: u8) {
     }
 }
 
+/// With interrupts off, asserts pin `pin` (level, vector `v`, to the BSP)
+/// and waits until the IOAPIC has sent it (remote IRR set, IRR bit set), so
+/// the rest of a test acts while the interrupt is pending but not taken.
+/// Returns the RTE seen. Interrupts stay off.
+fn assert_pending(pin: u8, v: u8) -> u64 {
+    crate::cpu::cli();
+    lines::set(pin, true);
+    let mut rte = 0;
+    crate::time::wait_until(super::fixture::TIMEOUT_US, || {
+        rte = ioapic::read_rte(pin);
+        rte & RTE_REMOTE_IRR != 0 && lapic::requested(v)
+    });
+    rte
+}
+
+/// Level delivery, one assertion: remote IRR is set once the message is sent
+/// and stays set until the EOI, the line dropped before the EOI gives exactly
+/// one interrupt, and the EOI clears remote IRR. The line is lowered before
+/// the interrupt is taken, so hosts that EOI at injection give the same result.
 fn level_once() -> TestResult {
     const V: u8 = 0x33;
-    arm_level(PIN_B, 0);
-    interrupts::set_handler(V, Some(level_handler));
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
-    lines::set(PIN_B, true);
+    let rte = assert_pending(PIN_B, V);
+    let pending = lapic::requested(V);
+    lines::set(PIN_B, false);
+    let still = ioapic::read_rte(PIN_B);
+    crate::cpu::sti();
+    check!(rte & RTE_REMOTE_IRR != 0, "remote IRR not set after delivery (RTE {})", crate::display::hex(rte));
+    check!(pending, "vector not pending in the LAPIC IRR");
+    check!(still & RTE_REMOTE_IRR != 0, "remote IRR cleared by dropping the line (RTE {})", crate::display::hex(still));
     wait_count(0, V, 1)?;
     settle();
     expect_counts(V, |c| u32::from(c == 0))?;
-    let seen = RTE_IN_ISR.load(Ordering::Relaxed);
-    check!(seen & RTE_REMOTE_IRR != 0, "remote IRR clear inside the handler (RTE {})", crate::display::hex(seen));
     let after = ioapic::read_rte(PIN_B);
     check!(after & RTE_REMOTE_IRR == 0, "remote IRR still set after EOI (RTE {})", crate::display::hex(after));
     Ok(())
@@ -177,16 +199,13 @@ fn level_once() -> TestResult {
 
 fn level_coalesced() -> TestResult {
     const V: u8 = 0x34;
-    arm_level(PIN_B, 0);
-    interrupts::set_handler(V, Some(level_handler));
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
-    crate::cpu::cli();
-    lines::set(PIN_B, true);
-    let rte = ioapic::read_rte(PIN_B);
+    let rte = assert_pending(PIN_B, V);
     for _ in 0..5 {
         lines::set(PIN_B, false);
         lines::set(PIN_B, true);
     }
+    lines::set(PIN_B, false);
     crate::cpu::sti();
     check!(rte & RTE_REMOTE_IRR != 0, "remote IRR not set once delivered (RTE {})", crate::display::hex(rte));
     wait_count(0, V, 1)?;
@@ -198,19 +217,22 @@ fn level_coalesced() -> TestResult {
 fn level_sequential() -> TestResult {
     const V: u8 = 0x35;
     const N: u32 = 30;
-    arm_level(PIN_B, 0);
-    interrupts::set_handler(V, Some(level_handler));
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
     for i in 1..=N {
-        lines::set(PIN_B, true);
+        assert_pending(PIN_B, V);
+        lines::set(PIN_B, false);
+        crate::cpu::sti();
         wait_count(0, V, i)?;
     }
     settle();
     check!(count(0, V) == N, "{} interrupts for {N} assertions", crate::display::dec(count(0, V)), N = crate::display::dec(N));
+    let after = ioapic::read_rte(PIN_B);
+    check!(after & RTE_REMOTE_IRR == 0, "remote IRR still set (RTE {})", crate::display::hex(after));
     Ok(())
 }
 
 fn level_redelivered() -> TestResult {
+    need_isr_held()?;
     const V: u8 = 0x36;
     arm_level(PIN_B, 3);
     interrupts::set_handler(V, Some(level_handler));
@@ -239,13 +261,23 @@ fn masked_edge_lost() -> TestResult {
 
 fn masked_level_fires_on_unmask() -> TestResult {
     const V: u8 = 0x38;
-    arm_level(PIN_B, 0);
-    interrupts::set_handler(V, Some(level_handler));
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().masked().0);
     lines::set(PIN_B, true);
     settle();
     check!(total(V) == 0, "masked level pin delivered {} times", crate::display::dec(total(V)));
+    crate::cpu::cli();
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
+    let sent = crate::time::wait_until(super::fixture::TIMEOUT_US, || lapic::requested(V));
+    lines::set(PIN_B, false);
+    crate::cpu::sti();
+    if !sent {
+        crate::cpu::sti();
+        settle();
+        match super::fixture::stray_vector(0, V) {
+            Some(other) => fail!("unmasking sent vector {} instead of {} (stale route)", crate::display::hex(other), crate::display::hex(V)),
+            None => fail!("unmasking an asserted level pin sent nothing"),
+        }
+    }
     wait_count(0, V, 1)?;
     settle();
     check!(count(0, V) == 1, "{} deliveries after unmask", crate::display::dec(count(0, V)));
@@ -277,27 +309,21 @@ fn tmr_level_edge() -> TestResult {
     Ok(())
 }
 
-static REWRITTEN_RTE: AtomicU64 = AtomicU64::new(0);
-
-fn rewrite_handler(_vector: u8) {
-    let pin = LEVEL_PIN.load(Ordering::Relaxed);
-    let rte = ioapic::read_rte(pin);
-    ioapic::write_rte(pin, rte & !(RTE_REMOTE_IRR | RTE_DELIVERY_STATUS));
-    REWRITTEN_RTE.store(ioapic::read_rte(pin), Ordering::Relaxed);
-    lines::set(pin, false);
-}
-
+/// Remote IRR and delivery status are read-only: rewriting the RTE with
+/// both bits clear while the interrupt is pending keeps remote IRR set.
 fn remote_irr_read_only() -> TestResult {
     const V: u8 = 0x3c;
-    arm_level(PIN_B, 0);
-    REWRITTEN_RTE.store(0, Ordering::Relaxed);
-    interrupts::set_handler(V, Some(rewrite_handler));
-    ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
-    lines::set(PIN_B, true);
+    let rte = Rte::new(V, bsp()).level().0;
+    ioapic::write_rte(PIN_B, rte);
+    let before = assert_pending(PIN_B, V);
+    ioapic::write_rte(PIN_B, rte & !(RTE_REMOTE_IRR | RTE_DELIVERY_STATUS));
+    let seen = ioapic::read_rte(PIN_B);
+    lines::set(PIN_B, false);
+    crate::cpu::sti();
+    check!(before & RTE_REMOTE_IRR != 0, "remote IRR not set after delivery (RTE {})", crate::display::hex(before));
+    check!(seen & RTE_REMOTE_IRR != 0, "writing 0 to remote IRR cleared it (RTE {})", crate::display::hex(seen));
     wait_count(0, V, 1)?;
     settle();
-    let seen = REWRITTEN_RTE.load(Ordering::Relaxed);
-    check!(seen & RTE_REMOTE_IRR != 0, "writing 0 to remote IRR cleared it (RTE {})", crate::display::hex(seen));
     let after = ioapic::read_rte(PIN_B);
     check!(after & RTE_REMOTE_IRR == 0, "remote IRR still set after EOI (RTE {})", crate::display::hex(after));
     check!(count(0, V) == 1, "{} deliveries", crate::display::dec(count(0, V)));
@@ -364,6 +390,7 @@ fn retarget_handler(vector: u8) {
 }
 
 fn handler_retargets() -> TestResult {
+    need_isr_held()?;
     const V: u8 = 0x40;
     need_cpus(2)?;
     arm_level(PIN_B, 0);
@@ -398,6 +425,7 @@ fn switch_to_edge_handler(_vector: u8) {
 }
 
 fn handler_switches_to_edge() -> TestResult {
+    need_isr_held()?;
     const V: u8 = 0x41;
     arm_level(PIN_B, 0);
     SWITCHED_RTE.store(u64::MAX, Ordering::Relaxed);
@@ -419,31 +447,22 @@ fn handler_switches_to_edge() -> TestResult {
 
 // ---- the EOI register (version 0x20) ----
 
-static AFTER_IOAPIC_EOI: AtomicU64 = AtomicU64::new(0);
-
-fn directed_eoi_handler(vector: u8) {
-    let pin = LEVEL_PIN.load(Ordering::Relaxed);
-    lines::set(pin, false);
-    ioapic::eoi(vector);
-    AFTER_IOAPIC_EOI.store(ioapic::read_rte(pin), Ordering::Relaxed);
-    eoi_now();
-}
-
 fn eoi_register() -> TestResult {
     const V: u8 = 0x42;
     let version = ioapic::version();
     if version < 0x20 {
         skip!("IOAPIC version {} has no EOI register", crate::display::hex(version));
     }
-    arm_level(PIN_B, 0);
-    AFTER_IOAPIC_EOI.store(u64::MAX, Ordering::Relaxed);
-    interrupts::set_handler(V, Some(directed_eoi_handler));
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
-    lines::set(PIN_B, true);
+    let before = assert_pending(PIN_B, V);
+    lines::set(PIN_B, false);
+    ioapic::eoi(V);
+    let after_eoi = ioapic::read_rte(PIN_B);
+    crate::cpu::sti();
+    check!(before & RTE_REMOTE_IRR != 0, "remote IRR not set after delivery (RTE {})", crate::display::hex(before));
+    check!(after_eoi & RTE_REMOTE_IRR == 0, "remote IRR still set after the EOI register write (RTE {})", crate::display::hex(after_eoi));
     wait_count(0, V, 1)?;
     settle();
-    let seen = AFTER_IOAPIC_EOI.load(Ordering::Relaxed);
-    check!(seen & RTE_REMOTE_IRR == 0, "remote IRR still set after the IOAPIC EOI register write (RTE {})", crate::display::hex(seen));
     check!(count(0, V) == 1, "{} deliveries", crate::display::dec(count(0, V)));
     Ok(())
 }

@@ -100,6 +100,7 @@ fn isr_probe(vector: u8) {
 }
 
 fn isr_set_in_handler() -> TestResult {
+    super::fixture::need_isr_held()?;
     const V: u8 = 0xc1;
     ISR_BEFORE.store(9, Ordering::Relaxed);
     ISR_AFTER.store(9, Ordering::Relaxed);

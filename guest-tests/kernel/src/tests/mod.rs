@@ -4,7 +4,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::runner::Test;
 
-mod fixture;
+pub mod fixture;
 mod ioapic;
 mod ipi;
 mod lapic;
