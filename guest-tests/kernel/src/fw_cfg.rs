@@ -1,6 +1,8 @@
 //! QEMU-compatible fw_cfg reader (legacy I/O: 16-bit selector, byte data).
 
-use irqconnect_abi::fw_cfg::{FW_CFG_NB_CPUS, FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE, FW_CFG_SIGNATURE_BYTES};
+use irqconnect_abi::fw_cfg::{
+    FW_CFG_NB_CPUS, FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE, FW_CFG_SIGNATURE_BYTES,
+};
 use irqconnect_abi::layout::{FW_CFG_DATA_PORT, FW_CFG_SELECTOR_PORT};
 
 use crate::cpu;

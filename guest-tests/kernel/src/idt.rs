@@ -25,8 +25,15 @@ struct Idt(UnsafeCell<[Gate; 256]>);
 unsafe impl Sync for Idt {}
 
 static IDT: Idt = Idt(UnsafeCell::new(
-    [Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
-        256],
+    [Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    }; 256],
 ));
 
 /// Fills the IDT. Call once on the BSP before interrupts are enabled.
@@ -60,8 +67,13 @@ pub fn load() {
         limit: u16,
         base: u64,
     }
-    let ptr = Pointer { limit: (256 * 16 - 1) as u16, base: IDT.0.get() as u64 };
+    let ptr = Pointer {
+        limit: (256 * 16 - 1) as u16,
+        base: IDT.0.get() as u64,
+    };
     // SAFETY: the IDT is static and filled by `init`; every gate points at a
     // stub of `boot.rs`.
-    unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) }
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags))
+    }
 }

@@ -73,9 +73,9 @@ pub fn eoi_now() {
 }
 
 const NAMES: [&str; 32] = [
-    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF9", "#TS", "#NP", "#SS", "#GP", "#PF",
-    "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#22", "#23", "#24", "#25", "#26", "#27", "#HV", "#VC",
-    "#SX", "#31",
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF9", "#TS", "#NP", "#SS",
+    "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#22", "#23", "#24", "#25",
+    "#26", "#27", "#HV", "#VC", "#SX", "#31",
 ];
 
 /// Called by the entry stubs with the saved frame.
@@ -114,5 +114,14 @@ fn exception(frame: &InterruptFrame) -> ! {
         runner::exit(1);
     }
     let cr2 = cpu::read_cr2();
-    runner::fatal(format_args!("exception {} (vector {}) error={} rip={} cr2={} rsp={} cpu={}", NAMES[frame.vector as usize & 31], crate::display::dec(frame.vector), crate::display::hex(frame.error), crate::display::hex(frame.rip), crate::display::hex(cr2), crate::display::hex(frame.rsp), crate::display::dec(me.index())))
+    runner::fatal(format_args!(
+        "exception {} (vector {}) error={} rip={} cr2={} rsp={} cpu={}",
+        NAMES[frame.vector as usize & 31],
+        crate::display::dec(frame.vector),
+        crate::display::hex(frame.error),
+        crate::display::hex(frame.rip),
+        crate::display::hex(cr2),
+        crate::display::hex(frame.rsp),
+        crate::display::dec(me.index())
+    ))
 }

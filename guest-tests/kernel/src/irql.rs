@@ -26,7 +26,10 @@ pub fn current() -> Kirql {
 /// and returns the previous IRQL.
 pub fn raise(new: Kirql) -> Kirql {
     let old = current();
-    assert!(new >= old && new <= HIGH_LEVEL, "KeRaiseIrql to {new} from {old}");
+    assert!(
+        new >= old && new <= HIGH_LEVEL,
+        "KeRaiseIrql to {new} from {old}"
+    );
     cpu::write_cr8(u64::from(new));
     old
 }

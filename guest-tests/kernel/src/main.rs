@@ -66,15 +66,28 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
 
     let isr_held = tests::fixture::probe_isr_held();
     percpu::reset_counters();
-    println!("# guest-kernel: {} of {} cpus online, {} mode, ioapic version {}, ram {} MiB, tsc {} MHz, ISR held until EOI: {}, cmdline \"{}\"", crate::display::dec(online), crate::display::dec(wanted), if lapic::x2apic() { "x2apic" } else { "xapic" }, crate::display::hex(ioapic::version()), crate::display::dec(ram.unwrap_or(0) >> 20), crate::display::dec(tsc_per_us),
-        if isr_held { "yes" } else { "NO" }, multiboot::cmdline());
+    println!(
+        "# guest-kernel: {} of {} cpus online, {} mode, ioapic version {}, ram {} MiB, tsc {} MHz, ISR held until EOI: {}, cmdline \"{}\"",
+        crate::display::dec(online),
+        crate::display::dec(wanted),
+        if lapic::x2apic() { "x2apic" } else { "xapic" },
+        crate::display::hex(ioapic::version()),
+        crate::display::dec(ram.unwrap_or(0) >> 20),
+        crate::display::dec(tsc_per_us),
+        if isr_held { "yes" } else { "NO" },
+        multiboot::cmdline()
+    );
     cpu::sti();
     runner::run(tests::SUITES, multiboot::option("tests"))
 }
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    runner::fatal(format_args!("panic on cpu {}: {}", crate::display::dec(percpu::current_index()), info))
+    runner::fatal(format_args!(
+        "panic on cpu {}: {}",
+        crate::display::dec(percpu::current_index()),
+        info
+    ))
 }
 
 /// Referenced by the unwind tables of the prebuilt `core` (built with

@@ -152,7 +152,9 @@ pub fn current_index() -> usize {
     let index: u32;
     // SAFETY: GS base points at this CPU's `PerCpu` (set by `install` before
     // any Rust code that can call this runs); `index` is its first field.
-    unsafe { core::arch::asm!("mov {:e}, gs:[0]", out(reg) index, options(nostack, readonly, preserves_flags)) }
+    unsafe {
+        core::arch::asm!("mov {:e}, gs:[0]", out(reg) index, options(nostack, readonly, preserves_flags))
+    }
     index as usize
 }
 

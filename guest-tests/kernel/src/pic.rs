@@ -1,6 +1,8 @@
 //! The legacy 8259 pair: remapped out of the exception range and fully masked.
 
-use irqconnect_abi::layout::{PIC_MASTER_CMD_PORT, PIC_MASTER_DATA_PORT, PIC_SLAVE_CMD_PORT, PIC_SLAVE_DATA_PORT};
+use irqconnect_abi::layout::{
+    PIC_MASTER_CMD_PORT, PIC_MASTER_DATA_PORT, PIC_SLAVE_CMD_PORT, PIC_SLAVE_DATA_PORT,
+};
 
 use crate::cpu;
 

@@ -27,7 +27,10 @@ pub struct Msg {
 impl Msg {
     /// Formats `args`, truncated to the buffer.
     pub fn from_fmt(args: fmt::Arguments<'_>) -> Self {
-        let mut m = Self { buf: [0; 200], len: 0 };
+        let mut m = Self {
+            buf: [0; 200],
+            len: 0,
+        };
         let _ = m.write_fmt(args);
         m
     }
@@ -126,7 +129,11 @@ pub fn exit(code: u32) -> ! {
 /// line counting this failure, exit code 1.
 pub fn fatal(args: fmt::Arguments<'_>) -> ! {
     println!("FAIL {}: {}", current_name(), args);
-    println!("{} passed, {} failed", crate::display::dec(PASSED.load(Ordering::Acquire)), crate::display::dec(FAILED.load(Ordering::Acquire) + 1));
+    println!(
+        "{} passed, {} failed",
+        crate::display::dec(PASSED.load(Ordering::Acquire)),
+        crate::display::dec(FAILED.load(Ordering::Acquire) + 1)
+    );
     exit(1)
 }
 
@@ -143,7 +150,10 @@ fn marker(name: &str) {
 fn selected(name: &str, filter: Option<&str>) -> bool {
     match filter {
         None => true,
-        Some(f) => f.split(',').filter(|p| !p.is_empty()).any(|p| contains(name, p)),
+        Some(f) => f
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .any(|p| contains(name, p)),
     }
 }
 
@@ -196,7 +206,14 @@ pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
         }
     }
     CURRENT_PTR.store(0, Ordering::Release);
-    let (passed, failed) = (PASSED.load(Ordering::Acquire), FAILED.load(Ordering::Acquire));
-    println!("{} passed, {} failed", crate::display::dec(passed), crate::display::dec(failed));
+    let (passed, failed) = (
+        PASSED.load(Ordering::Acquire),
+        FAILED.load(Ordering::Acquire),
+    );
+    println!(
+        "{} passed, {} failed",
+        crate::display::dec(passed),
+        crate::display::dec(failed)
+    );
     exit(u32::from(failed != 0))
 }

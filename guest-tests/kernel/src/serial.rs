@@ -68,7 +68,10 @@ pub fn print_line(args: fmt::Arguments<'_>) {
     let me = percpu::current_index() as u32 + 1;
     let nested = OWNER.load(Ordering::Relaxed) == me;
     if !nested {
-        while OWNER.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while OWNER
+            .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             cpu::pause();
         }
     }

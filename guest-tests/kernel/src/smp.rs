@@ -34,7 +34,9 @@ pub fn start_aps(expected: usize) -> usize {
         lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
         time::delay_us(200);
         lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
-        time::wait_until(2_000_000, || ARRIVED.load(Ordering::Acquire) as usize >= expected - 1);
+        time::wait_until(2_000_000, || {
+            ARRIVED.load(Ordering::Acquire) as usize >= expected - 1
+        });
     }
     let arrived = (ARRIVED.load(Ordering::Acquire) as usize).min(MAX_CPUS - 1);
     let mut ids = [u32::MAX; MAX_CPUS];
@@ -49,8 +51,13 @@ pub fn start_aps(expected: usize) -> usize {
     }
     RELEASED.store(true, Ordering::Release);
     let total = arrived + 1;
-    time::wait_until(2_000_000, || (1..total).all(|i| percpu::cpu(i).online.load(Ordering::Acquire)));
-    let online = 1 + (1..total).filter(|&i| percpu::cpu(i).online.load(Ordering::Acquire)).count();
+    time::wait_until(2_000_000, || {
+        (1..total).all(|i| percpu::cpu(i).online.load(Ordering::Acquire))
+    });
+    let online = 1
+        + (1..total)
+            .filter(|&i| percpu::cpu(i).online.load(Ordering::Acquire))
+            .count();
     percpu::set_count(online);
     online
 }
@@ -64,7 +71,8 @@ extern "C" fn ap_main(ticket: u32) -> ! {
     while !RELEASED.load(Ordering::Acquire) {
         cpu::pause();
     }
-    let Some(index) = (1..MAX_CPUS).find(|&i| percpu::cpu(i).apic_id() == apic_id && percpu::cpu(i).index() == i)
+    let Some(index) =
+        (1..MAX_CPUS).find(|&i| percpu::cpu(i).apic_id() == apic_id && percpu::cpu(i).index() == i)
     else {
         cpu::halt_forever();
     };
@@ -112,7 +120,9 @@ pub fn post(cpu: usize, func: WorkFn, arg: usize) -> Result<(), &'static str> {
 pub fn wait(cpu: usize, timeout_us: u64) -> Result<usize, &'static str> {
     let slot = percpu::cpu(cpu);
     if time::wait_until(timeout_us, || slot.mailbox.idle()) {
-        slot.mailbox.result().ok_or("timeout waiting for a work item")
+        slot.mailbox
+            .result()
+            .ok_or("timeout waiting for a work item")
     } else {
         Err("timeout waiting for a work item")
     }

@@ -20,12 +20,19 @@ unsafe impl<T: Send> Sync for SpinLock<T> {}
 impl<T> SpinLock<T> {
     /// An unlocked lock.
     pub const fn new(data: T) -> Self {
-        Self { locked: AtomicBool::new(false), data: UnsafeCell::new(data) }
+        Self {
+            locked: AtomicBool::new(false),
+            data: UnsafeCell::new(data),
+        }
     }
 
     fn acquire(&self) {
         loop {
-            if self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            if self
+                .locked
+                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
                 return;
             }
             while self.locked.load(Ordering::Relaxed) {
@@ -37,14 +44,20 @@ impl<T> SpinLock<T> {
     /// Takes the lock (the caller's IRQL and IF stay as they are).
     pub fn lock(&self) -> SpinGuard<'_, T> {
         self.acquire();
-        SpinGuard { lock: self, restore: Restore::Nothing }
+        SpinGuard {
+            lock: self,
+            restore: Restore::Nothing,
+        }
     }
 
     /// Takes the lock with interrupts disabled; IF is restored on release.
     pub fn lock_irqsave(&self) -> SpinGuard<'_, T> {
         let irq = cpu::IrqGuard::new();
         self.acquire();
-        SpinGuard { lock: self, restore: Restore::Irq(irq) }
+        SpinGuard {
+            lock: self,
+            restore: Restore::Irq(irq),
+        }
     }
 
     /// KeAcquireSpinLock-style: raises to `level` (>= current), takes the
@@ -52,7 +65,10 @@ impl<T> SpinLock<T> {
     pub fn lock_at(&self, level: Kirql) -> SpinGuard<'_, T> {
         let old = irql::raise(level);
         self.acquire();
-        SpinGuard { lock: self, restore: Restore::Irql(old) }
+        SpinGuard {
+            lock: self,
+            restore: Restore::Irql(old),
+        }
     }
 
     /// True when held (for tests).

@@ -39,7 +39,13 @@ pub fn wait_count(cpu: usize, vector: u8, n: u32) -> TestResult {
     if time::wait_until(TIMEOUT_US, || count(cpu, vector) >= n) {
         Ok(())
     } else {
-        fail!("timeout: cpu {} took {} interrupts on vector {}, expected {}", crate::display::dec(cpu), crate::display::dec(count(cpu, vector)), crate::display::hex(vector), crate::display::dec(n))
+        fail!(
+            "timeout: cpu {} took {} interrupts on vector {}, expected {}",
+            crate::display::dec(cpu),
+            crate::display::dec(count(cpu, vector)),
+            crate::display::hex(vector),
+            crate::display::dec(n)
+        )
     }
 }
 
@@ -48,7 +54,12 @@ pub fn wait_total(vector: u8, n: u32) -> TestResult {
     if time::wait_until(TIMEOUT_US, || total(vector) >= n) {
         Ok(())
     } else {
-        fail!("timeout: {} interrupts on vector {}, expected {}", crate::display::dec(total(vector)), crate::display::hex(vector), crate::display::dec(n))
+        fail!(
+            "timeout: {} interrupts on vector {}, expected {}",
+            crate::display::dec(total(vector)),
+            crate::display::hex(vector),
+            crate::display::dec(n)
+        )
     }
 }
 
@@ -62,7 +73,13 @@ pub fn expect_counts(vector: u8, expected: impl Fn(usize) -> u32) -> TestResult 
     for c in 0..percpu::count() {
         let (got, want) = (count(c, vector), expected(c));
         if got != want {
-            fail!("cpu {} took {} interrupts on vector {}, expected {}", crate::display::dec(c), crate::display::dec(got), crate::display::hex(vector), crate::display::dec(want));
+            fail!(
+                "cpu {} took {} interrupts on vector {}, expected {}",
+                crate::display::dec(c),
+                crate::display::dec(got),
+                crate::display::hex(vector),
+                crate::display::dec(want)
+            );
         }
     }
     Ok(())
@@ -71,7 +88,11 @@ pub fn expect_counts(vector: u8, expected: impl Fn(usize) -> u32) -> TestResult 
 /// Skips unless at least `n` CPUs are online.
 pub fn need_cpus(n: usize) -> TestResult {
     if percpu::count() < n {
-        skip!("needs {} CPUs, {} online", crate::display::dec(n), crate::display::dec(percpu::count()));
+        skip!(
+            "needs {} CPUs, {} online",
+            crate::display::dec(n),
+            crate::display::dec(percpu::count())
+        );
     }
     Ok(())
 }
@@ -85,7 +106,11 @@ pub fn apic_id(cpu: usize) -> u32 {
 /// CPUs online, else {0, 1}. Needs 2 CPUs.
 pub fn target_set() -> Result<&'static [usize], Failure> {
     need_cpus(2)?;
-    Ok(if percpu::count() >= 3 { &[1, 2] } else { &[0, 1] })
+    Ok(if percpu::count() >= 3 {
+        &[1, 2]
+    } else {
+        &[0, 1]
+    })
 }
 
 /// The logical destination naming exactly `cpus` (OR of their logical IDs;
@@ -95,10 +120,17 @@ pub fn logical_dest(cpus: &[usize]) -> Result<u32, Failure> {
     for &c in cpus {
         let id = percpu::cpu(c).logical_id();
         if id & 0xffff == 0 {
-            skip!("cpu {} has no usable logical ID ({})", crate::display::dec(c), crate::display::hex(id));
+            skip!(
+                "cpu {} has no usable logical ID ({})",
+                crate::display::dec(c),
+                crate::display::hex(id)
+            );
         }
         if dest != 0 && (dest >> 16) != (id >> 16) {
-            skip!("cpus {} are in different x2APIC clusters", crate::display::Set(cpus));
+            skip!(
+                "cpus {} are in different x2APIC clusters",
+                crate::display::Set(cpus)
+            );
         }
         dest |= id;
     }
@@ -109,7 +141,10 @@ pub fn logical_dest(cpus: &[usize]) -> Result<u32, Failure> {
 pub fn ioapic_logical_dest(cpus: &[usize]) -> Result<u8, Failure> {
     let dest = logical_dest(cpus)?;
     if dest > 0xff {
-        skip!("logical destination {} does not fit the IOAPIC's 8-bit field", crate::display::hex(dest));
+        skip!(
+            "logical destination {} does not fit the IOAPIC's 8-bit field",
+            crate::display::hex(dest)
+        );
     }
     Ok(dest as u8)
 }
@@ -149,7 +184,9 @@ pub fn probe_isr_held() -> bool {
 /// a host that does not (unless the command line says `strict=1`).
 pub fn need_isr_held() -> TestResult {
     if !ISR_HELD.load(Ordering::Relaxed) && multiboot::option("strict") != Some("1") {
-        skip!("host LAPIC does not hold ISR until EOI (acks and EOIs at injection; boot probe), EOI semantics not observable");
+        skip!(
+            "host LAPIC does not hold ISR until EOI (acks and EOIs at injection; boot probe), EOI semantics not observable"
+        );
     }
     Ok(())
 }

@@ -1,39 +1,99 @@
 //! `ioapic_`: register rules and delivery through the IOAPIC, lines driven
 //! by the pc-testdev ports.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use super::fixture::{
-    apic_id, count, expect_counts, need_isr_held, in_set, ioapic_logical_dest, need_cpus, settle, target_set, total, wait_count,
-    wait_total, PIN_A, PIN_B, PIN_C,
+    PIN_A, PIN_B, PIN_C, apic_id, count, expect_counts, in_set, ioapic_logical_dest, need_cpus,
+    need_isr_held, settle, target_set, total, wait_count, wait_total,
 };
 use crate::interrupts;
-use crate::ioapic::{self, Rte, RTE_DELIVERY_STATUS, RTE_DEST_SHIFT, RTE_LEVEL, RTE_REMOTE_IRR};
+use crate::ioapic::{self, RTE_DELIVERY_STATUS, RTE_DEST_SHIFT, RTE_LEVEL, RTE_REMOTE_IRR, Rte};
 use crate::runner::{Test, TestResult};
 use crate::{check, fail, lapic, lines, percpu, skip};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test { name: "ioapic_id_only_bits_24_27_writable", run: id_register },
-    Test { name: "ioapic_version_read_only_24_pins", run: version_register },
-    Test { name: "ioapic_arbitration_id_read_only", run: arbitration_id },
-    Test { name: "ioapic_rte_round_trip_read_only_bits", run: rte_round_trip },
-    Test { name: "ioapic_edge_delivers_once", run: edge_once },
-    Test { name: "ioapic_edge_each_pulse_delivered", run: edge_pulses },
-    Test { name: "ioapic_level_delivers_once_remote_irr_cleared", run: level_once },
-    Test { name: "ioapic_level_coalesces_while_remote_irr_set", run: level_coalesced },
-    Test { name: "ioapic_level_sequential_rounds", run: level_sequential },
-    Test { name: "ioapic_level_redelivered_after_eoi_while_asserted", run: level_redelivered },
-    Test { name: "ioapic_masked_edge_is_lost", run: masked_edge_lost },
-    Test { name: "ioapic_masked_level_fires_on_unmask", run: masked_level_fires_on_unmask },
-    Test { name: "ioapic_tmr_set_for_level_clear_for_edge", run: tmr_level_edge },
-    Test { name: "ioapic_remote_irr_survives_rte_write", run: remote_irr_read_only },
-    Test { name: "ioapic_physical_destination_cpu1", run: physical_cpu1 },
-    Test { name: "ioapic_logical_flat_destination_set", run: logical_set },
-    Test { name: "ioapic_lowest_priority_stays_in_set", run: lowest_priority_in_set },
-    Test { name: "ioapic_handler_retargets_own_pin", run: handler_retargets },
-    Test { name: "ioapic_handler_switches_own_pin_to_edge", run: handler_switches_to_edge },
-    Test { name: "ioapic_eoi_register_clears_remote_irr", run: eoi_register },
+    Test {
+        name: "ioapic_id_only_bits_24_27_writable",
+        run: id_register,
+    },
+    Test {
+        name: "ioapic_version_read_only_24_pins",
+        run: version_register,
+    },
+    Test {
+        name: "ioapic_arbitration_id_read_only",
+        run: arbitration_id,
+    },
+    Test {
+        name: "ioapic_rte_round_trip_read_only_bits",
+        run: rte_round_trip,
+    },
+    Test {
+        name: "ioapic_edge_delivers_once",
+        run: edge_once,
+    },
+    Test {
+        name: "ioapic_edge_each_pulse_delivered",
+        run: edge_pulses,
+    },
+    Test {
+        name: "ioapic_level_delivers_once_remote_irr_cleared",
+        run: level_once,
+    },
+    Test {
+        name: "ioapic_level_coalesces_while_remote_irr_set",
+        run: level_coalesced,
+    },
+    Test {
+        name: "ioapic_level_sequential_rounds",
+        run: level_sequential,
+    },
+    Test {
+        name: "ioapic_level_redelivered_after_eoi_while_asserted",
+        run: level_redelivered,
+    },
+    Test {
+        name: "ioapic_masked_edge_is_lost",
+        run: masked_edge_lost,
+    },
+    Test {
+        name: "ioapic_masked_level_fires_on_unmask",
+        run: masked_level_fires_on_unmask,
+    },
+    Test {
+        name: "ioapic_tmr_set_for_level_clear_for_edge",
+        run: tmr_level_edge,
+    },
+    Test {
+        name: "ioapic_remote_irr_survives_rte_write",
+        run: remote_irr_read_only,
+    },
+    Test {
+        name: "ioapic_physical_destination_cpu1",
+        run: physical_cpu1,
+    },
+    Test {
+        name: "ioapic_logical_flat_destination_set",
+        run: logical_set,
+    },
+    Test {
+        name: "ioapic_lowest_priority_stays_in_set",
+        run: lowest_priority_in_set,
+    },
+    Test {
+        name: "ioapic_handler_retargets_own_pin",
+        run: handler_retargets,
+    },
+    Test {
+        name: "ioapic_handler_switches_own_pin_to_edge",
+        run: handler_switches_to_edge,
+    },
+    Test {
+        name: "ioapic_eoi_register_clears_remote_irr",
+        run: eoi_register,
+    },
 ];
 
 fn bsp() -> u8 {
@@ -49,8 +109,16 @@ fn id_register() -> TestResult {
     ioapic::write(ioapic::REG_ID, 0x0500_0000);
     let five = ioapic::read(ioapic::REG_ID);
     ioapic::write(ioapic::REG_ID, orig);
-    check!(all == 0x0f00_0000, "ID after writing all ones: {}, expected 0x0f000000", crate::display::hex(all));
-    check!(five == 0x0500_0000, "ID after writing 0x05000000: {}", crate::display::hex(five));
+    check!(
+        all == 0x0f00_0000,
+        "ID after writing all ones: {}, expected 0x0f000000",
+        crate::display::hex(all)
+    );
+    check!(
+        five == 0x0500_0000,
+        "ID after writing 0x05000000: {}",
+        crate::display::hex(five)
+    );
     check!(ioapic::read(ioapic::REG_ID) == orig, "ID not restored");
     Ok(())
 }
@@ -61,13 +129,26 @@ fn id_register() -> TestResult {
 fn version_register() -> TestResult {
     let v = ioapic::read(ioapic::REG_VERSION);
     let (version, max) = (v & 0xff, (v >> 16) & 0xff);
-    check!(version == 0x20 || version == 0x11, "version {}, expected 0x20 (or 0x11 for an 82093AA)", crate::display::hex(version));
-    check!(max == 23, "max redirection entry {}, expected 23", crate::display::dec(max));
+    check!(
+        version == 0x20 || version == 0x11,
+        "version {}, expected 0x20 (or 0x11 for an 82093AA)",
+        crate::display::hex(version)
+    );
+    check!(
+        max == 23,
+        "max redirection entry {}, expected 23",
+        crate::display::dec(max)
+    );
     ioapic::write(ioapic::REG_VERSION, 0);
     let after_zero = ioapic::read(ioapic::REG_VERSION);
     ioapic::write(ioapic::REG_VERSION, 0xffff_ffff);
     let after_ones = ioapic::read(ioapic::REG_VERSION);
-    check!(after_zero == v && after_ones == v, "version register changed by writes: {}, {}", crate::display::hex(after_zero), crate::display::hex(after_ones));
+    check!(
+        after_zero == v && after_ones == v,
+        "version register changed by writes: {}, {}",
+        crate::display::hex(after_zero),
+        crate::display::hex(after_ones)
+    );
     Ok(())
 }
 
@@ -77,8 +158,18 @@ fn arbitration_id() -> TestResult {
     ioapic::write(ioapic::REG_ARB, 0x0a00_0000);
     let arb = ioapic::read(ioapic::REG_ARB);
     let id = ioapic::read(ioapic::REG_ID);
-    check!(arb == orig_arb && id == orig_id, "write to arbitration changed it: arb {} (was {}), id {}", crate::display::hex(arb), crate::display::hex(orig_arb), crate::display::hex(id));
-    check!(arb & !0x0f00_0000 == 0, "arbitration {} has bits outside 24..27", crate::display::hex(arb));
+    check!(
+        arb == orig_arb && id == orig_id,
+        "write to arbitration changed it: arb {} (was {}), id {}",
+        crate::display::hex(arb),
+        crate::display::hex(orig_arb),
+        crate::display::hex(id)
+    );
+    check!(
+        arb & !0x0f00_0000 == 0,
+        "arbitration {} has bits outside 24..27",
+        crate::display::hex(arb)
+    );
     Ok(())
 }
 
@@ -91,12 +182,25 @@ fn rte_round_trip() -> TestResult {
         | (0xa5u64 << RTE_DEST_SHIFT);
     ioapic::write_rte(pin, value | RTE_DELIVERY_STATUS | RTE_REMOTE_IRR);
     let edge = ioapic::read_rte(pin);
-    ioapic::write_rte(pin, value | RTE_LEVEL | RTE_DELIVERY_STATUS | RTE_REMOTE_IRR);
+    ioapic::write_rte(
+        pin,
+        value | RTE_LEVEL | RTE_DELIVERY_STATUS | RTE_REMOTE_IRR,
+    );
     let level = ioapic::read_rte(pin);
     ioapic::mask(pin);
     let defined = 0x1_ffffu64 | (0xffu64 << RTE_DEST_SHIFT);
-    check!(edge & defined == value, "edge RTE read back {}, wrote {} (+ read-only bits)", crate::display::hex(edge), crate::display::hex(value));
-    check!(level & defined == value | RTE_LEVEL, "level RTE read back {}, wrote {}", crate::display::hex(level), crate::display::hex(value | RTE_LEVEL));
+    check!(
+        edge & defined == value,
+        "edge RTE read back {}, wrote {} (+ read-only bits)",
+        crate::display::hex(edge),
+        crate::display::hex(value)
+    );
+    check!(
+        level & defined == value | RTE_LEVEL,
+        "level RTE read back {}, wrote {}",
+        crate::display::hex(level),
+        crate::display::hex(value | RTE_LEVEL)
+    );
     Ok(())
 }
 
@@ -110,7 +214,11 @@ fn edge_once() -> TestResult {
     settle();
     expect_counts(V, |c| u32::from(c == 0))?;
     let rte = ioapic::read_rte(PIN_A);
-    check!(rte & (RTE_REMOTE_IRR | RTE_DELIVERY_STATUS) == 0, "edge RTE {} has remote IRR / delivery status", crate::display::hex(rte));
+    check!(
+        rte & (RTE_REMOTE_IRR | RTE_DELIVERY_STATUS) == 0,
+        "edge RTE {} has remote IRR / delivery status",
+        crate::display::hex(rte)
+    );
     Ok(())
 }
 
@@ -123,7 +231,12 @@ fn edge_pulses() -> TestResult {
         wait_count(0, V, i)?;
     }
     settle();
-    check!(count(0, V) == N, "{} interrupts for {N} pulses", crate::display::dec(count(0, V)), N = crate::display::dec(N));
+    check!(
+        count(0, V) == N,
+        "{} interrupts for {N} pulses",
+        crate::display::dec(count(0, V)),
+        N = crate::display::dec(N)
+    );
     Ok(())
 }
 
@@ -186,14 +299,26 @@ fn level_once() -> TestResult {
     lines::set(PIN_B, false);
     let still = ioapic::read_rte(PIN_B);
     crate::cpu::sti();
-    check!(rte & RTE_REMOTE_IRR != 0, "remote IRR not set after delivery (RTE {})", crate::display::hex(rte));
+    check!(
+        rte & RTE_REMOTE_IRR != 0,
+        "remote IRR not set after delivery (RTE {})",
+        crate::display::hex(rte)
+    );
     check!(pending, "vector not pending in the LAPIC IRR");
-    check!(still & RTE_REMOTE_IRR != 0, "remote IRR cleared by dropping the line (RTE {})", crate::display::hex(still));
+    check!(
+        still & RTE_REMOTE_IRR != 0,
+        "remote IRR cleared by dropping the line (RTE {})",
+        crate::display::hex(still)
+    );
     wait_count(0, V, 1)?;
     settle();
     expect_counts(V, |c| u32::from(c == 0))?;
     let after = ioapic::read_rte(PIN_B);
-    check!(after & RTE_REMOTE_IRR == 0, "remote IRR still set after EOI (RTE {})", crate::display::hex(after));
+    check!(
+        after & RTE_REMOTE_IRR == 0,
+        "remote IRR still set after EOI (RTE {})",
+        crate::display::hex(after)
+    );
     Ok(())
 }
 
@@ -207,10 +332,18 @@ fn level_coalesced() -> TestResult {
     }
     lines::set(PIN_B, false);
     crate::cpu::sti();
-    check!(rte & RTE_REMOTE_IRR != 0, "remote IRR not set once delivered (RTE {})", crate::display::hex(rte));
+    check!(
+        rte & RTE_REMOTE_IRR != 0,
+        "remote IRR not set once delivered (RTE {})",
+        crate::display::hex(rte)
+    );
     wait_count(0, V, 1)?;
     settle();
-    check!(count(0, V) == 1, "{} interrupts for re-assertions while remote IRR was set", crate::display::dec(count(0, V)));
+    check!(
+        count(0, V) == 1,
+        "{} interrupts for re-assertions while remote IRR was set",
+        crate::display::dec(count(0, V))
+    );
     Ok(())
 }
 
@@ -225,9 +358,18 @@ fn level_sequential() -> TestResult {
         wait_count(0, V, i)?;
     }
     settle();
-    check!(count(0, V) == N, "{} interrupts for {N} assertions", crate::display::dec(count(0, V)), N = crate::display::dec(N));
+    check!(
+        count(0, V) == N,
+        "{} interrupts for {N} assertions",
+        crate::display::dec(count(0, V)),
+        N = crate::display::dec(N)
+    );
     let after = ioapic::read_rte(PIN_B);
-    check!(after & RTE_REMOTE_IRR == 0, "remote IRR still set (RTE {})", crate::display::hex(after));
+    check!(
+        after & RTE_REMOTE_IRR == 0,
+        "remote IRR still set (RTE {})",
+        crate::display::hex(after)
+    );
     Ok(())
 }
 
@@ -240,9 +382,17 @@ fn level_redelivered() -> TestResult {
     lines::set(PIN_B, true);
     wait_count(0, V, 4)?;
     settle();
-    check!(count(0, V) == 4, "{} deliveries, expected 4 (3 EOIs with the line high, then lowered)", crate::display::dec(count(0, V)));
+    check!(
+        count(0, V) == 4,
+        "{} deliveries, expected 4 (3 EOIs with the line high, then lowered)",
+        crate::display::dec(count(0, V))
+    );
     let after = ioapic::read_rte(PIN_B);
-    check!(after & RTE_REMOTE_IRR == 0, "remote IRR still set (RTE {})", crate::display::hex(after));
+    check!(
+        after & RTE_REMOTE_IRR == 0,
+        "remote IRR still set (RTE {})",
+        crate::display::hex(after)
+    );
     Ok(())
 }
 
@@ -253,7 +403,11 @@ fn masked_edge_lost() -> TestResult {
     settle();
     ioapic::write_rte(PIN_A, Rte::new(V, bsp()).0);
     settle();
-    check!(total(V) == 0, "masked edge delivered {} times", crate::display::dec(total(V)));
+    check!(
+        total(V) == 0,
+        "masked edge delivered {} times",
+        crate::display::dec(total(V))
+    );
     lines::pulse(PIN_A);
     wait_count(0, V, 1)?;
     Ok(())
@@ -264,7 +418,11 @@ fn masked_level_fires_on_unmask() -> TestResult {
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().masked().0);
     lines::set(PIN_B, true);
     settle();
-    check!(total(V) == 0, "masked level pin delivered {} times", crate::display::dec(total(V)));
+    check!(
+        total(V) == 0,
+        "masked level pin delivered {} times",
+        crate::display::dec(total(V))
+    );
     crate::cpu::cli();
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
     let sent = crate::time::wait_until(super::fixture::TIMEOUT_US, || lapic::requested(V));
@@ -274,13 +432,21 @@ fn masked_level_fires_on_unmask() -> TestResult {
         crate::cpu::sti();
         settle();
         match super::fixture::stray_vector(0, V) {
-            Some(other) => fail!("unmasking sent vector {} instead of {} (stale route)", crate::display::hex(other), crate::display::hex(V)),
+            Some(other) => fail!(
+                "unmasking sent vector {} instead of {} (stale route)",
+                crate::display::hex(other),
+                crate::display::hex(V)
+            ),
             None => fail!("unmasking an asserted level pin sent nothing"),
         }
     }
     wait_count(0, V, 1)?;
     settle();
-    check!(count(0, V) == 1, "{} deliveries after unmask", crate::display::dec(count(0, V)));
+    check!(
+        count(0, V) == 1,
+        "{} deliveries after unmask",
+        crate::display::dec(count(0, V))
+    );
     Ok(())
 }
 
@@ -304,8 +470,14 @@ fn tmr_level_edge() -> TestResult {
     wait_count(0, VL, 1)?;
     lines::pulse(PIN_A);
     wait_count(0, VE, 1)?;
-    check!(TMR_IN_ISR.load(Ordering::Relaxed), "TMR bit clear for a level-triggered delivery");
-    check!(!EDGE_TMR.load(Ordering::Relaxed), "TMR bit set for an edge-triggered delivery");
+    check!(
+        TMR_IN_ISR.load(Ordering::Relaxed),
+        "TMR bit clear for a level-triggered delivery"
+    );
+    check!(
+        !EDGE_TMR.load(Ordering::Relaxed),
+        "TMR bit set for an edge-triggered delivery"
+    );
     Ok(())
 }
 
@@ -320,13 +492,29 @@ fn remote_irr_read_only() -> TestResult {
     let seen = ioapic::read_rte(PIN_B);
     lines::set(PIN_B, false);
     crate::cpu::sti();
-    check!(before & RTE_REMOTE_IRR != 0, "remote IRR not set after delivery (RTE {})", crate::display::hex(before));
-    check!(seen & RTE_REMOTE_IRR != 0, "writing 0 to remote IRR cleared it (RTE {})", crate::display::hex(seen));
+    check!(
+        before & RTE_REMOTE_IRR != 0,
+        "remote IRR not set after delivery (RTE {})",
+        crate::display::hex(before)
+    );
+    check!(
+        seen & RTE_REMOTE_IRR != 0,
+        "writing 0 to remote IRR cleared it (RTE {})",
+        crate::display::hex(seen)
+    );
     wait_count(0, V, 1)?;
     settle();
     let after = ioapic::read_rte(PIN_B);
-    check!(after & RTE_REMOTE_IRR == 0, "remote IRR still set after EOI (RTE {})", crate::display::hex(after));
-    check!(count(0, V) == 1, "{} deliveries", crate::display::dec(count(0, V)));
+    check!(
+        after & RTE_REMOTE_IRR == 0,
+        "remote IRR still set after EOI (RTE {})",
+        crate::display::hex(after)
+    );
+    check!(
+        count(0, V) == 1,
+        "{} deliveries",
+        crate::display::dec(count(0, V))
+    );
     Ok(())
 }
 
@@ -366,9 +554,20 @@ fn lowest_priority_in_set() -> TestResult {
         wait_total(V, i)?;
     }
     settle();
-    check!(total(V) == N, "{} deliveries for {N} edges", crate::display::dec(total(V)), N = crate::display::dec(N));
+    check!(
+        total(V) == N,
+        "{} deliveries for {N} edges",
+        crate::display::dec(total(V)),
+        N = crate::display::dec(N)
+    );
     for c in 0..percpu::count() {
-        check!(in_set(set, c) || count(c, V) == 0, "cpu {} outside the set {} took {}", crate::display::dec(c), crate::display::Set(set), crate::display::dec(count(c, V)));
+        check!(
+            in_set(set, c) || count(c, V) == 0,
+            "cpu {} outside the set {} took {}",
+            crate::display::dec(c),
+            crate::display::Set(set),
+            crate::display::dec(count(c, V))
+        );
     }
     Ok(())
 }
@@ -401,10 +600,22 @@ fn handler_retargets() -> TestResult {
     wait_count(0, V, 1)?;
     settle();
     let seen = RTE_IN_ISR.load(Ordering::Relaxed);
-    check!(seen & RTE_REMOTE_IRR != 0, "remote IRR clear in the handler (RTE {})", crate::display::hex(seen));
+    check!(
+        seen & RTE_REMOTE_IRR != 0,
+        "remote IRR clear in the handler (RTE {})",
+        crate::display::hex(seen)
+    );
     let rte = ioapic::read_rte(PIN_B);
-    check!(rte & RTE_REMOTE_IRR == 0, "remote IRR stuck after retargeting in the handler (RTE {})", crate::display::hex(rte));
-    check!(rte >> RTE_DEST_SHIFT == u64::from(apic_id(1)), "destination not updated (RTE {})", crate::display::hex(rte));
+    check!(
+        rte & RTE_REMOTE_IRR == 0,
+        "remote IRR stuck after retargeting in the handler (RTE {})",
+        crate::display::hex(rte)
+    );
+    check!(
+        rte >> RTE_DEST_SHIFT == u64::from(apic_id(1)),
+        "destination not updated (RTE {})",
+        crate::display::hex(rte)
+    );
     lines::set(PIN_B, true);
     wait_count(1, V, 1)?;
     settle();
@@ -436,12 +647,24 @@ fn handler_switches_to_edge() -> TestResult {
     settle();
     let seen = RTE_IN_ISR.load(Ordering::Relaxed);
     let switched = SWITCHED_RTE.load(Ordering::Relaxed);
-    check!(seen & RTE_REMOTE_IRR != 0, "remote IRR clear in the handler (RTE {})", crate::display::hex(seen));
-    check!(switched & (RTE_REMOTE_IRR | RTE_LEVEL) == 0, "switching to edge left RTE {}", crate::display::hex(switched));
+    check!(
+        seen & RTE_REMOTE_IRR != 0,
+        "remote IRR clear in the handler (RTE {})",
+        crate::display::hex(seen)
+    );
+    check!(
+        switched & (RTE_REMOTE_IRR | RTE_LEVEL) == 0,
+        "switching to edge left RTE {}",
+        crate::display::hex(switched)
+    );
     lines::pulse(PIN_B);
     wait_count(0, V, 2)?;
     settle();
-    check!(count(0, V) == 2, "{} deliveries, expected 2 (level, then one edge)", crate::display::dec(count(0, V)));
+    check!(
+        count(0, V) == 2,
+        "{} deliveries, expected 2 (level, then one edge)",
+        crate::display::dec(count(0, V))
+    );
     Ok(())
 }
 
@@ -451,7 +674,10 @@ fn eoi_register() -> TestResult {
     const V: u8 = 0x42;
     let version = ioapic::version();
     if version < 0x20 {
-        skip!("IOAPIC version {} has no EOI register", crate::display::hex(version));
+        skip!(
+            "IOAPIC version {} has no EOI register",
+            crate::display::hex(version)
+        );
     }
     ioapic::write_rte(PIN_B, Rte::new(V, bsp()).level().0);
     let before = assert_pending(PIN_B, V);
@@ -459,10 +685,22 @@ fn eoi_register() -> TestResult {
     ioapic::eoi(V);
     let after_eoi = ioapic::read_rte(PIN_B);
     crate::cpu::sti();
-    check!(before & RTE_REMOTE_IRR != 0, "remote IRR not set after delivery (RTE {})", crate::display::hex(before));
-    check!(after_eoi & RTE_REMOTE_IRR == 0, "remote IRR still set after the EOI register write (RTE {})", crate::display::hex(after_eoi));
+    check!(
+        before & RTE_REMOTE_IRR != 0,
+        "remote IRR not set after delivery (RTE {})",
+        crate::display::hex(before)
+    );
+    check!(
+        after_eoi & RTE_REMOTE_IRR == 0,
+        "remote IRR still set after the EOI register write (RTE {})",
+        crate::display::hex(after_eoi)
+    );
     wait_count(0, V, 1)?;
     settle();
-    check!(count(0, V) == 1, "{} deliveries", crate::display::dec(count(0, V)));
+    check!(
+        count(0, V) == 1,
+        "{} deliveries",
+        crate::display::dec(count(0, V))
+    );
     Ok(())
 }

@@ -3,22 +3,52 @@
 
 use core::sync::atomic::Ordering;
 
-use super::fixture::{apic_id, expect_counts, in_set, logical_dest, need_cpus, settle, target_set, wait_count, wait_total};
+use super::fixture::{
+    apic_id, expect_counts, in_set, logical_dest, need_cpus, settle, target_set, wait_count,
+    wait_total,
+};
 use crate::lapic::{self, Delivery, Dest};
 use crate::runner::{Test, TestResult};
 use crate::{check, fail, percpu, smp, time};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test { name: "ipi_self_shorthand", run: self_shorthand },
-    Test { name: "ipi_self_physical_id", run: self_physical },
-    Test { name: "ipi_each_cpu_physical", run: each_cpu_physical },
-    Test { name: "ipi_broadcast_all_excluding_self", run: all_excluding_self },
-    Test { name: "ipi_broadcast_all_including_self", run: all_including_self },
-    Test { name: "ipi_logical_destination_set", run: logical_set },
-    Test { name: "ipi_from_ap_to_bsp", run: ap_to_bsp },
-    Test { name: "ipi_between_aps", run: between_aps },
-    Test { name: "ipi_nmi_to_each_ap", run: nmi_to_each_ap },
+    Test {
+        name: "ipi_self_shorthand",
+        run: self_shorthand,
+    },
+    Test {
+        name: "ipi_self_physical_id",
+        run: self_physical,
+    },
+    Test {
+        name: "ipi_each_cpu_physical",
+        run: each_cpu_physical,
+    },
+    Test {
+        name: "ipi_broadcast_all_excluding_self",
+        run: all_excluding_self,
+    },
+    Test {
+        name: "ipi_broadcast_all_including_self",
+        run: all_including_self,
+    },
+    Test {
+        name: "ipi_logical_destination_set",
+        run: logical_set,
+    },
+    Test {
+        name: "ipi_from_ap_to_bsp",
+        run: ap_to_bsp,
+    },
+    Test {
+        name: "ipi_between_aps",
+        run: between_aps,
+    },
+    Test {
+        name: "ipi_nmi_to_each_ap",
+        run: nmi_to_each_ap,
+    },
 ];
 
 fn self_shorthand() -> TestResult {
@@ -95,7 +125,13 @@ fn ap_to_bsp() -> TestResult {
         wait_count(0, V, ap as u32)?;
     }
     settle();
-    expect_counts(V, |c| if c == 0 { (percpu::count() - 1) as u32 } else { 0 })
+    expect_counts(V, |c| {
+        if c == 0 {
+            (percpu::count() - 1) as u32
+        } else {
+            0
+        }
+    })
 }
 
 fn between_aps() -> TestResult {
@@ -117,14 +153,21 @@ fn nmi_to_each_ap() -> TestResult {
     for ap in 1..n {
         lapic::send_ipi(0, Delivery::Nmi, Dest::Physical(apic_id(ap)));
         let slot = percpu::cpu(ap);
-        if !time::wait_until(super::fixture::TIMEOUT_US, || slot.nmi_count.load(Ordering::Acquire) >= 1) {
+        if !time::wait_until(super::fixture::TIMEOUT_US, || {
+            slot.nmi_count.load(Ordering::Acquire) >= 1
+        }) {
             fail!("timeout: cpu {} took no NMI", crate::display::dec(ap));
         }
     }
     settle();
     for c in 0..n {
         let got = percpu::cpu(c).nmi_count.load(Ordering::Acquire);
-        check!(got == u32::from(c != 0), "cpu {} took {} NMIs", crate::display::dec(c), crate::display::dec(got));
+        check!(
+            got == u32::from(c != 0),
+            "cpu {} took {} NMIs",
+            crate::display::dec(c),
+            crate::display::dec(got)
+        );
     }
     wait_total(0xca, 0)
 }

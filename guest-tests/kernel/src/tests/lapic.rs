@@ -10,14 +10,38 @@ use crate::{check, cpu, multiboot, percpu, smp};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test { name: "lapic_mode_matches_cpuid", run: mode_matches_cpuid },
-    Test { name: "lapic_version_register", run: version_register },
-    Test { name: "lapic_ids_match_cpuid_in_index_order", run: ids_in_order },
-    Test { name: "lapic_logical_ids_flat_or_cluster", run: logical_ids },
-    Test { name: "lapic_svr_enabled_spurious_vector", run: svr_enabled },
-    Test { name: "lapic_isr_set_in_handler_cleared_by_eoi", run: isr_set_in_handler },
-    Test { name: "lapic_irr_holds_interrupt_while_disabled", run: irr_holds_while_disabled },
-    Test { name: "lapic_higher_vector_delivered_first", run: higher_vector_first },
+    Test {
+        name: "lapic_mode_matches_cpuid",
+        run: mode_matches_cpuid,
+    },
+    Test {
+        name: "lapic_version_register",
+        run: version_register,
+    },
+    Test {
+        name: "lapic_ids_match_cpuid_in_index_order",
+        run: ids_in_order,
+    },
+    Test {
+        name: "lapic_logical_ids_flat_or_cluster",
+        run: logical_ids,
+    },
+    Test {
+        name: "lapic_svr_enabled_spurious_vector",
+        run: svr_enabled,
+    },
+    Test {
+        name: "lapic_isr_set_in_handler_cleared_by_eoi",
+        run: isr_set_in_handler,
+    },
+    Test {
+        name: "lapic_irr_holds_interrupt_while_disabled",
+        run: irr_holds_while_disabled,
+    },
+    Test {
+        name: "lapic_higher_vector_delivered_first",
+        run: higher_vector_first,
+    },
 ];
 
 fn apic_base_on(cpu: usize) -> Result<u64, crate::runner::Failure> {
@@ -27,13 +51,39 @@ fn apic_base_on(cpu: usize) -> Result<u64, crate::runner::Failure> {
 fn mode_matches_cpuid() -> TestResult {
     let forced_off = multiboot::option("x2apic") == Some("off");
     let want_x2 = lapic::cpuid_has_x2apic() && !forced_off;
-    check!(lapic::x2apic() == want_x2, "x2APIC mode {} but CPUID says {}", crate::display::dec(lapic::x2apic()), crate::display::dec(want_x2));
+    check!(
+        lapic::x2apic() == want_x2,
+        "x2APIC mode {} but CPUID says {}",
+        crate::display::dec(lapic::x2apic()),
+        crate::display::dec(want_x2)
+    );
     for c in 0..percpu::count() {
         let base = apic_base_on(c)?;
-        check!(base & lapic::APIC_BASE_EN != 0, "cpu {}: APIC_BASE {} not enabled", crate::display::dec(c), crate::display::hex(base));
-        check!((base & lapic::APIC_BASE_EXTD != 0) == want_x2, "cpu {}: APIC_BASE {} EXTD != {}", crate::display::dec(c), crate::display::hex(base), crate::display::dec(want_x2));
-        check!((base & lapic::APIC_BASE_BSP != 0) == (c == 0), "cpu {}: APIC_BASE {} BSP flag wrong", crate::display::dec(c), crate::display::hex(base));
-        check!(base & 0xffff_f000 == 0xfee0_0000, "cpu {}: APIC base address {}", crate::display::dec(c), crate::display::hex(base));
+        check!(
+            base & lapic::APIC_BASE_EN != 0,
+            "cpu {}: APIC_BASE {} not enabled",
+            crate::display::dec(c),
+            crate::display::hex(base)
+        );
+        check!(
+            (base & lapic::APIC_BASE_EXTD != 0) == want_x2,
+            "cpu {}: APIC_BASE {} EXTD != {}",
+            crate::display::dec(c),
+            crate::display::hex(base),
+            crate::display::dec(want_x2)
+        );
+        check!(
+            (base & lapic::APIC_BASE_BSP != 0) == (c == 0),
+            "cpu {}: APIC_BASE {} BSP flag wrong",
+            crate::display::dec(c),
+            crate::display::hex(base)
+        );
+        check!(
+            base & 0xffff_f000 == 0xfee0_0000,
+            "cpu {}: APIC base address {}",
+            crate::display::dec(c),
+            crate::display::hex(base)
+        );
     }
     Ok(())
 }
@@ -42,23 +92,56 @@ fn version_register() -> TestResult {
     for c in 0..percpu::count() {
         let v = smp::run_on(c, |_| lapic::read(lapic::REG_VERSION) as usize, 0)? as u32;
         let (version, max_lvt) = (v & 0xff, (v >> 16) & 0xff);
-        check!((0x10..=0x15).contains(&version), "cpu {}: version {} is not an integrated APIC", crate::display::dec(c), crate::display::hex(version));
-        check!(max_lvt >= 4, "cpu {}: max LVT entry {} < 4", crate::display::dec(c), crate::display::dec(max_lvt));
+        check!(
+            (0x10..=0x15).contains(&version),
+            "cpu {}: version {} is not an integrated APIC",
+            crate::display::dec(c),
+            crate::display::hex(version)
+        );
+        check!(
+            max_lvt >= 4,
+            "cpu {}: max LVT entry {} < 4",
+            crate::display::dec(c),
+            crate::display::dec(max_lvt)
+        );
     }
     Ok(())
 }
 
 fn ids_in_order() -> TestResult {
     let expected = super::expected_cpus();
-    check!(percpu::count() == expected, "{} CPUs online, fw_cfg announced {}", crate::display::dec(percpu::count()), crate::display::dec(expected));
+    check!(
+        percpu::count() == expected,
+        "{} CPUs online, fw_cfg announced {}",
+        crate::display::dec(percpu::count()),
+        crate::display::dec(expected)
+    );
     for c in 0..percpu::count() {
-        let packed = smp::run_on(c, |_| ((lapic::id() as usize) << 32) | cpu::cpuid_apic_id() as usize, 0)?;
+        let packed = smp::run_on(
+            c,
+            |_| ((lapic::id() as usize) << 32) | cpu::cpuid_apic_id() as usize,
+            0,
+        )?;
         let (id, cpuid_id) = ((packed >> 32) as u32, packed as u32);
         let recorded = percpu::cpu(c).apic_id();
-        check!(id == recorded && cpuid_id == recorded, "cpu {}: APIC ID {}, CPUID {}, recorded {}", crate::display::dec(c), crate::display::dec(id), crate::display::dec(cpuid_id), crate::display::dec(recorded));
+        check!(
+            id == recorded && cpuid_id == recorded,
+            "cpu {}: APIC ID {}, CPUID {}, recorded {}",
+            crate::display::dec(c),
+            crate::display::dec(id),
+            crate::display::dec(cpuid_id),
+            crate::display::dec(recorded)
+        );
         if c > 0 {
             let prev = percpu::cpu(c - 1).apic_id();
-            check!(prev < recorded, "cpu {}: APIC ID {} not above cpu {}'s {}", crate::display::dec(c), crate::display::dec(recorded), crate::display::dec(c - 1), crate::display::dec(prev));
+            check!(
+                prev < recorded,
+                "cpu {}: APIC ID {} not above cpu {}'s {}",
+                crate::display::dec(c),
+                crate::display::dec(recorded),
+                crate::display::dec(c - 1),
+                crate::display::dec(prev)
+            );
         }
     }
     Ok(())
@@ -71,12 +154,30 @@ fn logical_ids() -> TestResult {
         if lapic::x2apic() {
             let id = percpu::cpu(c).apic_id();
             let want = ((id >> 4) << 16) | (1 << (id & 0xf));
-            check!(ldr == want && recorded == want, "cpu {}: x2APIC LDR {}, recorded {}, want {}", crate::display::dec(c), crate::display::hex(ldr), crate::display::hex(recorded), crate::display::hex(want));
+            check!(
+                ldr == want && recorded == want,
+                "cpu {}: x2APIC LDR {}, recorded {}, want {}",
+                crate::display::dec(c),
+                crate::display::hex(ldr),
+                crate::display::hex(recorded),
+                crate::display::hex(want)
+            );
         } else {
             let dfr = smp::run_on(c, |_| lapic::read(lapic::REG_DFR) as usize, 0)? as u32;
-            check!(dfr | 0x0fff_ffff == 0xffff_ffff, "cpu {}: DFR {} is not flat", crate::display::dec(c), crate::display::hex(dfr));
+            check!(
+                dfr | 0x0fff_ffff == 0xffff_ffff,
+                "cpu {}: DFR {} is not flat",
+                crate::display::dec(c),
+                crate::display::hex(dfr)
+            );
             let want = if c < 8 { 1u32 << c } else { 0 };
-            check!(ldr >> 24 == want && recorded == want, "cpu {}: LDR {}, want logical ID {}", crate::display::dec(c), crate::display::hex(ldr), crate::display::hex(want));
+            check!(
+                ldr >> 24 == want && recorded == want,
+                "cpu {}: LDR {}, want logical ID {}",
+                crate::display::dec(c),
+                crate::display::hex(ldr),
+                crate::display::hex(want)
+            );
         }
     }
     Ok(())
@@ -85,7 +186,12 @@ fn logical_ids() -> TestResult {
 fn svr_enabled() -> TestResult {
     for c in 0..percpu::count() {
         let svr = smp::run_on(c, |_| lapic::read(lapic::REG_SVR) as usize, 0)? as u32;
-        check!(svr & 0x1ff == 0x1ff, "cpu {}: SVR {}, want enabled with vector 0xff", crate::display::dec(c), crate::display::hex(svr));
+        check!(
+            svr & 0x1ff == 0x1ff,
+            "cpu {}: SVR {}, want enabled with vector 0xff",
+            crate::display::dec(c),
+            crate::display::hex(svr)
+        );
     }
     Ok(())
 }
@@ -107,10 +213,27 @@ fn isr_set_in_handler() -> TestResult {
     interrupts::set_handler(V, Some(isr_probe));
     lapic::send_ipi(V, Delivery::Fixed, Dest::SelfOnly);
     wait_count(0, V, 1)?;
-    let (before, after) = (ISR_BEFORE.load(Ordering::Relaxed), ISR_AFTER.load(Ordering::Relaxed));
-    check!(before == 1, "ISR bit of {V} not set in its handler ({})", crate::display::dec(before), V = crate::display::hex(V));
-    check!(after == 0, "ISR bit of {V} still set after EOI ({})", crate::display::dec(after), V = crate::display::hex(V));
-    check!(!lapic::in_service(V), "ISR bit of {V} set after the handler", V = crate::display::hex(V));
+    let (before, after) = (
+        ISR_BEFORE.load(Ordering::Relaxed),
+        ISR_AFTER.load(Ordering::Relaxed),
+    );
+    check!(
+        before == 1,
+        "ISR bit of {V} not set in its handler ({})",
+        crate::display::dec(before),
+        V = crate::display::hex(V)
+    );
+    check!(
+        after == 0,
+        "ISR bit of {V} still set after EOI ({})",
+        crate::display::dec(after),
+        V = crate::display::hex(V)
+    );
+    check!(
+        !lapic::in_service(V),
+        "ISR bit of {V} set after the handler",
+        V = crate::display::hex(V)
+    );
     Ok(())
 }
 
@@ -121,12 +244,29 @@ fn irr_holds_while_disabled() -> TestResult {
     let pending = lapic::requested(V);
     let taken = count(0, V);
     cpu::sti();
-    check!(pending, "IRR bit of {V} not set while interrupts are disabled", V = crate::display::hex(V));
-    check!(taken == 0, "vector {V} taken with IF=0", V = crate::display::hex(V));
+    check!(
+        pending,
+        "IRR bit of {V} not set while interrupts are disabled",
+        V = crate::display::hex(V)
+    );
+    check!(
+        taken == 0,
+        "vector {V} taken with IF=0",
+        V = crate::display::hex(V)
+    );
     wait_count(0, V, 1)?;
     settle();
-    check!(count(0, V) == 1, "vector {V} taken {} times", crate::display::dec(count(0, V)), V = crate::display::hex(V));
-    check!(!lapic::requested(V), "IRR bit of {V} still set after delivery", V = crate::display::hex(V));
+    check!(
+        count(0, V) == 1,
+        "vector {V} taken {} times",
+        crate::display::dec(count(0, V)),
+        V = crate::display::hex(V)
+    );
+    check!(
+        !lapic::requested(V),
+        "IRR bit of {V} still set after delivery",
+        V = crate::display::hex(V)
+    );
     Ok(())
 }
 
@@ -154,8 +294,20 @@ fn higher_vector_first() -> TestResult {
     wait_count(0, VS[0], 1)?;
     settle();
     let n = ORDER_LEN.load(Ordering::Acquire);
-    let got = [ORDER[0].load(Ordering::Relaxed), ORDER[1].load(Ordering::Relaxed), ORDER[2].load(Ordering::Relaxed)];
-    check!(n == 3, "{} interrupts taken, expected 3", crate::display::dec(n));
-    check!(got == [0xe3, 0xd3, 0xc3], "delivery order {}, expected [0xe3, 0xd3, 0xc3]", crate::display::Vectors(&got));
+    let got = [
+        ORDER[0].load(Ordering::Relaxed),
+        ORDER[1].load(Ordering::Relaxed),
+        ORDER[2].load(Ordering::Relaxed),
+    ];
+    check!(
+        n == 3,
+        "{} interrupts taken, expected 3",
+        crate::display::dec(n)
+    );
+    check!(
+        got == [0xe3, 0xd3, 0xc3],
+        "delivery order {}, expected [0xe3, 0xd3, 0xc3]",
+        crate::display::Vectors(&got)
+    );
     Ok(())
 }

@@ -12,7 +12,13 @@ mod timer;
 mod tpr;
 
 /// Every suite, in run order.
-pub static SUITES: &[&[Test]] = &[lapic::TESTS, ipi::TESTS, tpr::TESTS, timer::TESTS, ioapic::TESTS];
+pub static SUITES: &[&[Test]] = &[
+    lapic::TESTS,
+    ipi::TESTS,
+    tpr::TESTS,
+    timer::TESTS,
+    ioapic::TESTS,
+];
 
 static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(1);
 

@@ -7,11 +7,26 @@ use crate::{check, percpu, smp, time};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test { name: "timer_oneshot_fires_once", run: oneshot },
-    Test { name: "timer_periodic_fires_repeatedly", run: periodic },
-    Test { name: "timer_masked_does_not_fire", run: masked },
-    Test { name: "timer_current_count_decrements_steadily", run: current_count },
-    Test { name: "timer_oneshot_on_each_ap", run: oneshot_on_aps },
+    Test {
+        name: "timer_oneshot_fires_once",
+        run: oneshot,
+    },
+    Test {
+        name: "timer_periodic_fires_repeatedly",
+        run: periodic,
+    },
+    Test {
+        name: "timer_masked_does_not_fire",
+        run: masked,
+    },
+    Test {
+        name: "timer_current_count_decrements_steadily",
+        run: current_count,
+    },
+    Test {
+        name: "timer_oneshot_on_each_ap",
+        run: oneshot_on_aps,
+    },
 ];
 
 const V: u8 = 0xe0;
@@ -22,9 +37,21 @@ fn oneshot() -> TestResult {
     wait_count(0, V, 1)?;
     let elapsed = time::now_us() - t0;
     time::delay_us(3_000);
-    check!(count(0, V) == 1, "one-shot fired {} times", crate::display::dec(count(0, V)));
-    check!(elapsed >= 900, "1 ms one-shot fired after {} us", crate::display::dec(elapsed));
-    check!(lapic::timer_current() == 0, "current count {} after expiry", crate::display::dec(lapic::timer_current()));
+    check!(
+        count(0, V) == 1,
+        "one-shot fired {} times",
+        crate::display::dec(count(0, V))
+    );
+    check!(
+        elapsed >= 900,
+        "1 ms one-shot fired after {} us",
+        crate::display::dec(elapsed)
+    );
+    check!(
+        lapic::timer_current() == 0,
+        "current count {} after expiry",
+        crate::display::dec(lapic::timer_current())
+    );
     Ok(())
 }
 
@@ -35,7 +62,11 @@ fn periodic() -> TestResult {
     let elapsed = time::now_us() - t0;
     lapic::timer_stop();
     r?;
-    check!(elapsed >= 2_250, "5 periods of 500 us took {} us", crate::display::dec(elapsed));
+    check!(
+        elapsed >= 2_250,
+        "5 periods of 500 us took {} us",
+        crate::display::dec(elapsed)
+    );
     settle();
     let stopped = count(0, V);
     settle();
@@ -49,7 +80,11 @@ fn masked() -> TestResult {
     settle();
     lapic::timer_stop();
     check!(expired, "masked one-shot never counted down");
-    check!(count(0, V) == 0, "masked timer delivered {} interrupts", crate::display::dec(count(0, V)));
+    check!(
+        count(0, V) == 0,
+        "masked timer delivered {} interrupts",
+        crate::display::dec(count(0, V))
+    );
     Ok(())
 }
 
@@ -63,7 +98,12 @@ fn current_count() -> TestResult {
     let us = t1 - t0;
     // The TSC was calibrated against this timer at boot: the count must keep
     // falling at that same rate (1000 ticks per microsecond at 1 GHz), +-10%.
-    check!(ticks * 10 >= us * 1000 * 9 && ticks * 10 <= us * 1000 * 11, "{} ticks in {} us", crate::display::dec(ticks), crate::display::dec(us));
+    check!(
+        ticks * 10 >= us * 1000 * 9 && ticks * 10 <= us * 1000 * 11,
+        "{} ticks in {} us",
+        crate::display::dec(ticks),
+        crate::display::dec(us)
+    );
     Ok(())
 }
 
@@ -80,7 +120,12 @@ fn oneshot_on_aps() -> TestResult {
     }
     settle();
     for c in 0..percpu::count() {
-        check!(count(c, V) == u32::from(c != 0), "cpu {} took {} timer interrupts", crate::display::dec(c), crate::display::dec(count(c, V)));
+        check!(
+            count(c, V) == u32::from(c != 0),
+            "cpu {} took {} timer interrupts",
+            crate::display::dec(c),
+            crate::display::dec(count(c, V))
+        );
     }
     Ok(())
 }

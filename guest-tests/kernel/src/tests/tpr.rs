@@ -3,7 +3,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use super::fixture::{apic_id, count, need_cpus, settle, wait_count, PIN_A};
+use super::fixture::{PIN_A, apic_id, count, need_cpus, settle, wait_count};
 use crate::ioapic::{self, Rte};
 use crate::irql::{self, DISPATCH_LEVEL};
 use crate::lapic::{self, Delivery, Dest};
@@ -13,20 +13,46 @@ use crate::{check, lines, percpu, smp};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test { name: "tpr_cr8_mirrors_lapic_tpr", run: cr8_mirrors_tpr },
-    Test { name: "tpr_defers_ipi_until_lowered", run: defers_ipi },
-    Test { name: "tpr_higher_class_not_blocked", run: higher_class_passes },
-    Test { name: "tpr_defers_ioapic_interrupt_until_lowered", run: defers_ioapic },
-    Test { name: "tpr_on_ap_defers_ipi_until_lowered", run: ap_defers_ipi },
-    Test { name: "tpr_irql_raise_lower_and_lock_at", run: irql_helpers },
-    Test { name: "spinlock_serialises_all_cpus", run: spinlock_all_cpus },
+    Test {
+        name: "tpr_cr8_mirrors_lapic_tpr",
+        run: cr8_mirrors_tpr,
+    },
+    Test {
+        name: "tpr_defers_ipi_until_lowered",
+        run: defers_ipi,
+    },
+    Test {
+        name: "tpr_higher_class_not_blocked",
+        run: higher_class_passes,
+    },
+    Test {
+        name: "tpr_defers_ioapic_interrupt_until_lowered",
+        run: defers_ioapic,
+    },
+    Test {
+        name: "tpr_on_ap_defers_ipi_until_lowered",
+        run: ap_defers_ipi,
+    },
+    Test {
+        name: "tpr_irql_raise_lower_and_lock_at",
+        run: irql_helpers,
+    },
+    Test {
+        name: "spinlock_serialises_all_cpus",
+        run: spinlock_all_cpus,
+    },
 ];
 
 fn cr8_mirrors_tpr() -> TestResult {
     for level in [3u8, 0xc, 0xf, 0] {
         irql::set(level);
         let tpr = lapic::read(lapic::REG_TPR);
-        check!(tpr >> 4 == u32::from(level), "CR8 {} but TPR {}", crate::display::hex(level), crate::display::hex(tpr));
+        check!(
+            tpr >> 4 == u32::from(level),
+            "CR8 {} but TPR {}",
+            crate::display::hex(level),
+            crate::display::hex(tpr)
+        );
     }
     lapic::write(lapic::REG_TPR, 0x50);
     let cr8 = irql::current();
@@ -40,14 +66,35 @@ fn defers_ipi() -> TestResult {
     irql::set(0xc);
     lapic::send_ipi(V, Delivery::Fixed, Dest::SelfOnly);
     settle();
-    let (taken, pending, ppr) = (count(0, V), lapic::requested(V), lapic::read(lapic::REG_PPR));
+    let (taken, pending, ppr) = (
+        count(0, V),
+        lapic::requested(V),
+        lapic::read(lapic::REG_PPR),
+    );
     irql::set(0);
-    check!(taken == 0, "vector {V} taken at CR8 0xc", V = crate::display::hex(V));
-    check!(pending, "vector {V} not pending in IRR at CR8 0xc", V = crate::display::hex(V));
-    check!(ppr >= 0xc0, "PPR {} below the TPR class 0xc", crate::display::hex(ppr));
+    check!(
+        taken == 0,
+        "vector {V} taken at CR8 0xc",
+        V = crate::display::hex(V)
+    );
+    check!(
+        pending,
+        "vector {V} not pending in IRR at CR8 0xc",
+        V = crate::display::hex(V)
+    );
+    check!(
+        ppr >= 0xc0,
+        "PPR {} below the TPR class 0xc",
+        crate::display::hex(ppr)
+    );
     wait_count(0, V, 1)?;
     settle();
-    check!(count(0, V) == 1, "vector {V} taken {} times", crate::display::dec(count(0, V)), V = crate::display::hex(V));
+    check!(
+        count(0, V) == 1,
+        "vector {V} taken {} times",
+        crate::display::dec(count(0, V)),
+        V = crate::display::hex(V)
+    );
     Ok(())
 }
 
@@ -59,7 +106,12 @@ fn higher_class_passes() -> TestResult {
     irql::set(0);
     r?;
     settle();
-    check!(count(0, V) == 1, "vector {V} taken {} times", crate::display::dec(count(0, V)), V = crate::display::hex(V));
+    check!(
+        count(0, V) == 1,
+        "vector {V} taken {} times",
+        crate::display::dec(count(0, V)),
+        V = crate::display::hex(V)
+    );
     Ok(())
 }
 
@@ -71,10 +123,19 @@ fn defers_ioapic() -> TestResult {
     settle();
     let taken = count(0, V);
     irql::set(0);
-    check!(taken == 0, "IOAPIC vector {V} taken at CR8 3", V = crate::display::hex(V));
+    check!(
+        taken == 0,
+        "IOAPIC vector {V} taken at CR8 3",
+        V = crate::display::hex(V)
+    );
     wait_count(0, V, 1)?;
     settle();
-    check!(count(0, V) == 1, "vector {V} taken {} times", crate::display::dec(count(0, V)), V = crate::display::hex(V));
+    check!(
+        count(0, V) == 1,
+        "vector {V} taken {} times",
+        crate::display::dec(count(0, V)),
+        V = crate::display::hex(V)
+    );
     Ok(())
 }
 
@@ -92,31 +153,66 @@ fn ap_defers_ipi() -> TestResult {
     let taken = count(1, V);
     let pending = smp::run_on(1, |_| usize::from(lapic::requested(0xcc)), 0);
     smp::run_on(1, set_cr8, 0)?;
-    check!(taken == 0, "cpu 1 took vector {V} at CR8 0xd", V = crate::display::hex(V));
-    check!(pending? == 1, "vector {V} not pending in cpu 1's IRR", V = crate::display::hex(V));
+    check!(
+        taken == 0,
+        "cpu 1 took vector {V} at CR8 0xd",
+        V = crate::display::hex(V)
+    );
+    check!(
+        pending? == 1,
+        "vector {V} not pending in cpu 1's IRR",
+        V = crate::display::hex(V)
+    );
     wait_count(1, V, 1)?;
     settle();
-    check!(count(1, V) == 1, "cpu 1 took vector {V} {} times", crate::display::dec(count(1, V)), V = crate::display::hex(V));
+    check!(
+        count(1, V) == 1,
+        "cpu 1 took vector {V} {} times",
+        crate::display::dec(count(1, V)),
+        V = crate::display::hex(V)
+    );
     Ok(())
 }
 
 fn irql_helpers() -> TestResult {
-    check!(irql::current() == 0, "IRQL {} at test start", crate::display::dec(irql::current()));
+    check!(
+        irql::current() == 0,
+        "IRQL {} at test start",
+        crate::display::dec(irql::current())
+    );
     let a = irql::raise(DISPATCH_LEVEL);
     let b = irql::raise(irql::CLOCK_LEVEL);
     let at_clock = irql::current();
     irql::lower(b);
     let at_dispatch = irql::current();
     irql::lower(a);
-    check!(a == 0 && b == DISPATCH_LEVEL, "raise returned {}, {}", crate::display::dec(a), crate::display::dec(b));
-    check!(at_clock == irql::CLOCK_LEVEL && at_dispatch == DISPATCH_LEVEL, "IRQL {}, {}", crate::display::dec(at_clock), crate::display::dec(at_dispatch));
+    check!(
+        a == 0 && b == DISPATCH_LEVEL,
+        "raise returned {}, {}",
+        crate::display::dec(a),
+        crate::display::dec(b)
+    );
+    check!(
+        at_clock == irql::CLOCK_LEVEL && at_dispatch == DISPATCH_LEVEL,
+        "IRQL {}, {}",
+        crate::display::dec(at_clock),
+        crate::display::dec(at_dispatch)
+    );
     static LOCK: SpinLock<u32> = SpinLock::new(0);
     {
         let mut g = LOCK.lock_at(DISPATCH_LEVEL);
         *g += 1;
-        check!(irql::current() == DISPATCH_LEVEL, "IRQL {} under lock_at", crate::display::dec(irql::current()));
+        check!(
+            irql::current() == DISPATCH_LEVEL,
+            "IRQL {} under lock_at",
+            crate::display::dec(irql::current())
+        );
     }
-    check!(irql::current() == 0 && !LOCK.is_locked(), "IRQL {} after release", crate::display::dec(irql::current()));
+    check!(
+        irql::current() == 0 && !LOCK.is_locked(),
+        "IRQL {} after release",
+        crate::display::dec(irql::current())
+    );
     Ok(())
 }
 
@@ -149,6 +245,11 @@ fn spinlock_all_cpus() -> TestResult {
         smp::wait(c, 5_000_000)?;
     }
     let total = SHARED.lock().0;
-    check!(total == ROUNDS * n as u32, "counter {}, expected {}", crate::display::dec(total), crate::display::dec(ROUNDS * n as u32));
+    check!(
+        total == ROUNDS * n as u32,
+        "counter {}, expected {}",
+        crate::display::dec(total),
+        crate::display::dec(ROUNDS * n as u32)
+    );
     Ok(())
 }
