@@ -63,6 +63,7 @@
 //!   nanoseconds with [`TscClock`].
 
 mod delivery;
+pub mod harness;
 mod kvm_regs;
 #[cfg(test)]
 mod proptests;
