@@ -77,6 +77,17 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         if isr_held { "yes" } else { "NO" },
         multiboot::cmdline()
     );
+    match multiboot::option("fault") {
+        // Exercise the fatal-exception report (for the VMM's own tests).
+        // SAFETY: `ud2` only raises #UD, whose handler ends the run.
+        Some("ud") => unsafe { core::arch::asm!("ud2") },
+        Some("pf") => {
+            // SAFETY: reads an unmapped address (past the 4 GiB identity
+            // map) on purpose; the #PF handler ends the run.
+            unsafe { core::ptr::read_volatile(0x1_0000_0000 as *const u64) };
+        }
+        _ => {}
+    }
     cpu::sti();
     runner::run(tests::SUITES, multiboot::option("tests"))
 }
