@@ -86,6 +86,20 @@ fn edge_to_irr(c: &mut Criterion) {
         });
     });
     assert!(lapics[2].is_requested(VECTOR));
+
+    // The parts: the IOAPIC alone (rising then falling edge), and the bus
+    // resolution alone.
+    let mut ioapic = edge_ioapic(2);
+    group.bench_function("part_ioapic_edge_pair", |b| {
+        b.iter(|| {
+            black_box(ioapic.set_line(black_box(PIN), true));
+            black_box(ioapic.set_line(black_box(PIN), false));
+        });
+    });
+    let message = edge_ioapic(2).message(PIN).unwrap();
+    group.bench_function("part_bus_route_4_vcpus", |b| {
+        b.iter(|| black_box(arbiter.route(black_box(&message), &targets, None)));
+    });
     group.finish();
 }
 

@@ -359,61 +359,92 @@ pub fn matches_destination(
     index: usize,
     source: Option<usize>,
 ) -> bool {
-    match message.shorthand {
-        Shorthand::SelfOnly => source == Some(index),
-        Shorthand::AllIncludingSelf => true,
-        Shorthand::AllExcludingSelf => source != Some(index),
-        Shorthand::None => {
-            let destination = message_destination_address(message, target, source);
-            match message.destination_mode {
-                DestinationMode::Physical => matches_physical(target, destination),
-                DestinationMode::Logical => matches_logical(target, destination),
+    Selector::new(message, source).selects(target, index)
+}
+
+/// A message's destination, decoded once for a pass over the targets.
+#[derive(Clone, Copy)]
+enum Selector {
+    /// Only this index (shorthand self); `None` selects nobody.
+    Only(Option<usize>),
+    /// Everybody but this index (shorthand all-excluding-self, or
+    /// all-including-self with `None`).
+    AllBut(Option<usize>),
+    /// Physical or logical destination as xAPIC targets see it, and as
+    /// x2APIC targets see it (KVM's broadcast quirk applied).
+    Address {
+        logical: bool,
+        xapic: u32,
+        x2apic: u32,
+    },
+}
+
+impl Selector {
+    #[inline]
+    fn new(message: &Message, source: Option<usize>) -> Self {
+        match message.shorthand {
+            Shorthand::SelfOnly => Self::Only(source),
+            Shorthand::AllIncludingSelf => Self::AllBut(None),
+            Shorthand::AllExcludingSelf => Self::AllBut(source),
+            Shorthand::None => {
+                let xapic = message.destination;
+                // Without a sender, 0xff means "everybody" to an x2APIC.
+                let x2apic = if source.is_none() && xapic == XAPIC_BROADCAST {
+                    X2APIC_BROADCAST
+                } else {
+                    xapic
+                };
+                Self::Address {
+                    logical: message.destination_mode == DestinationMode::Logical,
+                    xapic,
+                    x2apic,
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn selects(self, target: &ApicTarget, index: usize) -> bool {
+        match self {
+            Self::Only(only) => only == Some(index),
+            Self::AllBut(but) => but != Some(index),
+            Self::Address {
+                logical,
+                xapic,
+                x2apic,
+            } => {
+                if target.x2apic {
+                    x2apic == X2APIC_BROADCAST
+                        || if logical {
+                            matches_x2apic_logical(target.logical_id, x2apic)
+                        } else {
+                            x2apic == target.apic_id
+                        }
+                } else {
+                    xapic == XAPIC_BROADCAST
+                        || if logical {
+                            matches_xapic_logical(target, xapic)
+                        } else {
+                            xapic == target.apic_id
+                        }
+                }
             }
         }
     }
 }
 
-/// The destination as `target` sees it, with KVM's x2APIC broadcast quirk:
-/// without a sender, 0xff means "everybody" to an x2APIC.
-fn message_destination_address(
-    message: &Message,
-    target: &ApicTarget,
-    source: Option<usize>,
-) -> u32 {
-    if source.is_none() && target.x2apic && message.destination == XAPIC_BROADCAST {
-        X2APIC_BROADCAST
-    } else {
-        message.destination
-    }
+fn matches_x2apic_logical(logical_id: u32, destination: u32) -> bool {
+    logical_id >> X2APIC_CLUSTER_SHIFT == destination >> X2APIC_CLUSTER_SHIFT
+        && logical_id & destination & X2APIC_CLUSTER_MEMBER_MASK != 0
 }
 
-fn broadcast_for(target: &ApicTarget) -> u32 {
-    if target.x2apic {
-        X2APIC_BROADCAST
+fn matches_xapic_logical(target: &ApicTarget, destination: u32) -> bool {
+    let logical_id = target.logical_id & 0xff;
+    if target.dfr_flat {
+        logical_id & destination != 0
     } else {
-        XAPIC_BROADCAST
-    }
-}
-
-fn matches_physical(target: &ApicTarget, destination: u32) -> bool {
-    destination == broadcast_for(target) || destination == target.apic_id
-}
-
-fn matches_logical(target: &ApicTarget, destination: u32) -> bool {
-    if destination == broadcast_for(target) {
-        return true;
-    }
-    if target.x2apic {
-        target.logical_id >> X2APIC_CLUSTER_SHIFT == destination >> X2APIC_CLUSTER_SHIFT
-            && target.logical_id & destination & X2APIC_CLUSTER_MEMBER_MASK != 0
-    } else {
-        let logical_id = target.logical_id & 0xff;
-        if target.dfr_flat {
-            logical_id & destination != 0
-        } else {
-            logical_id >> XAPIC_CLUSTER_SHIFT == destination >> XAPIC_CLUSTER_SHIFT
-                && logical_id & destination & XAPIC_CLUSTER_MEMBER_MASK != 0
-        }
+        logical_id >> XAPIC_CLUSTER_SHIFT == destination >> XAPIC_CLUSTER_SHIFT
+            && logical_id & destination & XAPIC_CLUSTER_MEMBER_MASK != 0
     }
 }
 
@@ -423,15 +454,41 @@ fn matches_logical(target: &ApicTarget, destination: u32) -> bool {
 /// 11.4.7.2), and nobody takes the reserved mode.
 #[inline]
 pub fn accepts(delivery_mode: DeliveryMode, target: &ApicTarget) -> bool {
-    if !target.hw_enabled {
-        return false;
-    }
-    match delivery_mode {
-        DeliveryMode::Nmi | DeliveryMode::Init | DeliveryMode::StartUp | DeliveryMode::Smi => true,
-        DeliveryMode::Fixed | DeliveryMode::LowestPriority | DeliveryMode::ExtInt => {
-            target.sw_enabled
+    Acceptance::of(delivery_mode).accepts(target)
+}
+
+/// What a delivery mode asks of a target's enable state.
+#[derive(Clone, Copy)]
+enum Acceptance {
+    /// Hardware enabled is enough (NMI, INIT, start-up, SMI).
+    HardwareEnabled,
+    /// Hardware and software enabled (fixed, lowest priority, ExtINT).
+    SoftwareEnabled,
+    /// Nobody (the reserved mode).
+    Nobody,
+}
+
+impl Acceptance {
+    #[inline]
+    const fn of(delivery_mode: DeliveryMode) -> Self {
+        match delivery_mode {
+            DeliveryMode::Nmi | DeliveryMode::Init | DeliveryMode::StartUp | DeliveryMode::Smi => {
+                Self::HardwareEnabled
+            }
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority | DeliveryMode::ExtInt => {
+                Self::SoftwareEnabled
+            }
+            DeliveryMode::Reserved => Self::Nobody,
         }
-        DeliveryMode::Reserved => false,
+    }
+
+    #[inline]
+    const fn accepts(self, target: &ApicTarget) -> bool {
+        match self {
+            Self::HardwareEnabled => target.hw_enabled,
+            Self::SoftwareEnabled => target.hw_enabled && target.sw_enabled,
+            Self::Nobody => false,
+        }
     }
 }
 
@@ -441,10 +498,13 @@ pub fn accepts(delivery_mode: DeliveryMode, target: &ApicTarget) -> bool {
 #[inline]
 pub fn resolve(message: &Message, targets: &[ApicTarget], source: Option<usize>) -> ApicSet {
     let mut set = ApicSet::new();
+    let acceptance = Acceptance::of(message.delivery_mode);
+    if matches!(acceptance, Acceptance::Nobody) {
+        return set;
+    }
+    let selector = Selector::new(message, source);
     for (index, target) in targets.iter().enumerate().take(MAX_APICS) {
-        if accepts(message.delivery_mode, target)
-            && matches_destination(message, target, index, source)
-        {
+        if acceptance.accepts(target) && selector.selects(target, index) {
             set.insert(index);
         }
     }
@@ -547,10 +607,9 @@ impl Arbiter {
         // One pass: the same result as `select(&resolve(..))`, without the
         // intermediate set.
         let mut best = None;
+        let selector = Selector::new(message, source);
         for (index, target) in targets.iter().enumerate().take(MAX_APICS) {
-            if accepts(DeliveryMode::LowestPriority, target)
-                && matches_destination(message, target, index, source)
-            {
+            if target.hw_enabled && target.sw_enabled && selector.selects(target, index) {
                 best = self.better(best, index, target);
             }
         }

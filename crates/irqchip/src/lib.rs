@@ -15,3 +15,8 @@ pub mod lapic;
 pub mod msi;
 
 pub use error::Error;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
