@@ -57,11 +57,6 @@ pub(crate) enum Error {
         /// What is wrong with it.
         source: LoadError,
     },
-    /// No `--kernel` and the build embedded no guest.
-    #[error(
-        "no embedded guest image (guest-tests/ did not exist when vmm was built); pass --kernel PATH"
-    )]
-    NoEmbeddedImage,
     /// An `--irqchip` mode that phase 1 does not have.
     #[error("--irqchip {0}: not implemented yet; use --irqchip kernel")]
     IrqchipNotImplemented(&'static str),

@@ -82,7 +82,6 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 fn kernel_image(args: &Args) -> Result<(String, Vec<u8>)> {
     match &args.kernel {
         Some(path) => Ok((path.display().to_string(), read_file(path)?)),
-        None if guest_image::embedded().is_empty() => Err(Error::NoEmbeddedImage),
         None => Ok((
             "embedded guest image".to_string(),
             guest_image::embedded().to_vec(),

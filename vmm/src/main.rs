@@ -51,11 +51,7 @@ fn init_logging() {
 }
 
 fn dump_guest(path: &std::path::Path) -> Result<(), Error> {
-    let image = guest_image::embedded();
-    if image.is_empty() {
-        return Err(Error::NoEmbeddedImage);
-    }
-    std::fs::write(path, image).map_err(|source| Error::WriteFile {
+    std::fs::write(path, guest_image::embedded()).map_err(|source| Error::WriteFile {
         path: path.to_path_buf(),
         source,
     })
