@@ -130,6 +130,7 @@ impl Lapic {
     /// ISR; a level-triggered one (TMR set) is broadcast unless SVR bit 12
     /// suppresses it. The remote IRR of a level LINT entry with that vector
     /// clears. An EOI with nothing in service is counted and ignored.
+    #[must_use]
     pub fn eoi(&mut self) -> Option<Effect> {
         let Some(v) = self.isr.highest() else {
             bump(&mut self.counters.spurious_eois);

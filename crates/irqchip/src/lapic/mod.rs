@@ -13,12 +13,20 @@
 //! on every exit:       lapic.tick(now)                       // fire due timers
 //! MMIO exit in page:   lapic.mmio_read(off, data, now) / lapic.mmio_write(off, data, now)
 //! RDMSR / WRMSR:       lapic.msr_read(msr, now) / lapic.msr_write(msr, value, now)
-//! message from bus:    lapic.accept(&msg)
+//! message from bus:    lapic.accept(&msg)          // bus_target() says who gets it
+//! LINT pin / PMU ...:  lapic.raise_local(LocalSource::Lint0)
+//! effects:             Effect::Ipi(msg) -> the bus; Effect::EoiBroadcast -> IOAPICs
 //! before entry:        take_init / take_sipi / take_nmi / take_smi / take_extint,
 //!                      then if IF=1: lapic.acknowledge() -> inject that vector
-//! CR8 (no in-kernel LAPIC): lapic.set_cr8(kvm_run.cr8) after every exit
+//! CR8 (no in-kernel LAPIC): lapic.set_cr8(kvm_run.cr8) after every exit,
+//!                      kvm_run.cr8 = lapic.cr8() before entry
 //! sleep until:         lapic.next_deadline()
+//! snapshot:            lapic.save() / Lapic::restore(&state); KVM page:
+//!                      to_kvm_page(now) / load_kvm_page(&page, now)
 //! ```
+//!
+//! [`harness::run`] interprets arbitrary bytes as operations and checks the
+//! model's invariants, for a fuzz target.
 //!
 //! # Choices where the SDM leaves room
 //!
