@@ -212,6 +212,10 @@ pub const XAPIC_BROADCAST: u32 = 0xff;
 /// x2APIC broadcast destination, physical and logical (SDM Vol. 3A 11.12.9).
 pub const X2APIC_BROADCAST: u32 = 0xffff_ffff;
 
+/// xAPIC logical ID: 8 bits, LDR bits 24..31 (SDM Vol. 3A 11.6.2.2); the
+/// [`ApicTarget`] holds it shifted down to bits 0..7.
+pub const XAPIC_LOGICAL_ID_MASK: u32 = 0xff;
+
 /// xAPIC cluster model: the cluster is the logical ID's high nibble (SDM
 /// Vol. 3A 11.6.2.2).
 pub const XAPIC_CLUSTER_SHIFT: u32 = 4;
@@ -439,7 +443,7 @@ fn matches_x2apic_logical(logical_id: u32, destination: u32) -> bool {
 }
 
 fn matches_xapic_logical(target: &ApicTarget, destination: u32) -> bool {
-    let logical_id = target.logical_id & 0xff;
+    let logical_id = target.logical_id & XAPIC_LOGICAL_ID_MASK;
     if target.dfr_flat {
         logical_id & destination != 0
     } else {

@@ -47,6 +47,14 @@ pub const MSI_ADDRESS_DESTINATION_SHIFT: u32 = 12;
 /// KVM's x2APIC route format (`KVM_X2APIC_API_USE_32BIT_IDS`).
 pub const MSI_ADDRESS_HIGH_DESTINATION_SHIFT: u32 = 40;
 
+/// Destination bits carried in address bits 12..19: the low 8 (SDM Vol. 3A
+/// 11.11.1); the formats' extra bits start at destination bit 8.
+pub const MSI_DESTINATION_LOW_BITS: u32 = 8;
+
+/// Address bits 32..39: must be zero in KVM's x2APIC route format (KVM
+/// refuses such routes, `kvm_msi_route_invalid`).
+pub const MSI_ADDRESS_HIGH_RESERVED_MASK: u64 = 0xff << 32;
+
 /// Data bits 8..10: delivery mode (SDM Vol. 3A 11.11.2).
 pub const MSI_DATA_DELIVERY_MODE_SHIFT: u32 = 8;
 
@@ -154,7 +162,7 @@ impl DecodedMsi {
 /// dword's bits 0..7 are set, as KVM refuses such routes.
 pub fn destination(address: u64, format: MsiFormat) -> Result<u32, Error> {
     let fields = MsiAddress::from_bits(address);
-    let high_dword_reserved = address >> 32 & 0xff;
+    let high_dword_reserved = address & MSI_ADDRESS_HIGH_RESERVED_MASK;
     let in_window = fields.base() == MSI_ADDRESS_BASE
         && match format {
             MsiFormat::Compatibility | MsiFormat::ExtendedDestinationId => address >> 32 == 0,
@@ -166,8 +174,10 @@ pub fn destination(address: u64, format: MsiFormat) -> Result<u32, Error> {
     let low = u32::from(fields.destination());
     Ok(match format {
         MsiFormat::Compatibility => low,
-        MsiFormat::ExtendedDestinationId => low | u32::from(fields.ext_destination()) << 8,
-        MsiFormat::X2apicApi => low | fields.destination_high() << 8,
+        MsiFormat::ExtendedDestinationId => {
+            low | u32::from(fields.ext_destination()) << MSI_DESTINATION_LOW_BITS
+        }
+        MsiFormat::X2apicApi => low | fields.destination_high() << MSI_DESTINATION_LOW_BITS,
     })
 }
 
@@ -175,7 +185,7 @@ pub fn destination(address: u64, format: MsiFormat) -> Result<u32, Error> {
 /// (the destination bits of the other formats are cleared). Fails if the
 /// destination does not fit the format.
 pub fn with_destination(address: u64, destination: u32, format: MsiFormat) -> Result<u64, Error> {
-    let high = destination >> 8;
+    let high = destination >> MSI_DESTINATION_LOW_BITS;
     let fits = match format {
         MsiFormat::Compatibility => high == 0,
         MsiFormat::ExtendedDestinationId => high < 1 << MsiAddress::EXT_DESTINATION_BITS,

@@ -118,7 +118,7 @@ impl Ioapic {
     pub fn new(config: IoapicConfig) -> Self {
         Self {
             config,
-            id: IdRegister::new().with_id(config.id & 0xf),
+            id: IdRegister::new().with_id(config.id & spec::ID_FIELD_MASK),
             ioregsel: 0,
             entries: [RedirectionEntry::new(); NUM_PINS],
             lines: 0,
@@ -210,7 +210,8 @@ impl Ioapic {
         let mut destination = u32::from(entry.destination());
         if self.config.ext_dest_id {
             destination |=
-                u32::from(entry.extended_destination() >> spec::EXT_DESTINATION_ID_SHIFT) << 8;
+                u32::from(entry.extended_destination() >> spec::EXT_DESTINATION_ID_SHIFT)
+                    << spec::EXT_DESTINATION_FIRST_BIT;
         }
         Message {
             destination,

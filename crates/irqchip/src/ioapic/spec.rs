@@ -59,6 +59,9 @@ pub const REG_REDIRECTION_END: u8 = REG_REDIRECTION_BASE + 2 * NUM_PINS as u8;
 /// 24..27 (82093AA 3.2.1).
 pub const ID_WRITABLE_MASK: u32 = 0x0f00_0000;
 
+/// The ID register's APIC ID field, 4 bits (82093AA 3.2.1).
+pub const ID_FIELD_MASK: u8 = 0xf;
+
 /// Default threshold of the storm guard: consecutive re-deliveries of one
 /// pin after EOI before it is reported. 10 000 is the count after which
 /// QEMU and KVM start throttling a level interrupt that never drops.
@@ -168,6 +171,10 @@ pub const RTE_DEFINED_MASK: u64 =
 /// Which bits of the extended destination carry destination bits 8..14
 /// (bits 49..55 of the entry; bit 48 is unused), as Linux programs them.
 pub const EXT_DESTINATION_ID_SHIFT: u32 = 1;
+
+/// The first destination bit the extended destination ID carries: bits
+/// 0..7 are the entry's 8-bit destination field (82093AA 3.2.4).
+pub const EXT_DESTINATION_FIRST_BIT: u32 = RedirectionEntry::DESTINATION_BITS as u32;
 
 #[cfg(test)]
 mod tests {
