@@ -125,6 +125,11 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     let modules = modules(args)?;
     let cpus = args.cpus as usize;
     let ram = args.memory << 20;
+    let load_error = |source| Error::Load {
+        what: image_name.clone(),
+        source,
+    };
+    loader::check(ram, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
 
     let kvm = open_kvm()?;
     // Guest RAM is declared before the VM so it is dropped after it.
@@ -138,12 +143,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     let ctrl = create_irqchip(args.irqchip, &vm)?;
 
     let boot_entry =
-        loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(|source| {
-            Error::Load {
-                what: image_name.clone(),
-                source,
-            }
-        })?;
+        loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
     log::debug!("{image_name}: {boot_entry:x?}");
 
     let supported = kvm

@@ -60,11 +60,12 @@ impl RunStats<'_> {
         if !per_gsi.is_empty() {
             let _ = write!(s, " ({})", per_gsi.join(", "));
         }
+        let by_kvm = |v: Option<u64>| v.map_or_else(|| "by KVM".to_string(), |n| n.to_string());
         let _ = write!(
             s,
             ", injected {}, eoi {}, errors {}",
-            self.irq.injected,
-            self.irq.eois,
+            by_kvm(self.irq.injected),
+            by_kvm(self.irq.eois),
             self.irq.errors + self.lines.errors()
         );
         s

@@ -61,11 +61,13 @@ pub(crate) enum IrqError {
 /// Counters a controller keeps; printed in the closing statistics line.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct IrqStats {
-    /// Interrupts injected into vCPUs by the VMM itself (user mode:
-    /// `KVM_INTERRUPT`; split: MSIs sent). Zero when KVM's chip delivers.
-    pub(crate) injected: u64,
-    /// EOIs the VMM handled (split: `KVM_EXIT_IOAPIC_EOI`; user: LAPIC EOI writes).
-    pub(crate) eois: u64,
+    /// Interrupts the VMM itself injected into vCPUs (user mode:
+    /// `KVM_INTERRUPT`; split: MSIs sent); `None` when KVM's chip delivers
+    /// and the VMM cannot see deliveries.
+    pub(crate) injected: Option<u64>,
+    /// EOIs the VMM handled (split: `KVM_EXIT_IOAPIC_EOI`; user: LAPIC EOI
+    /// writes); `None` when KVM handles every EOI.
+    pub(crate) eois: Option<u64>,
     /// Failures inside the controller (not counting refused line changes,
     /// which the wiring counts).
     pub(crate) errors: u64,

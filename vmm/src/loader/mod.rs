@@ -147,6 +147,19 @@ pub(crate) struct BootEntry {
     pub(crate) gdt_addr: u32,
 }
 
+/// Checks that the image and modules can be loaded into `ram` bytes,
+/// without touching guest memory (so errors come before KVM is opened).
+pub(crate) fn check(
+    ram: u64,
+    image: &[u8],
+    cmdline: &str,
+    modules: &[ModuleImage],
+) -> Result<(), LoadError> {
+    let plan = multiboot::plan_kernel(image, ram)?;
+    BootInfoBuilder::new(ram, cmdline, modules).build(&plan)?;
+    Ok(())
+}
+
 /// Writes the kernel, its modules and the information block to guest memory.
 pub(crate) fn load(
     mem: &GuestMemoryMmap,

@@ -170,6 +170,17 @@ impl Asm {
         self.bytes(&[0x03, 0x07]);
     }
 
+    /// `cmp eax, [addr]`.
+    pub fn cmp_eax_mem(&mut self, addr: u32) {
+        self.edi(addr);
+        self.bytes(&[0x3b, 0x07]);
+    }
+
+    /// `jb label`.
+    pub fn jb(&mut self, target: &'static str) {
+        self.jcc(0x2, target);
+    }
+
     /// `shl eax, n`.
     pub fn shl_eax(&mut self, n: u8) {
         self.bytes(&[0xc1, 0xe0, n]);
