@@ -104,7 +104,14 @@ fn modules(args: &Args) -> Result<Vec<ModuleImage>> {
         .collect()
 }
 
-fn create_irqchip(mode: IrqchipMode, vm: &Arc<VmFd>) -> Result<Arc<dyn InterruptController>> {
+/// Creates the interrupt controller; before any vCPU exists. `control`
+/// gives phase-2 modes the kicker (user mode kicks a vCPU that has a new
+/// deliverable interrupt) and the stop flag.
+fn create_irqchip(
+    mode: IrqchipMode,
+    vm: &Arc<VmFd>,
+    _control: &Arc<VmControl>,
+) -> Result<Arc<dyn InterruptController>> {
     match mode {
         IrqchipMode::Kernel => Ok(irq::kernel::create(Arc::clone(vm))?),
         // Phase 2: KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, 24) + our IOAPIC.
@@ -140,7 +147,8 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     vm.set_identity_map_address(IDENTITY_MAP_ADDR)
         .map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
     memory::register(&vm, &mem)?;
-    let ctrl = create_irqchip(args.irqchip, &vm)?;
+    let control = Arc::new(VmControl::new(cpus)?);
+    let ctrl = create_irqchip(args.irqchip, &vm, &control)?;
 
     let boot_entry =
         loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
@@ -170,7 +178,6 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         vcpu_fds.push(fd);
     }
 
-    let control = Arc::new(VmControl::new(cpus)?);
     let report = Arc::new(Mutex::new(GuestReport::new()));
     let lines = IrqLines::new(Arc::clone(&ctrl));
     let devices = devices::build(
@@ -220,6 +227,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         control.finish(Outcome::Failed(e));
     }
     control.kicker().kick_all();
+    ctrl.shutdown();
     let mut vcpu_stats = VcpuStats::default();
     for t in threads {
         match t.join() {

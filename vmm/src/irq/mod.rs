@@ -113,6 +113,11 @@ pub(crate) trait InterruptController: Send + Sync {
 
     /// Counters for the closing statistics line.
     fn stats(&self) -> IrqStats;
+
+    /// The VM is stopping: wake any vCPU the controller itself holds (user
+    /// mode parks a halted vCPU on a condition variable, which a kick
+    /// signal does not interrupt). Called before the vCPU threads are joined.
+    fn shutdown(&self) {}
 }
 
 /// Exits that belong to the interrupt controller, handed to
