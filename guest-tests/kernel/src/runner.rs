@@ -54,6 +54,13 @@ impl Write for Msg {
     }
 }
 
+impl Test {
+    /// A table entry.
+    pub const fn new(name: &'static str, run: fn() -> TestResult) -> Self {
+        Self { name, run }
+    }
+}
+
 /// Why a test did not pass.
 pub enum Failure {
     /// `FAIL NAME: reason`.

@@ -57,3 +57,8 @@ pub fn wait_until(timeout_us: u64, mut cond: impl FnMut() -> bool) -> bool {
         cpu::pause();
     }
 }
+
+/// TSC ticks per microsecond found by [`calibrate`].
+pub fn tsc_per_us() -> u64 {
+    TSC_PER_MHZ.load(Ordering::Relaxed)
+}

@@ -10,90 +10,53 @@ use super::fixture::{
 use crate::interrupts;
 use crate::ioapic::{self, RTE_DELIVERY_STATUS, RTE_DEST_SHIFT, RTE_LEVEL, RTE_REMOTE_IRR, Rte};
 use crate::runner::{Test, TestResult};
-use crate::{check, fail, lapic, lines, percpu, skip};
+use crate::{check, fail, lapic, lines, percpu, skip, smp};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test {
-        name: "ioapic_id_only_bits_24_27_writable",
-        run: id_register,
-    },
-    Test {
-        name: "ioapic_version_read_only_24_pins",
-        run: version_register,
-    },
-    Test {
-        name: "ioapic_arbitration_id_read_only",
-        run: arbitration_id,
-    },
-    Test {
-        name: "ioapic_rte_round_trip_read_only_bits",
-        run: rte_round_trip,
-    },
-    Test {
-        name: "ioapic_edge_delivers_once",
-        run: edge_once,
-    },
-    Test {
-        name: "ioapic_edge_each_pulse_delivered",
-        run: edge_pulses,
-    },
-    Test {
-        name: "ioapic_level_delivers_once_remote_irr_cleared",
-        run: level_once,
-    },
-    Test {
-        name: "ioapic_level_coalesces_while_remote_irr_set",
-        run: level_coalesced,
-    },
-    Test {
-        name: "ioapic_level_sequential_rounds",
-        run: level_sequential,
-    },
-    Test {
-        name: "ioapic_level_redelivered_after_eoi_while_asserted",
-        run: level_redelivered,
-    },
-    Test {
-        name: "ioapic_masked_edge_is_lost",
-        run: masked_edge_lost,
-    },
-    Test {
-        name: "ioapic_masked_level_fires_on_unmask",
-        run: masked_level_fires_on_unmask,
-    },
-    Test {
-        name: "ioapic_tmr_set_for_level_clear_for_edge",
-        run: tmr_level_edge,
-    },
-    Test {
-        name: "ioapic_remote_irr_survives_rte_write",
-        run: remote_irr_read_only,
-    },
-    Test {
-        name: "ioapic_physical_destination_cpu1",
-        run: physical_cpu1,
-    },
-    Test {
-        name: "ioapic_logical_flat_destination_set",
-        run: logical_set,
-    },
-    Test {
-        name: "ioapic_lowest_priority_stays_in_set",
-        run: lowest_priority_in_set,
-    },
-    Test {
-        name: "ioapic_handler_retargets_own_pin",
-        run: handler_retargets,
-    },
-    Test {
-        name: "ioapic_handler_switches_own_pin_to_edge",
-        run: handler_switches_to_edge,
-    },
-    Test {
-        name: "ioapic_eoi_register_clears_remote_irr",
-        run: eoi_register,
-    },
+    Test::new("ioapic_id_only_bits_24_27_writable", id_register),
+    Test::new("ioapic_version_read_only_24_pins", version_register),
+    Test::new("ioapic_arbitration_id_read_only", arbitration_id),
+    Test::new("ioapic_rte_round_trip_read_only_bits", rte_round_trip),
+    Test::new("ioapic_edge_delivers_once", edge_once),
+    Test::new("ioapic_edge_each_pulse_delivered", edge_pulses),
+    Test::new("ioapic_level_delivers_once_remote_irr_cleared", level_once),
+    Test::new(
+        "ioapic_level_coalesces_while_remote_irr_set",
+        level_coalesced,
+    ),
+    Test::new("ioapic_level_sequential_rounds", level_sequential),
+    Test::new(
+        "ioapic_level_redelivered_after_eoi_while_asserted",
+        level_redelivered,
+    ),
+    Test::new("ioapic_masked_edge_is_lost", masked_edge_lost),
+    Test::new(
+        "ioapic_masked_level_fires_on_unmask",
+        masked_level_fires_on_unmask,
+    ),
+    Test::new("ioapic_tmr_set_for_level_clear_for_edge", tmr_level_edge),
+    Test::new("ioapic_remote_irr_survives_rte_write", remote_irr_read_only),
+    Test::new("ioapic_physical_destination_cpu1", physical_cpu1),
+    Test::new("ioapic_logical_flat_destination_set", logical_set),
+    Test::new(
+        "ioapic_lowest_priority_stays_in_set",
+        lowest_priority_in_set,
+    ),
+    Test::new(
+        "ioapic_retarget_while_remote_irr_set",
+        retarget_while_pending,
+    ),
+    Test::new(
+        "ioapic_level_to_edge_clears_remote_irr",
+        level_to_edge_while_pending,
+    ),
+    Test::new("ioapic_handler_retargets_own_pin", handler_retargets),
+    Test::new(
+        "ioapic_handler_switches_own_pin_to_edge",
+        handler_switches_to_edge,
+    ),
+    Test::new("ioapic_eoi_register_clears_remote_irr", eoi_register),
 ];
 
 fn bsp() -> u8 {
@@ -700,6 +663,89 @@ fn eoi_register() -> TestResult {
     check!(
         count(0, V) == 1,
         "{} deliveries",
+        crate::display::dec(count(0, V))
+    );
+    Ok(())
+}
+
+// ---- reprogramming a pin while its interrupt is pending (any host) ----
+
+/// Moves a level pin to CPU 1 while remote IRR is set (interrupt pending on
+/// the BSP, IF=0): remote IRR stays until the BSP's EOI, then clears; the
+/// next assertion reaches CPU 1.
+fn retarget_while_pending() -> TestResult {
+    const V: u8 = 0x43;
+    need_cpus(2)?;
+    let rte = Rte::new(V, bsp()).level().0;
+    ioapic::write_rte(PIN_B, rte);
+    assert_pending(PIN_B, V);
+    let cpu1 = u64::from(apic_id(1)) << RTE_DEST_SHIFT;
+    ioapic::write_rte(PIN_B, (rte & !(0xffu64 << RTE_DEST_SHIFT)) | cpu1);
+    let moved = ioapic::read_rte(PIN_B);
+    lines::set(PIN_B, false);
+    crate::cpu::sti();
+    check!(
+        moved & RTE_REMOTE_IRR != 0 && moved >> RTE_DEST_SHIFT == u64::from(apic_id(1)),
+        "after retargeting: RTE {}",
+        crate::display::hex(moved)
+    );
+    wait_count(0, V, 1)?;
+    settle();
+    let after = ioapic::read_rte(PIN_B);
+    check!(
+        after & RTE_REMOTE_IRR == 0,
+        "remote IRR stuck after the BSP's EOI (RTE {})",
+        crate::display::hex(after)
+    );
+    // CPU 1 holds the vector below its CR8 while the line is up, so the
+    // line is low again when it takes the interrupt (same result on hosts
+    // that EOI at injection).
+    smp::run_on(1, set_cr8, 4)?;
+    lines::set(PIN_B, true);
+    let sent = crate::time::wait_until(super::fixture::TIMEOUT_US, || {
+        ioapic::read_rte(PIN_B) & RTE_REMOTE_IRR != 0
+    });
+    lines::set(PIN_B, false);
+    smp::run_on(1, set_cr8, 0)?;
+    check!(sent, "second assertion not sent (remote IRR never set)");
+    wait_count(1, V, 1)?;
+    settle();
+    expect_counts(V, |c| u32::from(c <= 1))
+}
+
+fn set_cr8(level: usize) -> usize {
+    crate::irql::set(level as u8);
+    0
+}
+
+/// Rewriting a pending level pin as edge clears remote IRR at once; the
+/// pending interrupt is still taken once, and the pin then works as edge.
+fn level_to_edge_while_pending() -> TestResult {
+    const V: u8 = 0x44;
+    let rte = Rte::new(V, bsp()).level().0;
+    ioapic::write_rte(PIN_B, rte);
+    let before = assert_pending(PIN_B, V);
+    lines::set(PIN_B, false);
+    ioapic::write_rte(PIN_B, rte & !RTE_LEVEL);
+    let switched = ioapic::read_rte(PIN_B);
+    crate::cpu::sti();
+    check!(
+        before & RTE_REMOTE_IRR != 0,
+        "remote IRR not set after delivery (RTE {})",
+        crate::display::hex(before)
+    );
+    check!(
+        switched & (RTE_REMOTE_IRR | RTE_LEVEL) == 0,
+        "switching to edge left RTE {}",
+        crate::display::hex(switched)
+    );
+    wait_count(0, V, 1)?;
+    lines::pulse(PIN_B);
+    wait_count(0, V, 2)?;
+    settle();
+    check!(
+        count(0, V) == 2,
+        "{} deliveries, expected 2 (the pending level one, one edge)",
         crate::display::dec(count(0, V))
     );
     Ok(())

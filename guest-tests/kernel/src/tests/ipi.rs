@@ -13,42 +13,15 @@ use crate::{check, fail, percpu, smp, time};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test {
-        name: "ipi_self_shorthand",
-        run: self_shorthand,
-    },
-    Test {
-        name: "ipi_self_physical_id",
-        run: self_physical,
-    },
-    Test {
-        name: "ipi_each_cpu_physical",
-        run: each_cpu_physical,
-    },
-    Test {
-        name: "ipi_broadcast_all_excluding_self",
-        run: all_excluding_self,
-    },
-    Test {
-        name: "ipi_broadcast_all_including_self",
-        run: all_including_self,
-    },
-    Test {
-        name: "ipi_logical_destination_set",
-        run: logical_set,
-    },
-    Test {
-        name: "ipi_from_ap_to_bsp",
-        run: ap_to_bsp,
-    },
-    Test {
-        name: "ipi_between_aps",
-        run: between_aps,
-    },
-    Test {
-        name: "ipi_nmi_to_each_ap",
-        run: nmi_to_each_ap,
-    },
+    Test::new("ipi_self_shorthand", self_shorthand),
+    Test::new("ipi_self_physical_id", self_physical),
+    Test::new("ipi_each_cpu_physical", each_cpu_physical),
+    Test::new("ipi_broadcast_all_excluding_self", all_excluding_self),
+    Test::new("ipi_broadcast_all_including_self", all_including_self),
+    Test::new("ipi_logical_destination_set", logical_set),
+    Test::new("ipi_from_ap_to_bsp", ap_to_bsp),
+    Test::new("ipi_between_aps", between_aps),
+    Test::new("ipi_nmi_to_each_ap", nmi_to_each_ap),
 ];
 
 fn self_shorthand() -> TestResult {

@@ -3,6 +3,7 @@
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::fixture::{count, settle, wait_count};
+use crate::display::dec;
 use crate::interrupts::{self, eoi_now};
 use crate::lapic::{self, Delivery, Dest};
 use crate::runner::{Test, TestResult};
@@ -10,38 +11,22 @@ use crate::{check, cpu, multiboot, percpu, smp};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test {
-        name: "lapic_mode_matches_cpuid",
-        run: mode_matches_cpuid,
-    },
-    Test {
-        name: "lapic_version_register",
-        run: version_register,
-    },
-    Test {
-        name: "lapic_ids_match_cpuid_in_index_order",
-        run: ids_in_order,
-    },
-    Test {
-        name: "lapic_logical_ids_flat_or_cluster",
-        run: logical_ids,
-    },
-    Test {
-        name: "lapic_svr_enabled_spurious_vector",
-        run: svr_enabled,
-    },
-    Test {
-        name: "lapic_isr_set_in_handler_cleared_by_eoi",
-        run: isr_set_in_handler,
-    },
-    Test {
-        name: "lapic_irr_holds_interrupt_while_disabled",
-        run: irr_holds_while_disabled,
-    },
-    Test {
-        name: "lapic_higher_vector_delivered_first",
-        run: higher_vector_first,
-    },
+    Test::new("lapic_mode_matches_cpuid", mode_matches_cpuid),
+    Test::new("lapic_version_register", version_register),
+    Test::new("lapic_ids_match_cpuid_in_index_order", ids_in_order),
+    Test::new("lapic_logical_ids_flat_or_cluster", logical_ids),
+    Test::new("lapic_svr_enabled_spurious_vector", svr_enabled),
+    Test::new(
+        "lapic_isr_set_in_handler_cleared_by_eoi",
+        isr_set_in_handler,
+    ),
+    Test::new(
+        "lapic_irr_holds_interrupt_while_disabled",
+        irr_holds_while_disabled,
+    ),
+    Test::new("lapic_higher_vector_delivered_first", higher_vector_first),
+    Test::new("lapic_nested_interrupt_in_handler", nested_in_handler),
+    Test::new("lapic_interrupt_preserves_red_zone", red_zone_preserved),
 ];
 
 fn apic_base_on(cpu: usize) -> Result<u64, crate::runner::Failure> {
@@ -308,6 +293,103 @@ fn higher_vector_first() -> TestResult {
         got == [0xe3, 0xd3, 0xc3],
         "delivery order {}, expected [0xe3, 0xd3, 0xc3]",
         crate::display::Vectors(&got)
+    );
+    Ok(())
+}
+
+static OUTER_ACTIVE: AtomicU32 = AtomicU32::new(0);
+static INNER_SAW_OUTER: AtomicU32 = AtomicU32::new(0);
+static INNER_TAKEN_IN_OUTER: AtomicU32 = AtomicU32::new(0);
+
+fn outer(_: u8) {
+    OUTER_ACTIVE.store(1, Ordering::SeqCst);
+    lapic::send_ipi(0xd4, Delivery::Fixed, Dest::SelfOnly);
+    cpu::sti();
+    crate::time::wait_until(super::fixture::TIMEOUT_US, || count(0, 0xd4) >= 1);
+    cpu::cli();
+    INNER_TAKEN_IN_OUTER.store(count(0, 0xd4), Ordering::SeqCst);
+    OUTER_ACTIVE.store(0, Ordering::SeqCst);
+}
+
+fn inner(_: u8) {
+    INNER_SAW_OUTER.store(OUTER_ACTIVE.load(Ordering::SeqCst), Ordering::SeqCst);
+}
+
+/// A handler that enables interrupts takes a higher vector nested on its
+/// own stack (IST1 is free again once the entry stub left it) and resumes.
+fn nested_in_handler() -> TestResult {
+    OUTER_ACTIVE.store(0, Ordering::SeqCst);
+    INNER_SAW_OUTER.store(0, Ordering::SeqCst);
+    INNER_TAKEN_IN_OUTER.store(0, Ordering::SeqCst);
+    interrupts::set_handler(0xc4, Some(outer));
+    interrupts::set_handler(0xd4, Some(inner));
+    lapic::send_ipi(0xc4, Delivery::Fixed, Dest::SelfOnly);
+    wait_count(0, 0xc4, 1)?;
+    settle();
+    check!(
+        INNER_SAW_OUTER.load(Ordering::SeqCst) == 1,
+        "inner interrupt did not run inside the outer handler"
+    );
+    check!(
+        INNER_TAKEN_IN_OUTER.load(Ordering::SeqCst) == 1,
+        "inner interrupt not taken while the outer handler waited"
+    );
+    check!(
+        count(0, 0xc4) == 1 && count(0, 0xd4) == 1,
+        "counts {} and {}",
+        dec(count(0, 0xc4)),
+        dec(count(0, 0xd4))
+    );
+    Ok(())
+}
+
+/// Fills the 128-byte red zone below RSP, lets a pending interrupt in, and
+/// checks the red zone afterwards: the entry stub must not push below the
+/// interrupted RSP (the prebuilt `core` may keep data there).
+fn red_zone_preserved() -> TestResult {
+    const V: u8 = 0xc5;
+    cpu::cli();
+    lapic::send_ipi(V, Delivery::Fixed, Dest::SelfOnly);
+    let bad: u64;
+    // SAFETY: writes only the 128 bytes below RSP, which no code of ours
+    // uses (no-redzone) and which the interrupt entry must leave alone; the
+    // asm takes the pending interrupt in `sti; hlt` and disables them again.
+    unsafe {
+        core::arch::asm!(
+            "mov rax, 0x5a5a5a5a00000000",
+            "mov rcx, 16",
+            "2:",
+            "mov rdx, rax",
+            "or rdx, rcx",
+            "mov [rsp + rcx * 8 - 136], rdx",
+            "dec rcx",
+            "jnz 2b",
+            "sti",
+            "hlt",
+            "cli",
+            "xor {bad}, {bad}",
+            "mov rcx, 16",
+            "3:",
+            "mov rdx, rax",
+            "or rdx, rcx",
+            "cmp [rsp + rcx * 8 - 136], rdx",
+            "je 4f",
+            "inc {bad}",
+            "4:",
+            "dec rcx",
+            "jnz 3b",
+            bad = out(reg) bad,
+            out("rax") _,
+            out("rcx") _,
+            out("rdx") _,
+        );
+    }
+    cpu::sti();
+    wait_count(0, V, 1)?;
+    check!(
+        bad == 0,
+        "{} of 16 red-zone qwords clobbered by the interrupt",
+        dec(bad)
     );
     Ok(())
 }

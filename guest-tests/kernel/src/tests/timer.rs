@@ -7,26 +7,12 @@ use crate::{check, percpu, smp, time};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test {
-        name: "timer_oneshot_fires_once",
-        run: oneshot,
-    },
-    Test {
-        name: "timer_periodic_fires_repeatedly",
-        run: periodic,
-    },
-    Test {
-        name: "timer_masked_does_not_fire",
-        run: masked,
-    },
-    Test {
-        name: "timer_current_count_decrements_steadily",
-        run: current_count,
-    },
-    Test {
-        name: "timer_oneshot_on_each_ap",
-        run: oneshot_on_aps,
-    },
+    Test::new("timer_oneshot_fires_once", oneshot),
+    Test::new("timer_periodic_fires_repeatedly", periodic),
+    Test::new("timer_masked_does_not_fire", masked),
+    Test::new("timer_current_count_decrements_steadily", current_count),
+    Test::new("timer_oneshot_on_each_ap", oneshot_on_aps),
+    Test::new("timer_calibrated_tsc_plausible", tsc_plausible),
 ];
 
 const V: u8 = 0xe0;
@@ -127,5 +113,17 @@ fn oneshot_on_aps() -> TestResult {
             crate::display::dec(count(c, V))
         );
     }
+    Ok(())
+}
+
+/// The TSC was calibrated assuming the LAPIC timer counts at 1 GHz: a timer
+/// clocked 10x off would show as a TSC below 200 MHz or above 10 GHz.
+fn tsc_plausible() -> TestResult {
+    let mhz = time::tsc_per_us();
+    check!(
+        (200..=10_000).contains(&mhz),
+        "TSC calibrated at {} MHz against a 1 GHz LAPIC timer: the timer is not at 1 GHz",
+        crate::display::dec(mhz)
+    );
     Ok(())
 }

@@ -13,34 +13,13 @@ use crate::{check, lines, percpu, smp};
 
 /// The suite.
 pub const TESTS: &[Test] = &[
-    Test {
-        name: "tpr_cr8_mirrors_lapic_tpr",
-        run: cr8_mirrors_tpr,
-    },
-    Test {
-        name: "tpr_defers_ipi_until_lowered",
-        run: defers_ipi,
-    },
-    Test {
-        name: "tpr_higher_class_not_blocked",
-        run: higher_class_passes,
-    },
-    Test {
-        name: "tpr_defers_ioapic_interrupt_until_lowered",
-        run: defers_ioapic,
-    },
-    Test {
-        name: "tpr_on_ap_defers_ipi_until_lowered",
-        run: ap_defers_ipi,
-    },
-    Test {
-        name: "tpr_irql_raise_lower_and_lock_at",
-        run: irql_helpers,
-    },
-    Test {
-        name: "spinlock_serialises_all_cpus",
-        run: spinlock_all_cpus,
-    },
+    Test::new("tpr_cr8_mirrors_lapic_tpr", cr8_mirrors_tpr),
+    Test::new("tpr_defers_ipi_until_lowered", defers_ipi),
+    Test::new("tpr_higher_class_not_blocked", higher_class_passes),
+    Test::new("tpr_defers_ioapic_interrupt_until_lowered", defers_ioapic),
+    Test::new("tpr_on_ap_defers_ipi_until_lowered", ap_defers_ipi),
+    Test::new("tpr_irql_raise_lower_and_lock_at", irql_helpers),
+    Test::new("spinlock_serialises_all_cpus", spinlock_all_cpus),
 ];
 
 fn cr8_mirrors_tpr() -> TestResult {
