@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use irqconnect_abi::layout::{EXIT_PORT, IOAPIC_PINS, TEST_MARKER_PORT};
 
 use crate::interrupts::{self, WAKE_VECTOR};
-use crate::{cpu, ioapic, irql, lapic, lines, percpu, println, time};
+use crate::{cpu, ioapic, irql, lapic, lines, percpu, println, smp, time};
 
 /// A registered test.
 pub struct Test {
@@ -188,6 +188,25 @@ fn reset_platform() {
     let _ = WAKE_VECTOR;
 }
 
+fn reset_ap(_: usize) -> usize {
+    irql::set(irql::PASSIVE_LEVEL);
+    lapic::timer_stop();
+    0
+}
+
+/// After a failure: puts each AP back to IRQL 0 with its timer stopped (a
+/// failed test may have returned before undoing what it did there). An AP
+/// still busy with the failed test's work item is left alone.
+fn reset_aps() {
+    for c in 1..percpu::count() {
+        if percpu::cpu(c).mailbox.idle() {
+            let _ = smp::run_on(c, reset_ap, 0);
+        }
+    }
+    time::delay_us(200);
+    percpu::reset_counters();
+}
+
 /// Runs every test of `suites` that `filter` selects, prints the closing
 /// line and exits.
 pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
@@ -200,6 +219,9 @@ pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
         reset_platform();
         let result = (test.run)();
         reset_platform();
+        if !matches!(result, Ok(()) | Err(Failure::Skip(_))) {
+            reset_aps();
+        }
         match result {
             Ok(()) => {
                 PASSED.fetch_add(1, Ordering::AcqRel);
