@@ -56,6 +56,71 @@ pub(crate) enum IrqError {
         /// The errno.
         source: kvm_ioctls::Error,
     },
+    /// The mode cannot program IOAPIC pins from the host
+    /// ([`InterruptController::program_pin`]).
+    #[error("host pin programming is not supported with --irqchip {0}")]
+    Unsupported(&'static str),
+    /// A [`PinProgram`] destination does not fit the IOAPIC's destination
+    /// field (8 bits, 82093AA 3.2.4).
+    #[error("destination {0:#x} does not fit the IOAPIC's 8-bit destination field")]
+    DestinationTooWide(u32),
+    /// A KVM ioctl on the in-kernel interrupt controller failed.
+    #[error("{op}: {source}")]
+    KvmChip {
+        /// The ioctl.
+        op: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// How the host programs one IOAPIC pin ([`InterruptController::program_pin`]):
+/// the PV connect service's route in redirection-entry terms (82093AA 3.2.4).
+/// Polarity is always active high; the read-only bits (delivery status,
+/// Remote IRR) are the controller's business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PinProgram {
+    /// The IDT vector (bits 0..7).
+    pub(crate) vector: u8,
+    /// Edge or level (bit 15).
+    pub(crate) trigger: PinTrigger,
+    /// Physical or logical destination (bit 11).
+    pub(crate) dest_mode: PinDestMode,
+    /// An APIC ID (physical) or a logical destination set (logical). 32 bits
+    /// so an x2APIC ID fits; a controller whose entries hold fewer bits
+    /// refuses what does not fit ([`IrqError::DestinationTooWide`]).
+    pub(crate) destination: u32,
+    /// Fixed or lowest-priority delivery (bits 8..10).
+    pub(crate) delivery: PinDelivery,
+    /// The pin must not deliver (bit 16).
+    pub(crate) masked: bool,
+}
+
+/// Trigger mode of a [`PinProgram`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PinTrigger {
+    /// Edge-triggered.
+    Edge,
+    /// Level-triggered.
+    Level,
+}
+
+/// Destination mode of a [`PinProgram`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PinDestMode {
+    /// The destination is one APIC ID.
+    Physical,
+    /// The destination is a logical set, matched against each LDR.
+    Logical,
+}
+
+/// Delivery mode of a [`PinProgram`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PinDelivery {
+    /// Every processor of the destination.
+    Fixed,
+    /// The lowest-priority processor of the destination.
+    LowestPriority,
 }
 
 /// Counters a controller keeps; printed in the closing statistics line.
@@ -113,6 +178,17 @@ pub(crate) trait InterruptController: Send + Sync {
 
     /// Counters for the closing statistics line.
     fn stats(&self) -> IrqStats;
+
+    /// Programs IOAPIC `pin` from the host (the PV connect service's
+    /// routes), before the calling vCPU resumes. Only the pin's writable
+    /// fields change; its Remote IRR and delivery status stay as the
+    /// controller has them (switching to edge clears Remote IRR, as the
+    /// 82093AA does). Must be serialised with every line change, so no
+    /// level change is lost while the entry is rewritten. Modes that cannot
+    /// program pins answer [`IrqError::Unsupported`].
+    fn program_pin(&self, _pin: u8, _route: &PinProgram) -> std::result::Result<(), IrqError> {
+        Err(IrqError::Unsupported(self.mode().name()))
+    }
 
     /// The VM is stopping: wake any vCPU the controller itself holds (user
     /// mode parks a halted vCPU on a condition variable, which a kick
