@@ -38,6 +38,12 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value_t = IrqchipMode::Split)]
     pub(crate) irqchip: IrqchipMode,
 
+    /// PV device table (JSON, see resources/devices/default.json): each
+    /// device's interrupt resources, which also give test device i its line
+    /// and trigger mode. Default: the built-in table for the CPU count.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) devices: Option<PathBuf>,
+
     /// Offer x2APIC in CPUID.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub(crate) x2apic: OnOff,
@@ -158,6 +164,17 @@ mod tests {
         assert_eq!(a.guest_cmdline(), "verbose=1 tests=ioapic,lapic");
         let b = parse(&["--tests", "x"]).unwrap();
         assert_eq!(b.guest_cmdline(), "tests=x");
+    }
+
+    #[test]
+    fn devices_flag_takes_a_path() {
+        assert!(parse(&[]).unwrap().devices.is_none());
+        let a = parse(&["--devices", "resources/devices/default.json"]).unwrap();
+        assert_eq!(
+            a.devices,
+            Some(PathBuf::from("resources/devices/default.json"))
+        );
+        assert!(parse(&["--devices"]).is_err());
     }
 
     #[test]

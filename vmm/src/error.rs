@@ -57,6 +57,14 @@ pub(crate) enum Error {
         /// What is wrong with it.
         source: LoadError,
     },
+    /// The PV connect service cannot be built (a bad `--devices` table).
+    #[error("{what}: {source}")]
+    PvConfig {
+        /// What was being built ("device table PATH", ...).
+        what: String,
+        /// What is wrong with it.
+        source: irqconnect::Error,
+    },
     /// An `--irqchip` mode that phase 1 does not have.
     #[error("--irqchip {0}: not implemented yet; use --irqchip kernel")]
     IrqchipNotImplemented(&'static str),

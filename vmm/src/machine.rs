@@ -26,7 +26,7 @@ use crate::loader::{self, ModuleImage};
 use crate::report::GuestReport;
 use crate::stats::RunStats;
 use crate::vcpu::{Vcpu, VcpuStats};
-use crate::{boot, guest_image, irq, kick, memory};
+use crate::{boot, guest_image, irq, kick, memory, pv};
 
 /// Guest-physical address of the 3-page TSS area KVM needs on Intel
 /// (`KVM_SET_TSS_ADDR`), just below the identity-map page, both far above RAM.
@@ -137,6 +137,8 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         source,
     };
     loader::check(ram, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
+    // Before KVM too: a bad --devices table is a one-line error.
+    let pv_service = pv::config::service_from_args(args)?;
 
     let kvm = open_kvm()?;
     // Guest RAM is declared before the VM so it is dropped after it.
@@ -180,11 +182,14 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
 
     let report = Arc::new(Mutex::new(GuestReport::new()));
     let lines = IrqLines::new(Arc::clone(&ctrl));
+    let pv = pv::PvConnect::new(pv_service, mem.clone(), Arc::clone(&ctrl));
     let devices = devices::build(
         &DeviceConfig {
             cpus: args.cpus as u16,
             ram,
             mode: args.irqchip,
+            testdevs: pv.testdev_specs(),
+            pv_doorbell: Some(pv::doorbell::Doorbell::shared(&pv)),
         },
         &lines,
         &control,
@@ -284,6 +289,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         mmio: &devices.mmio,
         lines: &lines,
         irq: ctrl.stats(),
+        pv: pv.stats(),
     }
     .line();
     Ok(Finished { outcome, stats })

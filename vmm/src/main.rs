@@ -4,8 +4,9 @@
 //! [`memory`], [`loader`] (Multiboot v1), [`boot`] (initial vCPU state),
 //! [`cpuid`], [`vcpu`] (the per-thread run loop), [`kick`] (signals and
 //! `immediate_exit`), [`irq`] (the interrupt-controller abstraction and its
-//! modes), [`bus`] and [`devices`], [`event_loop`], [`control`] (how a run
-//! ends), [`report`] (guest results, JUnit), [`stats`].
+//! modes), [`pv`] (the PV connect doorbell and service), [`bus`] and
+//! [`devices`], [`event_loop`], [`control`] (how a run ends), [`report`]
+//! (guest results, JUnit), [`stats`].
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -23,6 +24,7 @@ mod kick;
 mod loader;
 mod machine;
 mod memory;
+mod pv;
 mod ratelimit;
 mod report;
 mod stats;

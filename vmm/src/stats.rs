@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::bus::Bus;
 use crate::irq::IrqStats;
 use crate::irq::lines::IrqLines;
+use crate::pv::counters::PvStats;
 use crate::vcpu::VcpuStats;
 
 /// Everything counted during a run.
@@ -22,6 +23,8 @@ pub(crate) struct RunStats<'a> {
     pub(crate) lines: &'a IrqLines,
     /// The controller's own counters.
     pub(crate) irq: IrqStats,
+    /// The PV connect doorbell's counters.
+    pub(crate) pv: PvStats,
 }
 
 impl RunStats<'_> {
@@ -68,6 +71,7 @@ impl RunStats<'_> {
             by_kvm(self.irq.eois),
             self.irq.errors + self.lines.errors()
         );
+        let _ = write!(s, "; {}", self.pv);
         s
     }
 }

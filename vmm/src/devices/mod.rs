@@ -19,34 +19,15 @@ use std::sync::{Arc, Mutex};
 
 use irqconnect_abi::layout;
 
-use crate::bus::{Bus, BusKind};
+use crate::bus::{Bus, BusDevice, BusKind};
 use crate::cli::IrqchipMode;
 use crate::control::VmControl;
 use crate::error::{Error, Result};
 use crate::irq::lines::IrqLines;
 use crate::report::GuestReport;
 use serial::{SerialDevice, SerialIrq, SerialOut, Uart};
-use testdev::{TestDevice, Trigger};
+use testdev::{TestDevice, TestdevSpec};
 use testdev_port::{SharedTestdev, TestdevPort, TestdevSlot};
-
-/// First IOAPIC pin of the phase-1 test-device table.
-pub(crate) const TESTDEV_FIRST_PIN: u8 = 16;
-
-/// The phase-1 device table: device `i` drives pin `16 + i`, level-triggered
-/// for even `i`, edge for odd `i`. (The PV phase replaces this with the PnP
-/// manager's table.)
-pub(crate) fn default_testdev_table() -> Vec<(u8, u8, Trigger)> {
-    (0..layout::TESTDEV_MAX_DEVICES as u8)
-        .map(|i| {
-            let trigger = if i % 2 == 0 {
-                Trigger::Level
-            } else {
-                Trigger::Edge
-            };
-            (i, TESTDEV_FIRST_PIN + i, trigger)
-        })
-        .collect()
-}
 
 /// What the device set depends on.
 pub(crate) struct DeviceConfig {
@@ -56,6 +37,11 @@ pub(crate) struct DeviceConfig {
     pub(crate) ram: u64,
     /// The interrupt-controller mode (decides who owns the PIC ports).
     pub(crate) mode: IrqchipMode,
+    /// The test devices of the PV device table (`crate::pv::testdev_specs`);
+    /// the ports of devices not listed stay unclaimed.
+    pub(crate) testdevs: Vec<TestdevSpec>,
+    /// The PV connect doorbell (`crate::pv::doorbell`), at `PV_DOORBELL_PORT`.
+    pub(crate) pv_doorbell: Option<Arc<Mutex<dyn BusDevice>>>,
 }
 
 /// The buses and the devices the event loop needs to reach.
@@ -147,16 +133,26 @@ pub(crate) fn build(
     .map_err(overlap)?;
 
     let mut testdevs = Vec::new();
-    for (index, pin, trigger) in default_testdev_table() {
-        let slot = TestdevSlot::new(TestDevice::new(index, pin, trigger), line(lines, pin)?)?;
+    for &spec in &cfg.testdevs {
+        let slot = TestdevSlot::new(TestDevice::from_spec(spec), line(lines, spec.pin)?)?;
         pio.insert(
-            u64::from(irqconnect_abi::testdev::device_port(u16::from(index))),
+            u64::from(irqconnect_abi::testdev::device_port(u16::from(spec.index))),
             u64::from(layout::TESTDEV_STRIDE),
             "testdev",
             Arc::new(Mutex::new(TestdevPort::new(Arc::clone(&slot)))),
         )
         .map_err(overlap)?;
         testdevs.push(slot);
+    }
+
+    if let Some(doorbell) = &cfg.pv_doorbell {
+        pio.insert(
+            u64::from(layout::PV_DOORBELL_PORT),
+            u64::from(layout::PV_DOORBELL_SIZE),
+            "pv-doorbell",
+            Arc::clone(doorbell),
+        )
+        .map_err(overlap)?;
     }
 
     // In kernel mode KVM's PIC decodes these ports and they never exit.
@@ -190,18 +186,4 @@ pub(crate) fn build(
         uart,
         testdevs,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_table_alternates_level_and_edge_from_pin_16() {
-        let t = default_testdev_table();
-        assert_eq!(t.len(), 8);
-        assert_eq!(t[0], (0, 16, Trigger::Level));
-        assert_eq!(t[1], (1, 17, Trigger::Edge));
-        assert_eq!(t[7], (7, 23, Trigger::Edge));
-    }
 }

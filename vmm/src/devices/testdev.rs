@@ -20,6 +20,17 @@ pub(crate) enum Trigger {
     Edge,
 }
 
+/// One test device as the device table (the PnP manager) assigns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TestdevSpec {
+    /// The device id: test device `index` at `device_port(index)`.
+    pub(crate) index: u8,
+    /// The IOAPIC pin it drives (its first resource's pin).
+    pub(crate) pin: u8,
+    /// Level for a level-sensitive resource, edge for a latched one.
+    pub(crate) trigger: Trigger,
+}
+
 /// What the caller must do with the device's host timer after a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TimerCommand {
@@ -48,6 +59,11 @@ pub(crate) struct TestDevice {
 }
 
 impl TestDevice {
+    /// The device `spec` describes.
+    pub(crate) fn from_spec(spec: TestdevSpec) -> Self {
+        Self::new(spec.index, spec.pin, spec.trigger)
+    }
+
     /// Device `index` on IOAPIC pin `line`.
     pub(crate) fn new(index: u8, line: u8, trigger: Trigger) -> Self {
         Self {

@@ -1,0 +1,141 @@
+//! Building the PV connect service at VM start: platform facts from the
+//! command line, the device table from `--devices` or irqconnect's default.
+
+use std::path::Path;
+
+use irqconnect::platform::{DEFAULT_OBJECT_QUOTA, DEFAULT_STORM_THRESHOLD, present_mask};
+use irqconnect::{DeviceTable, Platform, PlatformFacts, Service};
+
+use crate::cli::{Args, IrqchipMode};
+use crate::error::{Error, Result};
+
+/// Consecutive unclaimed re-deliveries of a level pin after which the
+/// storm guard masks it. Reported to the guest in QUERY_PLATFORM; the
+/// split and user modes build their IOAPIC model with it.
+pub(crate) const STORM_THRESHOLD: u32 = DEFAULT_STORM_THRESHOLD;
+
+/// The platform facts of a VM with `cpus` vCPUs in `mode`. vCPU `i` has
+/// APIC ID `i` (see `cpuid`); every vCPU is online; a KAFFINITY names the
+/// first 64.
+pub(crate) fn platform_facts(cpus: u32, mode: IrqchipMode, x2apic: bool) -> PlatformFacts {
+    PlatformFacts {
+        cpu_count: cpus,
+        online_mask: present_mask(cpus),
+        apic_ids: (0..cpus).collect(),
+        irqchip_mode: match mode {
+            IrqchipMode::Kernel => irqconnect::platform::IrqchipMode::Kernel,
+            IrqchipMode::Split => irqconnect::platform::IrqchipMode::Split,
+            IrqchipMode::User => irqconnect::platform::IrqchipMode::User,
+        },
+        x2apic,
+        storm_threshold: STORM_THRESHOLD,
+    }
+}
+
+/// The service for `facts` with the device table of the JSON file
+/// `devices` (an irqconnect `TableConfig`), or the default table for the
+/// CPU count when `None`.
+pub(crate) fn build_service(facts: PlatformFacts, devices: Option<&Path>) -> Result<Service> {
+    let platform = Platform::new(facts).map_err(|source| Error::PvConfig {
+        what: "PV platform".to_string(),
+        source,
+    })?;
+    let table = match devices {
+        None => DeviceTable::default_for(&platform),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            DeviceTable::from_json(&text, &platform).map_err(|source| Error::PvConfig {
+                what: format!("device table {}", path.display()),
+                source,
+            })?
+        }
+    };
+    Service::new(platform, table, DEFAULT_OBJECT_QUOTA).map_err(|source| Error::PvConfig {
+        what: "PV service".to_string(),
+        source,
+    })
+}
+
+/// The service `args` describe (`--cpus`, `--irqchip`, `--x2apic`,
+/// `--devices`). Needs no KVM, so a bad table is reported before the VM
+/// exists.
+pub(crate) fn service_from_args(args: &Args) -> Result<Service> {
+    build_service(
+        platform_facts(args.cpus, args.irqchip, args.x2apic.is_on()),
+        args.devices.as_deref(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `resources/devices/default.json`, the example `--devices` file.
+    const DEFAULT_JSON: &str = include_str!("../../../resources/devices/default.json");
+
+    fn facts(cpus: u32) -> PlatformFacts {
+        platform_facts(cpus, IrqchipMode::Kernel, false)
+    }
+
+    #[test]
+    fn platform_facts_follow_the_command_line() {
+        let f = platform_facts(3, IrqchipMode::Split, true);
+        assert_eq!(f.cpu_count, 3);
+        assert_eq!(f.online_mask, 0b111);
+        assert_eq!(f.apic_ids, vec![0, 1, 2]);
+        assert_eq!(f.irqchip_mode, irqconnect::platform::IrqchipMode::Split);
+        assert!(f.x2apic);
+        assert_eq!(f.storm_threshold, STORM_THRESHOLD);
+        // KAFFINITY names the first 64 processors only.
+        assert_eq!(
+            platform_facts(100, IrqchipMode::User, false).online_mask,
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn default_json_parses_to_the_default_table_for_any_cpu_count() {
+        for cpus in [1, 2, 4, 8, 64, 255] {
+            let platform = Platform::new(facts(cpus)).unwrap();
+            let parsed = DeviceTable::from_json(DEFAULT_JSON, &platform).unwrap();
+            assert_eq!(parsed, DeviceTable::default_for(&platform), "{cpus} CPUs");
+        }
+    }
+
+    #[test]
+    fn build_service_without_file_uses_default_table() {
+        let s = build_service(facts(4), None).unwrap();
+        assert_eq!(s.devices().len(), 8);
+        assert_eq!(s.platform().cpu_count(), 4);
+    }
+
+    #[test]
+    fn build_service_bad_table_is_one_line_error() {
+        let dir = std::env::temp_dir().join(format!("vmm-pv-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let syntax = dir.join("syntax.json");
+        std::fs::write(&syntax, "{\"devices\": [").unwrap();
+        let pin = dir.join("pin.json");
+        std::fs::write(
+            &pin,
+            r#"{"devices":[{"id":0,"resources":[{"pin":24,"vector":96,"mode":"latched","share":"exclusive"}]}]}"#,
+        )
+        .unwrap();
+        for path in [&syntax, &pin] {
+            let e = build_service(facts(2), Some(path)).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.starts_with("device table "), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+            assert_eq!(e.exit_status(), crate::error::EXIT_VMM_ERROR);
+        }
+        let missing = dir.join("missing.json");
+        assert!(matches!(
+            build_service(facts(2), Some(&missing)),
+            Err(Error::ReadFile { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

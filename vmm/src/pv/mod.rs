@@ -1,0 +1,540 @@
+//! The paravirtual IoConnectInterrupt interface: the doorbell device, the
+//! PV connect service (`irqconnect`) it drives, and how the service's
+//! routes reach the interrupt controller.
+//!
+//! - [`config`]: the service built at VM start from the platform facts and
+//!   the device table (`--devices PATH` or irqconnect's default).
+//! - [`doorbell`]: the 4-byte port at `PV_DOORBELL_PORT`. A 32-bit write
+//!   hands the guest-physical address of a request block to
+//!   [`PvConnect::doorbell`] on the writing vCPU's thread.
+//! - [`ram`]: [`irqconnect::GuestRam`] over vm-memory's checked accesses.
+//! - [`route`]: a service route as a [`crate::irq::PinProgram`].
+//! - [`counters`]: what the statistics line shows.
+//!
+//! Route application: every route update a request returns is programmed
+//! with [`InterruptController::program_pin`] before the doorbell write
+//! returns, so before the vCPU resumes; the service lock is held
+//! meanwhile, so two vCPUs' requests cannot reorder their pin programming.
+//! A mode that cannot program pins still gets correct answers; the failure
+//! is reported once, and every failed update is counted.
+//!
+//! Storm guard ([`PvConnect::mask_storming_pin`]): the split and user
+//! modes' IOAPIC model reports a level pin re-delivered past
+//! [`config::STORM_THRESHOLD`] times after EOI; the hook masks it and tells
+//! the service. Kernel mode cannot see EOIs, so there is no storm guard
+//! there.
+
+pub(crate) mod config;
+pub(crate) mod counters;
+pub(crate) mod doorbell;
+pub(crate) mod ram;
+pub(crate) mod route;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use irqconnect::{DeviceTable, InterruptMode, Outcome, PinRoute, RouteUpdate, Service};
+use vm_memory::GuestMemoryMmap;
+
+use crate::devices::testdev::{TestdevSpec, Trigger};
+use crate::irq::{InterruptController, IrqError};
+use crate::ratelimit::RateLimiter;
+use counters::{PvCounters, PvStats};
+use ram::VmRam;
+
+/// The PV connect service of one VM, with what it needs to answer and
+/// route: guest RAM and the interrupt controller.
+pub(crate) struct PvConnect {
+    service: Mutex<Service>,
+    mem: GuestMemoryMmap,
+    ctrl: Arc<dyn InterruptController>,
+    counters: PvCounters,
+    /// "Routes cannot be applied in this mode" was logged.
+    unsupported_reported: AtomicBool,
+    /// Pins whose storm masking was logged (bit `p` = pin `p`).
+    storm_logged: AtomicU32,
+    warn_unreadable: RateLimiter,
+    warn_unwritable: RateLimiter,
+    warn_route: RateLimiter,
+    warn_access: RateLimiter,
+}
+
+impl PvConnect {
+    /// The service `service`, answering in `mem`, routing through `ctrl`.
+    pub(crate) fn new(
+        service: Service,
+        mem: GuestMemoryMmap,
+        ctrl: Arc<dyn InterruptController>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            service: Mutex::new(service),
+            mem,
+            ctrl,
+            counters: PvCounters::default(),
+            unsupported_reported: AtomicBool::new(false),
+            storm_logged: AtomicU32::new(0),
+            warn_unreadable: RateLimiter::new(),
+            warn_unwritable: RateLimiter::new(),
+            warn_route: RateLimiter::new(),
+            warn_access: RateLimiter::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Service> {
+        self.service.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The test devices of the service's device table.
+    pub(crate) fn testdev_specs(&self) -> Vec<TestdevSpec> {
+        testdev_specs(self.lock().devices())
+    }
+
+    /// A 32-bit doorbell write of `value` (the block's guest-physical
+    /// address): answers the request and programs the routes it changed,
+    /// all before returning.
+    pub(crate) fn doorbell(&self, value: u32) -> Outcome {
+        let mut service = self.lock();
+        let outcome = service.handle_doorbell(&mut VmRam::new(&self.mem), value);
+        self.counters.outcome(&outcome);
+        match &outcome {
+            Outcome::Answered(answer) => {
+                for update in &answer.routes {
+                    self.apply(&service, update);
+                }
+            }
+            Outcome::Unreadable { gpa, len } => {
+                if let Some(suppressed) = self.warn_unreadable.check() {
+                    log::warn!(
+                        "PV doorbell: request block {gpa:#x}+{len:#x} is not guest RAM; not answered{}",
+                        suppressed_note(suppressed)
+                    );
+                }
+            }
+            Outcome::Unwritable { gpa } => {
+                if let Some(suppressed) = self.warn_unwritable.check() {
+                    log::warn!(
+                        "PV doorbell: the answer to the block at {gpa:#x} could not be written; request undone{}",
+                        suppressed_note(suppressed)
+                    );
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Programs one route update; counts it and reports a failure.
+    fn apply(&self, service: &Service, update: &RouteUpdate) {
+        let program = route::pin_program(&update.route, service.platform());
+        match self.ctrl.program_pin(update.pin, &program) {
+            Ok(()) => self.counters.route_applied(),
+            Err(e) => {
+                self.counters.route_failed();
+                self.report_route_failure(update.pin, &e);
+            }
+        }
+    }
+
+    fn report_route_failure(&self, pin: u8, e: &IrqError) {
+        if matches!(e, IrqError::Unsupported(_)) {
+            if !self.unsupported_reported.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "PV routes are answered but not applied: {e} (first: pin {pin}; every failure is counted)"
+                );
+            }
+        } else if let Some(suppressed) = self.warn_route.check() {
+            log::warn!(
+                "PV route for pin {pin} not applied: {e}{}",
+                suppressed_note(suppressed)
+            );
+        }
+    }
+
+    /// The storm-guard hook: the IOAPIC model (split and user modes)
+    /// reported level pin `pin` past the storm threshold. Masks the pin
+    /// through [`InterruptController::program_pin`] (the service's route,
+    /// masked), records it in the service (QUERY_ROUTE reads it masked,
+    /// QUERY_PLATFORM counts it; the next CONNECT on the vector re-arms the
+    /// pin), logs once per pin, counts each masking. A report for a pin
+    /// already held masked is ignored.
+    ///
+    /// Call it with no interrupt-controller lock held: it takes the service
+    /// lock and then, through `program_pin`, the controller's, the same
+    /// order as the doorbell path.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "called by the split and user modes' storm reports once they exist"
+        )
+    )]
+    pub(crate) fn mask_storming_pin(&self, pin: u8) {
+        let mut service = self.lock();
+        let bit = 1u32.checked_shl(u32::from(pin)).unwrap_or(0);
+        let Some(route) = service.route(pin) else {
+            return;
+        };
+        if service.storm_bits() & bit != 0 {
+            return;
+        }
+        let masked = PinRoute {
+            masked: true,
+            ..route
+        };
+        self.apply(&service, &RouteUpdate { pin, route: masked });
+        if service.report_storm_masked(u32::from(pin)).is_err() {
+            return;
+        }
+        self.counters.storm_mask();
+        if self.storm_logged.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            log::warn!(
+                "storm guard: pin {pin} (vector {:#x}) re-delivered more than {} times after EOI with nobody claiming it; masked until its vector's connections change",
+                route.vector,
+                service.platform().storm_threshold()
+            );
+        }
+    }
+
+    /// A doorbell access of another width or offset: ignored, counted,
+    /// warned at a rate limit.
+    pub(crate) fn bad_access(&self, what: &str, offset: u64, len: usize) {
+        self.counters.bad_access();
+        if let Some(suppressed) = self.warn_access.check() {
+            log::warn!(
+                "PV doorbell: {len}-byte {what} at offset {offset:#x} ignored (the doorbell is one 32-bit register){}",
+                suppressed_note(suppressed)
+            );
+        }
+    }
+
+    /// The counters now.
+    pub(crate) fn stats(&self) -> PvStats {
+        self.counters.snapshot()
+    }
+}
+
+fn suppressed_note(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar messages suppressed)")
+    }
+}
+
+/// Test device `i` of `table`: the line of its first resource, level for a
+/// level-sensitive resource, edge for a latched one. Devices past the
+/// test-device window do not exist.
+pub(crate) fn testdev_specs(table: &DeviceTable) -> Vec<TestdevSpec> {
+    table
+        .devices()
+        .iter()
+        .filter_map(|d| {
+            let index = u8::try_from(d.id()).ok()?;
+            let first = d.resources().first()?;
+            (u16::from(index) < irqconnect_abi::layout::TESTDEV_MAX_DEVICES).then_some(
+                TestdevSpec {
+                    index,
+                    pin: first.pin,
+                    trigger: match first.mode {
+                        InterruptMode::LevelSensitive => Trigger::Level,
+                        InterruptMode::Latched => Trigger::Edge,
+                    },
+                },
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! A recording interrupt controller and a PV service over 1 MiB of RAM.
+
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::PvConnect;
+    use super::config::{build_service, platform_facts};
+    use crate::cli::IrqchipMode;
+    use crate::irq::{
+        ExitAction, InterruptController, IrqError, IrqExit, IrqStats, PinProgram, VcpuInterrupts,
+    };
+
+    /// Guest RAM of the tests' services.
+    pub(crate) const RAM: u64 = 0x10_0000;
+
+    /// Records every `program_pin`; `unsupported` answers like a mode
+    /// without host pin programming.
+    pub(crate) struct RecordingChip {
+        unsupported: bool,
+        programs: Mutex<Vec<(u8, PinProgram)>>,
+    }
+
+    impl RecordingChip {
+        /// Programs pins like kernel mode.
+        pub(crate) fn kernel() -> Arc<Self> {
+            Arc::new(Self {
+                unsupported: false,
+                programs: Mutex::new(Vec::new()),
+            })
+        }
+
+        /// Refuses to program pins.
+        pub(crate) fn unsupported() -> Arc<Self> {
+            Arc::new(Self {
+                unsupported: true,
+                programs: Mutex::new(Vec::new()),
+            })
+        }
+
+        /// Every pin programmed so far, in order.
+        pub(crate) fn programs(&self) -> Vec<(u8, PinProgram)> {
+            self.programs.lock().unwrap().clone()
+        }
+    }
+
+    struct NoVcpu;
+    impl VcpuInterrupts for NoVcpu {
+        fn on_exit(&mut self, _exit: IrqExit<'_>) -> ExitAction {
+            ExitAction::Unexpected
+        }
+    }
+
+    impl InterruptController for RecordingChip {
+        fn mode(&self) -> IrqchipMode {
+            if self.unsupported {
+                IrqchipMode::User
+            } else {
+                IrqchipMode::Kernel
+            }
+        }
+        fn gsi_count(&self) -> u32 {
+            24
+        }
+        fn set_level(&self, _gsi: u32, _high: bool) -> Result<(), IrqError> {
+            Ok(())
+        }
+        fn vcpu(&self, _index: usize) -> Box<dyn VcpuInterrupts> {
+            Box::new(NoVcpu)
+        }
+        fn stats(&self) -> IrqStats {
+            IrqStats::default()
+        }
+        fn program_pin(&self, pin: u8, route: &PinProgram) -> Result<(), IrqError> {
+            if self.unsupported {
+                return Err(IrqError::Unsupported(self.mode().name()));
+            }
+            self.programs.lock().unwrap().push((pin, *route));
+            Ok(())
+        }
+    }
+
+    /// A 4-CPU kernel-mode service with the default table over [`RAM`]
+    /// bytes, routing through `chip`.
+    pub(crate) fn pv_with(
+        chip: Arc<RecordingChip>,
+    ) -> (Arc<PvConnect>, Arc<RecordingChip>, GuestMemoryMmap) {
+        let service = build_service(platform_facts(4, IrqchipMode::Kernel, false), None).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let ctrl: Arc<dyn InterruptController> = chip.clone();
+        (PvConnect::new(service, mem.clone(), ctrl), chip, mem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{RAM, RecordingChip, pv_with};
+    use super::*;
+    use crate::irq::{PinDelivery, PinDestMode, PinProgram, PinTrigger};
+    use irqconnect_abi::ntstatus::{STATUS_INVALID_HANDLE, STATUS_SUCCESS};
+    use irqconnect_abi::pv::{
+        Connect, Disconnect, QueryPlatform, QueryRoute, RequestHeader, STATUS_NO_ANSWER,
+        interrupt_mode, opcode,
+    };
+    use vm_memory::{Bytes, GuestAddress};
+    use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+    const BLOCK: u64 = 0x2000;
+
+    fn connect_block(device: u32, vector: u32, mode: u8, share: u8, mask: u64) -> Connect {
+        let mut c = Connect::new_zeroed();
+        c.header = RequestHeader::new::<Connect>(opcode::CONNECT);
+        c.device_id = device;
+        c.vector = vector;
+        c.irql = (vector >> 4) as u8;
+        c.synchronize_irql = (vector >> 4) as u8;
+        c.interrupt_mode = mode;
+        c.share_vector = share;
+        c.processor_enable_mask = mask;
+        c.service_routine = 0x10_0000;
+        c.spin_lock = 0x3000;
+        c
+    }
+
+    fn ring<T: IntoBytes + FromBytes + zerocopy::Immutable>(
+        pv: &PvConnect,
+        mem: &GuestMemoryMmap,
+        block: &T,
+    ) -> T {
+        mem.write_slice(block.as_bytes(), GuestAddress(BLOCK))
+            .unwrap();
+        let _ = pv.doorbell(BLOCK as u32);
+        let mut out = T::new_zeroed();
+        mem.read_slice(out.as_mut_bytes(), GuestAddress(BLOCK))
+            .unwrap();
+        out
+    }
+
+    fn connect_device0(pv: &PvConnect, mem: &GuestMemoryMmap, mask: u64) -> Connect {
+        let c = ring(
+            pv,
+            mem,
+            &connect_block(0, 0x60, interrupt_mode::LEVEL_SENSITIVE, 0, mask),
+        );
+        assert_eq!(c.header.status, STATUS_SUCCESS);
+        c
+    }
+
+    #[test]
+    fn doorbell_connect_programs_pin_before_returning() {
+        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        let c = connect_device0(&pv, &mem, 0b0101);
+        assert_ne!(c.handle, 0);
+        assert_eq!(c.effective_mask, 0b0101);
+        assert_eq!(
+            chip.programs(),
+            vec![(
+                16,
+                PinProgram {
+                    vector: 0x60,
+                    trigger: PinTrigger::Level,
+                    dest_mode: PinDestMode::Logical,
+                    destination: 0b0101,
+                    delivery: PinDelivery::LowestPriority,
+                    masked: false,
+                }
+            )]
+        );
+        let s = pv.stats();
+        assert_eq!(
+            (s.status("ok"), s.routes_applied, s.route_failures),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn doorbell_disconnect_masks_pin_and_stale_handle_refused() {
+        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        let c = connect_device0(&pv, &mem, 0b1);
+        let mut d = Disconnect::new_zeroed();
+        d.header = RequestHeader::new::<Disconnect>(opcode::DISCONNECT);
+        d.handle = c.handle;
+        assert_eq!(ring(&pv, &mem, &d).header.status, STATUS_SUCCESS);
+        let last = chip.programs().last().copied().unwrap();
+        assert_eq!(last.0, 16);
+        assert!(last.1.masked);
+        d.header.status = STATUS_NO_ANSWER;
+        assert_eq!(ring(&pv, &mem, &d).header.status, STATUS_INVALID_HANDLE);
+        assert_eq!(chip.programs().len(), 2);
+        assert_eq!(pv.stats().status("invalid_handle"), 1);
+    }
+
+    #[test]
+    fn doorbell_unsupported_mode_answers_and_counts_failure() {
+        let (pv, chip, mem) = pv_with(RecordingChip::unsupported());
+        let c = connect_device0(&pv, &mem, 0b1);
+        assert_ne!(c.handle, 0);
+        let e = ring(
+            &pv,
+            &mem,
+            &connect_block(1, 0x61, interrupt_mode::LATCHED, 0, 0b10),
+        );
+        assert_eq!(e.header.status, STATUS_SUCCESS);
+        assert!(chip.programs().is_empty());
+        let s = pv.stats();
+        assert_eq!((s.routes_applied, s.route_failures), (0, 2));
+        assert!(pv.unsupported_reported.load(Ordering::Relaxed));
+        // The service still reports the route it decided.
+        let mut q = QueryRoute::new_zeroed();
+        q.header = RequestHeader::new::<QueryRoute>(opcode::QUERY_ROUTE);
+        q.pin = 16;
+        let r = ring(&pv, &mem, &q);
+        assert_eq!((r.masked, r.vector, r.destination_mask), (0, 0x60, 1));
+    }
+
+    #[test]
+    fn doorbell_unreadable_blocks_counted_not_answered() {
+        let (pv, chip, _mem) = pv_with(RecordingChip::kernel());
+        for gpa in [RAM as u32, RAM as u32 - 8, 0xfec0_0000, u32::MAX] {
+            assert!(
+                matches!(pv.doorbell(gpa), Outcome::Unreadable { .. }),
+                "{gpa:#x}"
+            );
+        }
+        let s = pv.stats();
+        assert_eq!((s.unreadable, s.answered()), (4, 0));
+        assert!(chip.programs().is_empty());
+    }
+
+    #[test]
+    fn storm_hook_masks_pin_records_it_and_ignores_repeats() {
+        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        connect_device0(&pv, &mem, 0b1);
+        pv.mask_storming_pin(16);
+        pv.mask_storming_pin(16);
+        let programs = chip.programs();
+        assert_eq!(programs.len(), 2);
+        assert_eq!(programs[1].0, 16);
+        assert!(programs[1].1.masked);
+        assert_eq!(programs[1].1.vector, 0x60);
+        assert_eq!(pv.stats().storm_masks, 1);
+        let mut q = QueryPlatform::new_zeroed();
+        q.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
+        let p = ring(&pv, &mem, &q);
+        assert_eq!(p.storm_masked_pins, 1);
+        // A new CONNECT on the vector re-arms the pin.
+        let again = ring(
+            &pv,
+            &mem,
+            &connect_block(0, 0x60, interrupt_mode::LEVEL_SENSITIVE, 0, 0b10),
+        );
+        assert_eq!(again.header.status, STATUS_SUCCESS);
+        let last = chip.programs().last().copied().unwrap();
+        assert_eq!((last.0, last.1.masked), (16, false));
+        // Pins past the IOAPIC are ignored.
+        pv.mask_storming_pin(40);
+        assert_eq!(pv.stats().storm_masks, 1);
+    }
+
+    #[test]
+    fn testdev_specs_follow_the_default_table() {
+        let (pv, _chip, _mem) = pv_with(RecordingChip::kernel());
+        let specs = pv.testdev_specs();
+        let got: Vec<_> = specs.iter().map(|s| (s.index, s.pin, s.trigger)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 16, Trigger::Level),
+                (1, 17, Trigger::Edge),
+                (2, 18, Trigger::Level),
+                (3, 18, Trigger::Level),
+                (4, 19, Trigger::Edge),
+                (5, 20, Trigger::Edge),
+                (6, 21, Trigger::Level),
+                (7, 22, Trigger::Level),
+            ]
+        );
+    }
+
+    #[test]
+    fn testdev_specs_short_table_has_fewer_devices() {
+        let platform = irqconnect::Platform::uniform(2).unwrap();
+        let table = DeviceTable::from_json(
+            r#"{"devices":[{"id":0,"resources":[{"pin":5,"vector":81,"mode":"latched","share":"exclusive"}]}]}"#,
+            &platform,
+        )
+        .unwrap();
+        let specs = testdev_specs(&table);
+        assert_eq!(specs.len(), 1);
+        assert_eq!((specs[0].pin, specs[0].trigger), (5, Trigger::Edge));
+    }
+}
