@@ -42,6 +42,10 @@ use crate::ratelimit::RateLimiter;
 use counters::{PvCounters, PvStats};
 use ram::VmRam;
 
+/// The storm guard's callback: called with a pin the IOAPIC model reported
+/// storming, with no interrupt-controller lock held.
+pub(crate) type StormSink = Arc<dyn Fn(u8) + Send + Sync>;
+
 /// The PV connect service of one VM, with what it needs to answer and
 /// route: guest RAM and the interrupt controller.
 pub(crate) struct PvConnect {
@@ -160,13 +164,6 @@ impl PvConnect {
     /// Call it with no interrupt-controller lock held: it takes the service
     /// lock and then, through `program_pin`, the controller's, the same
     /// order as the doorbell path.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "called by the split and user modes' storm reports once they exist"
-        )
-    )]
     pub(crate) fn mask_storming_pin(&self, pin: u8) {
         let mut service = self.lock();
         let bit = 1u32.checked_shl(u32::from(pin)).unwrap_or(0);
@@ -174,6 +171,16 @@ impl PvConnect {
             return;
         };
         if service.storm_bits() & bit != 0 {
+            return;
+        }
+        if service.devices().resource_on_pin(pin).is_none() {
+            // The guest programs this pin itself; a host program would
+            // overwrite its entry. The model's own report stands.
+            if self.storm_logged.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+                log::warn!(
+                    "storm guard: pin {pin} is not a PV device pin; left as the guest programmed it"
+                );
+            }
             return;
         }
         let masked = PinRoute {
@@ -192,6 +199,25 @@ impl PvConnect {
                 service.platform().storm_threshold()
             );
         }
+    }
+
+    /// [`PvConnect::mask_storming_pin`] as a callback for the interrupt
+    /// controller. It holds the service weakly: the service holds the
+    /// controller, so a strong reference would be a cycle.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "handed to the split and user modes once they take a storm sink"
+        )
+    )]
+    pub(crate) fn storm_sink(self: &Arc<Self>) -> StormSink {
+        let pv = Arc::downgrade(self);
+        Arc::new(move |pin| {
+            if let Some(pv) = pv.upgrade() {
+                pv.mask_storming_pin(pin);
+            }
+        })
     }
 
     /// A doorbell access of another width or offset: ignored, counted,
@@ -500,9 +526,23 @@ mod tests {
         assert_eq!(again.header.status, STATUS_SUCCESS);
         let last = chip.programs().last().copied().unwrap();
         assert_eq!((last.0, last.1.masked), (16, false));
-        // Pins past the IOAPIC are ignored.
+        // Pins past the IOAPIC, and pins no PV device uses, are left alone.
         pv.mask_storming_pin(40);
+        pv.mask_storming_pin(5);
         assert_eq!(pv.stats().storm_masks, 1);
+        assert_eq!(chip.programs().len(), 3);
+    }
+
+    #[test]
+    fn storm_sink_masks_through_a_weak_reference() {
+        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        connect_device0(&pv, &mem, 0b1);
+        let sink = pv.storm_sink();
+        sink(16);
+        assert_eq!(pv.stats().storm_masks, 1);
+        assert!(chip.programs().last().unwrap().1.masked);
+        drop(pv);
+        sink(16); // the service is gone: nothing happens, no panic
     }
 
     #[test]
