@@ -4,13 +4,15 @@
 //!   and CPU are printed and the run ends with a FAIL line and exit code 1.
 //! - NMI (2): counted per CPU, then the optional handler runs. No EOI.
 //! - The spurious vector (0xFF): counted, no EOI.
-//! - Any other vector: the optional handler runs, then EOI (unless the
-//!   handler sent it with [`eoi_now`]), then the per-CPU count goes up, so a
-//!   test that sees the count also sees what the handler did.
+//! - Any other vector: the handler installed with [`set_handler`] runs, or,
+//!   when there is none, the chain of interrupt objects connected through
+//!   `wdm::IoConnectInterrupt` ([`wdm::dispatch`], which sends its own EOI);
+//!   then EOI (unless already sent with [`eoi_now`]), then the per-CPU count
+//!   goes up, so a test that sees the count also sees what the handler did.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::{cpu, lapic, percpu, runner};
+use crate::{cpu, lapic, percpu, runner, wdm};
 
 /// The saved state of an interrupted context, as the stubs lay it out.
 #[repr(C)]
@@ -96,8 +98,9 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
         }
         _ => {
             me.eoi_sent.store(false, Ordering::Relaxed);
-            if let Some(h) = handler(vector) {
-                h(vector);
+            match handler(vector) {
+                Some(h) => h(vector),
+                None => wdm::dispatch(vector),
             }
             if !me.eoi_sent.load(Ordering::Relaxed) {
                 lapic::eoi();

@@ -24,12 +24,15 @@ mod mem;
 mod multiboot;
 mod percpu;
 mod pic;
+mod pv;
 mod runner;
 mod serial;
 mod smp;
 mod spinlock;
+mod testdev;
 mod tests;
 mod time;
+mod wdm;
 
 use core::sync::atomic::Ordering;
 

@@ -4,10 +4,17 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::runner::Test;
 
+mod affinity;
+mod connect;
+mod disconnect;
 pub mod fixture;
 mod ioapic;
 mod ipi;
 mod lapic;
+mod load;
+mod pvfix;
+mod share;
+mod sync;
 mod timer;
 mod tpr;
 
@@ -18,6 +25,12 @@ pub static SUITES: &[&[Test]] = &[
     tpr::TESTS,
     timer::TESTS,
     ioapic::TESTS,
+    connect::TESTS,
+    share::TESTS,
+    affinity::TESTS,
+    disconnect::TESTS,
+    sync::TESTS,
+    load::TESTS,
 ];
 
 static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(1);

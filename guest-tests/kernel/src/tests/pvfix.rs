@@ -1,0 +1,803 @@
+//! What the PV/WDM suites share: the skip when the PV device is absent, the
+//! per-test wrapper (platform baseline, clean-up, leak checks), device roles
+//! found from the PnP resources (never hard-coded vectors or pins), ISR
+//! contexts and the ISR that claims a test device's causes.
+//!
+//! Claims are counted from the device (STATUS read, ACK written), not from
+//! ISR entries: on hosts whose LAPIC EOIs at injection a level interrupt may
+//! arrive once more after it was serviced, and that extra call finds no work
+//! and returns FALSE.
+
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use irqconnect_abi::ntstatus::{STATUS_SUCCESS, status_name};
+use irqconnect_abi::pv::{QueryPlatform, QueryRoute};
+
+use crate::percpu::{self, MAX_CPUS};
+use crate::runner::{Failure, TestResult};
+use crate::testdev::TestDev;
+use crate::wdm::{
+    self, CM_PARTIAL_RESOURCE_DESCRIPTOR, DEVICE_OBJECT, IoConnectInterrupt, IoDisconnectInterrupt,
+    KAFFINITY, KINTERRUPT, KINTERRUPT_MODE, KIRQL, KSERVICE_ROUTINE, KSPIN_LOCK, NTSTATUS,
+    PKINTERRUPT, PVOID,
+};
+use crate::{check, cpu, fail, lines, pv, skip, time};
+
+/// How long a test waits for an expected interrupt or claim.
+pub const TIMEOUT_US: u64 = 1_000_000;
+/// How long a test waits before asserting that nothing (more) happens.
+pub const SETTLE_US: u64 = 3_000;
+/// Most test devices the platform has.
+pub const MAX_DEVICES: usize = 8;
+
+/// A device of the host's table: its PnP object, its test-device registers
+/// and its first translated interrupt resource.
+#[derive(Clone, Copy)]
+pub struct Dev {
+    /// The device object (id and translated resources).
+    pub obj: DEVICE_OBJECT,
+    /// The interrupt-source test device with the same id.
+    pub td: TestDev,
+}
+
+impl Dev {
+    /// Translated resource `i`.
+    pub fn res(&self, i: usize) -> CM_PARTIAL_RESOURCE_DESCRIPTOR {
+        self.obj
+            .allocated_resources_translated()
+            .get(i)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Number of interrupt resources.
+    pub fn res_count(&self) -> usize {
+        self.obj.allocated_resources_translated().len()
+    }
+
+    /// The vector of resource 0 (a `u8`: the host keeps device vectors in
+    /// 0x30..=0xbf).
+    pub fn vector(&self) -> u8 {
+        self.res(0).vector as u8
+    }
+
+    /// The pin of resource 0.
+    pub fn line(&self) -> u32 {
+        self.res(0).line
+    }
+
+    /// The device id.
+    pub fn id(&self) -> u32 {
+        self.obj.device_id()
+    }
+
+    /// Fails unless the test device answers at this id and drives the pin
+    /// and trigger its first resource names.
+    pub fn check_wiring(&self) -> TestResult {
+        let r = self.res(0);
+        let level = r.interrupt_mode() == KINTERRUPT_MODE::LevelSensitive;
+        match self.td.id() {
+            Some((id, line)) if u32::from(id) == self.id() && u32::from(line) == r.line => {}
+            Some((id, line)) => fail!(
+                "platform: test device {} reports id {} on pin {}, its resource names pin {}",
+                crate::display::dec(self.id()),
+                crate::display::dec(id),
+                crate::display::dec(line),
+                crate::display::dec(r.line)
+            ),
+            None => fail!(
+                "platform: test device {} does not answer at its ports",
+                crate::display::dec(self.id())
+            ),
+        }
+        check!(
+            self.td.is_level() == level,
+            "platform: test device {} is {}-triggered, its resource says {}",
+            crate::display::dec(self.id()),
+            if self.td.is_level() { "level" } else { "edge" },
+            if level { "level-sensitive" } else { "latched" }
+        );
+        Ok(())
+    }
+}
+
+/// The platform as the test found it.
+pub struct Env {
+    /// QUERY_PLATFORM at the start of the test.
+    pub platform: QueryPlatform,
+    devices: [Option<Dev>; MAX_DEVICES],
+}
+
+impl Env {
+    /// Processors online (the host's view, which the guest's must match).
+    pub fn online(&self) -> KAFFINITY {
+        self.platform.online_mask
+    }
+
+    /// Device `id`, when the host has it.
+    pub fn device(&self, id: usize) -> Option<&Dev> {
+        self.devices.get(id).and_then(Option::as_ref)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Dev> {
+        self.devices.iter().flatten()
+    }
+
+    /// The first device with one resource, exclusive, in `mode`.
+    pub fn exclusive(&self, mode: KINTERRUPT_MODE) -> Result<Dev, Failure> {
+        match self.all().find(|d| {
+            let r = d.res(0);
+            d.res_count() == 1 && !r.share_vector() && r.interrupt_mode() == mode
+        }) {
+            Some(d) => {
+                d.check_wiring()?;
+                Ok(*d)
+            }
+            None => skip!("the host's device table has no exclusive {:?} device", mode),
+        }
+    }
+
+    /// Two devices whose first resources share one vector in `mode`, on one
+    /// pin (`same_pin`) or on two.
+    pub fn shared_pair(
+        &self,
+        mode: KINTERRUPT_MODE,
+        same_pin: bool,
+    ) -> Result<(Dev, Dev), Failure> {
+        for a in self.all() {
+            for b in self.all() {
+                let (ra, rb) = (a.res(0), b.res(0));
+                if b.id() > a.id()
+                    && ra.share_vector()
+                    && rb.share_vector()
+                    && ra.vector == rb.vector
+                    && ra.interrupt_mode() == mode
+                    && rb.interrupt_mode() == mode
+                    && (ra.line == rb.line) == same_pin
+                {
+                    a.check_wiring()?;
+                    b.check_wiring()?;
+                    return Ok((*a, *b));
+                }
+            }
+        }
+        skip!(
+            "the host's device table has no two {:?} devices sharing a vector on {}",
+            mode,
+            if same_pin { "one pin" } else { "two pins" }
+        )
+    }
+
+    /// A device with two or more interrupt resources (one ISR, two vectors).
+    pub fn multi_vector(&self) -> Result<Dev, Failure> {
+        match self.all().find(|d| d.res_count() >= 2) {
+            Some(d) => {
+                d.check_wiring()?;
+                Ok(*d)
+            }
+            None => skip!("the host's device table has no device with two interrupt resources"),
+        }
+    }
+
+    /// Every device (its test device checked against its resource), as
+    /// the first `n` entries of the array.
+    pub fn wired(&self) -> Result<([Dev; MAX_DEVICES], usize), Failure> {
+        let Some(first) = self.all().next() else {
+            skip!("the host's device table is empty");
+        };
+        let mut out = [*first; MAX_DEVICES];
+        let mut n = 0;
+        for d in self.all() {
+            d.check_wiring()?;
+            out[n] = *d;
+            n += 1;
+        }
+        Ok((out, n))
+    }
+}
+
+/// Skips unless the PV device answers the doorbell with its signature.
+pub fn need_pv() -> TestResult {
+    if !pv::present() {
+        let raw = pv::doorbell_read();
+        if raw == u32::MAX {
+            skip!("{}", pv::ABSENT_REASON);
+        }
+        skip!(
+            "no PV device (doorbell reads {}, not the signature)",
+            crate::display::hex(raw)
+        );
+    }
+    Ok(())
+}
+
+/// QUERY_PLATFORM, or a failure naming the status.
+pub fn platform() -> Result<QueryPlatform, Failure> {
+    match pv::query_platform() {
+        Ok(p) => Ok(p),
+        Err(s) => fail!("QUERY_PLATFORM answered {}", status_name(s)),
+    }
+}
+
+/// QUERY_ROUTE of `pin`, or a failure naming the status.
+pub fn route(pin: u32) -> Result<QueryRoute, Failure> {
+    match pv::query_route(pin) {
+        Ok(r) => Ok(r),
+        Err(s) => fail!(
+            "QUERY_ROUTE of pin {} answered {}",
+            crate::display::dec(pin),
+            status_name(s)
+        ),
+    }
+}
+
+/// Objects in use on the host now.
+pub fn objects_in_use() -> Result<u32, Failure> {
+    Ok(platform()?.objects_in_use)
+}
+
+fn quiesce(env: &Env) -> u32 {
+    let mut left = 0;
+    for d in env.all() {
+        d.td.timer_stop();
+        d.td.enable(false);
+        d.td.drain(100_000);
+        left += d.td.status();
+        for r in d.obj.allocated_resources_translated() {
+            if let Ok(line) = u8::try_from(r.line) {
+                lines::set(line, false);
+            }
+        }
+    }
+    left
+}
+
+/// Runs a PV test: skips without the PV device; records the platform;
+/// quiets every test device and resets the ISR contexts; runs `body`; then
+/// disconnects whatever is still connected, quiets the devices again and
+/// checks that the host is back at its baseline (objects, connections, no
+/// pin masked by the storm guard).
+pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
+    need_pv()?;
+    let start = platform()?;
+    let mut devices = [None; MAX_DEVICES];
+    let count = (start.device_count as usize).min(MAX_DEVICES);
+    for (id, slot) in devices.iter_mut().enumerate().take(count) {
+        if let (Ok(obj), Some(td)) = (DEVICE_OBJECT::start(id as u32), TestDev::new(id as u32)) {
+            *slot = Some(Dev { obj, td });
+        }
+    }
+    let env = Env {
+        platform: start,
+        devices,
+    };
+    check!(
+        start.online_mask.count_ones() as usize == percpu::count(),
+        "host online mask {} names {} processors, {} are online here",
+        crate::display::hex(start.online_mask),
+        crate::display::dec(start.online_mask.count_ones()),
+        crate::display::dec(percpu::count())
+    );
+    quiesce(&env);
+    reset_contexts();
+    wdm::reset_counters();
+
+    let result = body(&env);
+
+    let leaked = wdm::disconnect_all();
+    let pending = quiesce(&env);
+    reset_contexts();
+    result?;
+    check!(
+        leaked == 0,
+        "the test left {} connections connected",
+        crate::display::dec(leaked)
+    );
+    let after = platform()?;
+    check!(
+        after.objects_in_use == env.platform.objects_in_use
+            && after.connections == env.platform.connections,
+        "host not back at its baseline: {} objects / {} connections, was {} / {}",
+        crate::display::dec(after.objects_in_use),
+        crate::display::dec(after.connections),
+        crate::display::dec(env.platform.objects_in_use),
+        crate::display::dec(env.platform.connections)
+    );
+    check!(
+        after.storm_masked_pins == env.platform.storm_masked_pins,
+        "the host's storm guard masked {} pins during the test",
+        crate::display::dec(after.storm_masked_pins - env.platform.storm_masked_pins)
+    );
+    check!(
+        pending == 0,
+        "{} causes still pending after draining",
+        crate::display::dec(pending)
+    );
+    Ok(())
+}
+
+/// Waits up to [`TIMEOUT_US`] for `cond`; fails with `what` otherwise.
+pub fn wait_for(what: &str, cond: impl FnMut() -> bool) -> TestResult {
+    if time::wait_until(TIMEOUT_US, cond) {
+        Ok(())
+    } else {
+        fail!("timeout waiting for {}", what)
+    }
+}
+
+/// Lets stragglers arrive before a "nothing more" assertion.
+pub fn settle() {
+    time::delay_us(SETTLE_US);
+}
+
+/// The processor indices in `mask`, lowest first.
+pub fn cpus(mask: KAFFINITY) -> impl Iterator<Item = usize> {
+    (0..64usize).filter(move |&i| mask & (1u64 << i) != 0)
+}
+
+/// How an ISR claims a test device's causes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Policy {
+    /// One ACK per call (a level device interrupts again while causes remain).
+    One = 0,
+    /// Every pending cause (edges coalesce: an ISR must drain).
+    All = 1,
+}
+
+/// What an ISR knows and counts. `CTX[i]` is handed to IoConnectInterrupt
+/// as the ServiceContext.
+pub struct Ctx {
+    dev: AtomicU32,
+    policy: AtomicU8,
+    /// Processors the ISR may run on.
+    pub allowed: AtomicU64,
+    /// The connection the ISR must be called for (`PKINTERRUPT::to_bits`),
+    /// 0: not checked.
+    pub expect_object: AtomicU64,
+    /// Busy-loop iterations per call (to widen race windows).
+    pub spin: AtomicU32,
+    /// Calls.
+    pub calls: AtomicU32,
+    /// Calls that claimed (returned TRUE).
+    pub claimed_calls: AtomicU32,
+    /// Causes claimed (ACKs written), or soft causes taken.
+    pub claims: AtomicU32,
+    /// Calls on a processor outside `allowed`, or not the object's processor.
+    pub outside: AtomicU32,
+    /// Calls whose CR8 was not the object's SynchronizeIrql.
+    pub wrong_irql: AtomicU32,
+    /// Calls whose interrupt object was not `expect_object`'s.
+    pub wrong_object: AtomicU32,
+    /// Calls whose connection's spin lock was not held.
+    pub unlocked: AtomicU32,
+    /// The ServiceContext of the last call.
+    pub last_context: AtomicUsize,
+    /// The vector of the last claiming call.
+    pub last_vector: AtomicU32,
+    /// Calls running now.
+    pub in_isr: AtomicU32,
+    /// Causes of a device with no registers (a bare pc-testdev line).
+    pub soft_pending: AtomicU32,
+    /// Claiming calls per processor.
+    pub per_cpu: [AtomicU32; MAX_CPUS],
+    /// A lock the ISR must find held (the driver's), 0: not checked.
+    pub lock: AtomicUsize,
+}
+
+impl Ctx {
+    const fn new() -> Self {
+        Self {
+            dev: AtomicU32::new(u32::MAX),
+            policy: AtomicU8::new(Policy::One as u8),
+            allowed: AtomicU64::new(u64::MAX),
+            expect_object: AtomicU64::new(0),
+            spin: AtomicU32::new(0),
+            calls: AtomicU32::new(0),
+            claimed_calls: AtomicU32::new(0),
+            claims: AtomicU32::new(0),
+            outside: AtomicU32::new(0),
+            wrong_irql: AtomicU32::new(0),
+            wrong_object: AtomicU32::new(0),
+            unlocked: AtomicU32::new(0),
+            last_context: AtomicUsize::new(0),
+            last_vector: AtomicU32::new(0),
+            in_isr: AtomicU32::new(0),
+            soft_pending: AtomicU32::new(0),
+            per_cpu: [const { AtomicU32::new(0) }; MAX_CPUS],
+            lock: AtomicUsize::new(0),
+        }
+    }
+
+    fn reset(&self) {
+        self.dev.store(u32::MAX, Ordering::Relaxed);
+        self.policy.store(Policy::One as u8, Ordering::Relaxed);
+        self.allowed.store(u64::MAX, Ordering::Relaxed);
+        self.expect_object.store(0, Ordering::Relaxed);
+        for a in [
+            &self.spin,
+            &self.calls,
+            &self.claimed_calls,
+            &self.claims,
+            &self.outside,
+            &self.wrong_irql,
+            &self.wrong_object,
+            &self.unlocked,
+            &self.last_vector,
+            &self.in_isr,
+            &self.soft_pending,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.last_context.store(0, Ordering::Relaxed);
+        self.lock.store(0, Ordering::Relaxed);
+        for c in self.per_cpu.iter() {
+            c.store(0, Ordering::Relaxed);
+        }
+        core::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Binds the context to `dev` (None: soft causes only), the claim
+    /// policy and the processors the ISR may run on; every counter restarts
+    /// at 0.
+    pub fn bind(&self, dev: Option<&Dev>, policy: Policy, allowed: KAFFINITY) -> &Self {
+        self.reset();
+        self.dev
+            .store(dev.map_or(u32::MAX, Dev::id), Ordering::Relaxed);
+        self.policy.store(policy as u8, Ordering::Relaxed);
+        self.allowed.store(allowed, Ordering::Relaxed);
+        core::sync::atomic::fence(Ordering::SeqCst);
+        self
+    }
+
+    /// The ServiceContext naming this context.
+    pub fn as_context(&'static self) -> PVOID {
+        self as *const Self as PVOID
+    }
+
+    /// A counter's value.
+    pub fn get(counter: &AtomicU32) -> u32 {
+        counter.load(Ordering::Acquire)
+    }
+
+    /// Causes claimed so far.
+    pub fn claimed(&self) -> u32 {
+        self.claims.load(Ordering::Acquire)
+    }
+
+    /// Calls so far.
+    pub fn called(&self) -> u32 {
+        self.calls.load(Ordering::Acquire)
+    }
+
+    /// Fails when a call ran outside its processors, at the wrong IRQL, for
+    /// the wrong object or without its lock.
+    pub fn check_clean(&self, name: &str) -> TestResult {
+        let (o, i, w, u) = (
+            Self::get(&self.outside),
+            Self::get(&self.wrong_irql),
+            Self::get(&self.wrong_object),
+            Self::get(&self.unlocked),
+        );
+        check!(
+            o == 0 && i == 0 && w == 0 && u == 0,
+            "ISR {}: {} calls outside its processors, {} at the wrong IRQL, {} for a wrong object, {} without its lock",
+            name,
+            crate::display::dec(o),
+            crate::display::dec(i),
+            crate::display::dec(w),
+            crate::display::dec(u)
+        );
+        Ok(())
+    }
+}
+
+/// The ISR contexts (one per connection a test makes).
+pub static CTX: [Ctx; 10] = [const { Ctx::new() }; 10];
+
+fn reset_contexts() {
+    for c in CTX.iter() {
+        c.reset();
+    }
+    FIRST_CLAIMED.store(false, Ordering::Relaxed);
+    ORDER_VIOLATIONS.store(0, Ordering::Relaxed);
+}
+
+/// The context a ServiceContext names, when it is one of [`CTX`].
+pub fn ctx_of(context: PVOID) -> Option<&'static Ctx> {
+    let base = CTX.as_ptr() as usize;
+    let size = core::mem::size_of::<Ctx>();
+    let off = (context as usize).checked_sub(base)?;
+    (off % size == 0).then(|| CTX.get(off / size)).flatten()
+}
+
+/// Set by the first ISR of a chain-order probe when it claims; see
+/// [`chain_first_isr`].
+pub static FIRST_CLAIMED: AtomicBool = AtomicBool::new(false);
+/// Calls of the second ISR in a dispatch where the first had claimed.
+pub static ORDER_VIOLATIONS: AtomicU32 = AtomicU32::new(0);
+
+/// The bookkeeping and the claim every test ISR does: checks processor,
+/// IRQL, object and lock; claims by the device's STATUS/ACK (or soft
+/// causes); returns TRUE when it claimed.
+pub fn claim(interrupt: &KINTERRUPT, ctx: &Ctx, context: PVOID) -> bool {
+    ctx.in_isr.fetch_add(1, Ordering::AcqRel);
+    ctx.calls.fetch_add(1, Ordering::AcqRel);
+    let me = percpu::current_index();
+    if me != interrupt.processor() || ctx.allowed.load(Ordering::Relaxed) & (1u64 << me) == 0 {
+        ctx.outside.fetch_add(1, Ordering::AcqRel);
+    }
+    if cpu::read_cr8() != u64::from(interrupt.synchronize_irql()) {
+        ctx.wrong_irql.fetch_add(1, Ordering::AcqRel);
+    }
+    let expect = ctx.expect_object.load(Ordering::Relaxed);
+    if expect != 0 && interrupt.interrupt_object().to_bits() != expect {
+        ctx.wrong_object.fetch_add(1, Ordering::AcqRel);
+    }
+    let lock = ctx.lock.load(Ordering::Relaxed);
+    if lock != 0 && !lock_held(lock) {
+        ctx.unlocked.fetch_add(1, Ordering::AcqRel);
+    }
+    ctx.last_context.store(context as usize, Ordering::Relaxed);
+    for _ in 0..ctx.spin.load(Ordering::Relaxed) {
+        cpu::pause();
+    }
+    let dev = TestDev::new(ctx.dev.load(Ordering::Relaxed));
+    let taken = match dev {
+        Some(td) => {
+            let pending = td.status();
+            if pending == 0 || pending == u32::MAX {
+                0
+            } else if ctx.policy.load(Ordering::Relaxed) == Policy::One as u8 {
+                td.ack();
+                1
+            } else {
+                td.drain(pending)
+            }
+        }
+        None => {
+            let mut taken = 0;
+            let _ = ctx
+                .soft_pending
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                    taken = u32::from(p > 0);
+                    p.checked_sub(1)
+                });
+            taken
+        }
+    };
+    if taken > 0 {
+        ctx.claims.fetch_add(taken, Ordering::AcqRel);
+        ctx.claimed_calls.fetch_add(1, Ordering::AcqRel);
+        ctx.last_vector
+            .store(u32::from(interrupt.vector()), Ordering::Relaxed);
+        if let Some(c) = ctx.per_cpu.get(me) {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+    ctx.in_isr.fetch_sub(1, Ordering::AcqRel);
+    taken > 0
+}
+
+fn lock_held(addr: usize) -> bool {
+    // The address was stored from a `&'static KSPIN_LOCK` by the test.
+    LOCKS
+        .iter()
+        .find(|l| l.address() as usize == addr)
+        .is_some_and(KSPIN_LOCK::is_held)
+}
+
+/// Driver spin locks the tests pass to IoConnectInterrupt.
+pub static LOCKS: [KSPIN_LOCK; 2] = [KSPIN_LOCK::new(), KSPIN_LOCK::new()];
+
+/// The plain test ISR: [`claim`].
+pub fn device_isr(interrupt: &KINTERRUPT, context: PVOID) -> bool {
+    match ctx_of(context) {
+        Some(ctx) => claim(interrupt, ctx, context),
+        None => false,
+    }
+}
+
+/// The first ISR of a chain-order probe: clears [`FIRST_CLAIMED`] on entry,
+/// sets it when it claims.
+pub fn chain_first_isr(interrupt: &KINTERRUPT, context: PVOID) -> bool {
+    FIRST_CLAIMED.store(false, Ordering::Release);
+    let claimed = device_isr(interrupt, context);
+    FIRST_CLAIMED.store(claimed, Ordering::Release);
+    claimed
+}
+
+/// The second ISR of a chain-order probe: a call while [`FIRST_CLAIMED`] is
+/// set means the level chain went on after a claim.
+pub fn chain_second_isr(interrupt: &KINTERRUPT, context: PVOID) -> bool {
+    if FIRST_CLAIMED.load(Ordering::Acquire) {
+        ORDER_VIOLATIONS.fetch_add(1, Ordering::AcqRel);
+    }
+    device_isr(interrupt, context)
+}
+
+/// IoConnectInterrupt's arguments, defaulted from a translated resource.
+#[derive(Clone, Copy)]
+pub struct Args {
+    /// ServiceRoutine.
+    pub routine: Option<KSERVICE_ROUTINE>,
+    /// ServiceContext.
+    pub context: PVOID,
+    /// SpinLock.
+    pub lock: Option<&'static KSPIN_LOCK>,
+    /// Vector.
+    pub vector: u32,
+    /// Irql.
+    pub irql: KIRQL,
+    /// SynchronizeIrql.
+    pub sync: KIRQL,
+    /// InterruptMode.
+    pub mode: KINTERRUPT_MODE,
+    /// ShareVector.
+    pub share: bool,
+    /// ProcessorEnableMask.
+    pub mask: KAFFINITY,
+    /// FloatingSave.
+    pub floating: bool,
+}
+
+impl Args {
+    /// The arguments resource `r` of `dev` calls for, with [`device_isr`]
+    /// and `ctx` as ServiceContext.
+    pub fn of(dev: &Dev, r: usize, ctx: &'static Ctx) -> Self {
+        let res = dev.res(r);
+        Self {
+            routine: Some(device_isr),
+            context: ctx.as_context(),
+            lock: None,
+            vector: res.vector,
+            irql: res.level,
+            sync: res.level,
+            mode: res.interrupt_mode(),
+            share: res.share_vector(),
+            mask: res.affinity,
+            floating: false,
+        }
+    }
+}
+
+/// IoConnectInterrupt with `a` for `dev`.
+pub fn connect(dev: &Dev, a: &Args) -> (NTSTATUS, Option<PKINTERRUPT>) {
+    let mut object = None;
+    let status = IoConnectInterrupt(
+        &dev.obj,
+        &mut object,
+        a.routine,
+        a.context,
+        a.lock,
+        a.vector,
+        a.irql,
+        a.sync,
+        a.mode,
+        a.share,
+        a.mask,
+        a.floating,
+    );
+    (status, object)
+}
+
+/// Connects and expects success; the ISR context (when it is one of
+/// [`CTX`]) learns its connection.
+pub fn connect_ok(dev: &Dev, a: &Args) -> Result<PKINTERRUPT, Failure> {
+    match connect(dev, a) {
+        (STATUS_SUCCESS, Some(h)) => {
+            if let Some(ctx) = ctx_of(a.context) {
+                ctx.expect_object.store(h.to_bits(), Ordering::Release);
+            }
+            Ok(h)
+        }
+        (STATUS_SUCCESS, None) => fail!("IoConnectInterrupt succeeded without an interrupt object"),
+        (s, _) => fail!(
+            "IoConnectInterrupt of device {} vector {} mask {}: {}",
+            crate::display::dec(dev.id()),
+            crate::display::hex(a.vector),
+            crate::display::hex(a.mask),
+            status_name(s)
+        ),
+    }
+}
+
+/// Connects and expects the failure `want` with `*InterruptObject` left
+/// `None` and the host's object count unchanged.
+pub fn connect_refused(dev: &Dev, a: &Args, want: NTSTATUS, what: &str) -> TestResult {
+    let before = objects_in_use()?;
+    let guest_before = wdm::usage();
+    let (status, object) = connect(dev, a);
+    if let Some(h) = object {
+        let _ = IoDisconnectInterrupt(h);
+    }
+    check!(
+        status == want,
+        "{}: IoConnectInterrupt answered {} ({}), expected {}",
+        what,
+        status_name(status),
+        crate::display::hex(status),
+        status_name(want)
+    );
+    check!(
+        object.is_none(),
+        "{}: *InterruptObject set on failure",
+        what
+    );
+    let after = objects_in_use()?;
+    check!(
+        after == before && wdm::usage() == guest_before,
+        "{}: a refused connect changed the object count ({} -> {})",
+        what,
+        crate::display::dec(before),
+        crate::display::dec(after)
+    );
+    Ok(())
+}
+
+/// Disconnects and expects success.
+pub fn disconnect_ok(h: PKINTERRUPT) -> TestResult {
+    match IoDisconnectInterrupt(h) {
+        STATUS_SUCCESS => Ok(()),
+        s => fail!("IoDisconnectInterrupt: {}", status_name(s)),
+    }
+}
+
+/// Fails unless the test device's assert and ack counters moved by exactly
+/// `n` since `(asserts, acks)` and the ISR claimed `n`.
+pub fn check_counts(dev: &Dev, base: (u32, u32), claimed: u32, n: u32) -> TestResult {
+    let asserts = dev.td.assert_count().wrapping_sub(base.0);
+    let acks = dev.td.ack_count().wrapping_sub(base.1);
+    check!(
+        asserts == n && acks == n && claimed == n,
+        "device {}: {} raised, {} acked by the device, {} claimed by the ISR, expected {}",
+        crate::display::dec(dev.id()),
+        crate::display::dec(asserts),
+        crate::display::dec(acks),
+        crate::display::dec(claimed),
+        crate::display::dec(n)
+    );
+    Ok(())
+}
+
+/// The device's (assert, ack) counters now.
+pub fn counters(dev: &Dev) -> (u32, u32) {
+    (dev.td.assert_count(), dev.td.ack_count())
+}
+
+/// Raises `n` causes on `dev` with CR8 at the vector's class, so they are
+/// pending together when CR8 drops (one delivery for coalesced edges).
+pub fn raise_held(devs: &[(&Dev, u32)]) {
+    let class = devs.iter().map(|(d, _)| d.vector() >> 4).max().unwrap_or(0);
+    let old = crate::irql::raise(class.max(crate::irql::current()));
+    for (d, n) in devs {
+        d.td.raise(*n);
+    }
+    crate::irql::lower(old);
+}
+
+/// Deliveries of `vector` per processor now.
+pub fn deliveries(vector: u8) -> [u32; percpu::MAX_CPUS] {
+    let mut out = [0; percpu::MAX_CPUS];
+    for (c, slot) in out.iter_mut().enumerate().take(percpu::count()) {
+        *slot = percpu::cpu(c).count(vector);
+    }
+    out
+}
+
+/// Fails when a processor outside `mask` took `vector` since `before`.
+pub fn none_outside(vector: u8, before: &[u32; percpu::MAX_CPUS], mask: KAFFINITY) -> TestResult {
+    let now = deliveries(vector);
+    for c in 0..percpu::count() {
+        let n = now[c].wrapping_sub(before[c]);
+        check!(
+            mask & (1 << c) != 0 || n == 0,
+            "cpu {} outside mask {} took {} interrupts on vector {}",
+            crate::display::dec(c),
+            crate::display::hex(mask),
+            crate::display::dec(n),
+            crate::display::hex(vector)
+        );
+    }
+    Ok(())
+}
