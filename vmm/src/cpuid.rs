@@ -164,6 +164,17 @@ fn set_bit(reg: &mut u32, bit: u32, on: bool) {
     }
 }
 
+/// The guest physical-address width, `CPUID.80000008H:EAX[7:0]`; 36 bits
+/// (the architectural minimum with PAE) when the leaf is missing or zero.
+pub(crate) fn phys_addr_bits(supported: &[kvm_cpuid_entry2]) -> u8 {
+    supported
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| (e.eax & 0xff) as u8)
+        .filter(|&bits| bits != 0)
+        .unwrap_or(36)
+}
+
 /// [`vcpu_entries`] as the `CpuId` KVM takes.
 pub(crate) fn vcpu_cpuid(supported: &CpuId, index: u32, cfg: CpuidConfig) -> Result<CpuId> {
     let entries = vcpu_entries(supported.as_slice(), index, cfg);
@@ -207,6 +218,16 @@ mod tests {
 
     fn find(e: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
         *e.iter().find(|x| x.function == f && x.index == i).unwrap()
+    }
+
+    #[test]
+    fn phys_addr_bits_from_leaf_80000008_or_36() {
+        assert_eq!(
+            phys_addr_bits(&[leaf(0x8000_0008, 0, 0x3027, 0, 0, 0)]),
+            0x27
+        );
+        assert_eq!(phys_addr_bits(&[leaf(0x8000_0008, 0, 0, 0, 0, 0)]), 36);
+        assert_eq!(phys_addr_bits(&intel()), 36);
     }
 
     #[test]

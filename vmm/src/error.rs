@@ -65,9 +65,6 @@ pub(crate) enum Error {
         /// What is wrong with it.
         source: irqconnect::Error,
     },
-    /// An `--irqchip` mode that phase 1 does not have.
-    #[error("--irqchip {0}: not implemented yet; use --irqchip kernel")]
-    IrqchipNotImplemented(&'static str),
     /// The guest stopped with a shutdown exit (triple fault).
     #[error("vcpu {cpu}: guest shutdown (triple fault); {regs}")]
     GuestShutdown {

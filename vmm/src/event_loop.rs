@@ -1,5 +1,6 @@
 //! The main thread's event loop (event-manager over epoll): the exit event,
-//! stdin into the UART, the `--timeout` timer and the test devices' timers.
+//! stdin into the UART, the `--timeout` timer, the test devices' timers and
+//! the interrupt controller's timers (user mode: the LAPIC timers).
 
 use std::io::Read;
 use std::mem::ManuallyDrop;
@@ -14,6 +15,7 @@ use crate::control::{Outcome, VmControl};
 use crate::devices::serial::Uart;
 use crate::devices::testdev_port::SharedTestdev;
 use crate::error::{Error, Result};
+use crate::irq::InterruptController;
 use crate::report::GuestReport;
 
 /// Wakes the loop when the VM stops; the loop then sees `stopping()`.
@@ -135,6 +137,26 @@ impl MutEventSubscriber for TestdevTimers {
     }
 }
 
+/// The interrupt controller's timers (user mode: one per LAPIC timer).
+struct IrqTimers {
+    ctrl: Arc<dyn InterruptController>,
+    fds: Vec<std::os::fd::RawFd>,
+}
+
+impl MutEventSubscriber for IrqTimers {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        self.ctrl.on_timer(events.data() as usize);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, &fd) in self.fds.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, i as u32, EventSet::IN)) {
+                log::error!("watch interrupt-controller timer {i}: {e:?}");
+            }
+        }
+    }
+}
+
 /// What the loop watches.
 pub(crate) struct LoopConfig {
     /// The VM's control.
@@ -149,6 +171,8 @@ pub(crate) struct LoopConfig {
     pub(crate) timeout: Option<u64>,
     /// Forward stdin to the UART.
     pub(crate) stdin: bool,
+    /// The interrupt controller, whose timers the loop drives.
+    pub(crate) irq: Arc<dyn InterruptController>,
 }
 
 /// The event loop, ready to run.
@@ -195,6 +219,10 @@ impl EventLoop {
             manager.add_subscriber(Box::new(TestdevTimers {
                 slots: cfg.testdevs,
             }));
+        }
+        let fds = cfg.irq.timer_fds();
+        if !fds.is_empty() {
+            manager.add_subscriber(Box::new(IrqTimers { ctrl: cfg.irq, fds }));
         }
         Ok(Self {
             manager,

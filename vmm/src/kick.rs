@@ -96,13 +96,20 @@ impl Kicker {
         }
     }
 
-    /// Kicks vCPU `index` out of `KVM_RUN` (no-op when its thread is gone).
+    /// Kicks vCPU `index` out of `KVM_RUN`. A no-op when its thread is gone,
+    /// and when the caller is that thread: it is not in `KVM_RUN`, and its
+    /// loop looks at the stop flag and the interrupt controller before it
+    /// enters again, so the signal would only cost a wasted entry.
     pub(crate) fn kick(&self, index: usize) {
         let Some(slot) = self.threads.get(index) else {
             return;
         };
         let guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(thread) = *guard {
+            // SAFETY: pthread_self and pthread_equal have no preconditions.
+            if unsafe { libc::pthread_equal(thread, libc::pthread_self()) } != 0 {
+                return;
+            }
             // SAFETY: the thread registered itself and unregisters (under this
             // lock) before it returns, so while we hold the lock `thread`
             // names a live thread; the signal has a handler installed by

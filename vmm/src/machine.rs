@@ -104,30 +104,33 @@ fn modules(args: &Args) -> Result<Vec<ModuleImage>> {
         .collect()
 }
 
-/// Creates the interrupt controller; before any vCPU exists. `control`
-/// gives phase-2 modes the kicker (user mode kicks a vCPU that has a new
-/// deliverable interrupt) and the stop flag.
+/// Creates the interrupt controller; before any vCPU exists. User mode
+/// gets the stop flag and the kicker through `control`, and the guest's
+/// physical-address width from `supported` (CPUID 0x8000_0008).
 fn create_irqchip(
-    mode: IrqchipMode,
+    args: &Args,
     vm: &Arc<VmFd>,
-    _control: &Arc<VmControl>,
+    control: &Arc<VmControl>,
+    supported: &kvm_bindings::CpuId,
 ) -> Result<Arc<dyn InterruptController>> {
-    match mode {
+    match args.irqchip {
         IrqchipMode::Kernel => Ok(irq::kernel::create(Arc::clone(vm))?),
-        // Phase 2: KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, 24) + our IOAPIC.
-        IrqchipMode::Split => Err(Error::IrqchipNotImplemented("split")),
-        // Phase 2: no in-kernel chip; our IOAPIC and LAPICs.
-        IrqchipMode::User => Err(Error::IrqchipNotImplemented("user")),
+        IrqchipMode::Split => Ok(irq::split::create(Arc::clone(vm))?),
+        IrqchipMode::User => Ok(irq::user::create(
+            vm,
+            Arc::clone(control),
+            irq::user::UserConfig {
+                cpus: args.cpus as usize,
+                x2apic: args.x2apic.is_on(),
+                phys_addr_bits: cpuid::phys_addr_bits(supported.as_slice()),
+            },
+        )?),
     }
 }
 
 /// Builds the VM from `args`, runs it to the end and tears it down.
 /// `serial_out` receives the guest's COM1 output.
 pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Finished> {
-    // Checked first so phase 1 says so before touching KVM.
-    if args.irqchip != IrqchipMode::Kernel {
-        return Err(Error::IrqchipNotImplemented(args.irqchip.name()));
-    }
     let (image_name, image) = kernel_image(args)?;
     let modules = modules(args)?;
     let cpus = args.cpus as usize;
@@ -150,15 +153,15 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         .map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
     memory::register(&vm, &mem)?;
     let control = Arc::new(VmControl::new(cpus)?);
-    let ctrl = create_irqchip(args.irqchip, &vm, &control)?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let ctrl = create_irqchip(args, &vm, &control, &supported)?;
 
     let boot_entry =
         loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
     log::debug!("{image_name}: {boot_entry:x?}");
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let cpuid_cfg = CpuidConfig {
         cpus: args.cpus,
         x2apic: args.x2apic.is_on(),
@@ -175,7 +178,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         if i == 0 {
             boot::setup_bsp(&fd, &boot_entry)?;
         } else {
-            boot::setup_ap(&fd)?;
+            boot::setup_ap(&fd, args.irqchip)?;
         }
         vcpu_fds.push(fd);
     }
@@ -183,6 +186,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     let report = Arc::new(Mutex::new(GuestReport::new()));
     let lines = IrqLines::new(Arc::clone(&ctrl));
     let pv = pv::PvConnect::new(pv_service, mem.clone(), Arc::clone(&ctrl));
+    ctrl.set_storm_sink(pv.storm_sink());
     let devices = devices::build(
         &DeviceConfig {
             cpus: args.cpus as u16,
@@ -204,6 +208,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         report: Arc::clone(&report),
         timeout: args.timeout,
         stdin: true,
+        irq: Arc::clone(&ctrl),
     })?;
 
     let start = Instant::now();
@@ -289,6 +294,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         mmio: &devices.mmio,
         lines: &lines,
         irq: ctrl.stats(),
+        irq_model: ctrl.model_stats(),
         pv: pv.stats(),
     }
     .line();

@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::bus::Bus;
-use crate::irq::IrqStats;
 use crate::irq::lines::IrqLines;
+use crate::irq::{IrqStats, ModelStats};
 use crate::pv::counters::PvStats;
 use crate::vcpu::VcpuStats;
 
@@ -23,6 +23,8 @@ pub(crate) struct RunStats<'a> {
     pub(crate) lines: &'a IrqLines,
     /// The controller's own counters.
     pub(crate) irq: IrqStats,
+    /// Our IOAPIC/LAPIC models' counters (split and user modes).
+    pub(crate) irq_model: Option<ModelStats>,
     /// The PV connect doorbell's counters.
     pub(crate) pv: PvStats,
 }
@@ -71,6 +73,16 @@ impl RunStats<'_> {
             by_kvm(self.irq.eois),
             self.irq.errors + self.lines.errors()
         );
+        if let Some(m) = &self.irq_model {
+            let _ = write!(
+                s,
+                ", bad ioapic accesses {}, bad lapic accesses {}, storm reports {}",
+                m.ioapic_bad_accesses, m.lapic_bad_accesses, m.storm_reports
+            );
+            if m.storm_pins != 0 {
+                let _ = write!(s, " (pins {:#x})", m.storm_pins);
+            }
+        }
         let _ = write!(s, "; {}", self.pv);
         s
     }

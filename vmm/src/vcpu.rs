@@ -1,15 +1,26 @@
 //! One thread per vCPU: `KVM_RUN`, dispatch the exit, repeat.
 //!
 //! The loop is the same in every `--irqchip` mode; what differs lives behind
-//! [`VcpuInterrupts`]: `before_run` (user mode injects there) and `on_exit`
-//! for the interrupt-controller exits (`IoapicEoi`, `IrqWindowOpen`, `Hlt`,
-//! LAPIC MMIO, x2APIC MSRs, `SetTpr`). Port and MMIO exits go to the buses
-//! synchronously, so a device's effect (e.g. a pc-testdev line level) is in
-//! place before the vCPU re-enters the guest.
+//! [`VcpuInterrupts`]: `before_run` (user mode injects there), `after_run`
+//! (user mode reads CR8 and IF) and `on_exit` for the interrupt-controller
+//! exits (`IoapicEoi`, `IrqWindowOpen`, `Hlt`, LAPIC MMIO, x2APIC MSRs,
+//! `SetTpr`). Port and MMIO exits go to the buses synchronously, so a
+//! device's effect (e.g. a pc-testdev line level) is in place before the
+//! vCPU re-enters the guest.
+//!
+//! Order after each `KVM_RUN` return: bus exits are handled while the exit
+//! borrows the run page; an interrupt-controller exit is copied out (at
+//! most 8 data bytes), then `after_run` sees the run page, then `on_exit`
+//! handles the copy and its result (an MMIO read's bytes, an RDMSR value or
+//! a #GP) is written back into the run page for KVM to complete the
+//! instruction on the next entry.
 
 use std::sync::Arc;
 
-use kvm_bindings::{KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_MMIO, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::boot::regs_line;
@@ -77,8 +88,32 @@ pub(crate) struct Vcpu {
 /// What to do after an exit, once the exit's borrow of the vCPU has ended.
 enum Next {
     Continue,
+    Irq(IrqWork),
     Fault(String),
     Shutdown,
+}
+
+/// Most bytes one MMIO exit carries (`kvm_run.mmio.data`).
+const MMIO_MAX: usize = 8;
+
+/// An interrupt-controller exit copied out of the run page.
+#[derive(Debug, Clone, Copy)]
+enum IrqWork {
+    IoapicEoi(u8),
+    IrqWindowOpen,
+    Hlt,
+    SetTpr,
+    LapicRead {
+        addr: u64,
+        len: usize,
+    },
+    LapicWrite {
+        addr: u64,
+        len: usize,
+        data: [u8; MMIO_MAX],
+    },
+    RdMsr(u32),
+    WrMsr(u32, u64),
 }
 
 impl Vcpu {
@@ -126,6 +161,9 @@ impl Vcpu {
                 return Ok(());
             }
             self.irq.before_run(&mut self.fd)?;
+            if self.control.stopping() {
+                return Ok(());
+            }
             stats.runs += 1;
             let next = match self.fd.run() {
                 Ok(exit) => dispatch(
@@ -133,7 +171,7 @@ impl Vcpu {
                     access,
                     &self.pio,
                     &self.mmio,
-                    self.irq.as_mut(),
+                    self.irq.as_ref(),
                     stats,
                 ),
                 Err(e) if e.errno() == libc::EINTR => {
@@ -152,8 +190,13 @@ impl Vcpu {
                     });
                 }
             };
+            self.irq.after_run(self.fd.get_kvm_run());
+            let next = match next {
+                Next::Irq(work) => self.irq_exit(work, stats),
+                other => other,
+            };
             match next {
-                Next::Continue => {}
+                Next::Continue | Next::Irq(_) => {}
                 Next::Shutdown => {
                     return Err(Error::GuestShutdown {
                         cpu: self.index,
@@ -173,6 +216,53 @@ impl Vcpu {
                     });
                 }
             }
+        }
+    }
+
+    /// Hands an interrupt-controller exit to the controller and completes
+    /// it in the run page.
+    fn irq_exit(&mut self, work: IrqWork, stats: &mut VcpuStats) -> Next {
+        stats.irqchip += 1;
+        let mut buf = [0u8; MMIO_MAX];
+        let mut value = 0u64;
+        let exit = match work {
+            IrqWork::IoapicEoi(v) => IrqExit::IoapicEoi(v),
+            IrqWork::IrqWindowOpen => IrqExit::IrqWindowOpen,
+            IrqWork::Hlt => IrqExit::Hlt,
+            IrqWork::SetTpr => IrqExit::SetTpr,
+            IrqWork::LapicRead { addr, len } => IrqExit::LapicRead(addr, &mut buf[..len]),
+            IrqWork::LapicWrite {
+                addr,
+                len,
+                ref data,
+            } => IrqExit::LapicWrite(addr, &data[..len]),
+            IrqWork::RdMsr(index) => IrqExit::RdMsr(index, &mut value),
+            IrqWork::WrMsr(index, data) => IrqExit::WrMsr(index, data),
+        };
+        let what = exit.name();
+        let action = self.irq.on_exit(exit);
+        let run = self.fd.get_kvm_run();
+        match (work, action) {
+            (IrqWork::LapicRead { len, .. }, ExitAction::Resume) => {
+                complete_mmio_read(run, &buf[..len]);
+            }
+            // Not the controller's MSR, or a #GP it raised: the guest gets
+            // #GP, as for an unknown MSR.
+            (IrqWork::RdMsr(_), action) => {
+                complete_msr(run, value, action == ExitAction::Unexpected);
+                return Next::Continue;
+            }
+            (IrqWork::WrMsr(..), action) => {
+                complete_msr(run, 0, action == ExitAction::Unexpected);
+                return Next::Continue;
+            }
+            _ => {}
+        }
+        match action {
+            ExitAction::Resume => Next::Continue,
+            ExitAction::Unexpected => Next::Fault(format!(
+                "unexpected exit {what} for this interrupt-controller mode"
+            )),
         }
     }
 
@@ -208,7 +298,7 @@ fn dispatch(
     access: Access,
     pio: &Bus,
     mmio: &Bus,
-    irq: &mut dyn VcpuInterrupts,
+    irq: &dyn VcpuInterrupts,
     stats: &mut VcpuStats,
 ) -> Next {
     match exit {
@@ -225,7 +315,10 @@ fn dispatch(
         VcpuExit::MmioRead(addr, data) => {
             stats.mmio_read += 1;
             if irq.owns_mmio(addr) {
-                to_irq(irq, IrqExit::LapicRead(addr, data), stats)
+                Next::Irq(IrqWork::LapicRead {
+                    addr,
+                    len: data.len().min(MMIO_MAX),
+                })
             } else {
                 mmio.read(access, addr, data);
                 Next::Continue
@@ -234,34 +327,25 @@ fn dispatch(
         VcpuExit::MmioWrite(addr, data) => {
             stats.mmio_write += 1;
             if irq.owns_mmio(addr) {
-                to_irq(irq, IrqExit::LapicWrite(addr, data), stats)
+                let mut copy = [0u8; MMIO_MAX];
+                let len = data.len().min(MMIO_MAX);
+                copy[..len].copy_from_slice(&data[..len]);
+                Next::Irq(IrqWork::LapicWrite {
+                    addr,
+                    len,
+                    data: copy,
+                })
             } else {
                 mmio.write(access, addr, data);
                 Next::Continue
             }
         }
-        VcpuExit::IoapicEoi(vector) => to_irq(irq, IrqExit::IoapicEoi(vector), stats),
-        VcpuExit::IrqWindowOpen => to_irq(irq, IrqExit::IrqWindowOpen, stats),
-        VcpuExit::Hlt => to_irq(irq, IrqExit::Hlt, stats),
-        VcpuExit::SetTpr => to_irq(irq, IrqExit::SetTpr, stats),
-        VcpuExit::X86Rdmsr(msr) => {
-            let index = msr.index;
-            let next = to_irq(irq, IrqExit::RdMsr(index, msr.data), stats);
-            if matches!(next, Next::Fault(_)) {
-                // Not ours: the guest gets #GP, as for an unknown MSR.
-                *msr.error = 1;
-                return Next::Continue;
-            }
-            next
-        }
-        VcpuExit::X86Wrmsr(msr) => {
-            let next = to_irq(irq, IrqExit::WrMsr(msr.index, msr.data), stats);
-            if matches!(next, Next::Fault(_)) {
-                *msr.error = 1;
-                return Next::Continue;
-            }
-            next
-        }
+        VcpuExit::IoapicEoi(vector) => Next::Irq(IrqWork::IoapicEoi(vector)),
+        VcpuExit::IrqWindowOpen => Next::Irq(IrqWork::IrqWindowOpen),
+        VcpuExit::Hlt => Next::Irq(IrqWork::Hlt),
+        VcpuExit::SetTpr => Next::Irq(IrqWork::SetTpr),
+        VcpuExit::X86Rdmsr(msr) => Next::Irq(IrqWork::RdMsr(msr.index)),
+        VcpuExit::X86Wrmsr(msr) => Next::Irq(IrqWork::WrMsr(msr.index, msr.data)),
         VcpuExit::Intr => {
             stats.kicks += 1;
             Next::Continue
@@ -280,13 +364,32 @@ fn dispatch(
     }
 }
 
-fn to_irq(irq: &mut dyn VcpuInterrupts, exit: IrqExit<'_>, stats: &mut VcpuStats) -> Next {
-    stats.irqchip += 1;
-    let what = exit.name();
-    match irq.on_exit(exit) {
-        ExitAction::Resume => Next::Continue,
-        ExitAction::Unexpected => Next::Fault(format!(
-            "unexpected exit {what} for this interrupt-controller mode"
-        )),
+/// Writes an MMIO read's result where KVM takes it on the next entry.
+fn complete_mmio_read(run: &mut kvm_run, data: &[u8]) {
+    if run.exit_reason != KVM_EXIT_MMIO {
+        return;
     }
+    // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the union member
+    // KVM filled in for this exit and reads back on the next entry; it is
+    // plain integers and bytes, valid for any bit pattern.
+    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+    for (dst, src) in mmio.data.iter_mut().zip(data) {
+        *dst = *src;
+    }
+}
+
+/// Completes an RDMSR/WRMSR exit: the value read, or `error` for #GP.
+fn complete_msr(run: &mut kvm_run, value: u64, error: bool) {
+    let rdmsr = run.exit_reason == KVM_EXIT_X86_RDMSR;
+    if !rdmsr && run.exit_reason != KVM_EXIT_X86_WRMSR {
+        return;
+    }
+    // SAFETY: exit_reason is KVM_EXIT_X86_RDMSR or _WRMSR, so `msr` is the
+    // union member KVM filled in and reads back on the next entry; it is
+    // plain integers, valid for any bit pattern.
+    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+    if !error && rdmsr {
+        msr.data = value;
+    }
+    msr.error = u8::from(error);
 }

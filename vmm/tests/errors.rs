@@ -60,18 +60,6 @@ fn truncated_image_rejected() {
 }
 
 #[test]
-fn split_and_user_modes_not_implemented_yet() {
-    for mode in ["split", "user"] {
-        let r = run_vmm_args(&["--irqchip", mode]);
-        assert_eq!(r.status, Some(3), "{r:?}");
-        assert_eq!(
-            error_line(&r),
-            format!("vmm: error: --irqchip {mode}: not implemented yet; use --irqchip kernel")
-        );
-    }
-}
-
-#[test]
 fn bad_cli_values_are_usage_errors() {
     for a in [
         &["--cpus", "0"][..],

@@ -15,20 +15,27 @@
 //!
 //! Where each mode plugs in:
 //!
-//! | hook | kernel | split (phase 2) | user (phase 2) |
+//! | hook | kernel | split | user |
 //! |---|---|---|---|
-//! | VM setup ([`kernel::create`] etc.) | `KVM_CREATE_IRQCHIP` | `KVM_ENABLE_CAP(SPLIT_IRQCHIP, 24)`, GSI routes | none |
-//! | `set_level` | `KVM_IRQ_LINE` | our IOAPIC model -> MSI route per pin -> `KVM_IRQ_LINE`/`KVM_SIGNAL_MSI` | our IOAPIC -> APIC bus -> our LAPIC; kick the target vCPU |
+//! | VM setup ([`kernel::create`], [`split::create`], [`user::create`]) | `KVM_CREATE_IRQCHIP` | `KVM_ENABLE_CAP(SPLIT_IRQCHIP, 24)`, one MSI route per pin | user-space MSR exits, MSR filter for IA32_APIC_BASE and IA32_TSC_DEADLINE |
+//! | `set_level` | `KVM_IRQ_LINE` | our IOAPIC model -> routes refreshed -> `KVM_SIGNAL_MSI` | our IOAPIC -> APIC bus -> our LAPIC; kick the target vCPU |
 //! | [`InterruptController::mmio_devices`] | none | IOAPIC window `0xfec00000` | IOAPIC window |
-//! | [`VcpuInterrupts::before_run`] | nothing | nothing | INIT/SIPI state changes, `KVM_INTERRUPT` when `ready_for_interrupt_injection`, else `request_interrupt_window` |
-//! | [`VcpuInterrupts::on_exit`] | nothing expected | `IoapicEoi(vector)` -> our IOAPIC EOI | `IrqWindowOpen`, `Hlt` (wait), LAPIC MMIO, x2APIC MSRs, `SetTpr` |
-//! | `kick` | - | - | a vCPU with a new deliverable interrupt is kicked ([`crate::kick`]) |
+//! | [`VcpuInterrupts::before_run`] | nothing | nothing | INIT/SIPI, HLT parking, `KVM_NMI`, `KVM_INTERRUPT` when `ready_for_interrupt_injection`, else `request_interrupt_window`; CR8 out |
+//! | [`VcpuInterrupts::after_run`] | nothing | nothing | CR8 and IF in from `kvm_run` |
+//! | [`VcpuInterrupts::on_exit`] | nothing expected | `IoapicEoi(vector)` -> our IOAPIC EOI | `IrqWindowOpen`, `Hlt`, LAPIC MMIO, x2APIC MSRs, `SetTpr` |
+//! | [`InterruptController::timer_fds`] | none | none | one timerfd per LAPIC timer, watched by the event loop |
+//! | `kick` | - | - | a vCPU with a new deliverable interrupt is kicked ([`crate::kick`]) or its parked thread woken |
 
+pub(crate) mod host_ioapic;
 pub(crate) mod kernel;
 pub(crate) mod lines;
+pub(crate) mod split;
+pub(crate) mod user;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
 
 use crate::bus::BusDevice;
@@ -138,6 +145,25 @@ pub(crate) struct IrqStats {
     pub(crate) errors: u64,
 }
 
+/// Counters of our own models (split and user modes), for the statistics
+/// line and for policy (the PV service may mask a storming pin).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ModelStats {
+    /// Guest IOAPIC accesses the model ignored (bad offset or width, no
+    /// register selected, read-only register, no such pin).
+    pub(crate) ioapic_bad_accesses: u64,
+    /// Guest LAPIC accesses the model ignored or faulted (user mode).
+    pub(crate) lapic_bad_accesses: u64,
+    /// IOAPIC storm-guard reports (see `irqchip::ioapic`, "Storm guard").
+    pub(crate) storm_reports: u64,
+    /// Pins that had a storm report, bit `n` for pin `n`.
+    pub(crate) storm_pins: u32,
+}
+
+/// The storm guard's callback (the PV service's `storm_sink`): called with a
+/// pin the IOAPIC model reported storming, with no controller lock held.
+pub(crate) type StormSink = Arc<dyn Fn(u8) + Send + Sync>;
+
 /// An MMIO window a controller emulates in user space (e.g. the IOAPIC).
 pub(crate) struct MmioWindow {
     /// Guest-physical base.
@@ -190,6 +216,25 @@ pub(crate) trait InterruptController: Send + Sync {
         Err(IrqError::Unsupported(self.mode().name()))
     }
 
+    /// Counters of our own IOAPIC/LAPIC models; `None` in kernel mode.
+    fn model_stats(&self) -> Option<ModelStats> {
+        None
+    }
+
+    /// Installs the storm guard's policy (split and user modes: our IOAPIC
+    /// model reports storms; kernel mode never sees EOIs).
+    fn set_storm_sink(&self, _sink: StormSink) {}
+
+    /// Timer descriptors the event loop watches for the controller (user
+    /// mode: one timerfd per local APIC timer). When descriptor `i` becomes
+    /// readable the loop calls [`InterruptController::on_timer`]`(i)`.
+    fn timer_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// Timer `index` of [`InterruptController::timer_fds`] is readable.
+    fn on_timer(&self, _index: usize) {}
+
     /// The VM is stopping: wake any vCPU the controller itself holds (user
     /// mode parks a halted vCPU on a condition variable, which a kick
     /// signal does not interrupt). Called before the vCPU threads are joined.
@@ -199,10 +244,6 @@ pub(crate) trait InterruptController: Send + Sync {
 /// Exits that belong to the interrupt controller, handed to
 /// [`VcpuInterrupts::on_exit`] by the vCPU loop.
 #[derive(Debug)]
-#[expect(
-    dead_code,
-    reason = "the payloads are read by the split and user modes (phase 2)"
-)]
 pub(crate) enum IrqExit<'a> {
     /// `KVM_EXIT_IOAPIC_EOI` (split mode): the guest EOI'd a level vector.
     IoapicEoi(u8),
@@ -242,7 +283,6 @@ impl IrqExit<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ExitAction {
     /// Handled: run the guest again.
-    #[expect(dead_code, reason = "returned by the split and user modes (phase 2)")]
     Resume,
     /// The exit was not expected in this mode: the vCPU loop reports it.
     Unexpected,
@@ -255,6 +295,11 @@ pub(crate) trait VcpuInterrupts: Send {
     fn before_run(&mut self, _vcpu: &mut VcpuFd) -> Result<()> {
         Ok(())
     }
+
+    /// Called after every return from `KVM_RUN` (exits and `EINTR` alike),
+    /// before the exit's interrupt-controller part is handled, with the run
+    /// page as KVM left it. User mode reads the guest's CR8 and IF here.
+    fn after_run(&mut self, _run: &kvm_run) {}
 
     /// Whether guest-physical `addr` is in a window this vCPU's local APIC
     /// emulates in user space (so the vCPU loop sends it to `on_exit`).

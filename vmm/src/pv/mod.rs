@@ -204,13 +204,6 @@ impl PvConnect {
     /// [`PvConnect::mask_storming_pin`] as a callback for the interrupt
     /// controller. It holds the service weakly: the service holds the
     /// controller, so a strong reference would be a cycle.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "handed to the split and user modes once they take a storm sink"
-        )
-    )]
     pub(crate) fn storm_sink(self: &Arc<Self>) -> StormSink {
         let pv = Arc::downgrade(self);
         Arc::new(move |pin| {

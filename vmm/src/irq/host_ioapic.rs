@@ -1,0 +1,165 @@
+//! What the split and user modes share about hosting our IOAPIC model
+//! (`irqchip::ioapic::Ioapic`): its MMIO window on the bus, the translation
+//! of a host [`PinProgram`] into a redirection entry, and the storm guard's
+//! bookkeeping.
+//!
+//! The model itself lives behind each mode's own mutex; this module only
+//! holds the pieces that do not depend on where the LAPICs are.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use irqchip::apic_bus::DeliveryMode;
+use irqchip::ioapic::{IoapicCounters, PinMask, RedirectionEntry};
+use irqconnect_abi::layout::{IOAPIC_MMIO_BASE, IOAPIC_MMIO_SIZE};
+
+use super::{
+    IrqError, MmioWindow, ModelStats, PinDelivery, PinDestMode, PinProgram, PinTrigger, StormSink,
+};
+use crate::bus::{Access, BusDevice};
+use crate::ratelimit::RateLimiter;
+
+/// A mode that emulates the IOAPIC's MMIO registers (split and user).
+pub(crate) trait IoapicMmio: Send + Sync + 'static {
+    /// A guest read at `offset` from the IOAPIC base.
+    fn ioapic_read(&self, offset: u64, data: &mut [u8]);
+    /// A guest write at `offset` from the IOAPIC base; its effects (route
+    /// updates, deliveries) happen before it returns.
+    fn ioapic_write(&self, offset: u64, data: &[u8]);
+}
+
+/// The bus device of the IOAPIC window: forwards to the mode, which takes
+/// its own lock.
+struct IoapicWindow<T: IoapicMmio>(Arc<T>);
+
+impl<T: IoapicMmio> BusDevice for IoapicWindow<T> {
+    fn read(&mut self, _access: Access, offset: u64, data: &mut [u8]) {
+        self.0.ioapic_read(offset, data);
+    }
+
+    fn write(&mut self, _access: Access, offset: u64, data: &[u8]) {
+        self.0.ioapic_write(offset, data);
+    }
+}
+
+/// The IOAPIC's MMIO window at 0xFEC00000 for the bus.
+pub(crate) fn window<T: IoapicMmio>(chip: Arc<T>) -> MmioWindow {
+    MmioWindow {
+        base: IOAPIC_MMIO_BASE,
+        len: IOAPIC_MMIO_SIZE,
+        name: "ioapic",
+        device: Arc::new(Mutex::new(IoapicWindow(chip))),
+    }
+}
+
+/// The redirection entry a host [`PinProgram`] asks for: active high, no
+/// extended destination; the model keeps its read-only bits (Remote IRR,
+/// delivery status) when it is written with `Ioapic::write_rte`.
+pub(crate) fn pin_entry(route: &PinProgram) -> Result<RedirectionEntry, IrqError> {
+    let destination = u8::try_from(route.destination)
+        .map_err(|_| IrqError::DestinationTooWide(route.destination))?;
+    Ok(RedirectionEntry::new()
+        .with_vector(route.vector)
+        .with_delivery_mode(match route.delivery {
+            PinDelivery::Fixed => DeliveryMode::Fixed,
+            PinDelivery::LowestPriority => DeliveryMode::LowestPriority,
+        })
+        .with_logical(route.dest_mode == PinDestMode::Logical)
+        .with_level_triggered(route.trigger == PinTrigger::Level)
+        .with_masked(route.masked)
+        .with_destination(destination))
+}
+
+/// Level-interrupt storms the IOAPIC reported (a pin re-delivered after EOI
+/// more than `storm_threshold` times in a row while asserted). The model
+/// still delivers; this counts the reports, remembers which pins had one,
+/// warns at a limited rate, and hands each report to the storm sink (the
+/// PV service's masking policy) once the controller's locks are released.
+pub(crate) struct StormWatch {
+    reports: AtomicU64,
+    pins: AtomicU32,
+    warn: RateLimiter,
+    sink: Mutex<Option<StormSink>>,
+}
+
+impl StormWatch {
+    /// No storm seen yet.
+    pub(crate) fn new() -> Self {
+        Self {
+            reports: AtomicU64::new(0),
+            pins: AtomicU32::new(0),
+            warn: RateLimiter::new(),
+            sink: Mutex::new(None),
+        }
+    }
+
+    /// Installs the callback that gets every storm report.
+    pub(crate) fn set_sink(&self, sink: StormSink) {
+        *self.sink.lock().unwrap_or_else(PoisonError::into_inner) = Some(sink);
+    }
+
+    /// Hands `pins` to the sink, one call per pin. Call it with no
+    /// controller lock held: the sink programs pins through the controller.
+    pub(crate) fn dispatch(&self, pins: PinMask) {
+        if pins.is_empty() {
+            return;
+        }
+        let sink = self
+            .sink
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(sink) = sink {
+            for pin in pins.iter() {
+                sink(pin);
+            }
+        }
+    }
+
+    /// Records the storm pins of one IOAPIC operation (under the
+    /// controller's lock) and returns them for [`StormWatch::dispatch`].
+    pub(crate) fn note(&self, pins: PinMask) -> PinMask {
+        if pins.is_empty() {
+            return pins;
+        }
+        let n = u64::from(pins.bits().count_ones());
+        self.reports.fetch_add(n, Ordering::Relaxed);
+        self.pins.fetch_or(pins.bits(), Ordering::Relaxed);
+        if let Some(suppressed) = self.warn.check() {
+            let list: Vec<String> = pins.iter().map(|p| p.to_string()).collect();
+            log::warn!(
+                "IOAPIC pin(s) {}: level interrupt storm (re-delivered after EOI while still asserted); {suppressed} similar warnings suppressed",
+                list.join(",")
+            );
+        }
+        pins
+    }
+
+    /// Reports so far, and the pins that had one (bit `n` for pin `n`).
+    pub(crate) fn get(&self) -> (u64, u32) {
+        (
+            self.reports.load(Ordering::Relaxed),
+            self.pins.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The IOAPIC part of [`ModelStats`].
+pub(crate) fn ioapic_stats(counters: &IoapicCounters, storm: &StormWatch) -> ModelStats {
+    let (storm_reports, storm_pins) = storm.get();
+    ModelStats {
+        ioapic_bad_accesses: [
+            counters.bad_mmio_reads,
+            counters.bad_mmio_writes,
+            counters.bad_register_reads,
+            counters.bad_register_writes,
+            counters.read_only_writes,
+            counters.bad_pins,
+        ]
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b)),
+        storm_reports,
+        storm_pins,
+        ..ModelStats::default()
+    }
+}

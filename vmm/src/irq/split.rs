@@ -1,0 +1,309 @@
+//! `--irqchip split`: our IOAPIC model, KVM's local APICs.
+//!
+//! - Setup: `KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, 24)` before any vCPU
+//!   exists (KVM then creates an in-kernel LAPIC per vCPU and no PIC or
+//!   IOAPIC), and one KVM MSI route per pin on GSI == pin.
+//! - The model ([`Ioapic`]) sits behind one mutex with the generation of the
+//!   routes KVM holds. Every operation (a device line change on any thread,
+//!   a guest MMIO access, a `KVM_EXIT_IOAPIC_EOI`, a host `program_pin`)
+//!   takes the lock, runs the model, then, still under the lock:
+//!   1. refreshes KVM's GSI routes if the model's route generation moved
+//!      (`KVM_SET_GSI_ROUTING`), so they mirror the entries before anything
+//!      that depends on a new entry is delivered (QEMU's split IOAPIC delivers
+//!      an unmasked level pin on the stale route; the guest suite tests it);
+//!   2. sends each delivery the model returned with `KVM_SIGNAL_MSI`, the
+//!      message encoded by `irqchip::msi` exactly as the route would be;
+//!   3. records storm reports.
+//!
+//!   Line changes are synchronous on the calling thread: a pc-testdev write
+//!   takes effect before its vCPU re-enters `KVM_RUN`.
+//! - Why routes at all when deliveries go by `KVM_SIGNAL_MSI`: KVM sets a
+//!   vCPU's EOI-exit bit for a vector only when a *level* MSI route (data bit
+//!   15) on a GSI below the reserved 24 targets that vCPU. The guest's EOI of
+//!   such a vector then exits with `KVM_EXIT_IOAPIC_EOI`, which goes to the
+//!   model's EOI (Remote IRR cleared, re-delivery while asserted).
+//! - `KVM_IRQFD_FLAG_RESAMPLE` is refused by KVM in this mode; nothing here
+//!   uses irqfds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use irqchip::apic_bus::{DeliveryMode, Message};
+use irqchip::ioapic::{Ioapic, IoapicConfig, IoapicOutput, NUM_PINS, PinMask};
+use irqchip::msi::{self, Msi, MsiFormat};
+use kvm_bindings::{
+    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_enable_cap,
+    kvm_irq_routing_entry, kvm_msi,
+};
+use kvm_ioctls::VmFd;
+
+use super::host_ioapic::{self, IoapicMmio, StormWatch};
+use super::{
+    ExitAction, InterruptController, IrqError, IrqExit, IrqStats, MmioWindow, ModelStats,
+    PinProgram, StormSink, VcpuInterrupts,
+};
+use crate::cli::IrqchipMode;
+use crate::error::{Error, Result};
+use crate::ratelimit::RateLimiter;
+
+/// IOAPIC pins, and the GSIs KVM reserves for them.
+const PINS: u32 = NUM_PINS as u32;
+
+/// Our IOAPIC in front of KVM's local APICs.
+pub(crate) struct SplitIrqchip {
+    /// This chip, for the per-vCPU parts and the MMIO window.
+    me: Weak<SplitIrqchip>,
+    vm: Arc<VmFd>,
+    state: Mutex<State>,
+    msis: AtomicU64,
+    eois: AtomicU64,
+    errors: AtomicU64,
+    storm: StormWatch,
+    warn: RateLimiter,
+}
+
+/// What the lock protects.
+struct State {
+    ioapic: Ioapic,
+    /// The model's route generation KVM's GSI routes mirror; `None` when
+    /// the last `KVM_SET_GSI_ROUTING` failed (retried on the next change).
+    routed: Option<u64>,
+}
+
+/// Enables the split irqchip (24 IOAPIC routes reserved) and installs the
+/// reset-state routes; must precede vCPU creation.
+pub(crate) fn create(vm: Arc<VmFd>) -> Result<Arc<SplitIrqchip>> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(PINS);
+    vm.enable_cap(&cap)
+        .map_err(Error::kvm("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+    let ioapic = Ioapic::new(IoapicConfig::default());
+    let routing = routing_table(&ioapic)
+        .map_err(|e| Error::host("build the IOAPIC GSI routes")(std::io::Error::other(e)))?;
+    vm.set_gsi_routing(&routing)
+        .map_err(Error::kvm("KVM_SET_GSI_ROUTING"))?;
+    let routed = Some(ioapic.route_generation());
+    Ok(Arc::new_cyclic(|me| SplitIrqchip {
+        me: me.clone(),
+        vm,
+        state: Mutex::new(State { ioapic, routed }),
+        msis: AtomicU64::new(0),
+        eois: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        storm: StormWatch::new(),
+        warn: RateLimiter::new(),
+    }))
+}
+
+/// KVM's MSI route for GSI `pin`: the pin's entry as `Ioapic::msi_route`
+/// encodes it (level trigger in data bit 15, lowest priority with the
+/// redirection hint), whatever its mask and Remote IRR.
+pub(crate) fn route_entry(pin: u8, route: Msi) -> kvm_irq_routing_entry {
+    let mut entry = kvm_irq_routing_entry {
+        gsi: u32::from(pin),
+        type_: KVM_IRQ_ROUTING_MSI,
+        ..Default::default()
+    };
+    entry.u.msi.address_lo = route.address as u32;
+    entry.u.msi.address_hi = (route.address >> 32) as u32;
+    entry.u.msi.data = route.data;
+    entry
+}
+
+/// The whole routing table: one MSI route per pin, GSI == pin.
+pub(crate) fn routing_table(ioapic: &Ioapic) -> std::result::Result<KvmIrqRouting, String> {
+    let entries = (0..NUM_PINS as u8)
+        .map(|pin| {
+            ioapic
+                .msi_route(pin, MsiFormat::Compatibility)
+                .map(|route| route_entry(pin, route))
+                .map_err(|e| format!("pin {pin}: {e}"))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    KvmIrqRouting::from_entries(&entries).map_err(|e| format!("{e:?}"))
+}
+
+/// The `KVM_SIGNAL_MSI` payload for a message the IOAPIC sends: the same
+/// encoding as the pin's route (redirection hint for lowest priority).
+pub(crate) fn msi_for(message: &Message) -> std::result::Result<kvm_msi, irqchip::Error> {
+    let hint = message.delivery_mode == DeliveryMode::LowestPriority;
+    let Msi { address, data } = msi::encode(message, hint, MsiFormat::Compatibility)?;
+    Ok(kvm_msi {
+        address_lo: address as u32,
+        address_hi: (address >> 32) as u32,
+        data,
+        ..Default::default()
+    })
+}
+
+impl SplitIrqchip {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail(&self, what: std::fmt::Arguments<'_>) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.warn.check() {
+            log::warn!("split irqchip: {what} ({suppressed} similar warnings suppressed)");
+        }
+    }
+
+    /// Brings KVM's routes up to the model's generation (under the lock).
+    fn refresh_routes(&self, st: &mut State) {
+        let generation = st.ioapic.route_generation();
+        if st.routed == Some(generation) {
+            return;
+        }
+        match routing_table(&st.ioapic) {
+            Ok(table) => match self.vm.set_gsi_routing(&table) {
+                Ok(()) => st.routed = Some(generation),
+                Err(e) => {
+                    st.routed = None;
+                    self.fail(format_args!("KVM_SET_GSI_ROUTING: {e}"));
+                }
+            },
+            Err(e) => {
+                st.routed = None;
+                self.fail(format_args!("GSI routes: {e}"));
+            }
+        }
+    }
+
+    /// Sends one message (under the lock, after the routes are fresh).
+    fn send(&self, pin: u8, message: &Message) {
+        match msi_for(message) {
+            Ok(msi) => match self.vm.signal_msi(msi) {
+                Ok(_) => {
+                    self.msis.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => self.fail(format_args!("KVM_SIGNAL_MSI for pin {pin}: {e}")),
+            },
+            Err(e) => self.fail(format_args!("pin {pin}: {e}")),
+        }
+    }
+
+    /// Routes first, then every delivery; returns the storm reports for
+    /// [`StormWatch::dispatch`] once the lock is released.
+    fn apply(&self, st: &mut State, output: &IoapicOutput) -> PinMask {
+        self.refresh_routes(st);
+        for d in output.deliveries() {
+            self.send(d.pin, &d.message);
+        }
+        self.storm.note(output.storm_pins())
+    }
+
+    /// `KVM_EXIT_IOAPIC_EOI`: the guest EOI'd `vector` on a level route.
+    fn eoi(&self, vector: u8) {
+        self.eois.fetch_add(1, Ordering::Relaxed);
+        let storms = {
+            let mut st = self.lock();
+            let output = st.ioapic.eoi(vector);
+            self.apply(&mut st, &output)
+        };
+        self.storm.dispatch(storms);
+    }
+}
+
+impl IoapicMmio for SplitIrqchip {
+    fn ioapic_read(&self, offset: u64, data: &mut [u8]) {
+        self.lock().ioapic.mmio_read(offset, data);
+    }
+
+    fn ioapic_write(&self, offset: u64, data: &[u8]) {
+        let storms = {
+            let mut st = self.lock();
+            let output = st.ioapic.mmio_write(offset, data);
+            self.apply(&mut st, &output)
+        };
+        // An EOI-register write can report a storm.
+        self.storm.dispatch(storms);
+    }
+}
+
+impl InterruptController for SplitIrqchip {
+    fn mode(&self) -> IrqchipMode {
+        IrqchipMode::Split
+    }
+
+    fn gsi_count(&self) -> u32 {
+        PINS
+    }
+
+    fn set_level(&self, gsi: u32, high: bool) -> std::result::Result<(), IrqError> {
+        let pin = u8::try_from(gsi)
+            .ok()
+            .filter(|&p| u32::from(p) < PINS)
+            .ok_or(IrqError::NoSuchGsi(gsi))?;
+        let mut st = self.lock();
+        if let Some(message) = st.ioapic.set_line(pin, high) {
+            self.refresh_routes(&mut st);
+            self.send(pin, &message);
+        }
+        Ok(())
+    }
+
+    fn mmio_devices(&self) -> Vec<MmioWindow> {
+        self.me
+            .upgrade()
+            .map(host_ioapic::window)
+            .into_iter()
+            .collect()
+    }
+
+    fn vcpu(&self, _index: usize) -> Box<dyn VcpuInterrupts> {
+        Box::new(SplitVcpu(self.me.upgrade()))
+    }
+
+    fn stats(&self) -> IrqStats {
+        IrqStats {
+            injected: Some(self.msis.load(Ordering::Relaxed)),
+            eois: Some(self.eois.load(Ordering::Relaxed)),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    fn model_stats(&self) -> Option<ModelStats> {
+        Some(host_ioapic::ioapic_stats(
+            self.lock().ioapic.counters(),
+            &self.storm,
+        ))
+    }
+
+    fn program_pin(&self, pin: u8, route: &PinProgram) -> std::result::Result<(), IrqError> {
+        if u32::from(pin) >= PINS {
+            return Err(IrqError::NoSuchGsi(u32::from(pin)));
+        }
+        let entry = host_ioapic::pin_entry(route)?;
+        let mut st = self.lock();
+        let output = st
+            .ioapic
+            .write_rte(pin, entry)
+            .map_err(|_| IrqError::NoSuchGsi(u32::from(pin)))?;
+        // An entry write reports no storm (only EOIs do), and the caller
+        // (the PV service) holds its own lock: nothing to dispatch.
+        let _ = self.apply(&mut st, &output);
+        Ok(())
+    }
+
+    fn set_storm_sink(&self, sink: StormSink) {
+        self.storm.set_sink(sink);
+    }
+}
+
+/// The per-vCPU part: only `KVM_EXIT_IOAPIC_EOI` belongs to us.
+struct SplitVcpu(Option<Arc<SplitIrqchip>>);
+
+impl VcpuInterrupts for SplitVcpu {
+    fn on_exit(&mut self, exit: IrqExit<'_>) -> ExitAction {
+        match (exit, &self.0) {
+            (IrqExit::IoapicEoi(vector), Some(chip)) => {
+                chip.eoi(vector);
+                ExitAction::Resume
+            }
+            _ => ExitAction::Unexpected,
+        }
+    }
+}

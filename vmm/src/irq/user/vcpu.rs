@@ -1,0 +1,294 @@
+//! The per-vCPU part of user mode, run on the vCPU's own thread.
+//!
+//! Each `KVM_RUN` return: [`UserVcpu::after_run`] mirrors the guest's CR8
+//! into the LAPIC's TPR (once per return, before the exit is handled, so a
+//! TPR read after a CR8 raise sees it and a TPR written by MMIO is not
+//! overwritten) and notes IF and `ready_for_interrupt_injection`. Then the
+//! exit ([`UserVcpu::on_exit`]): LAPIC MMIO and MSRs to the model, HLT
+//! noted. Before each entry ([`UserVcpu::before_run`]): due timers, INIT and
+//! SIPI, parking (halted without a wake-up, or an AP waiting for SIPI),
+//! NMI, then one vector by `KVM_INTERRUPT` if KVM says the vCPU can take it
+//! now, acknowledged in the LAPIC in the same step; otherwise an
+//! interrupt-window request. CR8 goes back into `kvm_run`.
+//!
+//! ExtINT and SMI are dropped (counted): the 8259 stays masked and there is
+//! no SMM.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use irqchip::lapic::{Gp, IA32_APIC_BASE};
+use irqconnect_abi::layout::LAPIC_MMIO_SIZE;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::VcpuFd;
+
+use super::plan::{self, Activity, Injection};
+use super::{Chip, kvm};
+use crate::boot;
+use crate::error::Result;
+use crate::irq::{ExitAction, IrqExit, VcpuInterrupts};
+
+/// xAPIC EOI register offset (SDM Vol. 3A Table 11-1).
+const XAPIC_EOI: u64 = 0xb0;
+/// x2APIC EOI MSR (SDM Vol. 3A Table 11-6).
+const X2APIC_EOI: u32 = 0x80b;
+
+/// One vCPU's interrupt state, owned by its thread.
+pub(super) struct UserVcpu {
+    chip: Arc<Chip>,
+    index: usize,
+    activity: Activity,
+    /// The guest executed `hlt` and has not been woken since.
+    halted: bool,
+    /// `kvm_run.if_flag` at the last exit.
+    if_flag: bool,
+    /// `kvm_run.ready_for_interrupt_injection` at the last exit.
+    ready: bool,
+    /// Base of the LAPIC's MMIO page (IA32_APIC_BASE), for `owns_mmio`.
+    mmio_base: u64,
+    /// IA32_APIC_BASE may differ from KVM's copy (initially, and after a
+    /// guest write): mirror it before the next entry.
+    apic_base_dirty: bool,
+}
+
+impl UserVcpu {
+    pub(super) fn new(chip: Arc<Chip>, index: usize) -> Self {
+        let mmio_base = chip
+            .lock_apics()
+            .get(index)
+            .map_or(irqconnect_abi::layout::LAPIC_MMIO_BASE, |l| l.mmio_base());
+        Self {
+            chip,
+            index,
+            // APs hold until INIT/SIPI; the BSP runs.
+            activity: if index == 0 {
+                Activity::Running
+            } else {
+                Activity::WaitForSipi
+            },
+            halted: false,
+            if_flag: false,
+            ready: false,
+            mmio_base,
+            apic_base_dirty: true,
+        }
+    }
+
+    /// Makes KVM's IA32_APIC_BASE equal to the model's (KVM derives
+    /// CPUID.01H:EDX.APIC from it).
+    fn mirror_apic_base(&mut self, vcpu: &VcpuFd) {
+        if !std::mem::take(&mut self.apic_base_dirty) {
+            return;
+        }
+        let now = self.chip.now();
+        let value = self
+            .chip
+            .lock_apics()
+            .with(self.index, |l| l.msr_read(IA32_APIC_BASE, now));
+        if let Some(Ok(value)) = value
+            && let Err(e) = kvm::mirror_apic_base(vcpu, value)
+        {
+            self.chip.fail(format_args!(
+                "vcpu {}: mirror IA32_APIC_BASE: {e}",
+                self.index
+            ));
+        }
+    }
+
+    /// INIT and SIPI register changes (APIC lock not held).
+    fn apply_startup(&mut self, vcpu: &VcpuFd, startup: plan::Startup) -> Result<()> {
+        if startup.init {
+            boot::init_state(vcpu)?;
+            self.halted = false;
+            self.if_flag = false;
+            self.ready = false;
+        }
+        if let Some(vector) = startup.sipi {
+            boot::start_at_sipi(vcpu, vector)?;
+        }
+        Ok(())
+    }
+
+    fn mmio(&mut self, exit: IrqExit<'_>) -> ExitAction {
+        let chip = Arc::clone(&self.chip);
+        let now = chip.now();
+        let mut apics = chip.lock_apics();
+        let effect = match exit {
+            IrqExit::LapicRead(addr, data) => {
+                let offset = addr.wrapping_sub(self.mmio_base);
+                apics.with(self.index, |l| l.mmio_read(offset, data, now));
+                None
+            }
+            IrqExit::LapicWrite(addr, data) => {
+                let offset = addr.wrapping_sub(self.mmio_base);
+                if offset == XAPIC_EOI {
+                    chip.counters.eois.fetch_add(1, Ordering::Relaxed);
+                }
+                apics
+                    .with(self.index, |l| l.mmio_write(offset, data, now))
+                    .flatten()
+            }
+            _ => return ExitAction::Unexpected,
+        };
+        chip.sync_timer(&apics, self.index);
+        drop(apics);
+        chip.apply_effect(effect, self.index);
+        ExitAction::Resume
+    }
+
+    fn msr(&mut self, exit: IrqExit<'_>) -> ExitAction {
+        let chip = Arc::clone(&self.chip);
+        let now = chip.now();
+        let mut apics = chip.lock_apics();
+        if !apics
+            .get(self.index)
+            .is_some_and(|l| l.handles_msr(msr_index(&exit)))
+        {
+            // Not a LAPIC MSR: #GP, as KVM gives for an MSR it refused.
+            return ExitAction::Unexpected;
+        }
+        let result: std::result::Result<_, Gp> = match exit {
+            IrqExit::RdMsr(msr, value) => apics
+                .with(self.index, |l| l.msr_read(msr, now))
+                .unwrap_or(Err(Gp::ReservedMsr))
+                .map(|v| {
+                    *value = v;
+                    None
+                }),
+            IrqExit::WrMsr(msr, value) => {
+                self.apic_base_dirty |= msr == IA32_APIC_BASE;
+                if msr == X2APIC_EOI {
+                    chip.counters.eois.fetch_add(1, Ordering::Relaxed);
+                }
+                apics
+                    .with(self.index, |l| l.msr_write(msr, value, now))
+                    .unwrap_or(Err(Gp::ReservedMsr))
+            }
+            _ => return ExitAction::Unexpected,
+        };
+        if let Some(l) = apics.get(self.index) {
+            self.mmio_base = l.mmio_base();
+        }
+        chip.sync_timer(&apics, self.index);
+        drop(apics);
+        match result {
+            Ok(effect) => {
+                chip.apply_effect(effect, self.index);
+                ExitAction::Resume
+            }
+            // The vCPU loop injects #GP for an MSR exit it cannot complete.
+            Err(_) => ExitAction::Unexpected,
+        }
+    }
+}
+
+fn msr_index(exit: &IrqExit<'_>) -> u32 {
+    match exit {
+        IrqExit::RdMsr(msr, _) | IrqExit::WrMsr(msr, _) => *msr,
+        _ => 0,
+    }
+}
+
+impl VcpuInterrupts for UserVcpu {
+    fn before_run(&mut self, vcpu: &mut VcpuFd) -> Result<()> {
+        self.mirror_apic_base(vcpu);
+        let chip = Arc::clone(&self.chip);
+        let i = self.index;
+        let mut apics = chip.lock_apics();
+        loop {
+            if chip.control.stopping() {
+                return Ok(());
+            }
+            let now = chip.now();
+            let (init, sipi) = apics
+                .with(i, |l| {
+                    let _ = l.tick(now);
+                    (l.take_init(), l.take_sipi())
+                })
+                .unwrap_or((false, None));
+            chip.sync_timer(&apics, i);
+            let (activity, startup) = plan::startup(self.activity, i == 0, init, sipi);
+            self.activity = activity;
+            if startup.init || startup.sipi.is_some() {
+                drop(apics);
+                self.apply_startup(vcpu, startup)?;
+                apics = chip.lock_apics();
+                continue;
+            }
+            let Some(lapic) = apics.get(i) else {
+                return Ok(());
+            };
+            let park = activity == Activity::WaitForSipi
+                || (self.halted && !plan::halt_ends(lapic, self.if_flag));
+            if !park {
+                break;
+            }
+            apics.set_parked(i, true);
+            apics = match chip.wake.get(i) {
+                Some(cv) => cv.wait(apics).unwrap_or_else(PoisonError::into_inner),
+                None => apics,
+            };
+            apics.set_parked(i, false);
+        }
+        self.halted = false;
+
+        let (nmi, _smi, _extint) = apics
+            .with(i, |l| (l.take_nmi(), l.take_smi(), l.take_extint()))
+            .unwrap_or((false, false, false));
+        if nmi && let Err(e) = vcpu.nmi() {
+            chip.fail(format_args!("KVM_NMI on vcpu {i}: {e}"));
+        }
+        let deliverable = apics.get(i).and_then(|l| l.highest_deliverable());
+        if let Injection::Inject(vector) = plan::injection(deliverable, self.ready) {
+            match kvm::interrupt(vcpu, vector) {
+                Ok(()) => {
+                    // Acknowledged exactly when injected: IRR -> ISR.
+                    let acked = apics.with(i, |l| l.acknowledge()).flatten();
+                    debug_assert_eq!(acked, Some(vector));
+                    chip.counters.injected.fetch_add(1, Ordering::Relaxed);
+                    self.ready = false;
+                }
+                // EEXIST: KVM still holds one; the window exit comes later.
+                Err(e) if e.errno() == libc::EEXIST => {}
+                Err(e) => chip.fail(format_args!("KVM_INTERRUPT on vcpu {i}: {e}")),
+            }
+        }
+        let (pending, blocked, cr8) = apics.get(i).map_or((false, false, 0), |l| {
+            (
+                l.highest_deliverable().is_some(),
+                plan::tpr_blocked(l),
+                l.cr8(),
+            )
+        });
+        chip.set_tpr_poll(&apics, i, blocked);
+        drop(apics);
+        let run = vcpu.get_kvm_run();
+        run.request_interrupt_window = u8::from(pending);
+        run.cr8 = cr8;
+        Ok(())
+    }
+
+    fn after_run(&mut self, run: &kvm_run) {
+        self.if_flag = run.if_flag != 0;
+        self.ready = run.ready_for_interrupt_injection != 0;
+        let cr8 = run.cr8;
+        let _ = self.chip.lock_apics().with(self.index, |l| l.set_cr8(cr8));
+    }
+
+    fn owns_mmio(&self, addr: u64) -> bool {
+        addr.wrapping_sub(self.mmio_base) < LAPIC_MMIO_SIZE
+    }
+
+    fn on_exit(&mut self, exit: IrqExit<'_>) -> ExitAction {
+        match exit {
+            IrqExit::IrqWindowOpen | IrqExit::SetTpr => ExitAction::Resume,
+            IrqExit::Hlt => {
+                self.halted = true;
+                ExitAction::Resume
+            }
+            e @ (IrqExit::LapicRead(..) | IrqExit::LapicWrite(..)) => self.mmio(e),
+            e @ (IrqExit::RdMsr(..) | IrqExit::WrMsr(..)) => self.msr(e),
+            IrqExit::IoapicEoi(_) => ExitAction::Unexpected,
+        }
+    }
+}
