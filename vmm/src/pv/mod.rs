@@ -20,9 +20,11 @@
 //!
 //! Storm guard ([`PvConnect::mask_storming_pin`]): the split and user
 //! modes' IOAPIC model reports a level pin re-delivered past
-//! [`config::STORM_THRESHOLD`] times after EOI; the hook masks it and tells
-//! the service. Kernel mode cannot see EOIs, so there is no storm guard
-//! there.
+//! [`config::STORM_THRESHOLD`] times after EOI; the controller hands the
+//! pin, with its locks released, to the sink `machine` installed
+//! ([`PvConnect::storm_sink`] through `InterruptController::set_storm_sink`),
+//! which masks it and tells the service. Kernel mode cannot see EOIs, so
+//! there is no storm guard there.
 
 pub(crate) mod config;
 pub(crate) mod counters;
@@ -37,14 +39,10 @@ use irqconnect::{DeviceTable, InterruptMode, Outcome, PinRoute, RouteUpdate, Ser
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::testdev::{TestdevSpec, Trigger};
-use crate::irq::{InterruptController, IrqError};
+use crate::irq::{InterruptController, IrqError, StormSink};
 use crate::ratelimit::RateLimiter;
 use counters::{PvCounters, PvStats};
 use ram::VmRam;
-
-/// The storm guard's callback: called with a pin the IOAPIC model reported
-/// storming, with no interrupt-controller lock held.
-pub(crate) type StormSink = Arc<dyn Fn(u8) + Send + Sync>;
 
 /// The PV connect service of one VM, with what it needs to answer and
 /// route: guest RAM and the interrupt controller.
