@@ -439,11 +439,6 @@ fn connect_disconnect_in(mode: &str) {
         ],
         None,
     );
-    if r.stderr.contains("not implemented yet") {
-        // The mode has not landed yet; kernel mode always runs.
-        eprintln!("skipped: --irqchip {mode} is not implemented in this build");
-        return;
-    }
     assert_eq!(r.status, Some(0), "{r:?}");
     assert_eq!(
         pv_line(&r.stderr),
@@ -634,10 +629,6 @@ fn storm_in(mode: &str) {
         ],
         None,
     );
-    if r.stderr.contains("not implemented yet") {
-        eprintln!("skipped: --irqchip {mode} is not implemented in this build");
-        return;
-    }
     assert_eq!(r.status, Some(0), "{r:?}");
     assert!(
         pv_line(&r.stderr).contains("storm masks 1,"),
