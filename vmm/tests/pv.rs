@@ -1,9 +1,10 @@
-//! KVM tests of the PV connect doorbell (port 0x2200) in kernel mode, with
-//! small hand-assembled guests: the signature, QUERY_PLATFORM, header
-//! errors, unreadable blocks and bad widths, QUERY_RESOURCES, CONNECT with
-//! the pin programmed before the vCPU resumes (the test device's interrupt
-//! arrives on the connected vector), QUERY_ROUTE, DISCONNECT masking the
-//! pin, and the `--devices` table.
+//! KVM tests of the PV connect doorbell (port 0x2200) with small
+//! hand-assembled guests: the signature, QUERY_PLATFORM, header errors,
+//! unreadable blocks and bad widths, QUERY_RESOURCES, CONNECT with the pin
+//! programmed before the vCPU resumes (the test device's interrupt arrives
+//! on the connected vector), QUERY_ROUTE, DISCONNECT masking the pin, and
+//! the `--devices` table, in kernel mode; CONNECT/DISCONNECT and the storm
+//! guard in split and user modes.
 //!
 //! Each guest checks the answers itself and exits with 0, or with the
 //! number of the first check that failed.
