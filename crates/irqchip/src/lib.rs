@@ -10,6 +10,7 @@
 
 pub mod apic_bus;
 pub mod error;
+pub mod harness;
 pub mod ioapic;
 pub mod lapic;
 pub mod msi;

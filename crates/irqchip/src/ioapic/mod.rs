@@ -257,6 +257,14 @@ impl Ioapic {
             self.bump_route_generation();
             output.set_routes_changed();
         }
+        // A polarity (or trigger) change can leave the pin not asserted: its
+        // storm count restarts, as when the line drops.
+        let line_high = self.lines & (1 << pin) != 0;
+        if line_high == new.active_low()
+            && let Some(count) = self.storm_counts.get_mut(usize::from(pin))
+        {
+            *count = 0;
+        }
         if let Some(message) = self.service_level(pin) {
             output.push(pin, message);
         }

@@ -367,6 +367,26 @@ mod tests {
         assert_eq!(ioapic.storm_count(8), Some(0));
     }
 
+    /// Found by the `ioapic` fuzz target (corpus file
+    /// `regression-storm-count-rte-deassert`): an entry write that left the
+    /// pin not asserted (polarity flipped) kept the storm count, so the next
+    /// assertion's re-deliveries were reported as a storm too early.
+    #[test]
+    fn regression_storm_count_resets_when_rte_write_deasserts_pin() {
+        let mut ioapic = storm_ioapic(2);
+        ioapic.eoi(VECTOR);
+        ioapic.eoi(VECTOR);
+
+        ioapic.write_rte(8, level().with_active_low(true)).unwrap();
+        ioapic.write_rte(8, level()).unwrap();
+        let first = ioapic.eoi(VECTOR);
+        let second = ioapic.eoi(VECTOR);
+
+        assert_eq!(ioapic.storm_count(8), Some(2));
+        assert!(first.storm_pins().is_empty());
+        assert!(second.storm_pins().is_empty());
+    }
+
     #[test]
     fn storm_count_ignores_first_delivery_of_each_assertion() {
         let mut ioapic = storm_ioapic(0);

@@ -1,0 +1,890 @@
+//! The whole user-mode chip: one IOAPIC, up to six local APICs (xAPIC and
+//! x2APIC, any IDs, LDRs and DFR models) and the APIC bus with its
+//! lowest-priority [`Arbiter`], wired as a VMM wires them.
+//!
+//! Input format: byte 0 is the IOAPIC configuration (as
+//! [`super::ioapic::config`]); byte 1 the number of vCPUs (`1 + b % 6`) and
+//! whether they advertise directed EOI (bit 7); then one byte per vCPU for
+//! its APIC ID (`b >> 6` 0 or 1: the index; 2: `b & 0xf`; 3: the next two
+//! bytes); then operations, an opcode byte and its operands:
+//!
+//! | opcode % 16 | operation |
+//! |---|---|
+//! | 0 | IOAPIC line level |
+//! | 1 | IOAPIC register write through IOREGSEL/IOWIN |
+//! | 2 | host redirection-entry write, from fields |
+//! | 3 | IOAPIC EOI register write |
+//! | 4 | local APIC register write (MMIO, or MSR in x2APIC mode) |
+//! | 5 | IA32_APIC_BASE: disabled, xAPIC or x2APIC |
+//! | 6 | IPI through the ICR |
+//! | 7 | acknowledge (the vCPU takes its highest deliverable vector) |
+//! | 8 | EOI (call, MMIO or MSR) |
+//! | 9 | CR8 |
+//! | 10 | time advances; every timer ticks |
+//! | 11 | local interrupt (LINT0, LINT1, thermal, perf, CMCI) |
+//! | 12 | the vCPU loop takes pending events |
+//! | 13 | snapshot round trip of the whole chip |
+//! | 14 | SVR write (software enable, EOI-broadcast suppression) |
+//! | 15 | x2APIC SELF IPI |
+//!
+//! Checked after every operation, with oracles independent of the code
+//! under test:
+//!
+//! - every bus message reaches exactly the APICs whose registers, read back
+//!   through MMIO or MSRs, match its destination and accept its delivery
+//!   mode (SDM Vol. 3A 11.6.2, 11.12.9, 11.12.10, and KVM's documented
+//!   quirks); a lowest-priority message reaches one of them with the lowest
+//!   PPR; an accepted fixed message sets the IRR, and the TMR exactly when
+//!   level-triggered;
+//! - the ISR holds exactly the vectors acknowledged and not yet EOId (an
+//!   EOI retires the highest), nothing is acknowledged at or below the PPR,
+//!   the PPR follows from the TPR and the ISR (SDM 11.8.3.1), no vector
+//!   below 16 is ever requested, in service or level, a disabled APIC holds
+//!   nothing, and an EOI is broadcast exactly for a level vector without
+//!   suppression;
+//! - the IOAPIC sends, per pin, exactly what the reference model
+//!   ([`super::pin_model::RefIoapic`]) sends, Remote IRR sits on level pins
+//!   only, and every other observable matches the reference.
+
+use super::input::Input;
+use super::pin_model::{PINS, RefIoapic, RefOutput};
+use crate::apic_bus::{
+    ApicTarget, Arbiter, DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode,
+};
+use crate::ioapic::spec::{EOI_OFFSET, IOREGSEL_OFFSET, IOWIN_OFFSET};
+use crate::ioapic::{Ioapic, IoapicOutput, RedirectionEntry};
+use crate::lapic::{AcceptOutcome, Effect, Lapic, LapicConfig, LocalSource};
+
+/// Most vCPUs a system input builds.
+pub const MAX_CPUS: usize = 6;
+
+// IA32_APIC_BASE (SDM Vol. 3A 11.4.4).
+const IA32_APIC_BASE: u32 = 0x1b;
+const BASE_BSP: u64 = 1 << 8;
+const BASE_EXTD: u64 = 1 << 10;
+const BASE_EN: u64 = 1 << 11;
+const BASE_ADDRESS: u64 = 0xfee0_0000;
+
+// xAPIC register offsets (SDM Vol. 3A 11.4.1, Table 11-1); the x2APIC MSR
+// of a register is 0x800 + offset / 16 (SDM 11.12.1.2).
+const ID: u16 = 0x20;
+const TPR: u16 = 0x80;
+const PPR: u16 = 0xa0;
+const EOI: u16 = 0xb0;
+const LDR: u16 = 0xd0;
+const DFR: u16 = 0xe0;
+const SVR: u16 = 0xf0;
+const ISR0: u16 = 0x100;
+const TMR0: u16 = 0x180;
+const IRR0: u16 = 0x200;
+const ICR_LOW: u16 = 0x300;
+const ICR_HIGH: u16 = 0x310;
+const SELF_IPI_MSR: u32 = 0x83f;
+const ICR_MSR: u32 = 0x830;
+
+/// Registers the register-write operation picks from.
+const REGISTERS: [u16; 16] = [
+    ID, TPR, EOI, LDR, DFR, SVR, 0x280, 0x2f0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x380,
+    0x3e0,
+];
+
+/// LVT register of each local source (SDM Vol. 3A 11.5.1).
+const LOCAL_SOURCES: [(LocalSource, u16); 5] = [
+    (LocalSource::Lint0, 0x350),
+    (LocalSource::Lint1, 0x360),
+    (LocalSource::Thermal, 0x330),
+    (LocalSource::Perf, 0x340),
+    (LocalSource::Cmci, 0x2f0),
+];
+
+/// Delivery mode INIT in an LVT or ICR (SDM Vol. 3A 11.5.1).
+const DM_INIT: u32 = 0b101;
+
+/// A set of 256 vectors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Vectors([u64; 4]);
+
+impl Vectors {
+    fn set(&mut self, v: u8) {
+        self.0[usize::from(v >> 6)] |= 1 << (v & 63);
+    }
+    fn clear(&mut self, v: u8) {
+        self.0[usize::from(v >> 6)] &= !(1 << (v & 63));
+    }
+    fn highest(&self) -> Option<u8> {
+        (0..=255u8)
+            .rev()
+            .find(|&v| self.0[usize::from(v >> 6)] & (1 << (v & 63)) != 0)
+    }
+    fn from_registers(regs: [u32; 8]) -> Self {
+        let mut set = Self::default();
+        for (n, reg) in regs.iter().enumerate() {
+            set.0[n / 2] |= u64::from(*reg) << (32 * (n % 2));
+        }
+        set
+    }
+    fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+}
+
+/// A local APIC as its guest-visible registers show it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Observed {
+    hw_enabled: bool,
+    x2apic: bool,
+    apic_id: u32,
+    logical_id: u32,
+    dfr_flat: bool,
+    svr: u32,
+    tpr: u8,
+    ppr: u8,
+    isr: Vectors,
+    tmr: Vectors,
+    irr: Vectors,
+}
+
+impl Observed {
+    fn sw_enabled(&self) -> bool {
+        self.svr & 0x100 != 0
+    }
+}
+
+/// Reads `lapic`'s registers the way a guest would, on a copy (a read may
+/// tick the timer).
+fn observe(lapic: &Lapic, now: u64) -> Result<Observed, String> {
+    let mut probe = lapic.clone();
+    let base = probe
+        .msr_read(IA32_APIC_BASE, now)
+        .map_err(|gp| format!("IA32_APIC_BASE read faulted: {gp:?}"))?;
+    if base & BASE_EN == 0 {
+        return Ok(Observed::default());
+    }
+    let x2apic = base & BASE_EXTD != 0;
+    let mut read = |offset: u16| -> Result<u32, String> {
+        if x2apic {
+            let msr = 0x800 + u32::from(offset >> 4);
+            probe
+                .msr_read(msr, now)
+                .map(|v| v as u32)
+                .map_err(|gp| format!("MSR {msr:#x} read faulted: {gp:?}"))
+        } else {
+            let mut data = [0u8; 4];
+            probe.mmio_read(u64::from(offset), &mut data, now);
+            Ok(u32::from_le_bytes(data))
+        }
+    };
+    let mut bank = |base: u16| -> Result<Vectors, String> {
+        let mut regs = [0u32; 8];
+        for (n, reg) in (0u16..).zip(regs.iter_mut()) {
+            *reg = read(base + n * 0x10)?;
+        }
+        Ok(Vectors::from_registers(regs))
+    };
+    let isr = bank(ISR0)?;
+    let tmr = bank(TMR0)?;
+    let irr = bank(IRR0)?;
+    let (apic_id, logical_id, dfr_flat) = if x2apic {
+        (read(ID)?, read(LDR)?, true)
+    } else {
+        (read(ID)? >> 24, read(LDR)? >> 24, read(DFR)? >> 28 == 0xf)
+    };
+    Ok(Observed {
+        hw_enabled: true,
+        x2apic,
+        apic_id,
+        logical_id,
+        dfr_flat,
+        svr: read(SVR)?,
+        tpr: read(TPR)? as u8,
+        ppr: read(PPR)? as u8,
+        isr,
+        tmr,
+        irr,
+    })
+}
+
+/// Whether the APIC `target` (vCPU `index`) must receive `message` sent by
+/// `source` (`None`: IOAPIC or MSI), from the SDM rules and KVM's documented
+/// quirks: 0xff without a sender broadcasts to x2APICs, 8-bit logical
+/// destinations reach x2APIC cluster 0, no xAPIC aliasing above 0xff.
+fn should_receive(
+    message: &Message,
+    target: &Observed,
+    index: usize,
+    source: Option<usize>,
+) -> bool {
+    let takes = match message.delivery_mode {
+        DeliveryMode::Nmi | DeliveryMode::Init | DeliveryMode::StartUp | DeliveryMode::Smi => true,
+        DeliveryMode::Fixed | DeliveryMode::LowestPriority | DeliveryMode::ExtInt => {
+            target.sw_enabled()
+        }
+        DeliveryMode::Reserved => false,
+    };
+    if !target.hw_enabled || !takes {
+        return false;
+    }
+    let d = message.destination;
+    let logical = message.destination_mode == DestinationMode::Logical;
+    match message.shorthand {
+        Shorthand::SelfOnly => source == Some(index),
+        Shorthand::AllIncludingSelf => true,
+        Shorthand::AllExcludingSelf => source != Some(index),
+        Shorthand::None if target.x2apic => {
+            let d = if source.is_none() && d == 0xff {
+                u32::MAX
+            } else {
+                d
+            };
+            d == u32::MAX
+                || if logical {
+                    d >> 16 == target.logical_id >> 16 && d & target.logical_id & 0xffff != 0
+                } else {
+                    d == target.apic_id
+                }
+        }
+        Shorthand::None => {
+            d == 0xff
+                || if !logical {
+                    d == target.apic_id
+                } else if target.dfr_flat {
+                    d & target.logical_id & 0xff != 0
+                } else {
+                    d >> 4 == target.logical_id >> 4 && d & target.logical_id & 0xf != 0
+                }
+        }
+    }
+}
+
+/// One vCPU: its APIC and what the harness knows it acknowledged.
+struct Cpu {
+    lapic: Lapic,
+    /// Vectors acknowledged and not yet EOId: the ISR the APIC must show.
+    in_service: Vectors,
+}
+
+impl Cpu {
+    /// The APIC was reset (INIT, global disable or enable): nothing in service.
+    fn reset(&mut self) {
+        self.in_service = Vectors::default();
+    }
+}
+
+struct System {
+    ioapic: Ioapic,
+    reference: RefIoapic,
+    cpus: Vec<Cpu>,
+    arbiter: Arbiter,
+    now: u64,
+}
+
+/// Runs the operations `data` encodes (see the module documentation) on
+/// the whole chip. `Err` names the first broken invariant.
+pub fn run(data: &[u8]) -> Result<(), String> {
+    let mut input = Input::new(data);
+    let config = super::ioapic::config(input.u8());
+    let shape = input.u8();
+    let count = 1 + usize::from(shape) % MAX_CPUS;
+    let mut cpus = Vec::with_capacity(count);
+    for index in 0..count {
+        let byte = input.u8();
+        let apic_id = match byte >> 6 {
+            0 | 1 => index as u32,
+            2 => u32::from(byte & 0xf),
+            _ => u32::from(input.u16()),
+        };
+        let mut lapic_config = LapicConfig::new(apic_id, index == 0);
+        lapic_config.directed_eoi = shape & 0x80 != 0;
+        cpus.push(Cpu {
+            lapic: Lapic::new(lapic_config),
+            in_service: Vectors::default(),
+        });
+    }
+    let mut system = System {
+        ioapic: crate::ioapic::Ioapic::new(config),
+        reference: RefIoapic::new(&config),
+        cpus,
+        arbiter: Arbiter::new(),
+        now: 0,
+    };
+    let mut step = 0usize;
+    while !input.is_empty() {
+        let op = input.u8() % 16;
+        system
+            .apply(&mut input, op)
+            .and_then(|()| system.check())
+            .map_err(|what| format!("step {step} (op {op}): {what}"))?;
+        step += 1;
+    }
+    Ok(())
+}
+
+impl System {
+    fn cpu_index(&self, input: &mut Input<'_>) -> usize {
+        usize::from(input.u8()) % self.cpus.len().max(1)
+    }
+
+    fn apply(&mut self, input: &mut Input<'_>, op: u8) -> Result<(), String> {
+        match op {
+            0 => {
+                let pin = input.u8() % (PINS as u8 + 2);
+                let level = input.bool();
+                let got = self.ioapic.set_line(pin, level);
+                let want = self.reference.set_line(pin, level);
+                self.reference.compare_line(got, want)?;
+                if let Some(message) = got {
+                    self.deliver(&message, None)?;
+                }
+            }
+            1 => {
+                let index = input.u8();
+                let value = input.u32().to_le_bytes();
+                self.ioapic_write(IOREGSEL_OFFSET, &[index])?;
+                self.ioapic_write(IOWIN_OFFSET, &value)?;
+            }
+            2 => {
+                let pin = input.u8() % PINS as u8;
+                let fields = input.u16();
+                let entry = RedirectionEntry::new()
+                    .with_vector(input.u8())
+                    .with_delivery_mode(DeliveryMode::from_bits(fields as u8))
+                    .with_logical(fields & 0x8 != 0)
+                    .with_active_low(fields & 0x10 != 0)
+                    .with_level_triggered(fields & 0x20 != 0)
+                    .with_masked(fields & 0x40 != 0)
+                    .with_extended_destination((fields >> 8) as u8)
+                    .with_destination(input.u8());
+                let output = self
+                    .ioapic
+                    .write_rte(pin, entry)
+                    .map_err(|e| format!("write_rte({pin}) failed: {e}"))?;
+                let mut expected = RefOutput::default();
+                self.reference
+                    .write_entry(pin, entry.into_bits(), &mut expected);
+                self.reference.compare_output(&output, &expected)?;
+                self.deliver_output(&output)?;
+            }
+            3 => {
+                let vector = input.u8();
+                self.ioapic_write(EOI_OFFSET, &[vector])?;
+            }
+            4 => {
+                let cpu = self.cpu_index(input);
+                let register = input.pick(&REGISTERS).unwrap_or(TPR);
+                let value = input.u32();
+                self.register_write(cpu, register, value)?;
+            }
+            5 => {
+                let cpu = self.cpu_index(input);
+                let mode = input.u8() % 3;
+                self.apic_mode(cpu, mode)?;
+            }
+            6 => {
+                let cpu = self.cpu_index(input);
+                let low = input.u32();
+                let destination = input.u32();
+                self.ipi(cpu, low, destination)?;
+            }
+            7 => {
+                let cpu = self.cpu_index(input);
+                self.acknowledge(cpu)?;
+            }
+            8 => {
+                let cpu = self.cpu_index(input);
+                let how = input.u8() % 3;
+                self.eoi(cpu, how)?;
+            }
+            9 => {
+                let cpu = self.cpu_index(input);
+                let cr8 = u64::from(input.u8());
+                let now = self.now;
+                let Some(c) = self.cpus.get_mut(cpu) else {
+                    return Ok(());
+                };
+                let deliverable = c.lapic.set_cr8(cr8);
+                let observed = observe(&c.lapic, now)?;
+                if let Some(v) = deliverable
+                    && (v >> 4 <= observed.ppr >> 4 || observed.irr.highest() != Some(v))
+                {
+                    return Err(format!("cpu {cpu}: CR8 write reports {v:#x} deliverable"));
+                }
+            }
+            10 => {
+                self.now = self
+                    .now
+                    .saturating_add(u64::from(input.u16()) << (input.u8() % 24));
+                let now = self.now;
+                for c in &mut self.cpus {
+                    let _ = c.lapic.tick(now);
+                }
+            }
+            11 => {
+                let cpu = self.cpu_index(input);
+                let (source, register) = input
+                    .pick(&LOCAL_SOURCES)
+                    .unwrap_or((LocalSource::Lint0, 0x350));
+                self.raise_local(cpu, source, register)?;
+            }
+            12 => {
+                let cpu = self.cpu_index(input);
+                if let Some(c) = self.cpus.get_mut(cpu) {
+                    let _ = (c.lapic.take_nmi(), c.lapic.take_smi(), c.lapic.take_init());
+                    let _ = (c.lapic.take_sipi(), c.lapic.take_extint());
+                    if c.lapic.has_pending_event() {
+                        return Err(format!("cpu {cpu}: events pending after taking them all"));
+                    }
+                }
+            }
+            13 => self.snapshot()?,
+            14 => {
+                let cpu = self.cpu_index(input);
+                let flags = input.u8();
+                let svr = 0xff | u32::from(flags & 1) << 8 | u32::from(flags & 2) << 11;
+                self.register_write(cpu, SVR, svr)?;
+            }
+            _ => {
+                let cpu = self.cpu_index(input);
+                let vector = input.u8();
+                let now = self.now;
+                if let Some(c) = self.cpus.get_mut(cpu) {
+                    let _ = c.lapic.msr_write(SELF_IPI_MSR, u64::from(vector), now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A guest MMIO write to the IOAPIC, compared with the reference, and
+    /// its messages delivered.
+    fn ioapic_write(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let output = self.ioapic.mmio_write(offset, data);
+        let mut expected = RefOutput::default();
+        self.reference.mmio_write(offset, data, &mut expected);
+        self.reference.compare_output(&output, &expected)?;
+        self.deliver_output(&output)
+    }
+
+    fn deliver_output(&mut self, output: &IoapicOutput) -> Result<(), String> {
+        for delivery in output.deliveries() {
+            self.deliver(&delivery.message, None)?;
+        }
+        Ok(())
+    }
+
+    /// Puts `message` on the bus, checks who it reaches against the oracle,
+    /// and has them accept it.
+    fn deliver(&mut self, message: &Message, source: Option<usize>) -> Result<(), String> {
+        let now = self.now;
+        let targets: Vec<ApicTarget> = self.cpus.iter().map(|c| c.lapic.bus_target()).collect();
+        let observed = self
+            .cpus
+            .iter()
+            .map(|c| observe(&c.lapic, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        let eligible: Vec<usize> = observed
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| should_receive(message, o, *i, source))
+            .map(|(i, _)| i)
+            .collect();
+        let reached: Vec<usize> = self
+            .arbiter
+            .route(message, &targets, source)
+            .iter()
+            .collect();
+        let arbitrated = message.delivery_mode == DeliveryMode::LowestPriority
+            && !(message.shorthand == Shorthand::None
+                && message.destination_mode == DestinationMode::Physical
+                && message.destination == 0xff);
+        if arbitrated {
+            if reached.len() != usize::from(!eligible.is_empty()) {
+                return Err(format!(
+                    "lowest-priority {message:?} from {source:?} reached {reached:?}, eligible {eligible:?}"
+                ));
+            }
+            if let Some(&winner) = reached.first() {
+                let lowest = eligible
+                    .iter()
+                    .filter_map(|&i| observed.get(i))
+                    .map(|o| o.ppr)
+                    .min();
+                let won = observed.get(winner).map(|o| o.ppr);
+                if !eligible.contains(&winner) || won != lowest {
+                    return Err(format!(
+                        "lowest-priority {message:?} went to {winner} (PPR {won:?}), eligible {eligible:?} (lowest PPR {lowest:?})"
+                    ));
+                }
+            }
+        } else if reached != eligible {
+            return Err(format!(
+                "{message:?} from {source:?} reached {reached:?}, must reach {eligible:?}"
+            ));
+        }
+        for index in reached {
+            self.accept(index, message)?;
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, index: usize, message: &Message) -> Result<(), String> {
+        let now = self.now;
+        let Some(cpu) = self.cpus.get_mut(index) else {
+            return Err(format!("message routed to missing vCPU {index}"));
+        };
+        let outcome = cpu.lapic.accept(message);
+        let v = message.vector;
+        match message.delivery_mode {
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority => match outcome {
+                AcceptOutcome::Requested | AcceptOutcome::Coalesced => {
+                    let observed = observe(&cpu.lapic, now)?;
+                    let level = message.trigger_mode == TriggerMode::Level;
+                    if !cpu.lapic.is_requested(v) || cpu.lapic.is_level(v) != level {
+                        return Err(format!(
+                            "cpu {index} accepted {message:?} ({outcome:?}) but IRR/TMR of {v:#x} are {}/{}",
+                            cpu.lapic.is_requested(v),
+                            cpu.lapic.is_level(v)
+                        ));
+                    }
+                    if observed.tmr.0 != tmr_of(&cpu.lapic).0 {
+                        return Err(format!("cpu {index}: TMR register disagrees with is_level"));
+                    }
+                }
+                AcceptOutcome::IllegalVector if v < 16 => {}
+                other => {
+                    return Err(format!(
+                        "cpu {index}, a resolved target, answered {other:?} to {message:?}"
+                    ));
+                }
+            },
+            DeliveryMode::Init => {
+                if outcome == AcceptOutcome::Latched {
+                    cpu.reset();
+                }
+            }
+            DeliveryMode::Reserved => {
+                return Err(format!(
+                    "reserved-mode message {message:?} reached cpu {index}"
+                ));
+            }
+            _ => {
+                if !outcome.accepted() {
+                    return Err(format!("cpu {index} answered {outcome:?} to {message:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn effect(&mut self, cpu: usize, effect: Option<Effect>) -> Result<(), String> {
+        match effect {
+            Some(Effect::Ipi(message)) => self.deliver(&message, Some(cpu)),
+            Some(Effect::EoiBroadcast { vector }) => {
+                let output = self.ioapic.eoi(vector);
+                let mut expected = RefOutput::default();
+                self.reference.eoi(vector, &mut expected);
+                self.reference.compare_output(&output, &expected)?;
+                self.deliver_output(&output)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A register write through the interface of the APIC's mode; an EOI
+    /// write is checked as an EOI.
+    fn register_write(&mut self, cpu: usize, register: u16, value: u32) -> Result<(), String> {
+        if register == EOI {
+            return self.eoi_with(cpu, |lapic, now, x2apic| {
+                if x2apic {
+                    lapic
+                        .msr_write(0x80b, u64::from(value), now)
+                        .ok()
+                        .map(|e| (true, e))
+                } else {
+                    Some((
+                        lapic.mmio_decoded(),
+                        lapic.mmio_write(u64::from(EOI), &value.to_le_bytes(), now),
+                    ))
+                }
+            });
+        }
+        let now = self.now;
+        let Some(c) = self.cpus.get_mut(cpu) else {
+            return Ok(());
+        };
+        let effect = if c.lapic.is_x2apic() {
+            let msr = 0x800 + u32::from(register >> 4);
+            c.lapic
+                .msr_write(msr, u64::from(value), now)
+                .unwrap_or(None)
+        } else {
+            c.lapic
+                .mmio_write(u64::from(register), &value.to_le_bytes(), now)
+        };
+        self.effect(cpu, effect)
+    }
+
+    fn apic_mode(&mut self, cpu: usize, mode: u8) -> Result<(), String> {
+        let now = self.now;
+        let Some(c) = self.cpus.get_mut(cpu) else {
+            return Ok(());
+        };
+        let before = c
+            .lapic
+            .msr_read(IA32_APIC_BASE, now)
+            .map_err(|gp| format!("IA32_APIC_BASE read faulted: {gp:?}"))?;
+        let bits = match mode {
+            0 => 0,
+            1 => BASE_EN,
+            _ => BASE_EN | BASE_EXTD,
+        };
+        let value = BASE_ADDRESS | (before & BASE_BSP) | bits;
+        if c.lapic.msr_write(IA32_APIC_BASE, value, now).is_ok()
+            && (before & BASE_EN != 0) != (value & BASE_EN != 0)
+        {
+            c.reset();
+        }
+        Ok(())
+    }
+
+    fn ipi(&mut self, cpu: usize, low: u32, destination: u32) -> Result<(), String> {
+        let now = self.now;
+        let Some(c) = self.cpus.get_mut(cpu) else {
+            return Ok(());
+        };
+        let effect = if c.lapic.is_x2apic() {
+            let icr = u64::from(destination) << 32 | u64::from(low & 0x000c_cfff);
+            c.lapic.msr_write(ICR_MSR, icr, now).unwrap_or(None)
+        } else {
+            let high =
+                c.lapic
+                    .mmio_write(u64::from(ICR_HIGH), &(destination << 24).to_le_bytes(), now);
+            if high.is_some() {
+                return Err(format!("cpu {cpu}: an ICR high write had an effect"));
+            }
+            c.lapic
+                .mmio_write(u64::from(ICR_LOW), &low.to_le_bytes(), now)
+        };
+        self.effect(cpu, effect)
+    }
+
+    fn acknowledge(&mut self, cpu: usize) -> Result<(), String> {
+        let now = self.now;
+        let Some(c) = self.cpus.get_mut(cpu) else {
+            return Ok(());
+        };
+        let before = observe(&c.lapic, now)?;
+        let taken = c.lapic.acknowledge();
+        let highest = before.irr.highest();
+        let expected = match highest {
+            Some(v) if before.hw_enabled && v >> 4 > before.ppr >> 4 => Some(v),
+            _ => None,
+        };
+        if taken != expected {
+            return Err(format!(
+                "cpu {cpu} acknowledged {taken:x?}; IRR highest {highest:x?}, PPR {:#x}",
+                before.ppr
+            ));
+        }
+        if let Some(v) = taken {
+            c.in_service.set(v);
+        }
+        Ok(())
+    }
+
+    fn eoi(&mut self, cpu: usize, how: u8) -> Result<(), String> {
+        self.eoi_with(cpu, |lapic, now, x2apic| match how {
+            0 => Some((true, lapic.eoi())),
+            1 if x2apic => lapic.msr_write(0x80b, 0, now).ok().map(|e| (true, e)),
+            _ => Some((
+                lapic.mmio_decoded(),
+                lapic.mmio_write(u64::from(EOI), &[0; 4], now),
+            )),
+        })
+    }
+
+    /// Runs `write`, an EOI by some interface returning (whether the APIC
+    /// took it, its effect), and checks the ISR and the broadcast.
+    fn eoi_with(
+        &mut self,
+        cpu: usize,
+        write: impl FnOnce(&mut Lapic, u64, bool) -> Option<(bool, Option<Effect>)>,
+    ) -> Result<(), String> {
+        let now = self.now;
+        let Some(c) = self.cpus.get_mut(cpu) else {
+            return Ok(());
+        };
+        let before = observe(&c.lapic, now)?;
+        let Some((taken, effect)) = write(&mut c.lapic, now, before.x2apic) else {
+            return Ok(());
+        };
+        let retired = if taken && before.hw_enabled {
+            c.in_service.highest()
+        } else {
+            None
+        };
+        let broadcast = match retired {
+            Some(v) if before.tmr.0[usize::from(v >> 6)] & (1 << (v & 63)) != 0 => {
+                before.svr & 0x1000 == 0
+            }
+            _ => false,
+        };
+        let expected = match (retired, broadcast) {
+            (Some(vector), true) => Some(Effect::EoiBroadcast { vector }),
+            _ => None,
+        };
+        if effect != expected {
+            return Err(format!(
+                "cpu {cpu}: EOI retiring {retired:x?} gave {effect:?}, expected {expected:?}"
+            ));
+        }
+        if let Some(v) = retired {
+            c.in_service.clear(v);
+        }
+        self.effect(cpu, effect)
+    }
+
+    fn raise_local(
+        &mut self,
+        cpu: usize,
+        source: LocalSource,
+        register: u16,
+    ) -> Result<(), String> {
+        let now = self.now;
+        let Some(c) = self.cpus.get_mut(cpu) else {
+            return Ok(());
+        };
+        let before = observe(&c.lapic, now)?;
+        let lvt = if before.hw_enabled {
+            let mut probe = c.lapic.clone();
+            if before.x2apic {
+                probe
+                    .msr_read(0x800 + u32::from(register >> 4), now)
+                    .unwrap_or(0) as u32
+            } else {
+                let mut data = [0u8; 4];
+                probe.mmio_read(u64::from(register), &mut data, now);
+                u32::from_le_bytes(data)
+            }
+        } else {
+            0
+        };
+        let outcome = c.lapic.raise_local(source);
+        if outcome == AcceptOutcome::Latched && (lvt >> 8) & 7 == DM_INIT {
+            c.reset();
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<(), String> {
+        let state = self.ioapic.save();
+        let mut ioapic = Ioapic::new(*self.ioapic.config());
+        ioapic
+            .restore(&state)
+            .map_err(|e| format!("IOAPIC restore of a saved state failed: {e}"))?;
+        if ioapic != self.ioapic {
+            return Err("IOAPIC restore(save(x)) differs from x".into());
+        }
+        for (i, c) in self.cpus.iter_mut().enumerate() {
+            let restored = Lapic::restore(&c.lapic.save());
+            if restored != c.lapic {
+                return Err(format!("cpu {i}: restore(save(x)) differs from x"));
+            }
+            c.lapic = restored;
+        }
+        self.arbiter = Arbiter::restore(&self.arbiter.save());
+        self.ioapic = ioapic;
+        Ok(())
+    }
+
+    /// The invariants every operation must leave intact.
+    fn check(&self) -> Result<(), String> {
+        self.reference.compare(&self.ioapic)?;
+        for (pin, entry) in self.ioapic.entries() {
+            if entry.remote_irr() && !entry.level_triggered() {
+                return Err(format!("pin {pin}: Remote IRR on an edge entry"));
+            }
+        }
+        for (i, c) in self.cpus.iter().enumerate() {
+            let o = observe(&c.lapic, self.now)?;
+            let isr = isr_of(&c.lapic);
+            if isr != c.in_service {
+                return Err(format!(
+                    "cpu {i}: ISR {:x?}, acknowledged and not EOId {:x?}",
+                    isr.0, c.in_service.0
+                ));
+            }
+            let (irr, tmr) = (irr_of(&c.lapic), tmr_of(&c.lapic));
+            for (name, set) in [("IRR", irr), ("ISR", isr), ("TMR", tmr)] {
+                if set.0[0] & 0xffff != 0 {
+                    return Err(format!("cpu {i}: {name} holds a vector below 16"));
+                }
+                if !c.lapic.hw_enabled() && !set.is_empty() {
+                    return Err(format!("cpu {i}: {name} not empty while globally disabled"));
+                }
+            }
+            if !o.hw_enabled {
+                continue;
+            }
+            if o.isr != isr || o.irr != irr || o.tmr != tmr {
+                return Err(format!(
+                    "cpu {i}: ISR/IRR/TMR registers disagree with the accessors"
+                ));
+            }
+            let isrv = isr.highest().unwrap_or(0) & 0xf0;
+            let ppr = if o.tpr & 0xf0 >= isrv { o.tpr } else { isrv };
+            if o.ppr != ppr {
+                return Err(format!(
+                    "cpu {i}: PPR {:#x}, TPR {:#x} and ISR give {ppr:#x}",
+                    o.ppr, o.tpr
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn isr_of(lapic: &Lapic) -> Vectors {
+    vectors_where(|v| lapic.is_in_service(v))
+}
+
+fn irr_of(lapic: &Lapic) -> Vectors {
+    vectors_where(|v| lapic.is_requested(v))
+}
+
+fn tmr_of(lapic: &Lapic) -> Vectors {
+    vectors_where(|v| lapic.is_level(v))
+}
+
+fn vectors_where(mut has: impl FnMut(u8) -> bool) -> Vectors {
+    let mut set = Vectors::default();
+    for v in 0..=255u8 {
+        if has(v) {
+            set.set(v);
+        }
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_empty_input_ok() {
+        assert_eq!(run(&[]), Ok(()));
+    }
+
+    #[test]
+    fn run_level_pin_to_cpu_1_ack_eoi_redelivers_ok() {
+        let data = [
+            0x00, 0x01, 0x00, 0x00, // IOAPIC config, 2 vCPUs, IDs 0 and 1
+            14, 0, 1, 14, 1, 1, // SVR enable on both
+            2, 3, 0x20, 0x00, 0x42, 1, // pin 3: level, unmasked, vector 0x42, dest 1
+            0, 3, 1, // line 3 high
+            7, 1, // cpu 1 acknowledges
+            8, 1, 0,  // cpu 1 EOIs: broadcast, re-delivery
+            13, // snapshot
+        ];
+        assert_eq!(run(&data), Ok(()));
+    }
+}
