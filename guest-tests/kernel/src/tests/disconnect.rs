@@ -24,25 +24,36 @@ pub const TESTS: &[Test] = &[
     Test::new("quota_exhausted_then_recovers", || pvfix::run(quota)),
 ];
 
-/// A (slow ISR) and B share a latched vector on all processors; both
+/// A (slow ISR) and B share a latched vector on the APs; both
 /// devices are raised by the host timers. A is disconnected while its
 /// interrupts flow: when IoDisconnectInterrupt returns no call of A is
 /// running, and A is never called again although its device's edges keep
 /// arriving on the vector (B is called for them and declines).
 fn then_never_called(env: &Env) -> TestResult {
     let (a, b) = env.shared_pair(KINTERRUPT_MODE::Latched, false)?;
-    let ib = CTX[1].bind(Some(&b), Policy::All, env.online());
-    let hb = connect_ok(&b, &Args::of(&b, 0, &CTX[1]))?;
+    // Off the BSP when there are APs: the disconnect runs on the BSP, so a
+    // dispatch there could only nest inside it; on an AP it runs alongside.
+    let mask = if env.online() & !1 != 0 {
+        env.online() & !1
+    } else {
+        env.online()
+    };
+    let ib = CTX[1].bind(Some(&b), Policy::All, mask);
+    let mut args_b = Args::of(&b, 0, &CTX[1]);
+    args_b.mask = mask;
+    let hb = connect_ok(&b, &args_b)?;
     b.td.enable(true);
     b.td.timer_start(400, 100);
-    const ROUNDS: u32 = 3;
+    const ROUNDS: u32 = 4;
     for _ in 0..ROUNDS {
-        let ia = CTX[0].bind(Some(&a), Policy::All, env.online());
-        ia.spin.store(300, core::sync::atomic::Ordering::Relaxed);
-        let ha = connect_ok(&a, &Args::of(&a, 0, &CTX[0]))?;
+        let ia = CTX[0].bind(Some(&a), Policy::All, mask);
+        ia.spin.store(1000, core::sync::atomic::Ordering::Relaxed);
+        let mut args_a = Args::of(&a, 0, &CTX[0]);
+        args_a.mask = mask;
+        let ha = connect_ok(&a, &args_a)?;
         a.td.enable(true);
         a.td.timer_start(60, 100);
-        wait_for("A to claim 5 causes", || ia.claimed() >= 5)?;
+        wait_for("A to claim 3 causes", || ia.claimed() >= 3)?;
         let b_calls = ib.called();
         disconnect_ok(ha)?;
         let running = Ctx::get(&ia.in_isr);
@@ -52,21 +63,21 @@ fn then_never_called(env: &Env) -> TestResult {
             "{} calls of A still running when IoDisconnectInterrupt returned",
             crate::display::dec(running)
         );
-        // A's device keeps interrupting on the (still routed, shared) vector.
+        // A's device keeps interrupting on the (still routed, shared)
+        // vector: B is called for those edges, A never again.
         for _ in 0..3 {
             a.td.raise(1);
             time::delay_us(200);
         }
+        wait_for("a delivery on the vector after A's disconnect", || {
+            ib.called() > b_calls
+        })?;
         time::wait_until(pvfix::TIMEOUT_US, || a.td.timer_remaining() == 0);
         settle();
         check!(
             ia.called() == calls,
             "A was called {} times after IoDisconnectInterrupt returned",
             crate::display::dec(ia.called() - calls)
-        );
-        check!(
-            ib.called() > b_calls,
-            "the vector went quiet after A's disconnect (B not called)"
         );
         a.td.enable(false);
         a.td.drain(1000);
