@@ -18,8 +18,8 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use irqconnect_abi::layout::{PV_DOORBELL_PORT, PV_DOORBELL_SIGNATURE};
 use irqconnect_abi::ntstatus::{NtStatus, STATUS_SUCCESS};
 use irqconnect_abi::pv::{
-    self, BLOCK_ALIGN, Connect, Disconnect, MAX_REQUEST_SIZE, QueryPlatform, QueryResources,
-    QueryRoute, RequestHeader, STATUS_NO_ANSWER, opcode,
+    BLOCK_ALIGN, Connect, Disconnect, MAX_REQUEST_SIZE, QueryPlatform, QueryResources, QueryRoute,
+    RequestHeader, STATUS_NO_ANSWER, opcode,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -178,13 +178,4 @@ pub fn disconnect(handle: u64) -> NtStatus {
 /// A CONNECT block with the header set and every input zero.
 pub fn connect_block() -> Connect {
     Connect::blank()
-}
-
-/// `pv::interrupt_mode` value of a `KINTERRUPT_MODE`-like flag.
-pub const fn mode_value(latched: bool) -> u8 {
-    if latched {
-        pv::interrupt_mode::LATCHED
-    } else {
-        pv::interrupt_mode::LEVEL_SENSITIVE
-    }
 }
