@@ -30,6 +30,10 @@ use crate::ram::{FlatRam, GuestRam};
 use crate::request::Outcome;
 use crate::service::Service;
 
+pub mod pv_requests;
+pub mod ram;
+pub mod sequences;
+
 /// Step values with this top nibble are handle copies, not doorbells.
 pub const COPY_HANDLE_TAG: u32 = 0xf000_0000;
 

@@ -1,0 +1,312 @@
+//! Arbitrary guest memory and doorbell writes through the path the VMM
+//! calls, [`Service::handle_doorbell`], with every answer checked.
+//!
+//! Input format ([`run`]):
+//!
+//! | bytes | meaning |
+//! |---|---|
+//! | 0 | bits 0..2: object quota (64, 1, 2, 3, 4, 8, 16, 2^20); bits 3..4: RAM base (0, 0x1000, 0x10_0000, 0xffff_0000) |
+//! | 1 | 0: all RAM writable; `w`: the host cannot write `base + 0x40 w .. + 0x40` (an answer there is lost) |
+//! | 2.. | a [`super::run_session`] input: processors, step count, steps, RAM |
+//!
+//! Checked after every doorbell:
+//!
+//! - an answered request wrote a defined NTSTATUS into its `status` field,
+//!   touched no byte outside its block and none of the header's other
+//!   fields; a refused one changed nothing in the service; an unreadable one
+//!   changed nothing at all; an unwritable one left the live state as it was;
+//! - a successful CONNECT wrote a live, new handle and its effective mask;
+//!   a successful DISCONNECT killed its handle; the route updates returned
+//!   are exactly the pins whose route changed;
+//! - [`Service::check_invariants`] holds; a handle is never accepted after
+//!   its disconnect;
+//! - memory stays bounded: live connections, registry slots and free slots
+//!   never exceed the object quota, whatever the guest sends.
+
+use core::mem::{offset_of, size_of};
+
+use irqconnect_abi::ntstatus::{
+    STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_HANDLE,
+    STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_NOT_FOUND, STATUS_SUCCESS,
+};
+use irqconnect_abi::pv::{Connect, Disconnect, RequestHeader, opcode, request_size};
+
+use super::COPY_HANDLE_TAG;
+use super::ram::HarnessRam;
+use crate::devices::DeviceTable;
+use crate::handle::Handle;
+use crate::platform::{DEFAULT_OBJECT_QUOTA, MAX_OBJECT_QUOTA, Platform};
+use crate::request::Outcome;
+use crate::service::Service;
+
+const QUOTAS: [u32; 8] = [DEFAULT_OBJECT_QUOTA, 1, 2, 3, 4, 8, 16, MAX_OBJECT_QUOTA];
+const BASES: [u64; 4] = [0, 0x1000, 0x10_0000, 0xffff_0000];
+const DEFINED_STATUSES: [u32; 7] = [
+    STATUS_SUCCESS,
+    STATUS_INVALID_HANDLE,
+    STATUS_INVALID_PARAMETER,
+    STATUS_INVALID_DEVICE_REQUEST,
+    STATUS_INSUFFICIENT_RESOURCES,
+    STATUS_INVALID_PARAMETER_1,
+    STATUS_NOT_FOUND,
+];
+const STATUS_AT: usize = offset_of!(RequestHeader, status);
+
+/// Runs the doorbells `data` encodes (see the module documentation). `Err`
+/// names the first broken check.
+pub fn run(data: &[u8]) -> Result<(), String> {
+    let layout = data.first().copied().unwrap_or(0);
+    let window = data.get(1).copied().unwrap_or(0);
+    let session = data.get(2..).unwrap_or(&[]);
+    let quota = QUOTAS[usize::from(layout & 7)];
+    let base = BASES[usize::from(layout >> 3) & 3];
+    let cpus = 1 + u32::from(session.first().copied().unwrap_or(0) % 16);
+    let steps = usize::from(session.get(1).copied().unwrap_or(0));
+    let rest = session.get(2..).unwrap_or(&[]);
+    let steps_len = (steps * 4).min(rest.len() / 4 * 4);
+    let (step_bytes, memory) = rest.split_at(steps_len);
+    let platform = Platform::uniform(cpus).map_err(|e| format!("platform: {e}"))?;
+    let devices = DeviceTable::default_for(&platform);
+    let mut service =
+        Service::new(platform, devices, quota).map_err(|e| format!("service: {e}"))?;
+    let read_only = (window != 0).then(|| {
+        let start = base + 0x40 * u64::from(window);
+        start..start + 0x40
+    });
+    let mut ram = HarnessRam::new(base, memory.to_vec(), read_only);
+    let mut last_handle: Option<Handle> = None;
+    let mut dead: Vec<Handle> = Vec::new();
+    for (n, chunk) in step_bytes.chunks_exact(4).enumerate() {
+        let value = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        if value & 0xf000_0000 == COPY_HANDLE_TAG {
+            if let Some(h) = last_handle {
+                let at = base.saturating_add(u64::from(value & 0x0fff_ffff));
+                let _ = crate::ram::GuestRam::write(&mut ram, at, &h.raw().to_le_bytes());
+            }
+            continue;
+        }
+        let made = doorbell(&mut service, &mut ram, value, &mut dead)
+            .map_err(|what| format!("step {n} (doorbell {value:#x}): {what}"))?;
+        if made.is_some() {
+            last_handle = made;
+        }
+    }
+    Ok(())
+}
+
+/// One doorbell and its checks; returns the handle a CONNECT made.
+fn doorbell(
+    service: &mut Service,
+    ram: &mut HarnessRam,
+    value: u32,
+    dead: &mut Vec<Handle>,
+) -> Result<Option<Handle>, String> {
+    let before = service.clone();
+    let memory = ram.bytes().to_vec();
+    let gpa = u64::from(value);
+    let outcome = service.handle_doorbell(ram, value);
+    let mut made = None;
+    match &outcome {
+        Outcome::Unreadable { gpa: at, .. } => {
+            if *at != gpa || ram.bytes() != memory || *service != before {
+                return Err(format!(
+                    "an unreadable request changed something: {outcome:?}"
+                ));
+            }
+        }
+        Outcome::Unwritable { gpa: at } => {
+            if *at != gpa
+                || !service.same_live_state(&before)
+                || service.storm_bits() != before.storm_bits()
+            {
+                return Err("an unwritable answer left a change behind".into());
+            }
+        }
+        Outcome::Answered(answer) => {
+            if !DEFINED_STATUSES.contains(&answer.status) {
+                return Err(format!(
+                    "status {:#x} is not a defined NTSTATUS",
+                    answer.status
+                ));
+            }
+            let block = ram
+                .offsets(gpa, size_of::<RequestHeader>())
+                .ok_or("an answered block's header is not RAM")?;
+            let start = block.start;
+            let written = ram.bytes().get(start + STATUS_AT..start + STATUS_AT + 4);
+            if written != Some(&answer.status.to_le_bytes()[..]) {
+                return Err(format!("status {:#x} was not written", answer.status));
+            }
+            let header: &[u8] = memory.get(start..start + STATUS_AT).unwrap_or(&[]);
+            let opcode_field = memory
+                .get(start + offset_of!(RequestHeader, opcode)..)
+                .and_then(|b| b.get(..2))
+                .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+            let size = request_size(1, opcode_field).unwrap_or(size_of::<RequestHeader>());
+            let end = start.saturating_add(size.max(size_of::<RequestHeader>()));
+            let after = ram.bytes();
+            if after.get(..start) != memory.get(..start)
+                || after.get(end..) != memory.get(end..)
+                || after.get(start..start + STATUS_AT) != Some(header)
+            {
+                return Err("the answer wrote outside its block or over the header".into());
+            }
+            if answer.refusal.is_some() {
+                if *service != before {
+                    return Err(format!("refusal {:?} changed the service", answer.refusal));
+                }
+                if answer.status == STATUS_SUCCESS {
+                    return Err("a refusal answered STATUS_SUCCESS".into());
+                }
+            } else if answer.status != STATUS_SUCCESS {
+                return Err(format!("success answered {:#x}", answer.status));
+            } else if answer.opcode == opcode::CONNECT {
+                made = Some(check_connected(service, &before, after, start)?);
+            } else if answer.opcode == opcode::DISCONNECT {
+                let at = start + offset_of!(Disconnect, handle);
+                let handle = read_u64(after, at).map(Handle::from_raw);
+                match handle {
+                    Some(h)
+                        if service.registry().get(h).is_none()
+                            && before.registry().get(h).is_some() =>
+                    {
+                        dead.push(h);
+                    }
+                    _ => {
+                        return Err(format!(
+                            "DISCONNECT of {handle:x?} succeeded but the handle was not live then dead"
+                        ));
+                    }
+                }
+            } else if *service != before {
+                return Err(format!(
+                    "query opcode {} changed the service",
+                    answer.opcode
+                ));
+            }
+            for pin in 0..irqconnect_abi::layout::IOAPIC_PINS {
+                let updated = answer.routes.iter().find(|u| u.pin == pin);
+                let changed = service.route(pin) != before.route(pin);
+                match updated {
+                    Some(u) if Some(u.route) != service.route(pin) => {
+                        return Err(format!("update {u:?} is not pin {pin}'s route"));
+                    }
+                    None if changed => {
+                        return Err(format!("pin {pin}'s route changed without an update"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    service
+        .check_invariants()
+        .map_err(|what| format!("invariant broken: {what}"))?;
+    for h in dead.iter() {
+        if service.registry().get(*h).is_some() {
+            return Err(format!(
+                "handle {:#x} accepted after its disconnect",
+                h.raw()
+            ));
+        }
+    }
+    for (h, _) in before.registry().iter() {
+        if service.registry().get(h).is_none() && !dead.contains(&h) {
+            dead.push(h);
+        }
+    }
+    check_footprint(service)?;
+    Ok(made)
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let b = bytes.get(at..at.checked_add(8)?)?;
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(b);
+    Some(u64::from_le_bytes(raw))
+}
+
+fn check_connected(
+    service: &Service,
+    before: &Service,
+    after: &[u8],
+    start: usize,
+) -> Result<Handle, String> {
+    let handle = read_u64(after, start + offset_of!(Connect, handle)).map(Handle::from_raw);
+    let mask = read_u64(after, start + offset_of!(Connect, effective_mask));
+    let (Some(handle), Some(mask)) = (handle, mask) else {
+        return Err("CONNECT succeeded without writing its outputs".into());
+    };
+    let live = service.registry().get(handle);
+    if live.is_none_or(|c| c.mask != mask) || before.registry().get(handle).is_some() {
+        return Err(format!(
+            "CONNECT wrote handle {:#x} mask {mask:#x}, registry holds {live:?}",
+            handle.raw()
+        ));
+    }
+    let grew = service.registry().objects_in_use() - before.registry().objects_in_use();
+    if grew != mask.count_ones() || mask & !service.platform().online_mask() != 0 || mask == 0 {
+        return Err(format!("CONNECT of mask {mask:#x} added {grew} objects"));
+    }
+    Ok(handle)
+}
+
+/// The registry's memory is bounded by the quota, not by the guest.
+fn check_footprint(service: &Service) -> Result<(), String> {
+    let registry = service.registry();
+    let state = registry.to_state();
+    let quota = registry.quota() as usize;
+    let chained: usize = state.order.iter().map(|o| o.slots.len()).sum();
+    if state.slots.len() > quota
+        || state.free.len() > state.slots.len()
+        || chained > quota
+        || registry.connections() as usize > quota
+    {
+        return Err(format!(
+            "footprint beyond the quota {quota}: {} slots, {} free, {chained} chained",
+            state.slots.len(),
+            state.free.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Named seed inputs for [`run`]: the [`super::seed_corpus`] sessions on the
+/// default layout, and the connect session with its answer write-protected.
+pub fn seed_corpus() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    for (name, session) in super::seed_corpus() {
+        let mut data = vec![0u8, 0u8];
+        data.extend_from_slice(&session);
+        seeds.push((name.to_string(), data.clone()));
+        if name == "connect_route_disconnect" {
+            // The CONNECT block at 0x700: its status cannot be written.
+            data[1] = 0x1c; // 0x1c * 0x40 = 0x700
+            seeds.push(("connect_answer_unwritable".to_string(), data.clone()));
+            // Quota 1: the 2-processor connect is refused.
+            data[0] = 1;
+            data[1] = 0;
+            seeds.push(("connect_over_quota".to_string(), data));
+        }
+    }
+    seeds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_seed_corpus_ok() {
+        for (name, data) in seed_corpus() {
+            assert_eq!(run(&data), Ok(()), "{name}");
+        }
+    }
+
+    #[test]
+    fn run_empty_and_short_inputs_ok() {
+        assert_eq!(run(&[]), Ok(()));
+        assert_eq!(run(&[0xff]), Ok(()));
+        assert_eq!(run(&[0xff, 0xff, 0xff, 0xff]), Ok(()));
+    }
+}
