@@ -2,8 +2,13 @@
 //!
 //! [`run`] turns arbitrary bytes into a configuration and a stream of
 //! operations (bus messages, acknowledge, EOI, MMIO and MSR accesses of any
-//! width and value, CR8, local interrupts, timer ticks, event takes, snapshot
-//! round trips) and checks the model's invariants after each. A cargo-fuzz
+//! width and value, IA32_APIC_BASE mode switches and relocation, any x2APIC
+//! MSR, CR8, local interrupts, timer ticks with advancing time, event takes,
+//! snapshot round trips) and checks the model's invariants after each:
+//! nothing illegal or unacknowledged in the registers, nothing acknowledged
+//! at or below the PPR, the PPR and CR8 as the SDM derives them, an EOI
+//! retiring the highest in-service vector and broadcasting exactly for a
+//! level one without suppression, a disabled APIC holding nothing. A cargo-fuzz
 //! target calls it and panics on `Err`; a stable test replays a corpus
 //! through it. The model itself never panics, so `run` never does either.
 
@@ -103,7 +108,7 @@ fn step(
     now: u64,
     acknowledged: &mut VectorSet,
 ) -> Result<(), String> {
-    match input.u8() % 12 {
+    match input.u8() % 14 {
         0 => {
             let msg = input.message();
             let _ = lapic.accept(&msg);
@@ -125,7 +130,22 @@ fn step(
             }
         }
         2 => {
-            let _ = lapic.eoi();
+            let retired = lapic.isr.highest();
+            let broadcast =
+                retired.filter(|&v| lapic.tmr.contains(v) && !lapic.svr.suppress_eoi_broadcast());
+            let effect = lapic.eoi();
+            let expected = broadcast.map(|vector| super::Effect::EoiBroadcast { vector });
+            if effect != expected {
+                return Err(format!(
+                    "EOI retiring {retired:x?} gave {effect:?}, expected {expected:?}"
+                ));
+            }
+            if let Some(v) = retired {
+                if lapic.isr.contains(v) {
+                    return Err(format!("EOI left {v:#x} in service"));
+                }
+                acknowledged.clear(v);
+            }
         }
         3 => {
             let offset = u64::from(input.u16() % 0x1100);
@@ -178,6 +198,35 @@ fn step(
             let _ = (lapic.take_nmi(), lapic.take_smi(), lapic.take_init());
             let _ = (lapic.take_sipi(), lapic.take_extint());
         }
+        12 => {
+            // IA32_APIC_BASE with a valid value: disabled, xAPIC or x2APIC,
+            // at the default base or relocated, BSP kept.
+            let mode = input.u8();
+            let bsp = lapic.apic_base.bsp();
+            let base = if mode & 4 != 0 {
+                0xfed0_0000
+            } else {
+                0xfee0_0000
+            };
+            let bits = match mode % 3 {
+                0 => 0,
+                1 => 1 << 11,
+                _ => (1 << 11) | (1 << 10),
+            };
+            let value = base | bits | u64::from(bsp) << 8;
+            if lapic.msr_write(super::IA32_APIC_BASE, value, now).is_ok() && !lapic.hw_enabled() {
+                *acknowledged = VectorSet::EMPTY;
+            }
+        }
+        13 => {
+            // Any MSR of the x2APIC range, read or written.
+            let msr = super::X2APIC_MSR_FIRST + u32::from(input.u8());
+            if input.u8() & 1 != 0 {
+                let _ = lapic.msr_write(msr, input.u64(), now);
+            } else {
+                let _ = lapic.msr_read(msr, now);
+            }
+        }
         _ => {
             let restored = Lapic::restore(&lapic.save());
             if restored != *lapic {
@@ -213,6 +262,32 @@ fn check(lapic: &Lapic, acknowledged: &VectorSet) -> Result<(), String> {
         && (!lapic.irr.contains(v) || v & 0xf0 <= lapic.ppr() & 0xf0)
     {
         return Err(format!("deliverable {v:#x} not requested or not above PPR"));
+    }
+    if !lapic.hw_enabled() {
+        if lapic.irr != VectorSet::EMPTY || lapic.isr != VectorSet::EMPTY {
+            return Err("IRR or ISR not empty while globally disabled".into());
+        }
+        if lapic.highest_deliverable().is_some() {
+            return Err("a globally disabled APIC offers a vector".into());
+        }
+    }
+    // PPR (SDM Vol. 3A 11.8.3.1): the TPR if its class is at least the
+    // highest in-service class, else that class.
+    let isrv = lapic.isr.highest().unwrap_or(0) & 0xf0;
+    let ppr = if lapic.tpr & 0xf0 >= isrv {
+        lapic.tpr
+    } else {
+        isrv
+    };
+    if lapic.ppr() != ppr {
+        return Err(format!("PPR {:#x}, expected {ppr:#x}", lapic.ppr()));
+    }
+    if u64::from(lapic.tpr >> 4) != lapic.cr8() {
+        return Err(format!(
+            "CR8 {} does not mirror TPR {:#x}",
+            lapic.cr8(),
+            lapic.tpr
+        ));
     }
     Ok(())
 }

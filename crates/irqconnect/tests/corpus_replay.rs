@@ -1,0 +1,261 @@
+//! Replays the checked-in fuzz corpora (`resources/fuzz-corpus/pv_requests/`
+//! and `resources/fuzz-corpus/connect_sequences/`) through the very harness
+//! functions the cargo-fuzz targets call, on the stable toolchain. A missing
+//! or empty corpus directory fails the test.
+//!
+//! The `seed-*` files are the inputs below; regenerate them with
+//! `cargo test -p irqconnect --test corpus_replay -- --ignored write_seed_corpus`.
+//! The other files are minimised campaign inputs and crash regressions.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+
+use irqconnect::harness::{pv_requests, sequences};
+
+type Harness = fn(&[u8]) -> Result<(), String>;
+
+fn corpus_dir(target: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../resources/fuzz-corpus")
+        .join(target)
+}
+
+/// Runs every file of `target`'s corpus through `run`; fails on a missing
+/// or empty directory, an `Err` or a panic, naming every failing file.
+fn replay(target: &str, run: Harness) {
+    let dir = corpus_dir(target);
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("corpus directory {} is missing: {e}", dir.display()));
+    let mut files: Vec<PathBuf> = entries
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "corpus directory {} is empty",
+        dir.display()
+    );
+    let mut failures = Vec::new();
+    for file in &files {
+        let data = std::fs::read(file).unwrap();
+        match catch_unwind(AssertUnwindSafe(|| run(&data))) {
+            Ok(Ok(())) => {}
+            Ok(Err(what)) => failures.push(format!("{}: {what}", file.display())),
+            Err(_) => failures.push(format!("{}: panicked", file.display())),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} {target} corpus files fail:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn corpus_replay_pv_requests() {
+    replay("pv_requests", pv_requests::run);
+}
+
+#[test]
+fn corpus_replay_connect_sequences() {
+    replay("connect_sequences", sequences::run);
+}
+
+/// `connect_sequences` operations (see `irqconnect::harness::sequences`).
+struct Ops(Vec<u8>);
+
+impl Ops {
+    /// `cpus` processors (1..=64), online pattern byte, quota/x2APIC flags.
+    fn new(cpus: u8, online: u8, flags: u8) -> Self {
+        Self(vec![cpus - 1, online, flags])
+    }
+    /// A CONNECT from the device's resource `which`, with `flags` (bits 0..1
+    /// the mask encoding, 2 flip mode, 3 flip share, 4 floating save, 5 null
+    /// routine) and `breaks` (pointer choices, IRQL and vector breakage).
+    fn connect(mut self, device: u8, which: u8, flags: u8, breaks: u8, operands: &[u8]) -> Self {
+        self.0.extend_from_slice(&[0, device, which, flags, breaks]);
+        self.0.extend_from_slice(operands);
+        self
+    }
+    fn disconnect(mut self, n: u8) -> Self {
+        self.0.extend_from_slice(&[3, n]);
+        self
+    }
+    fn forged(mut self, raw: u64) -> Self {
+        self.0.push(4);
+        self.0.extend_from_slice(&raw.to_le_bytes());
+        self
+    }
+    fn assert_line(mut self, device: u8) -> Self {
+        self.0.extend_from_slice(&[5, device]);
+        self
+    }
+    fn storm(mut self, pin: u8) -> Self {
+        self.0.extend_from_slice(&[6, pin]);
+        self
+    }
+    fn snapshot(mut self) -> Self {
+        self.0.extend_from_slice(&[6, 0x40]);
+        self
+    }
+    fn disconnect_all(mut self) -> Self {
+        self.0.extend_from_slice(&[6, 0x80]);
+        self
+    }
+}
+
+fn sequence_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    // Mask encoding 0: the next byte is the mask; sync extra, then the two
+    // pointer operands as `breaks` selects (0 and 1 need none).
+    vec![
+        (
+            "shared-level-pin-two-devices",
+            Ops::new(4, 0, 0)
+                .connect(2, 0, 0, 0b0100, &[0b0011, 0])
+                .connect(3, 0, 0, 0b0100, &[0b0100, 1])
+                .assert_line(2)
+                .disconnect(0)
+                .assert_line(3)
+                .snapshot()
+                .0,
+        ),
+        (
+            "two-pins-one-vector-latched",
+            Ops::new(8, 0, 0)
+                .connect(4, 0, 0, 0, &[0x0f, 0])
+                .connect(5, 0, 0, 0, &[0xf0, 0])
+                .assert_line(4)
+                .assert_line(5)
+                .storm(19)
+                .assert_line(4)
+                .disconnect(1)
+                .0,
+        ),
+        (
+            "spin-lock-rule-two-vectors",
+            Ops::new(4, 0, 0)
+                .connect(6, 0, 0, 0b0100, &[0b0001, 1])
+                .connect(6, 1, 0, 0b0000, &[0b0001, 1])
+                .connect(6, 1, 0, 0b0100, &[0b0001, 0])
+                .connect(6, 1, 0, 0b0100, &[0b0001, 2])
+                .assert_line(6)
+                .disconnect_all()
+                .0,
+        ),
+        (
+            "quota-exhaustion-and-stale-handles",
+            Ops::new(16, 0, 2)
+                .connect(0, 0, 1, 0, &[0])
+                .connect(7, 0, 0, 0, &[0x01, 0])
+                .connect(1, 0, 0, 0, &[0x01, 0])
+                .disconnect(1)
+                .disconnect(1)
+                .forged(0x1_0000_0001)
+                .forged(0)
+                .connect(1, 0, 0, 0, &[0x01, 0])
+                .0,
+        ),
+        (
+            "sharing-conflicts-mode-and-exclusive",
+            Ops::new(4, 0, 0)
+                .connect(0, 0, 0, 0, &[0b0011, 0])
+                .connect(0, 0, 0b1000, 0, &[0b0100, 0])
+                .connect(2, 0, 0, 0, &[0b0001, 0])
+                .connect(3, 0, 0b0100, 0, &[0b0001, 0])
+                .connect(3, 0, 0, 0, &[0b0010, 0])
+                .assert_line(3)
+                .0,
+        ),
+        (
+            "x2apic-partial-online-physical-destination",
+            Ops::new(20, 0xa5, 0x08)
+                .connect(0, 0, 1, 0, &[0])
+                .assert_line(0)
+                .connect(4, 0, 2, 0, &[9, 0])
+                .assert_line(4)
+                .storm(16)
+                .storm(30)
+                .snapshot()
+                .0,
+        ),
+        (
+            "bad-parameters-each-rule",
+            Ops::new(2, 0, 0)
+                .connect(0, 0, 0, 0, &[0b100, 0])
+                .connect(0, 0, 0b10_0000, 0, &[1, 0])
+                .connect(0, 0, 0, 0b11, &[1, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0])
+                .connect(0, 0, 0, 0b1000_0000, &[1, 0x25, 0])
+                .connect(0, 0, 0, 0b0010_0000, &[1, 3, 0])
+                .connect(0, 0, 0, 0b0001_0000, &[1, 0])
+                .connect(8, 0, 0, 0, &[1, 0])
+                .connect(1, 0, 0, 0b1000_0000, &[1, 0x60, 0])
+                .0,
+        ),
+    ]
+}
+
+fn all_seeds() -> Vec<(&'static str, String, Vec<u8>, Harness)> {
+    let mut all: Vec<(&'static str, String, Vec<u8>, Harness)> = Vec::new();
+    for (name, data) in pv_requests::seed_corpus() {
+        all.push(("pv_requests", name, data, pv_requests::run));
+    }
+    for (name, data) in sequence_seeds() {
+        all.push(("connect_sequences", name.to_string(), data, sequences::run));
+    }
+    all
+}
+
+/// The seeds pass their harness (they are also in the corpus).
+#[test]
+fn seeds_pass_their_harness() {
+    for (target, name, data, run) in all_seeds() {
+        assert_eq!(run(&data), Ok(()), "{target}/{name}");
+    }
+}
+
+/// The write-protected seed really takes the undo path, and the quota seed
+/// really hits the quota: the seeds cover what their names say.
+#[test]
+fn seeds_reach_unwritable_and_quota_outcomes() {
+    use irqconnect::Outcome;
+    use irqconnect::harness::ram::HarnessRam;
+    use irqconnect_abi::ntstatus::STATUS_INSUFFICIENT_RESOURCES;
+    let seeds = pv_requests::seed_corpus();
+    let find = |n: &str| seeds.iter().find(|(name, _)| name == n).unwrap().1.clone();
+    let outcomes = |data: &[u8], quota: u32, read_only: Option<std::ops::Range<u64>>| {
+        let steps = usize::from(data[3]);
+        let platform = irqconnect::Platform::uniform(1 + u32::from(data[2] % 16)).unwrap();
+        let devices = irqconnect::DeviceTable::default_for(&platform);
+        let mut service = irqconnect::Service::new(platform, devices, quota).unwrap();
+        let memory = data[4 + 4 * steps..].to_vec();
+        let mut ram = HarnessRam::new(0, memory, read_only);
+        let mut out = Vec::new();
+        for chunk in data[4..4 + 4 * steps].chunks_exact(4) {
+            let value = u32::from_le_bytes(chunk.try_into().unwrap());
+            if value & 0xf000_0000 == 0 {
+                out.push(service.handle_doorbell(&mut ram, value));
+            }
+        }
+        out
+    };
+    let unwritable = outcomes(&find("connect_answer_unwritable"), 64, Some(0x700..0x740));
+    assert!(matches!(unwritable[0], Outcome::Unwritable { gpa: 0x700 }));
+    let quota = outcomes(&find("connect_over_quota"), 1, None);
+    assert_eq!(quota[0].status(), Some(STATUS_INSUFFICIENT_RESOURCES));
+}
+
+/// Writes the seeds into the corpus directories.
+#[test]
+#[ignore = "writes resources/fuzz-corpus; run by hand to regenerate the seeds"]
+fn write_seed_corpus() {
+    for (target, name, data, _) in all_seeds() {
+        let dir = corpus_dir(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+    }
+}
