@@ -13,6 +13,9 @@ use std::path::PathBuf;
 
 type Harness = fn(&[u8]) -> Result<(), String>;
 
+/// Named seeds of one target.
+type Seeds = Vec<(&'static str, Vec<u8>)>;
+
 fn corpus_dir(target: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../resources/fuzz-corpus")
@@ -195,7 +198,7 @@ fn ioapic_seeds() -> Vec<(&'static str, Vec<u8>)> {
             "host-rte-ext-dest-msi-routes-snapshot-reset",
             Bytes::new(&[0x10])
                 .b(&[8, 2])
-                .u64(0x12_04_0000_0000_9162)
+                .u64(0x1204_0000_0000_9162)
                 .b(&[11, 2, 0, 11, 2, 1, 11, 2, 2])
                 .b(&[8, 25])
                 .u64(0)
@@ -490,7 +493,7 @@ fn msi_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Harness)> {
     let mut all = Vec::new();
-    let sets: [(&str, Vec<(&'static str, Vec<u8>)>, Harness); 4] = [
+    let sets: [(&str, Seeds, Harness); 4] = [
         ("ioapic", ioapic_seeds(), irqchip::harness::ioapic::run),
         ("lapic", lapic_seeds(), irqchip::harness::lapic),
         (
