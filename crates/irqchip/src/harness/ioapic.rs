@@ -273,14 +273,12 @@ fn check(ioapic: &Ioapic, reference: &RefIoapic) -> Result<(), String> {
             return Err(format!("pin {pin}: delivery status set"));
         }
     }
-    // Every register reads back as the reference says, through IOWIN.
+    // The selected register reads back through IOWIN as the reference
+    // says (entries, ID and counters are compared directly above; any
+    // register is read by operation 4).
     let mut probe = ioapic.clone();
     let mut shadow = reference.clone();
-    for index in (0u8..3).chain(0x10..0x40) {
-        mmio_write(&mut probe, &mut shadow, IOREGSEL_OFFSET, &[index])?;
-        mmio_read(&mut probe, &mut shadow, IOWIN_OFFSET, 4)?;
-    }
-    Ok(())
+    mmio_read(&mut probe, &mut shadow, IOWIN_OFFSET, 4)
 }
 
 #[cfg(test)]

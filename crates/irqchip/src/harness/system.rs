@@ -153,6 +153,16 @@ impl Observed {
 /// Reads `lapic`'s registers the way a guest would, on a copy (a read may
 /// tick the timer).
 fn observe(lapic: &Lapic, now: u64) -> Result<Observed, String> {
+    observe_with(lapic, now, true)
+}
+
+/// [`observe`] without the ISR, TMR and IRR banks (left empty): what the
+/// destination oracle needs.
+fn observe_target(lapic: &Lapic, now: u64) -> Result<Observed, String> {
+    observe_with(lapic, now, false)
+}
+
+fn observe_with(lapic: &Lapic, now: u64, banks: bool) -> Result<Observed, String> {
     let mut probe = lapic.clone();
     let base = probe
         .msr_read(IA32_APIC_BASE, now)
@@ -175,6 +185,9 @@ fn observe(lapic: &Lapic, now: u64) -> Result<Observed, String> {
         }
     };
     let mut bank = |base: u16| -> Result<Vectors, String> {
+        if !banks {
+            return Ok(Vectors::default());
+        }
         let mut regs = [0u32; 8];
         for (n, reg) in (0u16..).zip(regs.iter_mut()) {
             *reg = read(base + n * 0x10)?;
@@ -479,7 +492,7 @@ impl System {
         let observed = self
             .cpus
             .iter()
-            .map(|c| observe(&c.lapic, now))
+            .map(|c| observe_target(&c.lapic, now))
             .collect::<Result<Vec<_>, _>>()?;
         let eligible: Vec<usize> = observed
             .iter()
