@@ -65,6 +65,7 @@ fn single_cpu_each(env: &Env) -> TestResult {
             crate::display::hex(h.effective_mask())
         );
         check_route(&dev, mask)?;
+        pvfix::flush_cpus();
         let before = deliveries(v);
         let base = counters(&dev);
         dev.td.enable(true);
@@ -108,6 +109,7 @@ fn subset(env: &Env) -> TestResult {
     let he = connect_ok(&edge, &ae)?;
     check_route(&level, mask)?;
     check_route(&edge, mask)?;
+    pvfix::flush_cpus();
     let (bl, be) = (deliveries(level.vector()), deliveries(edge.vector()));
     let (cl, ce) = (counters(&level), counters(&edge));
     level.td.enable(true);
@@ -154,6 +156,7 @@ fn union_of_two(env: &Env) -> TestResult {
     check_route(&a, ma | mb)?;
     check_route(&b, ma | mb)?;
     let v = a.vector();
+    pvfix::flush_cpus();
     let before = deliveries(v);
     let (ca, cb) = (counters(&a), counters(&b));
     a.td.enable(true);

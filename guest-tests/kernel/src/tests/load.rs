@@ -71,6 +71,7 @@ fn under_load(env: &Env) -> TestResult {
         let mut masks: [KAFFINITY; MAX_DEVICES] = [0; MAX_DEVICES];
         let mut bases = [(0, 0); MAX_DEVICES];
         let mut before = [[0; percpu::MAX_CPUS]; MAX_DEVICES];
+        pvfix::flush_cpus();
         for (i, d) in devs.iter().enumerate() {
             let r = d.res(0);
             let mask = if round == ncpu {

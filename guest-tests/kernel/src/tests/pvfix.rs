@@ -776,7 +776,22 @@ pub fn raise_held(devs: &[(&Dev, u32)]) {
     crate::irql::lower(old);
 }
 
-/// Deliveries of `vector` per processor now.
+/// Makes every processor take what is already pending in its IRR: a work
+/// item on each AP (its idle loop enables interrupts before running it),
+/// then a moment with interrupts enabled here. A level interrupt the host
+/// re-sent at injection (kernel/split quirk) to a processor that was not
+/// running yet would otherwise land after the route changed, inside the
+/// next measurement.
+pub fn flush_cpus() {
+    for c in 1..percpu::count() {
+        let _ = crate::smp::run_on(c, |_| 0, 0);
+    }
+    cpu::sti();
+    time::delay_us(50);
+}
+
+/// Deliveries of `vector` per processor now (after [`flush_cpus`] when the
+/// count is a baseline).
 pub fn deliveries(vector: u8) -> [u32; percpu::MAX_CPUS] {
     let mut out = [0; percpu::MAX_CPUS];
     for (c, slot) in out.iter_mut().enumerate().take(percpu::count()) {
