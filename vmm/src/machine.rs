@@ -104,9 +104,10 @@ fn modules(args: &Args) -> Result<Vec<ModuleImage>> {
         .collect()
 }
 
-/// Creates the interrupt controller; before any vCPU exists. User mode
-/// gets the stop flag and the kicker through `control`, and the guest's
-/// physical-address width from `supported` (CPUID 0x8000_0008).
+/// Creates the interrupt controller; before any vCPU exists. Split and user
+/// modes get the kicker (user mode also the stop flag) through `control`;
+/// user mode takes the guest's physical-address width from `supported`
+/// (CPUID 0x8000_0008).
 fn create_irqchip(
     args: &Args,
     vm: &Arc<VmFd>,
@@ -115,7 +116,11 @@ fn create_irqchip(
 ) -> Result<Arc<dyn InterruptController>> {
     match args.irqchip {
         IrqchipMode::Kernel => Ok(irq::kernel::create(Arc::clone(vm))?),
-        IrqchipMode::Split => Ok(irq::split::create(Arc::clone(vm))?),
+        IrqchipMode::Split => Ok(irq::split::create(
+            Arc::clone(vm),
+            Arc::clone(control),
+            args.cpus as usize,
+        )?),
         IrqchipMode::User => Ok(irq::user::create(
             vm,
             Arc::clone(control),

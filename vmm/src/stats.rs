@@ -82,6 +82,9 @@ impl RunStats<'_> {
             if m.storm_pins != 0 {
                 let _ = write!(s, " (pins {:#x})", m.storm_pins);
             }
+            if m.eoi_pokes != 0 {
+                let _ = write!(s, ", eoi pokes {}", m.eoi_pokes);
+            }
         }
         let _ = write!(s, "; {}", self.pv);
         s

@@ -1,17 +1,19 @@
 //! What the split and user modes share about hosting our IOAPIC model
 //! (`irqchip::ioapic::Ioapic`): its MMIO window on the bus, the translation
-//! of a host [`PinProgram`] into a redirection entry, and the storm guard's
-//! bookkeeping.
+//! of a host [`PinProgram`] into a redirection entry, the storm guard's
+//! bookkeeping, and the non-blocking timerfds both use.
 //!
 //! The model itself lives behind each mode's own mutex; this module only
 //! holds the pieces that do not depend on where the LAPICs are.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use irqchip::apic_bus::DeliveryMode;
 use irqchip::ioapic::{IoapicCounters, PinMask, RedirectionEntry};
 use irqconnect_abi::layout::{IOAPIC_MMIO_BASE, IOAPIC_MMIO_SIZE};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     IrqError, MmioWindow, ModelStats, PinDelivery, PinDestMode, PinProgram, PinTrigger, StormSink,
@@ -141,6 +143,26 @@ impl StormWatch {
             self.reports.load(Ordering::Relaxed),
             self.pins.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// A non-blocking timerfd (so a read after a re-arm cannot stall the event
+/// loop); `what` names it in the error.
+pub(crate) fn nonblocking_timerfd(what: &'static str) -> crate::error::Result<TimerFd> {
+    let timer = TimerFd::new().map_err(crate::error::Error::host(what))?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we own; no memory is
+    // passed.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(timer)
+    } else {
+        Err(crate::error::Error::host(what)(
+            std::io::Error::last_os_error(),
+        ))
     }
 }
 

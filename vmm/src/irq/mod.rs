@@ -158,6 +158,9 @@ pub(crate) struct ModelStats {
     pub(crate) storm_reports: u64,
     /// Pins that had a storm report, bit `n` for pin `n`.
     pub(crate) storm_pins: u32,
+    /// Split mode: halted vCPUs the EOI watch made runnable so a held
+    /// `KVM_EXIT_IOAPIC_EOI` comes out (a host quirk, see `split`).
+    pub(crate) eoi_pokes: u64,
 }
 
 /// The storm guard's callback (the PV service's `storm_sink`): called with a

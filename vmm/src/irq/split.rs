@@ -24,18 +24,39 @@
 //!   model's EOI (Remote IRR cleared, re-delivery while asserted).
 //! - `KVM_IRQFD_FLAG_RESAMPLE` is refused by KVM in this mode; nothing here
 //!   uses irqfds.
+//!
+//! # Host quirk: an EOI exit held while the vCPU halts
+//!
+//! On this host's KVM (kvm_pvm) the in-kernel LAPIC EOIs an interrupt at
+//! injection, and the `KVM_EXIT_IOAPIC_EOI` request that EOI raises is not
+//! acted on before the guest runs. If the guest then executes `hlt`, KVM
+//! blocks the vCPU in the kernel with the request still pending (a pending
+//! EOI exit is not a wake-up event), so our IOAPIC never sees the EOI: a
+//! level pin keeps Remote IRR and a line still high is not re-delivered
+//! until something else wakes that vCPU (`tests/modes.rs`,
+//! `level_pin_redelivered_after_eoi_while_asserted`, hangs without the
+//! remedy). Remedy, the EOI watch: while any level pin has Remote IRR set,
+//! every [`EOI_POKE`] each vCPU is kicked, and one found halted is made
+//! runnable (`KVM_SET_MP_STATE`), so its next `KVM_RUN` delivers the pending
+//! exit. The guest sees at worst a spurious wake-up from `hlt`, which
+//! guests tolerate (a `hlt` loop re-checks its condition). Only pins whose
+//! Remote IRR has been set for at least [`EOI_POKE`] count, so a busy level
+//! source that is EOI'd promptly costs no pokes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
-use irqchip::apic_bus::{DeliveryMode, Message};
+use irqchip::apic_bus::{DeliveryMode, Message, TriggerMode};
 use irqchip::ioapic::{Ioapic, IoapicConfig, IoapicOutput, NUM_PINS, PinMask};
 use irqchip::msi::{self, Msi, MsiFormat};
 use kvm_bindings::{
-    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_enable_cap,
-    kvm_irq_routing_entry, kvm_msi,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
+    KvmIrqRouting, kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msi,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::host_ioapic::{self, IoapicMmio, StormWatch};
 use super::{
@@ -43,11 +64,16 @@ use super::{
     PinProgram, StormSink, VcpuInterrupts,
 };
 use crate::cli::IrqchipMode;
+use crate::control::VmControl;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
 
 /// IOAPIC pins, and the GSIs KVM reserves for them.
 const PINS: u32 = NUM_PINS as u32;
+
+/// How often the EOI watch pokes the vCPUs while a level pin has Remote IRR
+/// set (see the module documentation).
+const EOI_POKE: Duration = Duration::from_millis(1);
 
 /// Our IOAPIC in front of KVM's local APICs.
 pub(crate) struct SplitIrqchip {
@@ -60,6 +86,14 @@ pub(crate) struct SplitIrqchip {
     errors: AtomicU64,
     storm: StormWatch,
     warn: RateLimiter,
+    control: Arc<VmControl>,
+    /// The EOI watch's timer (a timerfd the event loop watches).
+    watch: Mutex<TimerFd>,
+    watch_fd: RawFd,
+    /// Per vCPU: make it runnable if it is halted (set by the EOI watch).
+    poke: Vec<AtomicBool>,
+    /// Halted vCPUs the EOI watch made runnable.
+    pokes: AtomicU64,
 }
 
 /// What the lock protects.
@@ -68,11 +102,20 @@ struct State {
     /// The model's route generation KVM's GSI routes mirror; `None` when
     /// the last `KVM_SET_GSI_ROUTING` failed (retried on the next change).
     routed: Option<u64>,
+    /// The EOI watch's timer is armed.
+    watching: bool,
+    /// Per pin: when its last level message was sent (EOI-watch clock).
+    sent_at: [Option<std::time::Instant>; NUM_PINS],
 }
 
 /// Enables the split irqchip (24 IOAPIC routes reserved) and installs the
-/// reset-state routes; must precede vCPU creation.
-pub(crate) fn create(vm: Arc<VmFd>) -> Result<Arc<SplitIrqchip>> {
+/// reset-state routes; must precede vCPU creation. `control` gives the EOI
+/// watch the kicker for the `cpus` vCPUs.
+pub(crate) fn create(
+    vm: Arc<VmFd>,
+    control: Arc<VmControl>,
+    cpus: usize,
+) -> Result<Arc<SplitIrqchip>> {
     let mut cap = kvm_enable_cap {
         cap: KVM_CAP_SPLIT_IRQCHIP,
         ..Default::default()
@@ -86,15 +129,27 @@ pub(crate) fn create(vm: Arc<VmFd>) -> Result<Arc<SplitIrqchip>> {
     vm.set_gsi_routing(&routing)
         .map_err(Error::kvm("KVM_SET_GSI_ROUTING"))?;
     let routed = Some(ioapic.route_generation());
+    let watch = host_ioapic::nonblocking_timerfd("create the EOI watch timerfd")?;
+    let watch_fd = watch.as_raw_fd();
     Ok(Arc::new_cyclic(|me| SplitIrqchip {
         me: me.clone(),
         vm,
-        state: Mutex::new(State { ioapic, routed }),
+        state: Mutex::new(State {
+            ioapic,
+            routed,
+            watching: false,
+            sent_at: [None; NUM_PINS],
+        }),
         msis: AtomicU64::new(0),
         eois: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         storm: StormWatch::new(),
         warn: RateLimiter::new(),
+        control,
+        watch: Mutex::new(watch),
+        watch_fd,
+        poke: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
+        pokes: AtomicU64::new(0),
     }))
 }
 
@@ -172,8 +227,69 @@ impl SplitIrqchip {
         }
     }
 
+    /// Arms the EOI watch for `after` unless it is armed (under the lock).
+    fn watch_eois(&self, st: &mut State, after: Duration) {
+        if st.watching {
+            return;
+        }
+        let mut timer = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
+        match timer.reset(after.max(Duration::from_micros(1)), None) {
+            Ok(()) => st.watching = true,
+            Err(e) => {
+                drop(timer);
+                self.fail(format_args!("arm the EOI watch: {e}"));
+            }
+        }
+    }
+
+    /// The EOI watch fired: if a level pin has kept Remote IRR for
+    /// [`EOI_POKE`] since its message went out, poke every vCPU; watch again
+    /// while any level pin has Remote IRR set.
+    fn eoi_watch_expired(&self) {
+        // Consume the expiration (EAGAIN: re-armed meanwhile).
+        let _ = self
+            .watch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .wait();
+        let mut st = self.lock();
+        st.watching = false;
+        let now = std::time::Instant::now();
+        let mut stale = false;
+        let mut next = EOI_POKE;
+        for (pin, entry) in st.ioapic.entries() {
+            let sent = st.sent_at.get(usize::from(pin)).copied().flatten();
+            match sent {
+                Some(at) if entry.remote_irr() => {
+                    let age = now.saturating_duration_since(at);
+                    if age >= EOI_POKE {
+                        stale = true;
+                    } else {
+                        next = next.min(EOI_POKE - age);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if stale {
+            for poke in &self.poke {
+                poke.store(true, Ordering::Release);
+            }
+            self.control.kicker().kick_all();
+        }
+        if st.ioapic.entries().any(|(_, e)| e.remote_irr()) {
+            self.watch_eois(&mut st, next);
+        }
+    }
+
     /// Sends one message (under the lock, after the routes are fresh).
-    fn send(&self, pin: u8, message: &Message) {
+    fn send(&self, st: &mut State, pin: u8, message: &Message) {
+        if message.trigger_mode == TriggerMode::Level {
+            if let Some(at) = st.sent_at.get_mut(usize::from(pin)) {
+                *at = Some(std::time::Instant::now());
+            }
+            self.watch_eois(st, EOI_POKE);
+        }
         match msi_for(message) {
             Ok(msi) => match self.vm.signal_msi(msi) {
                 Ok(_) => {
@@ -190,7 +306,7 @@ impl SplitIrqchip {
     fn apply(&self, st: &mut State, output: &IoapicOutput) -> PinMask {
         self.refresh_routes(st);
         for d in output.deliveries() {
-            self.send(d.pin, &d.message);
+            self.send(st, d.pin, &d.message);
         }
         self.storm.note(output.storm_pins())
     }
@@ -240,7 +356,7 @@ impl InterruptController for SplitIrqchip {
         let mut st = self.lock();
         if let Some(message) = st.ioapic.set_line(pin, high) {
             self.refresh_routes(&mut st);
-            self.send(pin, &message);
+            self.send(&mut st, pin, &message);
         }
         Ok(())
     }
@@ -253,8 +369,11 @@ impl InterruptController for SplitIrqchip {
             .collect()
     }
 
-    fn vcpu(&self, _index: usize) -> Box<dyn VcpuInterrupts> {
-        Box::new(SplitVcpu(self.me.upgrade()))
+    fn vcpu(&self, index: usize) -> Box<dyn VcpuInterrupts> {
+        Box::new(SplitVcpu {
+            chip: self.me.upgrade(),
+            index,
+        })
     }
 
     fn stats(&self) -> IrqStats {
@@ -266,10 +385,17 @@ impl InterruptController for SplitIrqchip {
     }
 
     fn model_stats(&self) -> Option<ModelStats> {
-        Some(host_ioapic::ioapic_stats(
-            self.lock().ioapic.counters(),
-            &self.storm,
-        ))
+        let mut stats = host_ioapic::ioapic_stats(self.lock().ioapic.counters(), &self.storm);
+        stats.eoi_pokes = self.pokes.load(Ordering::Relaxed);
+        Some(stats)
+    }
+
+    fn timer_fds(&self) -> Vec<RawFd> {
+        vec![self.watch_fd]
+    }
+
+    fn on_timer(&self, _index: usize) {
+        self.eoi_watch_expired();
     }
 
     fn program_pin(&self, pin: u8, route: &PinProgram) -> std::result::Result<(), IrqError> {
@@ -293,12 +419,39 @@ impl InterruptController for SplitIrqchip {
     }
 }
 
-/// The per-vCPU part: only `KVM_EXIT_IOAPIC_EOI` belongs to us.
-struct SplitVcpu(Option<Arc<SplitIrqchip>>);
+/// The per-vCPU part: `KVM_EXIT_IOAPIC_EOI`, and the EOI watch's pokes.
+struct SplitVcpu {
+    chip: Option<Arc<SplitIrqchip>>,
+    index: usize,
+}
 
 impl VcpuInterrupts for SplitVcpu {
+    fn before_run(&mut self, vcpu: &mut VcpuFd) -> Result<()> {
+        let Some(chip) = &self.chip else {
+            return Ok(());
+        };
+        let poked = chip
+            .poke
+            .get(self.index)
+            .is_some_and(|p| p.swap(false, Ordering::AcqRel));
+        if !poked {
+            return Ok(());
+        }
+        let state = vcpu
+            .get_mp_state()
+            .map_err(Error::kvm("KVM_GET_MP_STATE"))?;
+        if state.mp_state == KVM_MP_STATE_HALTED {
+            vcpu.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+            chip.pokes.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn on_exit(&mut self, exit: IrqExit<'_>) -> ExitAction {
-        match (exit, &self.0) {
+        match (exit, &self.chip) {
             (IrqExit::IoapicEoi(vector), Some(chip)) => {
                 chip.eoi(vector);
                 ExitAction::Resume

@@ -51,7 +51,7 @@ use super::{
 };
 use crate::cli::IrqchipMode;
 use crate::control::VmControl;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ratelimit::RateLimiter;
 use apics::Apics;
 
@@ -125,8 +125,7 @@ pub(crate) fn create(
     let mut timers = Vec::with_capacity(cfg.cpus);
     let mut timer_fds = Vec::with_capacity(cfg.cpus);
     for _ in 0..cfg.cpus {
-        let fd = TimerFd::new().map_err(Error::host("create a LAPIC timerfd"))?;
-        set_nonblocking(&fd)?;
+        let fd = host_ioapic::nonblocking_timerfd("create a LAPIC timerfd")?;
         timer_fds.push(fd.as_raw_fd());
         timers.push(Mutex::new(HostTimer {
             fd,
@@ -134,7 +133,7 @@ pub(crate) fn create(
             poll: None,
         }));
     }
-    Ok(Arc::new(UserIrqchip(Arc::new(Chip {
+    let chip = Arc::new(Chip {
         ioapic: Mutex::new(Ioapic::new(IoapicConfig::default())),
         apics: Mutex::new(Apics::new(configs)),
         wake: (0..cfg.cpus).map(|_| Condvar::new()).collect(),
@@ -145,24 +144,8 @@ pub(crate) fn create(
         counters: Counters::default(),
         storm: StormWatch::new(),
         warn: RateLimiter::new(),
-    }))))
-}
-
-fn set_nonblocking(timer: &TimerFd) -> Result<()> {
-    let fd = timer.as_raw_fd();
-    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we own; no memory is
-    // passed.
-    let ok = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::host("make a LAPIC timerfd non-blocking")(
-            std::io::Error::last_os_error(),
-        ))
-    }
+    });
+    Ok(Arc::new(UserIrqchip(chip)))
 }
 
 impl Chip {
