@@ -114,6 +114,31 @@ fn ring(block: &mut Block) {
     }
 }
 
+/// Rings the doorbell with `value` exactly as given, serialised with every
+/// other request: the hostile tests' transport for blocks the typed path
+/// cannot express (misaligned, straddling the end of RAM, outside RAM,
+/// malformed headers). Returns at once when the PV device is absent.
+///
+/// # Safety
+/// The VMM may answer a readable block at `value`, writing inside
+/// `value .. value + MAX_REQUEST_SIZE`: that memory must be the caller's to
+/// lose (no live reference to it is used across the call, nothing else of
+/// the kernel lives there). Callers read the answer through raw pointers;
+/// the `out` is not `nomem`, so the compiler keeps memory accesses on their
+/// side of it.
+pub unsafe fn ring_raw(value: u32) {
+    if !present() {
+        return;
+    }
+    let _serialised = BLOCK.lock_irqsave();
+    // SAFETY: the caller vouches for the memory at `value`; the doorbell
+    // has no other effect on guest memory.
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") PV_DOORBELL_PORT, in("eax") value,
+                         options(nostack, preserves_flags))
+    }
+}
+
 /// Sends `req` (header already filled, e.g. by [`Request::blank`]) and
 /// copies the answer back into it. Returns the answer's status, or
 /// `STATUS_NO_ANSWER` when the PV device is absent or did not answer.

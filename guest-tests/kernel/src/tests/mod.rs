@@ -8,6 +8,7 @@ mod affinity;
 mod connect;
 mod disconnect;
 pub mod fixture;
+mod hostile;
 mod ioapic;
 mod ipi;
 mod lapic;
@@ -31,6 +32,7 @@ pub static SUITES: &[&[Test]] = &[
     disconnect::TESTS,
     sync::TESTS,
     load::TESTS,
+    hostile::TESTS,
 ];
 
 static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(1);

@@ -1,0 +1,121 @@
+//! Well-formed request blocks of every opcode, for the cases to break one
+//! field at a time.
+
+use irqconnect_abi::pv::{
+    Connect, Disconnect, MAX_REQUEST_SIZE, QueryPlatform, QueryResources, QueryRoute,
+};
+use zerocopy::{Immutable, IntoBytes};
+
+use super::pvfix::Env;
+use crate::pv::Request;
+use crate::runner::Failure;
+use crate::wdm::{KINTERRUPT, KINTERRUPT_MODE, KSERVICE_ROUTINE, PVOID};
+
+/// A request block's bytes.
+#[derive(Clone, Copy)]
+pub struct Block {
+    buf: [u8; MAX_REQUEST_SIZE],
+    len: usize,
+}
+
+impl Block {
+    /// The bytes of `t`.
+    pub fn of<T: IntoBytes + Immutable>(t: &T) -> Self {
+        let bytes = t.as_bytes();
+        let len = bytes.len().min(MAX_REQUEST_SIZE);
+        let mut buf = [0u8; MAX_REQUEST_SIZE];
+        buf[..len].copy_from_slice(&bytes[..len]);
+        Self { buf, len }
+    }
+
+    /// The block.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The block, mutably.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+
+    /// Its size.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// The ServiceRoutine of raw CONNECTs: never linked into a chain, so never
+/// called; it only has to be a real code address.
+pub fn raw_isr(_interrupt: &KINTERRUPT, _context: PVOID) -> bool {
+    false
+}
+
+/// The address of [`raw_isr`].
+pub fn raw_isr_address() -> u64 {
+    let routine: KSERVICE_ROUTINE = raw_isr;
+    routine as usize as u64
+}
+
+/// QUERY_ROUTE of `pin`, typed.
+pub fn route_typed(pin: u32) -> QueryRoute {
+    let mut q = QueryRoute::blank();
+    q.pin = pin;
+    q
+}
+
+/// QUERY_ROUTE of `pin`.
+pub fn route(pin: u32) -> Block {
+    Block::of(&route_typed(pin))
+}
+
+/// QUERY_PLATFORM.
+pub fn platform() -> Block {
+    Block::of(&QueryPlatform::blank())
+}
+
+/// QUERY_RESOURCES of `device`.
+pub fn resources(device: u32) -> Block {
+    let mut q = QueryResources::blank();
+    q.device_id = device;
+    Block::of(&q)
+}
+
+/// DISCONNECT of `handle`.
+pub fn disconnect(handle: u64) -> Block {
+    let mut d = Disconnect::blank();
+    d.handle = handle;
+    Block::of(&d)
+}
+
+/// A CONNECT the host accepts: the first exclusive level device's first
+/// resource, every online processor, [`raw_isr`], no context, no lock.
+pub fn connect_typed(env: &Env) -> Result<Connect, Failure> {
+    let dev = env.exclusive(KINTERRUPT_MODE::LevelSensitive)?;
+    let r = dev.res(0);
+    let mut c = Connect::blank();
+    c.device_id = dev.id();
+    c.vector = r.vector;
+    c.irql = r.level;
+    c.synchronize_irql = r.level;
+    c.interrupt_mode = KINTERRUPT_MODE::LevelSensitive as u8;
+    c.share_vector = u8::from(r.share_vector());
+    c.processor_enable_mask = env.online();
+    c.service_routine = raw_isr_address();
+    Ok(c)
+}
+
+/// [`connect_typed`] as bytes.
+pub fn connect_valid(env: &Env) -> Result<Block, Failure> {
+    Ok(Block::of(&connect_typed(env)?))
+}
+
+/// One well-formed block per opcode, with its name.
+pub fn every_opcode(env: &Env) -> Result<[(&'static str, Block); 5], Failure> {
+    Ok([
+        ("QUERY_PLATFORM", platform()),
+        ("QUERY_RESOURCES", resources(0)),
+        ("CONNECT", connect_valid(env)?),
+        ("DISCONNECT", disconnect(1)),
+        ("QUERY_ROUTE", route(0)),
+    ])
+}
