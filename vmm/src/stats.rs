@@ -85,6 +85,9 @@ impl RunStats<'_> {
             if m.eoi_pokes != 0 {
                 let _ = write!(s, ", eoi pokes {}", m.eoi_pokes);
             }
+            if m.ignored_events != 0 {
+                let _ = write!(s, ", ignored events {}", m.ignored_events);
+            }
         }
         let _ = write!(s, "; {}", self.pv);
         s

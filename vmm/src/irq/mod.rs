@@ -161,6 +161,9 @@ pub(crate) struct ModelStats {
     /// Split mode: halted vCPUs the EOI watch made runnable so a held
     /// `KVM_EXIT_IOAPIC_EOI` comes out (a host quirk, see `split`).
     pub(crate) eoi_pokes: u64,
+    /// User mode: events the vCPU loop dropped (ExtINT and SMI, which this
+    /// platform does not wire; a SIPI to a vCPU not waiting for one).
+    pub(crate) ignored_events: u64,
 }
 
 /// The storm guard's callback (the PV service's `storm_sink`): called with a

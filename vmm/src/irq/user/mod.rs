@@ -90,6 +90,8 @@ struct Counters {
     injected: AtomicU64,
     eois: AtomicU64,
     errors: AtomicU64,
+    /// ExtINT, SMI and stray SIPIs dropped by the vCPU loops.
+    ignored_events: AtomicU64,
 }
 
 /// The state every thread shares.
@@ -336,6 +338,7 @@ impl InterruptController for UserIrqchip {
         let counters = *self.0.lock_ioapic().counters();
         let mut stats = host_ioapic::ioapic_stats(&counters, &self.0.storm);
         stats.lapic_bad_accesses = self.0.lock_apics().bad_accesses();
+        stats.ignored_events = self.0.counters.ignored_events.load(Ordering::Relaxed);
         Some(stats)
     }
 

@@ -40,6 +40,8 @@ pub(super) struct UserVcpu {
     activity: Activity,
     /// The guest executed `hlt` and has not been woken since.
     halted: bool,
+    /// A SIPI arrived while running (counted before the next entry).
+    dropped_sipi: bool,
     /// `kvm_run.if_flag` at the last exit.
     if_flag: bool,
     /// `kvm_run.ready_for_interrupt_injection` at the last exit.
@@ -67,6 +69,7 @@ impl UserVcpu {
                 Activity::WaitForSipi
             },
             halted: false,
+            dropped_sipi: false,
             if_flag: false,
             ready: false,
             mmio_base,
@@ -209,6 +212,7 @@ impl VcpuInterrupts for UserVcpu {
             chip.sync_timer(&apics, i);
             let (activity, startup) = plan::startup(self.activity, i == 0, init, sipi);
             self.activity = activity;
+            self.dropped_sipi |= startup.dropped_sipi;
             if startup.init || startup.sipi.is_some() {
                 drop(apics);
                 self.apply_startup(vcpu, startup)?;
@@ -232,9 +236,16 @@ impl VcpuInterrupts for UserVcpu {
         }
         self.halted = false;
 
-        let (nmi, _smi, _extint) = apics
+        let (nmi, smi, extint) = apics
             .with(i, |l| (l.take_nmi(), l.take_smi(), l.take_extint()))
             .unwrap_or((false, false, false));
+        let ignored = u64::from(smi) + u64::from(extint) + u64::from(self.dropped_sipi);
+        if ignored != 0 {
+            chip.counters
+                .ignored_events
+                .fetch_add(ignored, Ordering::Relaxed);
+            self.dropped_sipi = false;
+        }
         if nmi && let Err(e) = vcpu.nmi() {
             chip.fail(format_args!("KVM_NMI on vcpu {i}: {e}"));
         }
