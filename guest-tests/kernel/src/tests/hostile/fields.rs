@@ -44,7 +44,7 @@ fn nothing_connected(cases: &mut Cases, before: u32) -> TestResult {
 /// Sends a CONNECT that must succeed; returns its handle (0 on failure,
 /// recorded as a failed case).
 fn connect_ok(cases: &mut Cases, name: &str, c: &Connect) -> Connect {
-    let sent = raw::send(Block::of(c).bytes(), 0);
+    let sent = raw::send(&Block::of(c), 0);
     cases.status(name, sent.status, OK);
     cases.check(
         name,
@@ -197,7 +197,7 @@ pub fn sync_irql_above_high(env: &Env) -> TestResult {
     ] {
         let mut c = good;
         c.synchronize_irql = sync;
-        let sent = raw::send(Block::of(&c).bytes(), 0);
+        let sent = raw::send(&Block::of(&c), 0);
         if sent.status == STATUS_SUCCESS {
             let made: Connect = sent.read();
             let _ = pv::disconnect(made.handle);
@@ -331,7 +331,7 @@ pub fn masks_pointers_devices(env: &Env) -> TestResult {
     prefilled.processor_enable_mask = 0;
     prefilled.handle = 0x0000_0001_0000_0001;
     prefilled.effective_mask = u64::MAX;
-    let sent = raw::send(Block::of(&prefilled).bytes(), 0);
+    let sent = raw::send(&Block::of(&prefilled), 0);
     let back: Connect = sent.read();
     cases.status("refused CONNECT with pre-filled outputs", sent.status, IP);
     cases.check(
@@ -363,19 +363,13 @@ pub fn queries_out_of_range(env: &Env) -> TestResult {
             continue;
         }
         let n = Name::of(format_args!("QUERY_RESOURCES of device {}", what));
-        refuse(
-            &mut cases,
-            n.as_str(),
-            blocks::resources(device).bytes(),
-            0,
-            NF,
-        );
+        refuse(&mut cases, n.as_str(), &blocks::resources(device), 0, NF);
     }
     let mut q = QueryResources::blank();
     q.device_id = count;
     q.count = 4;
     q.resources[0].vector = 0x60;
-    let sent = raw::send(Block::of(&q).bytes(), 0);
+    let sent = raw::send(&Block::of(&q), 0);
     let back: QueryResources = sent.read();
     cases.status("QUERY_RESOURCES pre-filled, absent device", sent.status, NF);
     cases.check(
@@ -394,7 +388,7 @@ pub fn queries_out_of_range(env: &Env) -> TestResult {
         ("QUERY_ROUTE pin 0x116 (truncates to 22)", 0x116),
         ("QUERY_ROUTE pin 0xffffffff", u32::MAX),
     ] {
-        refuse(&mut cases, name, blocks::route(pin).bytes(), 0, IP);
+        refuse(&mut cases, name, &blocks::route(pin), 0, IP);
     }
     // In range, the same block shape answers.
     match pv::query_route(23) {

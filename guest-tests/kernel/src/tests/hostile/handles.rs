@@ -19,7 +19,7 @@ const GEN: u64 = 1 << 32;
 
 /// A raw CONNECT of `c`; its handle, or 0 (recorded as a failed case).
 fn connect(cases: &mut Cases, name: &str, c: &Connect) -> u64 {
-    let sent = raw::send(Block::of(c).bytes(), 0);
+    let sent = raw::send(&Block::of(c), 0);
     cases.status(name, sent.status, OK);
     if sent.status == STATUS_SUCCESS {
         sent.read::<Connect>().handle
@@ -74,7 +74,7 @@ pub fn forged_and_stale(env: &Env) -> TestResult {
         ("live handle, slot 0 (no slot)", h & !0xffff_ffff),
     ];
     for (name, handle) in forged {
-        refuse(&mut cases, name, blocks::disconnect(handle).bytes(), 0, IH);
+        refuse(&mut cases, name, &blocks::disconnect(handle), 0, IH);
     }
     still(
         &mut cases,
@@ -87,14 +87,14 @@ pub fn forged_and_stale(env: &Env) -> TestResult {
     refuse(
         &mut cases,
         "double disconnect",
-        blocks::disconnect(h).bytes(),
+        &blocks::disconnect(h),
         0,
         IH,
     );
     refuse(
         &mut cases,
         "freed slot's next generation",
-        blocks::disconnect(h.wrapping_add(GEN)).bytes(),
+        &blocks::disconnect(h.wrapping_add(GEN)),
         0,
         IH,
     );
@@ -115,7 +115,7 @@ pub fn forged_and_stale(env: &Env) -> TestResult {
         refuse(
             &mut cases,
             "stale handle while its slot is live again",
-            blocks::disconnect(h).bytes(),
+            &blocks::disconnect(h),
             0,
             IH,
         );
@@ -130,7 +130,7 @@ pub fn forged_and_stale(env: &Env) -> TestResult {
         refuse(
             &mut cases,
             "double disconnect of the new handle",
-            blocks::disconnect(h2).bytes(),
+            &blocks::disconnect(h2),
             0,
             IH,
         );

@@ -48,7 +48,7 @@ pub fn bad_magic(env: &Env) -> TestResult {
         let (op, block) = all[i % all.len()];
         let b = with_header(&block, |h| h.magic = *magic);
         let n = Name::of(format_args!("{} on {}", name, op));
-        refuse(&mut cases, n.as_str(), b.bytes(), 0, IP);
+        refuse(&mut cases, n.as_str(), &b, 0, IP);
     }
     cases.finish()
 }
@@ -67,7 +67,7 @@ pub fn unknown_version(env: &Env) -> TestResult {
         let (op, block) = all[(i + 2) % all.len()];
         let b = with_header(&block, |h| h.abi_version = *version);
         let n = Name::of(format_args!("{} on {}", name, op));
-        refuse(&mut cases, n.as_str(), b.bytes(), 0, IP1);
+        refuse(&mut cases, n.as_str(), &b, 0, IP1);
     }
     cases.finish()
 }
@@ -83,7 +83,7 @@ pub fn unknown_opcode(_env: &Env) -> TestResult {
         ("opcode 0xffff", u16::MAX),
     ] {
         let b = with_header(&route, |h| h.opcode = opcode);
-        refuse(&mut cases, name, b.bytes(), 0, IDR);
+        refuse(&mut cases, name, &b, 0, IDR);
     }
     cases.finish()
 }
@@ -106,7 +106,7 @@ pub fn bad_length(env: &Env) -> TestResult {
         ] {
             let b = with_header(&block, |h| h.length = length);
             let n = Name::of(format_args!("{} {}", op, what));
-            refuse(&mut cases, n.as_str(), b.bytes(), 0, IP);
+            refuse(&mut cases, n.as_str(), &b, 0, IP);
         }
     }
     cases.finish()
@@ -124,43 +124,19 @@ pub fn check_order(env: &Env) -> TestResult {
         h.opcode = 77;
         h.length = 3;
     });
-    refuse(
-        &mut cases,
-        "magic before everything",
-        everything.bytes(),
-        0,
-        IP,
-    );
+    refuse(&mut cases, "magic before everything", &everything, 0, IP);
     let bad_version = with_header(&route, |h| h.abi_version = 2);
-    refuse(
-        &mut cases,
-        "alignment before version",
-        bad_version.bytes(),
-        4,
-        IP,
-    );
+    refuse(&mut cases, "alignment before version", &bad_version, 4, IP);
     let version_opcode = with_header(&route, |h| {
         h.abi_version = 2;
         h.opcode = 99;
     });
-    refuse(
-        &mut cases,
-        "version before opcode",
-        version_opcode.bytes(),
-        0,
-        IP1,
-    );
+    refuse(&mut cases, "version before opcode", &version_opcode, 0, IP1);
     let opcode_length = with_header(&route, |h| {
         h.opcode = 99;
         h.length = 7;
     });
-    refuse(
-        &mut cases,
-        "opcode before length",
-        opcode_length.bytes(),
-        0,
-        IDR,
-    );
+    refuse(&mut cases, "opcode before length", &opcode_length, 0, IDR);
     // A header in RAM whose block runs past its end: the header checks
     // answer before the host finds the rest unreadable.
     if let Some(ram) = ram_end() {
@@ -209,25 +185,25 @@ pub fn misaligned(env: &Env) -> TestResult {
     let route = blocks::route(0);
     for off in [1usize, 2, 4, 7] {
         let n = Name::of(format_args!("QUERY_ROUTE at +{}", crate::display::dec(off)));
-        refuse(&mut cases, n.as_str(), route.bytes(), off, IP);
+        refuse(&mut cases, n.as_str(), &route, off, IP);
     }
     refuse(
         &mut cases,
         "QUERY_PLATFORM at +4",
-        blocks::platform().bytes(),
+        &blocks::platform(),
         4,
         IP,
     );
     refuse(
         &mut cases,
         "DISCONNECT at +3",
-        blocks::disconnect(1).bytes(),
+        &blocks::disconnect(1),
         3,
         IP,
     );
     let before = super::pvfix::platform()?;
     let connect = blocks::connect_valid(env)?;
-    refuse(&mut cases, "valid CONNECT at +4", connect.bytes(), 4, IP);
+    refuse(&mut cases, "valid CONNECT at +4", &connect, 4, IP);
     let after = super::pvfix::platform()?;
     cases.check(
         "misaligned CONNECT connects nothing",
@@ -239,7 +215,7 @@ pub fn misaligned(env: &Env) -> TestResult {
         ),
     );
     // The same CONNECT aligned succeeds: the alignment alone was refused.
-    let sent = raw::send(connect.bytes(), 0);
+    let sent = raw::send(&connect, 0);
     cases.status(
         "the same CONNECT aligned",
         sent.status,

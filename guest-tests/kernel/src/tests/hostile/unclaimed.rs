@@ -149,7 +149,7 @@ pub fn doorbell_widths(_env: &Env) -> TestResult {
         ("32-bit write at offset 1", port + 1, Width::B4),
     ];
     for (name, p, w) in writes {
-        let gpa = raw::stage(route.bytes());
+        let gpa = raw::stage(&route);
         port_write(p, w, gpa);
         bad += 1;
         cases.status(name, raw::staged_status(), Want::NoAnswer);
@@ -175,7 +175,7 @@ pub fn doorbell_widths(_env: &Env) -> TestResult {
         sig == u64::from(PV_DOORBELL_SIGNATURE),
         format_args!("read {}", crate::display::hex(sig)),
     );
-    let gpa = raw::stage(route.bytes());
+    let gpa = raw::stage(&route);
     port_write(port, Width::B4, gpa);
     cases.status(
         "32-bit write still answers",
