@@ -138,6 +138,7 @@ const SUITE: &[&str] = &[
     "hostile_pv_forged_and_stale_handles_invalid_handle",
     "hostile_pv_connect_flood_hits_quota_then_recovers",
     "hostile_pv_random_blocks_defined_statuses",
+    "hostile_pv_concurrent_requests_from_every_cpu",
     "hostile_pv_doorbell_other_widths_ignored",
     "hostile_unclaimed_ports_read_ones_writes_ignored",
     "hostile_unclaimed_mmio_reads_ones_writes_ignored",

@@ -14,6 +14,7 @@
 //! (`# hostile counter NAME N`), which `vmm/tests/hostile.rs` sums.
 
 mod blocks;
+mod concurrent;
 mod fields;
 mod flood;
 mod handles;
@@ -84,6 +85,9 @@ pub const TESTS: &[Test] = &[
     }),
     Test::new("hostile_pv_random_blocks_defined_statuses", || {
         run(flood::random_blocks)
+    }),
+    Test::new("hostile_pv_concurrent_requests_from_every_cpu", || {
+        run(concurrent::every_cpu)
     }),
     Test::new("hostile_pv_doorbell_other_widths_ignored", || {
         run(unclaimed::doorbell_widths)
