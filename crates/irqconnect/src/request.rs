@@ -10,7 +10,8 @@
 //! 4. `abi_version` unknown: STATUS_INVALID_PARAMETER_1;
 //! 5. `opcode` unknown for that version: STATUS_INVALID_DEVICE_REQUEST;
 //! 6. `length` is not the opcode's size: STATUS_INVALID_PARAMETER;
-//! 7. the whole block cannot be read: no answer;
+//! 7. the whole block cannot be read: no answer; its status field cannot
+//!    be written: no answer ([`Outcome::Unwritable`]), nothing done;
 //! 8. a reserved field is non-zero, or a CONNECT field is outside its domain
 //!    (`InterruptMode` not 0/1, `ShareVector` or `FloatingSave` not 0/1):
 //!    STATUS_INVALID_PARAMETER.
@@ -268,6 +269,19 @@ pub fn handle<M: GuestRam + ?Sized>(service: &mut Service, mem: &mut M, doorbell
             len: size as u64,
         };
     }
+    // All or nothing for every opcode: before anything is done, prove that
+    // the answer's status can land by writing back the value just read. A
+    // DISCONNECT cannot be undone once made (its handle is dead), so an
+    // answer lost afterwards would leave a change the VMM never hears of.
+    if mem
+        .write(
+            gpa.saturating_add(STATUS_OFFSET),
+            &header.status.to_le_bytes(),
+        )
+        .is_err()
+    {
+        return Outcome::Unwritable { gpa };
+    }
     let storm_before = service.storm_bits();
     let (result, mut reply) = dispatch(service, mem, header.opcode, block);
     reply.storm_before = storm_before;
@@ -510,6 +524,34 @@ mod tests {
             Outcome::Answered(a) => a.refusal,
             _ => None,
         }
+    }
+
+    /// Found by the `pv_requests` harness's unwritable-answer check (corpus
+    /// file `seed-disconnect_answer_unwritable`, once the harness let the
+    /// guest itself store a handle inside the host-write-protected window):
+    /// a DISCONNECT whose status the host could not write was carried out
+    /// anyway and answered `Unwritable`, which carries no route updates, so
+    /// the VMM never re-routed the pin while the service had.
+    #[test]
+    fn regression_disconnect_with_unwritable_answer_changes_nothing() {
+        use crate::harness::ram::HarnessRam;
+        let mut s = service();
+        let mut c = connect_block();
+        c.processor_enable_mask = 0b1;
+        let (outcome, answered) = run(&mut s, AT, &c);
+        assert_eq!(outcome.status(), Some(STATUS_SUCCESS));
+        let before = s.clone();
+        let mut d = Disconnect::new_zeroed();
+        d.header = RequestHeader::new::<Disconnect>(opcode::DISCONNECT);
+        d.handle = answered.handle;
+        let mut bytes = vec![0u8; 0x10_000];
+        bytes[0x2000..0x2000 + size_of::<Disconnect>()].copy_from_slice(d.as_bytes());
+        let mut mem = HarnessRam::new(0, bytes, Some(0x2000..0x2040));
+
+        let outcome = s.handle_doorbell(&mut mem, 0x2000);
+
+        assert_eq!(outcome, Outcome::Unwritable { gpa: 0x2000 });
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -84,7 +84,9 @@ pub fn run(data: &[u8]) -> Result<(), String> {
         if value & 0xf000_0000 == COPY_HANDLE_TAG {
             if let Some(h) = last_handle {
                 let at = base.saturating_add(u64::from(value & 0x0fff_ffff));
-                let _ = crate::ram::GuestRam::write(&mut ram, at, &h.raw().to_le_bytes());
+                // The guest stores the handle: the host's write protection
+                // does not apply.
+                let _ = ram.write_as_guest(at, &h.raw().to_le_bytes());
             }
             continue;
         }
@@ -287,6 +289,9 @@ pub fn seed_corpus() -> Vec<(String, Vec<u8>)> {
         data.extend_from_slice(&session);
         seeds.push((name.to_string(), data.clone()));
         if name == "connect_route_disconnect" {
+            // The DISCONNECT block at 0x780: its status cannot be written.
+            data[1] = 0x1e; // 0x1e * 0x40 = 0x780
+            seeds.push(("disconnect_answer_unwritable".to_string(), data.clone()));
             // The CONNECT block at 0x700: its status cannot be written.
             data[1] = 0x1c; // 0x1c * 0x40 = 0x700
             seeds.push(("connect_answer_unwritable".to_string(), data.clone()));

@@ -41,6 +41,19 @@ impl HarnessRam {
         (end <= self.bytes.len()).then_some(start..end)
     }
 
+    /// A write by the guest itself: the write-protected window only stops
+    /// the host. Fails outside RAM.
+    pub fn write_as_guest(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Error> {
+        let range = self.range(gpa, buf.len()).ok_or(Error::NotRam {
+            gpa,
+            len: buf.len() as u64,
+        })?;
+        if let Some(dst) = self.bytes.get_mut(range) {
+            dst.copy_from_slice(buf);
+        }
+        Ok(())
+    }
+
     /// The byte offsets of `gpa..gpa + len`, if wholly RAM.
     pub fn offsets(&self, gpa: u64, len: usize) -> Option<Range<usize>> {
         self.range(gpa, len)
