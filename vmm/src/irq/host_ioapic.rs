@@ -185,3 +185,127 @@ pub(crate) fn ioapic_stats(counters: &IoapicCounters, storm: &StormWatch) -> Mod
         ..ModelStats::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::irq::{PinDelivery, PinDestMode, PinTrigger};
+
+    const LEVEL_LOGICAL: PinProgram = PinProgram {
+        vector: 0x60,
+        trigger: PinTrigger::Level,
+        dest_mode: PinDestMode::Logical,
+        destination: 0b0110,
+        delivery: PinDelivery::LowestPriority,
+        masked: false,
+    };
+
+    #[test]
+    fn pin_entry_sets_every_programmed_field() {
+        let e = pin_entry(&LEVEL_LOGICAL).unwrap();
+
+        assert_eq!(e.vector(), 0x60);
+        assert_eq!(e.delivery_mode(), DeliveryMode::LowestPriority);
+        assert!(e.logical() && e.level_triggered() && !e.masked() && !e.active_low());
+        assert_eq!((e.destination(), e.extended_destination()), (0b0110, 0));
+    }
+
+    #[test]
+    fn pin_entry_physical_fixed_edge_masked() {
+        let program = PinProgram {
+            trigger: PinTrigger::Edge,
+            dest_mode: PinDestMode::Physical,
+            destination: 3,
+            delivery: PinDelivery::Fixed,
+            masked: true,
+            ..LEVEL_LOGICAL
+        };
+
+        let e = pin_entry(&program).unwrap();
+
+        assert!(!e.logical() && !e.level_triggered() && e.masked());
+        assert_eq!(
+            (e.delivery_mode(), e.destination()),
+            (DeliveryMode::Fixed, 3)
+        );
+    }
+
+    #[test]
+    fn pin_entry_refuses_a_destination_wider_than_8_bits() {
+        let program = PinProgram {
+            destination: 0x100,
+            ..LEVEL_LOGICAL
+        };
+
+        assert!(matches!(
+            pin_entry(&program),
+            Err(IrqError::DestinationTooWide(0x100))
+        ));
+    }
+
+    #[test]
+    fn storm_watch_counts_and_hands_pins_to_the_sink_only_on_dispatch() {
+        let watch = StormWatch::new();
+        let seen = Arc::new(AtomicU32::new(0));
+        let sink_seen = Arc::clone(&seen);
+        watch.set_sink(Arc::new(move |pin| {
+            sink_seen.fetch_or(1 << pin, Ordering::Relaxed);
+        }));
+        let mut ioapic = irqchip::ioapic::Ioapic::new(irqchip::ioapic::IoapicConfig {
+            storm_threshold: 1,
+            ..Default::default()
+        });
+        let level = RedirectionEntry::new()
+            .with_vector(0x44)
+            .with_level_triggered(true)
+            .with_masked(false);
+        ioapic.write_rte(7, level).unwrap();
+        let _ = ioapic.set_line(7, true);
+        let mut pins = PinMask::new();
+        for _ in 0..3 {
+            pins = ioapic.eoi(0x44).storm_pins();
+            if !pins.is_empty() {
+                break;
+            }
+        }
+
+        let noted = watch.note(pins);
+
+        assert_eq!(noted, pins);
+        assert!(noted.contains(7));
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            0,
+            "no sink call under the lock"
+        );
+        watch.dispatch(noted);
+        assert_eq!(seen.load(Ordering::Relaxed), 1 << 7);
+        assert_eq!(watch.get(), (1, 1 << 7));
+    }
+
+    #[test]
+    fn storm_watch_without_sink_or_pins_does_nothing() {
+        let watch = StormWatch::new();
+
+        watch.dispatch(watch.note(PinMask::new()));
+
+        assert_eq!(watch.get(), (0, 0));
+    }
+
+    #[test]
+    fn ioapic_stats_sum_the_ignored_guest_accesses() {
+        let counters = IoapicCounters {
+            bad_mmio_reads: 1,
+            bad_register_writes: 2,
+            read_only_writes: u64::MAX,
+            ..IoapicCounters::default()
+        };
+
+        let stats = ioapic_stats(&counters, &StormWatch::new());
+
+        assert_eq!(stats.ioapic_bad_accesses, u64::MAX, "saturates");
+        assert_eq!((stats.storm_reports, stats.storm_pins), (0, 0));
+    }
+}
