@@ -7,13 +7,20 @@ use core::arch::asm;
 
 /// C `memcpy`.
 ///
+/// Copies eight bytes per step (`rep movsq`) and the tail byte by byte: on
+/// the emulating host each iteration of a string instruction costs about the
+/// same, so `rep movsq` is eight times faster than `rep movsb`.
+///
 /// # Safety
 /// `dst` and `src` valid for `n` bytes and not overlapping.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges; DF is clear in Rust code.
+    // SAFETY: the caller guarantees both ranges; `rep movsq` then `rep movsb`
+    // together move exactly `n` bytes forward; DF is clear in Rust code.
     unsafe {
-        asm!("rep movsb", inout("rdi") dst => _, inout("rsi") src => _, inout("rcx") n => _,
+        asm!("rep movsq", "mov rcx, {tail}", "rep movsb",
+             tail = in(reg) n % 8,
+             inout("rdi") dst => _, inout("rsi") src => _, inout("rcx") n / 8 => _,
              options(nostack, preserves_flags))
     }
     dst
@@ -41,13 +48,19 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 
 /// C `memset`.
 ///
+/// Stores eight bytes per step (`rep stosq`) and the tail byte by byte.
+///
 /// # Safety
 /// `dst` valid for `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees the range.
+    let pattern = u64::from(value as u8) * 0x0101_0101_0101_0101;
+    // SAFETY: the caller guarantees the range; `rep stosq` then `rep stosb`
+    // together store exactly `n` bytes forward (AL is the pattern's low byte).
     unsafe {
-        asm!("rep stosb", inout("rdi") dst => _, inout("rcx") n => _, in("al") value as u8,
+        asm!("rep stosq", "mov rcx, {tail}", "rep stosb",
+             tail = in(reg) n % 8,
+             inout("rdi") dst => _, inout("rcx") n / 8 => _, in("rax") pattern,
              options(nostack, preserves_flags))
     }
     dst
