@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Minimises a campaign's corpus into the checked-in replay corpus: a greedy
-# set cover (libFuzzer -set_cover_merge=1) of fuzz/corpus/TARGET and the
-# current resources/fuzz-corpus/TARGET, written back as
+# set cover (libFuzzer -set_cover_merge=1) of the edges (-use_counters=0: hit
+# counts are not features, which keeps the set small) of fuzz/corpus/TARGET
+# and the current resources/fuzz-corpus/TARGET, written back as
 # resources/fuzz-corpus/TARGET/min-<sha1>; hand-made seed-* and regression-*
 # files are kept as they are.
 #
@@ -19,7 +20,7 @@ for t in "$@"; do
         bin="target/x86_64-unknown-linux-gnu/release/$t"
     fi
     out="$(mktemp -d)"
-    "$bin" -set_cover_merge=1 "$out" "corpus/$t" "../resources/fuzz-corpus/$t" >"$logs/$t.merge.log" 2>&1
+    "$bin" -set_cover_merge=1 -use_counters=0 "$out" "corpus/$t" "../resources/fuzz-corpus/$t" >"$logs/$t.merge.log" 2>&1
     rm -f "../resources/fuzz-corpus/$t"/min-*
     for f in "$out"/*; do
         name="$(basename "$f")"
