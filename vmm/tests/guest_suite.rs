@@ -26,7 +26,7 @@
 //! until fixed), and with 1 vCPU the multi-processor tests ("needs N CPUs").
 //!
 //! The names are the guest suite's (guest-tests/kernel/src/tests/). When a
-//! guest test is added or renamed, update [`SUITE`] (and the lists below it
+//! guest test is added or renamed, update `SUITE` in `tests/common/suite.rs` (and the lists here
 //! if it needs more CPUs or EOI timing): an unknown name fails these tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -36,114 +36,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
+use common::suite::SUITE;
 use common::{Run, require_kvm, run_vmm_args, scratch};
-
-/// Every test of the guest suite, in the order it runs.
-const SUITE: &[&str] = &[
-    "lapic_mode_matches_cpuid",
-    "lapic_version_register",
-    "lapic_ids_match_cpuid_in_index_order",
-    "lapic_logical_ids_flat_or_cluster",
-    "lapic_svr_enabled_spurious_vector",
-    "lapic_isr_set_in_handler_cleared_by_eoi",
-    "lapic_irr_holds_interrupt_while_disabled",
-    "lapic_higher_vector_delivered_first",
-    "lapic_nested_interrupt_in_handler",
-    "lapic_interrupt_preserves_red_zone",
-    "ipi_self_shorthand",
-    "ipi_self_physical_id",
-    "ipi_each_cpu_physical",
-    "ipi_broadcast_all_excluding_self",
-    "ipi_broadcast_all_including_self",
-    "ipi_logical_destination_set",
-    "ipi_from_ap_to_bsp",
-    "ipi_between_aps",
-    "ipi_nmi_to_each_ap",
-    "tpr_cr8_mirrors_lapic_tpr",
-    "tpr_defers_ipi_until_lowered",
-    "tpr_higher_class_not_blocked",
-    "tpr_defers_ioapic_interrupt_until_lowered",
-    "tpr_on_ap_defers_ipi_until_lowered",
-    "tpr_irql_raise_lower_and_lock_at",
-    "spinlock_serialises_all_cpus",
-    "timer_oneshot_fires_once",
-    "timer_periodic_fires_repeatedly",
-    "timer_masked_does_not_fire",
-    "timer_current_count_decrements_steadily",
-    "timer_oneshot_on_each_ap",
-    "timer_calibrated_tsc_plausible",
-    "ioapic_id_only_bits_24_27_writable",
-    "ioapic_version_read_only_24_pins",
-    "ioapic_arbitration_id_read_only",
-    "ioapic_rte_round_trip_read_only_bits",
-    "ioapic_edge_delivers_once",
-    "ioapic_edge_each_pulse_delivered",
-    "ioapic_level_delivers_once_remote_irr_cleared",
-    "ioapic_level_coalesces_while_remote_irr_set",
-    "ioapic_level_sequential_rounds",
-    "ioapic_level_redelivered_after_eoi_while_asserted",
-    "ioapic_masked_edge_is_lost",
-    "ioapic_masked_level_fires_on_unmask",
-    "ioapic_tmr_set_for_level_clear_for_edge",
-    "ioapic_remote_irr_survives_rte_write",
-    "ioapic_physical_destination_cpu1",
-    "ioapic_logical_flat_destination_set",
-    "ioapic_lowest_priority_stays_in_set",
-    "ioapic_retarget_while_remote_irr_set",
-    "ioapic_level_to_edge_clears_remote_irr",
-    "ioapic_handler_retargets_own_pin",
-    "ioapic_handler_switches_own_pin_to_edge",
-    "ioapic_eoi_register_clears_remote_irr",
-    "connect_exclusive_delivers_to_isr_with_context",
-    "connect_empty_mask_invalid_parameter",
-    "connect_absent_cpus_mask_invalid_parameter",
-    "connect_partial_mask_trims_to_online",
-    "connect_sync_irql_below_irql_invalid_parameter",
-    "connect_irql_not_vector_class_invalid_parameter",
-    "connect_vector_not_owned_not_found",
-    "connect_null_routine_invalid_parameter",
-    "connect_context_outside_ram_invalid_parameter",
-    "share_one_pin_level_both_isrs_called",
-    "share_two_pins_edge_both_isrs_called",
-    "share_level_chain_stops_at_first_claim",
-    "share_latched_chain_rescans_until_quiet",
-    "share_exclusive_then_shared_rejected",
-    "share_shared_then_exclusive_rejected",
-    "share_mode_mismatch_rejected",
-    "share_disconnect_one_keeps_other",
-    "affinity_single_cpu_each_cpu",
-    "affinity_subset_never_outside_mask",
-    "affinity_union_of_two_connections",
-    "disconnect_then_never_called",
-    "disconnect_stale_handle_invalid_handle",
-    "quota_exhausted_then_recovers",
-    "spinlock_required_for_second_vector",
-    "synchronize_execution_excludes_isr",
-    "synchronize_execution_at_sync_irql",
-    "floating_state_preserved_across_isr",
-    "no_interrupt_lost_under_load",
-    "hostile_pv_bad_magic_invalid_parameter",
-    "hostile_pv_unknown_version_invalid_parameter_1",
-    "hostile_pv_unknown_opcode_invalid_device_request",
-    "hostile_pv_bad_length_invalid_parameter",
-    "hostile_pv_header_checks_in_documented_order",
-    "hostile_pv_misaligned_block_invalid_parameter",
-    "hostile_pv_unreadable_block_gets_no_answer",
-    "hostile_pv_reserved_fields_invalid_parameter",
-    "hostile_pv_connect_flags_outside_0_1_invalid_parameter",
-    "hostile_pv_connect_vectors_and_irqls_invalid_parameter",
-    "hostile_pv_sync_irql_above_high_level_invalid_parameter",
-    "hostile_pv_connect_masks_pointers_devices",
-    "hostile_pv_queries_out_of_range",
-    "hostile_pv_forged_and_stale_handles_invalid_handle",
-    "hostile_pv_connect_flood_hits_quota_then_recovers",
-    "hostile_pv_random_blocks_defined_statuses",
-    "hostile_pv_concurrent_requests_from_every_cpu",
-    "hostile_pv_doorbell_other_widths_ignored",
-    "hostile_unclaimed_ports_read_ones_writes_ignored",
-    "hostile_unclaimed_mmio_reads_ones_writes_ignored",
-    "hostile_storm_unclaimed_level_is_masked",
-];
 
 /// Tests that need more than one CPU, with how many.
 const NEEDS_CPUS: &[(&str, u32)] = &[
@@ -387,7 +281,7 @@ fn check_exact(rep: &Reported, want: &Expected, r: &Run) {
         .collect();
     assert!(
         unknown.is_empty(),
-        "guest tests not in SUITE (added or renamed? update tests/guest_suite.rs): {unknown:?}"
+        "guest tests not in SUITE (added or renamed? update tests/common/suite.rs): {unknown:?}"
     );
     let missing: Vec<&String> = want.ok.difference(&rep.ok).collect();
     let extra: Vec<&String> = rep.ok.difference(&want.ok).collect();
