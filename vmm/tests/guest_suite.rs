@@ -22,8 +22,7 @@
 //! - **Storm guard** (kernel: KVM handles EOIs, the VMM never sees a storm).
 //!   The tests in [`NEEDS_OUR_IOAPIC`] skip there.
 //!
-//! Skips in every mode: [`HOST_GAPS`] (host bugs the guest suite found, named
-//! until fixed), and with 1 vCPU the multi-processor tests ("needs N CPUs").
+//! With 1 vCPU the multi-processor tests skip ("needs N CPUs") in every mode.
 //!
 //! The names are the guest suite's (guest-tests/kernel/src/tests/). When a
 //! guest test is added or renamed, update `SUITE` in `tests/common/suite.rs` (and the lists here
@@ -74,13 +73,6 @@ const ISR_QUIRK: &str = "host LAPIC does not hold ISR until EOI (acks and EOIs a
 /// EOIs), with the guest's skip reason in kernel mode.
 const NEEDS_OUR_IOAPIC: &[&str] = &["hostile_storm_unclaimed_level_is_masked"];
 const OUR_IOAPIC_REASON: &str = "storm guard needs our IOAPIC (split/user)";
-
-/// Host gaps the hostile suite found and names in a skip until the host
-/// is fixed (then the test passes and this entry must go).
-const HOST_GAPS: &[(&str, &str)] = &[(
-    "hostile_pv_sync_irql_above_high_level_invalid_parameter",
-    "host gap: CONNECT with SynchronizeIrql 16 (above HIGH_LEVEL 15) answered STATUS_SUCCESS (undone); irqconnect rule 5 bounds it only below",
-)];
 
 /// Needs the EOI register of an IOAPIC version 0x20.
 const EOI_REGISTER: &str = "ioapic_eoi_register_clears_remote_irr";
@@ -137,8 +129,6 @@ fn expected(mode: Mode, cpus: u32) -> Expected {
             Some("IOAPIC version 0x11 has no EOI register".to_string())
         } else if mode == Mode::Kernel && NEEDS_OUR_IOAPIC.contains(&name) {
             Some(OUR_IOAPIC_REASON.to_string())
-        } else if let Some((_, gap)) = HOST_GAPS.iter().find(|(n, _)| *n == name) {
-            Some(gap.to_string())
         } else {
             None
         };
@@ -373,7 +363,6 @@ fn kernel_mode_strict_fails_exactly_the_eoi_timing_tests() {
     let want: BTreeSet<&str> = [EOI_REGISTER]
         .into_iter()
         .chain(NEEDS_OUR_IOAPIC.iter().copied())
-        .chain(HOST_GAPS.iter().map(|(n, _)| *n))
         .collect();
     assert_eq!(skips, want, "{}", r.stdout);
 }
@@ -403,13 +392,7 @@ fn split_mode_strict_shows_the_same_lapic_quirk() {
     );
     let normal = expected(Mode::Split, 4);
     assert!(normal.ok.is_subset(&rep.ok), "{}", r.stdout);
-    assert!(
-        rep.skip
-            .keys()
-            .all(|n| HOST_GAPS.iter().any(|(g, _)| g == n)),
-        "{:?}",
-        rep.skip
-    );
+    assert!(rep.skip.is_empty(), "{:?}", rep.skip);
 }
 
 /// The three modes' expectations differ only by the two documented causes.
@@ -435,17 +418,9 @@ fn expected_results_differ_between_modes_only_by_documented_causes() {
         assert_eq!(only_split, ours);
         assert!(kernel.ok.is_subset(&split.ok));
     }
-    // With 4 vCPUs every test passes in user mode, host gaps aside.
-    assert_eq!(
-        expected(Mode::User, 4).ok.len(),
-        SUITE.len() - HOST_GAPS.len()
-    );
-    assert!(
-        expected(Mode::User, 4)
-            .skip
-            .keys()
-            .all(|n| HOST_GAPS.iter().any(|(g, _)| g == n))
-    );
+    // With 4 vCPUs every test passes in user mode.
+    assert_eq!(expected(Mode::User, 4).ok.len(), SUITE.len());
+    assert!(expected(Mode::User, 4).skip.is_empty());
 }
 
 #[test]

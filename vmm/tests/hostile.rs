@@ -2,8 +2,7 @@
 //! with `--tests hostile_` (4 vCPUs) in each `--irqchip` mode and checks
 //!
 //! - every hostile test by name: `ok`, except the storm test in kernel mode
-//!   (skips: KVM's IOAPIC hides the EOIs, so there is no storm guard) and
-//!   the known host gaps ([`HOST_GAPS`]: `ok` once fixed, else their skip);
+//!   (skips: KVM's IOAPIC hides the EOIs, so there is no storm guard);
 //! - the VMM exits 0 after the guest's closing line (it kept answering to
 //!   the end: the last tests ask QUERY_PLATFORM and take a device interrupt
 //!   after the abuse);
@@ -29,9 +28,6 @@ use common::{Run, require_kvm, run_vmm_args};
 /// The storm test and its kernel-mode skip reason.
 const STORM: &str = "hostile_storm_unclaimed_level_is_masked";
 const STORM_KERNEL_SKIP: &str = "storm guard needs our IOAPIC (split/user)";
-
-/// Tests that skip, naming a host gap, until the host is fixed.
-const HOST_GAPS: &[&str] = &["hostile_pv_sync_irql_above_high_level_invalid_parameter"];
 
 /// Fewest malformed-request cases the suite must check.
 const MIN_CASES: u64 = 30;
@@ -201,9 +197,6 @@ fn check_results(mode: Mode, r: &Run, rep: &Reported) {
         if name == STORM {
             assert_eq!(mode, Mode::Kernel, "{name} skipped: {why}\n{}", ctx());
             assert_eq!(why, STORM_KERNEL_SKIP);
-        } else if HOST_GAPS.contains(&name) {
-            assert!(why.starts_with("host gap: "), "{name}: {why}");
-            eprintln!("note: {name} skips in {} mode: {why}", mode.name());
         } else {
             panic!("{name} skipped: {why}\n{}", ctx());
         }

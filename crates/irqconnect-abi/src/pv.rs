@@ -74,6 +74,10 @@ impl RequestHeader {
     }
 }
 
+/// `HIGH_LEVEL`: the highest IRQL on x64 (CR8 holds 4 bits). A
+/// `SynchronizeIrql` above it cannot be loaded into CR8 and is refused.
+pub const HIGH_LEVEL: u8 = 15;
+
 /// A status value the VMM never writes: guests preset `status` with it.
 pub const STATUS_NO_ANSWER: u32 = 0xffff_ffff;
 

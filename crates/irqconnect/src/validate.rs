@@ -11,6 +11,7 @@ use irqconnect_abi::ntstatus::{
     NtStatus, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER,
     STATUS_NOT_FOUND,
 };
+use irqconnect_abi::pv::HIGH_LEVEL;
 
 use crate::devices::{DeviceTable, InterruptMode};
 use crate::platform::Platform;
@@ -66,6 +67,8 @@ pub enum Violation {
     SpinLockNotResident,
     /// Rule 5: `SynchronizeIrql < Irql`.
     SynchronizeIrqlBelowIrql,
+    /// Rule 5 (HOST+): `SynchronizeIrql > HIGH_LEVEL` (15): no CR8 value.
+    SynchronizeIrqlAboveHighLevel,
     /// Rule 6: `Vector` is outside the device range.
     VectorOutsideDeviceRange,
     /// Rule 6: `Irql != Vector >> 4`.
@@ -98,7 +101,7 @@ impl Violation {
             Self::EmptyEffectiveMask => 2,
             Self::NullServiceRoutine => 3,
             Self::ServiceContextNotResident | Self::SpinLockNotResident => 4,
-            Self::SynchronizeIrqlBelowIrql => 5,
+            Self::SynchronizeIrqlBelowIrql | Self::SynchronizeIrqlAboveHighLevel => 5,
             Self::VectorOutsideDeviceRange | Self::IrqlNotVectorClass => 6,
             Self::UnknownDevice | Self::VectorNotOwned => 7,
             Self::SharingConflict { .. } => 9,
@@ -153,6 +156,9 @@ pub fn check_connect<R: GuestRam + ?Sized>(
     // Rule 5.
     if req.synchronize_irql < req.irql {
         return Err(Violation::SynchronizeIrqlBelowIrql);
+    }
+    if req.synchronize_irql > HIGH_LEVEL {
+        return Err(Violation::SynchronizeIrqlAboveHighLevel);
     }
     // Rule 6.
     let vector = match u8::try_from(req.vector) {
@@ -376,6 +382,31 @@ mod tests {
             ..req()
         };
         assert!(s.connect(&higher, &ram()).is_ok());
+    }
+
+    #[test]
+    fn rule_05_synchronize_irql_above_high_level_invalid_parameter() {
+        let mut s = service();
+        for sync in [16, 31, 255] {
+            let r = ConnectRequest {
+                synchronize_irql: sync,
+                ..req()
+            };
+            assert_eq!(
+                refused(&mut s, &r),
+                Some(Violation::SynchronizeIrqlAboveHighLevel),
+                "SynchronizeIrql {sync}"
+            );
+        }
+        assert_eq!(
+            Violation::SynchronizeIrqlAboveHighLevel.status(),
+            STATUS_INVALID_PARAMETER
+        );
+        let highest = ConnectRequest {
+            synchronize_irql: HIGH_LEVEL,
+            ..req()
+        };
+        assert!(s.connect(&highest, &ram()).is_ok());
     }
 
     #[test]

@@ -275,6 +275,9 @@ fn expected_verdict(
     if req.synchronize_irql < req.irql {
         return Err(Violation::SynchronizeIrqlBelowIrql);
     }
+    if req.synchronize_irql > irqconnect_abi::pv::HIGH_LEVEL {
+        return Err(Violation::SynchronizeIrqlAboveHighLevel);
+    }
     if !(u32::from(DEVICE_VECTOR_MIN)..=u32::from(DEVICE_VECTOR_MAX)).contains(&req.vector) {
         return Err(Violation::VectorOutsideDeviceRange);
     }
@@ -534,26 +537,19 @@ fn assert_line(service: &Service, shadow: &Shadow, device: u32) -> Result<(), St
                 r.pin
             ));
         }
-        let reached: u64 = match ApicDestination::for_route(&route, service.platform()) {
-            ApicDestination::None => 0,
-            ApicDestination::LogicalFlat { mask, .. } => {
-                if service.platform().x2apic() {
-                    return Err("a logical flat destination on an x2APIC platform".into());
-                }
-                u64::from(mask)
-            }
-            ApicDestination::Physical { apic_id } => {
-                let index = service
-                    .platform()
-                    .apic_ids()
-                    .iter()
-                    .position(|&id| id == apic_id);
-                match index {
-                    Some(i) if i < 64 => 1 << i,
-                    _ => return Err(format!("physical destination {apic_id} is no processor")),
-                }
-            }
-        };
+        let dest = ApicDestination::for_route(&route, service.platform());
+        if let ApicDestination::Physical { apic_id } = dest
+            && !service.platform().apic_ids().contains(&apic_id)
+        {
+            return Err(format!("physical destination {apic_id} is no processor"));
+        }
+        let reached = dest.processors(service.platform());
+        if reached & !route.destination != 0 {
+            return Err(format!(
+                "pin {} reaches processors {reached:#x} outside its route {:#x}",
+                r.pin, route.destination
+            ));
+        }
         if !route.masked && reached == 0 {
             return Err(format!("unmasked pin {} reaches no processor", r.pin));
         }

@@ -13,9 +13,9 @@ use super::blocks::{self, Block};
 use super::pvfix::{self, Env};
 use super::raw::{self, refuse, refuse_typed};
 use super::{Cases, Name, Want, ram_end};
+use crate::fail;
 use crate::pv::{self, Request};
 use crate::runner::TestResult;
-use crate::{fail, skip};
 
 const IP: Want = Want::Status(STATUS_INVALID_PARAMETER);
 const NF: Want = Want::Status(STATUS_NOT_FOUND);
@@ -182,14 +182,13 @@ pub fn vectors_irqls(env: &Env) -> TestResult {
 }
 
 /// SynchronizeIrql above HIGH_LEVEL (15) with a valid Irql: not an IRQL on
-/// x64 (a guest would load it into CR8), so STATUS_INVALID_PARAMETER. A host
-/// that accepts it gets the connection undone and this test skips, naming
-/// the gap.
+/// x64 (a guest would load it into CR8), so STATUS_INVALID_PARAMETER (the
+/// host's rule 5, HOST+). A host that accepts one gets the connection undone
+/// and the case fails.
 pub fn sync_irql_above_high(env: &Env) -> TestResult {
     let mut cases = Cases::new("hostile_pv_sync_irql_above_high_level_invalid_parameter");
     let before = pvfix::objects_in_use()?;
     let good = blocks::connect_typed(env)?;
-    let mut accepted = None;
     for (name, sync) in [
         ("SynchronizeIrql 16", 16u8),
         ("SynchronizeIrql 31", 31),
@@ -201,19 +200,20 @@ pub fn sync_irql_above_high(env: &Env) -> TestResult {
         if sent.status == STATUS_SUCCESS {
             let made: Connect = sent.read();
             let _ = pv::disconnect(made.handle);
-            accepted.get_or_insert(sync);
-            continue;
         }
         cases.status(name, sent.status, IP);
     }
-    nothing_connected(&mut cases, before)?;
-    if let Some(sync) = accepted {
-        cases.finish()?;
-        skip!(
-            "host gap: CONNECT with SynchronizeIrql {} (above HIGH_LEVEL 15) answered STATUS_SUCCESS (undone); irqconnect rule 5 bounds it only below",
-            crate::display::dec(sync)
-        );
+    let mut highest = good;
+    highest.synchronize_irql = 15;
+    let made = connect_ok(
+        &mut cases,
+        "SynchronizeIrql 15 (HIGH_LEVEL) accepted",
+        &highest,
+    );
+    if made.handle != 0 {
+        let _ = pv::disconnect(made.handle);
     }
+    nothing_connected(&mut cases, before)?;
     cases.finish()
 }
 
