@@ -249,13 +249,32 @@ fn seeds_reach_unwritable_and_quota_outcomes() {
     assert_eq!(quota[0].status(), Some(STATUS_INSUFFICIENT_RESOURCES));
 }
 
-/// Writes the seeds into the corpus directories.
+/// The checked-in `seed-*` files are exactly what the seed builders above
+/// produce, so a builder change cannot leave a stale corpus behind.
+/// `WRITE_FUZZ_SEEDS=1 cargo test --test corpus_replay seed_files` rewrites
+/// them instead (and says so).
 #[test]
-#[ignore = "writes resources/fuzz-corpus; run by hand to regenerate the seeds"]
-fn write_seed_corpus() {
+fn seed_files_match_their_builders() {
+    let write = std::env::var_os("WRITE_FUZZ_SEEDS").is_some_and(|v| v == "1");
     for (target, name, data, _) in all_seeds() {
         let dir = corpus_dir(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+        let path = dir.join(format!("seed-{name}"));
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &data).unwrap();
+            eprintln!("wrote {}", path.display());
+        } else {
+            let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (WRITE_FUZZ_SEEDS=1 regenerates the seeds)",
+                    path.display()
+                )
+            });
+            assert!(
+                on_disk == data,
+                "{} differs from its builder (WRITE_FUZZ_SEEDS=1 regenerates the seeds)",
+                path.display()
+            );
+        }
     }
 }
