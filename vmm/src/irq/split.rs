@@ -50,7 +50,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use irqchip::apic_bus::{DeliveryMode, Message, TriggerMode};
-use irqchip::ioapic::{Ioapic, IoapicConfig, IoapicOutput, NUM_PINS, PinMask};
+use irqchip::ioapic::{Ioapic, IoapicOutput, NUM_PINS, PinMask};
 use irqchip::msi::{self, Msi, MsiFormat};
 use kvm_bindings::{
     KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
@@ -124,7 +124,7 @@ pub(crate) fn create(
     cap.args[0] = u64::from(PINS);
     vm.enable_cap(&cap)
         .map_err(Error::kvm("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
-    let ioapic = Ioapic::new(IoapicConfig::default());
+    let ioapic = host_ioapic::new_ioapic();
     let routing = routing_table(&ioapic)
         .map_err(|e| Error::host("build the IOAPIC GSI routes")(std::io::Error::other(e)))?;
     vm.set_gsi_routing(&routing)
@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn routing_table_has_one_msi_route_per_pin_on_its_gsi() {
-        let ioapic = Ioapic::new(IoapicConfig::default());
+        let ioapic = host_ioapic::new_ioapic();
 
         let table = routing_table(&ioapic).unwrap();
 
@@ -494,7 +494,7 @@ mod tests {
 
     #[test]
     fn routing_table_mirrors_level_entry_with_trigger_in_data_bit_15() {
-        let mut ioapic = Ioapic::new(IoapicConfig::default());
+        let mut ioapic = host_ioapic::new_ioapic();
         let entry = RedirectionEntry::new()
             .with_vector(0x38)
             .with_level_triggered(true)
@@ -513,7 +513,7 @@ mod tests {
 
     #[test]
     fn routing_table_mirrors_logical_lowest_priority_with_redirection_hint() {
-        let mut ioapic = Ioapic::new(IoapicConfig::default());
+        let mut ioapic = host_ioapic::new_ioapic();
         let entry = RedirectionEntry::new()
             .with_vector(0x41)
             .with_delivery_mode(DeliveryMode::LowestPriority)
@@ -531,7 +531,7 @@ mod tests {
 
     #[test]
     fn routing_table_follows_a_rewrite_and_ignores_the_mask() {
-        let mut ioapic = Ioapic::new(IoapicConfig::default());
+        let mut ioapic = host_ioapic::new_ioapic();
         let edge = RedirectionEntry::new().with_vector(0x35).with_masked(false);
         ioapic.write_rte(3, edge).unwrap();
         let generation = ioapic.route_generation();
@@ -555,7 +555,7 @@ mod tests {
 
     #[test]
     fn msi_for_a_delivery_matches_the_pins_route() {
-        let mut ioapic = Ioapic::new(IoapicConfig::default());
+        let mut ioapic = host_ioapic::new_ioapic();
         let entry = RedirectionEntry::new()
             .with_vector(0x62)
             .with_delivery_mode(DeliveryMode::LowestPriority)

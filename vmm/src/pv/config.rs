@@ -3,16 +3,16 @@
 
 use std::path::Path;
 
-use irqconnect::platform::{DEFAULT_OBJECT_QUOTA, DEFAULT_STORM_THRESHOLD, present_mask};
+use irqconnect::platform::{DEFAULT_OBJECT_QUOTA, present_mask};
 use irqconnect::{DeviceTable, Platform, PlatformFacts, Service};
 
 use crate::cli::{Args, IrqchipMode};
 use crate::error::{Error, Result};
 
 /// Consecutive unclaimed re-deliveries of a level pin after which the
-/// storm guard masks it. Reported to the guest in QUERY_PLATFORM; the
-/// split and user modes build their IOAPIC model with it.
-pub(crate) const STORM_THRESHOLD: u32 = DEFAULT_STORM_THRESHOLD;
+/// storm guard masks it: the threshold the split and user modes build their
+/// IOAPIC model with, reported to the guest in QUERY_PLATFORM.
+pub(crate) use crate::irq::host_ioapic::STORM_THRESHOLD;
 
 /// The platform facts of a VM with `cpus` vCPUs in `mode`. vCPU `i` has
 /// APIC ID `i` (see `cpuid`); every vCPU is online; a KAFFINITY names the

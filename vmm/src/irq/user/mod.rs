@@ -38,7 +38,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use irqchip::apic_bus::{ApicSet, Message};
-use irqchip::ioapic::{Ioapic, IoapicConfig, IoapicOutput, NUM_PINS, PinMask};
+use irqchip::ioapic::{Ioapic, IoapicOutput, NUM_PINS, PinMask};
 use irqchip::lapic::{Effect, LapicConfig};
 use irqconnect_abi::layout::LAPIC_BUS_HZ;
 use kvm_ioctls::VmFd;
@@ -136,7 +136,7 @@ pub(crate) fn create(
         }));
     }
     let chip = Arc::new(Chip {
-        ioapic: Mutex::new(Ioapic::new(IoapicConfig::default())),
+        ioapic: Mutex::new(host_ioapic::new_ioapic()),
         apics: Mutex::new(Apics::new(configs)),
         wake: (0..cfg.cpus).map(|_| Condvar::new()).collect(),
         timers,
