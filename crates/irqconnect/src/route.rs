@@ -193,17 +193,26 @@ impl RouteTable {
 /// destination for the active convention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApicDestination {
-    /// Logical flat destination (LDR = 1 << processor index): the mask's
-    /// low byte; lowest-priority delivery when `lowest_priority`.
-    LogicalFlat {
-        /// Bit `i` = processor `i`, processors 0..7.
+    /// An 8-bit logical destination; lowest-priority delivery when
+    /// `lowest_priority`. Bit `i` is processor `i`. xAPIC (flat model, the
+    /// platform's convention LDR = 1 << processor index): processors 0..7.
+    /// x2APIC offered: an x2APIC-mode guest's LDR is derived from its APIC
+    /// ID, and an 8-bit logical destination addresses cluster 0 (bit `n` =
+    /// APIC ID `n`; SDM Vol. 3A 11.12.10.2, and how KVM's
+    /// `kvm_apic_match_logical_addr` and our `apic_bus` read it), while a
+    /// guest that stays in xAPIC mode follows the flat convention. Both
+    /// readings name the same processors when processor `i` has APIC ID `i`,
+    /// so on an x2APIC platform this form is used only then.
+    Logical {
+        /// The destination byte.
         mask: u8,
         /// Deliver lowest-priority rather than fixed.
         lowest_priority: bool,
     },
-    /// Physical destination, fixed delivery: used when the mask names a
-    /// processor above 7 or the vCPUs run x2APIC. The lowest-numbered
-    /// processor of the mask gets every interrupt.
+    /// Physical destination, fixed delivery: used when the mask has no
+    /// logical form (xAPIC: a processor above 7; x2APIC: a processor above 7
+    /// or whose APIC ID is not its index). The lowest-numbered processor of
+    /// the mask gets every interrupt, so delivery stays inside the mask.
     Physical {
         /// Its APIC ID.
         apic_id: u32,
@@ -218,10 +227,8 @@ impl ApicDestination {
         if route.masked || route.destination == 0 {
             return Self::None;
         }
-        if !platform.x2apic()
-            && let Ok(mask) = u8::try_from(route.destination)
-        {
-            return Self::LogicalFlat {
+        if let Some(mask) = Self::logical_mask(route.destination, platform) {
+            return Self::Logical {
                 mask,
                 lowest_priority: route.lowest_priority,
             };
@@ -229,6 +236,31 @@ impl ApicDestination {
         match platform.apic_id(route.destination.trailing_zeros()) {
             Some(apic_id) => Self::Physical { apic_id },
             None => Self::None,
+        }
+    }
+
+    /// The 8-bit logical destination naming exactly the processors of
+    /// `processors`, if there is one.
+    fn logical_mask(processors: u64, platform: &Platform) -> Option<u8> {
+        let mask = u8::try_from(processors).ok()?;
+        let ids_are_indices = (0..8u32)
+            .filter(|i| mask & (1 << i) != 0)
+            .all(|i| platform.apic_id(i) == Some(i));
+        (!platform.x2apic() || ids_are_indices).then_some(mask)
+    }
+
+    /// The processors (bit `i` = processor `i`, the first 64) a delivery
+    /// to this destination can reach on `platform`.
+    pub fn processors(&self, platform: &Platform) -> u64 {
+        match *self {
+            Self::None => 0,
+            Self::Logical { mask, .. } => u64::from(mask),
+            Self::Physical { apic_id } => platform
+                .apic_ids()
+                .iter()
+                .position(|&id| id == apic_id)
+                .filter(|&i| i < 64)
+                .map_or(0, |i| 1 << i),
         }
     }
 }
@@ -252,7 +284,7 @@ mod tests {
         };
         assert_eq!(
             ApicDestination::for_route(&route, &p),
-            ApicDestination::LogicalFlat {
+            ApicDestination::Logical {
                 mask: 0b110,
                 lowest_priority: true
             }
@@ -267,5 +299,69 @@ mod tests {
             ApicDestination::for_route(&route, &p),
             ApicDestination::None
         );
+    }
+
+    fn x2apic_platform(apic_ids: Vec<u32>) -> Platform {
+        let mut facts = crate::PlatformFacts::uniform(apic_ids.len() as u32);
+        facts.x2apic = true;
+        facts.apic_ids = apic_ids;
+        match Platform::new(facts) {
+            Ok(p) => p,
+            Err(e) => panic!("platform: {e}"),
+        }
+    }
+
+    #[test]
+    fn apic_destination_x2apic_ids_equal_indices_logical_set() {
+        let p = x2apic_platform((0..12).collect());
+        let route = PinRoute {
+            masked: false,
+            vector: 0x60,
+            trigger: Trigger::Edge,
+            destination: 0b0110,
+            lowest_priority: true,
+            connections: 2,
+        };
+        let dest = ApicDestination::for_route(&route, &p);
+        assert_eq!(
+            dest,
+            ApicDestination::Logical {
+                mask: 0b0110,
+                lowest_priority: true
+            }
+        );
+        assert_eq!(dest.processors(&p), 0b0110);
+    }
+
+    #[test]
+    fn apic_destination_x2apic_id_not_index_physical_lowest() {
+        let p = x2apic_platform(vec![0, 3, 5, 7, 9]);
+        let route = PinRoute {
+            masked: false,
+            vector: 0x60,
+            trigger: Trigger::Level,
+            destination: 0b0011,
+            lowest_priority: true,
+            connections: 1,
+        };
+        let dest = ApicDestination::for_route(&route, &p);
+        assert_eq!(dest, ApicDestination::Physical { apic_id: 0 });
+        assert_eq!(dest.processors(&p), 0b0001);
+    }
+
+    #[test]
+    fn apic_destination_x2apic_processor_above_7_physical_lowest() {
+        let p = x2apic_platform((0..12).collect());
+        let route = PinRoute {
+            masked: false,
+            vector: 0x60,
+            trigger: Trigger::Level,
+            destination: 0b11 << 8,
+            lowest_priority: true,
+            connections: 1,
+        };
+        let dest = ApicDestination::for_route(&route, &p);
+        assert_eq!(dest, ApicDestination::Physical { apic_id: 8 });
+        assert_eq!(dest.processors(&p), 1 << 8);
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! The service decides routes as processor masks ([`PinRoute`]);
 //! [`ApicDestination::for_route`] turns a mask into an APIC destination for
-//! the platform's convention (logical flat, LDR = 1 << index, while xAPIC
-//! and processors 0..7; else physical to the lowest processor's APIC ID),
+//! the platform's convention (an 8-bit logical destination for masks within
+//! processors 0..7: xAPIC flat with LDR = 1 << index, and, when x2APIC is
+//! offered and APIC ID = index, x2APIC cluster 0 as well; else physical to
+//! the lowest processor's APIC ID),
 //! and [`pin_program`] into the [`PinProgram`] every irqchip mode takes.
 
 use irqconnect::route::ApicDestination;
@@ -28,7 +30,7 @@ pub(crate) fn pin_program(route: &PinRoute, platform: &Platform) -> PinProgram {
         masked: true,
     };
     match ApicDestination::for_route(route, platform) {
-        ApicDestination::LogicalFlat {
+        ApicDestination::Logical {
             mask,
             lowest_priority,
         } => PinProgram {
@@ -119,7 +121,22 @@ mod tests {
     }
 
     #[test]
-    fn pin_program_x2apic_physical_fixed() {
+    fn pin_program_x2apic_ids_equal_indices_logical_lowest_priority() {
+        let mut facts = PlatformFacts::uniform(4);
+        facts.x2apic = true;
+        let p = pin_program(
+            &route(0b110, Trigger::Level),
+            &Platform::new(facts).unwrap(),
+        );
+        assert_eq!(
+            (p.dest_mode, p.destination, p.delivery),
+            (PinDestMode::Logical, 0b110, PinDelivery::LowestPriority)
+        );
+    }
+
+    #[test]
+    fn pin_program_x2apic_ids_not_indices_physical_fixed() {
+        // Here processor i has APIC ID 2i: no logical byte fits both modes.
         let p = pin_program(&route(0b110, Trigger::Level), &platform(4, true));
         assert_eq!(
             (p.dest_mode, p.destination, p.delivery),
