@@ -3,6 +3,8 @@
 //! the host as the difference between a run with N round trips and one
 //! with none (which is also the boot-to-exit time of a minimal guest).
 //!
+//! Runs in each `--irqchip` mode (kernel, split, user), one vCPU.
+//!
 //! `cargo bench -p vmm --bench irq_roundtrip [-- N]` (default N = 20000).
 //! Needs /dev/kvm (skipped with VMM_SKIP_KVM_TESTS=1).
 
@@ -53,12 +55,12 @@ fn image(n: u32) -> Vec<u8> {
 }
 
 /// Best of `reps` runs: (wall time, the VMM's statistics line).
-fn best(name: &str, n: u32, reps: usize) -> (Duration, String) {
+fn best(mode: &str, name: &str, n: u32, reps: usize) -> (Duration, String) {
     let img = image(n);
     let mut best: Option<(Duration, String)> = None;
     for _ in 0..reps {
         let t = Instant::now();
-        let r = run_vmm(name, &img, &["--irqchip", "kernel", "--cpus", "1"], None);
+        let r = run_vmm(name, &img, &["--irqchip", mode, "--cpus", "1"], None);
         let dt = t.elapsed();
         assert_eq!(r.status, Some(0), "{r:?}");
         let stats = r
@@ -86,18 +88,20 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(20_000);
-    let (base, _) = best("bench0", 0, 5);
-    let (total, stats) = best("benchN", n, 3);
-    let per = total.saturating_sub(base).as_secs_f64() / f64::from(n);
-    println!("kernel irqchip, 1 vCPU:");
-    println!(
-        "  boot to exit of a minimal guest: {:.1} ms",
-        base.as_secs_f64() * 1e3
-    );
-    println!(
-        "  {n} round trips (2 outs -> edge on pin {PIN} -> ISR -> EOI): {:.3} s, {:.1} us each",
-        total.as_secs_f64(),
-        per * 1e6
-    );
-    println!("  {stats}");
+    for mode in ["kernel", "split", "user"] {
+        let (base, _) = best(mode, &format!("bench0-{mode}"), 0, 5);
+        let (total, stats) = best(mode, &format!("benchN-{mode}"), n, 3);
+        let per = total.saturating_sub(base).as_secs_f64() / f64::from(n);
+        println!("{mode} irqchip, 1 vCPU:");
+        println!(
+            "  boot to exit of a minimal guest: {:.1} ms",
+            base.as_secs_f64() * 1e3
+        );
+        println!(
+            "  {n} round trips (2 outs -> edge on pin {PIN} -> ISR -> EOI): {:.3} s, {:.1} us each",
+            total.as_secs_f64(),
+            per * 1e6
+        );
+        println!("  {stats}");
+    }
 }
