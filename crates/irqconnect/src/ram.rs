@@ -41,6 +41,17 @@ impl FlatRam {
         &self.bytes
     }
 
+    /// The base address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The byte offsets of `gpa..gpa + len` in [`FlatRam::bytes`], if that
+    /// range is wholly RAM.
+    pub fn offsets(&self, gpa: u64, len: usize) -> Option<core::ops::Range<usize>> {
+        self.range(gpa, len)
+    }
+
     fn range(&self, gpa: u64, len: usize) -> Option<core::ops::Range<usize>> {
         let start = usize::try_from(gpa.checked_sub(self.base)?).ok()?;
         let end = start.checked_add(len)?;
