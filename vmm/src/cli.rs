@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, ValueEnum};
+use irqchip_kvm::Mode;
 use irqconnect_abi::layout;
 
 /// Boots a Multiboot v1 guest under KVM with our interrupt controllers.
@@ -35,8 +37,8 @@ pub(crate) struct Args {
 
     /// Interrupt controller: KVM's (kernel), our IOAPIC with KVM's LAPICs
     /// (split), or ours entirely (user).
-    #[arg(long, value_enum, default_value_t = IrqchipMode::Split)]
-    pub(crate) irqchip: IrqchipMode,
+    #[arg(long, default_value = "split", value_parser = mode_parser())]
+    pub(crate) irqchip: Mode,
 
     /// PV device table (JSON, see resources/devices/default.json): each
     /// device's interrupt resources, which also give test device i its line
@@ -74,26 +76,10 @@ pub(crate) struct Args {
 /// Smallest RAM size the VMM accepts, in MiB (room for a kernel at 1 MiB).
 pub(crate) const MIN_RAM_MIB: u64 = 2;
 
-/// `--irqchip`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum IrqchipMode {
-    /// KVM's in-kernel PIC, IOAPIC and local APICs.
-    Kernel,
-    /// Our IOAPIC, KVM's local APICs.
-    Split,
-    /// Our IOAPIC and our local APICs.
-    User,
-}
-
-impl IrqchipMode {
-    /// The name on the command line.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            IrqchipMode::Kernel => "kernel",
-            IrqchipMode::Split => "split",
-            IrqchipMode::User => "user",
-        }
-    }
+/// `--irqchip`'s values: the names of [`Mode`], each with its help line.
+fn mode_parser() -> impl TypedValueParser<Value = Mode> {
+    PossibleValuesParser::new(Mode::ALL.map(|m| PossibleValue::new(m.name()).help(m.description())))
+        .try_map(|name| name.parse::<Mode>())
 }
 
 /// An on/off switch.
@@ -140,8 +126,17 @@ mod tests {
         let a = parse(&[]).unwrap();
         assert_eq!(a.cpus, 4);
         assert_eq!(a.memory, 128);
-        assert_eq!(a.irqchip, IrqchipMode::Split);
+        assert_eq!(a.irqchip, Mode::Split);
         assert!(a.kernel.is_none());
+    }
+
+    #[test]
+    fn irqchip_takes_every_mode_name_and_nothing_else() {
+        for mode in Mode::ALL {
+            assert_eq!(parse(&["--irqchip", mode.name()]).unwrap().irqchip, mode);
+        }
+        let err = parse(&["--irqchip", "both"]).unwrap_err().to_string();
+        assert!(err.contains("kernel") && err.contains("split") && err.contains("user"));
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! stop flag, and the event loop is woken through an eventfd.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use irqchip_kvm::kick::Kicker;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::error::{Error, Result};
-use crate::kick::Kicker;
 
 /// Why the VM stopped.
 #[derive(Debug)]
@@ -23,7 +23,8 @@ pub(crate) struct VmControl {
     stop: AtomicBool,
     outcome: Mutex<Option<Outcome>>,
     exit_evt: EventFd,
-    kicker: Kicker,
+    /// Shared with the interrupt controller, which kicks vCPUs too.
+    kicker: Arc<Kicker>,
 }
 
 impl VmControl {
@@ -33,7 +34,7 @@ impl VmControl {
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
             exit_evt: EventFd::new(EFD_NONBLOCK).map_err(Error::host("create the exit eventfd"))?,
-            kicker: Kicker::new(vcpus),
+            kicker: Arc::new(Kicker::new(vcpus)),
         })
     }
 
@@ -72,7 +73,7 @@ impl VmControl {
     }
 
     /// The vCPU kicker.
-    pub(crate) fn kicker(&self) -> &Kicker {
+    pub(crate) fn kicker(&self) -> &Arc<Kicker> {
         &self.kicker
     }
 }

@@ -1,29 +1,24 @@
 //! CPUID per vCPU: KVM's supported set with our topology.
 //!
 //! One package, one thread per core, `cpus` cores; vCPU `i` has APIC ID `i`.
-//! Leaves written (SDM Vol. 2A "CPUID"; AMD APM Vol. 3 appendix E):
-//! - 1: EBX[31:24] initial APIC ID, EBX[23:16] addressable IDs, EDX.HTT,
-//!   ECX.x2APIC per `--x2apic`, ECX.TSC-deadline when the LAPIC timer has it,
-//!   ECX.hypervisor;
+//! The interrupt controller's bits (APIC IDs, x2APIC, TSC-deadline) are the
+//! chip's to write (`irqchip_kvm::cpuid::apply`). The topology leaves
+//! written here (SDM Vol. 2A "CPUID"; AMD APM Vol. 3 appendix E):
+//! - 1: EBX[23:16] addressable IDs, EDX.HTT, ECX.hypervisor;
 //! - 4 (Intel): cores per package in EAX[31:26], L3 sharing in EAX[25:14];
 //! - 0xB (always; the max basic leaf is raised to 0xB if lower) and 0x1F
 //!   (when the max basic leaf reaches it): SMT level (1 thread), core level
-//!   (`cpus` cores), x2APIC ID in EDX;
+//!   (`cpus` cores);
 //! - 0x8000_0001 ECX.CmpLegacy, 0x8000_0008 ECX (NC, ApicIdCoreIdSize) and
 //!   0x8000_001E (extended APIC ID) on AMD, when present.
 
+use irqchip_kvm::cpuid::{self as chip_cpuid, Features};
 use kvm_bindings::{CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_cpuid_entry2};
 
 use crate::error::{Error, Result};
 
-/// Leaf 1 ECX: x2APIC.
-const LEAF1_ECX_X2APIC: u32 = 1 << 21;
-/// Leaf 1 ECX: TSC-deadline mode of the LAPIC timer.
-const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX: on-chip APIC.
-const LEAF1_EDX_APIC: u32 = 1 << 9;
 /// Leaf 1 EDX: EBX[23:16] is valid (multi-threading / multi-core).
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x8000_0001 ECX: CmpLegacy (AMD).
@@ -37,10 +32,8 @@ const LEVEL_TYPE_CORE: u32 = 2;
 pub(crate) struct CpuidConfig {
     /// vCPUs in the VM.
     pub(crate) cpus: u32,
-    /// Offer x2APIC.
-    pub(crate) x2apic: bool,
-    /// Offer TSC-deadline mode.
-    pub(crate) tsc_deadline: bool,
+    /// What the interrupt controller offers.
+    pub(crate) features: Features,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +62,7 @@ fn id_bits(n: u32) -> u32 {
     }
 }
 
-fn topology_leaf(function: u32, apic_id: u32, cpus: u32) -> [kvm_cpuid_entry2; 3] {
+fn topology_leaf(function: u32, cpus: u32) -> [kvm_cpuid_entry2; 3] {
     let entry = |index: u32, eax: u32, ebx: u32, ecx: u32| kvm_cpuid_entry2 {
         function,
         index,
@@ -77,7 +70,6 @@ fn topology_leaf(function: u32, apic_id: u32, cpus: u32) -> [kvm_cpuid_entry2; 3
         eax,
         ebx,
         ecx,
-        edx: apic_id,
         ..Default::default()
     };
     [
@@ -114,16 +106,13 @@ pub(crate) fn vcpu_entries(
         match e.function {
             0 => e.eax = e.eax.max(0xb),
             1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (addressable << 16);
-                e.edx |= LEAF1_EDX_APIC;
+                e.ebx = (e.ebx & 0xff00_ffff) | (addressable << 16);
                 if cfg.cpus > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 } else {
                     e.edx &= !LEAF1_EDX_HTT;
                 }
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
-                set_bit(&mut e.ecx, LEAF1_ECX_X2APIC, cfg.x2apic);
-                set_bit(&mut e.ecx, LEAF1_ECX_TSC_DEADLINE, cfg.tsc_deadline);
             }
             4 if vendor == Vendor::Intel => {
                 let cache_level = (e.eax >> 5) & 0x7;
@@ -135,7 +124,11 @@ pub(crate) fn vcpu_entries(
                 e.eax = (e.eax & 0x3fff) | (sharing << 14) | (((1u32 << core_bits) - 1) << 26);
             }
             0x8000_0001 if vendor == Vendor::Amd => {
-                set_bit(&mut e.ecx, EXT1_ECX_CMP_LEGACY, cfg.cpus > 1);
+                if cfg.cpus > 1 {
+                    e.ecx |= EXT1_ECX_CMP_LEGACY;
+                } else {
+                    e.ecx &= !EXT1_ECX_CMP_LEGACY;
+                }
             }
             0x8000_0008 if vendor == Vendor::Amd => {
                 e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (cfg.cpus - 1);
@@ -150,29 +143,11 @@ pub(crate) fn vcpu_entries(
     }
     for function in [0xb, 0x1f] {
         if function == 0xb || max_basic >= function {
-            out.extend(topology_leaf(function, apic_id, cfg.cpus));
+            out.extend(topology_leaf(function, cfg.cpus));
         }
     }
+    chip_cpuid::apply(&mut out, apic_id, cfg.features);
     out
-}
-
-fn set_bit(reg: &mut u32, bit: u32, on: bool) {
-    if on {
-        *reg |= bit;
-    } else {
-        *reg &= !bit;
-    }
-}
-
-/// The guest physical-address width, `CPUID.80000008H:EAX[7:0]`; 36 bits
-/// (the architectural minimum with PAE) when the leaf is missing or zero.
-pub(crate) fn phys_addr_bits(supported: &[kvm_cpuid_entry2]) -> u8 {
-    supported
-        .iter()
-        .find(|e| e.function == 0x8000_0008)
-        .map(|e| (e.eax & 0xff) as u8)
-        .filter(|&bits| bits != 0)
-        .unwrap_or(36)
 }
 
 /// [`vcpu_entries`] as the `CpuId` KVM takes.
@@ -203,7 +178,7 @@ mod tests {
     fn intel() -> Vec<kvm_cpuid_entry2> {
         vec![
             leaf(0, 0, 0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69),
-            leaf(1, 0, 0x806f8, 0xff0a_0800, LEAF1_ECX_X2APIC, 0),
+            leaf(1, 0, 0x806f8, 0xff0a_0800, chip_cpuid::LEAF1_ECX_X2APIC, 0),
             leaf(4, 0, 0x121, 0, 0, 0),
             leaf(4, 3, 0x163, 0, 0, 0),
             leaf(0xb, 0, 1, 2, 0x100, 7),
@@ -212,22 +187,14 @@ mod tests {
 
     const CFG: CpuidConfig = CpuidConfig {
         cpus: 4,
-        x2apic: true,
-        tsc_deadline: true,
+        features: Features {
+            x2apic: true,
+            tsc_deadline: true,
+        },
     };
 
     fn find(e: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
         *e.iter().find(|x| x.function == f && x.index == i).unwrap()
-    }
-
-    #[test]
-    fn phys_addr_bits_from_leaf_80000008_or_36() {
-        assert_eq!(
-            phys_addr_bits(&[leaf(0x8000_0008, 0, 0x3027, 0, 0, 0)]),
-            0x27
-        );
-        assert_eq!(phys_addr_bits(&[leaf(0x8000_0008, 0, 0, 0, 0, 0)]), 36);
-        assert_eq!(phys_addr_bits(&intel()), 36);
     }
 
     #[test]
@@ -246,20 +213,22 @@ mod tests {
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800);
-        assert_ne!(l1.ecx & LEAF1_ECX_X2APIC, 0);
-        assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        assert_ne!(l1.ecx & chip_cpuid::LEAF1_ECX_X2APIC, 0);
+        assert_ne!(l1.ecx & chip_cpuid::LEAF1_ECX_TSC_DEADLINE, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
         let off = vcpu_entries(
             &intel(),
             0,
             CpuidConfig {
                 cpus: 1,
-                x2apic: false,
-                tsc_deadline: false,
+                features: Features::default(),
             },
         );
         let l1 = find(&off, 1, 0);
-        assert_eq!(l1.ecx & (LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE), 0);
+        assert_eq!(
+            l1.ecx & (chip_cpuid::LEAF1_ECX_X2APIC | chip_cpuid::LEAF1_ECX_TSC_DEADLINE),
+            0
+        );
         assert_eq!(l1.edx & LEAF1_EDX_HTT, 0);
     }
 

@@ -30,6 +30,9 @@ pub(crate) enum Error {
         /// The errno.
         source: kvm_ioctls::Error,
     },
+    /// The interrupt controller could not be set up or run.
+    #[error(transparent)]
+    Irqchip(#[from] irqchip_kvm::Error),
     /// Guest memory could not be set up.
     #[error("guest memory: {0}")]
     Memory(String),

@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
+use irqchip_kvm::Irqchip;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::control::{Outcome, VmControl};
 use crate::devices::serial::Uart;
 use crate::devices::testdev_port::SharedTestdev;
 use crate::error::{Error, Result};
-use crate::irq::InterruptController;
 use crate::report::GuestReport;
 
 /// Wakes the loop when the VM stops; the loop then sees `stopping()`.
@@ -137,15 +137,16 @@ impl MutEventSubscriber for TestdevTimers {
     }
 }
 
-/// The interrupt controller's timers (user mode: one per LAPIC timer).
+/// The interrupt controller's timers (user mode: one per LAPIC timer;
+/// split: the EOI watch).
 struct IrqTimers {
-    ctrl: Arc<dyn InterruptController>,
+    chip: Irqchip,
     fds: Vec<std::os::fd::RawFd>,
 }
 
 impl MutEventSubscriber for IrqTimers {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        self.ctrl.on_timer(events.data() as usize);
+        self.chip.on_timer(events.data() as usize);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -172,7 +173,7 @@ pub(crate) struct LoopConfig {
     /// Forward stdin to the UART.
     pub(crate) stdin: bool,
     /// The interrupt controller, whose timers the loop drives.
-    pub(crate) irq: Arc<dyn InterruptController>,
+    pub(crate) chip: Irqchip,
 }
 
 /// The event loop, ready to run.
@@ -220,9 +221,12 @@ impl EventLoop {
                 slots: cfg.testdevs,
             }));
         }
-        let fds = cfg.irq.timer_fds();
+        let fds = cfg.chip.timer_fds();
         if !fds.is_empty() {
-            manager.add_subscriber(Box::new(IrqTimers { ctrl: cfg.irq, fds }));
+            manager.add_subscriber(Box::new(IrqTimers {
+                chip: cfg.chip,
+                fds,
+            }));
         }
         Ok(Self {
             manager,

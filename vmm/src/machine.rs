@@ -14,19 +14,19 @@ use std::time::Instant;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
-use crate::cli::{Args, IrqchipMode};
+use irqchip_kvm::Irqchip;
+
+use crate::cli::Args;
 use crate::control::{Outcome, VmControl};
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{self, DeviceConfig};
 use crate::error::{Error, Result};
 use crate::event_loop::{EventLoop, LoopConfig};
-use crate::irq::InterruptController;
-use crate::irq::lines::IrqLines;
 use crate::loader::{self, ModuleImage};
 use crate::report::GuestReport;
 use crate::stats::RunStats;
 use crate::vcpu::{Vcpu, VcpuStats};
-use crate::{boot, guest_image, irq, kick, memory, pv};
+use crate::{boot, memory, pv};
 
 /// Guest-physical address of the 3-page TSS area KVM needs on Intel
 /// (`KVM_SET_TSS_ADDR`), just below the identity-map page, both far above RAM.
@@ -84,7 +84,7 @@ fn kernel_image(args: &Args) -> Result<(String, Vec<u8>)> {
         Some(path) => Ok((path.display().to_string(), read_file(path)?)),
         None => Ok((
             "embedded guest image".to_string(),
-            guest_image::embedded().to_vec(),
+            guest_image::IMAGE.to_vec(),
         )),
     }
 }
@@ -104,33 +104,27 @@ fn modules(args: &Args) -> Result<Vec<ModuleImage>> {
         .collect()
 }
 
-/// Creates the interrupt controller; before any vCPU exists. Split and user
-/// modes get the kicker (user mode also the stop flag) through `control`;
-/// user mode takes the guest's physical-address width from `supported`
-/// (CPUID 0x8000_0008).
+/// Re-deliveries of a still-asserted level pin after EOI past which our
+/// IOAPIC reports a storm and the PV storm guard masks the pin: the chip's
+/// default, given to the chip and reported by the PV service alike.
+const STORM_THRESHOLD: u32 = irqchip_kvm::DEFAULT_STORM_THRESHOLD;
+
+/// Creates the interrupt controller; before any vCPU exists. It kicks the
+/// vCPUs through `control`'s kicker; user mode takes the guest's
+/// physical-address width from `supported` (CPUID 0x8000_0008).
 fn create_irqchip(
     args: &Args,
     vm: &Arc<VmFd>,
     control: &Arc<VmControl>,
     supported: &kvm_bindings::CpuId,
-) -> Result<Arc<dyn InterruptController>> {
-    match args.irqchip {
-        IrqchipMode::Kernel => Ok(irq::kernel::create(Arc::clone(vm))?),
-        IrqchipMode::Split => Ok(irq::split::create(
-            Arc::clone(vm),
-            Arc::clone(control),
-            args.cpus as usize,
-        )?),
-        IrqchipMode::User => Ok(irq::user::create(
-            vm,
-            Arc::clone(control),
-            irq::user::UserConfig {
-                cpus: args.cpus as usize,
-                x2apic: args.x2apic.is_on(),
-                phys_addr_bits: cpuid::phys_addr_bits(supported.as_slice()),
-            },
-        )?),
-    }
+) -> Result<Irqchip> {
+    Ok(Irqchip::builder(Arc::clone(vm), args.irqchip)
+        .cpus(args.cpus as usize)
+        .x2apic(args.x2apic.is_on())
+        .phys_addr_bits(irqchip_kvm::cpuid::phys_addr_bits(supported.as_slice()))
+        .kicker(Arc::clone(control.kicker()))
+        .storm_threshold(STORM_THRESHOLD)
+        .build()?)
 }
 
 /// Builds the VM from `args`, runs it to the end and tears it down.
@@ -146,7 +140,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     };
     loader::check(ram, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
     // Before KVM too: a bad --devices table is a one-line error.
-    let pv_service = pv::config::service_from_args(args)?;
+    let pv_service = pv::config::service_from_args(args, STORM_THRESHOLD)?;
 
     let kvm = open_kvm()?;
     // Guest RAM is declared before the VM so it is dropped after it.
@@ -161,7 +155,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let ctrl = create_irqchip(args, &vm, &control, &supported)?;
+    let chip = create_irqchip(args, &vm, &control, &supported)?;
 
     let boot_entry =
         loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
@@ -169,11 +163,9 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
 
     let cpuid_cfg = CpuidConfig {
         cpus: args.cpus,
-        x2apic: args.x2apic.is_on(),
-        tsc_deadline: args.irqchip != IrqchipMode::User
-            && kvm.check_extension(Cap::TscDeadlineTimer),
+        features: chip.cpuid_features(),
     };
-    let mut vcpu_fds = Vec::with_capacity(cpus);
+    let mut vcpus = Vec::with_capacity(cpus);
     for i in 0..cpus {
         let fd = vm
             .create_vcpu(i as u64)
@@ -182,16 +174,20 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             .map_err(Error::kvm("KVM_SET_CPUID2"))?;
         if i == 0 {
             boot::setup_bsp(&fd, &boot_entry)?;
-        } else {
-            boot::setup_ap(&fd, args.irqchip)?;
         }
-        vcpu_fds.push(fd);
+        vcpus.push(fd);
     }
+    // Every vCPU exists before any part of the chip runs (no early SIPI is
+    // lost); the chip leaves the APs waiting for INIT/SIPI.
+    let vcpu_chips = vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, fd)| chip.vcpu(i, fd))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
 
     let report = Arc::new(Mutex::new(GuestReport::new()));
-    let lines = IrqLines::new(Arc::clone(&ctrl));
-    let pv = pv::PvConnect::new(pv_service, mem.clone(), Arc::clone(&ctrl));
-    ctrl.set_storm_sink(pv.storm_sink());
+    let pv = pv::PvConnect::new(pv_service, mem.clone(), chip.clone());
+    chip.set_storm_sink(pv.storm_sink());
     let devices = devices::build(
         &DeviceConfig {
             cpus: args.cpus as u16,
@@ -200,12 +196,11 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             testdevs: pv.testdev_specs(),
             pv_doorbell: Some(pv::doorbell::Doorbell::shared(&pv)),
         },
-        &lines,
+        &chip,
         &control,
         &report,
         serial_out,
     )?;
-    kick::install_handler()?;
     let mut event_loop = EventLoop::new(LoopConfig {
         control: Arc::clone(&control),
         uart: Arc::clone(&devices.uart),
@@ -213,16 +208,16 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         report: Arc::clone(&report),
         timeout: args.timeout,
         stdin: true,
-        irq: Arc::clone(&ctrl),
+        chip: chip.clone(),
     })?;
 
     let start = Instant::now();
     let mut threads = Vec::with_capacity(cpus);
-    for (i, fd) in vcpu_fds.into_iter().enumerate() {
+    for (i, (fd, part)) in vcpus.into_iter().zip(vcpu_chips).enumerate() {
         let vcpu = Vcpu::new(
             i,
             fd,
-            ctrl.vcpu(i),
+            part,
             Arc::clone(&devices.pio),
             Arc::clone(&devices.mmio),
             Arc::clone(&control),
@@ -241,8 +236,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     if let Err(e) = event_loop.run() {
         control.finish(Outcome::Failed(e));
     }
-    control.kicker().kick_all();
-    ctrl.shutdown();
+    chip.shutdown();
     let mut vcpu_stats = VcpuStats::default();
     for t in threads {
         match t.join() {
@@ -277,7 +271,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             let xml = report.junit(
                 "guest",
                 &[
-                    ("irqchip", ctrl.mode().name().to_string()),
+                    ("irqchip", chip.mode().name().to_string()),
                     ("cpus", args.cpus.to_string()),
                     ("x2apic", format!("{:?}", args.x2apic).to_lowercase()),
                     ("image", image_name.clone()),
@@ -297,9 +291,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         vcpu: vcpu_stats,
         pio: &devices.pio,
         mmio: &devices.mmio,
-        lines: &lines,
-        irq: ctrl.stats(),
-        irq_model: ctrl.model_stats(),
+        chip: &chip,
         pv: pv.stats(),
     }
     .line();

@@ -1,12 +1,12 @@
 //! `vmm`: boots a Multiboot v1 guest under KVM with our interrupt controllers.
 //!
-//! Module map: [`cli`] (arguments), [`machine`] (assembly and teardown),
-//! [`memory`], [`loader`] (Multiboot v1), [`boot`] (initial vCPU state),
-//! [`cpuid`], [`vcpu`] (the per-thread run loop), [`kick`] (signals and
-//! `immediate_exit`), [`irq`] (the interrupt-controller abstraction and its
-//! modes), [`pv`] (the PV connect doorbell and service), [`bus`] and
-//! [`devices`], [`event_loop`], [`control`] (how a run ends), [`report`]
-//! (guest results, JUnit), [`stats`].
+//! The interrupt controllers, in all three `--irqchip` modes, come from the
+//! `irqchip-kvm` crate; this binary is its first user. Module map: [`cli`]
+//! (arguments), [`machine`] (assembly and teardown), [`memory`], [`loader`]
+//! (Multiboot v1), [`boot`] (the BSP's initial state), [`cpuid`], [`vcpu`]
+//! (the per-thread run loop), [`pv`] (the PV connect doorbell and service),
+//! [`bus`] and [`devices`], [`event_loop`], [`control`] (how a run ends),
+//! [`report`] (guest results, JUnit), [`stats`].
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -18,14 +18,10 @@ mod cpuid;
 mod devices;
 mod error;
 mod event_loop;
-mod guest_image;
-mod irq;
-mod kick;
 mod loader;
 mod machine;
 mod memory;
 mod pv;
-mod ratelimit;
 mod report;
 mod stats;
 mod vcpu;
@@ -53,7 +49,7 @@ fn init_logging() {
 }
 
 fn dump_guest(path: &std::path::Path) -> Result<(), Error> {
-    std::fs::write(path, guest_image::embedded()).map_err(|source| Error::WriteFile {
+    std::fs::write(path, guest_image::IMAGE).map_err(|source| Error::WriteFile {
         path: path.to_path_buf(),
         source,
     })

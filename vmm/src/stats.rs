@@ -3,9 +3,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use irqchip_kvm::Irqchip;
+
 use crate::bus::Bus;
-use crate::irq::lines::IrqLines;
-use crate::irq::{IrqStats, ModelStats};
 use crate::pv::counters::PvStats;
 use crate::vcpu::VcpuStats;
 
@@ -19,12 +19,9 @@ pub(crate) struct RunStats<'a> {
     pub(crate) pio: &'a Bus,
     /// MMIO bus.
     pub(crate) mmio: &'a Bus,
-    /// The wiring (line assertions).
-    pub(crate) lines: &'a IrqLines,
-    /// The controller's own counters.
-    pub(crate) irq: IrqStats,
-    /// Our IOAPIC/LAPIC models' counters (split and user modes).
-    pub(crate) irq_model: Option<ModelStats>,
+    /// The interrupt controller (line assertions, its counters, its
+    /// models' counters in split and user modes).
+    pub(crate) chip: &'a Irqchip,
     /// The PV connect doorbell's counters.
     pub(crate) pv: PvStats,
 }
@@ -33,6 +30,8 @@ impl RunStats<'_> {
     /// One line: `vmm: stats: ...`.
     pub(crate) fn line(&self) -> String {
         let v = &self.vcpu;
+        let assertions = self.chip.line_assertions();
+        let irq = self.chip.stats();
         let secs = self.elapsed.as_secs_f64();
         let exits = v.runs;
         let rate = if secs > 0.0 { exits as f64 / secs } else { 0.0 };
@@ -54,11 +53,9 @@ impl RunStats<'_> {
         let _ = write!(
             s,
             "; unclaimed: pio r{pr}/w{pw}, mmio r{mr}/w{mw}; irq: lines asserted {}",
-            self.lines.assertions().iter().map(|(_, c)| c).sum::<u64>()
+            assertions.iter().map(|(_, c)| c).sum::<u64>()
         );
-        let per_gsi: Vec<String> = self
-            .lines
-            .assertions()
+        let per_gsi: Vec<String> = assertions
             .iter()
             .map(|(g, c)| format!("gsi{g} {c}"))
             .collect();
@@ -69,11 +66,11 @@ impl RunStats<'_> {
         let _ = write!(
             s,
             ", injected {}, eoi {}, errors {}",
-            by_kvm(self.irq.injected),
-            by_kvm(self.irq.eois),
-            self.irq.errors + self.lines.errors()
+            by_kvm(irq.injected),
+            by_kvm(irq.eois),
+            irq.errors + self.chip.line_errors()
         );
-        if let Some(m) = &self.irq_model {
+        if let Some(m) = &self.chip.model_stats() {
             let _ = write!(
                 s,
                 ", bad ioapic accesses {}, bad lapic accesses {}, storm reports {}",

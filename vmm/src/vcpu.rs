@@ -1,34 +1,24 @@
-//! One thread per vCPU: `KVM_RUN`, dispatch the exit, repeat.
+//! One thread per vCPU: enter the guest through the chip, handle the exit,
+//! repeat.
 //!
-//! The loop is the same in every `--irqchip` mode; what differs lives behind
-//! [`VcpuInterrupts`]: `before_run` (user mode injects there), `after_run`
-//! (user mode reads CR8 and IF) and `on_exit` for the interrupt-controller
-//! exits (`IoapicEoi`, `IrqWindowOpen`, `Hlt`, LAPIC MMIO, x2APIC MSRs,
-//! `SetTpr`). Port and MMIO exits go to the buses synchronously, so a
-//! device's effect (e.g. a pc-testdev line level) is in place before the
-//! vCPU re-enters the guest.
-//!
-//! Order after each `KVM_RUN` return: bus exits are handled while the exit
-//! borrows the run page; an interrupt-controller exit is copied out (at
-//! most 8 data bytes), then `after_run` sees the run page, then `on_exit`
-//! handles the copy and its result (an MMIO read's bytes, an RDMSR value or
-//! a #GP) is written back into the run page for KVM to complete the
-//! instruction on the next entry.
+//! The loop is the same in every `--irqchip` mode: `VcpuChip::run` (from
+//! `irqchip-kvm`) does the interrupt controller's work around each
+//! `KVM_RUN` and handles the exits that belong to it (LAPIC MMIO and MSRs,
+//! interrupt windows, `KVM_EXIT_IOAPIC_EOI`, ...). Port and MMIO exits come
+//! back here and go to the buses synchronously, so a device's effect (e.g.
+//! a pc-testdev line level) is in place before the vCPU re-enters the
+//! guest.
 
 use std::sync::Arc;
 
-use kvm_bindings::{
-    KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_MMIO, KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
-};
+use irqchip_kvm::{Run, VcpuChip};
+use kvm_bindings::{KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::boot::regs_line;
 use crate::bus::{Access, Bus};
 use crate::control::{Outcome, VmControl};
 use crate::error::{Error, Result};
-use crate::irq::{ExitAction, IrqExit, VcpuInterrupts};
-use crate::kick::RunPageGuard;
 
 /// Exit counters of one vCPU, summed into the closing statistics line.
 #[derive(Debug, Default, Clone, Copy)]
@@ -39,11 +29,11 @@ pub(crate) struct VcpuStats {
     pub(crate) io_in: u64,
     /// Port writes.
     pub(crate) io_out: u64,
-    /// MMIO reads.
+    /// MMIO reads (the chip's LAPIC window included).
     pub(crate) mmio_read: u64,
-    /// MMIO writes.
+    /// MMIO writes (the chip's LAPIC window included).
     pub(crate) mmio_write: u64,
-    /// Interrupt-controller exits handed to [`VcpuInterrupts::on_exit`].
+    /// Exits the interrupt controller handled.
     pub(crate) irqchip: u64,
     /// `EINTR` (kicks) and `KVM_EXIT_INTR`.
     pub(crate) kicks: u64,
@@ -79,49 +69,25 @@ impl VcpuStats {
 pub(crate) struct Vcpu {
     index: usize,
     fd: VcpuFd,
-    irq: Box<dyn VcpuInterrupts>,
+    chip: VcpuChip,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: Arc<VmControl>,
 }
 
-/// What to do after an exit, once the exit's borrow of the vCPU has ended.
+/// What to do after an exit the VMM handled.
 enum Next {
     Continue,
-    Irq(IrqWork),
     Fault(String),
     Shutdown,
 }
 
-/// Most bytes one MMIO exit carries (`kvm_run.mmio.data`).
-const MMIO_MAX: usize = 8;
-
-/// An interrupt-controller exit copied out of the run page.
-#[derive(Debug, Clone, Copy)]
-enum IrqWork {
-    IoapicEoi(u8),
-    IrqWindowOpen,
-    Hlt,
-    SetTpr,
-    LapicRead {
-        addr: u64,
-        len: usize,
-    },
-    LapicWrite {
-        addr: u64,
-        len: usize,
-        data: [u8; MMIO_MAX],
-    },
-    RdMsr(u32),
-    WrMsr(u32, u64),
-}
-
 impl Vcpu {
-    /// vCPU `index` with its interrupt part and the buses.
+    /// vCPU `index` with its part of the chip and the buses.
     pub(crate) fn new(
         index: usize,
         fd: VcpuFd,
-        irq: Box<dyn VcpuInterrupts>,
+        chip: VcpuChip,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         control: Arc<VmControl>,
@@ -129,7 +95,7 @@ impl Vcpu {
         Self {
             index,
             fd,
-            irq,
+            chip,
             pio,
             mmio,
             control,
@@ -138,18 +104,17 @@ impl Vcpu {
 
     /// The thread body: runs until the VM stops; a fault stops the VM.
     pub(crate) fn run(mut self) -> VcpuStats {
-        let control = Arc::clone(&self.control);
-        control.kicker().register_current(self.index);
         let mut stats = VcpuStats::default();
-        let result = {
-            // The guard unpublishes the run page before `self` (and its
-            // mapping) is dropped at the end of this function.
-            let _page = RunPageGuard::publish(self.fd.get_kvm_run());
-            self.run_loop(&mut stats)
-        };
-        control.kicker().unregister_current(self.index);
+        let result = self.run_loop(&mut stats);
+        let c = self.chip.counters();
+        stats.runs = c.runs;
+        stats.kicks += c.kicks;
+        stats.eagain = c.eagain;
+        stats.irqchip = c.chip_exits;
+        stats.mmio_read += c.chip_mmio_reads;
+        stats.mmio_write += c.chip_mmio_writes;
         if let Err(e) = result {
-            control.finish(Outcome::Failed(e));
+            self.control.finish(Outcome::Failed(e));
         }
         stats
     }
@@ -160,43 +125,20 @@ impl Vcpu {
             if self.control.stopping() {
                 return Ok(());
             }
-            self.irq.before_run(&mut self.fd)?;
-            if self.control.stopping() {
-                return Ok(());
-            }
-            stats.runs += 1;
-            let next = match self.fd.run() {
-                Ok(exit) => dispatch(
-                    exit,
-                    access,
-                    &self.pio,
-                    &self.mmio,
-                    self.irq.as_ref(),
-                    stats,
-                ),
-                Err(e) if e.errno() == libc::EINTR => {
-                    stats.kicks += 1;
-                    self.fd.set_kvm_immediate_exit(0);
-                    Next::Continue
-                }
-                Err(e) if e.errno() == libc::EAGAIN => {
-                    stats.eagain += 1;
-                    Next::Continue
-                }
-                Err(source) => {
-                    return Err(Error::Kvm {
-                        op: "KVM_RUN",
-                        source,
-                    });
-                }
-            };
-            self.irq.after_run(self.fd.get_kvm_run());
-            let next = match next {
-                Next::Irq(work) => self.irq_exit(work, stats),
-                other => other,
+            let (pio, mmio) = (&self.pio, &self.mmio);
+            let next = match self.chip.run(&mut self.fd, |exit| {
+                dispatch(exit, access, pio, mmio, stats)
+            }) {
+                Ok(Run::Exit(next)) => next,
+                Ok(Run::Handled) => Next::Continue,
+                Ok(Run::Stopped) => return Ok(()),
+                Err(irqchip_kvm::Error::UnexpectedExit(what)) => Next::Fault(format!(
+                    "unexpected exit {what} for this interrupt-controller mode"
+                )),
+                Err(e) => return Err(e.into()),
             };
             match next {
-                Next::Continue | Next::Irq(_) => {}
+                Next::Continue => {}
                 Next::Shutdown => {
                     return Err(Error::GuestShutdown {
                         cpu: self.index,
@@ -216,53 +158,6 @@ impl Vcpu {
                     });
                 }
             }
-        }
-    }
-
-    /// Hands an interrupt-controller exit to the controller and completes
-    /// it in the run page.
-    fn irq_exit(&mut self, work: IrqWork, stats: &mut VcpuStats) -> Next {
-        stats.irqchip += 1;
-        let mut buf = [0u8; MMIO_MAX];
-        let mut value = 0u64;
-        let exit = match work {
-            IrqWork::IoapicEoi(v) => IrqExit::IoapicEoi(v),
-            IrqWork::IrqWindowOpen => IrqExit::IrqWindowOpen,
-            IrqWork::Hlt => IrqExit::Hlt,
-            IrqWork::SetTpr => IrqExit::SetTpr,
-            IrqWork::LapicRead { addr, len } => IrqExit::LapicRead(addr, &mut buf[..len]),
-            IrqWork::LapicWrite {
-                addr,
-                len,
-                ref data,
-            } => IrqExit::LapicWrite(addr, &data[..len]),
-            IrqWork::RdMsr(index) => IrqExit::RdMsr(index, &mut value),
-            IrqWork::WrMsr(index, data) => IrqExit::WrMsr(index, data),
-        };
-        let what = exit.name();
-        let action = self.irq.on_exit(exit);
-        let run = self.fd.get_kvm_run();
-        match (work, action) {
-            (IrqWork::LapicRead { len, .. }, ExitAction::Resume) => {
-                complete_mmio_read(run, &buf[..len]);
-            }
-            // Not the controller's MSR, or a #GP it raised: the guest gets
-            // #GP, as for an unknown MSR.
-            (IrqWork::RdMsr(_), action) => {
-                complete_msr(run, value, action == ExitAction::Unexpected);
-                return Next::Continue;
-            }
-            (IrqWork::WrMsr(..), action) => {
-                complete_msr(run, 0, action == ExitAction::Unexpected);
-                return Next::Continue;
-            }
-            _ => {}
-        }
-        match action {
-            ExitAction::Resume => Next::Continue,
-            ExitAction::Unexpected => Next::Fault(format!(
-                "unexpected exit {what} for this interrupt-controller mode"
-            )),
         }
     }
 
@@ -293,12 +188,12 @@ impl Vcpu {
 
 const INTERNAL_ERROR: &str = "KVM internal error";
 
+/// Handles an exit the chip did not take.
 fn dispatch(
     exit: VcpuExit<'_>,
     access: Access,
     pio: &Bus,
     mmio: &Bus,
-    irq: &dyn VcpuInterrupts,
     stats: &mut VcpuStats,
 ) -> Next {
     match exit {
@@ -314,42 +209,16 @@ fn dispatch(
         }
         VcpuExit::MmioRead(addr, data) => {
             stats.mmio_read += 1;
-            if irq.owns_mmio(addr) {
-                Next::Irq(IrqWork::LapicRead {
-                    addr,
-                    len: data.len().min(MMIO_MAX),
-                })
-            } else {
-                mmio.read(access, addr, data);
-                Next::Continue
-            }
+            mmio.read(access, addr, data);
+            Next::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             stats.mmio_write += 1;
-            if irq.owns_mmio(addr) {
-                let mut copy = [0u8; MMIO_MAX];
-                let len = data.len().min(MMIO_MAX);
-                copy[..len].copy_from_slice(&data[..len]);
-                Next::Irq(IrqWork::LapicWrite {
-                    addr,
-                    len,
-                    data: copy,
-                })
-            } else {
-                mmio.write(access, addr, data);
-                Next::Continue
-            }
-        }
-        VcpuExit::IoapicEoi(vector) => Next::Irq(IrqWork::IoapicEoi(vector)),
-        VcpuExit::IrqWindowOpen => Next::Irq(IrqWork::IrqWindowOpen),
-        VcpuExit::Hlt => Next::Irq(IrqWork::Hlt),
-        VcpuExit::SetTpr => Next::Irq(IrqWork::SetTpr),
-        VcpuExit::X86Rdmsr(msr) => Next::Irq(IrqWork::RdMsr(msr.index)),
-        VcpuExit::X86Wrmsr(msr) => Next::Irq(IrqWork::WrMsr(msr.index, msr.data)),
-        VcpuExit::Intr => {
-            stats.kicks += 1;
+            mmio.write(access, addr, data);
             Next::Continue
         }
+        // Counted as a kick by the chip.
+        VcpuExit::Intr => Next::Continue,
         VcpuExit::Shutdown => Next::Shutdown,
         VcpuExit::FailEntry(reason, cpu) => Next::Fault(format!(
             "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host cpu {cpu})"
@@ -362,34 +231,4 @@ fn dispatch(
         }),
         other => Next::Fault(format!("unexpected exit {other:?}")),
     }
-}
-
-/// Writes an MMIO read's result where KVM takes it on the next entry.
-fn complete_mmio_read(run: &mut kvm_run, data: &[u8]) {
-    if run.exit_reason != KVM_EXIT_MMIO {
-        return;
-    }
-    // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the union member
-    // KVM filled in for this exit and reads back on the next entry; it is
-    // plain integers and bytes, valid for any bit pattern.
-    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-    for (dst, src) in mmio.data.iter_mut().zip(data) {
-        *dst = *src;
-    }
-}
-
-/// Completes an RDMSR/WRMSR exit: the value read, or `error` for #GP.
-fn complete_msr(run: &mut kvm_run, value: u64, error: bool) {
-    let rdmsr = run.exit_reason == KVM_EXIT_X86_RDMSR;
-    if !rdmsr && run.exit_reason != KVM_EXIT_X86_WRMSR {
-        return;
-    }
-    // SAFETY: exit_reason is KVM_EXIT_X86_RDMSR or _WRMSR, so `msr` is the
-    // union member KVM filled in and reads back on the next entry; it is
-    // plain integers, valid for any bit pattern.
-    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
-    if !error && rdmsr {
-        msr.data = value;
-    }
-    msr.error = u8::from(error);
 }

@@ -9,13 +9,16 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod apic_bus;
+pub mod apic_system;
 pub mod error;
 pub mod harness;
 pub mod ioapic;
 pub mod lapic;
+pub mod mode;
 pub mod msi;
 
 pub use error::Error;
+pub use mode::{Mode, UnknownMode};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

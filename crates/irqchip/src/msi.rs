@@ -229,6 +229,19 @@ pub fn encode(message: &Message, redirection_hint: bool, format: MsiFormat) -> R
     })
 }
 
+/// The MSI that delivers `message` as an interrupt controller sends it:
+/// [`encode`] with the redirection hint set exactly for lowest-priority
+/// delivery (SDM Vol. 3A 11.11.1: with RH = 1 and DM = 1 the message goes to
+/// the lowest-priority processor of the logical set; a physical
+/// lowest-priority message is redirected the same way by KVM). This is the
+/// one place that rule lives: an IOAPIC pin's split-mode route
+/// (`Ioapic::msi_route`) and a message sent by `KVM_SIGNAL_MSI` both come
+/// from here, so they cannot drift apart.
+pub fn for_message(message: &Message, format: MsiFormat) -> Result<Msi, Error> {
+    let redirection_hint = message.delivery_mode == DeliveryMode::LowestPriority;
+    encode(message, redirection_hint, format)
+}
+
 /// Decodes an MSI in `format`. Fails if the address is not an interrupt
 /// address for that format (see [`destination`]). Reserved bits are
 /// ignored.

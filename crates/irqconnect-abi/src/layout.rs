@@ -24,8 +24,8 @@ pub const EXIT_PORT_SIZE: u16 = 4;
 /// `PC_TESTDEV_IRQ_BASE + line` sets that interrupt line's level (0 = low,
 /// anything else = high). The level is applied before the writing vCPU resumes.
 pub const PC_TESTDEV_IRQ_BASE: u16 = 0x2000;
-/// Number of lines the pc-testdev ports cover (one per IOAPIC pin).
-pub const PC_TESTDEV_IRQ_COUNT: u16 = 24;
+/// Number of lines the pc-testdev ports cover: one per IOAPIC pin.
+pub const PC_TESTDEV_IRQ_COUNT: u16 = IOAPIC_PINS as u16;
 
 /// fw_cfg legacy I/O selector port (16-bit write selects a key).
 pub const FW_CFG_SELECTOR_PORT: u16 = 0x510;
@@ -70,7 +70,9 @@ pub const LAPIC_MMIO_BASE: u64 = 0xfee0_0000;
 /// Size of the local APIC's MMIO window.
 pub const LAPIC_MMIO_SIZE: u64 = 0x1000;
 
-/// Number of IOAPIC pins (redirection entries).
+/// Number of IOAPIC pins (redirection entries), as the guest sees the
+/// platform. The IOAPIC model (`irqchip::ioapic::NUM_PINS`) is the source;
+/// the host crates that see both assert at compile time that they agree.
 pub const IOAPIC_PINS: u8 = 24;
 
 /// Guest-physical address where guest RAM starts.

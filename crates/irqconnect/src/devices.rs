@@ -29,6 +29,15 @@ pub enum InterruptMode {
 }
 
 impl InterruptMode {
+    /// The trigger mode of an IOAPIC pin that serves this mode: level for
+    /// LevelSensitive, edge for Latched.
+    pub const fn trigger_mode(self) -> irqchip::apic_bus::TriggerMode {
+        match self {
+            Self::LevelSensitive => irqchip::apic_bus::TriggerMode::Level,
+            Self::Latched => irqchip::apic_bus::TriggerMode::Edge,
+        }
+    }
+
     /// Decodes a `KINTERRUPT_MODE` value; `None` for anything else.
     pub const fn from_abi(value: u8) -> Option<Self> {
         match value {

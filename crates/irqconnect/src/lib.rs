@@ -34,6 +34,10 @@ pub use handle::Handle;
 pub use platform::{Platform, PlatformFacts};
 pub use ram::{FlatRam, GuestRam};
 pub use request::Outcome;
-pub use route::{PinRoute, RouteUpdate, Trigger};
+pub use route::{PinRoute, RouteUpdate};
 pub use service::{Service, ServiceConfig, ServiceState};
 pub use validate::{ConnectRequest, Violation};
+
+// The ABI's pin count (what the guest and the device table see) is the
+// IOAPIC model's: one fact, checked where both are in scope.
+const _: () = assert!(irqconnect_abi::layout::IOAPIC_PINS as usize == irqchip::ioapic::NUM_PINS);

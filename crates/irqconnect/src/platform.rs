@@ -12,34 +12,24 @@ use crate::error::Error;
 pub const DEFAULT_OBJECT_QUOTA: u32 = 64;
 /// Largest quota accepted: bounds the registry's memory.
 pub const MAX_OBJECT_QUOTA: u32 = 1 << 20;
-/// Default storm-guard threshold the VMM reports through `QUERY_PLATFORM`:
-/// consecutive unclaimed re-deliveries of a level pin before it is masked.
-pub const DEFAULT_STORM_THRESHOLD: u32 = 10_000;
+/// Storm-guard threshold [`PlatformFacts`] report when none is given: the
+/// IOAPIC model's own default. A VMM reports the threshold its IOAPIC
+/// really uses (this project's `vmm` takes it from its chip).
+pub const DEFAULT_STORM_THRESHOLD: u32 = irqchip::ioapic::spec::DEFAULT_STORM_THRESHOLD;
 
 /// Processors a KAFFINITY can name: bits 0..63.
 pub const AFFINITY_BITS: u32 = u64::BITS;
 
-/// The irqchip mode the VMM runs (`vmm --irqchip`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IrqchipMode {
-    /// KVM's IOAPIC and LAPICs.
-    #[default]
-    Kernel,
-    /// Our IOAPIC, KVM's LAPICs.
-    Split,
-    /// Our IOAPIC and our LAPICs.
-    User,
-}
+/// The irqchip mode the VMM runs (`vmm --irqchip`): the models crate's
+/// [`irqchip::Mode`].
+pub use irqchip::Mode as IrqchipMode;
 
-impl IrqchipMode {
-    /// The value of `QueryPlatform::irqchip_mode`.
-    pub const fn to_abi(self) -> u8 {
-        match self {
-            Self::Kernel => irqchip_mode::KERNEL,
-            Self::Split => irqchip_mode::SPLIT,
-            Self::User => irqchip_mode::USER,
-        }
+/// The value of `QueryPlatform::irqchip_mode` for `mode`.
+pub const fn irqchip_mode_to_abi(mode: IrqchipMode) -> u8 {
+    match mode {
+        IrqchipMode::Kernel => irqchip_mode::KERNEL,
+        IrqchipMode::Split => irqchip_mode::SPLIT,
+        IrqchipMode::User => irqchip_mode::USER,
     }
 }
 

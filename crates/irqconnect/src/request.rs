@@ -409,7 +409,7 @@ fn query_route(service: &Service, mut block: QueryRoute) -> Dispatched {
         return (Err(Refusal::PinOutOfRange), Reply::of(&block, start, end));
     };
     block.masked = u8::from(route.masked);
-    block.trigger = route.trigger.to_abi();
+    block.trigger = crate::route::trigger_to_abi(route.trigger);
     block.vector = route.vector;
     block.lowest_priority = u8::from(route.lowest_priority);
     block.destination_mask = route.destination;

@@ -13,38 +13,21 @@
 //!
 //! Nothing on the per-interrupt path consults the registry.
 
+use irqchip::apic_bus::TriggerMode;
 use irqconnect_abi::layout::IOAPIC_PINS;
 use irqconnect_abi::pv::trigger;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{DeviceTable, InterruptMode};
+use crate::devices::DeviceTable;
 use crate::platform::Platform;
 use crate::registry::Registry;
 
-/// A pin's trigger mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Trigger {
-    /// Edge-triggered (Latched devices).
-    Edge,
-    /// Level-triggered (LevelSensitive devices).
-    Level,
-}
-
-impl Trigger {
-    /// The trigger mode that serves `mode`.
-    pub const fn for_mode(mode: InterruptMode) -> Self {
-        match mode {
-            InterruptMode::LevelSensitive => Self::Level,
-            InterruptMode::Latched => Self::Edge,
-        }
-    }
-
-    /// The ABI value ([`trigger`]).
-    pub const fn to_abi(self) -> u8 {
-        match self {
-            Self::Edge => trigger::EDGE,
-            Self::Level => trigger::LEVEL,
-        }
+/// The ABI value of a pin's trigger mode ([`trigger`]), as QUERY_ROUTE
+/// answers it.
+pub const fn trigger_to_abi(mode: TriggerMode) -> u8 {
+    match mode {
+        TriggerMode::Edge => trigger::EDGE,
+        TriggerMode::Level => trigger::LEVEL,
     }
 }
 
@@ -56,7 +39,7 @@ pub struct PinRoute {
     /// The vector (0 for a pin no device uses).
     pub vector: u8,
     /// Edge or level.
-    pub trigger: Trigger,
+    pub trigger: TriggerMode,
     /// Processors the pin may deliver to (a processor mask, bit = index).
     pub destination: u64,
     /// Lowest-priority delivery to `destination` (more than one processor);
@@ -71,7 +54,7 @@ impl PinRoute {
     pub const UNUSED: Self = Self {
         masked: true,
         vector: 0,
-        trigger: Trigger::Edge,
+        trigger: TriggerMode::Edge,
         destination: 0,
         lowest_priority: false,
         connections: 0,
@@ -102,7 +85,7 @@ pub fn compute(pin: u8, devices: &DeviceTable, registry: &Registry) -> PinRoute 
     PinRoute {
         masked: destination == 0,
         vector,
-        trigger: Trigger::for_mode(mode),
+        trigger: mode.trigger_mode(),
         destination,
         lowest_priority: destination.count_ones() > 1,
         connections: registry.vector_connections(vector),
@@ -277,7 +260,7 @@ mod tests {
         let mut route = PinRoute {
             masked: false,
             vector: 0x60,
-            trigger: Trigger::Level,
+            trigger: TriggerMode::Level,
             destination: 0b110,
             lowest_priority: true,
             connections: 1,
@@ -317,7 +300,7 @@ mod tests {
         let route = PinRoute {
             masked: false,
             vector: 0x60,
-            trigger: Trigger::Edge,
+            trigger: TriggerMode::Edge,
             destination: 0b0110,
             lowest_priority: true,
             connections: 2,
@@ -339,7 +322,7 @@ mod tests {
         let route = PinRoute {
             masked: false,
             vector: 0x60,
-            trigger: Trigger::Level,
+            trigger: TriggerMode::Level,
             destination: 0b0011,
             lowest_priority: true,
             connections: 1,
@@ -355,7 +338,7 @@ mod tests {
         let route = PinRoute {
             masked: false,
             vector: 0x60,
-            trigger: Trigger::Level,
+            trigger: TriggerMode::Level,
             destination: 0b11 << 8,
             lowest_priority: true,
             connections: 1,

@@ -204,7 +204,7 @@ impl Service {
     pub fn query_platform(&self) -> QueryPlatform {
         let mut q = QueryPlatform::new_zeroed();
         q.abi_version_max = ABI_VERSION_MAX;
-        q.irqchip_mode = self.platform.irqchip_mode().to_abi();
+        q.irqchip_mode = crate::platform::irqchip_mode_to_abi(self.platform.irqchip_mode());
         q.flags = self.platform.abi_flags();
         q.cpu_count = self.platform.cpu_count();
         q.device_count = self.devices.len() as u32;
@@ -356,7 +356,7 @@ mod tests {
     use super::*;
     use crate::devices::InterruptMode;
     use crate::ram::FlatRam;
-    use crate::route::Trigger;
+    use irqchip::apic_bus::TriggerMode as Trigger;
 
     fn service(cpus: u32) -> Service {
         match Service::with_defaults(cpus) {

@@ -5,10 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use irqchip::apic_bus::TriggerMode as Trigger;
 use irqconnect::devices::{DeviceTable, InterruptMode};
 use irqconnect::platform::{Platform, PlatformFacts};
 use irqconnect::registry::Connection;
-use irqconnect::route::{PinRoute, Trigger};
+use irqconnect::route::PinRoute;
 use irqconnect::{ConnectRequest, FlatRam, Handle, Service, Violation};
 use irqconnect_abi::layout::IOAPIC_PINS;
 use proptest::prelude::*;

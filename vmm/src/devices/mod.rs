@@ -1,8 +1,9 @@
 //! The platform's devices and how they are put on the buses.
 //!
 //! Models are plain structs behind the narrow [`crate::bus::BusDevice`] and
-//! [`crate::irq::LineSink`] traits; this module wires them to ports
-//! (constants from `irqconnect_abi::layout`), lines and the event loop.
+//! `irqchip_kvm::LineSink` traits; this module wires them to ports
+//! (constants from `irqconnect_abi::layout`), the chip's lines and MMIO
+//! windows, and the event loop.
 
 pub(crate) mod exit;
 pub(crate) mod fw_cfg;
@@ -19,13 +20,13 @@ use std::sync::{Arc, Mutex};
 
 use irqconnect_abi::layout;
 
-use crate::bus::{Bus, BusDevice, BusKind};
-use crate::cli::IrqchipMode;
+use irqchip_kvm::{IrqLine, Irqchip, MmioWindow, Mode};
+
+use crate::bus::{Access, Bus, BusDevice, BusKind};
 use crate::control::VmControl;
 use crate::error::{Error, Result};
-use crate::irq::lines::IrqLines;
 use crate::report::GuestReport;
-use serial::{SerialDevice, SerialIrq, SerialOut, Uart};
+use serial::{SerialDevice, SerialOut, Uart};
 use testdev::{TestDevice, TestdevSpec};
 use testdev_port::{SharedTestdev, TestdevPort, TestdevSlot};
 
@@ -36,7 +37,7 @@ pub(crate) struct DeviceConfig {
     /// RAM in bytes.
     pub(crate) ram: u64,
     /// The interrupt-controller mode (decides who owns the PIC ports).
-    pub(crate) mode: IrqchipMode,
+    pub(crate) mode: Mode,
     /// The test devices of the PV device table (`crate::pv::testdev_specs`);
     /// the ports of devices not listed stay unclaimed.
     pub(crate) testdevs: Vec<TestdevSpec>,
@@ -63,17 +64,36 @@ fn overlap(e: crate::bus::OverlapError) -> Error {
     }
 }
 
-fn line(lines: &Arc<IrqLines>, gsi: u8) -> Result<crate::irq::lines::IrqLine> {
-    lines.line(u32::from(gsi)).ok_or_else(|| Error::Host {
+fn line(chip: &Irqchip, gsi: u8) -> Result<IrqLine> {
+    chip.line(u32::from(gsi)).ok_or_else(|| Error::Host {
         op: "wire a device interrupt",
         source: std::io::Error::other(format!("GSI {gsi} is not available")),
     })
 }
 
+/// An MMIO window of the chip on the bus: accesses go to the chip at their
+/// guest-physical address.
+struct ChipWindow {
+    chip: Irqchip,
+    base: u64,
+}
+
+impl BusDevice for ChipWindow {
+    fn read(&mut self, _access: Access, offset: u64, data: &mut [u8]) {
+        if !self.chip.mmio_read(self.base.wrapping_add(offset), data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, _access: Access, offset: u64, data: &[u8]) {
+        self.chip.mmio_write(self.base.wrapping_add(offset), data);
+    }
+}
+
 /// Builds every device and both buses.
 pub(crate) fn build(
     cfg: &DeviceConfig,
-    lines: &Arc<IrqLines>,
+    chip: &Irqchip,
     control: &Arc<VmControl>,
     report: &Arc<Mutex<GuestReport>>,
     out: Box<dyn Write + Send>,
@@ -82,7 +102,7 @@ pub(crate) fn build(
     let mut mmio = Bus::new(BusKind::Mmio);
 
     let uart: Arc<Mutex<Uart>> = Arc::new(Mutex::new(Uart::new(
-        SerialIrq::new(line(lines, layout::SERIAL_COM1_IRQ)?),
+        line(chip, layout::SERIAL_COM1_IRQ)?,
         SerialOut::new(out, Arc::clone(report)),
     )));
     pio.insert(
@@ -102,7 +122,7 @@ pub(crate) fn build(
     .map_err(overlap)?;
 
     let pc_lines = (0..layout::PC_TESTDEV_IRQ_COUNT as u8)
-        .map(|gsi| line(lines, gsi))
+        .map(|gsi| line(chip, gsi))
         .collect::<Result<Vec<_>>>()?;
     pio.insert(
         u64::from(layout::PC_TESTDEV_IRQ_BASE),
@@ -134,7 +154,7 @@ pub(crate) fn build(
 
     let mut testdevs = Vec::new();
     for &spec in &cfg.testdevs {
-        let slot = TestdevSlot::new(TestDevice::from_spec(spec), line(lines, spec.pin)?)?;
+        let slot = TestdevSlot::new(TestDevice::from_spec(spec), line(chip, spec.pin)?)?;
         pio.insert(
             u64::from(irqconnect_abi::testdev::device_port(u16::from(spec.index))),
             u64::from(layout::TESTDEV_STRIDE),
@@ -156,7 +176,7 @@ pub(crate) fn build(
     }
 
     // In kernel mode KVM's PIC decodes these ports and they never exit.
-    if cfg.mode != IrqchipMode::Kernel {
+    if cfg.mode != Mode::Kernel {
         let pic = Arc::new(Mutex::new(pic::LegacyPic::new()));
         for (port, kind) in [
             (layout::PIC_MASTER_CMD_PORT, pic::PicPortKind::Master),
@@ -173,8 +193,12 @@ pub(crate) fn build(
         }
     }
 
-    for w in lines.controller().mmio_devices() {
-        mmio.insert(w.base, w.len, w.name, w.device)
+    for MmioWindow { base, len, name } in chip.mmio_windows() {
+        let window = ChipWindow {
+            chip: chip.clone(),
+            base,
+        };
+        mmio.insert(base, len, name, Arc::new(Mutex::new(window)))
             .map_err(overlap)?;
     }
 

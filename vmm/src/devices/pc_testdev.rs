@@ -7,7 +7,7 @@
 //! device (0 or 1), which QEMU does not define; guests should not rely on it.
 
 use crate::bus::{Access, BusDevice};
-use crate::irq::LineSink;
+use irqchip_kvm::LineSink;
 
 /// The 24 line ports, each with its own line into the wiring.
 pub(crate) struct PcTestdev<L: LineSink> {

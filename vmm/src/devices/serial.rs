@@ -2,40 +2,19 @@
 //! interrupt on IOAPIC pin 4 (a pulse per interrupt condition, as an ISA
 //! UART's edge).
 
-use std::convert::Infallible;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vm_superio::{Serial, Trigger};
+use irqchip_kvm::IrqLine;
+use vm_superio::Serial;
 
 use crate::bus::{Access, BusDevice};
-use crate::irq::lines::IrqLine;
-use crate::ratelimit::RateLimiter;
 use crate::report::GuestReport;
+use irqchip_kvm::ratelimit::RateLimiter;
 
 /// Longest line kept for result parsing; longer lines are passed through
 /// but not parsed.
 const MAX_LINE: usize = 4096;
-
-/// Raises the UART's line: vm-superio calls it when an enabled interrupt
-/// condition appears.
-pub(crate) struct SerialIrq(IrqLine);
-
-impl SerialIrq {
-    /// The trigger for `line`.
-    pub(crate) fn new(line: IrqLine) -> Self {
-        Self(line)
-    }
-}
-
-impl Trigger for SerialIrq {
-    type E = Infallible;
-
-    fn trigger(&self) -> Result<(), Infallible> {
-        self.0.pulse();
-        Ok(())
-    }
-}
 
 /// Where the guest's output goes: a writer (stdout), plus complete lines to
 /// the [`GuestReport`].
@@ -98,7 +77,7 @@ impl Write for SerialOut {
 }
 
 /// The UART as a bus device.
-pub(crate) type Uart = Serial<SerialIrq, vm_superio::serial::NoEvents, SerialOut>;
+pub(crate) type Uart = Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>;
 
 /// Bus adapter around the shared UART (the event loop feeds its input).
 pub(crate) struct SerialDevice {

@@ -9,16 +9,8 @@ use irqconnect_abi::testdev::{
     CTRL_ENABLE, CTRL_LEVEL, MAX_PENDING, MIN_TIMER_PERIOD_US, encode_id, reg,
 };
 
-use crate::irq::LineSink;
-
-/// How the device signals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Trigger {
-    /// Holds its line high while enabled with causes pending.
-    Level,
-    /// One rising edge per raise.
-    Edge,
-}
+use irqchip::apic_bus::TriggerMode;
+use irqchip_kvm::LineSink;
 
 /// One test device as the device table (the PnP manager) assigns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +19,10 @@ pub(crate) struct TestdevSpec {
     pub(crate) index: u8,
     /// The IOAPIC pin it drives (its first resource's pin).
     pub(crate) pin: u8,
-    /// Level for a level-sensitive resource, edge for a latched one.
-    pub(crate) trigger: Trigger,
+    /// Level (holds the line high while enabled with causes pending) for a
+    /// level-sensitive resource; edge (one rising edge per raise) for a
+    /// latched one.
+    pub(crate) trigger: TriggerMode,
 }
 
 /// What the caller must do with the device's host timer after a write.
@@ -48,7 +42,7 @@ pub(crate) enum TimerCommand {
 pub(crate) struct TestDevice {
     index: u8,
     line: u8,
-    trigger: Trigger,
+    trigger: TriggerMode,
     enabled: bool,
     pending: u32,
     assert_count: u32,
@@ -65,7 +59,7 @@ impl TestDevice {
     }
 
     /// Device `index` on IOAPIC pin `line`.
-    pub(crate) fn new(index: u8, line: u8, trigger: Trigger) -> Self {
+    pub(crate) fn new(index: u8, line: u8, trigger: TriggerMode) -> Self {
         Self {
             index,
             line,
@@ -88,7 +82,7 @@ impl TestDevice {
                 if self.enabled {
                     v |= CTRL_ENABLE;
                 }
-                if self.trigger == Trigger::Level {
+                if self.trigger == TriggerMode::Level {
                     v |= CTRL_LEVEL;
                 }
                 v
@@ -114,9 +108,9 @@ impl TestDevice {
                 if enable != self.enabled {
                     self.enabled = enable;
                     match self.trigger {
-                        Trigger::Level => self.update_level(sink),
-                        Trigger::Edge if enable && self.pending > 0 => pulse(sink),
-                        Trigger::Edge => {}
+                        TriggerMode::Level => self.update_level(sink),
+                        TriggerMode::Edge if enable && self.pending > 0 => pulse(sink),
+                        TriggerMode::Edge => {}
                     }
                 }
                 None
@@ -173,9 +167,9 @@ impl TestDevice {
         self.pending = self.pending.saturating_add(n).min(MAX_PENDING);
         self.assert_count = self.assert_count.wrapping_add(n);
         match self.trigger {
-            Trigger::Level => self.update_level(sink),
-            Trigger::Edge if self.enabled => pulse(sink),
-            Trigger::Edge => {}
+            TriggerMode::Level => self.update_level(sink),
+            TriggerMode::Edge if self.enabled => pulse(sink),
+            TriggerMode::Edge => {}
         }
     }
 
@@ -188,7 +182,7 @@ impl TestDevice {
 
     /// Level devices: line = enabled && pending; only changes go out.
     fn update_level(&mut self, sink: &mut dyn LineSink) {
-        if self.trigger != Trigger::Level {
+        if self.trigger != TriggerMode::Level {
             return;
         }
         let high = self.enabled && self.pending > 0;
@@ -217,23 +211,23 @@ mod tests {
         }
     }
 
-    fn dev(trigger: Trigger) -> (TestDevice, Rec) {
+    fn dev(trigger: TriggerMode) -> (TestDevice, Rec) {
         (TestDevice::new(2, 18, trigger), Rec::default())
     }
 
     #[test]
     fn id_and_ctrl_describe_the_device() {
-        let (d, _) = dev(Trigger::Level);
+        let (d, _) = dev(TriggerMode::Level);
         assert_eq!(decode_id(d.read(reg::ID)), Some((2, 18)));
         assert_eq!(d.read(reg::CTRL), CTRL_LEVEL);
-        let (e, _) = dev(Trigger::Edge);
+        let (e, _) = dev(TriggerMode::Edge);
         assert_eq!(e.read(reg::CTRL), 0);
         assert_eq!(e.read(0x40), u32::MAX);
     }
 
     #[test]
     fn level_enabled_raise_holds_line_until_last_ack() {
-        let (mut d, mut s) = dev(Trigger::Level);
+        let (mut d, mut s) = dev(TriggerMode::Level);
         d.write(reg::CTRL, CTRL_ENABLE, &mut s);
         d.write(reg::RAISE, 2, &mut s);
         assert_eq!(s.0, vec![true]);
@@ -248,7 +242,7 @@ mod tests {
 
     #[test]
     fn level_disabled_raise_waits_for_enable() {
-        let (mut d, mut s) = dev(Trigger::Level);
+        let (mut d, mut s) = dev(TriggerMode::Level);
         d.write(reg::RAISE, 0, &mut s); // 0 means 1
         assert!(s.0.is_empty());
         assert_eq!(d.pending, 1);
@@ -260,7 +254,7 @@ mod tests {
 
     #[test]
     fn edge_raise_pulses_once_per_write() {
-        let (mut d, mut s) = dev(Trigger::Edge);
+        let (mut d, mut s) = dev(TriggerMode::Edge);
         d.write(reg::CTRL, CTRL_ENABLE, &mut s);
         d.write(reg::RAISE, 3, &mut s);
         d.write(reg::RAISE, 1, &mut s);
@@ -270,7 +264,7 @@ mod tests {
 
     #[test]
     fn edge_enable_with_pending_pulses() {
-        let (mut d, mut s) = dev(Trigger::Edge);
+        let (mut d, mut s) = dev(TriggerMode::Edge);
         d.write(reg::RAISE, 1, &mut s);
         assert!(s.0.is_empty());
         d.write(reg::CTRL, CTRL_ENABLE, &mut s);
@@ -279,7 +273,7 @@ mod tests {
 
     #[test]
     fn ack_without_pending_is_ignored() {
-        let (mut d, mut s) = dev(Trigger::Level);
+        let (mut d, mut s) = dev(TriggerMode::Level);
         d.write(reg::ACK, 0, &mut s);
         assert_eq!(d.read(reg::ACK_COUNT), 0);
         assert!(s.0.is_empty());
@@ -287,7 +281,7 @@ mod tests {
 
     #[test]
     fn pending_saturates_but_assert_count_counts_all() {
-        let (mut d, mut s) = dev(Trigger::Level);
+        let (mut d, mut s) = dev(TriggerMode::Level);
         d.write(reg::RAISE, MAX_PENDING, &mut s);
         d.write(reg::RAISE, 5, &mut s);
         assert_eq!(d.read(reg::STATUS), MAX_PENDING);
@@ -296,7 +290,7 @@ mod tests {
 
     #[test]
     fn timer_program_clamps_period_and_counts_down() {
-        let (mut d, mut s) = dev(Trigger::Edge);
+        let (mut d, mut s) = dev(TriggerMode::Edge);
         d.write(reg::CTRL, CTRL_ENABLE, &mut s);
         let cmd = d.write(reg::TIMER, (3 << 16) | 10, &mut s);
         assert_eq!(
@@ -315,7 +309,7 @@ mod tests {
 
     #[test]
     fn timer_write_zero_stops() {
-        let (mut d, mut s) = dev(Trigger::Level);
+        let (mut d, mut s) = dev(TriggerMode::Level);
         d.write(reg::TIMER, (10 << 16) | 100, &mut s);
         assert_eq!(d.write(reg::TIMER, 0, &mut s), Some(TimerCommand::Stop));
         assert_eq!(d.timer_expired(1, &mut s), Some(TimerCommand::Stop));
@@ -324,7 +318,7 @@ mod tests {
 
     #[test]
     fn read_only_registers_ignore_writes() {
-        let (mut d, mut s) = dev(Trigger::Level);
+        let (mut d, mut s) = dev(TriggerMode::Level);
         d.write(reg::ASSERT_COUNT, 9, &mut s);
         d.write(reg::STATUS, 9, &mut s);
         d.write(reg::ID, 9, &mut s);

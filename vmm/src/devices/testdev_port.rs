@@ -11,8 +11,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::testdev::{TestDevice, TimerCommand};
 use crate::bus::{Access, BusDevice};
 use crate::error::{Error, Result};
-use crate::irq::lines::IrqLine;
-use crate::ratelimit::RateLimiter;
+use irqchip_kvm::IrqLine;
+use irqchip_kvm::ratelimit::RateLimiter;
 
 /// A test device with its line and its host timer.
 pub(crate) struct TestdevSlot {

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::bus::BusKind;
-use crate::ratelimit::RateLimiter;
+use irqchip_kvm::ratelimit::RateLimiter;
 
 /// The fallback of one bus.
 pub(crate) struct Unclaimed {

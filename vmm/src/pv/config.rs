@@ -6,29 +6,28 @@ use std::path::Path;
 use irqconnect::platform::{DEFAULT_OBJECT_QUOTA, present_mask};
 use irqconnect::{DeviceTable, Platform, PlatformFacts, Service};
 
-use crate::cli::{Args, IrqchipMode};
+use irqchip_kvm::Mode;
+
+use crate::cli::Args;
 use crate::error::{Error, Result};
 
-/// Consecutive unclaimed re-deliveries of a level pin after which the
-/// storm guard masks it: the threshold the split and user modes build their
-/// IOAPIC model with, reported to the guest in QUERY_PLATFORM.
-pub(crate) use crate::irq::host_ioapic::STORM_THRESHOLD;
-
-/// The platform facts of a VM with `cpus` vCPUs in `mode`. vCPU `i` has
-/// APIC ID `i` (see `cpuid`); every vCPU is online; a KAFFINITY names the
-/// first 64.
-pub(crate) fn platform_facts(cpus: u32, mode: IrqchipMode, x2apic: bool) -> PlatformFacts {
+/// The platform facts of a VM with `cpus` vCPUs in `mode`, whose IOAPIC
+/// reports storms past `storm_threshold` (reported to the guest in
+/// QUERY_PLATFORM). vCPU `i` has APIC ID `i` (see `cpuid`); every vCPU is
+/// online; a KAFFINITY names the first 64.
+pub(crate) fn platform_facts(
+    cpus: u32,
+    mode: Mode,
+    x2apic: bool,
+    storm_threshold: u32,
+) -> PlatformFacts {
     PlatformFacts {
         cpu_count: cpus,
         online_mask: present_mask(cpus),
         apic_ids: (0..cpus).collect(),
-        irqchip_mode: match mode {
-            IrqchipMode::Kernel => irqconnect::platform::IrqchipMode::Kernel,
-            IrqchipMode::Split => irqconnect::platform::IrqchipMode::Split,
-            IrqchipMode::User => irqconnect::platform::IrqchipMode::User,
-        },
+        irqchip_mode: mode,
         x2apic,
-        storm_threshold: STORM_THRESHOLD,
+        storm_threshold,
     }
 }
 
@@ -60,11 +59,16 @@ pub(crate) fn build_service(facts: PlatformFacts, devices: Option<&Path>) -> Res
 }
 
 /// The service `args` describe (`--cpus`, `--irqchip`, `--x2apic`,
-/// `--devices`). Needs no KVM, so a bad table is reported before the VM
-/// exists.
-pub(crate) fn service_from_args(args: &Args) -> Result<Service> {
+/// `--devices`), reporting `storm_threshold`. Needs no KVM, so a bad table
+/// is reported before the VM exists.
+pub(crate) fn service_from_args(args: &Args, storm_threshold: u32) -> Result<Service> {
     build_service(
-        platform_facts(args.cpus, args.irqchip, args.x2apic.is_on()),
+        platform_facts(
+            args.cpus,
+            args.irqchip,
+            args.x2apic.is_on(),
+            storm_threshold,
+        ),
         args.devices.as_deref(),
     )
 }
@@ -76,22 +80,24 @@ mod tests {
     /// `resources/devices/default.json`, the example `--devices` file.
     const DEFAULT_JSON: &str = include_str!("../../../resources/devices/default.json");
 
+    const THRESHOLD: u32 = irqchip_kvm::DEFAULT_STORM_THRESHOLD;
+
     fn facts(cpus: u32) -> PlatformFacts {
-        platform_facts(cpus, IrqchipMode::Kernel, false)
+        platform_facts(cpus, Mode::Kernel, false, THRESHOLD)
     }
 
     #[test]
     fn platform_facts_follow_the_command_line() {
-        let f = platform_facts(3, IrqchipMode::Split, true);
+        let f = platform_facts(3, Mode::Split, true, THRESHOLD);
         assert_eq!(f.cpu_count, 3);
         assert_eq!(f.online_mask, 0b111);
         assert_eq!(f.apic_ids, vec![0, 1, 2]);
-        assert_eq!(f.irqchip_mode, irqconnect::platform::IrqchipMode::Split);
+        assert_eq!(f.irqchip_mode, Mode::Split);
         assert!(f.x2apic);
-        assert_eq!(f.storm_threshold, STORM_THRESHOLD);
+        assert_eq!(f.storm_threshold, THRESHOLD);
         // KAFFINITY names the first 64 processors only.
         assert_eq!(
-            platform_facts(100, IrqchipMode::User, false).online_mask,
+            platform_facts(100, Mode::User, false, THRESHOLD).online_mask,
             u64::MAX
         );
     }

@@ -60,7 +60,7 @@ mod tests {
 
     #[test]
     fn doorbell_32bit_read_returns_signature() {
-        let (pv, _chip, _mem) = pv_with(RecordingChip::kernel());
+        let (pv, _chip, _mem) = pv_with(RecordingChip::working());
         let dev = Doorbell::shared(&pv);
         let mut word = [0u8; 4];
         dev.lock().unwrap().read(A, 0, &mut word);
@@ -70,7 +70,7 @@ mod tests {
 
     #[test]
     fn doorbell_other_widths_and_offsets_ignored_and_counted() {
-        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        let (pv, chip, mem) = pv_with(RecordingChip::working());
         let dev = Doorbell::shared(&pv);
         let mut d = dev.lock().unwrap();
         let mut b1 = [0u8; 1];

@@ -8,21 +8,22 @@
 //!   hands the guest-physical address of a request block to
 //!   [`PvConnect::doorbell`] on the writing vCPU's thread.
 //! - [`ram`]: [`irqconnect::GuestRam`] over vm-memory's checked accesses.
-//! - [`route`]: a service route as a [`crate::irq::PinProgram`].
+//! - [`route`]: a service route as the redirection entry the chip
+//!   programs.
 //! - [`counters`]: what the statistics line shows.
 //!
 //! Route application: every route update a request returns is programmed
-//! with [`InterruptController::program_pin`] before the doorbell write
-//! returns, so before the vCPU resumes; the service lock is held
-//! meanwhile, so two vCPUs' requests cannot reorder their pin programming.
-//! A mode that cannot program pins still gets correct answers; the failure
-//! is reported once, and every failed update is counted.
+//! with `Irqchip::program_pin` (through [`PinProgrammer`]) before the
+//! doorbell write returns, so before the vCPU resumes; the service lock is
+//! held meanwhile, so two vCPUs' requests cannot reorder their pin
+//! programming. A failed update still leaves a correct answer; it is
+//! counted and warned about at a rate limit.
 //!
 //! Storm guard ([`PvConnect::mask_storming_pin`]): the split and user
-//! modes' IOAPIC model reports a level pin re-delivered past
-//! [`config::STORM_THRESHOLD`] times after EOI; the controller hands the
-//! pin, with its locks released, to the sink `machine` installed
-//! ([`PvConnect::storm_sink`] through `InterruptController::set_storm_sink`),
+//! modes' IOAPIC model reports a level pin re-delivered past the storm
+//! threshold after EOI; the chip hands the pin, with its locks released, to
+//! the sink `machine` installed ([`PvConnect::storm_sink`] through
+//! `Irqchip::set_storm_sink`),
 //! which masks it and tells the service. Kernel mode cannot see EOIs, so
 //! there is no storm guard there.
 
@@ -32,27 +33,39 @@ pub(crate) mod doorbell;
 pub(crate) mod ram;
 pub(crate) mod route;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use irqconnect::{DeviceTable, InterruptMode, Outcome, PinRoute, RouteUpdate, Service};
+use irqchip::ioapic::RedirectionEntry;
+use irqchip_kvm::ratelimit::RateLimiter;
+use irqchip_kvm::{IrqError, Irqchip, StormSink};
+use irqconnect::{DeviceTable, Outcome, PinRoute, RouteUpdate, Service};
 use vm_memory::GuestMemoryMmap;
 
-use crate::devices::testdev::{TestdevSpec, Trigger};
-use crate::irq::{InterruptController, IrqError, StormSink};
-use crate::ratelimit::RateLimiter;
+use crate::devices::testdev::TestdevSpec;
 use counters::{PvCounters, PvStats};
 use ram::VmRam;
+
+/// Where the service's routes go: the interrupt controller's host pin
+/// programming (a trait so the service is tested against a recording chip).
+pub(crate) trait PinProgrammer: Send + Sync {
+    /// Programs `pin` with `entry` (see `Irqchip::program_pin`).
+    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError>;
+}
+
+impl PinProgrammer for Irqchip {
+    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
+        Irqchip::program_pin(self, pin, entry)
+    }
+}
 
 /// The PV connect service of one VM, with what it needs to answer and
 /// route: guest RAM and the interrupt controller.
 pub(crate) struct PvConnect {
     service: Mutex<Service>,
     mem: GuestMemoryMmap,
-    ctrl: Arc<dyn InterruptController>,
+    chip: Box<dyn PinProgrammer>,
     counters: PvCounters,
-    /// "Routes cannot be applied in this mode" was logged.
-    unsupported_reported: AtomicBool,
     /// Pins whose storm masking was logged (bit `p` = pin `p`).
     storm_logged: AtomicU32,
     warn_unreadable: RateLimiter,
@@ -62,18 +75,17 @@ pub(crate) struct PvConnect {
 }
 
 impl PvConnect {
-    /// The service `service`, answering in `mem`, routing through `ctrl`.
+    /// The service `service`, answering in `mem`, routing through `chip`.
     pub(crate) fn new(
         service: Service,
         mem: GuestMemoryMmap,
-        ctrl: Arc<dyn InterruptController>,
+        chip: impl PinProgrammer + 'static,
     ) -> Arc<Self> {
         Arc::new(Self {
             service: Mutex::new(service),
             mem,
-            ctrl,
+            chip: Box::new(chip),
             counters: PvCounters::default(),
-            unsupported_reported: AtomicBool::new(false),
             storm_logged: AtomicU32::new(0),
             warn_unreadable: RateLimiter::new(),
             warn_unwritable: RateLimiter::new(),
@@ -126,8 +138,8 @@ impl PvConnect {
 
     /// Programs one route update; counts it and reports a failure.
     fn apply(&self, service: &Service, update: &RouteUpdate) {
-        let program = route::pin_program(&update.route, service.platform());
-        match self.ctrl.program_pin(update.pin, &program) {
+        let entry = route::entry_for(&update.route, service.platform());
+        match self.chip.program_pin(update.pin, entry) {
             Ok(()) => self.counters.route_applied(),
             Err(e) => {
                 self.counters.route_failed();
@@ -137,13 +149,7 @@ impl PvConnect {
     }
 
     fn report_route_failure(&self, pin: u8, e: &IrqError) {
-        if matches!(e, IrqError::Unsupported(_)) {
-            if !self.unsupported_reported.swap(true, Ordering::Relaxed) {
-                log::warn!(
-                    "PV routes are answered but not applied: {e} (first: pin {pin}; every failure is counted)"
-                );
-            }
-        } else if let Some(suppressed) = self.warn_route.check() {
+        if let Some(suppressed) = self.warn_route.check() {
             log::warn!(
                 "PV route for pin {pin} not applied: {e}{}",
                 suppressed_note(suppressed)
@@ -153,7 +159,7 @@ impl PvConnect {
 
     /// The storm-guard hook: the IOAPIC model (split and user modes)
     /// reported level pin `pin` past the storm threshold. Masks the pin
-    /// through [`InterruptController::program_pin`] (the service's route,
+    /// through [`PinProgrammer::program_pin`] (the service's route,
     /// masked), records it in the service (QUERY_ROUTE reads it masked,
     /// QUERY_PLATFORM counts it; the next CONNECT on the vector re-arms the
     /// pin), logs once per pin, counts each masking. A report for a pin
@@ -251,10 +257,7 @@ pub(crate) fn testdev_specs(table: &DeviceTable) -> Vec<TestdevSpec> {
                 TestdevSpec {
                     index,
                     pin: first.pin,
-                    trigger: match first.mode {
-                        InterruptMode::LevelSensitive => Trigger::Level,
-                        InterruptMode::Latched => Trigger::Edge,
-                    },
+                    trigger: first.mode.trigger_mode(),
                 },
             )
         })
@@ -267,80 +270,52 @@ pub(crate) mod test_support {
 
     use std::sync::{Arc, Mutex};
 
+    use irqchip::ioapic::RedirectionEntry;
+    use irqchip_kvm::{IrqError, Mode};
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-    use super::PvConnect;
     use super::config::{build_service, platform_facts};
-    use crate::cli::IrqchipMode;
-    use crate::irq::{
-        ExitAction, InterruptController, IrqError, IrqExit, IrqStats, PinProgram, VcpuInterrupts,
-    };
+    use super::{PinProgrammer, PvConnect};
 
     /// Guest RAM of the tests' services.
     pub(crate) const RAM: u64 = 0x10_0000;
 
-    /// Records every `program_pin`; `unsupported` answers like a mode
-    /// without host pin programming.
+    /// Records every `program_pin`; `failing` refuses each one as a failed
+    /// ioctl would.
     pub(crate) struct RecordingChip {
-        unsupported: bool,
-        programs: Mutex<Vec<(u8, PinProgram)>>,
+        failing: bool,
+        programs: Mutex<Vec<(u8, RedirectionEntry)>>,
     }
 
     impl RecordingChip {
-        /// Programs pins like kernel mode.
-        pub(crate) fn kernel() -> Arc<Self> {
+        /// Programs every pin.
+        pub(crate) fn working() -> Arc<Self> {
             Arc::new(Self {
-                unsupported: false,
+                failing: false,
                 programs: Mutex::new(Vec::new()),
             })
         }
 
         /// Refuses to program pins.
-        pub(crate) fn unsupported() -> Arc<Self> {
+        pub(crate) fn failing() -> Arc<Self> {
             Arc::new(Self {
-                unsupported: true,
+                failing: true,
                 programs: Mutex::new(Vec::new()),
             })
         }
 
         /// Every pin programmed so far, in order.
-        pub(crate) fn programs(&self) -> Vec<(u8, PinProgram)> {
+        pub(crate) fn programs(&self) -> Vec<(u8, RedirectionEntry)> {
             self.programs.lock().unwrap().clone()
         }
     }
 
-    struct NoVcpu;
-    impl VcpuInterrupts for NoVcpu {
-        fn on_exit(&mut self, _exit: IrqExit<'_>) -> ExitAction {
-            ExitAction::Unexpected
-        }
-    }
-
-    impl InterruptController for RecordingChip {
-        fn mode(&self) -> IrqchipMode {
-            if self.unsupported {
-                IrqchipMode::User
-            } else {
-                IrqchipMode::Kernel
+    impl PinProgrammer for Arc<RecordingChip> {
+        fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
+            if self.failing {
+                return Err(IrqError::NoSuchGsi(u32::from(pin)));
             }
-        }
-        fn gsi_count(&self) -> u32 {
-            24
-        }
-        fn set_level(&self, _gsi: u32, _high: bool) -> Result<(), IrqError> {
-            Ok(())
-        }
-        fn vcpu(&self, _index: usize) -> Box<dyn VcpuInterrupts> {
-            Box::new(NoVcpu)
-        }
-        fn stats(&self) -> IrqStats {
-            IrqStats::default()
-        }
-        fn program_pin(&self, pin: u8, route: &PinProgram) -> Result<(), IrqError> {
-            if self.unsupported {
-                return Err(IrqError::Unsupported(self.mode().name()));
-            }
-            self.programs.lock().unwrap().push((pin, *route));
+            self.programs.lock().unwrap().push((pin, entry));
             Ok(())
         }
     }
@@ -350,10 +325,14 @@ pub(crate) mod test_support {
     pub(crate) fn pv_with(
         chip: Arc<RecordingChip>,
     ) -> (Arc<PvConnect>, Arc<RecordingChip>, GuestMemoryMmap) {
-        let service = build_service(platform_facts(4, IrqchipMode::Kernel, false), None).unwrap();
+        let facts = platform_facts(4, Mode::Kernel, false, irqchip_kvm::DEFAULT_STORM_THRESHOLD);
+        let service = build_service(facts, None).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-        let ctrl: Arc<dyn InterruptController> = chip.clone();
-        (PvConnect::new(service, mem.clone(), ctrl), chip, mem)
+        (
+            PvConnect::new(service, mem.clone(), Arc::clone(&chip)),
+            chip,
+            mem,
+        )
     }
 }
 
@@ -361,7 +340,7 @@ pub(crate) mod test_support {
 mod tests {
     use super::test_support::{RAM, RecordingChip, pv_with};
     use super::*;
-    use crate::irq::{PinDelivery, PinDestMode, PinProgram, PinTrigger};
+    use irqchip::apic_bus::{DeliveryMode, TriggerMode};
     use irqconnect_abi::ntstatus::{STATUS_INVALID_HANDLE, STATUS_SUCCESS};
     use irqconnect_abi::pv::{
         Connect, Disconnect, QueryPlatform, QueryRoute, RequestHeader, STATUS_NO_ANSWER,
@@ -413,7 +392,7 @@ mod tests {
 
     #[test]
     fn doorbell_connect_programs_pin_before_returning() {
-        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        let (pv, chip, mem) = pv_with(RecordingChip::working());
         let c = connect_device0(&pv, &mem, 0b0101);
         assert_ne!(c.handle, 0);
         assert_eq!(c.effective_mask, 0b0101);
@@ -421,14 +400,13 @@ mod tests {
             chip.programs(),
             vec![(
                 16,
-                PinProgram {
-                    vector: 0x60,
-                    trigger: PinTrigger::Level,
-                    dest_mode: PinDestMode::Logical,
-                    destination: 0b0101,
-                    delivery: PinDelivery::LowestPriority,
-                    masked: false,
-                }
+                RedirectionEntry::new()
+                    .with_vector(0x60)
+                    .with_level_triggered(true)
+                    .with_logical(true)
+                    .with_destination(0b0101)
+                    .with_delivery_mode(DeliveryMode::LowestPriority)
+                    .with_masked(false)
             )]
         );
         let s = pv.stats();
@@ -440,7 +418,7 @@ mod tests {
 
     #[test]
     fn doorbell_disconnect_masks_pin_and_stale_handle_refused() {
-        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        let (pv, chip, mem) = pv_with(RecordingChip::working());
         let c = connect_device0(&pv, &mem, 0b1);
         let mut d = Disconnect::new_zeroed();
         d.header = RequestHeader::new::<Disconnect>(opcode::DISCONNECT);
@@ -448,7 +426,7 @@ mod tests {
         assert_eq!(ring(&pv, &mem, &d).header.status, STATUS_SUCCESS);
         let last = chip.programs().last().copied().unwrap();
         assert_eq!(last.0, 16);
-        assert!(last.1.masked);
+        assert!(last.1.masked());
         d.header.status = STATUS_NO_ANSWER;
         assert_eq!(ring(&pv, &mem, &d).header.status, STATUS_INVALID_HANDLE);
         assert_eq!(chip.programs().len(), 2);
@@ -456,8 +434,8 @@ mod tests {
     }
 
     #[test]
-    fn doorbell_unsupported_mode_answers_and_counts_failure() {
-        let (pv, chip, mem) = pv_with(RecordingChip::unsupported());
+    fn doorbell_route_failure_still_answers_and_is_counted() {
+        let (pv, chip, mem) = pv_with(RecordingChip::failing());
         let c = connect_device0(&pv, &mem, 0b1);
         assert_ne!(c.handle, 0);
         let e = ring(
@@ -469,7 +447,6 @@ mod tests {
         assert!(chip.programs().is_empty());
         let s = pv.stats();
         assert_eq!((s.routes_applied, s.route_failures), (0, 2));
-        assert!(pv.unsupported_reported.load(Ordering::Relaxed));
         // The service still reports the route it decided.
         let mut q = QueryRoute::new_zeroed();
         q.header = RequestHeader::new::<QueryRoute>(opcode::QUERY_ROUTE);
@@ -480,7 +457,7 @@ mod tests {
 
     #[test]
     fn doorbell_unreadable_blocks_counted_not_answered() {
-        let (pv, chip, _mem) = pv_with(RecordingChip::kernel());
+        let (pv, chip, _mem) = pv_with(RecordingChip::working());
         for gpa in [RAM as u32, RAM as u32 - 8, 0xfec0_0000, u32::MAX] {
             assert!(
                 matches!(pv.doorbell(gpa), Outcome::Unreadable { .. }),
@@ -494,15 +471,15 @@ mod tests {
 
     #[test]
     fn storm_hook_masks_pin_records_it_and_ignores_repeats() {
-        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        let (pv, chip, mem) = pv_with(RecordingChip::working());
         connect_device0(&pv, &mem, 0b1);
         pv.mask_storming_pin(16);
         pv.mask_storming_pin(16);
         let programs = chip.programs();
         assert_eq!(programs.len(), 2);
         assert_eq!(programs[1].0, 16);
-        assert!(programs[1].1.masked);
-        assert_eq!(programs[1].1.vector, 0x60);
+        assert!(programs[1].1.masked());
+        assert_eq!(programs[1].1.vector(), 0x60);
         assert_eq!(pv.stats().storm_masks, 1);
         let mut q = QueryPlatform::new_zeroed();
         q.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
@@ -516,7 +493,7 @@ mod tests {
         );
         assert_eq!(again.header.status, STATUS_SUCCESS);
         let last = chip.programs().last().copied().unwrap();
-        assert_eq!((last.0, last.1.masked), (16, false));
+        assert_eq!((last.0, last.1.masked()), (16, false));
         // Pins past the IOAPIC, and pins no PV device uses, are left alone.
         pv.mask_storming_pin(40);
         pv.mask_storming_pin(5);
@@ -526,32 +503,32 @@ mod tests {
 
     #[test]
     fn storm_sink_masks_through_a_weak_reference() {
-        let (pv, chip, mem) = pv_with(RecordingChip::kernel());
+        let (pv, chip, mem) = pv_with(RecordingChip::working());
         connect_device0(&pv, &mem, 0b1);
         let sink = pv.storm_sink();
         sink(16);
         assert_eq!(pv.stats().storm_masks, 1);
-        assert!(chip.programs().last().unwrap().1.masked);
+        assert!(chip.programs().last().unwrap().1.masked());
         drop(pv);
         sink(16); // the service is gone: nothing happens, no panic
     }
 
     #[test]
     fn testdev_specs_follow_the_default_table() {
-        let (pv, _chip, _mem) = pv_with(RecordingChip::kernel());
+        let (pv, _chip, _mem) = pv_with(RecordingChip::working());
         let specs = pv.testdev_specs();
         let got: Vec<_> = specs.iter().map(|s| (s.index, s.pin, s.trigger)).collect();
         assert_eq!(
             got,
             vec![
-                (0, 16, Trigger::Level),
-                (1, 17, Trigger::Edge),
-                (2, 18, Trigger::Level),
-                (3, 18, Trigger::Level),
-                (4, 19, Trigger::Edge),
-                (5, 20, Trigger::Edge),
-                (6, 21, Trigger::Level),
-                (7, 22, Trigger::Level),
+                (0, 16, TriggerMode::Level),
+                (1, 17, TriggerMode::Edge),
+                (2, 18, TriggerMode::Level),
+                (3, 18, TriggerMode::Level),
+                (4, 19, TriggerMode::Edge),
+                (5, 20, TriggerMode::Edge),
+                (6, 21, TriggerMode::Level),
+                (7, 22, TriggerMode::Level),
             ]
         );
     }
@@ -566,6 +543,6 @@ mod tests {
         .unwrap();
         let specs = testdev_specs(&table);
         assert_eq!(specs.len(), 1);
-        assert_eq!((specs[0].pin, specs[0].trigger), (5, Trigger::Edge));
+        assert_eq!((specs[0].pin, specs[0].trigger), (5, TriggerMode::Edge));
     }
 }

@@ -1,53 +1,47 @@
-//! From the PV service's routes to what the interrupt controller programs.
+//! From the PV service's routes to the redirection entry the interrupt
+//! controller programs.
 //!
 //! The service decides routes as processor masks ([`PinRoute`]);
 //! [`ApicDestination::for_route`] turns a mask into an APIC destination for
 //! the platform's convention (an 8-bit logical destination for masks within
 //! processors 0..7: xAPIC flat with LDR = 1 << index, and, when x2APIC is
 //! offered and APIC ID = index, x2APIC cluster 0 as well; else physical to
-//! the lowest processor's APIC ID),
-//! and [`pin_program`] into the [`PinProgram`] every irqchip mode takes.
+//! the lowest processor's APIC ID), and [`entry_for`] into the
+//! [`RedirectionEntry`] every irqchip mode takes: the one place a route
+//! becomes an entry.
 
+use irqchip::apic_bus::{DeliveryMode, TriggerMode};
+use irqchip::ioapic::RedirectionEntry;
 use irqconnect::route::ApicDestination;
-use irqconnect::{PinRoute, Platform, Trigger};
+use irqconnect::{PinRoute, Platform};
 
-use crate::irq::{PinDelivery, PinDestMode, PinProgram, PinTrigger};
-
-/// The program of a pin routed as `route` on `platform`. A masked route,
-/// or one that names no processor, becomes a masked program that keeps the
-/// route's vector and trigger mode.
-pub(crate) fn pin_program(route: &PinRoute, platform: &Platform) -> PinProgram {
-    let trigger = match route.trigger {
-        Trigger::Edge => PinTrigger::Edge,
-        Trigger::Level => PinTrigger::Level,
-    };
-    let base = PinProgram {
-        vector: route.vector,
-        trigger,
-        dest_mode: PinDestMode::Physical,
-        destination: 0,
-        delivery: PinDelivery::Fixed,
-        masked: true,
-    };
+/// The entry of a pin routed as `route` on `platform`: active high, with
+/// the route's vector and trigger mode. A masked route, or one that names
+/// no processor, is a masked entry (it keeps the vector and trigger mode,
+/// so Remote IRR handling does not change under it).
+pub(crate) fn entry_for(route: &PinRoute, platform: &Platform) -> RedirectionEntry {
+    let base = RedirectionEntry::new()
+        .with_vector(route.vector)
+        .with_level_triggered(route.trigger == TriggerMode::Level)
+        .with_masked(true);
     match ApicDestination::for_route(route, platform) {
         ApicDestination::Logical {
             mask,
             lowest_priority,
-        } => PinProgram {
-            dest_mode: PinDestMode::Logical,
-            destination: u32::from(mask),
-            delivery: if lowest_priority {
-                PinDelivery::LowestPriority
+        } => base
+            .with_logical(true)
+            .with_destination(mask)
+            .with_delivery_mode(if lowest_priority {
+                DeliveryMode::LowestPriority
             } else {
-                PinDelivery::Fixed
-            },
-            masked: false,
-            ..base
-        },
-        ApicDestination::Physical { apic_id } => PinProgram {
-            destination: apic_id,
-            masked: false,
-            ..base
+                DeliveryMode::Fixed
+            })
+            .with_masked(false),
+        ApicDestination::Physical { apic_id } => match u8::try_from(apic_id) {
+            Ok(id) => base.with_destination(id).with_masked(false),
+            // An APIC ID the 8-bit destination cannot name: the pin cannot
+            // reach it, so it stays masked rather than go elsewhere.
+            Err(_) => base,
         },
         ApicDestination::None => base,
     }
@@ -65,7 +59,7 @@ mod tests {
         Platform::new(facts).unwrap()
     }
 
-    fn route(destination: u64, trigger: Trigger) -> PinRoute {
+    fn route(destination: u64, trigger: TriggerMode) -> PinRoute {
         PinRoute {
             masked: false,
             vector: 0x70,
@@ -76,86 +70,91 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pin_program_several_low_processors_logical_lowest_priority() {
-        let p = pin_program(&route(0b1010, Trigger::Level), &platform(4, false));
-        assert_eq!(
-            p,
-            PinProgram {
-                vector: 0x70,
-                trigger: PinTrigger::Level,
-                dest_mode: PinDestMode::Logical,
-                destination: 0b1010,
-                delivery: PinDelivery::LowestPriority,
-                masked: false,
-            }
-        );
+    /// The fields a route decides: (logical, destination, delivery mode,
+    /// level, masked).
+    fn fields(e: RedirectionEntry) -> (bool, u8, DeliveryMode, bool, bool) {
+        (
+            e.logical(),
+            e.destination(),
+            e.delivery_mode(),
+            e.level_triggered(),
+            e.masked(),
+        )
     }
 
     #[test]
-    fn pin_program_one_processor_logical_fixed() {
-        let p = pin_program(&route(0b0100, Trigger::Edge), &platform(4, false));
+    fn entry_for_several_low_processors_logical_lowest_priority() {
+        let e = entry_for(&route(0b1010, TriggerMode::Level), &platform(4, false));
+        assert_eq!(e.vector(), 0x70);
         assert_eq!(
-            (p.dest_mode, p.destination, p.delivery, p.trigger, p.masked),
-            (
-                PinDestMode::Logical,
-                0b0100,
-                PinDelivery::Fixed,
-                PinTrigger::Edge,
-                false
-            )
+            fields(e),
+            (true, 0b1010, DeliveryMode::LowestPriority, true, false)
         );
+        assert!(!e.active_low() && !e.remote_irr());
+        assert_eq!(e.extended_destination(), 0);
     }
 
     #[test]
-    fn pin_program_processor_above_7_physical_to_lowest_apic_id() {
+    fn entry_for_one_processor_logical_fixed() {
+        let e = entry_for(&route(0b0100, TriggerMode::Edge), &platform(4, false));
+        assert_eq!(fields(e), (true, 0b0100, DeliveryMode::Fixed, false, false));
+    }
+
+    #[test]
+    fn entry_for_processor_above_7_physical_to_lowest_apic_id() {
         // Processors 3 and 9; APIC ID of processor i is 2i here.
-        let p = pin_program(
-            &route((1 << 9) | (1 << 3), Trigger::Level),
+        let e = entry_for(
+            &route((1 << 9) | (1 << 3), TriggerMode::Level),
             &platform(12, false),
         );
-        assert_eq!(
-            (p.dest_mode, p.destination, p.delivery, p.masked),
-            (PinDestMode::Physical, 6, PinDelivery::Fixed, false)
-        );
+        assert_eq!(fields(e), (false, 6, DeliveryMode::Fixed, true, false));
     }
 
     #[test]
-    fn pin_program_x2apic_ids_equal_indices_logical_lowest_priority() {
+    fn entry_for_x2apic_ids_equal_indices_logical_lowest_priority() {
         let mut facts = PlatformFacts::uniform(4);
         facts.x2apic = true;
-        let p = pin_program(
-            &route(0b110, Trigger::Level),
+        let e = entry_for(
+            &route(0b110, TriggerMode::Level),
             &Platform::new(facts).unwrap(),
         );
         assert_eq!(
-            (p.dest_mode, p.destination, p.delivery),
-            (PinDestMode::Logical, 0b110, PinDelivery::LowestPriority)
+            fields(e),
+            (true, 0b110, DeliveryMode::LowestPriority, true, false)
         );
     }
 
     #[test]
-    fn pin_program_x2apic_ids_not_indices_physical_fixed() {
+    fn entry_for_x2apic_ids_not_indices_physical_fixed() {
         // Here processor i has APIC ID 2i: no logical byte fits both modes.
-        let p = pin_program(&route(0b110, Trigger::Level), &platform(4, true));
-        assert_eq!(
-            (p.dest_mode, p.destination, p.delivery),
-            (PinDestMode::Physical, 2, PinDelivery::Fixed)
-        );
+        let e = entry_for(&route(0b110, TriggerMode::Level), &platform(4, true));
+        assert_eq!(fields(e), (false, 2, DeliveryMode::Fixed, true, false));
     }
 
     #[test]
-    fn pin_program_masked_or_empty_route_masked_keeps_vector_and_trigger() {
+    fn entry_for_masked_or_empty_route_masked_keeps_vector_and_trigger() {
         let plat = platform(4, false);
-        let mut r = route(0b1, Trigger::Level);
+        let mut r = route(0b1, TriggerMode::Level);
         r.masked = true;
-        let p = pin_program(&r, &plat);
-        assert!(p.masked);
-        assert_eq!((p.vector, p.trigger), (0x70, PinTrigger::Level));
-        let empty = pin_program(&route(0, Trigger::Edge), &plat);
-        assert!(empty.masked);
-        let unused = pin_program(&PinRoute::UNUSED, &plat);
-        assert!(unused.masked);
-        assert_eq!(unused.vector, 0);
+        let e = entry_for(&r, &plat);
+        assert!(e.masked());
+        assert_eq!((e.vector(), e.level_triggered()), (0x70, true));
+        let empty = entry_for(&route(0, TriggerMode::Edge), &plat);
+        assert!(empty.masked());
+        let unused = entry_for(&PinRoute::UNUSED, &plat);
+        assert!(unused.masked());
+        assert_eq!(unused.vector(), 0);
+    }
+
+    #[test]
+    fn entry_for_apic_id_above_8_bits_stays_masked() {
+        let mut facts = PlatformFacts::uniform(2);
+        facts.apic_ids = vec![0x100, 0x101];
+        facts.x2apic = true;
+        let e = entry_for(
+            &route(0b1, TriggerMode::Edge),
+            &Platform::new(facts).unwrap(),
+        );
+        assert!(e.masked());
     }
 }

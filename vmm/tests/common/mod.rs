@@ -50,20 +50,11 @@ pub const IOAPIC_WIN: u32 = 0xfec0_0010;
 /// RTE bit 15: level-triggered.
 pub const RTE_LEVEL: u32 = 1 << 15;
 
-/// True when the KVM tests can run. Without /dev/kvm this fails the test
-/// with a clear message, unless `VMM_SKIP_KVM_TESTS=1` asks to skip.
+/// True when the KVM tests can run (`guest_image::require_kvm`: without
+/// /dev/kvm this fails the test with a clear message, unless
+/// `VMM_SKIP_KVM_TESTS=1` asks to skip).
 pub fn require_kvm() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("VMM_SKIP_KVM_TESTS").as_deref() == Ok("1") {
-        eprintln!("skipped: /dev/kvm is missing and VMM_SKIP_KVM_TESTS=1");
-        return false;
-    }
-    panic!(
-        "/dev/kvm is missing: these tests boot guests under KVM. \
-         Set VMM_SKIP_KVM_TESTS=1 to skip them explicitly."
-    );
+    guest_image::require_kvm()
 }
 
 /// A Multiboot a.out-kludge image of `code` assembled to start right after

@@ -13,8 +13,9 @@
 use crate::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
 use crate::ioapic::{Ioapic, IoapicConfig, IoapicCounters, IoapicOutput, IoapicState};
 
-/// Pins of the modelled IOAPIC (82093AA: 24 interrupt inputs).
-pub const PINS: usize = 24;
+/// Pins of the modelled IOAPIC: the model's own count (the reference
+/// restates behaviour, not platform facts).
+pub const PINS: usize = crate::ioapic::NUM_PINS;
 
 /// Entry bits 0..7 vector, 8..10 delivery mode, 11 destination mode,
 /// 13 polarity, 15 trigger mode, 16 mask: writable (82093AA 3.2.4).

@@ -48,9 +48,8 @@
 
 use super::input::Input;
 use super::pin_model::{PINS, RefIoapic, RefOutput};
-use crate::apic_bus::{
-    ApicTarget, Arbiter, DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode,
-};
+use crate::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
+use crate::apic_system::ApicSystem;
 use crate::ioapic::spec::{EOI_OFFSET, IOREGSEL_OFFSET, IOWIN_OFFSET};
 use crate::ioapic::{Ioapic, IoapicOutput, RedirectionEntry};
 use crate::lapic::{AcceptOutcome, Effect, Lapic, LapicConfig, LocalSource};
@@ -269,25 +268,16 @@ fn should_receive(
     }
 }
 
-/// One vCPU: its APIC and what the harness knows it acknowledged.
-struct Cpu {
-    lapic: Lapic,
-    /// Vectors acknowledged and not yet EOId: the ISR the APIC must show.
-    in_service: Vectors,
-}
-
-impl Cpu {
-    /// The APIC was reset (INIT, global disable or enable): nothing in service.
-    fn reset(&mut self) {
-        self.in_service = Vectors::default();
-    }
-}
-
+/// The chip under test: the IOAPIC and the VMM's own [`ApicSystem`] (the
+/// code a user-mode VMM runs), next to what the harness knows.
 struct System {
     ioapic: Ioapic,
     reference: RefIoapic,
-    cpus: Vec<Cpu>,
-    arbiter: Arbiter,
+    apics: ApicSystem,
+    /// Per vCPU: vectors acknowledged and not yet EOId, the ISR its APIC
+    /// must show. Cleared when the APIC is reset (INIT, global disable or
+    /// enable).
+    in_service: Vec<Vectors>,
     now: u64,
 }
 
@@ -298,7 +288,7 @@ pub fn run(data: &[u8]) -> Result<(), String> {
     let config = super::ioapic::config(input.u8());
     let shape = input.u8();
     let count = 1 + usize::from(shape) % MAX_CPUS;
-    let mut cpus = Vec::with_capacity(count);
+    let mut configs = Vec::with_capacity(count);
     for index in 0..count {
         let byte = input.u8();
         let apic_id = match byte >> 6 {
@@ -308,16 +298,13 @@ pub fn run(data: &[u8]) -> Result<(), String> {
         };
         let mut lapic_config = LapicConfig::new(apic_id, index == 0);
         lapic_config.directed_eoi = shape & 0x80 != 0;
-        cpus.push(Cpu {
-            lapic: Lapic::new(lapic_config),
-            in_service: Vectors::default(),
-        });
+        configs.push(lapic_config);
     }
     let mut system = System {
         ioapic: crate::ioapic::Ioapic::new(config),
         reference: RefIoapic::new(&config),
-        cpus,
-        arbiter: Arbiter::new(),
+        apics: ApicSystem::new(configs),
+        in_service: vec![Vectors::default(); count],
         now: 0,
     };
     let mut step = 0usize;
@@ -334,7 +321,14 @@ pub fn run(data: &[u8]) -> Result<(), String> {
 
 impl System {
     fn cpu_index(&self, input: &mut Input<'_>) -> usize {
-        usize::from(input.u8()) % self.cpus.len().max(1)
+        usize::from(input.u8()) % self.apics.len().max(1)
+    }
+
+    /// vCPU `cpu`'s APIC was reset: nothing in service.
+    fn reset(&mut self, cpu: usize) {
+        if let Some(set) = self.in_service.get_mut(cpu) {
+            *set = Vectors::default();
+        }
     }
 
     fn apply(&mut self, input: &mut Input<'_>, op: u8) -> Result<(), String> {
@@ -410,12 +404,10 @@ impl System {
             9 => {
                 let cpu = self.cpu_index(input);
                 let cr8 = u64::from(input.u8());
-                let now = self.now;
-                let Some(c) = self.cpus.get_mut(cpu) else {
+                let Some(deliverable) = self.apics.with(cpu, |l| l.set_cr8(cr8)) else {
                     return Ok(());
                 };
-                let deliverable = c.lapic.set_cr8(cr8);
-                let observed = observe(&c.lapic, now)?;
+                let observed = self.observe(cpu)?;
                 if let Some(v) = deliverable
                     && (v >> 4 <= observed.ppr >> 4 || observed.irr.highest() != Some(v))
                 {
@@ -427,8 +419,8 @@ impl System {
                     .now
                     .saturating_add(u64::from(input.u16()) << (input.u8() % 24));
                 let now = self.now;
-                for c in &mut self.cpus {
-                    let _ = c.lapic.tick(now);
+                for cpu in 0..self.apics.len() {
+                    let _ = self.apics.with(cpu, |l| l.tick(now));
                 }
             }
             11 => {
@@ -440,12 +432,13 @@ impl System {
             }
             12 => {
                 let cpu = self.cpu_index(input);
-                if let Some(c) = self.cpus.get_mut(cpu) {
-                    let _ = (c.lapic.take_nmi(), c.lapic.take_smi(), c.lapic.take_init());
-                    let _ = (c.lapic.take_sipi(), c.lapic.take_extint());
-                    if c.lapic.has_pending_event() {
-                        return Err(format!("cpu {cpu}: events pending after taking them all"));
-                    }
+                let pending = self.apics.with(cpu, |l| {
+                    let _ = (l.take_nmi(), l.take_smi(), l.take_init());
+                    let _ = (l.take_sipi(), l.take_extint());
+                    l.has_pending_event()
+                });
+                if pending == Some(true) {
+                    return Err(format!("cpu {cpu}: events pending after taking them all"));
                 }
             }
             13 => self.snapshot()?,
@@ -459,9 +452,9 @@ impl System {
                 let cpu = self.cpu_index(input);
                 let vector = input.u8();
                 let now = self.now;
-                if let Some(c) = self.cpus.get_mut(cpu) {
-                    let _ = c.lapic.msr_write(SELF_IPI_MSR, u64::from(vector), now);
-                }
+                let _ = self
+                    .apics
+                    .with(cpu, |l| l.msr_write(SELF_IPI_MSR, u64::from(vector), now));
             }
         }
         Ok(())
@@ -484,15 +477,15 @@ impl System {
         Ok(())
     }
 
-    /// Puts `message` on the bus, checks who it reaches against the oracle,
-    /// and has them accept it.
+    /// Puts `message` on the bus through the [`ApicSystem`], checks who it
+    /// reaches against the oracle, and what each destination made of it.
     fn deliver(&mut self, message: &Message, source: Option<usize>) -> Result<(), String> {
         let now = self.now;
-        let targets: Vec<ApicTarget> = self.cpus.iter().map(|c| c.lapic.bus_target()).collect();
         let observed = self
-            .cpus
+            .apics
+            .lapics()
             .iter()
-            .map(|c| observe_target(&c.lapic, now))
+            .map(|l| observe_target(l, now))
             .collect::<Result<Vec<_>, _>>()?;
         let eligible: Vec<usize> = observed
             .iter()
@@ -500,9 +493,10 @@ impl System {
             .filter(|(i, o)| should_receive(message, o, *i, source))
             .map(|(i, _)| i)
             .collect();
+        let mut outcomes = Vec::new();
         let reached: Vec<usize> = self
-            .arbiter
-            .route(message, &targets, source)
+            .apics
+            .deliver_each(message, source, |i, o| outcomes.push((i, o)))
             .iter()
             .collect();
         let arbitrated = message.delivery_mode == DeliveryMode::LowestPriority
@@ -533,32 +527,41 @@ impl System {
                 "{message:?} from {source:?} reached {reached:?}, must reach {eligible:?}"
             ));
         }
-        for index in reached {
-            self.accept(index, message)?;
+        if outcomes.iter().map(|&(i, _)| i).ne(reached.iter().copied()) {
+            return Err(format!(
+                "{message:?}: destinations {reached:?} but answers from {outcomes:?}"
+            ));
+        }
+        for (index, outcome) in outcomes {
+            self.check_accept(index, message, outcome)?;
         }
         Ok(())
     }
 
-    fn accept(&mut self, index: usize, message: &Message) -> Result<(), String> {
-        let now = self.now;
-        let Some(cpu) = self.cpus.get_mut(index) else {
+    /// What LAPIC `index` answered to `message` against what it must hold now.
+    fn check_accept(
+        &mut self,
+        index: usize,
+        message: &Message,
+        outcome: AcceptOutcome,
+    ) -> Result<(), String> {
+        let Some(lapic) = self.apics.get(index) else {
             return Err(format!("message routed to missing vCPU {index}"));
         };
-        let outcome = cpu.lapic.accept(message);
         let v = message.vector;
         match message.delivery_mode {
             DeliveryMode::Fixed | DeliveryMode::LowestPriority => match outcome {
                 AcceptOutcome::Requested | AcceptOutcome::Coalesced => {
-                    let observed = observe(&cpu.lapic, now)?;
+                    let observed = observe(lapic, self.now)?;
                     let level = message.trigger_mode == TriggerMode::Level;
-                    if !cpu.lapic.is_requested(v) || cpu.lapic.is_level(v) != level {
+                    if !lapic.is_requested(v) || lapic.is_level(v) != level {
                         return Err(format!(
                             "cpu {index} accepted {message:?} ({outcome:?}) but IRR/TMR of {v:#x} are {}/{}",
-                            cpu.lapic.is_requested(v),
-                            cpu.lapic.is_level(v)
+                            lapic.is_requested(v),
+                            lapic.is_level(v)
                         ));
                     }
-                    if observed.tmr.0 != tmr_of(&cpu.lapic).0 {
+                    if observed.tmr.0 != tmr_of(lapic).0 {
                         return Err(format!("cpu {index}: TMR register disagrees with is_level"));
                     }
                 }
@@ -571,7 +574,7 @@ impl System {
             },
             DeliveryMode::Init => {
                 if outcome == AcceptOutcome::Latched {
-                    cpu.reset();
+                    self.reset(index);
                 }
             }
             DeliveryMode::Reserved => {
@@ -586,6 +589,14 @@ impl System {
             }
         }
         Ok(())
+    }
+
+    /// LAPIC `cpu` as the guest reads it now.
+    fn observe(&self, cpu: usize) -> Result<Observed, String> {
+        match self.apics.get(cpu) {
+            Some(lapic) => observe(lapic, self.now),
+            None => Err(format!("no vCPU {cpu}")),
+        }
     }
 
     fn effect(&mut self, cpu: usize, effect: Option<Effect>) -> Result<(), String> {
@@ -621,72 +632,69 @@ impl System {
             });
         }
         let now = self.now;
-        let Some(c) = self.cpus.get_mut(cpu) else {
-            return Ok(());
-        };
-        let effect = if c.lapic.is_x2apic() {
-            let msr = 0x800 + u32::from(register >> 4);
-            c.lapic
-                .msr_write(msr, u64::from(value), now)
-                .unwrap_or(None)
-        } else {
-            c.lapic
-                .mmio_write(u64::from(register), &value.to_le_bytes(), now)
-        };
-        self.effect(cpu, effect)
+        let effect = self.apics.with(cpu, |l| {
+            if l.is_x2apic() {
+                let msr = 0x800 + u32::from(register >> 4);
+                l.msr_write(msr, u64::from(value), now).unwrap_or(None)
+            } else {
+                l.mmio_write(u64::from(register), &value.to_le_bytes(), now)
+            }
+        });
+        self.effect(cpu, effect.flatten())
     }
 
     fn apic_mode(&mut self, cpu: usize, mode: u8) -> Result<(), String> {
         let now = self.now;
-        let Some(c) = self.cpus.get_mut(cpu) else {
+        let Some(before) = self
+            .apics
+            .get(cpu)
+            .map(|l| l.clone().msr_read(IA32_APIC_BASE, now))
+        else {
             return Ok(());
         };
-        let before = c
-            .lapic
-            .msr_read(IA32_APIC_BASE, now)
-            .map_err(|gp| format!("IA32_APIC_BASE read faulted: {gp:?}"))?;
+        let before = before.map_err(|gp| format!("IA32_APIC_BASE read faulted: {gp:?}"))?;
         let bits = match mode {
             0 => 0,
             1 => BASE_EN,
             _ => BASE_EN | BASE_EXTD,
         };
         let value = BASE_ADDRESS | (before & BASE_BSP) | bits;
-        if c.lapic.msr_write(IA32_APIC_BASE, value, now).is_ok()
-            && (before & BASE_EN != 0) != (value & BASE_EN != 0)
-        {
-            c.reset();
+        let written = self
+            .apics
+            .with(cpu, |l| l.msr_write(IA32_APIC_BASE, value, now).is_ok());
+        if written == Some(true) && (before & BASE_EN != 0) != (value & BASE_EN != 0) {
+            self.reset(cpu);
         }
         Ok(())
     }
 
     fn ipi(&mut self, cpu: usize, low: u32, destination: u32) -> Result<(), String> {
         let now = self.now;
-        let Some(c) = self.cpus.get_mut(cpu) else {
-            return Ok(());
-        };
-        let effect = if c.lapic.is_x2apic() {
-            let icr = u64::from(destination) << 32 | u64::from(low & 0x000c_cfff);
-            c.lapic.msr_write(ICR_MSR, icr, now).unwrap_or(None)
-        } else {
-            let high =
-                c.lapic
-                    .mmio_write(u64::from(ICR_HIGH), &(destination << 24).to_le_bytes(), now);
-            if high.is_some() {
-                return Err(format!("cpu {cpu}: an ICR high write had an effect"));
+        let written = self.apics.with(cpu, |l| {
+            if l.is_x2apic() {
+                let icr = u64::from(destination) << 32 | u64::from(low & 0x000c_cfff);
+                Ok(l.msr_write(ICR_MSR, icr, now).unwrap_or(None))
+            } else {
+                let high =
+                    l.mmio_write(u64::from(ICR_HIGH), &(destination << 24).to_le_bytes(), now);
+                if high.is_some() {
+                    return Err(format!("cpu {cpu}: an ICR high write had an effect"));
+                }
+                Ok(l.mmio_write(u64::from(ICR_LOW), &low.to_le_bytes(), now))
             }
-            c.lapic
-                .mmio_write(u64::from(ICR_LOW), &low.to_le_bytes(), now)
-        };
-        self.effect(cpu, effect)
+        });
+        match written {
+            Some(effect) => self.effect(cpu, effect?),
+            None => Ok(()),
+        }
     }
 
     fn acknowledge(&mut self, cpu: usize) -> Result<(), String> {
-        let now = self.now;
-        let Some(c) = self.cpus.get_mut(cpu) else {
+        if self.apics.get(cpu).is_none() {
             return Ok(());
-        };
-        let before = observe(&c.lapic, now)?;
-        let taken = c.lapic.acknowledge();
+        }
+        let before = self.observe(cpu)?;
+        let taken = self.apics.with(cpu, Lapic::acknowledge).flatten();
         let highest = before.irr.highest();
         let expected = match highest {
             Some(v) if before.hw_enabled && v >> 4 > before.ppr >> 4 => Some(v),
@@ -698,8 +706,8 @@ impl System {
                 before.ppr
             ));
         }
-        if let Some(v) = taken {
-            c.in_service.set(v);
+        if let (Some(v), Some(set)) = (taken, self.in_service.get_mut(cpu)) {
+            set.set(v);
         }
         Ok(())
     }
@@ -723,15 +731,20 @@ impl System {
         write: impl FnOnce(&mut Lapic, u64, bool) -> Option<(bool, Option<Effect>)>,
     ) -> Result<(), String> {
         let now = self.now;
-        let Some(c) = self.cpus.get_mut(cpu) else {
+        if self.apics.get(cpu).is_none() {
+            return Ok(());
+        }
+        let before = self.observe(cpu)?;
+        let Some((taken, effect)) = self
+            .apics
+            .with(cpu, |l| write(l, now, before.x2apic))
+            .flatten()
+        else {
             return Ok(());
         };
-        let before = observe(&c.lapic, now)?;
-        let Some((taken, effect)) = write(&mut c.lapic, now, before.x2apic) else {
-            return Ok(());
-        };
+        let in_service = self.in_service.get(cpu).copied().unwrap_or_default();
         let retired = if taken && before.hw_enabled {
-            c.in_service.highest()
+            in_service.highest()
         } else {
             None
         };
@@ -750,8 +763,8 @@ impl System {
                 "cpu {cpu}: EOI retiring {retired:x?} gave {effect:?}, expected {expected:?}"
             ));
         }
-        if let Some(v) = retired {
-            c.in_service.clear(v);
+        if let (Some(v), Some(set)) = (retired, self.in_service.get_mut(cpu)) {
+            set.clear(v);
         }
         self.effect(cpu, effect)
     }
@@ -763,12 +776,12 @@ impl System {
         register: u16,
     ) -> Result<(), String> {
         let now = self.now;
-        let Some(c) = self.cpus.get_mut(cpu) else {
+        let Some(lapic) = self.apics.get(cpu) else {
             return Ok(());
         };
-        let before = observe(&c.lapic, now)?;
+        let before = observe(lapic, now)?;
         let lvt = if before.hw_enabled {
-            let mut probe = c.lapic.clone();
+            let mut probe = lapic.clone();
             if before.x2apic {
                 probe
                     .msr_read(0x800 + u32::from(register >> 4), now)
@@ -781,9 +794,9 @@ impl System {
         } else {
             0
         };
-        let outcome = c.lapic.raise_local(source);
-        if outcome == AcceptOutcome::Latched && (lvt >> 8) & 7 == DM_INIT {
-            c.reset();
+        let outcome = self.apics.with(cpu, |l| l.raise_local(source));
+        if outcome == Some(AcceptOutcome::Latched) && (lvt >> 8) & 7 == DM_INIT {
+            self.reset(cpu);
         }
         Ok(())
     }
@@ -797,14 +810,20 @@ impl System {
         if ioapic != self.ioapic {
             return Err("IOAPIC restore(save(x)) differs from x".into());
         }
-        for (i, c) in self.cpus.iter_mut().enumerate() {
-            let restored = Lapic::restore(&c.lapic.save());
-            if restored != c.lapic {
+        let mut restored = Vec::with_capacity(self.apics.len());
+        for (i, lapic) in self.apics.lapics().iter().enumerate() {
+            let copy = Lapic::restore(&lapic.save());
+            if copy != *lapic {
                 return Err(format!("cpu {i}: restore(save(x)) differs from x"));
             }
-            c.lapic = restored;
+            restored.push(copy);
         }
-        self.arbiter = Arbiter::restore(&self.arbiter.save());
+        let arbiter = self.apics.arbiter();
+        let before = self.apics.clone();
+        self.apics.replace(restored, &arbiter);
+        if self.apics != before {
+            return Err("APIC system replace(its own state) differs from itself".into());
+        }
         self.ioapic = ioapic;
         Ok(())
     }
@@ -817,21 +836,22 @@ impl System {
                 return Err(format!("pin {pin}: Remote IRR on an edge entry"));
             }
         }
-        for (i, c) in self.cpus.iter().enumerate() {
-            let o = observe(&c.lapic, self.now)?;
-            let isr = isr_of(&c.lapic);
-            if isr != c.in_service {
+        for (i, (lapic, in_service)) in self.apics.lapics().iter().zip(&self.in_service).enumerate()
+        {
+            let o = observe(lapic, self.now)?;
+            let isr = isr_of(lapic);
+            if isr != *in_service {
                 return Err(format!(
                     "cpu {i}: ISR {:x?}, acknowledged and not EOId {:x?}",
-                    isr.0, c.in_service.0
+                    isr.0, in_service.0
                 ));
             }
-            let (irr, tmr) = (irr_of(&c.lapic), tmr_of(&c.lapic));
+            let (irr, tmr) = (irr_of(lapic), tmr_of(lapic));
             for (name, set) in [("IRR", irr), ("ISR", isr), ("TMR", tmr)] {
                 if set.0[0] & 0xffff != 0 {
                     return Err(format!("cpu {i}: {name} holds a vector below 16"));
                 }
-                if !c.lapic.hw_enabled() && !set.is_empty() {
+                if !lapic.hw_enabled() && !set.is_empty() {
                     return Err(format!("cpu {i}: {name} not empty while globally disabled"));
                 }
             }

@@ -248,10 +248,7 @@ impl Ioapic {
             return;
         };
         let old = slot.into_bits();
-        let mut new = RedirectionEntry::from_bits(old & !writable | requested & writable);
-        if !new.level_triggered() {
-            new.set_remote_irr(false);
-        }
+        let new = slot.written(RedirectionEntry::from_bits(requested), writable);
         *slot = new;
         if (old ^ new.into_bits()) & writable != 0 {
             self.bump_route_generation();

@@ -2,7 +2,6 @@
 
 use super::Ioapic;
 use crate::Error;
-use crate::apic_bus::DeliveryMode;
 use crate::msi::{self, Msi, MsiFormat};
 
 impl Ioapic {
@@ -24,8 +23,7 @@ impl Ioapic {
     /// pin that does not exist, or a destination `format` cannot carry.
     pub fn msi_route(&self, pin: u8, format: MsiFormat) -> Result<Msi, Error> {
         let message = self.message(pin).ok_or(Error::PinOutOfRange(pin))?;
-        let redirection_hint = message.delivery_mode == DeliveryMode::LowestPriority;
-        msi::encode(&message, redirection_hint, format)
+        msi::for_message(&message, format)
     }
 }
 
@@ -33,6 +31,7 @@ impl Ioapic {
 mod tests {
     use super::super::{IoapicConfig, RedirectionEntry};
     use super::*;
+    use crate::apic_bus::DeliveryMode;
 
     #[test]
     fn msi_route_of_level_logical_lowest_entry_sets_every_field() {

@@ -160,13 +160,46 @@ pub const RTE_EXTENDED_DESTINATION_MASK: u64 =
 /// Bits a guest or the host may write, without the extended destination:
 /// vector, delivery mode, destination mode, polarity, trigger mode, mask and
 /// destination (82093AA 3.2.4: bits 12 and 14 are read-only, 17..55
-/// reserved).
-pub const RTE_WRITABLE_MASK: u64 = 0xff00_0000_0001_afff;
+/// reserved). Built from the entry's own fields, so it follows the layout.
+pub const RTE_WRITABLE_MASK: u64 = RedirectionEntry::new()
+    .with_vector(u8::MAX)
+    // Every bit of the 3-bit field (0b111).
+    .with_delivery_mode(DeliveryMode::from_bits(u8::MAX))
+    .with_logical(true)
+    .with_active_low(true)
+    .with_level_triggered(true)
+    .with_masked(true)
+    .with_destination(u8::MAX)
+    .into_bits();
 
 /// Bits that may be set at all: the writable ones, the extended destination
 /// and Remote IRR (delivery status always reads 0 here).
 pub const RTE_DEFINED_MASK: u64 =
     RTE_WRITABLE_MASK | RTE_EXTENDED_DESTINATION_MASK | RTE_REMOTE_IRR;
+
+impl RedirectionEntry {
+    /// The entry after a write of `requested` to an entry that held `self`:
+    /// the bits of `writable` come from `requested`, every other bit
+    /// (delivery status, Remote IRR, reserved bits, and the extended
+    /// destination unless `writable` has it) stays; and a write that leaves
+    /// the entry edge-triggered clears Remote IRR. The one rule for every
+    /// writer of an entry: the guest through IOWIN, the host through
+    /// `Ioapic::write_rte`, and a VMM editing KVM's in-kernel IOAPIC state.
+    ///
+    /// The 82093AA defines Remote IRR for level entries only (3.2.4); KVM's
+    /// `ioapic_write_indirect` clears it when an entry becomes edge, which
+    /// guests without an EOI register rely on, and so does this rule.
+    #[must_use]
+    pub const fn written(self, requested: Self, writable: u64) -> Self {
+        let merged =
+            Self::from_bits(self.into_bits() & !writable | requested.into_bits() & writable);
+        if merged.level_triggered() {
+            merged
+        } else {
+            merged.with_remote_irr(false)
+        }
+    }
+}
 
 /// Which bits of the extended destination carry destination bits 8..14
 /// (bits 49..55 of the entry; bit 48 is unused), as Linux programs them.
@@ -193,6 +226,47 @@ mod tests {
             .with_destination(0xff);
 
         assert_eq!(writable.into_bits(), RTE_WRITABLE_MASK);
+    }
+
+    #[test]
+    fn unit_rte_writable_mask_is_the_82093aa_value() {
+        // Bits 0..11, 13, 15, 16 and 56..63 (82093AA 3.2.4).
+        assert_eq!(RTE_WRITABLE_MASK, 0xff00_0000_0001_afff);
+    }
+
+    #[test]
+    fn unit_written_keeps_read_only_bits_of_a_level_entry() {
+        let old = RedirectionEntry::new()
+            .with_level_triggered(true)
+            .with_remote_irr(true)
+            .with_delivery_status(true)
+            .with_extended_destination(0x40);
+        let requested = RedirectionEntry::new()
+            .with_vector(0x61)
+            .with_level_triggered(true)
+            .with_masked(false)
+            .with_destination(3);
+
+        let new = old.written(requested, RTE_WRITABLE_MASK);
+
+        assert!(new.remote_irr() && new.delivery_status());
+        assert_eq!(new.extended_destination(), 0x40);
+        assert_eq!((new.vector(), new.destination()), (0x61, 3));
+        assert!(!new.masked());
+    }
+
+    #[test]
+    fn unit_written_edge_clears_remote_irr_and_takes_writable_extended_destination() {
+        let old = RedirectionEntry::new()
+            .with_level_triggered(true)
+            .with_remote_irr(true)
+            .with_extended_destination(0x40);
+        let requested = RedirectionEntry::new().with_extended_destination(0x0e);
+
+        let new = old.written(requested, RTE_WRITABLE_MASK | RTE_EXTENDED_DESTINATION_MASK);
+
+        assert!(!new.remote_irr() && !new.level_triggered());
+        assert_eq!(new.extended_destination(), 0x0e);
     }
 
     #[test]

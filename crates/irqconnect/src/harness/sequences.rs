@@ -32,7 +32,7 @@ use crate::devices::{DeviceTable, InterruptMode, ShareDisposition};
 use crate::handle::Handle;
 use crate::platform::{Platform, PlatformFacts, present_mask};
 use crate::ram::FlatRam;
-use crate::route::{ApicDestination, PinRoute, Trigger};
+use crate::route::{ApicDestination, PinRoute};
 use crate::service::Service;
 use crate::validate::{ConnectRequest, SERVICE_CONTEXT_PROBE, SPIN_LOCK_SIZE, Violation};
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS};
@@ -347,8 +347,8 @@ fn expected_route(pin: u8, shadow: &Shadow, devices: &DeviceTable) -> PinRoute {
         masked: destination == 0 || shadow.storm & (1 << pin) != 0,
         vector: resource.vector,
         trigger: match mode {
-            InterruptMode::LevelSensitive => Trigger::Level,
-            InterruptMode::Latched => Trigger::Edge,
+            InterruptMode::LevelSensitive => irqchip::apic_bus::TriggerMode::Level,
+            InterruptMode::Latched => irqchip::apic_bus::TriggerMode::Edge,
         },
         destination,
         lowest_priority: destination.count_ones() > 1,

@@ -10,7 +10,9 @@ use kvm_bindings::{
 use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
 use vmm_sys_util::ioctl::{_IOC_WRITE, ioctl_expr, ioctl_with_ref};
 
-use crate::error::{Error, Result};
+use crate::error::Error;
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// `KVM_INTERRUPT`: `_IOW(KVMIO, 0x86, struct kvm_interrupt)` (KVM API 4.16).
 const KVM_INTERRUPT: libc::c_ulong = ioctl_expr(

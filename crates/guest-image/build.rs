@@ -52,8 +52,9 @@ fn run() -> Result<(), String> {
     let manifest_dir = PathBuf::from(env_var("CARGO_MANIFEST_DIR")?);
     let out_dir = PathBuf::from(env_var("OUT_DIR")?);
     let workspace = manifest_dir
-        .parent()
-        .ok_or("vmm/ has no parent directory")?
+        .ancestors()
+        .nth(2)
+        .ok_or("crates/guest-image/ is not two levels below the workspace")?
         .to_path_buf();
     let guest_dir = workspace.join("guest-tests");
     let image_out = out_dir.join("guest-kernel.bin");
@@ -67,7 +68,7 @@ fn run() -> Result<(), String> {
 
     if !guest_dir.join("Cargo.toml").is_file() {
         return Err(format!(
-            "{} is missing: the guest kernel workspace (guest-tests/) is needed to build vmm",
+            "{} is missing: the guest kernel workspace (guest-tests/) is needed to build the guest image",
             guest_dir.join("Cargo.toml").display()
         ));
     }

@@ -1,21 +1,21 @@
-//! `--irqchip kernel`: KVM's in-kernel PIC, IOAPIC and local APICs.
+//! `kernel` mode: KVM's in-kernel PIC, IOAPIC and local APICs.
 //!
 //! Lines go in with `KVM_IRQ_LINE` (GSIs 0..15 reach both the PIC and the
 //! IOAPIC under KVM's default routing, 16..23 the IOAPIC only). Everything
 //! else (EOI, INIT/SIPI, HLT, the APIC timer) happens inside KVM, so the
 //! per-vCPU part has nothing to do.
 //!
-//! Host pin programming ([`InterruptController::program_pin`]): KVM has no
-//! ioctl for one redirection entry, so the entry is rewritten by a
-//! read-modify-write of the whole IOAPIC state (`KVM_GET_IRQCHIP`, edit one
-//! entry, `KVM_SET_IRQCHIP`). `KVM_SET_IRQCHIP` writes back everything it
-//! is given, line levels (`irr`) included, and re-injects every set `irr`
-//! bit, so:
+//! Host pin programming (`Backend::program_pin`): KVM has no ioctl for one
+//! redirection entry, so the entry is rewritten by a read-modify-write of
+//! the whole IOAPIC state (`KVM_GET_IRQCHIP`, edit one entry,
+//! `KVM_SET_IRQCHIP`). `KVM_SET_IRQCHIP` writes back everything it is
+//! given, line levels (`irr`) included, and re-injects every set `irr` bit,
+//! so:
 //!
 //! - the read-modify-write and every `KVM_IRQ_LINE` hold one lock
-//!   (`chip`), so a line change made by another thread (a host-timer test
-//!   device, another vCPU's pc-testdev write) cannot fall between the read
-//!   and the write and be lost;
+//!   (`KernelChip::ioapic_writes`), so a line change made by another thread
+//!   (a host-timer test device, another vCPU's pc-testdev write) cannot
+//!   fall between the read and the write and be lost;
 //! - `irr` bits of edge-triggered pins are dropped from the state written
 //!   back (see [`edit_ioapic_state`]): re-injecting a line that is merely
 //!   held high would fabricate an edge.
@@ -26,78 +26,74 @@
 //! The window is two back-to-back ioctls; closing it would need every other
 //! vCPU held out of `KVM_RUN`. Split and user modes own their IOAPIC and
 //! have no such window.
+//!
+//! KVM's IOAPIC holds an 8-bit destination and ignores the extended
+//! destination bits, so a host program reaches APIC IDs 0..=255 only.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use irqchip::apic_bus::DeliveryMode;
 use irqchip::ioapic::RedirectionEntry;
-use irqchip::ioapic::spec::{RTE_DELIVERY_STATUS, RTE_REMOTE_IRR};
+use irqchip::ioapic::spec::{RTE_EXTENDED_DESTINATION_MASK, RTE_WRITABLE_MASK};
 use irqconnect_abi::layout::IOAPIC_PINS;
 use kvm_bindings::{KVM_IRQCHIP_IOAPIC, kvm_ioapic_state, kvm_irqchip};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 
-use super::{
-    ExitAction, InterruptController, IrqError, IrqExit, IrqStats, PinDelivery, PinDestMode,
-    PinProgram, PinTrigger, VcpuInterrupts,
-};
-use crate::cli::IrqchipMode;
-use crate::error::{Error, Result};
+use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend};
+use crate::error::{Error, IrqError};
+use crate::vcpu::ChipExit;
 
 /// KVM's in-kernel interrupt controllers.
-pub(crate) struct KernelIrqchip {
+pub(crate) struct KernelChip {
     vm: Arc<VmFd>,
     /// Held around every user-space change of KVM's IOAPIC state: each
     /// `KVM_IRQ_LINE` and each `program_pin` read-modify-write.
-    chip: Mutex<()>,
+    ioapic_writes: Mutex<()>,
 }
 
-/// Creates the in-kernel PIC, IOAPIC and LAPICs; must precede vCPU creation.
-pub(crate) fn create(vm: Arc<VmFd>) -> Result<Arc<KernelIrqchip>> {
-    vm.create_irq_chip()
-        .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
-    Ok(Arc::new(KernelIrqchip {
-        vm,
-        chip: Mutex::new(()),
-    }))
+impl KernelChip {
+    /// Creates the in-kernel PIC, IOAPIC and LAPICs; must precede vCPU
+    /// creation.
+    pub(crate) fn create(vm: Arc<VmFd>) -> Result<Arc<Self>, Error> {
+        vm.create_irq_chip()
+            .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        Ok(Arc::new(Self {
+            vm,
+            ioapic_writes: Mutex::new(()),
+        }))
+    }
 }
 
-impl InterruptController for KernelIrqchip {
-    fn mode(&self) -> IrqchipMode {
-        IrqchipMode::Kernel
-    }
-
-    fn gsi_count(&self) -> u32 {
-        u32::from(IOAPIC_PINS)
-    }
-
-    fn set_level(&self, gsi: u32, high: bool) -> std::result::Result<(), IrqError> {
-        if gsi >= self.gsi_count() {
+impl Backend for KernelChip {
+    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError> {
+        if gsi >= u32::from(IOAPIC_PINS) {
             return Err(IrqError::NoSuchGsi(gsi));
         }
-        let _chip = self.chip.lock().unwrap_or_else(PoisonError::into_inner);
+        let _writes = self
+            .ioapic_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.vm
             .set_irq_line(gsi, high)
             .map_err(|source| IrqError::Kvm { gsi, source })
     }
 
-    fn vcpu(&self, _index: usize) -> Box<dyn VcpuInterrupts> {
-        Box::new(KernelVcpu)
+    fn vcpu(self: Arc<Self>, _index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {
+        Ok(Box::new(KernelVcpu))
     }
 
     fn stats(&self) -> IrqStats {
         // Line changes are counted by the wiring; KVM delivers and EOIs.
-        IrqStats {
-            injected: None,
-            eois: None,
-            errors: 0,
-        }
+        IrqStats::default()
     }
 
-    fn program_pin(&self, pin: u8, route: &PinProgram) -> std::result::Result<(), IrqError> {
-        if u32::from(pin) >= self.gsi_count() {
+    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
+        if pin >= IOAPIC_PINS {
             return Err(IrqError::NoSuchGsi(u32::from(pin)));
         }
-        let _chip = self.chip.lock().unwrap_or_else(PoisonError::into_inner);
+        let _writes = self
+            .ioapic_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut chip = kvm_irqchip {
             chip_id: KVM_IRQCHIP_IOAPIC,
             ..Default::default()
@@ -111,7 +107,7 @@ impl InterruptController for KernelIrqchip {
         // SAFETY: with chip_id KVM_IRQCHIP_IOAPIC, KVM_GET_IRQCHIP filled
         // the `ioapic` member; it is plain integers, valid for any bits.
         let mut state = unsafe { chip.chip.ioapic };
-        edit_ioapic_state(&mut state, pin, route)?;
+        edit_ioapic_state(&mut state, pin, entry)?;
         chip.chip.ioapic = state;
         self.vm
             .set_irqchip(&chip)
@@ -122,13 +118,13 @@ impl InterruptController for KernelIrqchip {
     }
 }
 
-/// Rewrites redirection entry `pin` of `state` as `route` says, for
+/// Rewrites redirection entry `pin` of `state` as `entry` asks, for
 /// `KVM_SET_IRQCHIP`:
 ///
-/// - the entry's writable fields come from `route` (polarity active high,
-///   extended destination 0); its delivery status is kept, and its Remote
-///   IRR is kept for a level entry and cleared for an edge entry (82093AA
-///   and KVM's own entry writes do the same);
+/// - the entry's writable fields (the extended destination included, which
+///   KVM stores and ignores) come from `entry`, its read-only bits stay, by
+///   the one rule every writer follows ([`RedirectionEntry::written`]:
+///   Remote IRR kept for a level entry, cleared for an edge entry);
 /// - every other entry, the ID, IOREGSEL and base address are untouched;
 /// - `irr` keeps the line levels of level-triggered pins and drops those of
 ///   edge-triggered pins: `KVM_SET_IRQCHIP` re-injects every set bit, which
@@ -138,33 +134,18 @@ impl InterruptController for KernelIrqchip {
 pub(crate) fn edit_ioapic_state(
     state: &mut kvm_ioapic_state,
     pin: u8,
-    route: &PinProgram,
-) -> std::result::Result<(), IrqError> {
-    let destination = u8::try_from(route.destination)
-        .map_err(|_| IrqError::DestinationTooWide(route.destination))?;
+    entry: RedirectionEntry,
+) -> Result<(), IrqError> {
     let slot = state
         .redirtbl
         .get_mut(usize::from(pin))
         .ok_or(IrqError::NoSuchGsi(u32::from(pin)))?;
     // SAFETY: both members of the union are views of the same 8 bytes of
     // plain integers; any bit pattern is a valid u64.
-    let old = unsafe { slot.bits };
-    let level = route.trigger == PinTrigger::Level;
-    let entry = RedirectionEntry::new()
-        .with_vector(route.vector)
-        .with_delivery_mode(match route.delivery {
-            PinDelivery::Fixed => DeliveryMode::Fixed,
-            PinDelivery::LowestPriority => DeliveryMode::LowestPriority,
-        })
-        .with_logical(route.dest_mode == PinDestMode::Logical)
-        .with_level_triggered(level)
-        .with_masked(route.masked)
-        .with_destination(destination);
-    let mut kept = RTE_DELIVERY_STATUS;
-    if level {
-        kept |= RTE_REMOTE_IRR;
-    }
-    slot.bits = entry.into_bits() | (old & kept);
+    let old = RedirectionEntry::from_bits(unsafe { slot.bits });
+    slot.bits = old
+        .written(entry, RTE_WRITABLE_MASK | RTE_EXTENDED_DESTINATION_MASK)
+        .into_bits();
     state.irr &= level_pins(state);
     Ok(())
 }
@@ -186,14 +167,17 @@ fn level_pins(state: &kvm_ioapic_state) -> u32 {
 /// Nothing to do per vCPU: KVM handles every interrupt exit itself.
 struct KernelVcpu;
 
-impl VcpuInterrupts for KernelVcpu {
-    fn on_exit(&mut self, _exit: IrqExit<'_>) -> ExitAction {
+impl VcpuBackend for KernelVcpu {
+    fn on_exit(&mut self, _exit: ChipExit<'_>) -> ExitAction {
         ExitAction::Unexpected
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use irqchip::apic_bus::DeliveryMode;
+    use irqchip::ioapic::spec::{RTE_DELIVERY_STATUS, RTE_REMOTE_IRR};
+
     use super::*;
 
     fn bits(state: &kvm_ioapic_state, pin: usize) -> u64 {
@@ -218,14 +202,13 @@ mod tests {
         s
     }
 
-    const LEVEL_LOGICAL: PinProgram = PinProgram {
-        vector: 0x60,
-        trigger: PinTrigger::Level,
-        dest_mode: PinDestMode::Logical,
-        destination: 0b0110,
-        delivery: PinDelivery::LowestPriority,
-        masked: false,
-    };
+    const LEVEL_LOGICAL: RedirectionEntry = RedirectionEntry::new()
+        .with_vector(0x60)
+        .with_level_triggered(true)
+        .with_logical(true)
+        .with_destination(0b0110)
+        .with_delivery_mode(DeliveryMode::LowestPriority)
+        .with_masked(false);
 
     #[test]
     fn edit_rte_writes_fields_and_keeps_other_entries_and_registers() {
@@ -236,7 +219,7 @@ mod tests {
             .with_remote_irr(true)
             .into_bits();
         let mut s = state_with(&[(3, other)], 0);
-        edit_ioapic_state(&mut s, 16, &LEVEL_LOGICAL).unwrap();
+        edit_ioapic_state(&mut s, 16, LEVEL_LOGICAL).unwrap();
         let e = RedirectionEntry::from_bits(bits(&s, 16));
         assert_eq!(e.vector(), 0x60);
         assert_eq!(e.delivery_mode(), DeliveryMode::LowestPriority);
@@ -257,7 +240,7 @@ mod tests {
     fn edit_rte_level_keeps_remote_irr_and_delivery_status() {
         let old = RTE_REMOTE_IRR | RTE_DELIVERY_STATUS | RedirectionEntry::new().into_bits();
         let mut s = state_with(&[(18, old)], 0);
-        edit_ioapic_state(&mut s, 18, &LEVEL_LOGICAL).unwrap();
+        edit_ioapic_state(&mut s, 18, LEVEL_LOGICAL).unwrap();
         let b = bits(&s, 18);
         assert_eq!(
             b & (RTE_REMOTE_IRR | RTE_DELIVERY_STATUS),
@@ -270,14 +253,12 @@ mod tests {
     fn edit_rte_edge_clears_remote_irr_keeps_delivery_status() {
         let old = RTE_REMOTE_IRR | RTE_DELIVERY_STATUS;
         let mut s = state_with(&[(17, old)], 0);
-        let edge = PinProgram {
-            trigger: PinTrigger::Edge,
-            dest_mode: PinDestMode::Physical,
-            destination: 2,
-            delivery: PinDelivery::Fixed,
-            ..LEVEL_LOGICAL
-        };
-        edit_ioapic_state(&mut s, 17, &edge).unwrap();
+        let edge = LEVEL_LOGICAL
+            .with_level_triggered(false)
+            .with_logical(false)
+            .with_destination(2)
+            .with_delivery_mode(DeliveryMode::Fixed);
+        edit_ioapic_state(&mut s, 17, edge).unwrap();
         let e = RedirectionEntry::from_bits(bits(&s, 17));
         assert!(!e.remote_irr() && e.delivery_status());
         assert!(!e.logical() && !e.level_triggered());
@@ -298,43 +279,38 @@ mod tests {
             &[(4, level), (17, level)],
             (1 << 4) | (1 << 5) | (1 << 16) | (1 << 17),
         );
-        edit_ioapic_state(&mut s, 16, &LEVEL_LOGICAL).unwrap();
+        edit_ioapic_state(&mut s, 16, LEVEL_LOGICAL).unwrap();
         assert_eq!(s.irr, (1 << 4) | (1 << 16) | (1 << 17));
-        let edge = PinProgram {
-            trigger: PinTrigger::Edge,
-            ..LEVEL_LOGICAL
-        };
-        edit_ioapic_state(&mut s, 17, &edge).unwrap();
+        let edge = LEVEL_LOGICAL.with_level_triggered(false);
+        edit_ioapic_state(&mut s, 17, edge).unwrap();
         assert_eq!(s.irr, (1 << 4) | (1 << 16));
     }
 
     #[test]
     fn edit_rte_masked_program_sets_mask() {
         let mut s = state_with(&[], 0);
-        let masked = PinProgram {
-            masked: true,
-            ..LEVEL_LOGICAL
-        };
-        edit_ioapic_state(&mut s, 20, &masked).unwrap();
+        let masked = LEVEL_LOGICAL.with_masked(true);
+        edit_ioapic_state(&mut s, 20, masked).unwrap();
         assert!(RedirectionEntry::from_bits(bits(&s, 20)).masked());
     }
 
     #[test]
-    fn edit_rte_refuses_wide_destination_and_missing_pin_unchanged() {
+    fn edit_rte_refuses_missing_pin_unchanged() {
         let mut s = state_with(&[], 1 << 5);
-        let wide = PinProgram {
-            destination: 0x100,
-            ..LEVEL_LOGICAL
-        };
         assert!(matches!(
-            edit_ioapic_state(&mut s, 16, &wide),
-            Err(IrqError::DestinationTooWide(0x100))
-        ));
-        assert!(matches!(
-            edit_ioapic_state(&mut s, 24, &LEVEL_LOGICAL),
+            edit_ioapic_state(&mut s, 24, LEVEL_LOGICAL),
             Err(IrqError::NoSuchGsi(24))
         ));
         assert_eq!(s.irr, 1 << 5);
-        assert_eq!(bits(&s, 16), RedirectionEntry::new().into_bits());
+    }
+
+    #[test]
+    fn edit_rte_stores_the_extended_destination_kvm_ignores() {
+        let mut s = state_with(&[], 0);
+        edit_ioapic_state(&mut s, 16, LEVEL_LOGICAL.with_extended_destination(0x0e)).unwrap();
+        assert_eq!(
+            RedirectionEntry::from_bits(bits(&s, 16)).extended_destination(),
+            0x0e
+        );
     }
 }

@@ -23,10 +23,13 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
 
 use super::plan::{self, Activity, Injection};
-use super::{Chip, kvm};
-use crate::boot;
-use crate::error::Result;
-use crate::irq::{ExitAction, IrqExit, VcpuInterrupts};
+use super::{UserChip, kvm};
+use crate::backend::{ExitAction, VcpuBackend};
+use crate::error::Error;
+use crate::startup;
+use crate::vcpu::ChipExit;
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// xAPIC EOI register offset (SDM Vol. 3A Table 11-1).
 const XAPIC_EOI: u64 = 0xb0;
@@ -35,7 +38,7 @@ const X2APIC_EOI: u32 = 0x80b;
 
 /// One vCPU's interrupt state, owned by its thread.
 pub(super) struct UserVcpu {
-    chip: Arc<Chip>,
+    chip: Arc<UserChip>,
     index: usize,
     activity: Activity,
     /// The guest executed `hlt` and has not been woken since.
@@ -54,7 +57,7 @@ pub(super) struct UserVcpu {
 }
 
 impl UserVcpu {
-    pub(super) fn new(chip: Arc<Chip>, index: usize) -> Self {
+    pub(super) fn new(chip: Arc<UserChip>, index: usize) -> Self {
         let mmio_base = chip
             .lock_apics()
             .get(index)
@@ -91,7 +94,7 @@ impl UserVcpu {
         if let Some(Ok(value)) = value
             && let Err(e) = kvm::mirror_apic_base(vcpu, value)
         {
-            self.chip.fail(format_args!(
+            self.chip.errors.fail(format_args!(
                 "vcpu {}: mirror IA32_APIC_BASE: {e}",
                 self.index
             ));
@@ -101,28 +104,28 @@ impl UserVcpu {
     /// INIT and SIPI register changes (APIC lock not held).
     fn apply_startup(&mut self, vcpu: &VcpuFd, startup: plan::Startup) -> Result<()> {
         if startup.init {
-            boot::init_state(vcpu)?;
+            startup::init_state(vcpu)?;
             self.halted = false;
             self.if_flag = false;
             self.ready = false;
         }
         if let Some(vector) = startup.sipi {
-            boot::start_at_sipi(vcpu, vector)?;
+            startup::start_at_sipi(vcpu, vector)?;
         }
         Ok(())
     }
 
-    fn mmio(&mut self, exit: IrqExit<'_>) -> ExitAction {
+    fn mmio(&mut self, exit: ChipExit<'_>) -> ExitAction {
         let chip = Arc::clone(&self.chip);
         let now = chip.now();
         let mut apics = chip.lock_apics();
         let effect = match exit {
-            IrqExit::LapicRead(addr, data) => {
+            ChipExit::LapicRead(addr, data) => {
                 let offset = addr.wrapping_sub(self.mmio_base);
                 apics.with(self.index, |l| l.mmio_read(offset, data, now));
                 None
             }
-            IrqExit::LapicWrite(addr, data) => {
+            ChipExit::LapicWrite(addr, data) => {
                 let offset = addr.wrapping_sub(self.mmio_base);
                 if offset == XAPIC_EOI {
                     chip.counters.eois.fetch_add(1, Ordering::Relaxed);
@@ -139,7 +142,7 @@ impl UserVcpu {
         ExitAction::Resume
     }
 
-    fn msr(&mut self, exit: IrqExit<'_>) -> ExitAction {
+    fn msr(&mut self, exit: ChipExit<'_>) -> ExitAction {
         let chip = Arc::clone(&self.chip);
         let now = chip.now();
         let mut apics = chip.lock_apics();
@@ -151,14 +154,14 @@ impl UserVcpu {
             return ExitAction::Unexpected;
         }
         let result: std::result::Result<_, Gp> = match exit {
-            IrqExit::RdMsr(msr, value) => apics
+            ChipExit::RdMsr(msr, value) => apics
                 .with(self.index, |l| l.msr_read(msr, now))
                 .unwrap_or(Err(Gp::ReservedMsr))
                 .map(|v| {
                     *value = v;
                     None
                 }),
-            IrqExit::WrMsr(msr, value) => {
+            ChipExit::WrMsr(msr, value) => {
                 self.apic_base_dirty |= msr == IA32_APIC_BASE;
                 if msr == X2APIC_EOI {
                     chip.counters.eois.fetch_add(1, Ordering::Relaxed);
@@ -185,21 +188,21 @@ impl UserVcpu {
     }
 }
 
-fn msr_index(exit: &IrqExit<'_>) -> u32 {
+fn msr_index(exit: &ChipExit<'_>) -> u32 {
     match exit {
-        IrqExit::RdMsr(msr, _) | IrqExit::WrMsr(msr, _) => *msr,
+        ChipExit::RdMsr(msr, _) | ChipExit::WrMsr(msr, _) => *msr,
         _ => 0,
     }
 }
 
-impl VcpuInterrupts for UserVcpu {
+impl VcpuBackend for UserVcpu {
     fn before_run(&mut self, vcpu: &mut VcpuFd) -> Result<()> {
         self.mirror_apic_base(vcpu);
         let chip = Arc::clone(&self.chip);
         let i = self.index;
         let mut apics = chip.lock_apics();
         loop {
-            if chip.control.stopping() {
+            if chip.stopping() {
                 return Ok(());
             }
             let now = chip.now();
@@ -247,7 +250,7 @@ impl VcpuInterrupts for UserVcpu {
             self.dropped_sipi = false;
         }
         if nmi && let Err(e) = vcpu.nmi() {
-            chip.fail(format_args!("KVM_NMI on vcpu {i}: {e}"));
+            chip.errors.fail(format_args!("KVM_NMI on vcpu {i}: {e}"));
         }
         let deliverable = apics.get(i).and_then(|l| l.highest_deliverable());
         if let Injection::Inject(vector) = plan::injection(deliverable, self.ready) {
@@ -257,7 +260,7 @@ impl VcpuInterrupts for UserVcpu {
                     // The lock is held since the peek, so this is `vector`.
                     let acked = apics.with(i, |l| l.acknowledge()).flatten();
                     if acked != Some(vector) {
-                        chip.fail(format_args!(
+                        chip.errors.fail(format_args!(
                             "vcpu {i}: injected {vector:#x} but acknowledged {acked:?}"
                         ));
                     }
@@ -266,7 +269,9 @@ impl VcpuInterrupts for UserVcpu {
                 }
                 // EEXIST: KVM still holds one; the window exit comes later.
                 Err(e) if e.errno() == libc::EEXIST => {}
-                Err(e) => chip.fail(format_args!("KVM_INTERRUPT on vcpu {i}: {e}")),
+                Err(e) => chip
+                    .errors
+                    .fail(format_args!("KVM_INTERRUPT on vcpu {i}: {e}")),
             }
         }
         let (pending, blocked, cr8) = apics.get(i).map_or((false, false, 0), |l| {
@@ -295,16 +300,16 @@ impl VcpuInterrupts for UserVcpu {
         addr.wrapping_sub(self.mmio_base) < LAPIC_MMIO_SIZE
     }
 
-    fn on_exit(&mut self, exit: IrqExit<'_>) -> ExitAction {
+    fn on_exit(&mut self, exit: ChipExit<'_>) -> ExitAction {
         match exit {
-            IrqExit::IrqWindowOpen | IrqExit::SetTpr => ExitAction::Resume,
-            IrqExit::Hlt => {
+            ChipExit::IrqWindowOpen | ChipExit::SetTpr => ExitAction::Resume,
+            ChipExit::Hlt => {
                 self.halted = true;
                 ExitAction::Resume
             }
-            e @ (IrqExit::LapicRead(..) | IrqExit::LapicWrite(..)) => self.mmio(e),
-            e @ (IrqExit::RdMsr(..) | IrqExit::WrMsr(..)) => self.msr(e),
-            IrqExit::IoapicEoi(_) => ExitAction::Unexpected,
+            e @ (ChipExit::LapicRead(..) | ChipExit::LapicWrite(..)) => self.mmio(e),
+            e @ (ChipExit::RdMsr(..) | ChipExit::WrMsr(..)) => self.msr(e),
+            ChipExit::IoapicEoi(_) => ExitAction::Unexpected,
         }
     }
 }

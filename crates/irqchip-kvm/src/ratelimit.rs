@@ -1,5 +1,8 @@
 //! Rate limiting for guest-triggerable warnings: a short burst, then at most
 //! one message per interval, telling how many were suppressed meanwhile.
+//!
+//! The chip uses it for every warning a guest can provoke; it is public so
+//! an embedding VMM limits its own guest-triggered messages the same way.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -10,7 +13,20 @@ const BURST: u32 = 5;
 const INTERVAL: Duration = Duration::from_secs(1);
 
 /// A per-call-site limiter.
-pub(crate) struct RateLimiter {
+///
+/// # Example
+///
+/// ```
+/// use irqchip_kvm::ratelimit::RateLimiter;
+///
+/// let warn = RateLimiter::new();
+/// for access in 0..100 {
+///     if let Some(suppressed) = warn.check() {
+///         eprintln!("bad access {access} ({suppressed} similar suppressed)");
+///     }
+/// }
+/// ```
+pub struct RateLimiter {
     state: Mutex<State>,
 }
 
@@ -20,9 +36,15 @@ struct State {
     suppressed: u64,
 }
 
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RateLimiter {
     /// A limiter with a fresh burst.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             state: Mutex::new(State {
                 burst_left: BURST,
@@ -34,12 +56,12 @@ impl RateLimiter {
 
     /// `Some(n)` when a message may be emitted now, `n` being how many were
     /// suppressed since the last one; `None` to stay quiet.
-    pub(crate) fn check(&self) -> Option<u64> {
+    pub fn check(&self) -> Option<u64> {
         self.check_at(Instant::now())
     }
 
     /// Whether a message may be emitted now.
-    pub(crate) fn allow(&self) -> bool {
+    pub fn allow(&self) -> bool {
         self.check().is_some()
     }
 

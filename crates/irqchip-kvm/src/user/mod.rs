@@ -1,0 +1,334 @@
+//! `user` mode: our IOAPIC and our local APICs; KVM has no interrupt
+//! controller at all.
+//!
+//! # Shape
+//!
+//! - [`UserChip`] (VM-wide): our IOAPIC in an [`IoapicHost`]; every vCPU's
+//!   LAPIC, bus target and the lowest-priority arbiter in an
+//!   [`ApicSystem`] behind a second mutex; per vCPU a condition variable
+//!   (paired with the APIC mutex) its thread parks on, and a timerfd for its
+//!   LAPIC timer, watched by the VMM's event loop.
+//! - [`vcpu::UserVcpu`] (per vCPU thread): CR8/IF in after every exit, INIT
+//!   and SIPI, HLT parking, NMI and `KVM_INTERRUPT` injection before every
+//!   entry, LAPIC MMIO and MSR exits.
+//!
+//! # Locks
+//!
+//! Order: IOAPIC, then APICs, then a timer slot; the kicker's slot locks
+//! are leaves. The IOAPIC lock is held while its messages are offered to
+//! the LAPICs, so a level message is in an IRR before the EOI that could
+//! clear its Remote IRR can be written. A LAPIC EOI is taken under the APIC
+//! lock, which is released before the broadcast takes the IOAPIC lock.
+//!
+//! # Wake-ups
+//!
+//! A LAPIC that took a message (or whose timer fired) has its vCPU woken:
+//! a parked thread through its condition variable, a running one by a kick
+//! (see `crate::kick`), nothing for the calling thread itself (its loop
+//! re-checks before the next entry).
+
+mod kvm;
+mod plan;
+mod vcpu;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use irqchip::apic_bus::ApicSet;
+use irqchip::apic_system::ApicSystem;
+use irqchip::ioapic::{Delivery, RedirectionEntry};
+use irqchip::lapic::{Effect, LapicConfig};
+use irqconnect_abi::layout::LAPIC_BUS_HZ;
+use kvm_ioctls::{VcpuFd, VmFd};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::backend::{Backend, IrqStats, ModelStats, StormSink, VcpuBackend};
+use crate::error::{Error, IrqError};
+use crate::ioapic_host::{Deliver, ErrorLog, Hosted, IoapicHost};
+use crate::kick::Kicker;
+use crate::timerfd;
+
+/// What user mode needs to know about the VM.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UserConfig {
+    /// vCPUs; vCPU `i` has APIC ID `i`, vCPU 0 is the BSP.
+    pub(crate) cpus: usize,
+    /// x2APIC offered in CPUID (the LAPICs accept the switch).
+    pub(crate) x2apic: bool,
+    /// Guest physical-address width (`CPUID.80000008H:EAX[7:0]`).
+    pub(crate) phys_addr_bits: u8,
+    /// Our IOAPIC's storm threshold.
+    pub(crate) storm_threshold: u32,
+}
+
+/// A vCPU's timer on the host: a timerfd armed for the earlier of its
+/// LAPIC timer's next deadline and its TPR poll.
+struct HostTimer {
+    fd: TimerFd,
+    /// The deadline (ns since VM start) the timerfd is armed for.
+    armed: Option<u64>,
+    /// When to kick the vCPU to look at its CR8 again (a vector waits on
+    /// the TPR and the host may not exit on CR8 writes).
+    poll: Option<u64>,
+}
+
+/// How often a vCPU whose pending vector waits on its TPR is kicked, so a
+/// CR8 lowered without an exit is noticed (see `plan::tpr_blocked`).
+const TPR_POLL_NS: u64 = 200_000;
+
+/// Counters kept by the chip.
+#[derive(Default)]
+struct Counters {
+    injected: AtomicU64,
+    eois: AtomicU64,
+    /// ExtINT, SMI and stray SIPIs dropped by the vCPU loops.
+    ignored_events: AtomicU64,
+}
+
+/// The user-mode interrupt controller, shared by every thread.
+pub(crate) struct UserChip {
+    ioapic: IoapicHost<()>,
+    apics: Mutex<ApicSystem>,
+    wake: Vec<Condvar>,
+    timers: Vec<Mutex<HostTimer>>,
+    timer_fds: Vec<RawFd>,
+    clock: Instant,
+    kicker: Arc<Kicker>,
+    stopping: AtomicBool,
+    counters: Counters,
+    errors: ErrorLog,
+}
+
+impl UserChip {
+    /// Sets up user-space MSR exits and the models; before any vCPU exists.
+    pub(crate) fn create(
+        vm: &VmFd,
+        kicker: Arc<Kicker>,
+        cfg: UserConfig,
+    ) -> Result<Arc<Self>, Error> {
+        kvm::route_msrs_to_user_space(vm)?;
+        let configs = (0..cfg.cpus).map(|i| LapicConfig {
+            apic_id: i as u32,
+            bsp: i == 0,
+            x2apic: cfg.x2apic,
+            directed_eoi: true,
+            phys_addr_bits: cfg.phys_addr_bits,
+            bus_hz: LAPIC_BUS_HZ,
+            tsc: None,
+        });
+        let mut timers = Vec::with_capacity(cfg.cpus);
+        let mut timer_fds = Vec::with_capacity(cfg.cpus);
+        for _ in 0..cfg.cpus {
+            let fd = timerfd::nonblocking("create a LAPIC timerfd")?;
+            timer_fds.push(fd.as_raw_fd());
+            timers.push(Mutex::new(HostTimer {
+                fd,
+                armed: None,
+                poll: None,
+            }));
+        }
+        Ok(Arc::new(Self {
+            ioapic: IoapicHost::new(cfg.storm_threshold, ()),
+            apics: Mutex::new(ApicSystem::new(configs)),
+            wake: (0..cfg.cpus).map(|_| Condvar::new()).collect(),
+            timers,
+            timer_fds,
+            clock: Instant::now(),
+            kicker,
+            stopping: AtomicBool::new(false),
+            counters: Counters::default(),
+            errors: ErrorLog::new("user irqchip"),
+        }))
+    }
+
+    /// Nanoseconds since the VM was created: the LAPIC models' clock.
+    fn now(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn lock_apics(&self) -> MutexGuard<'_, ApicSystem> {
+        self.apics.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Gets vCPU `index` to look at its LAPIC (under the APIC lock).
+    fn wake(&self, apics: &ApicSystem, index: usize) {
+        if apics.parked(index) {
+            if let Some(cv) = self.wake.get(index) {
+                cv.notify_one();
+            }
+        } else {
+            // A no-op when called by vCPU `index`'s own thread.
+            self.kicker.kick(index);
+        }
+    }
+
+    fn wake_all_in(&self, apics: &ApicSystem, set: &ApicSet) {
+        for index in set.iter() {
+            self.wake(apics, index);
+        }
+    }
+
+    /// Starts or stops vCPU `index`'s TPR poll (under the APIC lock).
+    fn set_tpr_poll(&self, apics: &ApicSystem, index: usize, on: bool) {
+        let Some(slot) = self.timers.get(index) else {
+            return;
+        };
+        {
+            let mut timer = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            match (on, timer.poll) {
+                (true, None) => timer.poll = Some(self.now().saturating_add(TPR_POLL_NS)),
+                (false, Some(_)) => timer.poll = None,
+                _ => return,
+            }
+        }
+        self.sync_timer(apics, index);
+    }
+
+    /// Re-arms vCPU `index`'s timerfd if the earlier of its LAPIC's next
+    /// deadline and its TPR poll moved (under the APIC lock).
+    fn sync_timer(&self, apics: &ApicSystem, index: usize) {
+        let lapic_deadline = apics.get(index).and_then(|l| l.next_deadline());
+        let Some(slot) = self.timers.get(index) else {
+            return;
+        };
+        let mut timer = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let deadline = match (lapic_deadline, timer.poll) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if timer.armed == deadline {
+            return;
+        }
+        let result = match deadline {
+            // A zero duration would disarm: a due deadline fires in 1 ns.
+            Some(d) => {
+                let ns = d.saturating_sub(self.now()).max(1);
+                timer.fd.reset(Duration::from_nanos(ns), None)
+            }
+            None => timer.fd.clear(),
+        };
+        match result {
+            Ok(()) => timer.armed = deadline,
+            Err(e) => {
+                timer.armed = None;
+                drop(timer);
+                self.errors
+                    .fail(format_args!("arm the LAPIC timer of vcpu {index}: {e}"));
+            }
+        }
+    }
+
+    /// What a LAPIC register write of vCPU `source` asks of the others.
+    fn apply_effect(&self, effect: Option<Effect>, source: usize) {
+        match effect {
+            None => {}
+            Some(Effect::Ipi(message)) => {
+                let mut apics = self.lock_apics();
+                let mut took = apics.deliver(&message, Some(source));
+                took.remove(source);
+                self.wake_all_in(&apics, &took);
+            }
+            Some(Effect::EoiBroadcast { vector }) => self.ioapic.eoi(self, vector),
+        }
+    }
+}
+
+impl Deliver for UserChip {
+    type State = ();
+
+    fn deliver(&self, _hosted: &mut Hosted<()>, deliveries: &[Delivery]) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut apics = self.lock_apics();
+        for d in deliveries {
+            let took = apics.deliver(&d.message, None);
+            self.wake_all_in(&apics, &took);
+        }
+    }
+}
+
+impl Backend for UserChip {
+    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError> {
+        self.ioapic.set_level(self, gsi, high)
+    }
+
+    fn ioapic_read(&self, offset: u64, data: &mut [u8]) -> bool {
+        self.ioapic.mmio_read(offset, data);
+        true
+    }
+
+    fn ioapic_write(&self, offset: u64, data: &[u8]) -> bool {
+        self.ioapic.mmio_write(self, offset, data);
+        true
+    }
+
+    fn vcpu(self: Arc<Self>, index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {
+        Ok(Box::new(vcpu::UserVcpu::new(self, index)))
+    }
+
+    fn stats(&self) -> IrqStats {
+        let c = &self.counters;
+        IrqStats {
+            injected: Some(c.injected.load(Ordering::Relaxed)),
+            eois: Some(c.eois.load(Ordering::Relaxed)),
+            errors: self.errors.count(),
+        }
+    }
+
+    fn model_stats(&self) -> Option<ModelStats> {
+        Some(ModelStats {
+            lapic_bad_accesses: self.lock_apics().bad_accesses(),
+            ignored_events: self.counters.ignored_events.load(Ordering::Relaxed),
+            ..self.ioapic.model_stats()
+        })
+    }
+
+    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
+        self.ioapic.program_pin(self, pin, entry)
+    }
+
+    fn set_storm_sink(&self, sink: StormSink) {
+        self.ioapic.set_storm_sink(sink);
+    }
+
+    fn timer_fds(&self) -> Vec<RawFd> {
+        self.timer_fds.clone()
+    }
+
+    fn on_timer(&self, index: usize) {
+        let mut apics = self.lock_apics();
+        let now = self.now();
+        let mut poll_due = false;
+        if let Some(slot) = self.timers.get(index) {
+            let mut timer = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            // Consume the expiration (EAGAIN: re-armed meanwhile).
+            let _ = timer.fd.wait();
+            timer.armed = None;
+            if timer.poll.is_some_and(|p| p <= now) {
+                // The vCPU's loop starts a new poll if it still needs one.
+                timer.poll = None;
+                poll_due = true;
+            }
+        }
+        let fired = apics.with(index, |l| l.tick(now)).unwrap_or(false);
+        self.sync_timer(&apics, index);
+        if fired || poll_due {
+            self.wake(&apics, index);
+        }
+    }
+
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let _apics = self.lock_apics();
+        for cv in &self.wake {
+            cv.notify_all();
+        }
+    }
+}
