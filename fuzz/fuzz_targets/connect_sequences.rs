@@ -1,5 +1,5 @@
 //! Structured connect / disconnect / assert / storm / snapshot sequences
-//! against the harness's reference of SEMANTICS.md
+//! against the harness's reference of `docs/semantics.md`
 //! (`irqconnect::harness::sequences`).
 #![no_main]
 

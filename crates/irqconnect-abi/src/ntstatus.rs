@@ -1,4 +1,4 @@
-//! NTSTATUS values the PV interface answers with (SEMANTICS.md, "NTSTATUS values").
+//! NTSTATUS values the PV interface answers with (`docs/semantics.md`, "NTSTATUS values").
 
 /// An NTSTATUS code as the guest sees it.
 pub type NtStatus = u32;

@@ -4,7 +4,7 @@
 //! platform facts ([`platform`]) and a device table ([`devices`]), and on
 //! every doorbell write calls [`Service::handle_doorbell`] with its guest
 //! memory ([`ram::GuestRam`]). The service decodes the request block
-//! ([`request`]), checks SEMANTICS.md's rules in order ([`validate`]), keeps
+//! ([`request`]), checks `docs/semantics.md`'s rules in order ([`validate`]), keeps
 //! the interrupt objects per (processor, vector) ([`registry`]), decides how
 //! each IOAPIC pin is programmed ([`route`]) and answers in the block. Route
 //! changes come back as values ([`route::RouteUpdate`]) for the VMM to apply

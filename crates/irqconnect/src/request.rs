@@ -1,5 +1,5 @@
 //! The doorbell path: read a request block from guest memory, check its
-//! header and fields (SEMANTICS.md rule 1), dispatch it, write the answer.
+//! header and fields (`docs/semantics.md` rule 1), dispatch it, write the answer.
 //!
 //! Header checks, in order; the first failure answers (only `status` is
 //! written) and nothing changes:

@@ -1,4 +1,4 @@
-//! CONNECT and DISCONNECT validation, rule by rule, in SEMANTICS.md's order.
+//! CONNECT and DISCONNECT validation, rule by rule, in `docs/semantics.md`'s order.
 //!
 //! Rule 1 (the block itself) is [`crate::request`]'s; this module checks
 //! rules 2..11 on a decoded request against the platform, the device table,
@@ -54,7 +54,7 @@ pub struct ConnectRequest {
 }
 
 /// Why a CONNECT or DISCONNECT is refused: one variant per check, tagged
-/// with its SEMANTICS.md rule; [`Violation::status`] is the guest's answer.
+/// with its `docs/semantics.md` rule; [`Violation::status`] is the guest's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Violation {
     /// Rule 2: `ProcessorEnableMask` names no online processor.
@@ -95,7 +95,7 @@ pub enum Violation {
 }
 
 impl Violation {
-    /// The SEMANTICS.md rule number (CONNECT rules 2..11; 0 for DISCONNECT).
+    /// The `docs/semantics.md` rule number (CONNECT rules 2..11; 0 for DISCONNECT).
     pub const fn rule(self) -> u8 {
         match self {
             Self::EmptyEffectiveMask => 2,
@@ -217,7 +217,7 @@ pub fn check_connect<R: GuestRam + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    //! One test per SEMANTICS.md rule, named after it, run through
+    //! One test per `docs/semantics.md` rule, named after it, run through
     //! [`Service::connect`] / [`Service::disconnect`] on the default
     //! 4-processor test platform.
 

@@ -1,5 +1,5 @@
 //! Structured connect / disconnect / assert sequences against a reference
-//! of SEMANTICS.md written for this harness.
+//! of `docs/semantics.md` written for this harness.
 //!
 //! [`decode`] turns any byte string into a platform and a list of typed
 //! operations ([`Sequence`], [`Op`]), the way `arbitrary` would: every
@@ -252,7 +252,7 @@ fn resident(address: u64, len: u64) -> bool {
     address.checked_add(len).is_some_and(|end| end <= RAM_SIZE)
 }
 
-/// SEMANTICS.md's CONNECT rules 2..11, in order, as this harness reads
+/// `docs/semantics.md`'s CONNECT rules 2..11, in order, as this harness reads
 /// them: the effective mask, or the first rule that fails.
 fn expected_verdict(
     req: &ConnectRequest,

@@ -1,4 +1,4 @@
-//! `connect_`: IoConnectInterrupt's parameter rules (SEMANTICS.md rules 2..7)
+//! `connect_`: IoConnectInterrupt's parameter rules (`docs/semantics.md` rules 2..7)
 //! and the first delivery to a connected ISR.
 
 use irqconnect_abi::layout::{LAPIC_MMIO_BASE, MMIO_HOLE_START};

@@ -1,4 +1,4 @@
-//! `share_`: vector sharing (SEMANTICS.md rule 9) and chained dispatch:
+//! `share_`: vector sharing (`docs/semantics.md` rule 9) and chained dispatch:
 //! two devices on one level pin, two edge pins on one vector, the level
 //! chain's stop at the first claim, the latched chain's rescans, and
 //! disconnecting one ISR of a chain.

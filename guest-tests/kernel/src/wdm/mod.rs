@@ -4,7 +4,7 @@
 //! `KeInitializeSpinLock`, and the PnP step that hands a driver its
 //! translated interrupt resources ([`DEVICE_OBJECT::start`]).
 //!
-//! The host validates every connect (SEMANTICS.md) and routes the device's
+//! The host validates every connect (`docs/semantics.md`) and routes the device's
 //! pin; this side owns the interrupt objects and dispatch:
 //! - connect: ask the host; only on success take one [`KINTERRUPT`] per
 //!   processor of the effective mask from a bounded static pool, append each
