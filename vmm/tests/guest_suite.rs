@@ -6,9 +6,10 @@
 //! all of them except for the documented causes below, all derived from one
 //! list ([`expected`]):
 //!
-//! - **ISR quirk** (kernel and split: KVM's local APIC). On this host's KVM
-//!   the in-kernel LAPIC acknowledges and EOIs an interrupt at injection
-//!   (ISR and PPR read 0 inside handlers). The guest probes this at boot and
+//! - **ISR quirk** (kernel and split: KVM's local APIC). On some hosts'
+//!   KVM (the README's "Host KVM quirks") the in-kernel LAPIC acknowledges
+//!   and EOIs an interrupt at injection (ISR and PPR read 0 inside
+//!   handlers). The guest probes this at boot and
 //!   skips the 4 tests whose expectation depends on EOI timing
 //!   ([`EOI_TIMING`]). Evidence that this is the host and not a hidden
 //!   failure: with `strict=1` the guest runs them anyway, and in kernel mode
@@ -94,7 +95,7 @@ impl Mode {
         }
     }
 
-    /// KVM's local APIC, which EOIs at injection on this host.
+    /// KVM's local APIC (which may EOI at injection: the ISR quirk above).
     fn kvm_lapic(self) -> bool {
         self != Mode::User
     }
@@ -176,11 +177,11 @@ fn parse(r: &Run) -> Reported {
     rep
 }
 
-/// One suite VM at a time: the host has 2 cores, a 4-vCPU guest already
-/// time-shares them, and some guest tests have time budgets (e.g.
+/// One suite VM at a time: a 4-vCPU guest may already time-share the
+/// host's cores, and some guest tests have time budgets (e.g.
 /// `synchronize_execution_excludes_isr`: 200 level interrupts against a
-/// spin lock within 3 s) that two concurrent guests plus other host load
-/// can exhaust.
+/// spin lock within 3 s) that concurrent guests can exhaust (the README's
+/// "Host KVM quirks" has what was seen).
 static ONE_VM: Mutex<()> = Mutex::new(());
 
 /// Boots the embedded suite; returns the run, its parse and the JUnit XML.

@@ -79,9 +79,9 @@ fn init_of_a_running_ap_then_sipi_at_a_new_vector() {
 /// A level pin whose handler EOIs without lowering the line is delivered
 /// again after each EOI (Remote IRR cleared, line still high); the third
 /// time the handler lowers the line and no fourth delivery comes. Split:
-/// `KVM_EXIT_IOAPIC_EOI` to our IOAPIC, which on this host needs the EOI
-/// watch (the waiting loop halts; see `irq::split`); user: our LAPIC's EOI
-/// broadcast.
+/// `KVM_EXIT_IOAPIC_EOI` to our IOAPIC, which on hosts with a late EOI exit
+/// needs the EOI watch (the waiting loop halts; see `irqchip-kvm`'s split
+/// module); user: our LAPIC's EOI broadcast.
 #[test]
 fn level_pin_redelivered_after_eoi_while_asserted() {
     if !require_kvm() {

@@ -404,8 +404,9 @@ fn connect_disconnect_in(mode: &str) {
         );
         expect_rte(a, 16, RTE_MASKED | RTE_LEVEL | 0x60, 0, 52);
         // DISCONNECT device 1: a raise is no longer delivered. (An edge
-        // device: this host's KVM may deliver a level vector once more
-        // after its EOI, which would blur the check.)
+        // device: a KVM LAPIC that EOIs at injection may deliver a level
+        // vector once more after its EOI, which would blur the check; see
+        // the README's "Host KVM quirks".)
         disconnect(a, BLOCK_A, BLOCK_D);
         expect(a, BLOCK_A + status, STATUS_SUCCESS, 53);
         expect_rte(a, 17, RTE_MASKED | 0x61, 0, 54);

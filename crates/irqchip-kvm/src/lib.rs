@@ -105,12 +105,12 @@ pub use vcpu::{Run, VcpuChip, VcpuCounters};
 /// `irqchip::ioapic`, "Storm guard"), unless the builder sets another value
 /// ([`IrqchipBuilder::storm_threshold`]).
 ///
-/// The model's own default (10,000, where QEMU and KVM start throttling) is
-/// for real time; under an emulating host the guest's EOIs are slow enough
-/// that 10,000 re-deliveries last many seconds, so the default here is
-/// 1,000: still about ten times the longest run of legitimate
-/// re-deliveries this project's guest suites make (a level device with 90
-/// pending causes, one acknowledged per ISR call).
+/// The model's own default (10,000, where QEMU and KVM start throttling)
+/// lets a storm run for 10,000 EOI round trips before anything is done; the
+/// default here is 1,000, still about ten times the longest run of
+/// legitimate re-deliveries this project's guest suites make (a level
+/// device with 90 pending causes, one acknowledged per ISR call). The
+/// README's host section has how long a storm lasts with each value.
 pub const DEFAULT_STORM_THRESHOLD: u32 = 1_000;
 
 // The guest-visible pin count (the ABI) is the model's.

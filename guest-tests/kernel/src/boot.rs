@@ -126,7 +126,7 @@ long_entry:
     movw %ax, %gs
     leaq boot_stack_top(%rip), %rsp
     fninit
-    /* MXCSR keeps its reset value 0x1F80 (ldmxcsr is not emulated here) */
+    /* MXCSR keeps its reset value 0x1F80 (an emulating host may lack ldmxcsr; see guest-tests/README.md) */
     movl boot_magic(%rip), %edi
     movl boot_info(%rip), %esi
     call kernel_main
@@ -155,7 +155,7 @@ ap_long_entry:
     leaq ap_stacks(%rip), %rsp
     addq %rcx, %rsp
     fninit
-    /* MXCSR keeps its reset value 0x1F80 (ldmxcsr is not emulated here) */
+    /* MXCSR keeps its reset value 0x1F80 (an emulating host may lack ldmxcsr; see guest-tests/README.md) */
     call ap_main
 9:
     cli

@@ -176,8 +176,8 @@ pub unsafe fn install(index: usize) {
     unsafe { cpu::wrmsr(0xc000_0101, slot as *const PerCpu as u64) }
 }
 
-/// Zeroes the interrupt counters of the online CPUs (guest memory writes
-/// are slow on the emulating host: only slots that can have counted).
+/// Zeroes the interrupt counters of the online CPUs (only slots that can
+/// have counted: guest memory writes are slow under an emulating host).
 pub fn reset_counters() {
     for slot in CPUS.iter().take(count()) {
         for c in slot.vector_count.iter() {

@@ -81,9 +81,10 @@ pub fn multiboot_image(code: &[u8], bss: u32) -> Vec<u8> {
 /// A test kernel. From the 32-bit Multiboot entry it loads its own GDT
 /// and a 64-bit IDT with `handlers` (`(vector, label)`; the body defines
 /// the labels, ending them with `iretq`), identity-maps 4 GiB with 2 MiB
-/// pages and enters long mode, like the guest kernel does. (Under this
-/// host's KVM a 32-bit protected-mode `iret` cannot be emulated, so
-/// interrupt tests need long mode.) Then `body` runs in 64-bit mode with
+/// pages and enters long mode, like the guest kernel does. (A KVM that runs
+/// guest code through an instruction emulator may not emulate a 32-bit
+/// protected-mode `iret`, so interrupt tests use long mode; see the
+/// README's "Host KVM quirks".) Then `body` runs in 64-bit mode with
 /// EAX/EBX as the loader left them. Subroutines the body may call: `print`
 /// (ESI = NUL-terminated string; clobbers EAX, EDX, ESI) and `exit_eax`
 /// (exit port <- EAX). Falling off the body exits with 0xee.

@@ -163,10 +163,11 @@ fn isr_probe(vector: u8) {
 }
 
 /// Checks once, at boot, that the local APIC holds a delivered interrupt's
-/// ISR bit until EOI (SDM 11.8.4). Some hosts do not: this machine's KVM
-/// (kvm_pvm) acks and EOIs at injection, so the ISR and PPR read 0 inside
-/// handlers, a lower vector preempts an un-EOI'd higher one, and a level pin
-/// still asserted at injection is delivered again at once. Returns the result
+/// ISR bit until EOI (SDM 11.8.4). Some hosts' KVM does not (the top-level
+/// README's "Host KVM quirks"): it acks and EOIs at injection, so the ISR
+/// and PPR read 0 inside handlers, a lower vector preempts an un-EOI'd
+/// higher one, and a level pin still asserted at injection is delivered
+/// again at once. Returns the result
 /// and records it for [`need_isr_held`].
 pub fn probe_isr_held() -> bool {
     interrupts::set_handler(PROBE_VECTOR, Some(isr_probe));

@@ -417,8 +417,9 @@ fn fp_clobber_isr(interrupt: &KINTERRUPT, context: PVOID) -> bool {
 }
 
 /// Known x87 (ST0..7, FCW, tags), MXCSR and XMM0..15 values in the
-/// registers (FXRSTOR, then `movups`: the x87 load/store instructions are
-/// not emulated by this host), an interrupt taken in `sti; hlt` whose ISR
+/// registers (FXRSTOR, then `movups`: an emulating host may lack the x87
+/// load/store instructions; see `guest-tests/README.md`), an interrupt
+/// taken in `sti; hlt` whose ISR
 /// loads other values into all of them, and everything comes back.
 fn floating_state(env: &Env) -> TestResult {
     let dev = env.exclusive(KINTERRUPT_MODE::Latched)?;

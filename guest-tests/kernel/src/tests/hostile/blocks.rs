@@ -16,8 +16,8 @@ pub const INLINE: usize = 128;
 
 /// A request block: its first [`INLINE`] bytes, and its length (the bytes
 /// past [`INLINE`], only QUERY_PLATFORM's output array, are zero). Small,
-/// because moving a value costs `memcpy`, a `rep movsb` this host's
-/// emulator runs at about a microsecond per byte.
+/// because moving a value costs a `memcpy`, which an emulating host runs a
+/// string-instruction step at a time (`guest-tests/README.md`).
 #[derive(Clone, Copy)]
 pub struct Block {
     head: [u8; INLINE],

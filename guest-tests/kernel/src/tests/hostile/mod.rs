@@ -152,9 +152,9 @@ fn ram_end() -> Option<u64> {
         .filter(|ram| (1 << 20..=irqconnect_abi::layout::MMIO_HOLE_START).contains(ram))
 }
 
-/// `a == b`, eight bytes per step. (Under this host's instruction emulator
-/// a byte loop, which is what `memcmp` and `repe cmpsb` amount to, costs
-/// about 1.4 us per byte; `rep movsb`/`rep stosb` are fast.)
+/// `a == b`, eight bytes per step: under an instruction emulator a byte
+/// loop (what `memcmp` and `repe cmpsb` amount to) costs a step per byte
+/// (`guest-tests/README.md` has the measured cost).
 fn same(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

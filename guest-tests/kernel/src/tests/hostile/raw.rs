@@ -7,9 +7,9 @@
 //! (or answers a block it should refuse at the header) is caught by
 //! [`Sent::guards_intact`] and [`Sent::only_status_changed`].
 //!
-//! Guest memory is moved eight bytes per string-instruction step: this
-//! host's emulator costs about a microsecond per step whatever the width,
-//! so `rep movsq` is eight times faster than `memcpy`'s `rep movsb`.
+//! Guest memory is moved eight bytes per string-instruction step: an
+//! emulating host costs about the same per step whatever the width, so
+//! `rep movsq` is up to eight times faster than a `rep movsb`.
 
 use core::arch::asm;
 use core::cell::UnsafeCell;
