@@ -149,11 +149,10 @@ impl<S: Send> IoapicHost<S> {
     /// The IOAPIC part of [`ModelStats`].
     pub(crate) fn model_stats(&self) -> ModelStats {
         let counters = *self.lock().ioapic.counters();
-        let (storm_reports, storm_pins) = self.storm.totals();
         ModelStats {
             ioapic_bad_accesses: bad_accesses(&counters),
-            storm_reports,
-            storm_pins,
+            storm_reports: self.storm.reports.load(Ordering::Relaxed),
+            storm_pins: self.storm.pins.load(Ordering::Relaxed),
             ..ModelStats::default()
         }
     }
@@ -187,7 +186,9 @@ fn bad_accesses(counters: &IoapicCounters) -> u64 {
 /// warns at a limited rate, and hands each report to the storm sink once
 /// the chip's locks are released.
 struct StormWatch {
+    /// Reports so far.
     reports: AtomicU64,
+    /// Pins that had one, bit `n` for pin `n`.
     pins: AtomicU32,
     warn: RateLimiter,
     sink: Mutex<Option<StormSink>>,
@@ -242,14 +243,6 @@ impl StormWatch {
             );
         }
         pins
-    }
-
-    /// Reports so far, and the pins that had one (bit `n` for pin `n`).
-    fn totals(&self) -> (u64, u32) {
-        (
-            self.reports.load(Ordering::Relaxed),
-            self.pins.load(Ordering::Relaxed),
-        )
     }
 }
 

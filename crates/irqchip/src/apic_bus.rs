@@ -45,10 +45,22 @@
 //!
 //! # Lowest-priority arbitration
 //!
+//! The SDM leaves the choice model-specific (Vol. 3A 11.6.2.4): P6-family
+//! and Pentium processors arbitrate on the APIC bus with the arbitration
+//! priority register (APR), Pentium 4 and later processors leave it to the
+//! chipset, which uses the TPR, and the focus-processor rule is optional.
+//! KVM does neither: with its default `vector_hashing` it picks the
+//! (vector mod n)-th processor of the destination set, whatever the
+//! priorities, and otherwise the first one. We follow the architecture's
+//! intent, which is also what a guest can observe and test (a processor
+//! that raised its TPR does not get the interrupt while an idle one is
+//! available): the processor with the lowest PPR, which covers the TPR and
+//! what is in service. Concretely:
+//!
 //! [`Arbiter::route`] resolves as above and, for a lowest-priority message,
 //! keeps one target: among the resolved targets that accept fixed
 //! interrupts (hardware and software enabled), the one with the smallest
-//! [`ApicTarget::arbitration_priority`] (SDM Vol. 3A 11.6.2.4). Ties go to
+//! [`ApicTarget::arbitration_priority`] (a local APIC reports its PPR). Ties go to
 //! the first tied index at or after the arbiter's cursor, counting upward
 //! and wrapping from 255 to 0; the cursor then moves to the winner's index
 //! plus one. So equal-priority APICs take turns in index order. The cursor
@@ -56,7 +68,7 @@
 //! targets decides, so the cost grows linearly with the number of vCPUs.
 //! As KVM does, a lowest-priority message to the physical broadcast
 //! destination `0xff` is delivered to every resolved target, like a fixed
-//! one. The focus-processor rule (SDM 11.6.2.4, model specific) is not
+//! one. The focus-processor rule (SDM 11.6.2.4, optional) is not
 //! emulated.
 
 use serde::{Deserialize, Serialize};

@@ -2,8 +2,9 @@
 //! through the very harness functions the cargo-fuzz targets call, on the
 //! stable toolchain. A missing or empty corpus directory fails the test.
 //!
-//! The `seed-*` files are the hand-made inputs below; regenerate them with
-//! `cargo test -p irqchip --test corpus_replay -- --ignored write_seed_corpus`.
+//! The `seed-*` files are the hand-made inputs below (`seed_files_match_their_builders`
+//! checks they still are); regenerate them with
+//! `WRITE_FUZZ_SEEDS=1 cargo test -p irqchip --test corpus_replay seed_files`.
 //! The other files are minimised campaign inputs and crash regressions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

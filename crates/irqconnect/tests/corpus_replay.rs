@@ -3,8 +3,9 @@
 //! functions the cargo-fuzz targets call, on the stable toolchain. A missing
 //! or empty corpus directory fails the test.
 //!
-//! The `seed-*` files are the inputs below; regenerate them with
-//! `cargo test -p irqconnect --test corpus_replay -- --ignored write_seed_corpus`.
+//! The `seed-*` files are the inputs below (`seed_files_match_their_builders`
+//! checks they still are); regenerate them with
+//! `WRITE_FUZZ_SEEDS=1 cargo test -p irqconnect --test corpus_replay seed_files`.
 //! The other files are minimised campaign inputs and crash regressions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

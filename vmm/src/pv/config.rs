@@ -120,8 +120,8 @@ mod tests {
 
     #[test]
     fn build_service_bad_table_is_one_line_error() {
-        let dir = std::env::temp_dir().join(format!("vmm-pv-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let syntax = dir.join("syntax.json");
         std::fs::write(&syntax, "{\"devices\": [").unwrap();
         let pin = dir.join("pin.json");
@@ -142,6 +142,5 @@ mod tests {
             build_service(facts(2), Some(&missing)),
             Err(Error::ReadFile { .. })
         ));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -229,11 +229,42 @@ pub struct Run {
     pub stderr: String,
 }
 
-/// A scratch file path unique to this test process and `name`.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmm-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// A scratch file `name` in a fresh temporary directory; the directory and
+/// everything in it are removed when the guard drops, whether the test
+/// passed or panicked.
+pub struct Scratch {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
+    }
+}
+
+/// A scratch file path for `name` (see [`Scratch`]).
+pub fn scratch(name: &str) -> Scratch {
+    let dir = tempfile::Builder::new()
+        .prefix("vmm-tests-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(name);
+    Scratch { _dir: dir, path }
 }
 
 /// Runs `vmm` on `image` (written to a scratch file) with `args`; stdin

@@ -3,7 +3,10 @@
 //! each register little-endian at its offset (SDM Vol. 3A 11.4.1, Table 11-1).
 //!
 //! A VMM can mirror state between this model and KVM's in-kernel LAPIC with
-//! it. In x2APIC mode the ID at 0x20 is the 32-bit x2APIC ID and 0x310 the
+//! it. Its user is the snapshot across irqchip modes (a VM saved with KVM's
+//! LAPICs, kernel or split mode, resumed with ours, user mode, and back):
+//! nothing on today's interrupt path calls it; its round trips are tested
+//! below so the conversion is ready, and right, when that lands. In x2APIC mode the ID at 0x20 is the 32-bit x2APIC ID and 0x310 the
 //! 32-bit destination, as KVM lays them out with `KVM_CAP_X2APIC_API`
 //! (`KVM_X2APIC_API_USE_32BIT_IDS`). IA32_APIC_BASE and IA32_TSC_DEADLINE are
 //! MSRs, outside the page: move them with [`Lapic::msr_read`] /
