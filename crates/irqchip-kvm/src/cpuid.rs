@@ -4,10 +4,10 @@
 //! topology; [`apply`] then writes what belongs to the chip (SDM Vol. 2A
 //! "CPUID"):
 //!
-//! - leaf 1 EBX[31:24]: the initial (xAPIC) APIC ID;
-//! - leaf 1 EDX[9]: an on-chip APIC;
-//! - leaf 1 ECX[21]: x2APIC, as the chip was built ([`Features::x2apic`]);
-//! - leaf 1 ECX[24]: TSC-deadline mode of the LAPIC timer, where the chip
+//! - leaf 1 EBX bits 31..24: the initial (xAPIC) APIC ID;
+//! - leaf 1 EDX bit 9: an on-chip APIC;
+//! - leaf 1 ECX bit 21: x2APIC, as the chip was built ([`Features::x2apic`]);
+//! - leaf 1 ECX bit 24: TSC-deadline mode of the LAPIC timer, where the chip
 //!   has it ([`Features::tsc_deadline`]);
 //! - leaves 0xB and 0x1F, every sub-leaf present: EDX = the x2APIC ID.
 

@@ -11,6 +11,7 @@
 pub mod apic_bus;
 pub mod apic_system;
 pub mod error;
+#[cfg(feature = "fuzzing")]
 pub mod harness;
 pub mod ioapic;
 pub mod lapic;

@@ -19,6 +19,7 @@
 pub mod devices;
 pub mod error;
 pub mod handle;
+#[cfg(feature = "fuzzing")]
 pub mod harness;
 pub mod platform;
 pub mod ram;

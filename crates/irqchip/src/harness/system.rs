@@ -1,6 +1,3 @@
-//! The whole user-mode chip: one IOAPIC, up to six local APICs (xAPIC and
-//! x2APIC, any IDs, LDRs and DFR models) and the APIC bus with its
-//! lowest-priority [`Arbiter`], wired as a VMM wires them.
 //!
 //! Input format: byte 0 is the IOAPIC configuration (as
 //! [`super::ioapic::config`]); byte 1 the number of vCPUs (`1 + b % 6`) and

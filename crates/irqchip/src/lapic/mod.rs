@@ -25,8 +25,8 @@
 //!                      to_kvm_page(now) / load_kvm_page(&page, now)
 //! ```
 //!
-//! [`harness::run`] interprets arbitrary bytes as operations and checks the
-//! model's invariants, for a fuzz target.
+//! `harness::run` (feature `fuzzing`) interprets arbitrary bytes as
+//! operations and checks the model's invariants, for a fuzz target.
 //!
 //! # Choices where the SDM leaves room
 //!
@@ -71,6 +71,7 @@
 //!   nanoseconds with [`TscClock`].
 
 mod delivery;
+#[cfg(feature = "fuzzing")]
 pub mod harness;
 mod kvm_regs;
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! live connections, and checks after every operation:
 //!
 //! - each CONNECT is accepted or refused exactly as the reference
-//!   validator ([`expected_verdict`], rules 2..11 in order) decides, with
+//!   validator (`expected_verdict`, rules 2..11 in order) decides, with
 //!   the effective mask it computes;
 //! - every pin's route equals what the live connections imply: the union
 //!   of their masks on the pin's vector, the oldest one's trigger mode,
