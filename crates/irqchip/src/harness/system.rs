@@ -1,3 +1,7 @@
+//! The whole user-mode chip: one IOAPIC and the VMM's own
+//! [`ApicSystem`] (up to six local APICs, xAPIC and x2APIC, any IDs, LDRs
+//! and DFR models, the APIC bus and its lowest-priority arbiter), wired as
+//! a user-mode VMM wires them.
 //!
 //! Input format: byte 0 is the IOAPIC configuration (as
 //! [`super::ioapic::config`]); byte 1 the number of vCPUs (`1 + b % 6`) and
