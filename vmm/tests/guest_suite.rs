@@ -33,6 +33,7 @@
 
 mod common;
 
+use irqchip_kvm::Mode;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
@@ -78,30 +79,15 @@ const OUR_IOAPIC_REASON: &str = "storm guard needs our IOAPIC (split/user)";
 /// Needs the EOI register of an IOAPIC version 0x20.
 const EOI_REGISTER: &str = "ioapic_eoi_register_clears_remote_irr";
 
-/// Interrupt-controller modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Kernel,
-    Split,
-    User,
+/// What the expectations need to know of a mode, beyond `Mode` itself.
+trait ModeFacts {
+    /// KVM's IOAPIC version is 0x11, ours 0x20.
+    fn ioapic_version(self) -> &'static str;
 }
 
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Kernel => "kernel",
-            Mode::Split => "split",
-            Mode::User => "user",
-        }
-    }
-
-    /// KVM's local APIC (which may EOI at injection: the ISR quirk above).
-    fn kvm_lapic(self) -> bool {
-        self != Mode::User
-    }
-
+impl ModeFacts for Mode {
     fn ioapic_version(self) -> &'static str {
-        if self == Mode::Kernel { "0x11" } else { "0x20" }
+        if self.our_ioapic() { "0x20" } else { "0x11" }
     }
 }
 

@@ -19,6 +19,7 @@
 
 mod common;
 
+use irqchip_kvm::Mode;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
@@ -130,23 +131,6 @@ fn pv_by_status(line: &str) -> BTreeMap<String, u64> {
         .filter_map(|part| part.rsplit_once(' '))
         .map(|(name, n)| (name.to_string(), n.parse().unwrap_or(0)))
         .collect()
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Kernel,
-    Split,
-    User,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Kernel => "kernel",
-            Mode::Split => "split",
-            Mode::User => "user",
-        }
-    }
 }
 
 fn boot(mode: Mode) -> (Run, Reported) {

@@ -10,51 +10,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
 use irqconnect::harness::{pv_requests, sequences};
 
-type Harness = fn(&[u8]) -> Result<(), String>;
+use irqchip::harness::corpus::{self, Harness};
 
-fn corpus_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../resources/fuzz-corpus")
-        .join(target)
+/// The workspace the corpora live in.
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Runs every file of `target`'s corpus through `run`; fails on a missing
-/// or empty directory, an `Err` or a panic, naming every failing file.
+/// Replays `target`'s corpus (see `irqchip::harness::corpus::replay`).
 fn replay(target: &str, run: Harness) {
-    let dir = corpus_dir(target);
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus directory {} is missing: {e}", dir.display()));
-    let mut files: Vec<PathBuf> = entries
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.is_file())
-        .collect();
-    files.sort();
-    assert!(
-        !files.is_empty(),
-        "corpus directory {} is empty",
-        dir.display()
-    );
-    let mut failures = Vec::new();
-    for file in &files {
-        let data = std::fs::read(file).unwrap();
-        match catch_unwind(AssertUnwindSafe(|| run(&data))) {
-            Ok(Ok(())) => {}
-            Ok(Err(what)) => failures.push(format!("{}: {what}", file.display())),
-            Err(_) => failures.push(format!("{}: panicked", file.display())),
-        }
+    if let Err(report) = corpus::replay(&workspace(), target, run) {
+        panic!("{report}");
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} {target} corpus files fail:\n{}",
-        failures.len(),
-        files.len(),
-        failures.join("\n")
-    );
 }
 
 #[test]
@@ -258,24 +229,8 @@ fn seeds_reach_unwritable_and_quota_outcomes() {
 fn seed_files_match_their_builders() {
     let write = std::env::var_os("WRITE_FUZZ_SEEDS").is_some_and(|v| v == "1");
     for (target, name, data, _) in all_seeds() {
-        let dir = corpus_dir(target);
-        let path = dir.join(format!("seed-{name}"));
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &data).unwrap();
-            eprintln!("wrote {}", path.display());
-        } else {
-            let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e} (WRITE_FUZZ_SEEDS=1 regenerates the seeds)",
-                    path.display()
-                )
-            });
-            assert!(
-                on_disk == data,
-                "{} differs from its builder (WRITE_FUZZ_SEEDS=1 regenerates the seeds)",
-                path.display()
-            );
+        if let Err(e) = corpus::check_seed(&workspace(), target, &name, &data, write) {
+            panic!("{e}");
         }
     }
 }

@@ -17,6 +17,7 @@
 //! None of them panics on any input: a panic in a fuzz run is a bug of the
 //! model (or of the harness), never of the input.
 
+pub mod corpus;
 mod input;
 pub mod ioapic;
 pub mod msi;
