@@ -31,6 +31,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
 
 use crate::error::{Error, IrqError};
+use crate::ioapic_host::HostedIoapic;
 use crate::vcpu::ChipExit;
 
 /// Counters a chip keeps, for a VMM's statistics.
@@ -76,21 +77,36 @@ pub type StormSink = Arc<dyn Fn(u8) + Send + Sync>;
 /// The VM-wide part of a mode.
 ///
 /// `set_level` is called from any thread and applies the change before it
-/// returns.
+/// returns. The IOAPIC operations go to our IOAPIC ([`Backend::our_ioapic`])
+/// in the modes that host it; kernel mode overrides the ones KVM does.
 pub(crate) trait Backend: Send + Sync {
+    /// Our IOAPIC, in the modes that host it (split, user).
+    fn our_ioapic(&self) -> Option<&dyn HostedIoapic> {
+        None
+    }
+
     /// Sets the level of `gsi`. Edge semantics are the caller's pulse.
-    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError>;
+    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError> {
+        match self.our_ioapic() {
+            Some(ioapic) => ioapic.set_level(gsi, high),
+            None => Err(IrqError::NoSuchGsi(gsi)),
+        }
+    }
 
     /// A guest read of our IOAPIC's registers at `offset` from its base;
     /// `false` when the mode has no IOAPIC of ours.
-    fn ioapic_read(&self, _offset: u64, _data: &mut [u8]) -> bool {
-        false
+    fn ioapic_read(&self, offset: u64, data: &mut [u8]) -> bool {
+        self.our_ioapic()
+            .map(|ioapic| ioapic.mmio_read(offset, data))
+            .is_some()
     }
 
     /// A guest write of our IOAPIC's registers; `false` when the mode has
     /// no IOAPIC of ours.
-    fn ioapic_write(&self, _offset: u64, _data: &[u8]) -> bool {
-        false
+    fn ioapic_write(&self, offset: u64, data: &[u8]) -> bool {
+        self.our_ioapic()
+            .map(|ioapic| ioapic.mmio_write(offset, data))
+            .is_some()
     }
 
     /// The per-vCPU part of vCPU `index`, whose descriptor is `fd`.
@@ -102,7 +118,12 @@ pub(crate) trait Backend: Send + Sync {
     /// Programs IOAPIC `pin` from the host: its writable fields become
     /// `entry`'s (Remote IRR and delivery status stay the chip's,
     /// `RedirectionEntry::written`), serialised with every line change.
-    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError>;
+    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
+        match self.our_ioapic() {
+            Some(ioapic) => ioapic.program_pin(pin, entry),
+            None => Err(IrqError::NoSuchGsi(u32::from(pin))),
+        }
+    }
 
     /// Counters of our own models; `None` in kernel mode.
     fn model_stats(&self) -> Option<ModelStats> {
@@ -110,7 +131,11 @@ pub(crate) trait Backend: Send + Sync {
     }
 
     /// Installs the storm guard's callback (split and user modes).
-    fn set_storm_sink(&self, _sink: StormSink) {}
+    fn set_storm_sink(&self, sink: StormSink) {
+        if let Some(ioapic) = self.our_ioapic() {
+            ioapic.set_storm_sink(sink);
+        }
+    }
 
     /// Timer descriptors to watch; when descriptor `i` is readable, call
     /// [`Backend::on_timer`]`(i)`.

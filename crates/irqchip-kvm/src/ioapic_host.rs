@@ -38,6 +38,49 @@ pub(crate) trait Deliver {
     fn deliver(&self, hosted: &mut Hosted<Self::State>, deliveries: &[Delivery]);
 }
 
+/// A mode that hosts our IOAPIC: where its [`IoapicHost`] is. The mode
+/// then has the whole IOAPIC side of `Backend` through [`HostedIoapic`].
+pub(crate) trait HostsIoapic: Deliver + Sized {
+    /// The mode's IOAPIC.
+    fn ioapic_host(&self) -> &IoapicHost<Self::State>;
+}
+
+/// The IOAPIC side of a mode, object-safe (`Backend::our_ioapic`).
+pub(crate) trait HostedIoapic {
+    /// A line change of `gsi`.
+    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError>;
+    /// A guest read of the IOAPIC's registers.
+    fn mmio_read(&self, offset: u64, data: &mut [u8]);
+    /// A guest write of the IOAPIC's registers.
+    fn mmio_write(&self, offset: u64, data: &[u8]);
+    /// A host program of `pin`.
+    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError>;
+    /// Installs the storm sink.
+    fn set_storm_sink(&self, sink: StormSink);
+}
+
+impl<T: HostsIoapic> HostedIoapic for T {
+    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError> {
+        self.ioapic_host().set_level(self, gsi, high)
+    }
+
+    fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        self.ioapic_host().mmio_read(offset, data);
+    }
+
+    fn mmio_write(&self, offset: u64, data: &[u8]) {
+        self.ioapic_host().mmio_write(self, offset, data);
+    }
+
+    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
+        self.ioapic_host().program_pin(self, pin, entry)
+    }
+
+    fn set_storm_sink(&self, sink: StormSink) {
+        self.ioapic_host().set_storm_sink(sink);
+    }
+}
+
 /// What the IOAPIC lock protects.
 pub(crate) struct Hosted<S> {
     /// The model.

@@ -50,7 +50,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use irqchip::apic_bus::{Message, TriggerMode};
-use irqchip::ioapic::{Delivery, Ioapic, NUM_PINS, RedirectionEntry};
+use irqchip::ioapic::{Delivery, Ioapic, NUM_PINS};
 use irqchip::msi::{self, Msi, MsiFormat};
 use kvm_bindings::{
     KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
@@ -59,9 +59,9 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{Backend, ExitAction, IrqStats, ModelStats, StormSink, VcpuBackend};
-use crate::error::{Error, IrqError};
-use crate::ioapic_host::{Deliver, ErrorLog, Hosted, IoapicHost};
+use crate::backend::{Backend, ExitAction, IrqStats, ModelStats, VcpuBackend};
+use crate::error::Error;
+use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
 use crate::timerfd;
 use crate::vcpu::ChipExit;
@@ -298,19 +298,15 @@ fn kvm_msi_for(message: &Message) -> Result<kvm_msi, irqchip::Error> {
     })
 }
 
+impl HostsIoapic for SplitChip {
+    fn ioapic_host(&self) -> &IoapicHost<Routes> {
+        &self.ioapic
+    }
+}
+
 impl Backend for SplitChip {
-    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError> {
-        self.ioapic.set_level(self, gsi, high)
-    }
-
-    fn ioapic_read(&self, offset: u64, data: &mut [u8]) -> bool {
-        self.ioapic.mmio_read(offset, data);
-        true
-    }
-
-    fn ioapic_write(&self, offset: u64, data: &[u8]) -> bool {
-        self.ioapic.mmio_write(self, offset, data);
-        true
+    fn our_ioapic(&self) -> Option<&dyn HostedIoapic> {
+        Some(self)
     }
 
     fn vcpu(self: Arc<Self>, index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {
@@ -338,14 +334,6 @@ impl Backend for SplitChip {
 
     fn on_timer(&self, _index: usize) {
         self.eoi_watch_expired();
-    }
-
-    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
-        self.ioapic.program_pin(self, pin, entry)
-    }
-
-    fn set_storm_sink(&self, sink: StormSink) {
-        self.ioapic.set_storm_sink(sink);
     }
 }
 
@@ -393,7 +381,7 @@ impl VcpuBackend for SplitVcpu {
 #[cfg(test)]
 mod tests {
     use irqchip::apic_bus::{DeliveryMode, DestinationMode};
-    use irqchip::ioapic::IoapicConfig;
+    use irqchip::ioapic::{IoapicConfig, RedirectionEntry};
     use kvm_bindings::kvm_irq_routing_entry;
 
     use super::*;

@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use irqchip::harness::corpus::{self, Harness};
+use irqchip::harness::corpus::{self, Harness, Seed};
 
 /// Named seeds of one target.
 type Seeds = Vec<(&'static str, Vec<u8>)>;
@@ -463,7 +463,7 @@ fn msi_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Harness)> {
+fn all_seeds() -> Vec<Seed> {
     let mut all = Vec::new();
     let sets: [(&str, Seeds, Harness); 4] = [
         ("ioapic", ioapic_seeds(), irqchip::harness::ioapic::run),
@@ -477,30 +477,28 @@ fn all_seeds() -> Vec<(&'static str, &'static str, Vec<u8>, Harness)> {
     ];
     for (target, seeds, run) in sets {
         for (name, data) in seeds {
-            all.push((target, name, data, run));
+            let name = name.to_string();
+            all.push(Seed {
+                target,
+                name,
+                data,
+                run,
+            });
         }
     }
     all
 }
 
-/// The hand-made seeds pass their harness (they are also in the corpus).
+/// The seeds pass their harness (they are also in the corpus).
 #[test]
 fn seeds_pass_their_harness() {
-    for (target, name, data, run) in all_seeds() {
-        assert_eq!(run(&data), Ok(()), "{target}/{name}");
-    }
+    corpus::seeds_pass(&all_seeds()).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The checked-in `seed-*` files are exactly what the seed builders above
-/// produce, so a builder change cannot leave a stale corpus behind.
-/// `WRITE_FUZZ_SEEDS=1 cargo test --test corpus_replay seed_files` rewrites
-/// them instead (and says so).
+/// produce (`WRITE_FUZZ_SEEDS=1 cargo test --test corpus_replay seed_files`
+/// rewrites them).
 #[test]
 fn seed_files_match_their_builders() {
-    let write = std::env::var_os("WRITE_FUZZ_SEEDS").is_some_and(|v| v == "1");
-    for (target, name, data, _) in all_seeds() {
-        if let Err(e) = corpus::check_seed(&workspace(), target, name, &data, write) {
-            panic!("{e}");
-        }
-    }
+    corpus::seed_files_match(&workspace(), &all_seeds()).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use irqconnect::harness::{pv_requests, sequences};
 
-use irqchip::harness::corpus::{self, Harness};
+use irqchip::harness::corpus::{self, Harness, Seed};
 
 /// The workspace the corpora live in.
 fn workspace() -> PathBuf {
@@ -171,23 +171,28 @@ fn sequence_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn all_seeds() -> Vec<(&'static str, String, Vec<u8>, Harness)> {
-    let mut all: Vec<(&'static str, String, Vec<u8>, Harness)> = Vec::new();
-    for (name, data) in pv_requests::seed_corpus() {
-        all.push(("pv_requests", name, data, pv_requests::run));
-    }
-    for (name, data) in sequence_seeds() {
-        all.push(("connect_sequences", name.to_string(), data, sequences::run));
-    }
-    all
+fn all_seeds() -> Vec<Seed> {
+    let pv = pv_requests::seed_corpus()
+        .into_iter()
+        .map(|(name, data)| Seed {
+            target: "pv_requests",
+            name,
+            data,
+            run: pv_requests::run,
+        });
+    let sequences = sequence_seeds().into_iter().map(|(name, data)| Seed {
+        target: "connect_sequences",
+        name: name.to_string(),
+        data,
+        run: sequences::run,
+    });
+    pv.chain(sequences).collect()
 }
 
 /// The seeds pass their harness (they are also in the corpus).
 #[test]
 fn seeds_pass_their_harness() {
-    for (target, name, data, run) in all_seeds() {
-        assert_eq!(run(&data), Ok(()), "{target}/{name}");
-    }
+    corpus::seeds_pass(&all_seeds()).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The write-protected seed really takes the undo path, and the quota seed
@@ -222,15 +227,9 @@ fn seeds_reach_unwritable_and_quota_outcomes() {
 }
 
 /// The checked-in `seed-*` files are exactly what the seed builders above
-/// produce, so a builder change cannot leave a stale corpus behind.
-/// `WRITE_FUZZ_SEEDS=1 cargo test --test corpus_replay seed_files` rewrites
-/// them instead (and says so).
+/// produce (`WRITE_FUZZ_SEEDS=1 cargo test --test corpus_replay seed_files`
+/// rewrites them).
 #[test]
 fn seed_files_match_their_builders() {
-    let write = std::env::var_os("WRITE_FUZZ_SEEDS").is_some_and(|v| v == "1");
-    for (target, name, data, _) in all_seeds() {
-        if let Err(e) = corpus::check_seed(&workspace(), target, &name, &data, write) {
-            panic!("{e}");
-        }
-    }
+    corpus::seed_files_match(&workspace(), &all_seeds()).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -38,15 +38,15 @@ use std::time::{Duration, Instant};
 
 use irqchip::apic_bus::ApicSet;
 use irqchip::apic_system::ApicSystem;
-use irqchip::ioapic::{Delivery, RedirectionEntry};
+use irqchip::ioapic::Delivery;
 use irqchip::lapic::{Effect, LapicConfig};
 use irqconnect_abi::layout::LAPIC_BUS_HZ;
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{Backend, IrqStats, ModelStats, StormSink, VcpuBackend};
-use crate::error::{Error, IrqError};
-use crate::ioapic_host::{Deliver, ErrorLog, Hosted, IoapicHost};
+use crate::backend::{Backend, IrqStats, ModelStats, VcpuBackend};
+use crate::error::Error;
+use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
 use crate::timerfd;
 
@@ -254,19 +254,15 @@ impl Deliver for UserChip {
     }
 }
 
+impl HostsIoapic for UserChip {
+    fn ioapic_host(&self) -> &IoapicHost<()> {
+        &self.ioapic
+    }
+}
+
 impl Backend for UserChip {
-    fn set_level(&self, gsi: u32, high: bool) -> Result<(), IrqError> {
-        self.ioapic.set_level(self, gsi, high)
-    }
-
-    fn ioapic_read(&self, offset: u64, data: &mut [u8]) -> bool {
-        self.ioapic.mmio_read(offset, data);
-        true
-    }
-
-    fn ioapic_write(&self, offset: u64, data: &[u8]) -> bool {
-        self.ioapic.mmio_write(self, offset, data);
-        true
+    fn our_ioapic(&self) -> Option<&dyn HostedIoapic> {
+        Some(self)
     }
 
     fn vcpu(self: Arc<Self>, index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {
@@ -288,14 +284,6 @@ impl Backend for UserChip {
             ignored_events: self.counters.ignored_events.load(Ordering::Relaxed),
             ..self.ioapic.model_stats()
         })
-    }
-
-    fn program_pin(&self, pin: u8, entry: RedirectionEntry) -> Result<(), IrqError> {
-        self.ioapic.program_pin(self, pin, entry)
-    }
-
-    fn set_storm_sink(&self, sink: StormSink) {
-        self.ioapic.set_storm_sink(sink);
     }
 
     fn timer_fds(&self) -> Vec<RawFd> {

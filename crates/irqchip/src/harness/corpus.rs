@@ -56,11 +56,43 @@ pub fn replay(workspace: &Path, target: &str, run: Harness) -> Result<usize, Str
     }
 }
 
+/// A hand-made input of a fuzz target, built by code in its crate's
+/// `tests/corpus_replay.rs` and checked in as `seed-NAME`.
+pub struct Seed {
+    /// The fuzz target.
+    pub target: &'static str,
+    /// The seed's name (`seed-NAME` on disk).
+    pub name: String,
+    /// The input.
+    pub data: Vec<u8>,
+    /// The target's harness.
+    pub run: Harness,
+}
+
+/// Every seed passes its harness. `Err` names the first that does not.
+pub fn seeds_pass(seeds: &[Seed]) -> Result<(), String> {
+    for seed in seeds {
+        (seed.run)(&seed.data).map_err(|e| format!("{}/{}: {e}", seed.target, seed.name))?;
+    }
+    Ok(())
+}
+
+/// The checked-in `seed-NAME` files hold exactly what the seed builders
+/// produce, so a builder change cannot leave a stale corpus behind; with
+/// `WRITE_FUZZ_SEEDS=1` in the environment they are rewritten instead.
+pub fn seed_files_match(workspace: &Path, seeds: &[Seed]) -> Result<(), String> {
+    let write = std::env::var_os("WRITE_FUZZ_SEEDS").is_some_and(|v| v == "1");
+    for seed in seeds {
+        check_seed(workspace, seed.target, &seed.name, &seed.data, write)?;
+    }
+    Ok(())
+}
+
 /// Checks that the checked-in `seed-NAME` file of `target` holds `data`,
 /// the output of its seed builder, so a builder change cannot leave a stale
 /// corpus behind. With `write` (the tests set it from `WRITE_FUZZ_SEEDS=1`)
 /// it writes the file instead.
-pub fn check_seed(
+fn check_seed(
     workspace: &Path,
     target: &str,
     name: &str,
