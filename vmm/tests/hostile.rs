@@ -33,7 +33,7 @@ const STORM_KERNEL_SKIP: &str = "storm guard needs our IOAPIC (split/user)";
 /// Fewest malformed-request cases the suite must check.
 const MIN_CASES: u64 = 30;
 
-/// The rate limiter's burst (vmm/src/ratelimit.rs): messages let through
+/// The rate limiter's burst (irqchip_kvm::ratelimit): messages let through
 /// before the one-per-second limit applies.
 const WARN_BURST: u64 = 5;
 

@@ -3,19 +3,19 @@
 //!
 //! One call does, on the vCPU's own thread:
 //!
-//! 1. the mode's `after_run` for the previous exit if the VMM handled it
-//!    (user mode reads CR8 and IF from the run page), then its `before_run`
-//!    (user mode: INIT/SIPI, HLT parking, NMI and interrupt injection);
+//! 1. the mode's `before_run` (user mode: INIT/SIPI, HLT parking, NMI and
+//!    interrupt injection);
 //! 2. `KVM_RUN`, kickable: the thread is registered with the [`Kicker`]
 //!    and its run page published to the kick handler only for the duration
 //!    of the call, and a kick that arrived since `before_run` looked makes
 //!    `KVM_RUN` return at once (`immediate_exit`);
-//! 3. after the exit: `EINTR`/`EAGAIN` and the exits that belong to the
-//!    chip (LAPIC MMIO and MSRs, interrupt windows, HLT without an
-//!    in-kernel LAPIC, `KVM_EXIT_IOAPIC_EOI`) are handled here and
-//!    completed in the run page (an MMIO read's bytes, an RDMSR value, a
-//!    #GP); every other exit is returned for the VMM, borrowed from the run
-//!    page as kvm-ioctls gives it.
+//! 3. an exit that is not the chip's goes to the VMM's `on_exit` while it
+//!    still borrows the run page (port I/O, MMIO outside the chip, ...);
+//! 4. the mode's `after_run` with the run page (user mode reads CR8 and IF);
+//! 5. `EINTR`/`EAGAIN` and the exits that belong to the chip (LAPIC MMIO
+//!    and MSRs, interrupt windows, HLT without an in-kernel LAPIC,
+//!    `KVM_EXIT_IOAPIC_EOI`) are handled and completed in the run page (an
+//!    MMIO read's bytes, an RDMSR value, a #GP).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
