@@ -61,6 +61,13 @@ pub const TESTDEV_STRIDE: u16 = 0x20;
 /// Maximum number of test devices the port window holds.
 pub const TESTDEV_MAX_DEVICES: u16 = 8;
 
+/// First port of the message-signaled test devices (see [`crate::msidev`]).
+pub const MSIDEV_BASE_PORT: u16 = 0x2300;
+/// Ports per message-signaled test device.
+pub const MSIDEV_STRIDE: u16 = 0x40;
+/// Maximum number of message-signaled test devices the port window holds.
+pub const MSIDEV_MAX_DEVICES: u16 = 4;
+
 /// Guest-physical base of the IOAPIC's MMIO window (82093AA default).
 pub const IOAPIC_MMIO_BASE: u64 = 0xfec0_0000;
 /// Size of the IOAPIC's MMIO window.

@@ -2,7 +2,8 @@
 //!
 //! Everything both sides must agree on lives here and nowhere else: I/O ports
 //! and guest-physical addresses ([`layout`]), the fw_cfg keys ([`fw_cfg`]),
-//! the interrupt-source test device's registers ([`testdev`]), NTSTATUS values
+//! the interrupt-source test device's registers ([`testdev`]), the
+//! message-signaled test device's registers ([`msidev`]), NTSTATUS values
 //! ([`ntstatus`]) and the paravirtual connect interface ([`pv`]).
 //!
 //! The crate is `no_std`, has no `unsafe`, and every request type is
@@ -14,6 +15,7 @@
 
 pub mod fw_cfg;
 pub mod layout;
+pub mod msidev;
 pub mod ntstatus;
 pub mod pv;
 pub mod testdev;

@@ -17,6 +17,17 @@ pub const STATUS_INSUFFICIENT_RESOURCES: NtStatus = 0xc000_009a;
 pub const STATUS_INVALID_PARAMETER_1: NtStatus = 0xc000_00ef;
 /// The device does not exist or does not own the vector.
 pub const STATUS_NOT_FOUND: NtStatus = 0xc000_0225;
+/// An output buffer is too small; the answer says how large it must be
+/// (CONNECT_EX's message table).
+pub const STATUS_BUFFER_TOO_SMALL: NtStatus = 0xc000_0023;
+/// The tenth member of IoConnectInterruptEx's parameters is invalid: a
+/// FULLY_SPECIFIED `ProcessorEnableMask` that names no online processor, as
+/// `IoConnectInterruptEx` answers it.
+pub const STATUS_INVALID_PARAMETER_10: NtStatus = 0xc000_00f8;
+/// The caller's IRQL is too high for the routine (the guest API refuses
+/// IoConnectInterrupt(Ex) and IoDisconnectInterrupt(Ex) above PASSIVE_LEVEL
+/// with it; the host never sees such a call).
+pub const STATUS_INVALID_LEVEL: NtStatus = 0xc000_0148;
 
 /// True for success and informational codes (severity bits 00 or 01), as `NT_SUCCESS`.
 pub const fn nt_success(status: NtStatus) -> bool {
@@ -33,6 +44,9 @@ pub const fn status_name(status: NtStatus) -> &'static str {
         STATUS_INSUFFICIENT_RESOURCES => "STATUS_INSUFFICIENT_RESOURCES",
         STATUS_INVALID_PARAMETER_1 => "STATUS_INVALID_PARAMETER_1",
         STATUS_NOT_FOUND => "STATUS_NOT_FOUND",
+        STATUS_BUFFER_TOO_SMALL => "STATUS_BUFFER_TOO_SMALL",
+        STATUS_INVALID_PARAMETER_10 => "STATUS_INVALID_PARAMETER_10",
+        STATUS_INVALID_LEVEL => "STATUS_INVALID_LEVEL",
         _ => "STATUS_<unknown>",
     }
 }
@@ -51,6 +65,9 @@ mod tests {
             STATUS_INSUFFICIENT_RESOURCES,
             STATUS_INVALID_PARAMETER_1,
             STATUS_NOT_FOUND,
+            STATUS_BUFFER_TOO_SMALL,
+            STATUS_INVALID_PARAMETER_10,
+            STATUS_INVALID_LEVEL,
         ] {
             assert!(!nt_success(s), "{}", status_name(s));
         }

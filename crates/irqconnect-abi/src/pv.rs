@@ -39,6 +39,12 @@ pub mod opcode {
     pub const DISCONNECT: u16 = 4;
     /// [`super::QueryRoute`]: how a pin is programmed (introspection for tests).
     pub const QUERY_ROUTE: u16 = 5;
+    /// [`super::ConnectEx`]: IoConnectInterruptEx, every version.
+    pub const CONNECT_EX: u16 = 6;
+    /// [`super::DisconnectEx`]: IoDisconnectInterruptEx.
+    pub const DISCONNECT_EX: u16 = 7;
+    /// [`super::QueryMessages`]: a device's message-signaled interrupts.
+    pub const QUERY_MESSAGES: u16 = 8;
 }
 
 /// The 16 bytes every request block starts with.
@@ -253,6 +259,223 @@ pub struct Disconnect {
     pub handle: u64,
 }
 
+/// `IO_CONNECT_INTERRUPT_PARAMETERS.Version` values (wdm.h).
+pub mod connect_version {
+    /// Connect one interrupt resource given in full, processor group 0
+    /// (the classic IoConnectInterrupt's parameters).
+    pub const FULLY_SPECIFIED: u32 = 1;
+    /// Connect every line-based interrupt resource of the device.
+    pub const LINE_BASED: u32 = 2;
+    /// Connect every message-signaled interrupt of the device; with a
+    /// fallback routine, its line-based ones when it has no messages.
+    pub const MESSAGE_BASED: u32 = 3;
+    /// FULLY_SPECIFIED with a processor group ([`super::ConnectEx::group`]).
+    pub const FULLY_SPECIFIED_GROUP: u32 = 4;
+}
+
+/// `KINTERRUPT_POLARITY` values of a message table entry.
+pub mod polarity {
+    /// `InterruptActiveHigh` / `InterruptRisingEdge`: how messages signal.
+    pub const ACTIVE_HIGH: u8 = 1;
+}
+
+/// Kinds of message-signaled interrupt ([`QueryMessages::kind`]).
+pub mod message_kind {
+    /// The device has no message-signaled interrupts.
+    pub const NONE: u8 = 0;
+    /// MSI: one address for every message, data = base data + message number.
+    pub const MSI: u8 = 1;
+    /// MSI-X: an address, data and mask bit per message.
+    pub const MSIX: u8 = 2;
+}
+
+/// `IRQ_DEVICE_POLICY` values (wdm.h): how the host picks the processors
+/// of each message ([`QueryMessages::policy`]).
+pub mod irq_policy {
+    /// No particular assignment: every processor the resource allows.
+    pub const MACHINE_DEFAULT: u8 = 0;
+    /// Processors close to the device: without NUMA, every processor.
+    pub const ALL_CLOSE_PROCESSORS: u8 = 1;
+    /// One processor close to the device: without NUMA, any one.
+    pub const ONE_CLOSE_PROCESSOR: u8 = 2;
+    /// Every processor of the machine.
+    pub const ALL_PROCESSORS_IN_MACHINE: u8 = 3;
+    /// The processors of the resource's affinity.
+    pub const SPECIFIED_PROCESSORS: u8 = 4;
+    /// Different messages to different processors, where possible.
+    pub const SPREAD_MESSAGES_ACROSS_ALL_PROCESSORS: u8 = 5;
+}
+
+/// Most message-signaled interrupts one device has.
+pub const MAX_MESSAGES: usize = 64;
+
+/// `CONNECT_EX`: IoConnectInterruptEx. Which inputs count depends on
+/// `version` ([`connect_version`]); inputs a version does not use must be
+/// zero. The answer's `version_used` says what was connected (a
+/// MESSAGE_BASED request on a device without messages falls back to
+/// LINE_BASED).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct ConnectEx {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: `Parameters->Version`, one of [`connect_version`].
+    pub version: u32,
+    /// Input: the device (`PhysicalDeviceObject`).
+    pub device_id: u32,
+    /// Input (FULLY_SPECIFIED): `Vector`.
+    pub vector: u32,
+    /// Input (FULLY_SPECIFIED): `Irql`.
+    pub irql: u8,
+    /// Input: `SynchronizeIrql` (ignored by LINE_BASED and MESSAGE_BASED
+    /// when `spin_lock` is 0).
+    pub synchronize_irql: u8,
+    /// Input (FULLY_SPECIFIED): `InterruptMode`, one of [`interrupt_mode`].
+    pub interrupt_mode: u8,
+    /// Input (FULLY_SPECIFIED): `ShareVector` (0 or 1).
+    pub share_vector: u8,
+    /// Input: `FloatingSave` (0 or 1).
+    pub floating_save: u8,
+    /// Must be zero.
+    pub reserved0: u8,
+    /// Input (FULLY_SPECIFIED_GROUP): the processor group of
+    /// `processor_enable_mask`.
+    pub group: u16,
+    /// Output: the version that was connected.
+    pub version_used: u32,
+    /// Input: FULLY_SPECIFIED: `ProcessorEnableMask`; LINE_BASED and
+    /// MESSAGE_BASED: 0, or processors to keep the device's interrupts
+    /// within (a host extension).
+    pub processor_enable_mask: u64,
+    /// Input: `ServiceRoutine` (FULLY_SPECIFIED, LINE_BASED) or
+    /// `MessageServiceRoutine` (MESSAGE_BASED), a guest address.
+    pub service_routine: u64,
+    /// Input (MESSAGE_BASED): `FallBackServiceRoutine`, or 0.
+    pub fallback_service_routine: u64,
+    /// Input: `ServiceContext`, a guest-physical address or 0.
+    pub service_context: u64,
+    /// Input: `SpinLock`, a guest-physical address or 0.
+    pub spin_lock: u64,
+    /// Input (MESSAGE_BASED): guest-physical address of the buffer that
+    /// receives the message table ([`MessageTableHeader`] then
+    /// [`MessageInfoEntry`] per message), 8-byte aligned.
+    pub message_table: u64,
+    /// Input (MESSAGE_BASED): the buffer's length in bytes.
+    pub message_table_length: u32,
+    /// Output (MESSAGE_BASED): the bytes the table takes; with
+    /// `STATUS_BUFFER_TOO_SMALL`, how large the buffer must be.
+    pub message_table_required: u32,
+    /// Output: the connection's handle, for DISCONNECT_EX (never 0 on
+    /// success).
+    pub handle: u64,
+    /// Output: processors that got an interrupt object (the union over
+    /// every line or message connected).
+    pub effective_mask: u64,
+    /// Output: the IRQL the service routine runs at for every interrupt of
+    /// the connection (`UnifiedIrql`).
+    pub unified_irql: u8,
+    /// Must be zero.
+    pub reserved1: [u8; 3],
+    /// Output: line resources or messages connected.
+    pub count: u32,
+}
+
+/// The head of a MESSAGE_BASED connection's message table
+/// (`IO_INTERRUPT_MESSAGE_INFO`), written at [`ConnectEx::message_table`].
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct MessageTableHeader {
+    /// `UnifiedIrql`: the IRQL every message's service routine runs at.
+    pub unified_irql: u8,
+    /// Zero.
+    pub reserved: [u8; 3],
+    /// `MessageCount`: the entries that follow.
+    pub message_count: u32,
+}
+
+/// One message of a connection (`IO_INTERRUPT_MESSAGE_INFO_ENTRY`).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct MessageInfoEntry {
+    /// `MessageAddress`: where the device writes to signal the message.
+    pub message_address: u64,
+    /// `TargetProcessorSet`: the processors the message is delivered to,
+    /// exactly (the route's effective set).
+    pub target_processor_set: u64,
+    /// `MessageData`: the value the device writes.
+    pub message_data: u32,
+    /// `Vector`: the message's own IDT vector.
+    pub vector: u32,
+    /// `Irql`: the message's DIRQL (`vector >> 4`).
+    pub irql: u8,
+    /// `Mode`: always [`interrupt_mode::LATCHED`].
+    pub mode: u8,
+    /// `Polarity`: [`polarity::ACTIVE_HIGH`].
+    pub polarity: u8,
+    /// Zero.
+    pub reserved0: u8,
+    /// The message number (its index in the table).
+    pub message_id: u32,
+    /// The processor group of `target_processor_set`.
+    pub group: u16,
+    /// Zero.
+    pub reserved1: [u8; 6],
+}
+
+/// Bytes a message table of `count` messages takes.
+pub const fn message_table_size(count: usize) -> usize {
+    core::mem::size_of::<MessageTableHeader>() + count * core::mem::size_of::<MessageInfoEntry>()
+}
+
+/// `DISCONNECT_EX`: IoDisconnectInterruptEx.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct DisconnectEx {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: the `version_used` CONNECT_EX answered with.
+    pub version: u32,
+    /// Must be zero.
+    pub reserved0: u32,
+    /// Input: the handle CONNECT_EX answered with.
+    pub handle: u64,
+}
+
+/// `QUERY_MESSAGES`: a device's message-signaled interrupts, as the PnP
+/// manager assigned them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryMessages {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: the device.
+    pub device_id: u32,
+    /// Output: its messages (0: none).
+    pub message_count: u32,
+    /// Output: [`message_kind`].
+    pub kind: u8,
+    /// Output: [`irq_policy`].
+    pub policy: u8,
+    /// Output: the IRQL (priority class) the messages' vectors are in.
+    pub irql: u8,
+    /// Output: the first message's vector (the others follow it).
+    pub first_vector: u8,
+    /// Output: the message-signaled test device of this device
+    /// ([`crate::msidev`]), or `u32::MAX` when it has none.
+    pub test_device: u32,
+    /// Output: the processors the resource allows (its affinity).
+    pub affinity: u64,
+    /// Output: the bytes a CONNECT_EX message table needs
+    /// ([`message_table_size`]).
+    pub table_size: u32,
+    /// Must be zero.
+    pub reserved0: u32,
+}
+
 /// Values of [`QueryRoute::trigger`].
 pub mod trigger {
     /// Edge-triggered.
@@ -294,6 +517,11 @@ const _: () = {
     assert!(size_of::<Connect>() == 80);
     assert!(size_of::<Disconnect>() == 24);
     assert!(size_of::<QueryRoute>() == 40);
+    assert!(size_of::<ConnectEx>() == 120);
+    assert!(size_of::<DisconnectEx>() == 32);
+    assert!(size_of::<QueryMessages>() == 48);
+    assert!(size_of::<MessageTableHeader>() == 8);
+    assert!(size_of::<MessageInfoEntry>() == 40);
     assert!(align_of::<Connect>() as u64 <= BLOCK_ALIGN);
     assert!(align_of::<QueryPlatform>() as u64 <= BLOCK_ALIGN);
 };
@@ -311,6 +539,9 @@ pub const fn request_size(version: u16, opcode: u16) -> Option<usize> {
         opcode::CONNECT => Some(size_of::<Connect>()),
         opcode::DISCONNECT => Some(size_of::<Disconnect>()),
         opcode::QUERY_ROUTE => Some(size_of::<QueryRoute>()),
+        opcode::CONNECT_EX => Some(size_of::<ConnectEx>()),
+        opcode::DISCONNECT_EX => Some(size_of::<DisconnectEx>()),
+        opcode::QUERY_MESSAGES => Some(size_of::<QueryMessages>()),
         _ => None,
     }
 }
@@ -329,7 +560,7 @@ mod tests {
         assert_eq!(request_size(1, opcode::CONNECT), Some(80));
         assert_eq!(request_size(1, 0), None);
         assert_eq!(request_size(2, opcode::CONNECT), None);
-        for op in 1..=5 {
+        for op in 1..=8 {
             let size = request_size(1, op).unwrap_or(0);
             assert!(size > 0 && size <= MAX_REQUEST_SIZE);
             assert_eq!(size % BLOCK_ALIGN as usize, 0);

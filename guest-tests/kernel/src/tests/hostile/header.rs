@@ -72,13 +72,14 @@ pub fn unknown_version(env: &Env) -> TestResult {
     cases.finish()
 }
 
-/// Opcodes version 1 does not define: STATUS_INVALID_DEVICE_REQUEST.
+/// Opcodes version 1 does not define: STATUS_INVALID_DEVICE_REQUEST
+/// (0x7f: well past the last one defined, `opcode::QUERY_MESSAGES`).
 pub fn unknown_opcode(_env: &Env) -> TestResult {
     let mut cases = Cases::new("hostile_pv_unknown_opcode_invalid_device_request");
     let route = blocks::route(0);
     for (name, opcode) in [
         ("opcode 0", 0u16),
-        ("opcode 6", 6),
+        ("opcode 0x7f", 0x7f),
         ("opcode 0x100", 0x100),
         ("opcode 0xffff", u16::MAX),
     ] {
