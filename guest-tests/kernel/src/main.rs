@@ -21,6 +21,7 @@ mod irql;
 mod lapic;
 mod lines;
 mod mem;
+mod msidev;
 mod multiboot;
 mod percpu;
 mod pic;

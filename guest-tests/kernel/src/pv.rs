@@ -13,13 +13,13 @@
 //!   VMM answers before the vCPU resumes), copy the answer back. A block the
 //!   VMM did not answer keeps `STATUS_NO_ANSWER`, which is returned as is.
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use irqconnect_abi::layout::{PV_DOORBELL_PORT, PV_DOORBELL_SIGNATURE};
 use irqconnect_abi::ntstatus::{NtStatus, STATUS_SUCCESS};
 use irqconnect_abi::pv::{
-    BLOCK_ALIGN, Connect, Disconnect, MAX_REQUEST_SIZE, QueryPlatform, QueryResources, QueryRoute,
-    RequestHeader, STATUS_NO_ANSWER, opcode,
+    BLOCK_ALIGN, Connect, ConnectEx, Disconnect, DisconnectEx, MAX_REQUEST_SIZE, QueryMessages,
+    QueryPlatform, QueryResources, QueryRoute, RequestHeader, STATUS_NO_ANSWER, opcode,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -63,6 +63,9 @@ request!(QueryResources, opcode::QUERY_RESOURCES);
 request!(Connect, opcode::CONNECT);
 request!(Disconnect, opcode::DISCONNECT);
 request!(QueryRoute, opcode::QUERY_ROUTE);
+request!(ConnectEx, opcode::CONNECT_EX);
+request!(DisconnectEx, opcode::DISCONNECT_EX);
+request!(QueryMessages, opcode::QUERY_MESSAGES);
 
 /// The request block: as large as the largest request, 8-byte aligned.
 #[repr(C, align(8))]
@@ -76,6 +79,14 @@ const UNKNOWN: u8 = 0;
 const PRESENT: u8 = 1;
 const ABSENT: u8 = 2;
 static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// Typed requests sent since boot (the doorbell rung by [`call`]).
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// Typed requests sent since boot: a test that must prove the host was not
+/// asked compares it before and after.
+pub fn requests() -> u64 {
+    REQUESTS.load(Ordering::Acquire)
+}
 
 /// What a 32-bit read of the doorbell port returns.
 pub fn doorbell_read() -> u32 {
@@ -153,6 +164,7 @@ pub fn call<T: Request>(req: &mut T) -> NtStatus {
         return STATUS_NO_ANSWER;
     };
     bytes.copy_from_slice(req.as_bytes());
+    REQUESTS.fetch_add(1, Ordering::AcqRel);
     ring(&mut block);
     if let Some(bytes) = block.0.get(..size) {
         req.as_mut_bytes().copy_from_slice(bytes);
@@ -196,6 +208,29 @@ pub fn connect(req: Connect) -> Result<Connect, NtStatus> {
 /// DISCONNECT of host handle `handle`.
 pub fn disconnect(handle: u64) -> NtStatus {
     let mut req = Disconnect::blank();
+    req.handle = handle;
+    call(&mut req)
+}
+
+/// QUERY_MESSAGES of device `device_id`.
+pub fn query_messages(device_id: u32) -> Result<QueryMessages, NtStatus> {
+    let mut req = QueryMessages::blank();
+    req.device_id = device_id;
+    ask(req)
+}
+
+/// CONNECT_EX with `req`'s inputs: the answered block and its status (a
+/// refusal's block carries `message_table_required`).
+pub fn connect_ex(mut req: ConnectEx) -> (NtStatus, ConnectEx) {
+    let status = call(&mut req);
+    (status, req)
+}
+
+/// DISCONNECT_EX of host handle `handle`, naming the connect's
+/// `version_used` as `version`.
+pub fn disconnect_ex(version: u32, handle: u64) -> NtStatus {
+    let mut req = DisconnectEx::blank();
+    req.version = version;
     req.handle = handle;
     call(&mut req)
 }
