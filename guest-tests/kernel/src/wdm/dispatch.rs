@@ -11,6 +11,8 @@
 //!    lock, call ISR(object, context), release, disable, lower back.
 //!    LevelSensitive: stop at the first TRUE. Latched: rescan from the head
 //!    while a pass had a TRUE. Nobody claimed: count it for (`p`, `vector`);
+//!    A message's vector has exactly one connection: its
+//!    `KMESSAGE_SERVICE_ROUTINE` is called once, with the message number;
 //! 4. EOI, lower CR8 to the interrupted level;
 //! 5. depth - 1; when it reaches 0, the epoch advances.
 //!
@@ -26,7 +28,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use super::object::{self, KINTERRUPT, NIL};
-use super::{KSERVICE_ROUTINE, PVOID};
+use super::{KMESSAGE_SERVICE_ROUTINE, KSERVICE_ROUTINE, PVOID};
 use crate::percpu::MAX_CPUS;
 use crate::{cpu, interrupts, irql, percpu, time};
 
@@ -120,10 +122,14 @@ fn run_chain(cpu: usize, vector: u8) -> bool {
     if head == NIL {
         return false;
     }
-    let latched = object::obj(head)
-        .connection()
-        .latched
-        .load(Ordering::Relaxed);
+    let first = object::obj(head).connection();
+    if first.kind.load(Ordering::Relaxed) == object::kind::MESSAGE {
+        // A message's vector has its one connection: one call per
+        // message, no rescan (an edge that comes during the call is a
+        // new delivery).
+        return call_isr(object::obj(head));
+    }
+    let latched = first.latched.load(Ordering::Relaxed);
     if !latched {
         let mut at = head;
         while at != NIL {
@@ -164,17 +170,31 @@ fn call_isr(o: &'static KINTERRUPT) -> bool {
     if raw == 0 {
         return false;
     }
-    // SAFETY: `routine` only ever holds a `KSERVICE_ROUTINE` stored by
-    // IoConnectInterrupt (non-zero: checked above).
-    let routine = unsafe { core::mem::transmute::<usize, KSERVICE_ROUTINE>(raw) };
     let context = c.context.load(Ordering::Relaxed) as PVOID;
+    let message = (c.kind.load(Ordering::Relaxed) == object::kind::MESSAGE)
+        .then(|| c.message_id.load(Ordering::Relaxed));
     let old = irql::current();
     let sync = c.sync_irql.load(Ordering::Relaxed).max(old);
     cpu::write_cr8(u64::from(sync));
     cpu::sti();
     let lock = c.spin_lock();
     lock.acquire();
-    let claimed = routine(o, context);
+    let claimed = match message {
+        Some(id) => {
+            // SAFETY: a MESSAGE connection's `routine` only ever holds a
+            // `KMESSAGE_SERVICE_ROUTINE` stored by IoConnectInterruptEx
+            // (non-zero: checked above).
+            let routine = unsafe { core::mem::transmute::<usize, KMESSAGE_SERVICE_ROUTINE>(raw) };
+            routine(o, context, id)
+        }
+        None => {
+            // SAFETY: any other connection's `routine` only ever holds a
+            // `KSERVICE_ROUTINE` stored by IoConnectInterrupt(Ex)
+            // (non-zero: checked above).
+            let routine = unsafe { core::mem::transmute::<usize, KSERVICE_ROUTINE>(raw) };
+            routine(o, context)
+        }
+    };
     lock.release();
     cpu::cli();
     cpu::write_cr8(u64::from(old));

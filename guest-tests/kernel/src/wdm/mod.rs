@@ -13,8 +13,16 @@
 //! - disconnect: ask the host, unlink, wait for a grace period on every
 //!   processor of the mask, then free (see `dispatch.rs`).
 //!
-//! Connect and disconnect are serialised by the registry lock and must be
-//! called at IRQL <= DISPATCH_LEVEL, outside interrupt dispatch.
+//! IoConnectInterruptEx and IoDisconnectInterruptEx (`ex.rs`) connect
+//! one resource (FULLY_SPECIFIED), every line resource of a device
+//! (LINE_BASED) or every message of it (MESSAGE_BASED, with the message
+//! table of `table.rs`); a group's connections share one host handle and
+//! one spin lock, and messages are dispatched to a
+//! [`KMESSAGE_SERVICE_ROUTINE`] with their number.
+//!
+//! Connect and disconnect are serialised by the registry lock and run at
+//! PASSIVE_LEVEL only, outside interrupt dispatch: anywhere else they
+//! return STATUS_INVALID_LEVEL without asking the host.
 
 // Windows names (KINTERRUPT, IoConnectInterrupt, CmResourceShareShared).
 #![allow(
@@ -25,21 +33,33 @@
 )]
 
 mod dispatch;
+mod ex;
 mod lock;
 mod object;
 mod pnp;
+mod table;
 
 use core::sync::atomic::Ordering;
 
 use irqconnect_abi::ntstatus::{
-    STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE, STATUS_SUCCESS,
+    STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE, STATUS_INVALID_LEVEL,
+    STATUS_INVALID_PARAMETER, STATUS_SUCCESS,
 };
 use irqconnect_abi::pv::interrupt_mode;
 
 pub use dispatch::{dispatch, reset_counters, unclaimed};
+pub use ex::{
+    CONNECT_FULLY_SPECIFIED, CONNECT_FULLY_SPECIFIED_GROUP, CONNECT_LINE_BASED,
+    CONNECT_MESSAGE_BASED, IO_CONNECT_INTERRUPT_FULLY_SPECIFIED_PARAMETERS,
+    IO_CONNECT_INTERRUPT_LINE_BASED_PARAMETERS, IO_CONNECT_INTERRUPT_MESSAGE_BASED_PARAMETERS,
+    IO_CONNECT_INTERRUPT_PARAMETERS, IO_DISCONNECT_INTERRUPT_PARAMETERS,
+    IO_INTERRUPT_CONNECTION_CONTEXT, IoConnectInterruptEx, IoDisconnectInterruptEx,
+    STATUS_UNSUCCESSFUL,
+};
 pub use lock::{KSPIN_LOCK, KeInitializeSpinLock};
 pub use object::{KINTERRUPT, MAX_OBJECTS};
 pub use pnp::{CM_PARTIAL_RESOURCE_DESCRIPTOR, DEVICE_OBJECT};
+pub use table::{IO_INTERRUPT_MESSAGE_INFO_ENTRY, KINTERRUPT_POLARITY, PIO_INTERRUPT_MESSAGE_INFO};
 
 use crate::{irql, pv};
 
@@ -56,6 +76,13 @@ pub type PVOID = *mut core::ffi::c_void;
 /// under its spin lock with the per-processor interrupt object and the
 /// ServiceContext; returns TRUE when its device interrupted.
 pub type KSERVICE_ROUTINE = fn(interrupt: &KINTERRUPT, service_context: PVOID) -> bool;
+/// `KMESSAGE_SERVICE_ROUTINE` (InterruptMessageService): the service
+/// routine of a MESSAGE_BASED connection. Called at the connection's
+/// `UnifiedIrql` under its one spin lock with the message's interrupt
+/// object, the ServiceContext and the message number; returns TRUE when
+/// the message was its device's.
+pub type KMESSAGE_SERVICE_ROUTINE =
+    fn(interrupt: &KINTERRUPT, service_context: PVOID, message_id: u32) -> bool;
 /// `KSYNCHRONIZE_ROUTINE`: run by KeSynchronizeExecution.
 pub type KSYNCHRONIZE_ROUTINE = fn(synchronize_context: PVOID) -> bool;
 
@@ -121,22 +148,186 @@ impl PKINTERRUPT {
         self.live()
             .map_or(0, |c| c.sync_irql.load(Ordering::Relaxed))
     }
-}
 
-fn check_passive(caller: &str) {
-    let level = irql::current();
-    if level > irql::DISPATCH_LEVEL || dispatch_depth() != 0 {
-        panic!(
-            "IRQL_NOT_LESS_OR_EQUAL: {} at IRQL {} (dispatch depth {})",
-            caller,
-            crate::display::dec(level),
-            crate::display::dec(dispatch_depth())
-        );
+    /// The message this connection serves (`None` for a line-based one or
+    /// once disconnected).
+    pub fn message_id(self) -> Option<u32> {
+        self.live()
+            .filter(|c| c.kind.load(Ordering::Relaxed) == object::kind::MESSAGE)
+            .map(|c| c.message_id.load(Ordering::Relaxed))
+    }
+
+    /// The address of the spin lock the connection's service routine and
+    /// synchronized routines take (0 once disconnected).
+    pub fn spin_lock_address(self) -> u64 {
+        self.live().map_or(0, |c| c.spin_lock().address())
+    }
+
+    /// The connection that leads this one's group (itself when alone;
+    /// `None` once disconnected): two handles of one group have the same.
+    pub fn group(self) -> Option<PKINTERRUPT> {
+        self.live().map(|c| handle_of(c.leader_slot(self.slot)))
     }
 }
 
-fn dispatch_depth() -> u64 {
-    dispatch::depth()
+/// True when the caller may connect or disconnect: PASSIVE_LEVEL and
+/// outside interrupt dispatch (Windows documents IRQL = PASSIVE_LEVEL for
+/// IoConnectInterrupt(Ex) and IoDisconnectInterrupt(Ex)).
+fn at_passive_level() -> bool {
+    irql::current() == irql::PASSIVE_LEVEL && dispatch::depth() == 0
+}
+
+/// The processors online, as a KAFFINITY (processors 0..63).
+fn online_mask() -> KAFFINITY {
+    let n = crate::percpu::count().min(64);
+    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
+}
+
+/// What one connection of a connect is made of.
+#[derive(Clone, Copy)]
+struct Spec {
+    vector: u8,
+    irql: KIRQL,
+    sync_irql: KIRQL,
+    latched: bool,
+    /// The processors that get an object.
+    mask: KAFFINITY,
+    /// One of `object::kind`.
+    kind: u8,
+    message_id: u32,
+}
+
+/// What every connection of one connect shares.
+struct Common {
+    host_handle: u64,
+    /// The service routine (a `KSERVICE_ROUTINE`, or for messages a
+    /// `KMESSAGE_SERVICE_ROUTINE`), as an address.
+    routine: usize,
+    context: usize,
+    /// The driver's spin lock, or 0: the connection's own (a group's: its
+    /// first connection's).
+    lock: usize,
+    floating_save: bool,
+    /// The host's `version_used` (0: IoConnectInterrupt).
+    version_used: u32,
+}
+
+/// Makes and publishes the guest side of a host connection: `n`
+/// connections, the `i`-th made as `spec(i)` says, one object per processor
+/// of its mask; a group (chained from the first, one lock) when `group`.
+/// All or nothing: when the pools run dry nothing is made and
+/// STATUS_INSUFFICIENT_RESOURCES is returned (the caller undoes the host's
+/// connection). Returns the first connection's slot.
+fn build(
+    registry: &mut object::Registry,
+    common: &Common,
+    n: usize,
+    group: bool,
+    spec: impl Fn(usize) -> Spec,
+    slots: &mut [u16],
+) -> Result<u16, NTSTATUS> {
+    if n == 0 || n > slots.len() {
+        return Err(STATUS_INSUFFICIENT_RESOURCES);
+    }
+    for i in 0..n {
+        match registry.allocate(spec(i).mask) {
+            Some(c) => slots[i] = c,
+            None => {
+                for &c in &slots[..i] {
+                    registry.free(c);
+                }
+                return Err(STATUS_INSUFFICIENT_RESOURCES);
+            }
+        }
+    }
+    let leader = slots[0];
+    let lock = if common.lock != 0 {
+        common.lock
+    } else if group {
+        let own = &object::conn(leader).own_lock;
+        KeInitializeSpinLock(own);
+        own.address() as usize
+    } else {
+        0
+    };
+    for i in 0..n {
+        let s = spec(i);
+        let connection = object::conn(slots[i]);
+        connection
+            .host_handle
+            .store(common.host_handle, Ordering::Relaxed);
+        connection.vector.store(s.vector, Ordering::Relaxed);
+        connection.irql.store(s.irql, Ordering::Relaxed);
+        connection.sync_irql.store(s.sync_irql, Ordering::Relaxed);
+        connection.latched.store(s.latched, Ordering::Relaxed);
+        connection
+            .floating_save
+            .store(common.floating_save, Ordering::Relaxed);
+        connection.routine.store(common.routine, Ordering::Relaxed);
+        connection.context.store(common.context, Ordering::Relaxed);
+        connection.lock.store(lock, Ordering::Relaxed);
+        KeInitializeSpinLock(&connection.own_lock);
+        connection.mask.store(s.mask, Ordering::Relaxed);
+        connection.kind.store(s.kind, Ordering::Relaxed);
+        connection.message_id.store(s.message_id, Ordering::Relaxed);
+        connection
+            .version_used
+            .store(common.version_used, Ordering::Relaxed);
+        connection
+            .leader
+            .store(if group { leader } else { object::NIL }, Ordering::Relaxed);
+        connection.next_member.store(
+            if group && i + 1 < n {
+                slots[i + 1]
+            } else {
+                object::NIL
+            },
+            Ordering::Relaxed,
+        );
+        connection.table.store(object::NIL, Ordering::Relaxed);
+    }
+    // The group's own lock may have been re-initialised above: only now,
+    // with every field in place, publish.
+    for &c in &slots[..n] {
+        object::conn(c).live.store(true, Ordering::Release);
+        registry.link(c, object::conn(c).vector.load(Ordering::Relaxed));
+    }
+    Ok(leader)
+}
+
+/// The handle of connection `slot` as it is now.
+fn handle_of(slot: u16) -> PKINTERRUPT {
+    PKINTERRUPT {
+        slot,
+        generation: object::conn(slot).generation.load(Ordering::Acquire),
+    }
+}
+
+/// Takes down the guest side of the connection (or group) led by
+/// `leader`, after the host disconnected it: dead, unlinked, a grace
+/// period on every processor any of its objects was on, freed (with its
+/// message table).
+fn teardown(registry: &mut object::Registry, leader: u16) {
+    let mut mask = 0;
+    let mut at = leader;
+    while at != object::NIL {
+        let c = object::conn(at);
+        c.live.store(false, Ordering::Release);
+        registry.unlink(at, c.vector.load(Ordering::Relaxed));
+        mask |= c.mask.load(Ordering::Relaxed);
+        at = c.next_member.load(Ordering::Relaxed);
+    }
+    dispatch::wait_quiescent(mask);
+    let table = object::conn(leader).table.load(Ordering::Relaxed);
+    let mut at = leader;
+    while at != object::NIL {
+        let next = object::conn(at).next_member.load(Ordering::Relaxed);
+        registry.free(at);
+        at = next;
+    }
+    if table != object::NIL {
+        registry.free_table(table);
+    }
 }
 
 /// IoConnectInterrupt, plus the physical device object the resource belongs
@@ -146,6 +337,8 @@ fn dispatch_depth() -> u64 {
 /// `*interrupt_object` is `None` unless the call returns STATUS_SUCCESS.
 /// From a successful return on, `service_routine` may be called on any
 /// processor of the effective mask ([`PKINTERRUPT::effective_mask`]).
+/// Above PASSIVE_LEVEL (or inside interrupt dispatch) the call returns
+/// STATUS_INVALID_LEVEL without asking the host.
 #[allow(clippy::too_many_arguments)]
 pub fn IoConnectInterrupt(
     physical_device_object: &DEVICE_OBJECT,
@@ -162,7 +355,9 @@ pub fn IoConnectInterrupt(
     floating_save: bool,
 ) -> NTSTATUS {
     *interrupt_object = None;
-    check_passive("IoConnectInterrupt");
+    if !at_passive_level() {
+        return STATUS_INVALID_LEVEL;
+    }
     let mut req = pv::connect_block();
     req.device_id = physical_device_object.device_id();
     req.vector = vector;
@@ -184,58 +379,50 @@ pub fn IoConnectInterrupt(
     let (Some(routine), Ok(vector8)) = (service_routine, u8::try_from(vector)) else {
         // The host accepted what it must refuse (rule 3 / rule 6): undo.
         let _ = pv::disconnect(answer.handle);
-        return irqconnect_abi::ntstatus::STATUS_INVALID_PARAMETER;
+        return STATUS_INVALID_PARAMETER;
     };
-    let mask = answer.effective_mask;
-    let Some(c) = registry.allocate(mask) else {
-        // The guest pool is smaller than the host's quota: undo at the host.
-        let _ = pv::disconnect(answer.handle);
-        return STATUS_INSUFFICIENT_RESOURCES;
+    let common = Common {
+        host_handle: answer.handle,
+        routine: routine as usize,
+        context: service_context as usize,
+        lock: spin_lock.map_or(0, |l| l.address() as usize),
+        floating_save,
+        version_used: 0,
     };
-    let connection = object::conn(c);
-    connection
-        .host_handle
-        .store(answer.handle, Ordering::Relaxed);
-    connection.vector.store(vector8, Ordering::Relaxed);
-    connection.irql.store(irql, Ordering::Relaxed);
-    connection
-        .sync_irql
-        .store(synchronize_irql, Ordering::Relaxed);
-    connection.latched.store(
-        interrupt_mode == KINTERRUPT_MODE::Latched,
-        Ordering::Relaxed,
-    );
-    connection
-        .floating_save
-        .store(floating_save, Ordering::Relaxed);
-    connection
-        .routine
-        .store(routine as usize, Ordering::Relaxed);
-    connection
-        .context
-        .store(service_context as usize, Ordering::Relaxed);
-    connection.lock.store(
-        spin_lock.map_or(0, |l| l as *const KSPIN_LOCK as usize),
-        Ordering::Relaxed,
-    );
-    KeInitializeSpinLock(&connection.own_lock);
-    connection.mask.store(mask, Ordering::Relaxed);
-    connection.live.store(true, Ordering::Release);
-    registry.link(c, vector8);
-    *interrupt_object = Some(PKINTERRUPT {
-        slot: c,
-        generation: connection.generation.load(Ordering::Acquire),
-    });
-    STATUS_SUCCESS
+    let spec = Spec {
+        vector: vector8,
+        irql,
+        sync_irql: synchronize_irql,
+        latched: interrupt_mode == KINTERRUPT_MODE::Latched,
+        mask: answer.effective_mask,
+        kind: object::kind::SINGLE,
+        message_id: 0,
+    };
+    let mut slots = [object::NIL; 1];
+    match build(&mut registry, &common, 1, false, |_| spec, &mut slots) {
+        Ok(c) => {
+            *interrupt_object = Some(handle_of(c));
+            STATUS_SUCCESS
+        }
+        Err(status) => {
+            // The guest pool is smaller than the host's quota: undo.
+            let _ = pv::disconnect(answer.handle);
+            status
+        }
+    }
 }
 
 /// IoDisconnectInterrupt. When it returns STATUS_SUCCESS, the connection's
 /// ISR runs nowhere and is never called again. A stale handle answers
 /// STATUS_INVALID_HANDLE and changes nothing (Windows' routine returns
 /// nothing; the status is this platform's addition), as does a handle the
-/// host refuses.
+/// host refuses (a LINE_BASED or MESSAGE_BASED connection of
+/// IoConnectInterruptEx: the host wants DISCONNECT_EX for those). Above
+/// PASSIVE_LEVEL: STATUS_INVALID_LEVEL, the host is not asked.
 pub fn IoDisconnectInterrupt(interrupt_object: PKINTERRUPT) -> NTSTATUS {
-    check_passive("IoDisconnectInterrupt");
+    if !at_passive_level() {
+        return STATUS_INVALID_LEVEL;
+    }
     let mut registry = object::REGISTRY.lock();
     let Some(connection) = interrupt_object.live() else {
         return STATUS_INVALID_HANDLE;
@@ -244,11 +431,7 @@ pub fn IoDisconnectInterrupt(interrupt_object: PKINTERRUPT) -> NTSTATUS {
     if status != STATUS_SUCCESS {
         return status;
     }
-    let c = interrupt_object.slot;
-    connection.live.store(false, Ordering::Release);
-    registry.unlink(c, connection.vector.load(Ordering::Relaxed));
-    dispatch::wait_quiescent(connection.mask.load(Ordering::Relaxed));
-    registry.free(c);
+    teardown(&mut registry, connection.leader_slot(interrupt_object.slot));
     STATUS_SUCCESS
 }
 
@@ -317,22 +500,28 @@ pub fn chain(cpu: usize, vector: u8, out: &mut [PKINTERRUPT]) -> usize {
     n
 }
 
-/// Disconnects every live connection (after a failed test); returns how
-/// many there were.
+/// Disconnects every live connection (after a failed test), groups of
+/// IoConnectInterruptEx with DISCONNECT_EX; returns how many there were.
 pub fn disconnect_all() -> usize {
     let mut n = 0;
     for slot in 0..object::MAX_CONNECTIONS as u16 {
         let Some(c) = object::conn_checked(slot) else {
             break;
         };
-        if c.live.load(Ordering::Acquire) {
-            let handle = PKINTERRUPT {
-                slot,
-                generation: c.generation.load(Ordering::Acquire),
-            };
-            if IoDisconnectInterrupt(handle) == STATUS_SUCCESS {
-                n += 1;
-            }
+        if !c.live.load(Ordering::Acquire) || c.leader_slot(slot) != slot {
+            // Free, or a group member: it goes with its group's first.
+            continue;
+        }
+        let handle = handle_of(slot);
+        let status = match c.version_used.load(Ordering::Relaxed) {
+            0 => IoDisconnectInterrupt(handle),
+            version => IoDisconnectInterruptEx(&IO_DISCONNECT_INTERRUPT_PARAMETERS {
+                Version: version,
+                ConnectionContext: IO_INTERRUPT_CONNECTION_CONTEXT::InterruptObject(handle),
+            }),
+        };
+        if status == STATUS_SUCCESS {
+            n += 1;
         }
     }
     n

@@ -9,6 +9,11 @@
 //! An unlinked object keeps its `next` link, so a dispatch standing on it
 //! walks on correctly; it is freed (and may be reused) only after the grace
 //! period of `dispatch::wait_quiescent`.
+//!
+//! IoConnectInterruptEx connects a group: LINE_BASED one connection per
+//! line resource, MESSAGE_BASED one per message. The group's connections
+//! are chained by `next_member` from its first one (`leader`), share one
+//! host handle and one spin lock, and go together at disconnect.
 
 use core::sync::atomic::{
     AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
@@ -25,6 +30,17 @@ pub const MAX_OBJECTS: usize = 256;
 pub const MAX_CONNECTIONS: usize = 128;
 /// "No object" in a chain link.
 pub const NIL: u16 = u16::MAX;
+
+/// What a connection is ([`Connection::kind`]).
+pub(super) mod kind {
+    /// IoConnectInterrupt, or IoConnectInterruptEx FULLY_SPECIFIED: alone.
+    pub const SINGLE: u8 = 0;
+    /// One line resource of a LINE_BASED group.
+    pub const LINE: u8 = 1;
+    /// One message of a MESSAGE_BASED group: its routine is a
+    /// `KMESSAGE_SERVICE_ROUTINE`, its vector has no other connection.
+    pub const MESSAGE: u8 = 2;
+}
 
 /// A per-processor interrupt object: one for each processor of a
 /// connection's effective mask, linked into that processor's chain for the
@@ -61,9 +77,22 @@ impl KINTERRUPT {
         conn(self.connection.load(Ordering::Relaxed))
     }
 
-    /// The connection's `SynchronizeIrql`.
+    /// The connection's `SynchronizeIrql` (a message's: the `UnifiedIrql`).
     pub fn synchronize_irql(&self) -> u8 {
         self.connection().sync_irql.load(Ordering::Relaxed)
+    }
+
+    /// The spin lock the object's service routine runs under (the
+    /// driver's, or the one the connection's group was given).
+    pub fn spin_lock(&self) -> &'static KSPIN_LOCK {
+        self.connection().spin_lock()
+    }
+
+    /// The message this object serves (`None` for a line-based one).
+    pub fn message_id(&self) -> Option<u32> {
+        let c = self.connection();
+        (c.kind.load(Ordering::Relaxed) == kind::MESSAGE)
+            .then(|| c.message_id.load(Ordering::Relaxed))
     }
 
     /// The handle (`*InterruptObject`) of the connection this object belongs to.
@@ -101,6 +130,20 @@ pub(super) struct Connection {
     pub own_lock: KSPIN_LOCK,
     pub mask: AtomicU64,
     pub objects: [AtomicU16; MAX_CPUS],
+    /// One of [`kind`].
+    pub kind: AtomicU8,
+    /// The first connection of this one's group (itself for the first);
+    /// `NIL` for a connection alone.
+    pub leader: AtomicU16,
+    /// The group's next connection (`NIL` at its end).
+    pub next_member: AtomicU16,
+    /// MESSAGE: the message number.
+    pub message_id: AtomicU32,
+    /// The version IoConnectInterruptEx connected (the host's
+    /// `version_used`); 0 for IoConnectInterrupt.
+    pub version_used: AtomicU32,
+    /// The leader of a MESSAGE_BASED group: its message table's slot.
+    pub table: AtomicU16,
 }
 
 impl Connection {
@@ -120,19 +163,34 @@ impl Connection {
             own_lock: KSPIN_LOCK::new(),
             mask: AtomicU64::new(0),
             objects: [const { AtomicU16::new(NIL) }; MAX_CPUS],
+            kind: AtomicU8::new(kind::SINGLE),
+            leader: AtomicU16::new(NIL),
+            next_member: AtomicU16::new(NIL),
+            message_id: AtomicU32::new(0),
+            version_used: AtomicU32::new(0),
+            table: AtomicU16::new(NIL),
         }
     }
 
     /// The spin lock this connection's ISR and synchronized routines take.
-    pub fn spin_lock(&self) -> &KSPIN_LOCK {
+    pub fn spin_lock(&'static self) -> &'static KSPIN_LOCK {
         let addr = self.lock.load(Ordering::Relaxed);
         if addr == 0 {
             return &self.own_lock;
         }
         // SAFETY: `lock` only ever holds the address of a `&'static
-        // KSPIN_LOCK` passed to IoConnectInterrupt (or 0), set before the
-        // connection was published.
+        // KSPIN_LOCK`: one passed to IoConnectInterrupt(Ex), or the
+        // `own_lock` of the group's first connection (a static), set before
+        // the connection was published.
         unsafe { &*(addr as *const KSPIN_LOCK) }
+    }
+
+    /// The group's first connection (this one when it is alone).
+    pub fn leader_slot(&self, me: u16) -> u16 {
+        match self.leader.load(Ordering::Relaxed) {
+            NIL => me,
+            l => l,
+        }
     }
 }
 
@@ -169,12 +227,15 @@ pub(super) fn head(cpu: usize, vector: u8) -> u16 {
 pub(super) struct Registry {
     objects_free: [u64; MAX_OBJECTS / 64],
     connections_free: [u64; MAX_CONNECTIONS / 64],
+    /// Free message-table slots (bit `i`: slot `i`).
+    pub tables_free: u64,
 }
 
 /// The registry (held across a whole connect or disconnect).
 pub(super) static REGISTRY: SpinLock<Registry> = SpinLock::new(Registry {
     objects_free: [u64::MAX; MAX_OBJECTS / 64],
     connections_free: [u64::MAX; MAX_CONNECTIONS / 64],
+    tables_free: super::table::ALL_SLOTS,
 });
 
 fn take(bits: &mut [u64]) -> Option<u16> {
@@ -243,6 +304,12 @@ impl Registry {
             }
         }
         connection.live.store(false, Ordering::Release);
+        connection.kind.store(kind::SINGLE, Ordering::Relaxed);
+        connection.leader.store(NIL, Ordering::Relaxed);
+        connection.next_member.store(NIL, Ordering::Relaxed);
+        connection.table.store(NIL, Ordering::Relaxed);
+        connection.version_used.store(0, Ordering::Relaxed);
+        connection.lock.store(0, Ordering::Relaxed);
         let next = connection
             .generation
             .load(Ordering::Relaxed)
