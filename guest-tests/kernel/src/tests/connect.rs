@@ -193,19 +193,11 @@ fn irql_not_class(env: &Env) -> TestResult {
     connect_refused(&dev, &a, STATUS_INVALID_PARAMETER, "Irql = class - 1")
 }
 
-/// Another device's vector, and a device-range vector nobody owns.
+/// Another device's vector, and a device-range vector nobody owns (no
+/// line resource and no message).
 fn vector_not_owned(env: &Env) -> TestResult {
     let dev = env.exclusive(KINTERRUPT_MODE::LevelSensitive)?;
-    let owned = |v: u32| {
-        (0..pvfix::MAX_DEVICES).any(|i| {
-            env.device(i).is_some_and(|d| {
-                d.obj
-                    .allocated_resources_translated()
-                    .iter()
-                    .any(|r| r.vector == v)
-            })
-        })
-    };
+    let owned = |v: u32| env.vector_owned(v);
     let mine = |v: u32| {
         dev.obj
             .allocated_resources_translated()

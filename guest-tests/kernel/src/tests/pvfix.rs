@@ -1,7 +1,10 @@
 //! What the PV/WDM suites share: the skip when the PV device is absent, the
 //! per-test wrapper (platform baseline, clean-up, leak checks), device roles
-//! found from the PnP resources (never hard-coded vectors or pins), ISR
-//! contexts and the ISR that claims a test device's causes.
+//! found from the PnP resources and QUERY_MESSAGES (never hard-coded ids,
+//! vectors or pins), ISR contexts and the ISR that claims a test device's
+//! causes. Devices with line resources and an interrupt-source test device
+//! are [`Dev`]s; devices with message-signaled interrupts and a message
+//! test device are [`MsgDev`]s (`msgfix.rs` has their service routine).
 //!
 //! Claims are counted from the device (STATUS read, ACK written), not from
 //! ISR entries: on hosts whose LAPIC EOIs at injection a level interrupt may
@@ -11,8 +14,10 @@
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use irqconnect_abi::ntstatus::{STATUS_SUCCESS, status_name};
-use irqconnect_abi::pv::{QueryPlatform, QueryRoute};
+use irqconnect_abi::layout::MSIDEV_MAX_DEVICES;
+use irqconnect_abi::pv::{QueryMessages, QueryPlatform, QueryRoute, message_kind};
 
+use crate::msidev::MsiDev;
 use crate::percpu::{self, MAX_CPUS};
 use crate::runner::{Failure, TestResult};
 use crate::testdev::TestDev;
@@ -27,8 +32,10 @@ use crate::{check, cpu, fail, lines, pv, skip, time};
 pub const TIMEOUT_US: u64 = 1_000_000;
 /// How long a test waits before asserting that nothing (more) happens.
 pub const SETTLE_US: u64 = 3_000;
-/// Most test devices the platform has.
-pub const MAX_DEVICES: usize = 8;
+/// Most devices of the host's table the fixture looks at.
+pub const MAX_DEVICES: usize = 16;
+/// Most message-signaled devices (one message test device each).
+pub const MAX_MSG_DEVICES: usize = MSIDEV_MAX_DEVICES as usize;
 
 /// A device of the host's table: its PnP object, its test-device registers
 /// and its first translated interrupt resource.
@@ -101,11 +108,75 @@ impl Dev {
     }
 }
 
+/// A device with message-signaled interrupts: its PnP object (no line
+/// resources), what QUERY_MESSAGES says of it, and its message test device.
+#[derive(Clone, Copy)]
+pub struct MsgDev {
+    /// The device object.
+    pub obj: DEVICE_OBJECT,
+    /// QUERY_MESSAGES of the device.
+    pub info: QueryMessages,
+    /// The message-signaled test device that raises its messages.
+    pub md: MsiDev,
+}
+
+impl MsgDev {
+    /// The device id.
+    pub fn id(&self) -> u32 {
+        self.obj.device_id()
+    }
+
+    /// Its messages.
+    pub fn count(&self) -> u32 {
+        self.info.message_count
+    }
+
+    /// MSI-X (else MSI).
+    pub fn is_msix(&self) -> bool {
+        self.info.kind == message_kind::MSIX
+    }
+
+    /// Every message's mask bit.
+    pub fn all(&self) -> u32 {
+        MsiDev::all(self.count())
+    }
+
+    /// A short description for failure messages.
+    pub fn name(&self) -> &'static str {
+        if self.is_msix() { "MSI-X device" } else { "MSI device" }
+    }
+
+    /// Fails unless the message test device answers with this device's
+    /// id, kind and message count.
+    pub fn check_wiring(&self) -> TestResult {
+        let want = (self.id() as u8, u32::from(self.info.kind), self.count());
+        match self.md.id() {
+            Some(got) if got == want => Ok(()),
+            Some((id, kind, count)) => fail!(
+                "platform: message test device {} reports device {} kind {} with {} messages, QUERY_MESSAGES of device {} says kind {} with {}",
+                crate::display::dec(self.md.index()),
+                crate::display::dec(id),
+                crate::display::dec(kind),
+                crate::display::dec(count),
+                crate::display::dec(self.id()),
+                crate::display::dec(want.1),
+                crate::display::dec(want.2)
+            ),
+            None => fail!(
+                "platform: message test device {} of device {} does not answer",
+                crate::display::dec(self.md.index()),
+                crate::display::dec(self.id())
+            ),
+        }
+    }
+}
+
 /// The platform as the test found it.
 pub struct Env {
     /// QUERY_PLATFORM at the start of the test.
     pub platform: QueryPlatform,
     devices: [Option<Dev>; MAX_DEVICES],
+    messages: [Option<MsgDev>; MAX_MSG_DEVICES],
 }
 
 impl Env {
@@ -121,6 +192,62 @@ impl Env {
 
     fn all(&self) -> impl Iterator<Item = &Dev> {
         self.devices.iter().flatten()
+    }
+
+    /// Every device with message-signaled interrupts.
+    pub fn message_devices(&self) -> impl Iterator<Item = &MsgDev> {
+        self.messages.iter().flatten()
+    }
+
+    /// True when device `id` has message-signaled interrupts.
+    pub fn has_messages(&self, id: u32) -> bool {
+        self.message_devices().any(|m| m.id() == id)
+    }
+
+    /// True when some device owns `vector`: a line resource's, or one of a
+    /// device's messages.
+    pub fn vector_owned(&self, vector: u32) -> bool {
+        self.all().any(|d| {
+            d.obj
+                .allocated_resources_translated()
+                .iter()
+                .any(|r| r.vector == vector)
+        }) || self.message_devices().any(|m| {
+            let first = u32::from(m.info.first_vector);
+            (first..first + m.count()).contains(&vector)
+        })
+    }
+
+    /// The first message-signaled device `pred` accepts (its test device
+    /// checked), or a skip naming `what`.
+    pub fn message_device(
+        &self,
+        what: &str,
+        pred: impl Fn(&MsgDev) -> bool,
+    ) -> Result<MsgDev, Failure> {
+        match self.message_devices().find(|m| pred(m)) {
+            Some(m) => {
+                m.check_wiring()?;
+                Ok(*m)
+            }
+            None => skip!("the host's device table has no {}", what),
+        }
+    }
+
+    /// Every message-signaled device (test devices checked), as the first
+    /// `n` entries of the array.
+    pub fn message_wired(&self) -> Result<([Option<MsgDev>; MAX_MSG_DEVICES], usize), Failure> {
+        let mut out = [None; MAX_MSG_DEVICES];
+        let mut n = 0;
+        for m in self.message_devices() {
+            m.check_wiring()?;
+            out[n] = Some(*m);
+            n += 1;
+        }
+        if n == 0 {
+            skip!("the host's device table has no message-signaled device");
+        }
+        Ok((out, n))
     }
 
     /// The first device with one resource, exclusive, in `mode`.
@@ -238,6 +365,9 @@ pub fn objects_in_use() -> Result<u32, Failure> {
 
 fn quiesce(env: &Env) -> u32 {
     let mut left = 0;
+    for m in env.message_devices() {
+        left += m.md.quiet(m.count()).count_ones();
+    }
     for d in env.all() {
         d.td.timer_stop();
         d.td.enable(false);
@@ -261,15 +391,32 @@ pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
     need_pv()?;
     let start = platform()?;
     let mut devices = [None; MAX_DEVICES];
+    let mut messages = [None; MAX_MSG_DEVICES];
+    let mut n_messages = 0;
     let count = (start.device_count as usize).min(MAX_DEVICES);
     for (id, slot) in devices.iter_mut().enumerate().take(count) {
-        if let (Ok(obj), Some(td)) = (DEVICE_OBJECT::start(id as u32), TestDev::new(id as u32)) {
+        let Ok(obj) = DEVICE_OBJECT::start(id as u32) else {
+            continue;
+        };
+        if let Some(td) = TestDev::new(id as u32)
+            && !obj.allocated_resources_translated().is_empty()
+        {
             *slot = Some(Dev { obj, td });
+        }
+        // A host without QUERY_MESSAGES has no message-signaled devices.
+        if let Ok(info) = pv::query_messages(id as u32)
+            && info.message_count > 0
+            && let Some(md) = MsiDev::new(info.test_device)
+            && let Some(m) = messages.get_mut(n_messages)
+        {
+            *m = Some(MsgDev { obj, info, md });
+            n_messages += 1;
         }
     }
     let env = Env {
         platform: start,
         devices,
+        messages,
     };
     check!(
         start.online_mask.count_ones() as usize == percpu::count(),
@@ -310,9 +457,22 @@ pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
     );
     check!(
         pending == 0,
-        "{} causes still pending after draining",
+        "{} causes or messages still pending after draining",
         crate::display::dec(pending)
     );
+    for m in env.message_devices() {
+        for k in 0..m.count() {
+            let address = m.md.address(k);
+            check!(
+                address == 0,
+                "{} {} message {} still programmed (address {}) with nothing connected",
+                m.name(),
+                crate::display::dec(m.id()),
+                crate::display::dec(k),
+                crate::display::hex(address)
+            );
+        }
+    }
     Ok(())
 }
 
