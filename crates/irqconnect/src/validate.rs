@@ -445,7 +445,7 @@ mod tests {
     fn rule_07_unknown_device_not_found() {
         let mut s = service();
         let r = ConnectRequest {
-            device_id: 8,
+            device_id: 11,
             ..req()
         };
         assert_eq!(refused(&mut s, &r), Some(Violation::UnknownDevice));
