@@ -6,7 +6,9 @@
 //! or from a configuration ([`TableConfig`], e.g. JSON) that is validated
 //! into a [`DeviceTable`]; a bad configuration is an [`Error`], never a panic.
 
-use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS, MSIDEV_MAX_DEVICES};
+use irqconnect_abi::layout::{
+    DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS, MSIDEV_MAX_DEVICES,
+};
 use irqconnect_abi::pv::{
     InterruptResource, MAX_RESOURCES, RESOURCE_FLAG_LATCHED, RESOURCE_TYPE_INTERRUPT,
     interrupt_mode, share,
@@ -146,6 +148,11 @@ impl Device {
         self.messages.as_ref()
     }
 
+    /// The highest Irql among its line-based resources (0 when it has none).
+    pub fn highest_line_irql(&self) -> u8 {
+        self.resources.iter().map(Resource::irql).max().unwrap_or(0)
+    }
+
     /// The line its test device drives: the pin of its first resource.
     pub fn line(&self) -> u8 {
         self.resources.first().map_or(0, |r| r.pin)
@@ -236,7 +243,13 @@ impl DeviceTable {
         let online = platform.online_mask();
         let message_configs = [
             (MessageKind::Msi, 1, 5, IrqPolicy::OneCloseProcessor, online),
-            (MessageKind::Msi, 4, 5, IrqPolicy::SpecifiedProcessors, online),
+            (
+                MessageKind::Msi,
+                4,
+                5,
+                IrqPolicy::SpecifiedProcessors,
+                online,
+            ),
             (
                 MessageKind::Msix,
                 8,
@@ -537,9 +550,15 @@ fn assign_messages(
         let first_vector = assign_vectors(mc, &mut used).map_err(|e| Error::MessagesInvalid {
             device: dev.id,
             what: match e {
-                MessageConfigError::BadCount => "the count must be 1..=64, and a power of two up to 32 for MSI",
-                MessageConfigError::BadClass => "the IRQL class must be 3..=11 (the device vector range)",
-                MessageConfigError::ClassFull => "the IRQL class has no free block of vectors left for the messages",
+                MessageConfigError::BadCount => {
+                    "the count must be 1..=64, and a power of two up to 32 for MSI"
+                }
+                MessageConfigError::BadClass => {
+                    "the IRQL class must be 3..=11 (the device vector range)"
+                }
+                MessageConfigError::ClassFull => {
+                    "the IRQL class has no free block of vectors left for the messages"
+                }
             },
         })?;
         let affinity = mc.affinity.unwrap_or(platform.online_mask());
@@ -635,14 +654,35 @@ mod tests {
             .map(|d| {
                 let m = d.messages().unwrap();
                 assert!(d.resources().is_empty());
-                (m.kind, m.count, m.first_vector, m.policy, m.affinity, m.test_device)
+                (
+                    m.kind,
+                    m.count,
+                    m.first_vector,
+                    m.policy,
+                    m.affinity,
+                    m.test_device,
+                )
             })
             .collect();
         assert_eq!(
             m,
             [
-                (MessageKind::Msi, 1, 0x5f, IrqPolicy::OneCloseProcessor, 0b1111, Some(0)),
-                (MessageKind::Msi, 4, 0x58, IrqPolicy::SpecifiedProcessors, 0b1111, Some(1)),
+                (
+                    MessageKind::Msi,
+                    1,
+                    0x5f,
+                    IrqPolicy::OneCloseProcessor,
+                    0b1111,
+                    Some(0)
+                ),
+                (
+                    MessageKind::Msi,
+                    4,
+                    0x58,
+                    IrqPolicy::SpecifiedProcessors,
+                    0b1111,
+                    Some(1)
+                ),
                 (
                     MessageKind::Msix,
                     8,
@@ -653,7 +693,10 @@ mod tests {
                 ),
             ]
         );
-        assert_eq!(t.message_of_vector(0x5a).map(|(d, k)| (d.id(), k)), Some((9, 2)));
+        assert_eq!(
+            t.message_of_vector(0x5a).map(|(d, k)| (d.id(), k)),
+            Some((9, 2))
+        );
         assert!(t.message_of_vector(0x60).is_none());
     }
 
@@ -670,7 +713,10 @@ mod tests {
         });
         let t = DeviceTable::from_config(&cfg, &p).unwrap();
         let m = t.device(0).and_then(Device::messages).unwrap();
-        assert_eq!((m.first_vector, m.affinity, m.test_device), (0x5c, 0b1111, Some(0)));
+        assert_eq!(
+            (m.first_vector, m.affinity, m.test_device),
+            (0x5c, 0b1111, Some(0))
+        );
         cfg.devices[0].messages.as_mut().unwrap().count = 0;
         let e = DeviceTable::from_config(&cfg, &p).unwrap_err();
         assert!(matches!(e, Error::MessagesInvalid { device: 0, .. }), "{e}");

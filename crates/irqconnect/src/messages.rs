@@ -271,7 +271,10 @@ pub fn assign_vectors(
             return Err(MessageConfigError::ClassFull);
         }
         let block = start..start + count;
-        if block.end <= high + 1 && used.get(block.clone()).is_some_and(|b| b.iter().all(|u| !u))
+        if block.end <= high + 1
+            && used
+                .get(block.clone())
+                .is_some_and(|b| b.iter().all(|u| !u))
         {
             if let Some(b) = used.get_mut(block) {
                 b.fill(true);
@@ -362,7 +365,10 @@ mod tests {
     #[test]
     fn unit_vectors_and_ownership() {
         let r = resource(MessageKind::Msix, 8, IrqPolicy::MachineDefault);
-        assert_eq!((r.vector(0), r.vector(7), r.vector(8)), (Some(0x48), Some(0x4f), None));
+        assert_eq!(
+            (r.vector(0), r.vector(7), r.vector(8)),
+            (Some(0x48), Some(0x4f), None)
+        );
         assert!(r.owns_vector(0x4f) && !r.owns_vector(0x47) && !r.owns_vector(0x50));
         assert_eq!(r.irql(), 4);
     }
@@ -381,9 +387,18 @@ mod tests {
     fn unit_assign_vectors_takes_aligned_blocks_from_the_top_of_the_class() {
         let mut used = [false; 256];
         used[0x5f] = true;
-        assert_eq!(assign_vectors(&config(MessageKind::Msi, 1, 5), &mut used), Ok(0x5e));
-        assert_eq!(assign_vectors(&config(MessageKind::Msi, 4, 5), &mut used), Ok(0x58));
-        assert_eq!(assign_vectors(&config(MessageKind::Msix, 8, 5), &mut used), Ok(0x50));
+        assert_eq!(
+            assign_vectors(&config(MessageKind::Msi, 1, 5), &mut used),
+            Ok(0x5e)
+        );
+        assert_eq!(
+            assign_vectors(&config(MessageKind::Msi, 4, 5), &mut used),
+            Ok(0x58)
+        );
+        assert_eq!(
+            assign_vectors(&config(MessageKind::Msix, 8, 5), &mut used),
+            Ok(0x50)
+        );
         assert_eq!(
             assign_vectors(&config(MessageKind::Msix, 2, 5), &mut used),
             Ok(0x5c)
@@ -397,7 +412,11 @@ mod tests {
     #[test]
     fn unit_assign_vectors_refuses_bad_counts_and_classes() {
         let mut used = [false; 256];
-        for (kind, count) in [(MessageKind::Msi, 3), (MessageKind::Msi, 64), (MessageKind::Msix, 0)] {
+        for (kind, count) in [
+            (MessageKind::Msi, 3),
+            (MessageKind::Msi, 64),
+            (MessageKind::Msix, 0),
+        ] {
             assert_eq!(
                 assign_vectors(&config(kind, count, 5), &mut used),
                 Err(MessageConfigError::BadCount)
@@ -423,7 +442,10 @@ mod tests {
         let one = MessageRoute::for_targets(0x48, 0b0100, &platform).unwrap();
         let several = MessageRoute::for_targets(0x49, 0b0110, &platform).unwrap();
 
-        assert_eq!((one.address, one.data, one.targets), (0xfee0_4004, 0x4048, 0b0100));
+        assert_eq!(
+            (one.address, one.data, one.targets),
+            (0xfee0_4004, 0x4048, 0b0100)
+        );
         assert_eq!(
             (several.address, several.data, several.targets),
             (0xfee0_600c, 0x4149, 0b0110)
