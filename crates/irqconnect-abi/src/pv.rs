@@ -341,8 +341,8 @@ pub struct ConnectEx {
     /// Input (FULLY_SPECIFIED_GROUP): the processor group of
     /// `processor_enable_mask`.
     pub group: u16,
-    /// Output: the version that was connected.
-    pub version_used: u32,
+    /// Input (MESSAGE_BASED): the message table buffer's length in bytes.
+    pub message_table_length: u32,
     /// Input: FULLY_SPECIFIED: `ProcessorEnableMask`; LINE_BASED and
     /// MESSAGE_BASED: 0, or processors to keep the device's interrupts
     /// within (a host extension).
@@ -360,8 +360,10 @@ pub struct ConnectEx {
     /// receives the message table ([`MessageTableHeader`] then
     /// [`MessageInfoEntry`] per message), 8-byte aligned.
     pub message_table: u64,
-    /// Input (MESSAGE_BASED): the buffer's length in bytes.
-    pub message_table_length: u32,
+    /// Output: the version that was connected. The outputs, from here to
+    /// the end of the block, are written in one piece: `reserved1`, checked
+    /// zero on input, is written back as zero.
+    pub version_used: u32,
     /// Output (MESSAGE_BASED): the bytes the table takes; with
     /// `STATUS_BUFFER_TOO_SMALL`, how large the buffer must be.
     pub message_table_required: u32,

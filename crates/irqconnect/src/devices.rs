@@ -7,7 +7,7 @@
 //! into a [`DeviceTable`]; a bad configuration is an [`Error`], never a panic.
 
 use irqconnect_abi::layout::{
-    DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS, TESTDEV_MAX_DEVICES,
+    DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS, MSIDEV_MAX_DEVICES,
 };
 use irqconnect_abi::pv::{
     InterruptResource, MAX_RESOURCES, RESOURCE_FLAG_LATCHED, RESOURCE_TYPE_INTERRUPT,
@@ -16,7 +16,16 @@ use irqconnect_abi::pv::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::messages::{
+    IrqPolicy, MessageConfig, MessageConfigError, MessageKind, MessageResource, assign_vectors,
+};
 use crate::platform::Platform;
+
+/// Most devices a table holds. Devices 0..8 have an interrupt-source test
+/// device each (`irqconnect_abi::layout::TESTDEV_MAX_DEVICES`); devices with
+/// messages have a message-signaled test device each, at most
+/// [`MSIDEV_MAX_DEVICES`] of them.
+pub const MAX_DEVICES: usize = 16;
 
 /// `KINTERRUPT_MODE`: how a device signals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -114,11 +123,13 @@ impl Resource {
     }
 }
 
-/// A device with interrupt resources.
+/// A device with interrupt resources: line-based ones, message-signaled
+/// ones, or both.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Device {
     id: u32,
     resources: Vec<Resource>,
+    messages: Option<MessageResource>,
 }
 
 impl Device {
@@ -127,9 +138,19 @@ impl Device {
         self.id
     }
 
-    /// Its interrupt resources, 1..=[`MAX_RESOURCES`].
+    /// Its line-based interrupt resources, 0..=[`MAX_RESOURCES`].
     pub fn resources(&self) -> &[Resource] {
         &self.resources
+    }
+
+    /// Its message-signaled interrupts, if it has any.
+    pub fn messages(&self) -> Option<&MessageResource> {
+        self.messages.as_ref()
+    }
+
+    /// The highest Irql among its line-based resources (0 when it has none).
+    pub fn highest_line_irql(&self) -> u8 {
+        self.resources.iter().map(Resource::irql).max().unwrap_or(0)
     }
 
     /// The line its test device drives: the pin of its first resource.
@@ -171,8 +192,13 @@ pub struct ResourceConfig {
 pub struct DeviceConfig {
     /// Must equal the device's index in the table.
     pub id: u32,
-    /// 1..=4 resources.
+    /// 0..=4 line-based resources (at least one, or messages).
+    #[serde(default)]
     pub resources: Vec<ResourceConfig>,
+    /// Message-signaled interrupts; their vectors are assigned when the
+    /// table is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<MessageConfig>,
 }
 
 /// A device table as configured (e.g. from JSON).
@@ -203,8 +229,67 @@ impl DeviceTable {
     /// | 6 | 21 / 23 | 0x90 / 0xa0 | level / latched | exclusive |
     /// | 7 | 22 | 0xb0 | level | exclusive |
     ///
-    /// Every affinity is the platform's online mask.
+    /// and three devices with message-signaled interrupts only, each with a
+    /// message-signaled test device:
+    ///
+    /// | dev | kind | messages | IRQL class | policy | affinity |
+    /// |---|---|---|---|---|---|
+    /// | 8 | MSI | 1 | 5 | OneCloseProcessor | all |
+    /// | 9 | MSI | 4 | 5 | SpecifiedProcessors | all |
+    /// | 10 | MSI-X | 8 | 4 | SpreadMessagesAcrossAllProcessors | all |
+    ///
+    /// Every other affinity is the platform's online mask.
     pub fn default_for(platform: &Platform) -> Self {
+        let online = platform.online_mask();
+        let message_configs = [
+            (MessageKind::Msi, 1, 5, IrqPolicy::OneCloseProcessor, online),
+            (
+                MessageKind::Msi,
+                4,
+                5,
+                IrqPolicy::SpecifiedProcessors,
+                online,
+            ),
+            (
+                MessageKind::Msix,
+                8,
+                4,
+                IrqPolicy::SpreadMessagesAcrossAllProcessors,
+                online,
+            ),
+        ];
+        let mut devices = Self::default_line_devices(platform);
+        let mut used = used_vectors(&devices);
+        for (j, (kind, count, irql, policy, affinity)) in message_configs.into_iter().enumerate() {
+            let config = MessageConfig {
+                kind,
+                count,
+                irql,
+                policy,
+                affinity: Some(affinity),
+            };
+            // The default classes have room for these blocks by construction.
+            let Ok(first_vector) = assign_vectors(&config, &mut used) else {
+                continue;
+            };
+            devices.push(Device {
+                id: devices.len() as u32,
+                resources: Vec::new(),
+                messages: Some(MessageResource {
+                    kind,
+                    count,
+                    first_vector,
+                    policy,
+                    affinity,
+                    test_device: Some(j as u8),
+                }),
+            });
+        }
+        Self::index(devices)
+    }
+
+    /// Devices 0..7 of the default table (line-based only).
+    fn default_line_devices(platform: &Platform) -> Vec<Device> {
         use InterruptMode::{Latched, LevelSensitive as Level};
         use ShareDisposition::{Exclusive, Shared};
         let affinity = platform.online_mask();
@@ -228,27 +313,31 @@ impl DeviceTable {
             ],
             vec![r(22, 0xb0, Level, Exclusive)],
         ];
-        let devices = resources
+        resources
             .into_iter()
             .enumerate()
             .map(|(id, resources)| Device {
                 id: id as u32,
                 resources,
+                messages: None,
             })
-            .collect();
-        Self::index(devices)
+            .collect()
     }
 
     /// Validates `config` against `platform`.
     ///
-    /// Rules: at most 8 devices with ids 0, 1, ...; 1..=4 resources each;
+    /// Rules: at most [`MAX_DEVICES`] devices with ids 0, 1, ...; 0..=4
+    /// line resources each, and at least one line resource or messages; at
+    /// most [`MSIDEV_MAX_DEVICES`] devices with messages, whose vectors
+    /// are assigned here (`crate::messages::assign_vectors`) after every
+    /// line resource's;
     /// pins below 24; vectors in `0x30..=0xbf`; a stated IRQL equals
     /// `vector >> 4`; no vector twice in one device; an affinity names an
     /// online processor; resources on one pin have one vector and one
     /// trigger mode and are all shared; resources on one vector have one
     /// trigger mode and are all shared.
     pub fn from_config(config: &TableConfig, platform: &Platform) -> Result<Self, Error> {
-        let max = usize::from(TESTDEV_MAX_DEVICES);
+        let max = MAX_DEVICES;
         if config.devices.len() > max {
             return Err(Error::TooManyDevices {
                 count: config.devices.len(),
@@ -263,6 +352,7 @@ impl DeviceTable {
             devices.push(device_from_config(dev, platform)?);
         }
         check_sharing(&devices)?;
+        assign_messages(&mut devices, config, platform)?;
         Ok(Self::index(devices))
     }
 
@@ -272,6 +362,15 @@ impl DeviceTable {
             message: e.to_string(),
         })?;
         Self::from_config(&config, platform)
+    }
+
+    /// The device whose messages use `vector`, and the message number.
+    pub fn message_of_vector(&self, vector: u8) -> Option<(&Device, u8)> {
+        self.devices.iter().find_map(|d| {
+            let m = d.messages.as_ref()?;
+            m.owns_vector(vector)
+                .then(|| (d, vector.wrapping_sub(m.first_vector)))
+        })
     }
 
     fn index(devices: Vec<Device>) -> Self {
@@ -331,6 +430,13 @@ impl DeviceTable {
                 .iter()
                 .map(|d| DeviceConfig {
                     id: d.id,
+                    messages: d.messages.map(|m| MessageConfig {
+                        kind: m.kind,
+                        count: m.count,
+                        irql: m.irql(),
+                        policy: m.policy,
+                        affinity: Some(m.affinity),
+                    }),
                     resources: d
                         .resources
                         .iter()
@@ -351,7 +457,8 @@ impl DeviceTable {
 
 fn device_from_config(dev: &DeviceConfig, platform: &Platform) -> Result<Device, Error> {
     let device = dev.id;
-    if dev.resources.is_empty() || dev.resources.len() > MAX_RESOURCES {
+    let none = dev.resources.is_empty() && dev.messages.is_none();
+    if none || dev.resources.len() > MAX_RESOURCES {
         return Err(Error::ResourceCount {
             device,
             count: dev.resources.len(),
@@ -409,7 +516,69 @@ fn device_from_config(dev: &DeviceConfig, platform: &Platform) -> Result<Device,
     Ok(Device {
         id: device,
         resources,
+        messages: None,
     })
+}
+
+/// Vectors the line resources of `devices` use.
+fn used_vectors(devices: &[Device]) -> [bool; 256] {
+    let mut used = [false; 256];
+    for r in devices.iter().flat_map(|d| d.resources.iter()) {
+        if let Some(u) = used.get_mut(usize::from(r.vector)) {
+            *u = true;
+        }
+    }
+    used
+}
+
+/// Assigns the configured message resources their vectors, in device
+/// order, and their message-signaled test devices.
+fn assign_messages(
+    devices: &mut [Device],
+    config: &TableConfig,
+    platform: &Platform,
+) -> Result<(), Error> {
+    let mut used = used_vectors(devices);
+    let mut test_device = 0u8;
+    for (device, dev) in devices.iter_mut().zip(&config.devices) {
+        let Some(mc) = &dev.messages else { continue };
+        if u16::from(test_device) >= MSIDEV_MAX_DEVICES {
+            return Err(Error::TooManyMessageDevices {
+                max: MSIDEV_MAX_DEVICES,
+            });
+        }
+        let first_vector = assign_vectors(mc, &mut used).map_err(|e| Error::MessagesInvalid {
+            device: dev.id,
+            what: match e {
+                MessageConfigError::BadCount => {
+                    "the count must be 1..=64, and a power of two up to 32 for MSI"
+                }
+                MessageConfigError::BadClass => {
+                    "the IRQL class must be 3..=11 (the device vector range)"
+                }
+                MessageConfigError::ClassFull => {
+                    "the IRQL class has no free block of vectors left for the messages"
+                }
+            },
+        })?;
+        let affinity = mc.affinity.unwrap_or(platform.online_mask());
+        if affinity & platform.online_mask() == 0 {
+            return Err(Error::MessagesInvalid {
+                device: dev.id,
+                what: "the affinity names no online processor",
+            });
+        }
+        device.messages = Some(MessageResource {
+            kind: mc.kind,
+            count: mc.count,
+            first_vector,
+            policy: mc.policy,
+            affinity,
+            test_device: Some(test_device),
+        });
+        test_device += 1;
+    }
+    Ok(())
 }
 
 /// Pins and vectors used by several resources must be shared alike.
@@ -467,6 +636,7 @@ mod tests {
     fn one_device(r: ResourceConfig) -> TableConfig {
         TableConfig {
             devices: vec![DeviceConfig {
+                messages: None,
                 id: 0,
                 resources: vec![r],
             }],
@@ -477,9 +647,115 @@ mod tests {
     use ShareDisposition::{Exclusive, Shared};
 
     #[test]
-    fn default_table_has_eight_devices_with_sharing_situations() {
+    fn default_table_has_message_devices_after_the_line_devices() {
         let t = DeviceTable::default_for(&platform(4));
-        assert_eq!(t.len(), 8);
+        let m: Vec<_> = t.devices()[8..]
+            .iter()
+            .map(|d| {
+                let m = d.messages().unwrap();
+                assert!(d.resources().is_empty());
+                (
+                    m.kind,
+                    m.count,
+                    m.first_vector,
+                    m.policy,
+                    m.affinity,
+                    m.test_device,
+                )
+            })
+            .collect();
+        assert_eq!(
+            m,
+            [
+                (
+                    MessageKind::Msi,
+                    1,
+                    0x5f,
+                    IrqPolicy::OneCloseProcessor,
+                    0b1111,
+                    Some(0)
+                ),
+                (
+                    MessageKind::Msi,
+                    4,
+                    0x58,
+                    IrqPolicy::SpecifiedProcessors,
+                    0b1111,
+                    Some(1)
+                ),
+                (
+                    MessageKind::Msix,
+                    8,
+                    0x48,
+                    IrqPolicy::SpreadMessagesAcrossAllProcessors,
+                    0b1111,
+                    Some(2)
+                ),
+            ]
+        );
+        assert_eq!(
+            t.message_of_vector(0x5a).map(|(d, k)| (d.id(), k)),
+            Some((9, 2))
+        );
+        assert!(t.message_of_vector(0x60).is_none());
+    }
+
+    #[test]
+    fn config_messages_get_vectors_after_line_resources_and_errors_are_one_line() {
+        let p = platform(4);
+        let mut cfg = one_device(res(16, 0x5f, Latched, Exclusive));
+        cfg.devices[0].messages = Some(MessageConfig {
+            kind: MessageKind::Msix,
+            count: 2,
+            irql: 5,
+            policy: IrqPolicy::MachineDefault,
+            affinity: None,
+        });
+        let t = DeviceTable::from_config(&cfg, &p).unwrap();
+        let m = t.device(0).and_then(Device::messages).unwrap();
+        assert_eq!(
+            (m.first_vector, m.affinity, m.test_device),
+            (0x5c, 0b1111, Some(0))
+        );
+        cfg.devices[0].messages.as_mut().unwrap().count = 0;
+        let e = DeviceTable::from_config(&cfg, &p).unwrap_err();
+        assert!(matches!(e, Error::MessagesInvalid { device: 0, .. }), "{e}");
+        let five = TableConfig {
+            devices: (0..5)
+                .map(|id| DeviceConfig {
+                    id,
+                    resources: Vec::new(),
+                    messages: Some(MessageConfig {
+                        kind: MessageKind::Msi,
+                        count: 1,
+                        irql: 5,
+                        policy: IrqPolicy::MachineDefault,
+                        affinity: None,
+                    }),
+                })
+                .collect(),
+        };
+        assert!(matches!(
+            DeviceTable::from_config(&five, &p),
+            Err(Error::TooManyMessageDevices { max: 4 })
+        ));
+        let nothing = TableConfig {
+            devices: vec![DeviceConfig {
+                id: 0,
+                resources: Vec::new(),
+                messages: None,
+            }],
+        };
+        assert!(matches!(
+            DeviceTable::from_config(&nothing, &p),
+            Err(Error::ResourceCount { count: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn default_table_has_eight_line_devices_with_sharing_situations() {
+        let t = DeviceTable::default_for(&platform(4));
+        assert_eq!(t.len(), 11);
         // Shared pin: devices 2 and 3 on pin 18, vector 0x70.
         assert_eq!(t.pins_of_vector(0x70), 1 << 18);
         // Two pins, one vector: devices 4 and 5.
@@ -570,10 +846,12 @@ mod tests {
         let c = TableConfig {
             devices: vec![
                 DeviceConfig {
+                    messages: None,
                     id: 0,
                     resources: vec![res(18, 0x70, LevelSensitive, Shared)],
                 },
                 DeviceConfig {
+                    messages: None,
                     id: 1,
                     resources: vec![res(18, 0x71, LevelSensitive, Shared)],
                 },
@@ -594,10 +872,12 @@ mod tests {
         let c = TableConfig {
             devices: vec![
                 DeviceConfig {
+                    messages: None,
                     id: 0,
                     resources: vec![res(19, 0x80, Latched, Shared)],
                 },
                 DeviceConfig {
+                    messages: None,
                     id: 1,
                     resources: vec![res(20, 0x80, LevelSensitive, Shared)],
                 },
@@ -614,10 +894,12 @@ mod tests {
         let c = TableConfig {
             devices: vec![
                 DeviceConfig {
+                    messages: None,
                     id: 0,
                     resources: vec![res(19, 0x80, Latched, Exclusive)],
                 },
                 DeviceConfig {
+                    messages: None,
                     id: 1,
                     resources: vec![res(20, 0x80, Latched, Shared)],
                 },
@@ -634,6 +916,7 @@ mod tests {
         let p = platform(2);
         let empty = TableConfig {
             devices: vec![DeviceConfig {
+                messages: None,
                 id: 0,
                 resources: vec![],
             }],
@@ -654,20 +937,22 @@ mod tests {
             DeviceTable::from_config(&no_cpu, &p),
             Err(Error::AffinityEmpty { .. })
         ));
-        let nine = TableConfig {
-            devices: (0..9)
+        let too_many = TableConfig {
+            devices: (0..=MAX_DEVICES as u32)
                 .map(|id| DeviceConfig {
                     id,
                     resources: vec![res(16, 0x60, Latched, Shared)],
+                    messages: None,
                 })
                 .collect(),
         };
         assert!(matches!(
-            DeviceTable::from_config(&nine, &p),
-            Err(Error::TooManyDevices { count: 9, .. })
+            DeviceTable::from_config(&too_many, &p),
+            Err(Error::TooManyDevices { count: 17, .. })
         ));
         let twice = TableConfig {
             devices: vec![DeviceConfig {
+                messages: None,
                 id: 0,
                 resources: vec![
                     res(16, 0x60, Latched, Shared),

@@ -53,6 +53,21 @@ pub enum Error {
         /// The most accepted.
         max: usize,
     },
+    /// More devices have messages than there are message-signaled test
+    /// devices.
+    #[error("more than {max} devices have message-signaled interrupts")]
+    TooManyMessageDevices {
+        /// The most accepted.
+        max: u16,
+    },
+    /// A device's message configuration cannot be assigned.
+    #[error("device {device}: messages: {what}")]
+    MessagesInvalid {
+        /// The device.
+        device: u32,
+        /// What is wrong.
+        what: &'static str,
+    },
     /// Device ids must be 0, 1, 2, ... in table order.
     #[error("device at index {index} has id {id}; ids must equal their index")]
     DeviceIdNotIndex {
@@ -62,7 +77,9 @@ pub enum Error {
         id: u32,
     },
     /// A device has no interrupt resource, or more than the ABI can report.
-    #[error("device {device} has {count} interrupt resources; 1..={max} are supported")]
+    #[error(
+        "device {device} has {count} line interrupt resources; 0..={max} are supported, and a device needs at least one, or messages"
+    )]
     ResourceCount {
         /// The device.
         device: u32,

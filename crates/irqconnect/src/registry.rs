@@ -7,11 +7,18 @@
 //! unions of their masks so the sharing check and the route do not walk the
 //! chain. Slots are reused; handles carry a generation (see [`crate::handle`]).
 //!
+//! A LINE_BASED or MESSAGE_BASED CONNECT_EX makes a *group*: one connection
+//! per line resource or message, inserted together ([`Registry::insert_group`])
+//! and removed together ([`Registry::remove_group`]). The first is the
+//! group's lead: its handle names the group. The others record the lead's
+//! slot ([`Connection::lead`]); their own handles are never handed out.
+//!
 //! Memory is bounded: every connection holds at least one object, so live
 //! connections, and so live slots, never exceed the object quota.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use irqconnect_abi::pv::connect_version;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::InterruptMode;
@@ -43,14 +50,39 @@ pub struct Connection {
     pub service_routine: u64,
     /// `ServiceContext` (guest-physical address or 0).
     pub service_context: u64,
-    /// `SpinLock` (guest-physical address or 0).
+    /// `SpinLock` (guest-physical address or 0; for a LINE_BASED or
+    /// MESSAGE_BASED group, 0 means the lock the system provides the group).
     pub spin_lock: u64,
+    /// The `IO_CONNECT_INTERRUPT_PARAMETERS` version that made it
+    /// (`irqconnect_abi::pv::connect_version`); a classic CONNECT records
+    /// FULLY_SPECIFIED.
+    #[serde(default = "fully_specified")]
+    pub version: u32,
+    /// In a group, for every connection but the lead: the lead's slot.
+    #[serde(default)]
+    pub lead: Option<u32>,
+    /// For a MESSAGE_BASED connection: the message number.
+    #[serde(default)]
+    pub message: Option<u8>,
+}
+
+const fn fully_specified() -> u32 {
+    connect_version::FULLY_SPECIFIED
 }
 
 impl Connection {
     /// Interrupt objects the connection holds: one per processor of its mask.
     pub fn objects(&self) -> u32 {
         self.mask.count_ones()
+    }
+
+    /// True for a connection of a LINE_BASED or MESSAGE_BASED group (its
+    /// lead or a member).
+    pub fn in_group(&self) -> bool {
+        matches!(
+            self.version,
+            connect_version::LINE_BASED | connect_version::MESSAGE_BASED
+        )
     }
 }
 
@@ -120,8 +152,10 @@ pub struct Registry {
     free: VecDeque<u32>,
     /// Indexed by vector: 256 entries.
     vectors: Vec<VectorChains>,
-    /// Live connections per (device, vector).
-    device_vectors: BTreeMap<(u32, u8), u32>,
+    /// Live connections by (device, slot).
+    by_device: BTreeSet<(u32, u32)>,
+    /// Each live group's lead slot and its other members' slots.
+    members: BTreeMap<u32, Vec<u32>>,
     objects: u32,
     connections: u32,
 }
@@ -140,7 +174,8 @@ impl Registry {
             slots: Vec::new(),
             free: VecDeque::new(),
             vectors: vec![VectorChains::default(); 256],
-            device_vectors: BTreeMap::new(),
+            by_device: BTreeSet::new(),
+            members: BTreeMap::new(),
             objects: 0,
             connections: 0,
         })
@@ -201,11 +236,11 @@ impl Registry {
         (conflict != 0).then(|| conflict.trailing_zeros())
     }
 
-    /// Vectors on which `device` has live connections, with their counts.
-    pub fn device_vectors(&self, device: u32) -> impl Iterator<Item = (u8, u32)> + '_ {
-        self.device_vectors
-            .range((device, 0)..=(device, u8::MAX))
-            .map(|(&(_, vector), &count)| (vector, count))
+    /// The live connections of `device`, in slot order.
+    pub fn device_connections(&self, device: u32) -> impl Iterator<Item = &Connection> + '_ {
+        self.by_device
+            .range((device, 0)..=(device, u32::MAX))
+            .filter_map(|&(_, slot)| self.live(slot as usize).map(|(_, c)| c))
     }
 
     /// Records `connection` at the tail of its chains. `None` (and nothing
@@ -243,18 +278,23 @@ impl Registry {
         }
         chains.add_to_unions(&entry);
         chains.entries.push(entry);
-        *self
-            .device_vectors
-            .entry((connection.device, connection.vector))
-            .or_insert(0) += 1;
+        self.by_device.insert((connection.device, entry.slot));
         self.objects += objects;
         self.connections += 1;
         Some(handle)
     }
 
     /// Removes the connection `handle` names and all its objects. `None`
-    /// (and nothing changed) for a stale, forged or zero handle.
+    /// (and nothing changed) for a stale, forged or zero handle, and for a
+    /// connection of a group (those go with [`Registry::remove_group`]).
     pub fn remove(&mut self, handle: Handle) -> Option<Connection> {
+        if self.get(handle)?.in_group() {
+            return None;
+        }
+        self.take(handle)
+    }
+
+    fn take(&mut self, handle: Handle) -> Option<Connection> {
         let index = handle.slot()?;
         let slot = self.slots.get_mut(index)?;
         if slot.generation != handle.generation() {
@@ -273,16 +313,95 @@ impl Registry {
             chains.entries.retain(|e| e.slot as usize != index);
             chains.recompute_unions();
         }
-        let key = (connection.device, connection.vector);
-        if let Some(count) = self.device_vectors.get_mut(&key) {
-            *count -= 1;
-            if *count == 0 {
-                self.device_vectors.remove(&key);
-            }
-        }
+        self.by_device.remove(&(connection.device, index as u32));
+        self.members.remove(&(index as u32));
         self.objects -= connection.objects();
         self.connections -= 1;
         Some(connection)
+    }
+
+    /// Records a group: `connections[0]` is the lead, whose handle is
+    /// returned; the others get the lead's slot in [`Connection::lead`].
+    /// All or nothing: `None` (and nothing recorded) when the group is
+    /// empty, a mask is empty, or the objects of all of them do not fit
+    /// the quota.
+    pub fn insert_group(&mut self, connections: &[Connection]) -> Option<Handle> {
+        let (first, rest) = connections.split_first()?;
+        let mut total = 0u32;
+        for c in connections {
+            if c.mask == 0 {
+                return None;
+            }
+            total = total.checked_add(c.objects())?;
+        }
+        if !self.fits(total) {
+            return None;
+        }
+        let lead = self.insert(Connection {
+            lead: None,
+            ..*first
+        })?;
+        let lead_slot = u32::try_from(lead.slot()?).ok()?;
+        let mut slots = Vec::with_capacity(rest.len());
+        for c in rest {
+            match self.insert(Connection {
+                lead: Some(lead_slot),
+                ..*c
+            }) {
+                Some(h) => slots.push(h),
+                None => {
+                    for h in slots {
+                        self.take(h);
+                    }
+                    self.take(lead);
+                    return None;
+                }
+            }
+        }
+        let members = slots
+            .iter()
+            .filter_map(|h| h.slot().and_then(|s| u32::try_from(s).ok()))
+            .collect();
+        self.members.insert(lead_slot, members);
+        Some(lead)
+    }
+
+    /// Removes the group `handle` names (its lead) and every member, and
+    /// returns them, lead first. `None` (and nothing changed) when `handle`
+    /// names no live group lead.
+    pub fn remove_group(&mut self, handle: Handle) -> Option<Vec<Connection>> {
+        let lead = self.get(handle)?;
+        if !lead.in_group() || lead.lead.is_some() {
+            return None;
+        }
+        let lead_slot = u32::try_from(handle.slot()?).ok()?;
+        let members = self.members.remove(&lead_slot).unwrap_or_default();
+        let mut gone = Vec::with_capacity(members.len() + 1);
+        gone.push(self.take(handle)?);
+        for slot in members {
+            let member = self
+                .slots
+                .get(slot as usize)
+                .and_then(|s| Handle::new(slot as usize, s.generation));
+            if let Some(c) = member.and_then(|h| self.take(h)) {
+                gone.push(c);
+            }
+        }
+        Some(gone)
+    }
+
+    /// The members (lead first) of the group `handle` names, or `None`.
+    pub fn group(&self, handle: Handle) -> Option<Vec<&Connection>> {
+        let lead = self.get(handle)?;
+        if !lead.in_group() || lead.lead.is_some() {
+            return None;
+        }
+        let lead_slot = u32::try_from(handle.slot()?).ok()?;
+        let mut all = vec![lead];
+        for &slot in self.members.get(&lead_slot).into_iter().flatten() {
+            all.extend(self.live(slot as usize).map(|(_, c)| c));
+        }
+        Some(all)
     }
 
     /// Processors with at least one object on `vector`.
@@ -346,14 +465,43 @@ impl Registry {
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut objects = 0u64;
         let mut connections = 0u32;
-        let mut per_device: BTreeMap<(u32, u8), u32> = BTreeMap::new();
+        let mut per_device = BTreeSet::new();
+        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for (h, c) in self.iter() {
             if c.mask == 0 {
                 return Err(format!("connection {:#x} has an empty mask", h.raw()));
             }
             objects += u64::from(c.objects());
             connections += 1;
-            *per_device.entry((c.device, c.vector)).or_insert(0) += 1;
+            let slot = h
+                .slot()
+                .and_then(|s| u32::try_from(s).ok())
+                .unwrap_or(u32::MAX);
+            per_device.insert((c.device, slot));
+            match (c.in_group(), c.lead) {
+                (false, None) => {}
+                (false, Some(_)) => {
+                    return Err(format!(
+                        "connection {:#x} names a lead outside a group",
+                        h.raw()
+                    ));
+                }
+                (true, None) => {
+                    groups.entry(slot).or_default();
+                }
+                (true, Some(lead)) => {
+                    let l = self.live(lead as usize).map(|(_, l)| l);
+                    if l.is_none_or(|l| {
+                        l.lead.is_some() || l.version != c.version || l.device != c.device
+                    }) {
+                        return Err(format!(
+                            "connection {:#x} names lead slot {lead}, which is no lead of its group",
+                            h.raw()
+                        ));
+                    }
+                    groups.entry(lead).or_default().push(slot);
+                }
+            }
             let listed = self.vectors.get(usize::from(c.vector)).map_or(0, |v| {
                 v.entries
                     .iter()
@@ -380,8 +528,15 @@ impl Registry {
                 self.connections
             ));
         }
-        if per_device != self.device_vectors {
-            return Err("per-device counts disagree with the slots".into());
+        if per_device != self.by_device {
+            return Err("the per-device index disagrees with the slots".into());
+        }
+        let mut recorded = self.members.clone();
+        for m in recorded.values_mut() {
+            m.sort_unstable();
+        }
+        if groups != recorded {
+            return Err("the group index disagrees with the slots".into());
         }
         let listed: usize = self.vectors.iter().map(|v| v.entries.len()).sum();
         if listed != connections as usize {
@@ -421,7 +576,8 @@ impl Registry {
             slots,
             free,
             vectors,
-            device_vectors: _,
+            by_device: _,
+            members: _,
             objects: _,
             connections: _,
         } = self;
@@ -497,7 +653,19 @@ impl Registry {
                 .checked_add(c.objects())
                 .ok_or_else(|| bad("object count overflows"))?;
             reg.connections += 1;
-            *reg.device_vectors.entry((c.device, c.vector)).or_insert(0) += 1;
+        }
+        for (i, slot) in reg.slots.iter().enumerate() {
+            let Some(c) = slot.connection else { continue };
+            let i = u32::try_from(i).map_err(|_| bad("too many slots"))?;
+            reg.by_device.insert((c.device, i));
+            if c.in_group() {
+                match c.lead {
+                    None => {
+                        reg.members.entry(i).or_default();
+                    }
+                    Some(lead) => reg.members.entry(lead).or_default().push(i),
+                }
+            }
         }
         if reg.objects > reg.quota {
             return Err(bad("objects exceed the quota"));
@@ -566,6 +734,9 @@ mod tests {
             service_routine: 0x1000,
             service_context: 0,
             spin_lock: 0,
+            version: connect_version::FULLY_SPECIFIED,
+            lead: None,
+            message: None,
         }
     }
 

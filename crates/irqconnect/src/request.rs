@@ -12,14 +12,18 @@
 //! 6. `length` is not the opcode's size: STATUS_INVALID_PARAMETER;
 //! 7. the whole block cannot be read: no answer; its status field cannot
 //!    be written: no answer ([`Outcome::Unwritable`]), nothing done;
-//! 8. a reserved field is non-zero, or a CONNECT field is outside its domain
-//!    (`InterruptMode` not 0/1, `ShareVector` or `FloatingSave` not 0/1):
-//!    STATUS_INVALID_PARAMETER.
+//! 8. a reserved field is non-zero, or a CONNECT or CONNECT_EX field is
+//!    outside its domain (`InterruptMode` not 0/1, `ShareVector` or
+//!    `FloatingSave` not 0/1): STATUS_INVALID_PARAMETER.
 //!
 //! Then the opcode runs. On an opcode-level failure the outputs are written
-//! as zeros (a failed CONNECT answers handle 0, *InterruptObject stays NULL).
-//! Outputs are written before `status`; input fields are never written.
-//! At most [`MAX_REQUEST_SIZE`] bytes are read, into a stack buffer.
+//! as zeros (a failed CONNECT answers handle 0, *InterruptObject stays NULL;
+//! a CONNECT_EX refused with STATUS_BUFFER_TOO_SMALL also answers the table
+//! size it needs). A MESSAGE_BASED CONNECT_EX writes its message table to
+//! the guest's buffer first, then the outputs, then `status`; input fields
+//! are never written. At most [`MAX_REQUEST_SIZE`] bytes of the block are
+//! read, into a stack buffer; the table is at most
+//! `message_table_size(MAX_MESSAGES)` bytes.
 
 use core::mem::{offset_of, size_of};
 
@@ -29,14 +33,16 @@ use irqconnect_abi::ntstatus::{
     STATUS_SUCCESS,
 };
 use irqconnect_abi::pv::{
-    ABI_VERSION_MAX, BLOCK_ALIGN, Connect, Disconnect, InterruptResource, MAX_REQUEST_SIZE,
-    MAX_RESOURCES, PV_MAGIC, QueryPlatform, QueryResources, QueryRoute, RequestHeader, opcode,
-    request_size,
+    ABI_VERSION_MAX, BLOCK_ALIGN, Connect, ConnectEx, Disconnect, DisconnectEx, InterruptResource,
+    MAX_REQUEST_SIZE, MAX_RESOURCES, PV_MAGIC, QueryMessages, QueryPlatform, QueryResources,
+    QueryRoute, RequestHeader, connect_version, opcode, request_size,
 };
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
+use crate::connect_ex::{BlockSpan, ConnectExRequest, MessageTable};
 use crate::devices::InterruptMode;
 use crate::handle::Handle;
+use crate::messages::MessageUpdate;
 use crate::ram::GuestRam;
 use crate::route::RouteUpdate;
 use crate::service::Service;
@@ -105,6 +111,8 @@ pub struct Answer {
     pub refusal: Option<Refusal>,
     /// Pins whose route changed: the VMM applies them.
     pub routes: Vec<RouteUpdate>,
+    /// Messages whose programming changed: the VMM applies them.
+    pub messages: Vec<MessageUpdate>,
 }
 
 /// What a doorbell write led to, for the VMM to count, log and apply.
@@ -132,6 +140,14 @@ impl Outcome {
     pub fn routes(&self) -> &[RouteUpdate] {
         match self {
             Self::Answered(a) => &a.routes,
+            _ => &[],
+        }
+    }
+
+    /// Message updates to apply (empty unless answered with changes).
+    pub fn messages(&self) -> &[MessageUpdate] {
+        match self {
+            Self::Answered(a) => &a.messages,
             _ => &[],
         }
     }
@@ -170,11 +186,6 @@ pub fn decode_connect(block: &Connect) -> Result<ConnectRequest, BlockError> {
     if block.reserved0 != [0; 3] {
         return Err(BlockError::ReservedNotZero);
     }
-    let flag = |v: u8| match v {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(BlockError::FieldOutOfDomain),
-    };
     Ok(ConnectRequest {
         device_id: block.device_id,
         vector: block.vector,
@@ -188,6 +199,42 @@ pub fn decode_connect(block: &Connect) -> Result<ConnectRequest, BlockError> {
         service_routine: block.service_routine,
         service_context: block.service_context,
         spin_lock: block.spin_lock,
+        version: connect_version::FULLY_SPECIFIED,
+    })
+}
+
+fn flag(v: u8) -> Result<bool, BlockError> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(BlockError::FieldOutOfDomain),
+    }
+}
+
+/// Decodes a CONNECT_EX block's inputs, checking reserved fields and
+/// domains (rule 1.8); the version's rules come after.
+pub fn decode_connect_ex(block: &ConnectEx) -> Result<ConnectExRequest, BlockError> {
+    if block.reserved0 != 0 || block.reserved1 != [0; 3] {
+        return Err(BlockError::ReservedNotZero);
+    }
+    Ok(ConnectExRequest {
+        version: block.version,
+        device_id: block.device_id,
+        vector: block.vector,
+        irql: block.irql,
+        synchronize_irql: block.synchronize_irql,
+        interrupt_mode: InterruptMode::from_abi(block.interrupt_mode)
+            .ok_or(BlockError::FieldOutOfDomain)?,
+        share_vector: flag(block.share_vector)?,
+        floating_save: flag(block.floating_save)?,
+        group: block.group,
+        processor_enable_mask: block.processor_enable_mask,
+        service_routine: block.service_routine,
+        fallback_service_routine: block.fallback_service_routine,
+        service_context: block.service_context,
+        spin_lock: block.spin_lock,
+        message_table: block.message_table,
+        message_table_length: block.message_table_length,
     })
 }
 
@@ -200,6 +247,10 @@ struct Reply {
     made: Option<Handle>,
     /// Storm-guard marks before the request ran (restored on undo).
     storm_before: u32,
+    /// A message table to write before the outputs.
+    table: Option<MessageTable>,
+    /// Messages whose programming changed.
+    messages: Vec<MessageUpdate>,
 }
 
 impl Reply {
@@ -210,6 +261,8 @@ impl Reply {
             len: 0,
             made: None,
             storm_before: 0,
+            table: None,
+            messages: Vec::new(),
         }
     }
 
@@ -283,7 +336,11 @@ pub fn handle<M: GuestRam + ?Sized>(service: &mut Service, mem: &mut M, doorbell
         return Outcome::Unwritable { gpa };
     }
     let storm_before = service.storm_bits();
-    let (result, mut reply) = dispatch(service, mem, header.opcode, block);
+    let span = BlockSpan {
+        start: gpa,
+        len: size as u64,
+    };
+    let (result, mut reply) = dispatch(service, mem, header.opcode, block, span);
     reply.storm_before = storm_before;
     finish(service, mem, gpa, header.opcode, result, reply)
 }
@@ -295,6 +352,7 @@ fn dispatch<M: GuestRam + ?Sized>(
     mem: &M,
     op: u16,
     block: &[u8],
+    span: BlockSpan,
 ) -> Dispatched {
     let malformed = (Err(Refusal::Block(BlockError::BadLength)), Reply::none());
     match op {
@@ -316,6 +374,18 @@ fn dispatch<M: GuestRam + ?Sized>(
         },
         opcode::QUERY_ROUTE => match QueryRoute::read_from_bytes(block) {
             Ok(b) => query_route(service, b),
+            Err(_) => malformed,
+        },
+        opcode::CONNECT_EX => match ConnectEx::read_from_bytes(block) {
+            Ok(b) => connect_ex(service, mem, b, span),
+            Err(_) => malformed,
+        },
+        opcode::DISCONNECT_EX => match DisconnectEx::read_from_bytes(block) {
+            Ok(b) => disconnect_ex(service, &b),
+            Err(_) => malformed,
+        },
+        opcode::QUERY_MESSAGES => match QueryMessages::read_from_bytes(block) {
+            Ok(b) => query_messages(service, b),
             Err(_) => malformed,
         },
         _ => (
@@ -379,6 +449,82 @@ fn connect<M: GuestRam + ?Sized>(service: &mut Service, mem: &M, mut block: Conn
     }
 }
 
+fn connect_ex<M: GuestRam + ?Sized>(
+    service: &mut Service,
+    mem: &M,
+    mut block: ConnectEx,
+    span: BlockSpan,
+) -> Dispatched {
+    let start = offset_of!(ConnectEx, version_used);
+    let end = size_of::<ConnectEx>();
+    let req = match decode_connect_ex(&block) {
+        Ok(req) => req,
+        Err(e) => return (Err(Refusal::Block(e)), Reply::none()),
+    };
+    block.version_used = 0;
+    block.message_table_required = 0;
+    block.handle = 0;
+    block.effective_mask = 0;
+    block.unified_irql = 0;
+    block.count = 0;
+    match service.connect_ex(&req, span, mem) {
+        Ok(done) => {
+            block.version_used = done.version_used;
+            block.message_table_required = done.table_required;
+            block.handle = done.handle.raw();
+            block.effective_mask = done.effective_mask;
+            block.unified_irql = done.unified_irql;
+            block.count = done.count;
+            let mut reply = Reply::of(&block, start, end);
+            reply.made = Some(done.handle);
+            reply.table = done.table;
+            reply.messages = done.messages;
+            (Ok(done.routes), reply)
+        }
+        Err(v) => {
+            if let Violation::TableTooSmall { required } = v {
+                block.message_table_required = required;
+            }
+            (Err(Refusal::Rule(v)), Reply::of(&block, start, end))
+        }
+    }
+}
+
+fn disconnect_ex(service: &mut Service, block: &DisconnectEx) -> Dispatched {
+    if block.reserved0 != 0 {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    match service.disconnect_ex(block.version, Handle::from_raw(block.handle)) {
+        Ok(done) => {
+            let mut reply = Reply::none();
+            reply.messages = done.messages;
+            (Ok(done.routes), reply)
+        }
+        Err(v) => (Err(Refusal::Rule(v)), Reply::none()),
+    }
+}
+
+fn query_messages(service: &Service, block: QueryMessages) -> Dispatched {
+    let start = offset_of!(QueryMessages, message_count);
+    let end = offset_of!(QueryMessages, reserved0);
+    if block.reserved0 != 0 {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    match service.query_messages(block.device_id) {
+        Some(out) => (Ok(Vec::new()), Reply::of(&out, start, end)),
+        None => (
+            Err(Refusal::Rule(Violation::UnknownDevice)),
+            Reply::of(&QueryMessages::new_zeroed(), start, end),
+        ),
+    }
+}
+
 fn disconnect(service: &mut Service, block: &Disconnect) -> Dispatched {
     match service.disconnect(Handle::from_raw(block.handle)) {
         Ok(routes) => (Ok(routes), Reply::none()),
@@ -432,28 +578,33 @@ fn finish<M: GuestRam + ?Sized>(
         Err(r) => r.status(),
     };
     let outputs = reply.bytes.get(..reply.len).unwrap_or(&[]);
-    let written = mem
-        .write(gpa.saturating_add(reply.offset as u64), outputs)
+    let table = match &reply.table {
+        Some(t) => mem.write(t.gpa, &t.to_bytes()),
+        None => Ok(()),
+    };
+    let written = table
+        .and_then(|()| mem.write(gpa.saturating_add(reply.offset as u64), outputs))
         .and_then(|()| mem.write(gpa.saturating_add(STATUS_OFFSET), &status.to_le_bytes()));
     if written.is_err() {
         if let Some(handle) = reply.made {
-            // The guest never learns the handle: take the connection back so
-            // CONNECT stays all or nothing. The routes and storm marks return
-            // to their state before the connect, so nothing needs applying.
-            let _ = service.disconnect(handle);
-            service.restore_storm(reply.storm_before);
+            // The guest never learns the handle: take the connection (or
+            // group) back so CONNECT stays all or nothing. The routes and
+            // storm marks return to their state before the connect and its
+            // messages were never programmed, so nothing needs applying.
+            service.undo_connect(handle, reply.storm_before);
         }
         return Outcome::Unwritable { gpa };
     }
-    let (refusal, routes) = match result {
-        Ok(routes) => (None, routes),
-        Err(r) => (Some(r), Vec::new()),
+    let (refusal, routes, messages) = match result {
+        Ok(routes) => (None, routes, reply.messages),
+        Err(r) => (Some(r), Vec::new(), Vec::new()),
     };
     Outcome::Answered(Answer {
         opcode: op,
         status,
         refusal,
         routes,
+        messages,
     })
 }
 
@@ -620,7 +771,7 @@ mod tests {
 
     #[test]
     fn rule_01_unknown_opcode_invalid_device_request() {
-        for op in [0, 6, u16::MAX] {
+        for op in [0, 0x7f, u16::MAX] {
             let mut c = connect_block();
             c.header.opcode = op;
             let (o, after) = run(&mut service(), AT, &c);
@@ -707,7 +858,7 @@ mod tests {
         );
         assert_eq!(after.abi_version_max, ABI_VERSION_MAX);
         assert_eq!(after.cpu_count, 4);
-        assert_eq!(after.device_count, 8);
+        assert_eq!(after.device_count, 11);
         assert_eq!(after.online_mask, 0b1111);
         assert_eq!((after.vector_min, after.vector_max), (0x30, 0xbf));
         assert_eq!(after.object_quota, 64);
@@ -736,7 +887,7 @@ mod tests {
     fn query_resources_unknown_device_not_found() {
         let mut q = QueryResources::new_zeroed();
         q.header = RequestHeader::new::<QueryResources>(opcode::QUERY_RESOURCES);
-        q.device_id = 8;
+        q.device_id = 11;
         q.count = 7;
         let (o, after) = run(&mut service(), AT, &q);
         assert_eq!(o.status(), Some(STATUS_NOT_FOUND));

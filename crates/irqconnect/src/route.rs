@@ -207,16 +207,26 @@ pub enum ApicDestination {
 impl ApicDestination {
     /// Converts `route` for `platform`.
     pub fn for_route(route: &PinRoute, platform: &Platform) -> Self {
-        if route.masked || route.destination == 0 {
+        if route.masked {
             return Self::None;
         }
-        if let Some(mask) = Self::logical_mask(route.destination, platform) {
+        Self::for_processors(route.destination, route.lowest_priority, platform)
+    }
+
+    /// The destination of `processors` (bit `i` = processor `i`) on
+    /// `platform`, lowest priority when `lowest_priority`: the one rule for
+    /// pin routes and message routes.
+    pub fn for_processors(processors: u64, lowest_priority: bool, platform: &Platform) -> Self {
+        if processors == 0 {
+            return Self::None;
+        }
+        if let Some(mask) = Self::logical_mask(processors, platform) {
             return Self::Logical {
                 mask,
-                lowest_priority: route.lowest_priority,
+                lowest_priority,
             };
         }
-        match platform.apic_id(route.destination.trailing_zeros()) {
+        match platform.apic_id(processors.trailing_zeros()) {
             Some(apic_id) => Self::Physical { apic_id },
             None => Self::None,
         }

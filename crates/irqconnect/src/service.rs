@@ -2,13 +2,18 @@
 //! the programmed routes, and the operations the VMM calls.
 
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS};
-use irqconnect_abi::pv::{ABI_VERSION_MAX, PLATFORM_MAX_CPUS, QueryPlatform};
+use irqconnect_abi::pv::{
+    ABI_VERSION_MAX, PLATFORM_MAX_CPUS, QueryMessages, QueryPlatform, connect_version,
+    message_kind, message_table_size,
+};
 use serde::{Deserialize, Serialize};
 use zerocopy::FromZeros;
 
+use crate::connect_ex::{self, BlockSpan, ConnectExRequest, MessageTable};
 use crate::devices::{DeviceTable, TableConfig};
 use crate::error::Error;
 use crate::handle::Handle;
+use crate::messages::{MessageRoute, MessageUpdate};
 use crate::platform::{DEFAULT_OBJECT_QUOTA, Platform, PlatformFacts};
 use crate::ram::GuestRam;
 use crate::registry::{Registry, may_chain};
@@ -39,6 +44,38 @@ pub struct Connected {
     pub effective_mask: u64,
     /// Pins whose route changed.
     pub routes: Vec<RouteUpdate>,
+}
+
+/// A successful CONNECT_EX.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectedEx {
+    /// The handle of the connection or group (never 0).
+    pub handle: Handle,
+    /// The version connected.
+    pub version_used: u32,
+    /// Processors that received an interrupt object (union).
+    pub effective_mask: u64,
+    /// Line resources or messages connected.
+    pub count: u32,
+    /// The IRQL every routine of the connection runs at.
+    pub unified_irql: u8,
+    /// MESSAGE_BASED: the bytes of the message table.
+    pub table_required: u32,
+    /// MESSAGE_BASED: the table to write into the guest's buffer.
+    pub table: Option<MessageTable>,
+    /// Pins whose route changed.
+    pub routes: Vec<RouteUpdate>,
+    /// Messages whose programming changed.
+    pub messages: Vec<MessageUpdate>,
+}
+
+/// A successful DISCONNECT or DISCONNECT_EX: what the VMM applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Disconnected {
+    /// Pins whose route changed.
+    pub routes: Vec<RouteUpdate>,
+    /// Messages that lost their programming.
+    pub messages: Vec<MessageUpdate>,
 }
 
 /// The host-side PV IoConnectInterrupt service of one VM.
@@ -159,8 +196,13 @@ impl Service {
     }
 
     /// IoDisconnectInterrupt: removes every object of the connection and
-    /// re-routes its vector. On `Err` nothing changed.
+    /// re-routes its vector. A group's handle is refused
+    /// ([`Violation::GroupNeedsDisconnectEx`]). On `Err` nothing changed.
     pub fn disconnect(&mut self, handle: Handle) -> Result<Vec<RouteUpdate>, Violation> {
+        let c = self.live_handle(handle)?;
+        if c.in_group() {
+            return Err(Violation::GroupNeedsDisconnectEx);
+        }
         let connection = self
             .registry
             .remove(handle)
@@ -168,6 +210,189 @@ impl Service {
         Ok(self
             .routes
             .refresh_vector(connection.vector, &self.devices, &self.registry))
+    }
+
+    /// The connection `handle` names, if the guest was given that handle
+    /// (a group member's own handle never was).
+    fn live_handle(&self, handle: Handle) -> Result<&crate::registry::Connection, Violation> {
+        self.registry
+            .get(handle)
+            .filter(|c| c.lead.is_none())
+            .ok_or(Violation::UnknownHandle)
+    }
+
+    /// IoConnectInterruptEx: checks rules X1.. and the version's rules
+    /// (`crate::connect_ex`) and, when all pass, records the connection or
+    /// group, re-routes its vectors and programs its messages. `block` is
+    /// where the request block lies (the message table must not overlap
+    /// it). On `Err` nothing changed.
+    pub fn connect_ex<R: GuestRam + ?Sized>(
+        &mut self,
+        req: &ConnectExRequest,
+        block: BlockSpan,
+        ram: &R,
+    ) -> Result<ConnectedEx, Violation> {
+        let plan = connect_ex::check_connect_ex(
+            req,
+            block,
+            &self.platform,
+            &self.devices,
+            &self.registry,
+            ram,
+        )?;
+        let handle = if plan.version_used == connect_version::FULLY_SPECIFIED
+            || plan.version_used == connect_version::FULLY_SPECIFIED_GROUP
+        {
+            plan.connections
+                .first()
+                .and_then(|c| self.registry.insert(*c))
+        } else {
+            self.registry.insert_group(&plan.connections)
+        }
+        .ok_or(Violation::QuotaExceeded)?;
+        let mut routes = Vec::new();
+        let mut effective_mask = 0;
+        for c in &plan.connections {
+            effective_mask |= c.mask;
+            routes.extend(
+                self.routes
+                    .refresh_vector(c.vector, &self.devices, &self.registry),
+            );
+        }
+        let messages =
+            self.message_updates(req.device_id, plan.message_routes.iter().copied().map(Some));
+        Ok(ConnectedEx {
+            handle,
+            version_used: plan.version_used,
+            effective_mask,
+            count: plan.connections.len() as u32,
+            unified_irql: plan.unified_irql,
+            table_required: plan
+                .table
+                .as_ref()
+                .map_or(0, |t| message_table_size(t.entries.len()) as u32),
+            table: plan.table,
+            routes,
+            messages,
+        })
+    }
+
+    /// One update per message of `device`'s test device, in message order.
+    fn message_updates(
+        &self,
+        device: u32,
+        routes: impl Iterator<Item = Option<MessageRoute>>,
+    ) -> Vec<MessageUpdate> {
+        let Some(test_device) = self
+            .devices
+            .device(device)
+            .and_then(|d| d.messages())
+            .and_then(|m| m.test_device)
+        else {
+            return Vec::new();
+        };
+        routes
+            .zip(0u8..)
+            .map(|(route, message)| MessageUpdate {
+                device,
+                test_device,
+                message,
+                route,
+            })
+            .collect()
+    }
+
+    /// IoDisconnectInterruptEx: `version` must be the `version_used`
+    /// CONNECT_EX answered (rule X1 for an unknown one); removes the
+    /// connection or the whole group, re-routes and unprograms its
+    /// messages. On `Err` nothing changed.
+    pub fn disconnect_ex(
+        &mut self,
+        version: u32,
+        handle: Handle,
+    ) -> Result<Disconnected, Violation> {
+        if !(connect_version::FULLY_SPECIFIED..=connect_version::FULLY_SPECIFIED_GROUP)
+            .contains(&version)
+        {
+            return Err(Violation::UnknownConnectVersion);
+        }
+        let c = *self.live_handle(handle)?;
+        if c.version != version {
+            return Err(Violation::VersionMismatch);
+        }
+        let gone = if c.in_group() {
+            self.registry.remove_group(handle)
+        } else {
+            self.registry.remove(handle).map(|c| vec![c])
+        }
+        .ok_or(Violation::UnknownHandle)?;
+        let mut out = Disconnected::default();
+        for g in &gone {
+            out.routes.extend(
+                self.routes
+                    .refresh_vector(g.vector, &self.devices, &self.registry),
+            );
+        }
+        if c.version == connect_version::MESSAGE_BASED {
+            out.messages = self.message_updates(c.device, gone.iter().map(|_| None));
+        }
+        Ok(out)
+    }
+
+    /// Takes back a connection or group just made whose answer could not
+    /// be written, with the storm marks from before it.
+    pub(crate) fn undo_connect(&mut self, handle: Handle, storm_before: u32) {
+        let gone = match self.registry.get(handle) {
+            Some(c) if c.in_group() => self.registry.remove_group(handle).unwrap_or_default(),
+            Some(_) => self.registry.remove(handle).into_iter().collect(),
+            None => Vec::new(),
+        };
+        for g in &gone {
+            self.routes
+                .refresh_vector(g.vector, &self.devices, &self.registry);
+        }
+        self.restore_storm(storm_before);
+    }
+
+    /// The QUERY_MESSAGES outputs for `device` (header and input zeroed);
+    /// `None` for an unknown device.
+    pub fn query_messages(&self, device: u32) -> Option<QueryMessages> {
+        let d = self.devices.device(device)?;
+        let mut q = QueryMessages::new_zeroed();
+        q.test_device = u32::MAX;
+        if let Some(m) = d.messages() {
+            q.message_count = u32::from(m.count);
+            q.kind = m.kind.to_abi();
+            q.policy = m.policy.to_abi();
+            q.irql = m.irql();
+            q.first_vector = m.first_vector;
+            q.test_device = m.test_device.map_or(u32::MAX, u32::from);
+            q.affinity = m.affinity;
+            q.table_size = message_table_size(usize::from(m.count)) as u32;
+        } else {
+            q.kind = message_kind::NONE;
+        }
+        Some(q)
+    }
+
+    /// Every message of every device with a test device, with its current
+    /// programming (`None`: unconnected): what a restored VM programs.
+    pub fn message_programming(&self) -> Vec<MessageUpdate> {
+        let mut out = Vec::new();
+        for d in self.devices.devices() {
+            let Some(m) = d.messages() else { continue };
+            let routes = (0..m.count).map(|k| {
+                let vector = m.vector(k)?;
+                let c = self
+                    .registry
+                    .on_vector(vector)
+                    .map(|(_, c)| c)
+                    .find(|c| c.device == d.id() && c.message == Some(k))?;
+                MessageRoute::for_targets(vector, c.mask, &self.platform)
+            });
+            out.extend(self.message_updates(d.id(), routes));
+        }
+        out
     }
 
     /// The VMM's storm guard masked `pin`: the pin reads as masked until its
@@ -243,12 +468,55 @@ impl Service {
             if c.mask & !online != 0 {
                 return Err(format!("connection {h:#x} has objects off the online mask"));
             }
-            let owned = self
-                .devices
-                .device(c.device)
-                .and_then(|d| d.resource_for_vector(u32::from(c.vector)));
-            if owned.is_none() || c.irql != c.vector >> 4 {
+            let device = self.devices.device(c.device);
+            let owned = match c.message {
+                None => device
+                    .and_then(|d| d.resource_for_vector(u32::from(c.vector)))
+                    .is_some(),
+                Some(k) => {
+                    device.and_then(|d| d.messages()).and_then(|m| m.vector(k)) == Some(c.vector)
+                }
+            };
+            if !owned || c.irql != c.vector >> 4 {
                 return Err(format!("connection {h:#x} names a vector its device lacks"));
+            }
+            if c.message.is_some() {
+                let route = MessageRoute::for_targets(c.vector, c.mask, &self.platform);
+                let allowed = device.and_then(|d| d.messages()).map_or(0, |m| m.affinity);
+                if route.is_none_or(|r| r.targets != c.mask) || c.mask & !allowed != 0 {
+                    return Err(format!(
+                        "message connection {h:#x} holds objects where its message does not go"
+                    ));
+                }
+            }
+        }
+        // Rule 10: a device with several line resources has one lock.
+        for d in self
+            .devices
+            .devices()
+            .iter()
+            .filter(|d| d.resources().len() > 1)
+        {
+            let mut lines = self
+                .registry
+                .device_connections(d.id())
+                .filter(|c| c.message.is_none());
+            if let Some(first) = lines.next() {
+                let one_group = first.spin_lock == 0
+                    && first.version == connect_version::LINE_BASED
+                    && self
+                        .registry
+                        .device_connections(d.id())
+                        .filter(|c| c.message.is_none())
+                        .count()
+                        <= d.resources().len();
+                let shared = lines.all(|c| c.spin_lock == first.spin_lock);
+                if !shared || (first.spin_lock == 0 && !one_group) {
+                    return Err(format!(
+                        "device {} holds connections under different locks",
+                        d.id()
+                    ));
+                }
             }
         }
         for vector in 0..=u8::MAX {
@@ -384,6 +652,7 @@ mod tests {
             service_routine: 0x1000,
             service_context: 0,
             spin_lock: 0x3000,
+            version: irqconnect_abi::pv::connect_version::FULLY_SPECIFIED,
         }
     }
 

@@ -8,10 +8,11 @@
 
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN};
 use irqconnect_abi::ntstatus::{
-    NtStatus, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER,
+    NtStatus, STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE,
+    STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10,
     STATUS_NOT_FOUND,
 };
-use irqconnect_abi::pv::HIGH_LEVEL;
+use irqconnect_abi::pv::{HIGH_LEVEL, connect_version};
 
 use crate::devices::{DeviceTable, InterruptMode};
 use crate::platform::Platform;
@@ -51,6 +52,19 @@ pub struct ConnectRequest {
     pub service_context: u64,
     /// `SpinLock`.
     pub spin_lock: u64,
+    /// The `IO_CONNECT_INTERRUPT_PARAMETERS` version the connection is made
+    /// for: FULLY_SPECIFIED for CONNECT; LINE_BASED for each line resource of
+    /// a LINE_BASED CONNECT_EX, whose `spin_lock` 0 stands for the lock the
+    /// system provides the group (rule 10).
+    pub version: u32,
+}
+
+impl ConnectRequest {
+    /// True when `spin_lock` 0 means the group's system-provided lock
+    /// rather than no lock.
+    pub fn system_lock(&self) -> bool {
+        self.version == connect_version::LINE_BASED && self.spin_lock == 0
+    }
 }
 
 /// Why a CONNECT or DISCONNECT is refused: one variant per check, tagged
@@ -82,41 +96,91 @@ pub enum Violation {
         /// The first processor where it conflicts.
         cpu: u32,
     },
-    /// Rule 10 (HOST+): the device already has a connection on another
-    /// vector and `SpinLock` is 0.
+    /// Rule 10 (HOST+): the device has several interrupt resources and
+    /// `SpinLock` is 0.
     SpinLockRequired,
-    /// Rule 10 (HOST+): `SynchronizeIrql` is below the highest IRQL of the
-    /// device's connections.
+    /// Rule 10 (HOST+): a live connection of the device (several resources)
+    /// holds another spin lock.
+    SpinLockMismatch,
+    /// Rule 10 (HOST+): `SynchronizeIrql` is below the highest Irql of the
+    /// device's interrupt resources.
     SynchronizeIrqlBelowDeviceIrql,
     /// Rule 11: the VM's object quota would be exceeded.
     QuotaExceeded,
-    /// DISCONNECT: the handle is 0, forged or stale.
+    /// DISCONNECT: the handle is 0, forged or stale, or names a member of
+    /// a group rather than the group.
     UnknownHandle,
+    /// DISCONNECT (HOST+): the handle names a LINE_BASED or MESSAGE_BASED
+    /// group, which only DISCONNECT_EX takes apart.
+    GroupNeedsDisconnectEx,
+    /// Rule X1: the CONNECT_EX or DISCONNECT_EX `version` is unknown.
+    UnknownConnectVersion,
+    /// Rule X2 (HOST+): an input the version does not use is not zero.
+    UnusedInputNotZero,
+    /// Rule X3: the processor group does not exist.
+    GroupNotPresent,
+    /// Rule 2 for FULLY_SPECIFIED: `ProcessorEnableMask` (the tenth member)
+    /// names no online processor.
+    EmptyEffectiveMaskEx,
+    /// Rule L1: the device has no line-based resource.
+    NoLineResources,
+    /// Rule M2: the device has no messages and no fallback routine was given.
+    NoMessages,
+    /// Rule M5: the message table buffer is shorter than `required` bytes.
+    TableTooSmall {
+        /// The bytes the table takes.
+        required: u32,
+    },
+    /// Rule M5 (HOST+): the message table buffer is misaligned, not guest
+    /// RAM, or overlaps the request block.
+    TableNotUsable,
+    /// Rule M7: a message's processors have no destination.
+    MessageTargetsEmpty,
+    /// DISCONNECT_EX: `version` is not the one CONNECT_EX answered with.
+    VersionMismatch,
 }
 
 impl Violation {
-    /// The `docs/semantics.md` rule number (CONNECT rules 2..11; 0 for DISCONNECT).
-    pub const fn rule(self) -> u8 {
+    /// The `docs/semantics.md` rule (CONNECT rules "2".."11", "D1" for
+    /// DISCONNECT, "X1".."X3", "L1", "M2".."M7" for CONNECT_EX, "DX" for
+    /// DISCONNECT_EX).
+    pub const fn rule(self) -> &'static str {
         match self {
-            Self::EmptyEffectiveMask => 2,
-            Self::NullServiceRoutine => 3,
-            Self::ServiceContextNotResident | Self::SpinLockNotResident => 4,
-            Self::SynchronizeIrqlBelowIrql | Self::SynchronizeIrqlAboveHighLevel => 5,
-            Self::VectorOutsideDeviceRange | Self::IrqlNotVectorClass => 6,
-            Self::UnknownDevice | Self::VectorNotOwned => 7,
-            Self::SharingConflict { .. } => 9,
-            Self::SpinLockRequired | Self::SynchronizeIrqlBelowDeviceIrql => 10,
-            Self::QuotaExceeded => 11,
-            Self::UnknownHandle => 0,
+            Self::EmptyEffectiveMask | Self::EmptyEffectiveMaskEx => "2",
+            Self::NullServiceRoutine => "3",
+            Self::ServiceContextNotResident | Self::SpinLockNotResident => "4",
+            Self::SynchronizeIrqlBelowIrql | Self::SynchronizeIrqlAboveHighLevel => "5",
+            Self::VectorOutsideDeviceRange | Self::IrqlNotVectorClass => "6",
+            Self::UnknownDevice | Self::VectorNotOwned => "7",
+            Self::SharingConflict { .. } => "9",
+            Self::SpinLockRequired
+            | Self::SpinLockMismatch
+            | Self::SynchronizeIrqlBelowDeviceIrql => "10",
+            Self::QuotaExceeded => "11",
+            Self::UnknownHandle | Self::GroupNeedsDisconnectEx => "D1",
+            Self::UnknownConnectVersion => "X1",
+            Self::UnusedInputNotZero => "X2",
+            Self::GroupNotPresent => "X3",
+            Self::NoLineResources => "L1",
+            Self::NoMessages => "M2",
+            Self::TableTooSmall { .. } | Self::TableNotUsable => "M5",
+            Self::MessageTargetsEmpty => "M7",
+            Self::VersionMismatch => "DX",
         }
     }
 
     /// The NTSTATUS the guest receives.
     pub const fn status(self) -> NtStatus {
         match self {
-            Self::UnknownDevice | Self::VectorNotOwned => STATUS_NOT_FOUND,
+            Self::UnknownDevice
+            | Self::VectorNotOwned
+            | Self::NoLineResources
+            | Self::NoMessages => STATUS_NOT_FOUND,
             Self::QuotaExceeded => STATUS_INSUFFICIENT_RESOURCES,
             Self::UnknownHandle => STATUS_INVALID_HANDLE,
+            Self::UnknownConnectVersion => STATUS_INVALID_PARAMETER_1,
+            Self::EmptyEffectiveMaskEx => STATUS_INVALID_PARAMETER_10,
+            Self::TableTooSmall { .. } => STATUS_BUFFER_TOO_SMALL,
             _ => STATUS_INVALID_PARAMETER,
         }
     }
@@ -181,17 +245,25 @@ pub fn check_connect<R: GuestRam + ?Sized>(
     {
         return Err(Violation::SharingConflict { cpu });
     }
-    // Rule 10.
-    let mut other_vector = false;
-    let mut highest_irql = 0u8;
-    for (v, _) in registry.device_vectors(req.device_id) {
-        other_vector |= v != vector;
-        highest_irql = highest_irql.max(v >> 4);
+    // Rule 10: one lock, at one IRQL covering every line, for a device
+    // whose ISR serves several resources; checked at every connection, the
+    // first included, so the order of connections does not matter.
+    if device.resources().len() > 1 {
+        let system_lock = req.system_lock();
+        if req.spin_lock == 0 && !system_lock {
+            return Err(Violation::SpinLockRequired);
+        }
+        // A system-provided lock belongs to its own group: no live
+        // connection can hold it. A guest lock must be every live one's.
+        let mismatch = registry
+            .device_connections(req.device_id)
+            .filter(|c| c.message.is_none())
+            .any(|c| system_lock || c.spin_lock != req.spin_lock);
+        if mismatch {
+            return Err(Violation::SpinLockMismatch);
+        }
     }
-    if other_vector && req.spin_lock == 0 {
-        return Err(Violation::SpinLockRequired);
-    }
-    if req.synchronize_irql < highest_irql {
+    if req.synchronize_irql < device.highest_line_irql() {
         return Err(Violation::SynchronizeIrqlBelowDeviceIrql);
     }
     // Rule 11.
@@ -211,6 +283,9 @@ pub fn check_connect<R: GuestRam + ?Sized>(
             service_routine: req.service_routine,
             service_context: req.service_context,
             spin_lock: req.spin_lock,
+            version: req.version,
+            lead: None,
+            message: None,
         },
     })
 }
@@ -254,6 +329,7 @@ mod tests {
             service_routine: 0x1000,
             service_context: 0x2000,
             spin_lock: 0x3000,
+            version: irqconnect_abi::pv::connect_version::FULLY_SPECIFIED,
         }
     }
 
@@ -360,6 +436,7 @@ mod tests {
         // Zero pointers are optional parameters, not errors.
         let r = ConnectRequest {
             spin_lock: 0,
+            version: irqconnect_abi::pv::connect_version::FULLY_SPECIFIED,
             service_context: 0,
             ..req()
         };
@@ -445,7 +522,7 @@ mod tests {
     fn rule_07_unknown_device_not_found() {
         let mut s = service();
         let r = ConnectRequest {
-            device_id: 8,
+            device_id: 11,
             ..req()
         };
         assert_eq!(refused(&mut s, &r), Some(Violation::UnknownDevice));
@@ -520,64 +597,88 @@ mod tests {
         assert!(s.connect(&exclusive, &ram()).is_ok());
     }
 
-    #[test]
-    fn rule_10_second_vector_without_spin_lock_invalid_parameter() {
-        let mut s = service();
-        let first = ConnectRequest {
+    /// Device 6 has two resources: 0x90 (Irql 9, level) and 0xa0 (Irql 10,
+    /// latched).
+    fn device_6(vector: u32, spin_lock: u64, synchronize_irql: u8) -> ConnectRequest {
+        ConnectRequest {
             device_id: 6,
-            vector: 0x90,
-            irql: 9,
-            synchronize_irql: 10,
-            spin_lock: 0,
+            vector,
+            irql: (vector >> 4) as u8,
+            synchronize_irql,
+            interrupt_mode: if vector == 0x90 {
+                InterruptMode::LevelSensitive
+            } else {
+                InterruptMode::Latched
+            },
+            spin_lock,
             ..req()
-        };
-        connected(&mut s, &first);
-        let second = ConnectRequest {
-            vector: 0xa0,
-            irql: 10,
-            interrupt_mode: InterruptMode::Latched,
-            ..first
-        };
-        assert_eq!(refused(&mut s, &second), Some(Violation::SpinLockRequired));
+        }
+    }
+
+    #[test]
+    fn rule_10_first_connection_without_spin_lock_invalid_parameter() {
+        let mut s = service();
+        assert_eq!(
+            refused(&mut s, &device_6(0x90, 0, 10)),
+            Some(Violation::SpinLockRequired)
+        );
         assert_eq!(
             Violation::SpinLockRequired.status(),
             STATUS_INVALID_PARAMETER
         );
-        let with_lock = ConnectRequest {
-            spin_lock: 0x3000,
-            ..second
+        assert_eq!(s.registry().connections(), 0);
+        // A device with one resource needs no lock.
+        let single = ConnectRequest {
+            spin_lock: 0,
+            ..req()
         };
-        assert!(s.connect(&with_lock, &ram()).is_ok());
+        assert!(s.connect(&single, &ram()).is_ok());
     }
 
     #[test]
-    fn rule_10_synchronize_irql_below_device_highest_irql_invalid_parameter() {
+    fn rule_10_second_vector_with_other_spin_lock_invalid_parameter() {
         let mut s = service();
-        let high = ConnectRequest {
-            device_id: 6,
-            vector: 0xa0,
-            irql: 10,
-            synchronize_irql: 10,
-            interrupt_mode: InterruptMode::Latched,
-            ..req()
-        };
-        connected(&mut s, &high);
-        let low = ConnectRequest {
-            vector: 0x90,
-            irql: 9,
-            synchronize_irql: 9,
-            interrupt_mode: InterruptMode::LevelSensitive,
-            ..high
-        };
+        connected(&mut s, &device_6(0x90, 0x3000, 10));
         assert_eq!(
-            refused(&mut s, &low),
+            refused(&mut s, &device_6(0xa0, 0x3008, 10)),
+            Some(Violation::SpinLockMismatch)
+        );
+        assert_eq!(
+            Violation::SpinLockMismatch.status(),
+            STATUS_INVALID_PARAMETER
+        );
+        assert_eq!(
+            refused(&mut s, &device_6(0xa0, 0, 10)),
+            Some(Violation::SpinLockRequired)
+        );
+        connected(&mut s, &device_6(0xa0, 0x3000, 10));
+        // Once every connection is gone, another lock may start over.
+        for (h, _) in s
+            .registry()
+            .iter()
+            .map(|(h, c)| (h, *c))
+            .collect::<Vec<_>>()
+        {
+            assert!(s.disconnect(h).is_ok());
+        }
+        connected(&mut s, &device_6(0xa0, 0x3008, 10));
+    }
+
+    #[test]
+    fn rule_10_synchronize_irql_below_device_highest_irql_low_vector_first() {
+        // Regression: the low vector first with its own Irql used to be
+        // accepted, and the high vector's ISR then ran above the lock's IRQL.
+        let mut s = service();
+        assert_eq!(
+            refused(&mut s, &device_6(0x90, 0x3000, 9)),
             Some(Violation::SynchronizeIrqlBelowDeviceIrql)
         );
-        let raised = ConnectRequest {
-            synchronize_irql: 10,
-            ..low
-        };
-        assert!(s.connect(&raised, &ram()).is_ok());
+        connected(&mut s, &device_6(0x90, 0x3000, 10));
+        assert_eq!(
+            refused(&mut s, &device_6(0xa0, 0x3000, 9)),
+            Some(Violation::SynchronizeIrqlBelowIrql)
+        );
+        connected(&mut s, &device_6(0xa0, 0x3000, 11));
     }
 
     #[test]
@@ -644,9 +745,19 @@ mod tests {
         }
         assert_eq!(
             rules,
-            vec![Some(2), Some(3), Some(4), Some(5), Some(6), Some(7)]
+            vec![
+                Some("2"),
+                Some("3"),
+                Some("4"),
+                Some("5"),
+                Some("6"),
+                Some("7")
+            ]
         );
         r.device_id = 6;
+        assert_eq!(refused(&mut s, &r).map(Violation::rule), Some("10"));
+        r.spin_lock = 0x3000;
+        r.synchronize_irql = 10;
         assert!(s.connect(&r, &ram()).is_ok());
     }
 

@@ -54,6 +54,31 @@ impl Ops {
         self.0.extend_from_slice(operands);
         self
     }
+    /// A CONNECT_EX: `version` selector (0 FULLY_SPECIFIED, 2 LINE_BASED,
+    /// 4 MESSAGE_BASED, 6 FULLY_SPECIFIED_GROUP), CONNECT's bytes as
+    /// [`Ops::connect`], then the Ex `choices` byte and its operands.
+    #[allow(clippy::too_many_arguments)]
+    fn connect_ex(
+        mut self,
+        version: u8,
+        device: u8,
+        flags: u8,
+        breaks: u8,
+        operands: &[u8],
+        choices: u8,
+        extra: &[u8],
+    ) -> Self {
+        self.0
+            .extend_from_slice(&[2, version, device, 0, flags, breaks]);
+        self.0.extend_from_slice(operands);
+        self.0.push(choices);
+        self.0.extend_from_slice(extra);
+        self
+    }
+    fn disconnect_ex(mut self, n: u8, version: u8) -> Self {
+        self.0.extend_from_slice(&[7, n, version]);
+        self
+    }
     fn disconnect(mut self, n: u8) -> Self {
         self.0.extend_from_slice(&[3, n]);
         self
@@ -171,6 +196,57 @@ fn sequence_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// CONNECT_EX sequences. `breaks` 0b0100: no context, the spin lock at
+/// 0x1000; the operands are the mask byte and the SynchronizeIrql extra;
+/// choices 0x08: no processor restriction, a table that fits.
+fn sequence_ex_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    const FULLY: u8 = 0;
+    const LINE: u8 = 2;
+    const MESSAGE: u8 = 4;
+    vec![
+        (
+            "ex-message-devices-each-policy",
+            Ops::new(4, 0, 0)
+                .connect_ex(MESSAGE, 8, 0, 0b0100, &[0, 0], 0x08, &[])
+                .connect_ex(MESSAGE, 9, 0, 0, &[0b0110, 0], 0, &[])
+                .connect_ex(MESSAGE, 10, 0, 0b0100, &[0, 1], 0x08, &[])
+                .assert_line(8)
+                .assert_line(9)
+                .assert_line(10)
+                .snapshot()
+                .connect_ex(MESSAGE, 10, 0, 0b0100, &[0, 1], 0x08, &[])
+                .disconnect_ex(1, 3)
+                .assert_line(9)
+                .disconnect_all()
+                .0,
+        ),
+        (
+            "ex-line-based-rule-10-and-versions",
+            Ops::new(4, 0, 0)
+                .connect_ex(LINE, 6, 0, 0b0100, &[0b0001, 1], 0, &[])
+                .connect(6, 0, 0, 0b1100, &[0b0010, 1, 0, 0x20, 0, 0, 0, 0, 0, 0])
+                .disconnect(0)
+                .disconnect_ex(0, 1)
+                .assert_line(6)
+                .disconnect_ex(0, 2)
+                .connect_ex(FULLY, 0, 0, 0, &[0b0011, 0], 0, &[])
+                .disconnect_ex(1, 1)
+                .0,
+        ),
+        (
+            "ex-fallback-and-table-too-small",
+            Ops::new(2, 0, 0)
+                .connect_ex(MESSAGE, 0, 0, 0, &[0b11, 0], 0x0a, &[])
+                .assert_line(0)
+                .connect_ex(MESSAGE, 10, 0, 0, &[0b11, 0], 0x18, &[4])
+                .connect_ex(MESSAGE, 10, 0, 0, &[0b11, 0], 0x28, &[1])
+                .connect_ex(MESSAGE, 1, 0, 0, &[0b11, 0], 0x08, &[])
+                .disconnect_all()
+                .0,
+        ),
+    ]
+}
+
 fn all_seeds() -> Vec<Seed> {
     let pv = pv_requests::seed_corpus()
         .into_iter()
@@ -180,12 +256,15 @@ fn all_seeds() -> Vec<Seed> {
             data,
             run: pv_requests::run,
         });
-    let sequences = sequence_seeds().into_iter().map(|(name, data)| Seed {
-        target: "connect_sequences",
-        name: name.to_string(),
-        data,
-        run: sequences::run,
-    });
+    let sequences = sequence_seeds()
+        .into_iter()
+        .chain(sequence_ex_seeds())
+        .map(|(name, data)| Seed {
+            target: "connect_sequences",
+            name: name.to_string(),
+            data,
+            run: sequences::run,
+        });
     pv.chain(sequences).collect()
 }
 
@@ -224,6 +303,83 @@ fn seeds_reach_unwritable_and_quota_outcomes() {
     assert!(matches!(unwritable[0], Outcome::Unwritable { gpa: 0x700 }));
     let quota = outcomes(&find("connect_over_quota"), 1, None);
     assert_eq!(quota[0].status(), Some(STATUS_INSUFFICIENT_RESOURCES));
+}
+
+/// The CONNECT_EX sequence seeds get the answers their names promise.
+#[test]
+fn sequence_ex_seeds_reach_success_fallback_and_too_small() {
+    use irqconnect::harness::sequences::{Op, decode};
+    use irqconnect::{FlatRam, Handle, Platform, Service, Violation};
+    use irqconnect_abi::pv::connect_version::{LINE_BASED, MESSAGE_BASED};
+    let block = irqconnect::connect_ex::BlockSpan {
+        start: 0x3000,
+        len: 120,
+    };
+    let answers = |data: &[u8]| {
+        let seq = decode(data);
+        let platform = Platform::uniform(seq.cpus).unwrap();
+        let mut s = Service::with_defaults(platform.cpu_count()).unwrap();
+        let ram = FlatRam::new(0, 0x1_0000);
+        let mut handles: Vec<Handle> = Vec::new();
+        let mut out = Vec::new();
+        for op in &seq.ops {
+            match op {
+                Op::ConnectEx(r) => {
+                    let a = s.connect_ex(r, block, &ram).map(|c| {
+                        handles.push(c.handle);
+                        c.version_used
+                    });
+                    out.push(format!("{a:?}"));
+                }
+                Op::DisconnectEx(n, v) => {
+                    let h = handles[n % handles.len()];
+                    out.push(format!("{:?}", s.disconnect_ex(*v, h).map(|_| ())));
+                }
+                Op::Connect(r) => out.push(format!("{:?}", s.connect(r, &ram).map(|_| ()))),
+                Op::Disconnect(n) => {
+                    let h = handles[n % handles.len()];
+                    out.push(format!("{:?}", s.disconnect(h).map(|_| ())));
+                }
+                _ => {}
+            }
+        }
+        out
+    };
+    let seeds = sequence_ex_seeds();
+    let find = |n: &str| seeds.iter().find(|(name, _)| *name == n).unwrap().1.clone();
+    let m = format!("Ok({MESSAGE_BASED})");
+    let l = format!("Ok({LINE_BASED})");
+    assert_eq!(
+        answers(&find("ex-message-devices-each-policy")),
+        [
+            m.clone(),
+            m.clone(),
+            m.clone(),
+            format!("Err({:?})", Violation::SharingConflict { cpu: 0 }),
+            "Ok(())".into()
+        ]
+    );
+    assert_eq!(
+        answers(&find("ex-line-based-rule-10-and-versions")),
+        [
+            l.clone(),
+            format!("Err({:?})", Violation::SpinLockMismatch),
+            format!("Err({:?})", Violation::GroupNeedsDisconnectEx),
+            format!("Err({:?})", Violation::VersionMismatch),
+            "Ok(())".into(),
+            "Ok(1)".into(),
+            "Ok(())".into(),
+        ]
+    );
+    assert_eq!(
+        answers(&find("ex-fallback-and-table-too-small")),
+        [
+            l,
+            format!("Err({:?})", Violation::TableTooSmall { required: 328 }),
+            format!("Err({:?})", Violation::TableNotUsable),
+            format!("Err({:?})", Violation::NoMessages),
+        ]
+    );
 }
 
 /// The checked-in `seed-*` files are exactly what the seed builders above

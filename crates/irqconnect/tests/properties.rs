@@ -120,6 +120,7 @@ fn request(s: &Service, op: &Op) -> Option<ConnectRequest> {
         service_routine: if routine { 0x1000 } else { 0 },
         service_context: 0x2000,
         spin_lock: if spin_lock { 0x3000 } else { 0 },
+        version: irqconnect_abi::pv::connect_version::FULLY_SPECIFIED,
     })
 }
 

@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn build_service_without_file_uses_default_table() {
         let s = build_service(facts(4), None).unwrap();
-        assert_eq!(s.devices().len(), 8);
+        assert_eq!(s.devices().len(), 11);
         assert_eq!(s.platform().cpu_count(), 4);
     }
 

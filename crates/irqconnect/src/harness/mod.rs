@@ -13,7 +13,7 @@
 //! | the rest | guest RAM at guest-physical 0 |
 //!
 //! A step whose top nibble is `0xf` is not a doorbell: it writes the handle
-//! of the last successful CONNECT (little-endian `u64`) at RAM offset
+//! of the last successful CONNECT or CONNECT_EX (little-endian `u64`) at RAM offset
 //! `step & 0x0fff_ffff`, so a fuzzer can disconnect live handles. Any other
 //! step is a doorbell write of that value. Input that ends early is padded
 //! with nothing: missing steps are not run.
@@ -21,7 +21,8 @@
 use core::mem::offset_of;
 
 use irqconnect_abi::pv::{
-    Connect, Disconnect, QueryPlatform, QueryResources, QueryRoute, RequestHeader, opcode,
+    Connect, ConnectEx, Disconnect, DisconnectEx, QueryMessages, QueryPlatform, QueryResources,
+    QueryRoute, RequestHeader, connect_version, opcode,
 };
 use zerocopy::{FromZeros, IntoBytes};
 
@@ -89,11 +90,17 @@ pub fn run_session(data: &[u8]) -> Vec<Outcome> {
                 h.raw()
             );
         }
-        if let Outcome::Answered(a) = &outcome
-            && a.opcode == opcode::CONNECT
-            && a.refusal.is_none()
-        {
-            let at = (value as usize).saturating_add(offset_of!(Connect, handle));
+        let handle_at = match &outcome {
+            Outcome::Answered(a) if a.refusal.is_none() && a.opcode == opcode::CONNECT => {
+                Some(offset_of!(Connect, handle))
+            }
+            Outcome::Answered(a) if a.refusal.is_none() && a.opcode == opcode::CONNECT_EX => {
+                Some(offset_of!(ConnectEx, handle))
+            }
+            _ => None,
+        };
+        if let Some(offset) = handle_at {
+            let at = (value as usize).saturating_add(offset);
             if let Some(b) = ram.bytes().get(at..at.saturating_add(8)) {
                 let mut raw = [0u8; 8];
                 raw.copy_from_slice(b);
@@ -178,6 +185,38 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     route.header = RequestHeader::new::<QueryRoute>(opcode::QUERY_ROUTE);
     route.pin = 18;
     put(0x7c0, route.as_bytes());
+    // CONNECT_EX MESSAGE_BASED of device 10 (8 MSI-X messages) with its
+    // table at 0xa00 (328 bytes), then DISCONNECT_EX, QUERY_MESSAGES of
+    // device 9, and a LINE_BASED CONNECT_EX of device 6 with its lock.
+    let mut cx = ConnectEx::new_zeroed();
+    cx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
+    cx.version = connect_version::MESSAGE_BASED;
+    cx.device_id = 10;
+    cx.service_routine = 0x10_0000;
+    cx.service_context = 0x800;
+    cx.message_table = 0xa00;
+    cx.message_table_length = 0x400;
+    put(0x800, cx.as_bytes());
+    let mut dx = DisconnectEx::new_zeroed();
+    dx.header = RequestHeader::new::<DisconnectEx>(opcode::DISCONNECT_EX);
+    dx.version = connect_version::MESSAGE_BASED;
+    put(0x880, dx.as_bytes());
+    let mut qm = QueryMessages::new_zeroed();
+    qm.header = RequestHeader::new::<QueryMessages>(opcode::QUERY_MESSAGES);
+    qm.device_id = 9;
+    put(0x8c0, qm.as_bytes());
+    let mut lx = ConnectEx::new_zeroed();
+    lx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
+    lx.version = connect_version::LINE_BASED;
+    lx.device_id = 6;
+    lx.synchronize_irql = 10;
+    lx.service_routine = 0x10_0000;
+    lx.spin_lock = 0x9f8;
+    put(0x900, lx.as_bytes());
+    let mut short = cx;
+    short.device_id = 9;
+    short.message_table_length = 0x20;
+    put(0x980, short.as_bytes());
     let session = |steps: &[u32]| {
         let mut data = vec![3u8, steps.len() as u8];
         for s in steps {
@@ -194,6 +233,16 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
         session(&[0x700, 0x7c0, copy_to_disconnect, 0x780, 0x7c0]),
     ));
     seeds.push(("connect_twice_shared", session(&[0x700, 0x700, 0x7c0])));
+    let copy_to_disconnect_ex = COPY_HANDLE_TAG | (0x880 + 24);
+    seeds.push((
+        "connect_ex_messages_table_disconnect_ex",
+        session(&[0x800, copy_to_disconnect_ex, 0x880, 0x8c0, 0x800]),
+    ));
+    seeds.push((
+        "connect_ex_line_based_then_classic_disconnect",
+        session(&[0x900, copy_to_disconnect, 0x780, 0x7c0]),
+    ));
+    seeds.push(("connect_ex_table_too_small", session(&[0x980, 0x8c0])));
     seeds.push((
         "misaligned_and_unreadable",
         session(&[0x704, 0x0fff, 0x10_0000]),
@@ -222,6 +271,34 @@ mod tests {
         };
         let statuses: Vec<_> = run_session(data).iter().map(Outcome::status).collect();
         assert_eq!(statuses, vec![Some(STATUS_SUCCESS); 4]);
+    }
+
+    /// The CONNECT_EX seeds reach what their names say.
+    #[test]
+    fn harness_connect_ex_seeds_answer_as_named() {
+        use irqconnect_abi::ntstatus::{STATUS_BUFFER_TOO_SMALL, STATUS_INVALID_PARAMETER};
+        let seeds = seed_corpus();
+        let statuses = |name: &str| -> Vec<Option<u32>> {
+            let Some((_, data)) = seeds.iter().find(|(n, _)| *n == name) else {
+                panic!("seed {name} missing");
+            };
+            run_session(data).iter().map(Outcome::status).collect()
+        };
+        let ok = Some(STATUS_SUCCESS);
+        // Connect, disconnect, query, connect again (the messages are free).
+        assert_eq!(
+            statuses("connect_ex_messages_table_disconnect_ex"),
+            vec![ok, ok, ok, ok]
+        );
+        // A group handle is refused by the classic DISCONNECT.
+        assert_eq!(
+            statuses("connect_ex_line_based_then_classic_disconnect"),
+            vec![ok, Some(STATUS_INVALID_PARAMETER), ok]
+        );
+        assert_eq!(
+            statuses("connect_ex_table_too_small"),
+            vec![Some(STATUS_BUFFER_TOO_SMALL), ok]
+        );
     }
 
     #[test]

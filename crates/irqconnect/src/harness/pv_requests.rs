@@ -16,8 +16,13 @@
 //!   fields; a refused one changed nothing in the service; an unreadable one
 //!   changed nothing at all; an unwritable one left the live state as it was;
 //! - a successful CONNECT wrote a live, new handle and its effective mask;
-//!   a successful DISCONNECT killed its handle; the route updates returned
-//!   are exactly the pins whose route changed;
+//!   a successful CONNECT_EX wrote a live, new connection or group handle,
+//!   its count, mask and version, and (MESSAGE_BASED) a message table that
+//!   is exactly its messages' programming, the one write allowed outside
+//!   the block; a refused CONNECT_EX wrote `message_table_required` only
+//!   with STATUS_BUFFER_TOO_SMALL; a successful DISCONNECT or DISCONNECT_EX
+//!   killed its handle (the whole group); the route and message updates
+//!   returned are exactly what changed;
 //! - [`Service::check_invariants`] holds (checked whenever the service
 //!   changed); a handle is never accepted after its disconnect;
 //! - memory stays bounded: live connections, registry slots and free slots
@@ -26,10 +31,15 @@
 use core::mem::{offset_of, size_of};
 
 use irqconnect_abi::ntstatus::{
-    STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_HANDLE,
-    STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_NOT_FOUND, STATUS_SUCCESS,
+    STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_REQUEST,
+    STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1,
+    STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND, STATUS_SUCCESS,
 };
-use irqconnect_abi::pv::{Connect, Disconnect, RequestHeader, opcode, request_size};
+use irqconnect_abi::pv::{
+    Connect, ConnectEx, Disconnect, DisconnectEx, MessageInfoEntry, MessageTableHeader,
+    RequestHeader, connect_version, message_table_size, opcode, request_size,
+};
+use zerocopy::FromBytes;
 
 use super::COPY_HANDLE_TAG;
 use super::ram::HarnessRam;
@@ -41,7 +51,7 @@ use crate::service::Service;
 
 const QUOTAS: [u32; 8] = [DEFAULT_OBJECT_QUOTA, 1, 2, 3, 4, 8, 16, MAX_OBJECT_QUOTA];
 const BASES: [u64; 4] = [0, 0x1000, 0x10_0000, 0xffff_0000];
-const DEFINED_STATUSES: [u32; 7] = [
+const DEFINED_STATUSES: [u32; 9] = [
     STATUS_SUCCESS,
     STATUS_INVALID_HANDLE,
     STATUS_INVALID_PARAMETER,
@@ -49,6 +59,8 @@ const DEFINED_STATUSES: [u32; 7] = [
     STATUS_INSUFFICIENT_RESOURCES,
     STATUS_INVALID_PARAMETER_1,
     STATUS_NOT_FOUND,
+    STATUS_BUFFER_TOO_SMALL,
+    STATUS_INVALID_PARAMETER_10,
 ];
 const STATUS_AT: usize = offset_of!(RequestHeader, status);
 
@@ -109,6 +121,7 @@ fn doorbell(
     let before = service.clone();
     let memory = ram.bytes().to_vec();
     let gpa = u64::from(value);
+    let base = ram.base();
     let outcome = service.handle_doorbell(ram, value);
     let mut made = None;
     match &outcome {
@@ -150,8 +163,17 @@ fn doorbell(
             let size = request_size(1, opcode_field).unwrap_or(size_of::<RequestHeader>());
             let end = start.saturating_add(size.max(size_of::<RequestHeader>()));
             let after = ram.bytes();
-            if after.get(..start) != memory.get(..start)
-                || after.get(end..) != memory.get(end..)
+            // A successful MESSAGE_BASED CONNECT_EX also writes its table.
+            let table = (answer.opcode == opcode::CONNECT_EX && answer.refusal.is_none())
+                .then(|| written_table(after, start, base))
+                .flatten();
+            let outside = |range: core::ops::Range<usize>| {
+                range
+                    .filter(|&i| table.as_ref().is_none_or(|t| !t.contains(&i)))
+                    .any(|i| after.get(i) != memory.get(i))
+            };
+            if outside(0..start)
+                || outside(end..after.len().max(memory.len()))
                 || after.get(start..start + STATUS_AT) != Some(header)
             {
                 return Err("the answer wrote outside its block or over the header".into());
@@ -163,12 +185,28 @@ fn doorbell(
                 if answer.status == STATUS_SUCCESS {
                     return Err("a refusal answered STATUS_SUCCESS".into());
                 }
+                if !answer.messages.is_empty() {
+                    return Err("a refusal programmed messages".into());
+                }
+                if answer.opcode == opcode::CONNECT_EX {
+                    check_refused_ex(after, start, answer.status)?;
+                }
             } else if answer.status != STATUS_SUCCESS {
                 return Err(format!("success answered {:#x}", answer.status));
             } else if answer.opcode == opcode::CONNECT {
                 made = Some(check_connected(service, &before, after, start)?);
-            } else if answer.opcode == opcode::DISCONNECT {
-                let at = start + offset_of!(Disconnect, handle);
+            } else if answer.opcode == opcode::CONNECT_EX {
+                made = Some(check_connected_ex(
+                    service, &before, after, start, base, answer,
+                )?);
+            } else if answer.opcode == opcode::DISCONNECT || answer.opcode == opcode::DISCONNECT_EX
+            {
+                let at = start
+                    + if answer.opcode == opcode::DISCONNECT {
+                        offset_of!(Disconnect, handle)
+                    } else {
+                        offset_of!(DisconnectEx, handle)
+                    };
                 let handle = read_u64(after, at).map(Handle::from_raw);
                 match handle {
                     Some(h)
@@ -183,11 +221,33 @@ fn doorbell(
                         ));
                     }
                 }
+                let unprogrammed = answer.messages.iter().all(|u| u.route.is_none());
+                let messages_before = before
+                    .registry()
+                    .iter()
+                    .filter(|(_, c)| c.message.is_some())
+                    .count();
+                let messages_after = service
+                    .registry()
+                    .iter()
+                    .filter(|(_, c)| c.message.is_some())
+                    .count();
+                if !unprogrammed || answer.messages.len() != messages_before - messages_after {
+                    return Err(format!(
+                        "DISCONNECT answered message updates {:?}",
+                        answer.messages
+                    ));
+                }
             } else if *service != before {
                 return Err(format!(
                     "query opcode {} changed the service",
                     answer.opcode
                 ));
+            }
+            if answer.refusal.is_none()
+                && service.message_programming() != expected_programming(&before, answer)
+            {
+                return Err("the message updates are not what changed".into());
             }
             for pin in 0..irqconnect_abi::layout::IOAPIC_PINS {
                 let updated = answer.routes.iter().find(|u| u.pin == pin);
@@ -258,6 +318,142 @@ fn check_connected(
         return Err(format!("CONNECT of mask {mask:#x} added {grew} objects"));
     }
     Ok(handle)
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Where a MESSAGE_BASED CONNECT_EX at `start` put its table (RAM offsets),
+/// from the block's inputs and `message_table_required`.
+fn written_table(after: &[u8], start: usize, base: u64) -> Option<core::ops::Range<usize>> {
+    let version = read_u32(after, start + offset_of!(ConnectEx, version_used))?;
+    if version != connect_version::MESSAGE_BASED {
+        return None;
+    }
+    let at = read_u64(after, start + offset_of!(ConnectEx, message_table))?;
+    let len = read_u32(after, start + offset_of!(ConnectEx, message_table_required))?;
+    let from = usize::try_from(at.checked_sub(base)?).ok()?;
+    Some(from..from.checked_add(len as usize)?)
+}
+
+/// A refused CONNECT_EX answered zeros, except the table size with
+/// STATUS_BUFFER_TOO_SMALL.
+fn check_refused_ex(after: &[u8], start: usize, status: u32) -> Result<(), String> {
+    let outputs = after
+        .get(start + offset_of!(ConnectEx, version_used)..start + size_of::<ConnectEx>())
+        .ok_or("a refused CONNECT_EX block is not RAM")?;
+    let required = read_u32(after, start + offset_of!(ConnectEx, message_table_required));
+    let others = outputs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(4..8).contains(i))
+        .all(|(_, &b)| b == 0);
+    let required_ok = if status == STATUS_BUFFER_TOO_SMALL {
+        required.is_some_and(|r| r > 0)
+    } else {
+        required == Some(0)
+    };
+    if others && required_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a refused CONNECT_EX ({status:#x}) left outputs {outputs:?}"
+        ))
+    }
+}
+
+/// A successful CONNECT_EX: its handle names a new connection or group
+/// holding `count` connections whose masks make `effective_mask` and the
+/// objects added; a MESSAGE_BASED table is the connections' routes.
+fn check_connected_ex(
+    service: &Service,
+    before: &Service,
+    after: &[u8],
+    start: usize,
+    base: u64,
+    answer: &crate::request::Answer,
+) -> Result<Handle, String> {
+    let field = |offset: usize| read_u64(after, start + offset);
+    let (Some(handle), Some(mask)) = (
+        field(offset_of!(ConnectEx, handle)).map(Handle::from_raw),
+        field(offset_of!(ConnectEx, effective_mask)),
+    ) else {
+        return Err("CONNECT_EX succeeded without writing its outputs".into());
+    };
+    let count = read_u32(after, start + offset_of!(ConnectEx, count)).unwrap_or(0);
+    let version = read_u32(after, start + offset_of!(ConnectEx, version_used)).unwrap_or(0);
+    let members: Vec<crate::registry::Connection> = match service.registry().group(handle) {
+        Some(g) => g.into_iter().copied().collect(),
+        None => service
+            .registry()
+            .get(handle)
+            .into_iter()
+            .copied()
+            .collect(),
+    };
+    let union = members.iter().fold(0, |m, c| m | c.mask);
+    let objects: u32 = members.iter().map(|c| c.objects()).sum();
+    let grew = service.registry().objects_in_use() - before.registry().objects_in_use();
+    if before.registry().get(handle).is_some()
+        || members.len() != count as usize
+        || members.iter().any(|c| c.version != version)
+        || union != mask
+        || grew != objects
+        || mask & !service.platform().online_mask() != 0
+    {
+        return Err(format!(
+            "CONNECT_EX wrote handle {:#x} mask {mask:#x} count {count} version {version}, registry holds {members:?}",
+            handle.raw()
+        ));
+    }
+    if version == connect_version::MESSAGE_BASED {
+        let range = written_table(after, start, base).ok_or("no table for MESSAGE_BASED")?;
+        let bytes = after.get(range).ok_or("the table is outside RAM")?;
+        let head = MessageTableHeader::read_from_prefix(bytes)
+            .map_err(|_| "short table")?
+            .0;
+        if bytes.len() != message_table_size(members.len()) || head.message_count != count {
+            return Err("the table's size or count is wrong".into());
+        }
+        let entries = bytes.get(size_of::<MessageTableHeader>()..).unwrap_or(&[]);
+        for ((chunk, c), u) in entries
+            .chunks_exact(size_of::<MessageInfoEntry>())
+            .zip(&members)
+            .zip(&answer.messages)
+        {
+            let e = MessageInfoEntry::read_from_bytes(chunk).map_err(|_| "bad entry")?;
+            let route = u.route.ok_or("a connected message is unprogrammed")?;
+            if e.target_processor_set != c.mask
+                || route.targets != c.mask
+                || (e.message_address, e.message_data) != (route.address, route.data)
+                || e.vector != u32::from(c.vector)
+                || Some(e.message_id as u8) != c.message
+                || head.unified_irql != c.synchronize_irql
+            {
+                return Err(format!("table entry {e:?} disagrees with {c:?} and {u:?}"));
+            }
+        }
+    }
+    Ok(handle)
+}
+
+/// The message programming after `answer`, from the programming before.
+fn expected_programming(
+    before: &Service,
+    answer: &crate::request::Answer,
+) -> Vec<crate::messages::MessageUpdate> {
+    let mut all = before.message_programming();
+    for u in &answer.messages {
+        if let Some(slot) = all
+            .iter_mut()
+            .find(|p| p.device == u.device && p.message == u.message)
+        {
+            *slot = *u;
+        }
+    }
+    all
 }
 
 /// The registry's memory is bounded by the quota, not by the guest.

@@ -4,13 +4,23 @@
 //! [`decode`] turns any byte string into a platform and a list of typed
 //! operations ([`Sequence`], [`Op`]), the way `arbitrary` would: every
 //! input is a valid sequence, and small mutations make small changes.
-//! [`check`] runs it through [`Service::connect`], [`Service::disconnect`],
+//! [`check`] runs it through [`Service::connect`], [`Service::connect_ex`],
+//! [`Service::disconnect`], [`Service::disconnect_ex`],
 //! [`Service::report_storm_masked`] and snapshots, beside a shadow list of
 //! live connections, and checks after every operation:
 //!
 //! - each CONNECT is accepted or refused exactly as the reference
 //!   validator (`expected_verdict`, rules 2..11 in order) decides, with
 //!   the effective mask it computes;
+//! - each CONNECT_EX likewise (`expected_ex`: rules X1..X3, then the
+//!   version's: FULLY_SPECIFIED as CONNECT, LINE_BASED per line resource,
+//!   MESSAGE_BASED M1..M9 with its own reading of the policies); for
+//!   messages, the table, the programmed address and data and the
+//!   connection's objects name one set of processors, exactly the ones the
+//!   message reaches on the bus (`irqchip::apic_bus::resolve`), inside the
+//!   policy's set;
+//! - each DISCONNECT_EX removes the whole group, and a group handle is
+//!   refused by DISCONNECT;
 //! - every pin's route equals what the live connections imply: the union
 //!   of their masks on the pin's vector, the oldest one's trigger mode,
 //!   lowest priority for more than one processor, masked when none or
@@ -26,27 +36,51 @@
 //!
 //! Input format: byte 0 picks the processor count (`1 + b % 64`), byte 1 the
 //! online mask (all, or a pattern), byte 2 the quota and x2APIC; then
-//! operations as in [`Op`]'s variants, an opcode byte (`% 8`) and operands.
+//! operations as in [`Op`]'s variants, an opcode byte (`% 8`: 0, 1
+//! CONNECT, 2 CONNECT_EX, 3 DISCONNECT, 4 forged DISCONNECT, 5 assert,
+//! 6 storm / snapshot / disconnect all, 7 DISCONNECT_EX) and operands.
 
-use crate::devices::{DeviceTable, InterruptMode, ShareDisposition};
+use crate::connect_ex::{BlockSpan, ConnectExRequest, MESSAGE_TABLE_ALIGN};
+use crate::devices::{Device, DeviceTable, InterruptMode, ShareDisposition};
 use crate::handle::Handle;
+use crate::messages::{IrqPolicy, MessageKind, MessageResource, MessageRoute};
 use crate::platform::{Platform, PlatformFacts, present_mask};
 use crate::ram::FlatRam;
 use crate::route::{ApicDestination, PinRoute};
-use crate::service::Service;
+use crate::service::{ConnectedEx, Service};
 use crate::validate::{ConnectRequest, SERVICE_CONTEXT_PROBE, SPIN_LOCK_SIZE, Violation};
+use irqchip::apic_bus::{self, ApicTarget};
+use irqchip::msi::{self, Msi, MsiFormat};
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS};
+use irqconnect_abi::pv::{
+    HIGH_LEVEL, connect_version, interrupt_mode, message_table_size, polarity,
+};
 
 /// Guest RAM size of the sequences: pointers below it are resident.
 pub const RAM_SIZE: u64 = 0x1_0000;
 
 const QUOTAS: [u32; 8] = [64, 1, 2, 3, 5, 8, 16, 256];
 
+/// Where the sequences pretend the CONNECT_EX block lies (the message
+/// table must not overlap it).
+const BLOCK: BlockSpan = BlockSpan {
+    start: 0x3000,
+    len: 120,
+};
+
+/// A message table buffer that fits every device.
+const TABLE_AT: u64 = 0x4000;
+
 /// One operation of a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// IoConnectInterrupt with these parameters.
     Connect(ConnectRequest),
+    /// IoConnectInterruptEx with these parameters.
+    ConnectEx(ConnectExRequest),
+    /// IoDisconnectInterruptEx of the `n`-th handle ever returned (modulo
+    /// the count) with this version.
+    DisconnectEx(usize, u32),
     /// IoDisconnectInterrupt of the `n`-th handle ever returned (modulo the
     /// count), live or dead.
     Disconnect(usize),
@@ -126,16 +160,24 @@ pub fn decode(data: &[u8]) -> Sequence {
     let mut ops = Vec::new();
     while !input.0.is_empty() {
         let op = match input.u8() % 8 {
-            0..=2 => Op::Connect(connect_request(&mut input, devices.as_ref())),
+            0 | 1 => Op::Connect(connect_request(&mut input, devices.as_ref())),
+            2 => Op::ConnectEx(connect_ex_request(&mut input, devices.as_ref())),
             3 => Op::Disconnect(usize::from(input.u8())),
             4 => Op::DisconnectRaw(input.u64()),
-            5 => Op::Assert(u32::from(input.u8() % 9)),
+            5 => Op::Assert(u32::from(input.u8() % 12)),
             6 => match input.u8() {
                 b @ 0..=0x3f => Op::StormMask(u32::from(b % 26)),
                 0x40..=0x7f => Op::Snapshot,
                 _ => Op::DisconnectAll,
             },
-            _ => Op::Disconnect(usize::from(input.u8())),
+            _ => {
+                let n = usize::from(input.u8());
+                let version = match input.u8() {
+                    v @ 0..=4 => u32::from(v),
+                    v => u32::from(v) << 8,
+                };
+                Op::DisconnectEx(n, version)
+            }
         };
         ops.push(op);
     }
@@ -160,7 +202,7 @@ fn facts(cpus: u32, online: u64, x2apic: bool) -> PlatformFacts {
 /// A CONNECT, mostly built from one of the device's own resources so that
 /// most requests get deep into the rules; flags break one field at a time.
 fn connect_request(input: &mut Input<'_>, devices: Option<&DeviceTable>) -> ConnectRequest {
-    let device_id = u32::from(input.u8() % 9);
+    let device_id = u32::from(input.u8() % 12);
     let which = input.u8();
     let flags = input.u8();
     let breaks = input.u8();
@@ -222,12 +264,86 @@ fn connect_request(input: &mut Input<'_>, devices: Option<&DeviceTable>) -> Conn
         service_routine: if flags & 0x20 != 0 { 0 } else { 0x10_0000 },
         service_context,
         spin_lock,
+        version: irqconnect_abi::pv::connect_version::FULLY_SPECIFIED,
+    }
+}
+
+/// A CONNECT_EX: a version, then CONNECT's fields (as [`connect_request`]
+/// builds them), then a byte of Ex choices. Bits 6..7 both set break rule
+/// X2 or X3 as bits 0..2 say: bit 0 a group, bit 1 a fallback routine
+/// outside MESSAGE_BASED, bit 2 the FULLY_SPECIFIED fields kept for the
+/// other versions, or a table length for FULLY_SPECIFIED. MESSAGE_BASED
+/// takes bit 1 alone as its fallback routine. Bit 3: no processor
+/// restriction. Bits 4..5, MESSAGE_BASED: the table buffer fits, has a
+/// length from the next byte, is misplaced as the next byte picks
+/// (misaligned, overlapping the block, past RAM, absent), or arbitrary.
+fn connect_ex_request(input: &mut Input<'_>, devices: Option<&DeviceTable>) -> ConnectExRequest {
+    let version = match input.u8() % 8 {
+        0 | 1 => connect_version::FULLY_SPECIFIED,
+        2 | 3 => connect_version::LINE_BASED,
+        4 | 5 => connect_version::MESSAGE_BASED,
+        6 => connect_version::FULLY_SPECIFIED_GROUP,
+        _ => u32::from(input.u8()),
+    };
+    let base = connect_request(input, devices);
+    let choices = input.u8();
+    let breaks = |bit: u8| choices & 0xc0 == 0xc0 && choices & bit != 0;
+    let fully = matches!(
+        version,
+        connect_version::FULLY_SPECIFIED | connect_version::FULLY_SPECIFIED_GROUP
+    );
+    let message = version == connect_version::MESSAGE_BASED;
+    let keep_fields = fully || breaks(4);
+    let fallback = if message { choices & 2 != 0 } else { breaks(2) };
+    let (message_table, message_table_length) = if message {
+        match (choices >> 4) & 3 {
+            0 => (TABLE_AT, 0x1000),
+            1 => (TABLE_AT, u32::from(input.u8()) * 8),
+            2 => match input.u8() % 4 {
+                0 => (TABLE_AT + 4, 0x1000),
+                1 => (BLOCK.start + 64, 0x1000),
+                2 => (RAM_SIZE - 16, 0x1000),
+                _ => (0, 0),
+            },
+            _ => (input.u64(), u32::from(input.u8()) << 4),
+        }
+    } else if fully && breaks(4) {
+        (0, 8)
+    } else {
+        (0, 0)
+    };
+    ConnectExRequest {
+        version,
+        device_id: base.device_id,
+        vector: if keep_fields { base.vector } else { 0 },
+        irql: if keep_fields { base.irql } else { 0 },
+        synchronize_irql: base.synchronize_irql,
+        interrupt_mode: if keep_fields {
+            base.interrupt_mode
+        } else {
+            InterruptMode::LevelSensitive
+        },
+        share_vector: keep_fields && base.share_vector,
+        floating_save: base.floating_save,
+        group: u16::from(breaks(1)),
+        processor_enable_mask: if !fully && choices & 8 != 0 {
+            0
+        } else {
+            base.processor_enable_mask
+        },
+        service_routine: base.service_routine,
+        fallback_service_routine: if fallback { 0x20_0000 } else { 0 },
+        service_context: base.service_context,
+        spin_lock: base.spin_lock,
+        message_table,
+        message_table_length,
     }
 }
 
 /// One live connection in the shadow list, in connection order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Live {
+    /// The handle the guest holds: the connection's, or its group's.
     handle: Handle,
     device: u32,
     vector: u8,
@@ -235,6 +351,20 @@ struct Live {
     mode: InterruptMode,
     share: bool,
     mask: u64,
+    spin_lock: u64,
+    /// The version that made it (CONNECT: FULLY_SPECIFIED).
+    version: u32,
+    /// The message number, for a message.
+    message: Option<u8>,
+}
+
+impl Live {
+    fn in_group(&self) -> bool {
+        matches!(
+            self.version,
+            connect_version::LINE_BASED | connect_version::MESSAGE_BASED
+        )
+    }
 }
 
 /// The reference's state beside the service.
@@ -310,13 +440,25 @@ fn expected_verdict(
             return Err(Violation::SharingConflict { cpu });
         }
     }
-    let mine = shadow.live.iter().filter(|c| c.device == req.device_id);
-    let other_vector = mine.clone().any(|c| c.vector != vector);
-    let highest = mine.map(|c| c.irql).max().unwrap_or(0);
-    if other_vector && req.spin_lock == 0 {
-        return Err(Violation::SpinLockRequired);
+    // Rule 10: a device with several line resources has one lock, which
+    // every connection names (LINE_BASED: 0 is the group's own lock, which
+    // no live connection can share), at an IRQL covering all its lines.
+    if device.resources().len() > 1 {
+        let system_lock = req.version == connect_version::LINE_BASED && req.spin_lock == 0;
+        if req.spin_lock == 0 && !system_lock {
+            return Err(Violation::SpinLockRequired);
+        }
+        let other_lock = shadow.live.iter().any(|c| {
+            c.device == req.device_id
+                && c.message.is_none()
+                && (system_lock || c.spin_lock != req.spin_lock)
+        });
+        if other_lock {
+            return Err(Violation::SpinLockMismatch);
+        }
     }
-    if req.synchronize_irql < highest {
+    let highest = device.resources().iter().map(|r| r.vector >> 4).max();
+    if req.synchronize_irql < highest.unwrap_or(0) {
         return Err(Violation::SynchronizeIrqlBelowDeviceIrql);
     }
     let objects: u32 = shadow.live.iter().map(|c| c.mask.count_ones()).sum();
@@ -324,6 +466,396 @@ fn expected_verdict(
         return Err(Violation::QuotaExceeded);
     }
     Ok(mask)
+}
+
+/// One connection CONNECT_EX is expected to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Planned {
+    vector: u8,
+    mode: InterruptMode,
+    share: bool,
+    /// Its processors (for a message: where its route reaches).
+    mask: u64,
+    message: Option<u8>,
+}
+
+/// What CONNECT_EX is expected to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ExpectedEx {
+    version_used: u32,
+    unified_irql: u8,
+    planned: Vec<Planned>,
+    /// MESSAGE_BASED: the table size.
+    table_required: u32,
+}
+
+/// The processors a message for `wanted` reaches, by the documented
+/// destination rule (`route::ApicDestination`): the whole set when an
+/// 8-bit logical destination names it (xAPIC: processors 0..7; x2APIC:
+/// also each APIC ID equal to its index), else only its lowest processor
+/// (physical), which a compatibility-format MSI can address only with an
+/// APIC ID below 256.
+fn reach(wanted: u64, platform: &Platform) -> u64 {
+    let low = wanted < 0x100
+        && (0..8u32)
+            .filter(|i| wanted & (1 << i) != 0)
+            .all(|i| !platform.x2apic() || platform.apic_id(i) == Some(i));
+    if low {
+        return wanted;
+    }
+    let first = wanted.trailing_zeros();
+    match platform.apic_id(first) {
+        Some(id) if id < 0x100 => 1 << first,
+        _ => 0,
+    }
+}
+
+/// The processors of message `k`, by `docs/semantics.md` rule M7 as this
+/// harness reads it.
+fn policy_set(m: &MessageResource, k: u8, allowed: u64) -> u64 {
+    let k = if m.kind == MessageKind::Msi { 0 } else { k };
+    let lowest = |n: u32| {
+        let mut bits = (0..64).filter(|b| allowed & (1u64 << b) != 0);
+        bits.nth(n as usize).map_or(0, |b| 1u64 << b)
+    };
+    match m.policy {
+        IrqPolicy::OneCloseProcessor => lowest(0),
+        IrqPolicy::SpreadMessagesAcrossAllProcessors => {
+            lowest(u32::from(k) % allowed.count_ones().max(1))
+        }
+        _ => allowed,
+    }
+}
+
+/// `docs/semantics.md`'s CONNECT_EX rules, in order, as this harness reads
+/// them.
+fn expected_ex(
+    req: &ConnectExRequest,
+    shadow: &Shadow,
+    platform: &Platform,
+    devices: &DeviceTable,
+) -> Result<ExpectedEx, Violation> {
+    use connect_version::{FULLY_SPECIFIED, FULLY_SPECIFIED_GROUP, LINE_BASED, MESSAGE_BASED};
+    if !(1..=4).contains(&req.version) {
+        return Err(Violation::UnknownConnectVersion);
+    }
+    let table = req.message_table != 0 || req.message_table_length != 0;
+    let fully_fields = req.vector != 0
+        || req.irql != 0
+        || req.interrupt_mode != InterruptMode::LevelSensitive
+        || req.share_vector;
+    let fallback = req.fallback_service_routine != 0;
+    let unused = match req.version {
+        FULLY_SPECIFIED => req.group != 0 || fallback || table,
+        FULLY_SPECIFIED_GROUP => fallback || table,
+        LINE_BASED => fully_fields || req.group != 0 || fallback || table,
+        _ => fully_fields || req.group != 0,
+    };
+    if unused {
+        return Err(Violation::UnusedInputNotZero);
+    }
+    if req.version == FULLY_SPECIFIED || req.version == FULLY_SPECIFIED_GROUP {
+        if req.group != 0 {
+            return Err(Violation::GroupNotPresent);
+        }
+        let classic = ConnectRequest {
+            device_id: req.device_id,
+            vector: req.vector,
+            irql: req.irql,
+            synchronize_irql: req.synchronize_irql,
+            interrupt_mode: req.interrupt_mode,
+            share_vector: req.share_vector,
+            floating_save: req.floating_save,
+            processor_enable_mask: req.processor_enable_mask,
+            service_routine: req.service_routine,
+            service_context: req.service_context,
+            spin_lock: req.spin_lock,
+            version: req.version,
+        };
+        let mask = expected_verdict(&classic, shadow, devices).map_err(|v| match v {
+            Violation::EmptyEffectiveMask => Violation::EmptyEffectiveMaskEx,
+            v => v,
+        })?;
+        return Ok(ExpectedEx {
+            version_used: req.version,
+            unified_irql: req.synchronize_irql,
+            planned: vec![Planned {
+                vector: req.vector as u8,
+                mode: req.interrupt_mode,
+                share: req.share_vector,
+                mask,
+                message: None,
+            }],
+            table_required: 0,
+        });
+    }
+    let device = devices
+        .devices()
+        .iter()
+        .find(|d| d.id() == req.device_id)
+        .ok_or(Violation::UnknownDevice)?;
+    let restrict = |affinity: u64| {
+        if req.processor_enable_mask == 0 {
+            affinity
+        } else {
+            affinity & req.processor_enable_mask
+        }
+    };
+    let line_based = |routine: u64| -> Result<ExpectedEx, Violation> {
+        if device.resources().is_empty() {
+            return Err(Violation::NoLineResources);
+        }
+        let highest = device
+            .resources()
+            .iter()
+            .map(|r| r.vector >> 4)
+            .max()
+            .unwrap_or(0);
+        let unified = if req.spin_lock == 0 {
+            highest
+        } else {
+            req.synchronize_irql
+        };
+        let mut planned = Vec::new();
+        for r in device.resources() {
+            let member = ConnectRequest {
+                device_id: req.device_id,
+                vector: u32::from(r.vector),
+                irql: r.vector >> 4,
+                synchronize_irql: unified,
+                interrupt_mode: r.mode,
+                share_vector: r.share == ShareDisposition::Shared,
+                floating_save: req.floating_save,
+                processor_enable_mask: restrict(r.affinity),
+                service_routine: routine,
+                service_context: req.service_context,
+                spin_lock: req.spin_lock,
+                version: LINE_BASED,
+            };
+            let mask = expected_verdict(&member, shadow, devices)?;
+            planned.push(Planned {
+                vector: r.vector,
+                mode: r.mode,
+                share: member.share_vector,
+                mask,
+                message: None,
+            });
+        }
+        let objects =
+            live_objects(shadow) + planned.iter().map(|p| p.mask.count_ones()).sum::<u32>();
+        if objects > shadow.quota {
+            return Err(Violation::QuotaExceeded);
+        }
+        Ok(ExpectedEx {
+            version_used: LINE_BASED,
+            unified_irql: unified,
+            planned,
+            table_required: 0,
+        })
+    };
+    if req.version == LINE_BASED {
+        return line_based(req.service_routine);
+    }
+    debug_assert_eq!(req.version, MESSAGE_BASED);
+    let Some(messages) = device.messages() else {
+        if !fallback {
+            return Err(Violation::NoMessages);
+        }
+        return line_based(req.fallback_service_routine);
+    };
+    if req.service_routine == 0 {
+        return Err(Violation::NullServiceRoutine);
+    }
+    if req.service_context != 0 && !resident(req.service_context, SERVICE_CONTEXT_PROBE) {
+        return Err(Violation::ServiceContextNotResident);
+    }
+    if req.spin_lock != 0 && !resident(req.spin_lock, SPIN_LOCK_SIZE) {
+        return Err(Violation::SpinLockNotResident);
+    }
+    let required = 8 + 40 * u32::from(messages.count);
+    if req.message_table_length < required {
+        return Err(Violation::TableTooSmall { required });
+    }
+    let block_end = BLOCK.start + BLOCK.len;
+    let table_end = req.message_table.checked_add(u64::from(required));
+    let usable = req.message_table.is_multiple_of(MESSAGE_TABLE_ALIGN)
+        && table_end.is_some_and(|end| {
+            end <= RAM_SIZE && (end <= BLOCK.start || req.message_table >= block_end)
+        });
+    if !usable {
+        return Err(Violation::TableNotUsable);
+    }
+    let class = messages.first_vector >> 4;
+    let unified = if req.spin_lock == 0 {
+        class
+    } else if req.synchronize_irql < class {
+        return Err(Violation::SynchronizeIrqlBelowIrql);
+    } else if req.synchronize_irql > HIGH_LEVEL {
+        return Err(Violation::SynchronizeIrqlAboveHighLevel);
+    } else {
+        req.synchronize_irql
+    };
+    let allowed = restrict(messages.affinity & shadow.online);
+    if allowed == 0 {
+        return Err(Violation::MessageTargetsEmpty);
+    }
+    let mut planned = Vec::new();
+    for k in 0..messages.count {
+        let vector = messages.first_vector + k;
+        let mask = reach(policy_set(messages, k, allowed), platform);
+        if mask == 0 {
+            return Err(Violation::MessageTargetsEmpty);
+        }
+        let taken = shadow
+            .live
+            .iter()
+            .filter(|c| c.vector == vector)
+            .fold(0, |m, c| m | c.mask);
+        if mask & taken != 0 {
+            return Err(Violation::SharingConflict {
+                cpu: (mask & taken).trailing_zeros(),
+            });
+        }
+        planned.push(Planned {
+            vector,
+            mode: InterruptMode::Latched,
+            share: false,
+            mask,
+            message: Some(k),
+        });
+    }
+    let objects = live_objects(shadow) + planned.iter().map(|p| p.mask.count_ones()).sum::<u32>();
+    if objects > shadow.quota {
+        return Err(Violation::QuotaExceeded);
+    }
+    Ok(ExpectedEx {
+        version_used: MESSAGE_BASED,
+        unified_irql: unified,
+        planned,
+        table_required: required,
+    })
+}
+
+fn live_objects(shadow: &Shadow) -> u32 {
+    shadow.live.iter().map(|c| c.mask.count_ones()).sum()
+}
+
+/// The APICs of `platform` as its guest programs them: xAPIC flat with
+/// logical ID `1 << index`, or x2APIC with the LDR its APIC ID implies.
+fn bus_targets(platform: &Platform) -> Vec<ApicTarget> {
+    (0..platform.cpu_count())
+        .map(|i| {
+            let id = platform.apic_id(i).unwrap_or(u32::MAX);
+            let (x2apic, logical_id) = if platform.x2apic() {
+                (true, ((id >> 4) << 16) | (1 << (id & 0xf)))
+            } else {
+                (false, if i < 8 { 1 << i } else { 0 })
+            };
+            ApicTarget {
+                apic_id: id,
+                x2apic,
+                logical_id,
+                dfr_flat: true,
+                hw_enabled: true,
+                sw_enabled: true,
+                arbitration_priority: 0,
+            }
+        })
+        .collect()
+}
+
+/// The processors (first 64) an MSI with `address` and `data` reaches on
+/// the bus, before lowest-priority arbitration, and its vector.
+fn msi_reach(address: u64, data: u32, platform: &Platform) -> Result<(u64, u8), String> {
+    let decoded = msi::decode(Msi { address, data }, MsiFormat::Compatibility)
+        .map_err(|e| format!("message {address:#x}/{data:#x} does not decode: {e:?}"))?;
+    let message = decoded.bus_message();
+    let set = apic_bus::resolve(&message, &bus_targets(platform), None);
+    let mask = set
+        .iter()
+        .filter(|&i| i < 64)
+        .fold(0u64, |m, i| m | (1 << i));
+    Ok((mask, message.vector))
+}
+
+/// CONNECT_EX's answer against the reference's plan; for messages, the
+/// table, the programming and the bus agree.
+fn check_connected_ex(
+    req: &ConnectExRequest,
+    want: &ExpectedEx,
+    done: &ConnectedEx,
+    device: Option<&Device>,
+    platform: &Platform,
+) -> Result<(), String> {
+    let union = want.planned.iter().fold(0, |m, p| m | p.mask);
+    let got = (
+        done.version_used,
+        done.unified_irql,
+        done.count as usize,
+        done.effective_mask,
+        done.table_required,
+    );
+    let expected = (
+        want.version_used,
+        want.unified_irql,
+        want.planned.len(),
+        union,
+        want.table_required,
+    );
+    if got != expected {
+        return Err(format!(
+            "CONNECT_EX {req:?} answered (version, unified IRQL, count, mask, table) {got:?}, reference {expected:?}"
+        ));
+    }
+    if want.version_used != connect_version::MESSAGE_BASED {
+        return if done.table.is_none() && done.messages.is_empty() {
+            Ok(())
+        } else {
+            Err("a line connection wrote a table or programmed messages".into())
+        };
+    }
+    let (Some(table), Some(m)) = (&done.table, device.and_then(Device::messages)) else {
+        return Err("MESSAGE_BASED without a table".into());
+    };
+    let header = (
+        table.gpa,
+        table.header.unified_irql,
+        table.header.message_count,
+    );
+    if header != (req.message_table, want.unified_irql, u32::from(m.count))
+        || table.entries.len() != want.planned.len()
+        || done.messages.len() != want.planned.len()
+        || message_table_size(table.entries.len()) as u32 != want.table_required
+    {
+        return Err(format!(
+            "message table header {header:?} or sizes are wrong"
+        ));
+    }
+    for ((p, e), u) in want.planned.iter().zip(&table.entries).zip(&done.messages) {
+        let route = u.route.ok_or("a connected message is unprogrammed")?;
+        let (reached, vector) = msi_reach(e.message_address, e.message_data, platform)?;
+        let entry_ok = e.vector == u32::from(p.vector)
+            && e.irql == p.vector >> 4
+            && e.mode == interrupt_mode::LATCHED
+            && e.polarity == polarity::ACTIVE_HIGH
+            && Some(e.message_id as u8) == p.message
+            && e.group == 0;
+        let same_set = e.target_processor_set == p.mask
+            && route.targets == p.mask
+            && reached == p.mask
+            && vector == p.vector;
+        let same_route = (route.address, route.data) == (e.message_address, e.message_data)
+            && Some(u.message) == p.message
+            && u.device == req.device_id
+            && Some(u.test_device) == m.test_device;
+        if !(entry_ok && same_set && same_route) {
+            return Err(format!(
+                "message {:?}: entry {e:?}, update {u:?}, reaches {reached:#x} vector {vector:#x}, reference {p:?}",
+                p.message
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The route of `pin` the shadow's live connections imply.
@@ -408,9 +940,13 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
 
 fn disconnect(service: &mut Service, shadow: &mut Shadow, handle: Handle) -> Result<(), String> {
     let position = shadow.live.iter().position(|c| c.handle == handle);
+    let group = position
+        .and_then(|i| shadow.live.get(i))
+        .is_some_and(Live::in_group);
     let result = service.disconnect(handle);
     match (position, result) {
-        (Some(i), Ok(_)) => {
+        (Some(_), Err(Violation::GroupNeedsDisconnectEx)) if group => Ok(()),
+        (Some(i), Ok(_)) if !group => {
             let gone = shadow.live.remove(i);
             shadow.dead.push(handle);
             let vector = gone.vector;
@@ -422,6 +958,59 @@ fn disconnect(service: &mut Service, shadow: &mut Shadow, handle: Handle) -> Res
             "disconnect of {:#x}: live in shadow {}, service answered {r:?}",
             handle.raw(),
             i.is_some()
+        )),
+    }
+}
+
+/// DISCONNECT_EX of `handle` with `version`: the reference's verdict, then
+/// the whole group goes and its messages are unprogrammed.
+fn disconnect_ex(
+    service: &mut Service,
+    shadow: &mut Shadow,
+    handle: Handle,
+    version: u32,
+) -> Result<(), String> {
+    let live_version = shadow
+        .live
+        .iter()
+        .find(|c| c.handle == handle)
+        .map(|c| c.version);
+    let expected = if !(1..=4).contains(&version) {
+        Err(Violation::UnknownConnectVersion)
+    } else {
+        match live_version {
+            None => Err(Violation::UnknownHandle),
+            Some(v) if v != version => Err(Violation::VersionMismatch),
+            Some(_) => Ok(()),
+        }
+    };
+    let result = service.disconnect_ex(version, handle);
+    match (&expected, &result) {
+        (Ok(()), Ok(done)) => {
+            let gone: Vec<Live> = shadow
+                .live
+                .iter()
+                .filter(|c| c.handle == handle)
+                .copied()
+                .collect();
+            shadow.live.retain(|c| c.handle != handle);
+            shadow.dead.push(handle);
+            let messages = gone.iter().filter(|c| c.message.is_some()).count();
+            if done.messages.len() != messages || done.messages.iter().any(|u| u.route.is_some()) {
+                return Err(format!(
+                    "DISCONNECT_EX of {} messages unprogrammed {:?}",
+                    messages, done.messages
+                ));
+            }
+            for c in gone {
+                clear_storm(shadow, service, c.vector);
+            }
+            Ok(())
+        }
+        (Err(a), Err(b)) if a == b => Ok(()),
+        _ => Err(format!(
+            "DISCONNECT_EX of {:#x} version {version}: service {result:?}, reference {expected:?}",
+            handle.raw()
         )),
     }
 }
@@ -456,6 +1045,9 @@ fn apply(
                         mode: req.interrupt_mode,
                         share: req.share_vector,
                         mask: *mask,
+                        spin_lock: req.spin_lock,
+                        version: connect_version::FULLY_SPECIFIED,
+                        message: None,
                     });
                     clear_storm(shadow, service, req.vector as u8);
                 }
@@ -468,16 +1060,67 @@ fn apply(
                 }
             }
         }
+        Op::ConnectEx(req) => {
+            let expected = expected_ex(&req, shadow, service.platform(), devices);
+            let got = service.connect_ex(&req, BLOCK, ram);
+            match (&expected, &got) {
+                (Ok(want), Ok(done)) => {
+                    let device = devices.device(req.device_id);
+                    check_connected_ex(&req, want, done, device, service.platform())?;
+                    if shadow.issued.contains(&done.handle) || done.handle.raw() == 0 {
+                        return Err(format!("handle {:#x} handed out twice", done.handle.raw()));
+                    }
+                    shadow.issued.push(done.handle);
+                    let spin_lock = req.spin_lock;
+                    for p in &want.planned {
+                        shadow.live.push(Live {
+                            handle: done.handle,
+                            device: req.device_id,
+                            vector: p.vector,
+                            irql: p.vector >> 4,
+                            mode: p.mode,
+                            share: p.share,
+                            mask: p.mask,
+                            spin_lock,
+                            version: want.version_used,
+                            message: p.message,
+                        });
+                        clear_storm(shadow, service, p.vector);
+                    }
+                }
+                (Err(a), Err(b)) if a == b => {}
+                _ => {
+                    return Err(format!(
+                        "connect_ex {req:?}: service {:?}, reference {expected:?}",
+                        got.map(|c| (c.handle.raw(), c.version_used, c.effective_mask))
+                    ));
+                }
+            }
+        }
         Op::Disconnect(n) => {
             if let Some(&handle) = shadow.issued.get(n % shadow.issued.len().max(1)) {
                 disconnect(service, shadow, handle)?;
             }
         }
+        Op::DisconnectEx(n, version) => {
+            if let Some(&handle) = shadow.issued.get(n % shadow.issued.len().max(1)) {
+                disconnect_ex(service, shadow, handle, version)?;
+            }
+        }
         Op::DisconnectRaw(raw) => disconnect(service, shadow, Handle::from_raw(raw))?,
         Op::DisconnectAll => {
-            let handles: Vec<Handle> = shadow.live.iter().map(|c| c.handle).collect();
-            for handle in handles {
-                disconnect(service, shadow, handle)?;
+            let mut handles: Vec<(Handle, u32, bool)> = shadow
+                .live
+                .iter()
+                .map(|c| (c.handle, c.version, c.in_group()))
+                .collect();
+            handles.dedup();
+            for (handle, version, group) in handles {
+                if group {
+                    disconnect_ex(service, shadow, handle, version)?;
+                } else {
+                    disconnect(service, shadow, handle)?;
+                }
             }
         }
         Op::StormMask(pin) => {
@@ -522,6 +1165,7 @@ fn assert_line(service: &Service, shadow: &Shadow, device: u32) -> Result<(), St
     let Some(d) = service.devices().device(device) else {
         return Ok(());
     };
+    raise_messages(service, shadow, d)?;
     for r in d.resources() {
         let Some(route) = service.route(r.pin) else {
             return Err(format!("pin {} has no route", r.pin));
@@ -565,6 +1209,63 @@ fn assert_line(service: &Service, shadow: &Shadow, device: u32) -> Result<(), St
     Ok(())
 }
 
+/// The device raises each of its messages: a connected message's
+/// programming reaches exactly its connection's processors, each of which
+/// holds an object for the vector; an unconnected one is unprogrammed.
+fn raise_messages(service: &Service, shadow: &Shadow, d: &Device) -> Result<(), String> {
+    let Some(m) = d.messages() else {
+        return Ok(());
+    };
+    let programming = service.message_programming();
+    for k in 0..m.count {
+        let update = programming
+            .iter()
+            .find(|u| u.device == d.id() && u.message == k)
+            .ok_or_else(|| format!("device {} message {k} has no programming", d.id()))?;
+        let live = shadow
+            .live
+            .iter()
+            .find(|c| c.device == d.id() && c.message == Some(k));
+        match (live, update.route) {
+            (None, None) => {}
+            (
+                Some(c),
+                Some(MessageRoute {
+                    address,
+                    data,
+                    targets,
+                }),
+            ) => {
+                let (reached, vector) = msi_reach(address, data, service.platform())?;
+                if reached != c.mask || targets != c.mask || vector != c.vector {
+                    return Err(format!(
+                        "device {} message {k} reaches {reached:#x} with {vector:#x}, connected {:#x} on {:#x}",
+                        d.id(),
+                        c.mask,
+                        c.vector
+                    ));
+                }
+                for cpu in 0..64u32 {
+                    if reached & (1 << cpu) != 0 && service.registry().chain(cpu, vector).is_empty()
+                    {
+                        return Err(format!(
+                            "message {k} reaches processor {cpu} without an object"
+                        ));
+                    }
+                }
+            }
+            (l, r) => {
+                return Err(format!(
+                    "device {} message {k}: connected {}, programmed {r:?}",
+                    d.id(),
+                    l.is_some()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The service against the shadow, after every operation.
 fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<(), String> {
     service
@@ -591,11 +1292,23 @@ fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<
     if registry.connections() as usize != shadow.live.len() {
         return Err("live connection count differs".into());
     }
-    for c in &shadow.live {
-        if registry.get(c.handle).is_none_or(|r| r.mask != c.mask) {
+    let mut handles: Vec<Handle> = shadow.live.iter().map(|c| c.handle).collect();
+    handles.dedup();
+    for h in handles {
+        let mine: Vec<(u8, u64, Option<u8>)> = shadow
+            .live
+            .iter()
+            .filter(|c| c.handle == h)
+            .map(|c| (c.vector, c.mask, c.message))
+            .collect();
+        let theirs: Option<Vec<(u8, u64, Option<u8>)>> = match registry.group(h) {
+            Some(g) => Some(g.iter().map(|c| (c.vector, c.mask, c.message)).collect()),
+            None => registry.get(h).map(|c| vec![(c.vector, c.mask, c.message)]),
+        };
+        if theirs.as_ref() != Some(&mine) {
             return Err(format!(
-                "live handle {:#x} not in the registry",
-                c.handle.raw()
+                "live handle {:#x}: registry holds {theirs:?}, reference {mine:?}",
+                h.raw()
             ));
         }
     }
