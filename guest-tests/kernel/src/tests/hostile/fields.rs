@@ -58,8 +58,9 @@ fn connect_ok(cases: &mut Cases, name: &str, c: &Connect) -> Connect {
     }
 }
 
-/// Every reserved field of every opcode that has one, non-zero on an
-/// otherwise valid block: STATUS_INVALID_PARAMETER.
+/// Every reserved field of every opcode that has one, and every input a
+/// CONNECT_EX version does not use (rule X2), non-zero on an otherwise
+/// valid block: STATUS_INVALID_PARAMETER.
 pub fn reserved(env: &Env) -> TestResult {
     let mut cases = Cases::new("hostile_pv_reserved_fields_invalid_parameter");
     let before = pvfix::objects_in_use()?;
@@ -93,6 +94,7 @@ pub fn reserved(env: &Env) -> TestResult {
         q.reserved0 = r0;
         refuse_typed(&mut cases, name, &q, IP);
     }
+    super::ex::reserved(&mut cases, env)?;
     nothing_connected(&mut cases, before)?;
     cases.finish()
 }
@@ -116,6 +118,7 @@ pub fn flags(env: &Env) -> TestResult {
         edit(&mut c);
         refuse_typed(&mut cases, name, &c, IP);
     }
+    super::ex::flags(&mut cases, env)?;
     nothing_connected(&mut cases, before)?;
     let mut c = good;
     c.floating_save = 1;
@@ -343,6 +346,7 @@ pub fn masks_pointers_devices(env: &Env) -> TestResult {
             crate::display::hex(back.effective_mask)
         ),
     );
+    super::ex::pointers(&mut cases, env)?;
     nothing_connected(&mut cases, before)?;
     cases.finish()
 }
@@ -390,6 +394,7 @@ pub fn queries_out_of_range(env: &Env) -> TestResult {
     ] {
         refuse(&mut cases, name, &blocks::route(pin), 0, IP);
     }
+    super::ex::queries(&mut cases, env)?;
     // In range, the same block shape answers.
     match pv::query_route(23) {
         Ok(_) => cases.check("QUERY_ROUTE pin 23", true, format_args!("")),

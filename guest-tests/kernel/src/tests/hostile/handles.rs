@@ -136,5 +136,13 @@ pub fn forged_and_stale(env: &Env) -> TestResult {
         );
     }
     still(&mut cases, "back at the start", pin, 0, base)?;
+    super::ex::handles(&mut cases, env)?;
+    still(
+        &mut cases,
+        "back at the start after DISCONNECT_EX",
+        pin,
+        0,
+        base,
+    )?;
     cases.finish()
 }

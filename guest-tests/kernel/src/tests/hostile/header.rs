@@ -53,7 +53,8 @@ pub fn bad_magic(env: &Env) -> TestResult {
     cases.finish()
 }
 
-/// ABI versions other than 1: STATUS_INVALID_PARAMETER_1.
+/// ABI versions other than 1, and IoConnectInterruptEx versions CONNECT_EX
+/// and DISCONNECT_EX do not define (rule X1): STATUS_INVALID_PARAMETER_1.
 pub fn unknown_version(env: &Env) -> TestResult {
     let mut cases = Cases::new("hostile_pv_unknown_version_invalid_parameter_1");
     let all = blocks::every_opcode(env)?;
@@ -69,6 +70,7 @@ pub fn unknown_version(env: &Env) -> TestResult {
         let n = Name::of(format_args!("{} on {}", name, op));
         refuse(&mut cases, n.as_str(), &b, 0, IP1);
     }
+    super::ex::versions(&mut cases, env)?;
     cases.finish()
 }
 
@@ -89,11 +91,14 @@ pub fn unknown_opcode(_env: &Env) -> TestResult {
     cases.finish()
 }
 
-/// Every opcode with a length that is not its size: 0, the header alone,
-/// 8 short, 8 over, another opcode's size, all ones.
+/// Every opcode (the eight of ABI version 1) with a length that is not its
+/// size: 0, the header alone, 8 short, 1 short, 8 over, another opcode's
+/// size, all ones.
 pub fn bad_length(env: &Env) -> TestResult {
     let mut cases = Cases::new("hostile_pv_bad_length_invalid_parameter");
-    for (op, block) in blocks::every_opcode(env)? {
+    let all = blocks::every_opcode(env)?;
+    let ex = super::ex::opcodes(env)?;
+    for &(op, block) in all.iter().chain(ex.iter()) {
         let size = block.len() as u32;
         let other = if size == 80 { 24 } else { 80 };
         for (what, length) in [

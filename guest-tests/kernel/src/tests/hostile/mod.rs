@@ -15,6 +15,7 @@
 
 mod blocks;
 mod concurrent;
+mod ex;
 mod fields;
 mod flood;
 mod handles;
