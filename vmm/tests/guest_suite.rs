@@ -57,6 +57,9 @@ const NEEDS_CPUS: &[(&str, u32)] = &[
     ("affinity_subset_never_outside_mask", 2),
     ("affinity_union_of_two_connections", 2),
     ("synchronize_execution_excludes_isr", 2),
+    ("ex_message_spread_policy_one_cpu_each", 2),
+    ("ex_message_specified_policy_stays_in_mask", 2),
+    ("ex_message_synchronize_execution_excludes_isr", 2),
 ];
 
 /// Tests whose expectation depends on the LAPIC holding ISR until EOI; the

@@ -8,6 +8,8 @@ pub type Kirql = u8;
 
 /// PASSIVE_LEVEL.
 pub const PASSIVE_LEVEL: Kirql = 0;
+/// APC_LEVEL.
+pub const APC_LEVEL: Kirql = 1;
 /// DISPATCH_LEVEL.
 pub const DISPATCH_LEVEL: Kirql = 2;
 /// CLOCK_LEVEL.

@@ -7,13 +7,18 @@ use crate::runner::Test;
 mod affinity;
 mod connect;
 mod disconnect;
+mod ex;
+mod ex_load;
+mod ex_message;
 pub mod fixture;
 mod hostile;
 mod ioapic;
 mod ipi;
 mod lapic;
 mod load;
+mod msgfix;
 mod pvfix;
+mod rule10;
 mod share;
 mod sync;
 mod timer;
@@ -31,7 +36,11 @@ pub static SUITES: &[&[Test]] = &[
     affinity::TESTS,
     disconnect::TESTS,
     sync::TESTS,
+    ex::TESTS,
+    ex_message::TESTS,
+    rule10::TESTS,
     load::TESTS,
+    ex_load::TESTS,
     hostile::TESTS,
 ];
 

@@ -54,12 +54,11 @@ pub use ex::{
     IO_CONNECT_INTERRUPT_LINE_BASED_PARAMETERS, IO_CONNECT_INTERRUPT_MESSAGE_BASED_PARAMETERS,
     IO_CONNECT_INTERRUPT_PARAMETERS, IO_DISCONNECT_INTERRUPT_PARAMETERS,
     IO_INTERRUPT_CONNECTION_CONTEXT, IoConnectInterruptEx, IoDisconnectInterruptEx,
-    STATUS_UNSUCCESSFUL,
 };
 pub use lock::{KSPIN_LOCK, KeInitializeSpinLock};
 pub use object::{KINTERRUPT, MAX_OBJECTS};
 pub use pnp::{CM_PARTIAL_RESOURCE_DESCRIPTOR, DEVICE_OBJECT};
-pub use table::{IO_INTERRUPT_MESSAGE_INFO_ENTRY, KINTERRUPT_POLARITY, PIO_INTERRUPT_MESSAGE_INFO};
+pub use table::{KINTERRUPT_POLARITY, PIO_INTERRUPT_MESSAGE_INFO};
 
 use crate::{irql, pv};
 
@@ -161,6 +160,11 @@ impl PKINTERRUPT {
     /// synchronized routines take (0 once disconnected).
     pub fn spin_lock_address(self) -> u64 {
         self.live().map_or(0, |c| c.spin_lock().address())
+    }
+
+    /// True while some processor holds the connection's spin lock.
+    pub fn spin_lock_held(self) -> bool {
+        self.live().is_some_and(|c| c.spin_lock().is_held())
     }
 
     /// The connection that leads this one's group (itself when alone;

@@ -39,7 +39,8 @@ const SLOTS: usize = SMALL_SLOTS + LARGE_SLOTS;
 pub const ALL_SLOTS: u64 = (1 << SLOTS) - 1;
 const SMALL_MASK: u64 = (1 << SMALL_SLOTS) - 1;
 
-const _: () = assert!(SMALL_BYTES.is_multiple_of(8) && LARGE_BYTES.is_multiple_of(8) && SLOTS <= 64);
+const _: () =
+    assert!(SMALL_BYTES.is_multiple_of(8) && LARGE_BYTES.is_multiple_of(8) && SLOTS <= 64);
 
 #[repr(C, align(8))]
 struct Buffers {
