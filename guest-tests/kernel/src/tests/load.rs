@@ -6,7 +6,7 @@
 //! outside its mask.
 
 use super::pvfix::{
-    self, Args, CTX, Env, MAX_DEVICES, Policy, check_counts, connect_ok, counters, cpus,
+    self, Args, CTX, Env, LOCKS, MAX_DEVICES, Policy, check_counts, connect_ok, counters, cpus,
     deliveries, disconnect_ok, none_outside, settle,
 };
 use crate::runner::{Test, TestResult};
@@ -90,6 +90,18 @@ fn under_load(env: &Env) -> TestResult {
             CTX[i].bind(Some(d), policy, mask);
             let mut a = Args::of(d, 0, &CTX[i]);
             a.mask = mask;
+            if d.res_count() > 1 {
+                // One ISR for several vectors: the driver's lock and the
+                // device's highest Irql (docs/semantics.md rule 10).
+                a.lock = Some(&LOCKS[0]);
+                a.sync = d
+                    .obj
+                    .allocated_resources_translated()
+                    .iter()
+                    .map(|r| r.level)
+                    .max()
+                    .unwrap_or(a.sync);
+            }
             handles[i] = Some(connect_ok(d, &a)?);
             masks[i] = mask;
             bases[i] = counters(d);
