@@ -186,7 +186,12 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         .collect::<std::result::Result<Vec<_>, _>>()?;
 
     let report = Arc::new(Mutex::new(GuestReport::new()));
-    let pv = pv::PvConnect::new(pv_service, mem.clone(), chip.clone());
+    let pv = pv::PvConnect::new(
+        pv_service,
+        mem.clone(),
+        chip.clone(),
+        Arc::new(chip.clone()),
+    );
     chip.set_storm_sink(pv.storm_sink());
     let devices = devices::build(
         &DeviceConfig {
@@ -194,6 +199,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             ram,
             mode: args.irqchip,
             testdevs: pv.testdev_specs(),
+            msidevs: pv.msidevs().to_vec(),
             pv_doorbell: Some(pv::doorbell::Doorbell::shared(&pv)),
         },
         &chip,

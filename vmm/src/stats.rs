@@ -86,7 +86,7 @@ impl RunStats<'_> {
                 let _ = write!(s, ", ignored events {}", m.ignored_events);
             }
         }
-        let _ = write!(s, "; {}", self.pv);
+        let _ = write!(s, "; {}; {}", self.pv.msi_part(), self.pv);
         s
     }
 }

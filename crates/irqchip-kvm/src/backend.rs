@@ -13,6 +13,7 @@
 //! |---|---|---|---|
 //! | setup | `KVM_CREATE_IRQCHIP` | `KVM_ENABLE_CAP(SPLIT_IRQCHIP, 24)`, one MSI route per pin | user-space MSR exits, MSR filter for IA32_APIC_BASE and IA32_TSC_DEADLINE |
 //! | `set_level` | `KVM_IRQ_LINE` | our IOAPIC -> routes refreshed -> `KVM_SIGNAL_MSI` | our IOAPIC -> APIC bus -> our LAPIC; wake the target vCPU |
+//! | `signal_msi` | `KVM_SIGNAL_MSI` | `KVM_SIGNAL_MSI` | decode -> APIC bus -> our LAPIC; wake the target vCPU |
 //! | IOAPIC MMIO | none (in KVM) | `0xfec00000` | `0xfec00000` |
 //! | `program_pin` | `KVM_GET_IRQCHIP`, edit, `KVM_SET_IRQCHIP` | our IOAPIC | our IOAPIC |
 //! | `before_run` | nothing | the EOI watch's pokes | INIT/SIPI, HLT parking, `KVM_NMI`, `KVM_INTERRUPT` or an interrupt window; CR8 out |
@@ -27,7 +28,8 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use irqchip::ioapic::RedirectionEntry;
-use kvm_bindings::kvm_run;
+use irqchip::msi::Msi;
+use kvm_bindings::{kvm_msi, kvm_run};
 use kvm_ioctls::VcpuFd;
 
 use crate::error::{Error, IrqError};
@@ -93,6 +95,10 @@ pub(crate) trait Backend: Send + Sync {
         }
     }
 
+    /// A device's message-signaled interrupt: `msi` (compatibility format)
+    /// goes to the local APICs it addresses.
+    fn signal_msi(&self, msi: Msi) -> Result<(), IrqError>;
+
     /// A guest read of our IOAPIC's registers at `offset` from its base;
     /// `false` when the mode has no IOAPIC of ours.
     fn ioapic_read(&self, offset: u64, data: &mut [u8]) -> bool {
@@ -148,6 +154,16 @@ pub(crate) trait Backend: Send + Sync {
 
     /// The VM is stopping: wake any vCPU thread the mode holds itself.
     fn shutdown(&self) {}
+}
+
+/// The `KVM_SIGNAL_MSI` payload of `msi`.
+pub(crate) fn kvm_msi_of(msi: Msi) -> kvm_msi {
+    kvm_msi {
+        address_lo: msi.address as u32,
+        address_hi: (msi.address >> 32) as u32,
+        data: msi.data,
+        ..Default::default()
+    }
 }
 
 /// What the vCPU's run does after [`VcpuBackend::on_exit`].

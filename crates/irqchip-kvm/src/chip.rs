@@ -375,6 +375,22 @@ impl Irqchip {
         self.inner.backend.program_pin(pin, entry)
     }
 
+    /// Sends a device's message-signaled interrupt: `address` and `data` in
+    /// the compatibility format (SDM Vol. 3A 11.11; 8-bit destinations: no
+    /// guest is offered the extended destination ID yet), as a PCI device
+    /// writes them. Kernel and split mode hand it to KVM's local APICs
+    /// (`KVM_SIGNAL_MSI`); user mode decodes it and delivers it on our APIC
+    /// bus, waking the vCPUs that took it. Call it from any thread.
+    ///
+    /// # Errors
+    ///
+    /// The message does not decode (user mode) or KVM refused it.
+    pub fn signal_msi(&self, address: u64, data: u32) -> Result<(), IrqError> {
+        self.inner
+            .backend
+            .signal_msi(irqchip::msi::Msi { address, data })
+    }
+
     /// Installs the storm guard's callback: called with a pin our IOAPIC
     /// reported storming (split and user modes), with no chip lock held.
     pub fn set_storm_sink(&self, sink: StormSink) {

@@ -80,4 +80,15 @@ pub enum IrqError {
         /// The errno.
         source: kvm_ioctls::Error,
     },
+    /// An MSI that is no interrupt message (its address is not in the
+    /// 0xfee window, or it has a reserved delivery mode).
+    #[error("MSI {address:#x}/{data:#x} is not an interrupt message: {why}")]
+    BadMsi {
+        /// The address.
+        address: u64,
+        /// The data.
+        data: u32,
+        /// Why it does not decode.
+        why: String,
+    },
 }

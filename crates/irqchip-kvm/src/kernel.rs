@@ -38,7 +38,7 @@ use irqconnect_abi::layout::IOAPIC_PINS;
 use kvm_bindings::{KVM_IRQCHIP_IOAPIC, kvm_ioapic_state, kvm_irqchip};
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend};
+use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend, kvm_msi_of};
 use crate::error::{Error, IrqError};
 use crate::vcpu::ChipExit;
 
@@ -75,6 +75,16 @@ impl Backend for KernelChip {
         self.vm
             .set_irq_line(gsi, high)
             .map_err(|source| IrqError::Kvm { gsi, source })
+    }
+
+    fn signal_msi(&self, msi: irqchip::msi::Msi) -> Result<(), IrqError> {
+        self.vm
+            .signal_msi(kvm_msi_of(msi))
+            .map(|_| ())
+            .map_err(|source| IrqError::KvmChip {
+                op: "KVM_SIGNAL_MSI",
+                source,
+            })
     }
 
     fn vcpu(self: Arc<Self>, _index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {

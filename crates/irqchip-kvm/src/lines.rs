@@ -236,6 +236,9 @@ pub(crate) mod tests {
         fn program_pin(&self, _pin: u8, _entry: RedirectionEntry) -> Result<(), IrqError> {
             Ok(())
         }
+        fn signal_msi(&self, _msi: irqchip::msi::Msi) -> Result<(), IrqError> {
+            Ok(())
+        }
     }
 
     fn wiring() -> (Arc<RecordingController>, Arc<IrqLines>) {

@@ -59,8 +59,8 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{Backend, ExitAction, IrqStats, ModelStats, VcpuBackend};
-use crate::error::Error;
+use crate::backend::{Backend, ExitAction, IrqStats, ModelStats, VcpuBackend, kvm_msi_of};
+use crate::error::{Error, IrqError};
 use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
 use crate::timerfd;
@@ -289,13 +289,7 @@ fn routing_table(ioapic: &Ioapic) -> Result<KvmIrqRouting, String> {
 
 /// The `KVM_SIGNAL_MSI` payload of a message our IOAPIC sends.
 fn kvm_msi_for(message: &Message) -> Result<kvm_msi, irqchip::Error> {
-    let Msi { address, data } = msi::for_message(message, MsiFormat::Compatibility)?;
-    Ok(kvm_msi {
-        address_lo: address as u32,
-        address_hi: (address >> 32) as u32,
-        data,
-        ..Default::default()
-    })
+    msi::for_message(message, MsiFormat::Compatibility).map(kvm_msi_of)
 }
 
 impl HostsIoapic for SplitChip {
@@ -311,6 +305,17 @@ impl Backend for SplitChip {
 
     fn vcpu(self: Arc<Self>, index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {
         Ok(Box::new(SplitVcpu { chip: self, index }))
+    }
+
+    fn signal_msi(&self, msi: Msi) -> Result<(), IrqError> {
+        self.vm
+            .signal_msi(kvm_msi_of(msi))
+            .map_err(|source| IrqError::KvmChip {
+                op: "KVM_SIGNAL_MSI",
+                source,
+            })?;
+        self.msis.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn stats(&self) -> IrqStats {

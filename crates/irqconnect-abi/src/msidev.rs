@@ -59,6 +59,11 @@ pub mod kind {
     pub const MSIX: u32 = 2;
 }
 
+/// Most messages a message-signaled test device has: the `MASK` and
+/// `PENDING` registers hold one bit per message. A device-table device
+/// with more messages gets no test device.
+pub const MAX_MESSAGES: u8 = 32;
+
 /// The top byte of the `ID` register (`'M'`).
 pub const ID_MAGIC: u32 = 0x4d;
 

@@ -327,10 +327,11 @@ impl DeviceTable {
     /// Validates `config` against `platform`.
     ///
     /// Rules: at most [`MAX_DEVICES`] devices with ids 0, 1, ...; 0..=4
-    /// line resources each, and at least one line resource or messages; at
-    /// most [`MSIDEV_MAX_DEVICES`] devices with messages, whose vectors
-    /// are assigned here (`crate::messages::assign_vectors`) after every
-    /// line resource's;
+    /// line resources each, and at least one line resource or messages;
+    /// message vectors are assigned here (`crate::messages::assign_vectors`)
+    /// after every line resource's; each device with at most
+    /// `irqconnect_abi::msidev::MAX_MESSAGES` messages gets a
+    /// message-signaled test device, at most [`MSIDEV_MAX_DEVICES`] of them;
     /// pins below 24; vectors in `0x30..=0xbf`; a stated IRQL equals
     /// `vector >> 4`; no vector twice in one device; an affinity names an
     /// online processor; resources on one pin have one vector and one
@@ -542,7 +543,10 @@ fn assign_messages(
     let mut test_device = 0u8;
     for (device, dev) in devices.iter_mut().zip(&config.devices) {
         let Some(mc) = &dev.messages else { continue };
-        if u16::from(test_device) >= MSIDEV_MAX_DEVICES {
+        // The test device's mask and pending registers have one bit per
+        // message: a device with more messages has none.
+        let raised = mc.count <= irqconnect_abi::msidev::MAX_MESSAGES;
+        if raised && u16::from(test_device) >= MSIDEV_MAX_DEVICES {
             return Err(Error::TooManyMessageDevices {
                 max: MSIDEV_MAX_DEVICES,
             });
@@ -574,9 +578,11 @@ fn assign_messages(
             first_vector,
             policy: mc.policy,
             affinity,
-            test_device: Some(test_device),
+            test_device: raised.then_some(test_device),
         });
-        test_device += 1;
+        if raised {
+            test_device += 1;
+        }
     }
     Ok(())
 }

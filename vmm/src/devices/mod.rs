@@ -8,6 +8,7 @@
 pub(crate) mod exit;
 pub(crate) mod fw_cfg;
 pub(crate) mod marker;
+pub(crate) mod msidev;
 pub(crate) mod pc_testdev;
 pub(crate) mod pic;
 pub(crate) mod serial;
@@ -41,6 +42,10 @@ pub(crate) struct DeviceConfig {
     /// The test devices of the PV device table (`crate::pv::testdev_specs`);
     /// the ports of devices not listed stay unclaimed.
     pub(crate) testdevs: Vec<TestdevSpec>,
+    /// The message-signaled test devices the PV service owns
+    /// (`crate::pv::PvConnect::msidevs`); the ports of devices not listed
+    /// stay unclaimed.
+    pub(crate) msidevs: Vec<msidev::SharedMsidev>,
     /// The PV connect doorbell (`crate::pv::doorbell`), at `PV_DOORBELL_PORT`.
     pub(crate) pv_doorbell: Option<Arc<Mutex<dyn BusDevice>>>,
 }
@@ -163,6 +168,21 @@ pub(crate) fn build(
         )
         .map_err(overlap)?;
         testdevs.push(slot);
+    }
+
+    for dev in &cfg.msidevs {
+        let index = dev
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .spec()
+            .index;
+        pio.insert(
+            u64::from(irqconnect_abi::msidev::device_port(u16::from(index))),
+            u64::from(layout::MSIDEV_STRIDE),
+            "msidev",
+            Arc::new(Mutex::new(msidev::MsidevPort::new(Arc::clone(dev)))),
+        )
+        .map_err(overlap)?;
     }
 
     if let Some(doorbell) = &cfg.pv_doorbell {

@@ -5,20 +5,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use irqconnect::Outcome;
 use irqconnect_abi::ntstatus::{
-    NtStatus, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_HANDLE,
-    STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_NOT_FOUND, STATUS_SUCCESS,
+    NtStatus, STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES,
+    STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER,
+    STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND, STATUS_SUCCESS,
 };
 
 /// The statuses counted one by one, with their names in the statistics
 /// line; anything else counts as `other`.
-const STATUSES: [(NtStatus, &str); 7] = [
+const STATUSES: [(NtStatus, &str); 9] = [
     (STATUS_SUCCESS, "ok"),
     (STATUS_INVALID_PARAMETER, "invalid_parameter"),
     (STATUS_INVALID_PARAMETER_1, "invalid_parameter_1"),
+    (STATUS_INVALID_PARAMETER_10, "invalid_parameter_10"),
     (STATUS_INVALID_DEVICE_REQUEST, "invalid_device_request"),
     (STATUS_INVALID_HANDLE, "invalid_handle"),
     (STATUS_NOT_FOUND, "not_found"),
     (STATUS_INSUFFICIENT_RESOURCES, "insufficient_resources"),
+    (STATUS_BUFFER_TOO_SMALL, "buffer_too_small"),
 ];
 
 /// Live counters, shared by every vCPU thread.
@@ -32,6 +35,7 @@ pub(crate) struct PvCounters {
     route_failures: AtomicU64,
     storm_masks: AtomicU64,
     bad_accesses: AtomicU64,
+    messages_programmed: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -73,6 +77,11 @@ impl PvCounters {
         bump(&self.bad_accesses);
     }
 
+    /// A message of a message-signaled test device (re)programmed.
+    pub(crate) fn message_programmed(&self) {
+        bump(&self.messages_programmed);
+    }
+
     /// A snapshot of the counters.
     pub(crate) fn snapshot(&self) -> PvStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -89,6 +98,11 @@ impl PvCounters {
             route_failures: get(&self.route_failures),
             storm_masks: get(&self.storm_masks),
             bad_accesses: get(&self.bad_accesses),
+            messages_programmed: get(&self.messages_programmed),
+            msi_sent: 0,
+            msi_dropped: 0,
+            msi_errors: 0,
+            msidev_bad_accesses: 0,
         }
     }
 }
@@ -112,6 +126,16 @@ pub(crate) struct PvStats {
     pub(crate) storm_masks: u64,
     /// Doorbell accesses of another width or offset (ignored).
     pub(crate) bad_accesses: u64,
+    /// Messages of the message-signaled test devices (re)programmed.
+    pub(crate) messages_programmed: u64,
+    /// Messages the message-signaled test devices sent.
+    pub(crate) msi_sent: u64,
+    /// Raises of unprogrammed messages (dropped).
+    pub(crate) msi_dropped: u64,
+    /// Sends the interrupt controller refused.
+    pub(crate) msi_errors: u64,
+    /// Message-signaled test device accesses ignored.
+    pub(crate) msidev_bad_accesses: u64,
 }
 
 impl PvStats {
@@ -127,6 +151,21 @@ impl PvStats {
             .iter()
             .find(|(n, _)| *n == name)
             .map_or(0, |&(_, c)| c)
+    }
+}
+
+impl PvStats {
+    /// `msi: programmed P, sent S, dropped D, failed F, bad accesses B`:
+    /// the message-signaled test devices.
+    pub(crate) fn msi_part(&self) -> String {
+        format!(
+            "msi: programmed {}, sent {}, dropped {}, failed {}, bad accesses {}",
+            self.messages_programmed,
+            self.msi_sent,
+            self.msi_dropped,
+            self.msi_errors,
+            self.msidev_bad_accesses
+        )
     }
 }
 
@@ -171,6 +210,7 @@ mod tests {
             status,
             refusal: None,
             routes: Vec::new(),
+            messages: Vec::new(),
         })
     }
 

@@ -17,7 +17,12 @@
 //! doorbell write returns, so before the vCPU resumes; the service lock is
 //! held meanwhile, so two vCPUs' requests cannot reorder their pin
 //! programming. A failed update still leaves a correct answer; it is
-//! counted and warned about at a rate limit.
+//! counted and warned about at a rate limit. Message updates (CONNECT_EX,
+//! DISCONNECT_EX of message-signaled interrupts) are programmed the same
+//! way into the message-signaled test devices the service owns
+//! ([`PvConnect::msidevs`]), as the PnP manager writes a PCI device's MSI
+//! capability; a device's sends then go straight to the chip's
+//! `signal_msi`.
 //!
 //! Storm guard ([`PvConnect::mask_storming_pin`]): the split and user
 //! modes' IOAPIC model reports a level pin re-delivered past the storm
@@ -39,9 +44,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use irqchip::ioapic::RedirectionEntry;
 use irqchip_kvm::ratelimit::RateLimiter;
 use irqchip_kvm::{IrqError, Irqchip, StormSink};
-use irqconnect::{DeviceTable, Outcome, PinRoute, RouteUpdate, Service};
+use irqconnect::{DeviceTable, MessageUpdate, Outcome, PinRoute, RouteUpdate, Service};
 use vm_memory::GuestMemoryMmap;
 
+use crate::devices::msidev::{MsiDevice, MsiSink, MsidevSpec, SharedMsidev};
 use crate::devices::testdev::TestdevSpec;
 use counters::{PvCounters, PvStats};
 use ram::VmRam;
@@ -65,6 +71,8 @@ pub(crate) struct PvConnect {
     service: Mutex<Service>,
     mem: GuestMemoryMmap,
     chip: Box<dyn PinProgrammer>,
+    /// The message-signaled test devices, by index.
+    msidevs: Vec<SharedMsidev>,
     counters: PvCounters,
     /// Pins whose storm masking was logged (bit `p` = pin `p`).
     storm_logged: AtomicU32,
@@ -75,16 +83,24 @@ pub(crate) struct PvConnect {
 }
 
 impl PvConnect {
-    /// The service `service`, answering in `mem`, routing through `chip`.
+    /// The service `service`, answering in `mem`, routing pins through
+    /// `chip` and sending its message-signaled test devices' messages
+    /// through `msi`.
     pub(crate) fn new(
         service: Service,
         mem: GuestMemoryMmap,
         chip: impl PinProgrammer + 'static,
+        msi: Arc<dyn MsiSink>,
     ) -> Arc<Self> {
+        let msidevs = msidev_specs(service.devices())
+            .into_iter()
+            .map(|spec| MsiDevice::shared(spec, Arc::clone(&msi)))
+            .collect();
         Arc::new(Self {
             service: Mutex::new(service),
             mem,
             chip: Box::new(chip),
+            msidevs,
             counters: PvCounters::default(),
             storm_logged: AtomicU32::new(0),
             warn_unreadable: RateLimiter::new(),
@@ -103,6 +119,11 @@ impl PvConnect {
         testdev_specs(self.lock().devices())
     }
 
+    /// The message-signaled test devices, for the port bus.
+    pub(crate) fn msidevs(&self) -> &[SharedMsidev] {
+        &self.msidevs
+    }
+
     /// A 32-bit doorbell write of `value` (the block's guest-physical
     /// address): answers the request and programs the routes it changed,
     /// all before returning.
@@ -114,6 +135,9 @@ impl PvConnect {
             Outcome::Answered(answer) => {
                 for update in &answer.routes {
                     self.apply(&service, update);
+                }
+                for update in &answer.messages {
+                    self.program_message(update);
                 }
             }
             Outcome::Unreadable { gpa, len } => {
@@ -146,6 +170,17 @@ impl PvConnect {
                 self.report_route_failure(update.pin, &e);
             }
         }
+    }
+
+    /// Programs one message of a message-signaled test device.
+    fn program_message(&self, update: &MessageUpdate) {
+        let Some(dev) = self.msidevs.get(usize::from(update.test_device)) else {
+            return;
+        };
+        dev.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .program(update.message, update.route);
+        self.counters.message_programmed();
     }
 
     fn report_route_failure(&self, pin: u8, e: &IrqError) {
@@ -229,9 +264,17 @@ impl PvConnect {
         }
     }
 
-    /// The counters now.
+    /// The counters now, with the message-signaled test devices'.
     pub(crate) fn stats(&self) -> PvStats {
-        self.counters.snapshot()
+        let mut stats = self.counters.snapshot();
+        for dev in &self.msidevs {
+            let d = dev.lock().unwrap_or_else(PoisonError::into_inner);
+            stats.msi_sent += d.sent_total();
+            stats.msi_dropped += u64::from(d.dropped());
+            stats.msi_errors += d.send_errors();
+            stats.msidev_bad_accesses += d.bad_accesses();
+        }
+        stats
     }
 }
 
@@ -262,6 +305,27 @@ pub(crate) fn testdev_specs(table: &DeviceTable) -> Vec<TestdevSpec> {
             )
         })
         .collect()
+}
+
+/// The message-signaled test devices of `table`: one per device whose
+/// messages have a test device (`MessageResource::test_device`), in index
+/// order.
+pub(crate) fn msidev_specs(table: &DeviceTable) -> Vec<MsidevSpec> {
+    let mut specs: Vec<MsidevSpec> = table
+        .devices()
+        .iter()
+        .filter_map(|d| {
+            let m = d.messages()?;
+            Some(MsidevSpec {
+                index: m.test_device?,
+                device_id: u8::try_from(d.id()).ok()?,
+                kind: m.kind,
+                count: m.count,
+            })
+        })
+        .collect();
+    specs.sort_by_key(|s| s.index);
+    specs
 }
 
 #[cfg(test)]
@@ -328,11 +392,21 @@ pub(crate) mod test_support {
         let facts = platform_facts(4, Mode::Kernel, false, irqchip_kvm::DEFAULT_STORM_THRESHOLD);
         let service = build_service(facts, None).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let msi: Arc<dyn crate::devices::msidev::MsiSink> = Arc::new(NoMsi);
         (
-            PvConnect::new(service, mem.clone(), Arc::clone(&chip)),
+            PvConnect::new(service, mem.clone(), Arc::clone(&chip), msi),
             chip,
             mem,
         )
+    }
+
+    /// Refuses every message (the PV tests only look at programming).
+    struct NoMsi;
+
+    impl crate::devices::msidev::MsiSink for NoMsi {
+        fn signal_msi(&self, _address: u64, _data: u32) -> Result<(), IrqError> {
+            Err(IrqError::NoSuchGsi(0))
+        }
     }
 }
 
@@ -531,6 +605,54 @@ mod tests {
                 (7, 22, TriggerMode::Level),
             ]
         );
+    }
+
+    #[test]
+    fn doorbell_connect_ex_programs_messages_and_disconnect_ex_clears_them() {
+        use irqconnect_abi::pv::{ConnectEx, DisconnectEx, connect_version};
+        let (pv, chip, mem) = pv_with(RecordingChip::working());
+        let specs: Vec<_> = pv
+            .msidevs()
+            .iter()
+            .map(|d| {
+                let s = d.lock().unwrap().spec();
+                (s.index, s.device_id, s.count)
+            })
+            .collect();
+        assert_eq!(specs, [(0, 8, 1), (1, 9, 4), (2, 10, 8)]);
+        let mut cx = ConnectEx::new_zeroed();
+        cx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
+        cx.version = connect_version::MESSAGE_BASED;
+        cx.device_id = 10;
+        cx.service_routine = 0x10_0000;
+        cx.message_table = 0x4000;
+        cx.message_table_length = 0x400;
+        let done = ring(&pv, &mem, &cx);
+        assert_eq!((done.header.status, done.count), (STATUS_SUCCESS, 8));
+        let dev = &pv.msidevs()[2];
+        let programmed: Vec<_> = (0..8)
+            .map(|k| {
+                dev.lock()
+                    .unwrap()
+                    .programmed(k)
+                    .map(|r| (r.data & 0xff, r.targets))
+            })
+            .collect();
+        assert_eq!(
+            programmed,
+            (0..8u32)
+                .map(|k| Some((0x48 + k, 1u64 << (k % 4))))
+                .collect::<Vec<_>>()
+        );
+        // No pin changes for messages.
+        assert!(chip.programs().is_empty());
+        let mut dx = DisconnectEx::new_zeroed();
+        dx.header = RequestHeader::new::<DisconnectEx>(opcode::DISCONNECT_EX);
+        dx.version = connect_version::MESSAGE_BASED;
+        dx.handle = done.handle;
+        assert_eq!(ring(&pv, &mem, &dx).header.status, STATUS_SUCCESS);
+        assert!((0..8).all(|k| dev.lock().unwrap().programmed(k).is_none()));
+        assert_eq!(pv.stats().messages_programmed, 16);
     }
 
     #[test]

@@ -40,12 +40,13 @@ use irqchip::apic_bus::ApicSet;
 use irqchip::apic_system::ApicSystem;
 use irqchip::ioapic::Delivery;
 use irqchip::lapic::{Effect, LapicConfig};
+use irqchip::msi::{self, Msi, MsiFormat};
 use irqconnect_abi::layout::LAPIC_BUS_HZ;
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::backend::{Backend, IrqStats, ModelStats, VcpuBackend};
-use crate::error::Error;
+use crate::error::{Error, IrqError};
 use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
 use crate::timerfd;
@@ -267,6 +268,18 @@ impl Backend for UserChip {
 
     fn vcpu(self: Arc<Self>, index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {
         Ok(Box::new(vcpu::UserVcpu::new(self, index)))
+    }
+
+    fn signal_msi(&self, msi: Msi) -> Result<(), IrqError> {
+        let decoded = msi::decode(msi, MsiFormat::Compatibility).map_err(|e| IrqError::BadMsi {
+            address: msi.address,
+            data: msi.data,
+            why: e.to_string(),
+        })?;
+        let mut apics = self.lock_apics();
+        let took = apics.deliver(&decoded.bus_message(), None);
+        self.wake_all_in(&apics, &took);
+        Ok(())
     }
 
     fn stats(&self) -> IrqStats {
