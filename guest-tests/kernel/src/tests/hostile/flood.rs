@@ -2,11 +2,12 @@
 //! random and mutated blocks, each answered with a defined status.
 
 use irqconnect_abi::ntstatus::{
-    NtStatus, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_HANDLE,
-    STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_NOT_FOUND, STATUS_SUCCESS,
+    NtStatus, STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES,
+    STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER,
+    STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND, STATUS_SUCCESS,
     status_name,
 };
-use irqconnect_abi::pv::{ABI_VERSION_1, Connect, PV_MAGIC, opcode, request_size};
+use irqconnect_abi::pv::{ABI_VERSION_1, Connect, ConnectEx, PV_MAGIC, opcode, request_size};
 
 use super::blocks::{self, Block};
 use super::pvfix::{self, Env};
@@ -263,6 +264,8 @@ pub fn random_blocks(env: &Env) -> TestResult {
                 | STATUS_INVALID_HANDLE
                 | STATUS_NOT_FOUND
                 | STATUS_INSUFFICIENT_RESOURCES
+                | STATUS_BUFFER_TOO_SMALL
+                | STATUS_INVALID_PARAMETER_10
         );
         let ok = sent.guards_intact
             && defined
@@ -295,6 +298,14 @@ pub fn random_blocks(env: &Env) -> TestResult {
         if sent.status == STATUS_SUCCESS && op == opcode::CONNECT {
             let made: Connect = sent.read();
             if pv::disconnect(made.handle) != STATUS_SUCCESS {
+                stray += 1;
+            }
+        }
+        // A mutated opcode byte can name CONNECT_EX (its length must then
+        // have come out right too).
+        if sent.status == STATUS_SUCCESS && op == opcode::CONNECT_EX {
+            let made: ConnectEx = sent.read();
+            if pv::disconnect_ex(made.version_used, made.handle) != STATUS_SUCCESS {
                 stray += 1;
             }
         }
