@@ -124,8 +124,9 @@ fn line_based(
 /// Without a lock even the first connection is refused (either vector,
 /// classic and FULLY_SPECIFIED). With a lock, a second connection under
 /// another lock, or none, is refused whichever vector came first; under
-/// the same lock it connects and both vectors reach the ISR holding it.
-/// LINE_BASED without a driver lock gets one lock for both lines.
+/// the same lock it connects and both vectors reach the ISR holding it;
+/// LINE_BASED without a lock (the system's, another one) is refused then.
+/// Alone, LINE_BASED without a driver lock gets one lock for both lines.
 fn one_lock(env: &Env) -> TestResult {
     let (dev, lo, hi, top) = device(env)?;
     let (l0, l1) = (&LOCKS[0], &LOCKS[1]);
@@ -140,6 +141,20 @@ fn one_lock(env: &Env) -> TestResult {
     }
     for (first, second) in [(hi, lo), (lo, hi)] {
         let h = connect_ok(&dev, &args(&dev, first, Some(l0), top))?;
+        if first == hi {
+            // The system's lock of a LINE_BASED group is not L0 either.
+            let before = pvfix::objects_in_use()?;
+            let (status, g) = line_based(&dev, None, 0);
+            if let Some(g) = g {
+                let _ = disconnect_ex(CONNECT_LINE_BASED, g);
+            }
+            check!(
+                status == STATUS_INVALID_PARAMETER && pvfix::objects_in_use()? == before,
+                "LINE_BASED without a lock while a vector is connected under the driver's lock: {} ({})",
+                status_name(status),
+                crate::display::hex(status)
+            );
+        }
         refused(
             &dev,
             &args(&dev, second, Some(l1), top),

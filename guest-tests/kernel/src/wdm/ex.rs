@@ -313,14 +313,19 @@ fn connect_fully_specified(
             format_args!("accepted a null routine or a wide vector"),
         );
     };
-    if answer.version_used != version || answer.count != 1 || answer.handle == 0 {
+    if answer.version_used != version
+        || answer.count != 1
+        || answer.handle == 0
+        || answer.unified_irql != p.SynchronizeIrql
+    {
         return undo(
             &answer,
             format_args!(
-                "version_used {} count {} handle {} for version {}",
+                "version_used {} count {} handle {} UnifiedIrql {} for version {}",
                 crate::display::dec(answer.version_used),
                 crate::display::dec(answer.count),
                 crate::display::hex(answer.handle),
+                crate::display::dec(answer.unified_irql),
                 crate::display::dec(version)
             ),
         );

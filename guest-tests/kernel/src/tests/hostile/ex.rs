@@ -414,6 +414,25 @@ pub fn pointers(cases: &mut Cases, env: &Env) -> Result<(), Failure> {
 
     let need = msg.message_table_length;
     let ram = ram_end().unwrap_or(0);
+    // A rule after M5: required written all the same.
+    let mut x = msg;
+    x.spin_lock = table_at(0);
+    x.synchronize_irql = 16;
+    table_fill();
+    let name = "CONNECT_EX MESSAGE_BASED SynchronizeIrql 16 with a lock (M6)";
+    let sent = raw::send(&Block::of(&x), 0);
+    undo(&sent);
+    cases.status(name, sent.status, IP);
+    let back: ConnectEx = sent.read();
+    cases.check(
+        name,
+        back.message_table_required == need,
+        format_args!(
+            "message_table_required {}, expected {} (rule M5: written whatever comes next)",
+            crate::display::dec(back.message_table_required),
+            crate::display::dec(need)
+        ),
+    );
     let tables: [(&str, bool, u64, u32, Want); 9] = [
         (
             "table straddling the end of RAM",
