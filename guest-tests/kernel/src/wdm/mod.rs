@@ -442,7 +442,10 @@ pub fn IoDisconnectInterrupt(interrupt_object: PKINTERRUPT) -> NTSTATUS {
 /// KeSynchronizeExecution: raises to the connection's SynchronizeIrql, takes
 /// its spin lock, runs `synchronize_routine(synchronize_context)`, releases,
 /// lowers back and returns the routine's result unchanged. The caller's IRQL
-/// must be <= SynchronizeIrql.
+/// must be <= SynchronizeIrql. On any object of an IoConnectInterruptEx
+/// group (a message's `InterruptObject`, a LINE_BASED group's) that is the
+/// group's `UnifiedIrql` and its one lock, so the routine excludes the
+/// service routine of every message or line of the connection.
 pub fn KeSynchronizeExecution(
     interrupt: PKINTERRUPT,
     synchronize_routine: KSYNCHRONIZE_ROUTINE,
@@ -454,8 +457,9 @@ pub fn KeSynchronizeExecution(
     result
 }
 
-/// KeAcquireInterruptSpinLock: raises to SynchronizeIrql, takes the
-/// connection's spin lock, returns the previous IRQL.
+/// KeAcquireInterruptSpinLock: raises to SynchronizeIrql (a group's
+/// `UnifiedIrql`), takes the connection's spin lock (a group's one lock),
+/// returns the previous IRQL. The caller's IRQL must be <= SynchronizeIrql.
 pub fn KeAcquireInterruptSpinLock(interrupt: PKINTERRUPT) -> KIRQL {
     let c = interrupt.expect_live("KeAcquireInterruptSpinLock");
     let sync = c.sync_irql.load(Ordering::Relaxed);
