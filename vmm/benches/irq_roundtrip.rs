@@ -22,38 +22,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use irqconnect_abi::layout::{PC_TESTDEV_IRQ_BASE, PV_DOORBELL_PORT};
+use irqconnect_abi::layout::PC_TESTDEV_IRQ_BASE;
 use irqconnect_abi::msidev::{device_port, reg};
-use irqconnect_abi::pv::{ConnectEx, RequestHeader, connect_version, opcode};
-use zerocopy::{FromZeros, IntoBytes};
 
 const VECTOR: u8 = 0x40;
 const PIN: u16 = 17;
-/// Device 8's one MSI (the default device table's message vector).
-const MSI_VECTOR: u8 = 0x5f;
-/// Local APIC destination format and logical destination registers.
-const LAPIC_DFR: u32 = 0xfee0_00e0;
-const LAPIC_LDR: u32 = 0xfee0_00d0;
-/// Where the guest builds its CONNECT_EX block and the message table.
-const BLOCK: u32 = 0x8000;
-const TABLE: u32 = 0x8100;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Source {
     Pin,
     Msi,
-}
-
-/// The CONNECT_EX that connects device 8's message, as the guest writes it.
-fn connect_ex_block() -> ConnectEx {
-    let mut c = ConnectEx::new_zeroed();
-    c.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    c.version = connect_version::MESSAGE_BASED;
-    c.device_id = 8;
-    c.service_routine = u64::from(LOAD);
-    c.message_table = u64::from(TABLE);
-    c.message_table_length = 0x100;
-    c
 }
 
 fn image(n: u32, source: Source) -> Vec<u8> {
@@ -64,21 +42,7 @@ fn image(n: u32, source: Source) -> Vec<u8> {
         a.store_imm(VAR1, 0); // interrupts raised
         match source {
             Source::Pin => ioapic_route(a, u32::from(PIN), u32::from(VECTOR), 0),
-            Source::Msi => {
-                // The platform's convention for PV routes: flat logical
-                // destinations, logical ID 1 << processor index.
-                a.store_imm(LAPIC_DFR, 0xffff_ffff);
-                a.store_imm(LAPIC_LDR, 1 << 24);
-                let block = connect_ex_block();
-                for (i, word) in block.as_bytes().chunks_exact(4).enumerate() {
-                    let v = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-                    a.store_imm(BLOCK + 4 * i as u32, v);
-                }
-                a.outl(PV_DOORBELL_PORT, BLOCK);
-                // The header's status: 0 (STATUS_SUCCESS) or give up.
-                a.cmp_mem(BLOCK + 12, 0);
-                a.jne("lost");
-            }
+            Source::Msi => connect_msi_device(a, "lost"),
         }
         a.sti();
         a.label("next");
