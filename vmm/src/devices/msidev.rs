@@ -109,6 +109,7 @@ impl MsiDevice {
     }
 
     /// Message `k`'s programming.
+    #[cfg(test)]
     pub(crate) fn programmed(&self, k: u8) -> Option<MessageRoute> {
         self.programmed.get(usize::from(k)).copied().flatten()
     }

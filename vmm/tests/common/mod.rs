@@ -200,6 +200,47 @@ pub fn ioapic_route(a: &mut Asm, pin: u32, low: u32, dest: u32) {
     a.store_imm(IOAPIC_WIN, low);
 }
 
+/// Local APIC destination format register.
+pub const LAPIC_DFR: u32 = 0xfee0_00e0;
+/// Local APIC logical destination register.
+pub const LAPIC_LDR: u32 = 0xfee0_00d0;
+
+/// The default device table's device 8: one MSI, its vector, and the
+/// message-signaled test device that raises it (index 0).
+pub const MSI_DEVICE: u32 = 8;
+/// Device 8's message vector.
+pub const MSI_VECTOR: u8 = 0x5f;
+/// Where [`connect_msi_device`] builds its CONNECT_EX block and table.
+const MSI_BLOCK: u32 = 0x8000;
+const MSI_TABLE: u32 = 0x8100;
+
+/// Emits: the PV platform's logical-destination convention on this
+/// (only) processor (flat, logical ID `1 << 0`), then a MESSAGE_BASED
+/// CONNECT_EX of [`MSI_DEVICE`] through the PV doorbell, so the host
+/// programs its message; jumps to `fail` unless it answered
+/// STATUS_SUCCESS.
+pub fn connect_msi_device(a: &mut Asm, fail: &'static str) {
+    use irqconnect_abi::pv::{ConnectEx, RequestHeader, connect_version, opcode};
+    use zerocopy::{FromZeros, IntoBytes};
+    a.store_imm(LAPIC_DFR, 0xffff_ffff);
+    a.store_imm(LAPIC_LDR, 1 << 24);
+    let mut c = ConnectEx::new_zeroed();
+    c.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
+    c.version = connect_version::MESSAGE_BASED;
+    c.device_id = MSI_DEVICE;
+    c.service_routine = u64::from(LOAD);
+    c.message_table = u64::from(MSI_TABLE);
+    c.message_table_length = 0x100;
+    for (i, word) in c.as_bytes().chunks_exact(4).enumerate() {
+        let v = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+        a.store_imm(MSI_BLOCK + 4 * i as u32, v);
+    }
+    a.outl(irqconnect_abi::layout::PV_DOORBELL_PORT, MSI_BLOCK);
+    let status = MSI_BLOCK + core::mem::offset_of!(RequestHeader, status) as u32;
+    a.cmp_mem(status, 0);
+    a.jne(fail);
+}
+
 /// Emits: EOI to the local APIC.
 pub fn eoi(a: &mut Asm) {
     a.store_imm(LAPIC_EOI, 0);
