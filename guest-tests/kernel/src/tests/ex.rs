@@ -541,6 +541,22 @@ fn line_based(env: &Env) -> TestResult {
     check!(h.is_none(), "*InterruptObject set on failure");
     nothing_connected("LINE_BASED, low SynchronizeIrql", before)?;
 
+    // Rule 2 inside LINE_BASED: no processor left, STATUS_INVALID_PARAMETER
+    // (not FULLY_SPECIFIED's STATUS_INVALID_PARAMETER_10).
+    if !online != 0 {
+        let before = usage()?;
+        let (status, h) = connect_line(&dev, line_isr, Some(driver), top, !online);
+        if let Some(h) = h {
+            let _ = disconnect_ex(CONNECT_LINE_BASED, h);
+        }
+        expect(
+            "LINE_BASED with ProcessorEnableMask of absent processors only",
+            status,
+            STATUS_INVALID_PARAMETER,
+        )?;
+        nothing_connected("LINE_BASED, absent processors", before)?;
+    }
+
     // One line resource: one connection.
     let single = env.exclusive(KINTERRUPT_MODE::LevelSensitive)?;
     let ctx = CTX[2].bind(Some(&single), Policy::One, online);

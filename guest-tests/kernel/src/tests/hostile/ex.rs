@@ -191,9 +191,12 @@ pub fn reserved(cases: &mut Cases, env: &Env) -> Result<(), Failure> {
     }
     let mut group = fs;
     group.version = connect_version::FULLY_SPECIFIED_GROUP;
-    let group_unused: [(&str, XEdit); 2] = [
+    let group_unused: [(&str, XEdit); 3] = [
         ("FULLY_SPECIFIED_GROUP fallback routine", |x| {
             x.fallback_service_routine = blocks::raw_isr_address()
+        }),
+        ("FULLY_SPECIFIED_GROUP message table", |x| {
+            x.message_table = table_at(TABLE_GUARD)
         }),
         ("FULLY_SPECIFIED_GROUP message table length", |x| {
             x.message_table_length = 48
@@ -222,9 +225,10 @@ pub fn reserved(cases: &mut Cases, env: &Env) -> Result<(), Failure> {
         refuse_ex(cases, name, &x, IP);
     }
     if let Some(msg) = message_based(env) {
-        let msg_unused: [(&str, XEdit); 4] = [
+        let msg_unused: [(&str, XEdit); 5] = [
             ("MESSAGE_BASED vector", |x| x.vector = 0x50),
             ("MESSAGE_BASED irql", |x| x.irql = 5),
+            ("MESSAGE_BASED interrupt mode", |x| x.interrupt_mode = 1),
             ("MESSAGE_BASED share vector", |x| x.share_vector = 1),
             ("MESSAGE_BASED group", |x| x.group = 1),
         ];
