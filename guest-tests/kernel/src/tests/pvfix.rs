@@ -390,19 +390,35 @@ fn quiesce(env: &Env) -> u32 {
     left
 }
 
-/// Runs a PV test: skips without the PV device; records the platform;
-/// quiets every test device and resets the ISR contexts; runs `body`; then
-/// disconnects whatever is still connected, quiets the devices again and
-/// checks that the host is back at its baseline (objects, connections, no
-/// pin masked by the storm guard).
-pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
-    need_pv()?;
-    let start = platform()?;
+/// The started devices: with line resources and a test device, and with
+/// messages and a message test device.
+type Started = (
+    [Option<Dev>; MAX_DEVICES],
+    [Option<MsgDev>; MAX_MSG_DEVICES],
+);
+
+/// The PnP step, done once per boot as a PnP manager does (the host's
+/// table does not change while the VM runs): QUERY_RESOURCES and
+/// QUERY_MESSAGES of every device, kept for the following tests.
+static STARTED: crate::spinlock::SpinLock<Option<(u32, Started)>> =
+    crate::spinlock::SpinLock::new(None);
+
+/// The started devices of a table of `count` devices.
+fn started(count: u32) -> Started {
+    let mut cache = STARTED.lock();
+    if let Some((n, table)) = cache.as_ref()
+        && *n == count
+    {
+        return *table;
+    }
     let mut devices = [None; MAX_DEVICES];
     let mut messages = [None; MAX_MSG_DEVICES];
     let mut n_messages = 0;
-    let count = (start.device_count as usize).min(MAX_DEVICES);
-    for (id, slot) in devices.iter_mut().enumerate().take(count) {
+    for (id, slot) in devices
+        .iter_mut()
+        .enumerate()
+        .take((count as usize).min(MAX_DEVICES))
+    {
         let Ok(obj) = DEVICE_OBJECT::start(id as u32) else {
             continue;
         };
@@ -421,6 +437,19 @@ pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
             n_messages += 1;
         }
     }
+    *cache = Some((count, (devices, messages)));
+    (devices, messages)
+}
+
+/// Runs a PV test: skips without the PV device; records the platform;
+/// quiets every test device and resets the ISR contexts; runs `body`; then
+/// disconnects whatever is still connected, quiets the devices again and
+/// checks that the host is back at its baseline (objects, connections, no
+/// pin masked by the storm guard).
+pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
+    need_pv()?;
+    let start = platform()?;
+    let (devices, messages) = started(start.device_count);
     let env = Env {
         platform: start,
         devices,
