@@ -514,8 +514,13 @@ pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
 }
 
 /// Waits up to [`TIMEOUT_US`] for `cond`; fails with `what` otherwise.
-pub fn wait_for(what: &str, cond: impl FnMut() -> bool) -> TestResult {
-    if time::wait_until(TIMEOUT_US, cond) {
+/// Every turn reads the doorbell's signature (a port access: the exit at
+/// which an interrupt pending for this processor is taken).
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> TestResult {
+    if time::wait_until(TIMEOUT_US, || {
+        let _ = pv::doorbell_read();
+        cond()
+    }) {
         Ok(())
     } else {
         fail!("timeout waiting for {}", what)
