@@ -224,7 +224,8 @@ fn device_msi_delivered_and_masked_pending_sent_once_on_unmask() {
         let r = run_vmm(&format!("msi-{mode}"), &img, &args(mode, "1"), None);
         assert_eq!(r.status, Some(0x21), "--irqchip {mode}: {r:?}");
         assert!(
-            r.stderr.contains("msi: programmed 1, sent 2, dropped 0, failed 0"),
+            r.stderr
+                .contains("msi: programmed 1, sent 2, dropped 0, failed 0"),
             "--irqchip {mode}: {}",
             r.stderr
         );
