@@ -65,6 +65,27 @@ pub struct ConnectExRequest {
     pub message_table_length: u32,
 }
 
+impl ConnectExRequest {
+    /// The IoConnectInterrupt parameters of a FULLY_SPECIFIED request (its
+    /// `version` kept, so rule 10 knows which it is).
+    pub fn classic(&self) -> ConnectRequest {
+        ConnectRequest {
+            device_id: self.device_id,
+            vector: self.vector,
+            irql: self.irql,
+            synchronize_irql: self.synchronize_irql,
+            interrupt_mode: self.interrupt_mode,
+            share_vector: self.share_vector,
+            floating_save: self.floating_save,
+            processor_enable_mask: self.processor_enable_mask,
+            service_routine: self.service_routine,
+            service_context: self.service_context,
+            spin_lock: self.spin_lock,
+            version: self.version,
+        }
+    }
+}
+
 /// The guest-physical bytes of the request block, which the message table
 /// must not overlap (rule M5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,20 +222,7 @@ fn check_fully_specified<R: GuestRam + ?Sized>(
     if req.group >= PROCESSOR_GROUPS {
         return Err(Violation::GroupNotPresent);
     }
-    let classic = ConnectRequest {
-        device_id: req.device_id,
-        vector: req.vector,
-        irql: req.irql,
-        synchronize_irql: req.synchronize_irql,
-        interrupt_mode: req.interrupt_mode,
-        share_vector: req.share_vector,
-        floating_save: req.floating_save,
-        processor_enable_mask: req.processor_enable_mask,
-        service_routine: req.service_routine,
-        service_context: req.service_context,
-        spin_lock: req.spin_lock,
-        version: req.version,
-    };
+    let classic = req.classic();
     let accepted = validate::check_connect(&classic, platform, devices, registry, ram).map_err(
         |v| match v {
             Violation::EmptyEffectiveMask => Violation::EmptyEffectiveMaskEx,

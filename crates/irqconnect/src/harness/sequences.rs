@@ -558,20 +558,7 @@ fn expected_ex(
         if req.group != 0 {
             return Err(Violation::GroupNotPresent.into());
         }
-        let classic = ConnectRequest {
-            device_id: req.device_id,
-            vector: req.vector,
-            irql: req.irql,
-            synchronize_irql: req.synchronize_irql,
-            interrupt_mode: req.interrupt_mode,
-            share_vector: req.share_vector,
-            floating_save: req.floating_save,
-            processor_enable_mask: req.processor_enable_mask,
-            service_routine: req.service_routine,
-            service_context: req.service_context,
-            spin_lock: req.spin_lock,
-            version: req.version,
-        };
+        let classic = req.classic();
         let mask = expected_verdict(&classic, shadow, devices).map_err(|v| match v {
             Violation::EmptyEffectiveMask => Violation::EmptyEffectiveMaskEx,
             v => v,
