@@ -65,6 +65,27 @@ pub struct ConnectExRequest {
     pub message_table_length: u32,
 }
 
+impl ConnectExRequest {
+    /// The IoConnectInterrupt parameters of a FULLY_SPECIFIED request (its
+    /// `version` kept, so rule 10 knows which it is).
+    pub fn classic(&self) -> ConnectRequest {
+        ConnectRequest {
+            device_id: self.device_id,
+            vector: self.vector,
+            irql: self.irql,
+            synchronize_irql: self.synchronize_irql,
+            interrupt_mode: self.interrupt_mode,
+            share_vector: self.share_vector,
+            floating_save: self.floating_save,
+            processor_enable_mask: self.processor_enable_mask,
+            service_routine: self.service_routine,
+            service_context: self.service_context,
+            spin_lock: self.spin_lock,
+            version: self.version,
+        }
+    }
+}
+
 /// The guest-physical bytes of the request block, which the message table
 /// must not overlap (rule M5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +120,26 @@ impl MessageTable {
     }
 }
 
+/// A refused CONNECT_EX: the rule, and the message table size when the
+/// refusal came at rule M5 or later (`message_table_required` is answered
+/// from M5 on, whatever comes next; 0 before).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExRefusal {
+    /// The first rule that failed.
+    pub violation: Violation,
+    /// The table size, or 0.
+    pub table_required: u32,
+}
+
+impl From<Violation> for ExRefusal {
+    fn from(violation: Violation) -> Self {
+        Self {
+            violation,
+            table_required: 0,
+        }
+    }
+}
+
 /// What CONNECT_EX would record, once every rule passed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanEx {
@@ -112,6 +153,8 @@ pub struct PlanEx {
     pub unified_irql: u8,
     /// MESSAGE_BASED: the table to write.
     pub table: Option<MessageTable>,
+    /// MESSAGE_BASED: the table's size (0 otherwise).
+    pub table_required: u32,
 }
 
 /// Checks CONNECT_EX (rules X1.., then the version's rules); changes nothing.
@@ -122,7 +165,7 @@ pub fn check_connect_ex<R: GuestRam + ?Sized>(
     devices: &DeviceTable,
     registry: &Registry,
     ram: &R,
-) -> Result<PlanEx, Violation> {
+) -> Result<PlanEx, ExRefusal> {
     // Rule X1.
     if !matches!(
         req.version,
@@ -131,20 +174,21 @@ pub fn check_connect_ex<R: GuestRam + ?Sized>(
             | connect_version::MESSAGE_BASED
             | connect_version::FULLY_SPECIFIED_GROUP
     ) {
-        return Err(Violation::UnknownConnectVersion);
+        return Err(Violation::UnknownConnectVersion.into());
     }
     // Rule X2.
     if unused_inputs(req) != 0 {
-        return Err(Violation::UnusedInputNotZero);
+        return Err(Violation::UnusedInputNotZero.into());
     }
     match req.version {
         connect_version::LINE_BASED => {
             check_line_based(req, req.service_routine, platform, devices, registry, ram)
+                .map_err(ExRefusal::from)
         }
         connect_version::MESSAGE_BASED => {
             check_message_based(req, block, platform, devices, registry, ram)
         }
-        _ => check_fully_specified(req, platform, devices, registry, ram),
+        _ => check_fully_specified(req, platform, devices, registry, ram).map_err(ExRefusal::from),
     }
 }
 
@@ -178,20 +222,7 @@ fn check_fully_specified<R: GuestRam + ?Sized>(
     if req.group >= PROCESSOR_GROUPS {
         return Err(Violation::GroupNotPresent);
     }
-    let classic = ConnectRequest {
-        device_id: req.device_id,
-        vector: req.vector,
-        irql: req.irql,
-        synchronize_irql: req.synchronize_irql,
-        interrupt_mode: req.interrupt_mode,
-        share_vector: req.share_vector,
-        floating_save: req.floating_save,
-        processor_enable_mask: req.processor_enable_mask,
-        service_routine: req.service_routine,
-        service_context: req.service_context,
-        spin_lock: req.spin_lock,
-        version: req.version,
-    };
+    let classic = req.classic();
     let accepted = validate::check_connect(&classic, platform, devices, registry, ram).map_err(
         |v| match v {
             Violation::EmptyEffectiveMask => Violation::EmptyEffectiveMaskEx,
@@ -204,6 +235,7 @@ fn check_fully_specified<R: GuestRam + ?Sized>(
         connections: vec![accepted.connection],
         message_routes: Vec::new(),
         table: None,
+        table_required: 0,
     })
 }
 
@@ -271,6 +303,7 @@ fn check_line_based<R: GuestRam + ?Sized>(
         connections,
         message_routes: Vec::new(),
         table: None,
+        table_required: 0,
     })
 }
 
@@ -282,15 +315,15 @@ fn check_message_based<R: GuestRam + ?Sized>(
     devices: &DeviceTable,
     registry: &Registry,
     ram: &R,
-) -> Result<PlanEx, Violation> {
+) -> Result<PlanEx, ExRefusal> {
     // Rule M1.
     let device = devices
         .device(req.device_id)
-        .ok_or(Violation::UnknownDevice)?;
+        .ok_or(ExRefusal::from(Violation::UnknownDevice))?;
     // Rule M2.
     let Some(messages) = device.messages() else {
         if req.fallback_service_routine == 0 {
-            return Err(Violation::NoMessages);
+            return Err(Violation::NoMessages.into());
         }
         return check_line_based(
             req,
@@ -299,31 +332,37 @@ fn check_message_based<R: GuestRam + ?Sized>(
             devices,
             registry,
             ram,
-        );
+        )
+        .map_err(ExRefusal::from);
     };
     // Rule M3.
     if req.service_routine == 0 {
-        return Err(Violation::NullServiceRoutine);
+        return Err(Violation::NullServiceRoutine.into());
     }
     // Rule M4.
     if req.service_context != 0 && !ram.is_ram(req.service_context, SERVICE_CONTEXT_PROBE) {
-        return Err(Violation::ServiceContextNotResident);
+        return Err(Violation::ServiceContextNotResident.into());
     }
     if req.spin_lock != 0 && !ram.is_ram(req.spin_lock, SPIN_LOCK_SIZE) {
-        return Err(Violation::SpinLockNotResident);
+        return Err(Violation::SpinLockNotResident.into());
     }
-    // Rule M5.
+    // Rule M5: from here on, a refusal answers the table's size.
     let count = usize::from(messages.count);
     let required = message_table_size(count);
-    check_table(req, block, required, ram)?;
+    let table_required = u32::try_from(required).unwrap_or(u32::MAX);
+    let refuse = |violation: Violation| ExRefusal {
+        violation,
+        table_required,
+    };
+    check_table(req, block, required, ram).map_err(refuse)?;
     // Rule M6.
     let message_irql = messages.irql();
     let unified_irql = if req.spin_lock == 0 {
         message_irql
     } else if req.synchronize_irql < message_irql {
-        return Err(Violation::SynchronizeIrqlBelowIrql);
+        return Err(refuse(Violation::SynchronizeIrqlBelowIrql));
     } else if req.synchronize_irql > HIGH_LEVEL {
-        return Err(Violation::SynchronizeIrqlAboveHighLevel);
+        return Err(refuse(Violation::SynchronizeIrqlAboveHighLevel));
     } else {
         req.synchronize_irql
     };
@@ -333,22 +372,24 @@ fn check_message_based<R: GuestRam + ?Sized>(
         req.processor_enable_mask,
     );
     if allowed == 0 {
-        return Err(Violation::MessageTargetsEmpty);
+        return Err(refuse(Violation::MessageTargetsEmpty));
     }
     let mut connections = Vec::with_capacity(count);
     let mut routes = Vec::with_capacity(count);
     let mut objects = 0u32;
     for k in 0..messages.count {
-        let vector = messages.vector(k).ok_or(Violation::MessageTargetsEmpty)?;
+        let vector = messages
+            .vector(k)
+            .ok_or(refuse(Violation::MessageTargetsEmpty))?;
         let route = MessageRoute::for_targets(vector, messages.targets(k, allowed), platform)
             .filter(|r| r.targets != 0)
-            .ok_or(Violation::MessageTargetsEmpty)?;
+            .ok_or(refuse(Violation::MessageTargetsEmpty))?;
         // Rule M8: exclusive, so an earlier connection of these vectors
         // refuses this one (rule 9).
         if let Some(cpu) =
             registry.sharing_conflict(vector, route.targets, InterruptMode::Latched, false)
         {
-            return Err(Violation::SharingConflict { cpu });
+            return Err(refuse(Violation::SharingConflict { cpu }));
         }
         let connection = message_connection(req, device, vector, k, route.targets, unified_irql);
         objects = objects.saturating_add(connection.objects());
@@ -357,7 +398,7 @@ fn check_message_based<R: GuestRam + ?Sized>(
     }
     // Rule M9.
     if !registry.fits(objects) {
-        return Err(Violation::QuotaExceeded);
+        return Err(refuse(Violation::QuotaExceeded));
     }
     let table = MessageTable {
         gpa: req.message_table,
@@ -391,6 +432,7 @@ fn check_message_based<R: GuestRam + ?Sized>(
         connections,
         message_routes: routes,
         table: Some(table),
+        table_required,
     })
 }
 
@@ -404,9 +446,7 @@ fn check_table<R: GuestRam + ?Sized>(
 ) -> Result<(), Violation> {
     let required32 = u32::try_from(required).map_err(|_| Violation::TableNotUsable)?;
     if req.message_table_length < required32 {
-        return Err(Violation::TableTooSmall {
-            required: required32,
-        });
+        return Err(Violation::TableTooSmall);
     }
     let start = req.message_table;
     let len = required as u64;
@@ -521,18 +561,34 @@ mod tests {
     }
 
     fn run(s: &mut Service, r: &ConnectExRequest) -> Result<ConnectedEx, Violation> {
-        s.connect_ex(r, BLOCK, &ram())
+        s.connect_ex(r, BLOCK, &ram()).map_err(|e| e.violation)
     }
 
-    fn refused(s: &mut Service, r: &ConnectExRequest) -> Violation {
+    /// The refusal of `r`, which must change nothing.
+    fn refusal(s: &mut Service, r: &ConnectExRequest) -> ExRefusal {
         let before = s.clone();
-        match run(s, r) {
+        match s.connect_ex(r, BLOCK, &ram()) {
             Ok(c) => panic!("accepted: {c:?}"),
-            Err(v) => {
+            Err(e) => {
                 assert_eq!(*s, before, "a refusal changed the service");
-                v
+                e
             }
         }
+    }
+
+    /// The rule that refused `r`; no table size answered (before M5).
+    fn refused(s: &mut Service, r: &ConnectExRequest) -> Violation {
+        let e = refusal(s, r);
+        assert_eq!(e.table_required, 0, "{e:?}");
+        e.violation
+    }
+
+    /// The rule that refused `r` at M5 or later, which answers the table
+    /// size `required`.
+    fn refused_with_size(s: &mut Service, r: &ConnectExRequest, required: u32) -> Violation {
+        let e = refusal(s, r);
+        assert_eq!(e.table_required, required, "{e:?}");
+        e.violation
     }
 
     #[test]
@@ -810,14 +866,8 @@ mod tests {
             message_table_length: 327,
             ..message(10)
         };
-        assert_eq!(
-            refused(&mut s, &r),
-            Violation::TableTooSmall { required: 328 }
-        );
-        assert_eq!(
-            Violation::TableTooSmall { required: 328 }.status(),
-            STATUS_BUFFER_TOO_SMALL
-        );
+        assert_eq!(refused_with_size(&mut s, &r, 328), Violation::TableTooSmall);
+        assert_eq!(Violation::TableTooSmall.status(), STATUS_BUFFER_TOO_SMALL);
         let exact = ConnectExRequest {
             message_table_length: 328,
             ..r
@@ -839,7 +889,11 @@ mod tests {
                 message_table: at,
                 ..message(10)
             };
-            assert_eq!(refused(&mut s, &r), Violation::TableNotUsable, "{at:#x}");
+            assert_eq!(
+                refused_with_size(&mut s, &r, 328),
+                Violation::TableNotUsable,
+                "{at:#x}"
+            );
         }
         // Right after the block is fine.
         let r = ConnectExRequest {
@@ -872,7 +926,7 @@ mod tests {
                 ..message(9)
             };
             match want {
-                Some(v) => assert_eq!(refused(&mut s, &r), v),
+                Some(v) => assert_eq!(refused_with_size(&mut s, &r, 168), v),
                 None => assert_eq!(run(&mut s, &r).unwrap().unified_irql, 9),
             }
         }
@@ -950,7 +1004,10 @@ mod tests {
             processor_enable_mask: 0b1_0000,
             ..message(10)
         };
-        assert_eq!(refused(&mut s, &r), Violation::MessageTargetsEmpty);
+        assert_eq!(
+            refused_with_size(&mut s, &r, 328),
+            Violation::MessageTargetsEmpty
+        );
     }
 
     #[test]
@@ -958,7 +1015,7 @@ mod tests {
         let mut s = service();
         run(&mut s, &message(9)).unwrap();
         assert!(matches!(
-            refused(&mut s, &message(9)),
+            refused_with_size(&mut s, &message(9), 168),
             Violation::SharingConflict { .. }
         ));
         // Every message has a vector of its own, which no line resource has.
@@ -984,7 +1041,10 @@ mod tests {
         let platform = crate::platform::Platform::uniform(4).unwrap();
         let devices = DeviceTable::default_for(&platform);
         let mut s = Service::new(platform, devices, 7).unwrap();
-        assert_eq!(refused(&mut s, &message(10)), Violation::QuotaExceeded);
+        assert_eq!(
+            refused_with_size(&mut s, &message(10), 328),
+            Violation::QuotaExceeded
+        );
         let mut s8 = Service::new(s.platform().clone(), s.devices().clone(), 8).unwrap();
         assert!(run(&mut s8, &message(10)).is_ok());
         assert_eq!(s8.registry().objects_in_use(), 8);

@@ -481,11 +481,12 @@ fn connect_ex<M: GuestRam + ?Sized>(
             reply.messages = done.messages;
             (Ok(done.routes), reply)
         }
-        Err(v) => {
-            if let Violation::TableTooSmall { required } = v {
-                block.message_table_required = required;
-            }
-            (Err(Refusal::Rule(v)), Reply::of(&block, start, end))
+        Err(refused) => {
+            block.message_table_required = refused.table_required;
+            (
+                Err(Refusal::Rule(refused.violation)),
+                Reply::of(&block, start, end),
+            )
         }
     }
 }

@@ -9,7 +9,7 @@ use irqconnect_abi::pv::{
 use serde::{Deserialize, Serialize};
 use zerocopy::FromZeros;
 
-use crate::connect_ex::{self, BlockSpan, ConnectExRequest, MessageTable};
+use crate::connect_ex::{self, BlockSpan, ConnectExRequest, ExRefusal, MessageTable};
 use crate::devices::{DeviceTable, TableConfig};
 use crate::error::Error;
 use crate::handle::Handle;
@@ -231,7 +231,7 @@ impl Service {
         req: &ConnectExRequest,
         block: BlockSpan,
         ram: &R,
-    ) -> Result<ConnectedEx, Violation> {
+    ) -> Result<ConnectedEx, ExRefusal> {
         let plan = connect_ex::check_connect_ex(
             req,
             block,
@@ -249,7 +249,10 @@ impl Service {
         } else {
             self.registry.insert_group(&plan.connections)
         }
-        .ok_or(Violation::QuotaExceeded)?;
+        .ok_or(ExRefusal {
+            violation: Violation::QuotaExceeded,
+            table_required: plan.table_required,
+        })?;
         let mut routes = Vec::new();
         let mut effective_mask = 0;
         for c in &plan.connections {
@@ -267,10 +270,7 @@ impl Service {
             effective_mask,
             count: plan.connections.len() as u32,
             unified_irql: plan.unified_irql,
-            table_required: plan
-                .table
-                .as_ref()
-                .map_or(0, |t| message_table_size(t.entries.len()) as u32),
+            table_required: plan.table_required,
             table: plan.table,
             routes,
             messages,

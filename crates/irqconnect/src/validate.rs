@@ -126,11 +126,9 @@ pub enum Violation {
     NoLineResources,
     /// Rule M2: the device has no messages and no fallback routine was given.
     NoMessages,
-    /// Rule M5: the message table buffer is shorter than `required` bytes.
-    TableTooSmall {
-        /// The bytes the table takes.
-        required: u32,
-    },
+    /// Rule M5: the message table buffer is shorter than the table
+    /// (`ExRefusal::table_required` says how long it must be).
+    TableTooSmall,
     /// Rule M5 (HOST+): the message table buffer is misaligned, not guest
     /// RAM, or overlaps the request block.
     TableNotUsable,
@@ -163,7 +161,7 @@ impl Violation {
             Self::GroupNotPresent => "X3",
             Self::NoLineResources => "L1",
             Self::NoMessages => "M2",
-            Self::TableTooSmall { .. } | Self::TableNotUsable => "M5",
+            Self::TableTooSmall | Self::TableNotUsable => "M5",
             Self::MessageTargetsEmpty => "M7",
             Self::VersionMismatch => "DX",
         }
@@ -180,7 +178,7 @@ impl Violation {
             Self::UnknownHandle => STATUS_INVALID_HANDLE,
             Self::UnknownConnectVersion => STATUS_INVALID_PARAMETER_1,
             Self::EmptyEffectiveMaskEx => STATUS_INVALID_PARAMETER_10,
-            Self::TableTooSmall { .. } => STATUS_BUFFER_TOO_SMALL,
+            Self::TableTooSmall => STATUS_BUFFER_TOO_SMALL,
             _ => STATUS_INVALID_PARAMETER,
         }
     }

@@ -325,10 +325,13 @@ fn sequence_ex_seeds_reach_success_fallback_and_too_small() {
         for op in &seq.ops {
             match op {
                 Op::ConnectEx(r) => {
-                    let a = s.connect_ex(r, block, &ram).map(|c| {
-                        handles.push(c.handle);
-                        c.version_used
-                    });
+                    let a = s
+                        .connect_ex(r, block, &ram)
+                        .map(|c| {
+                            handles.push(c.handle);
+                            c.version_used
+                        })
+                        .map_err(|e| e.violation);
                     out.push(format!("{a:?}"));
                 }
                 Op::DisconnectEx(n, v) => {
@@ -375,7 +378,7 @@ fn sequence_ex_seeds_reach_success_fallback_and_too_small() {
         answers(&find("ex-fallback-and-table-too-small")),
         [
             l,
-            format!("Err({:?})", Violation::TableTooSmall { required: 328 }),
+            format!("Err({:?})", Violation::TableTooSmall),
             format!("Err({:?})", Violation::TableNotUsable),
             format!("Err({:?})", Violation::NoMessages),
         ]

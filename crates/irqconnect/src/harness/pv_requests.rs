@@ -189,7 +189,7 @@ fn doorbell(
                     return Err("a refusal programmed messages".into());
                 }
                 if answer.opcode == opcode::CONNECT_EX {
-                    check_refused_ex(after, start, answer.status)?;
+                    check_refused_ex(service, after, start, answer.status)?;
                 }
             } else if answer.status != STATUS_SUCCESS {
                 return Err(format!("success answered {:#x}", answer.status));
@@ -338,9 +338,15 @@ fn written_table(after: &[u8], start: usize, base: u64) -> Option<core::ops::Ran
     Some(from..from.checked_add(len as usize)?)
 }
 
-/// A refused CONNECT_EX answered zeros, except the table size with
-/// STATUS_BUFFER_TOO_SMALL.
-fn check_refused_ex(after: &[u8], start: usize, status: u32) -> Result<(), String> {
+/// A refused CONNECT_EX answered zeros, except the table size, which is
+/// the device's with STATUS_BUFFER_TOO_SMALL and after any rule from M5 on
+/// (so 0 or the device's otherwise).
+fn check_refused_ex(
+    service: &Service,
+    after: &[u8],
+    start: usize,
+    status: u32,
+) -> Result<(), String> {
     let outputs = after
         .get(start + offset_of!(ConnectEx, version_used)..start + size_of::<ConnectEx>())
         .ok_or("a refused CONNECT_EX block is not RAM")?;
@@ -350,10 +356,16 @@ fn check_refused_ex(after: &[u8], start: usize, status: u32) -> Result<(), Strin
         .enumerate()
         .filter(|(i, _)| !(4..8).contains(i))
         .all(|(_, &b)| b == 0);
+    let version = read_u32(after, start + offset_of!(ConnectEx, version));
+    let device = read_u32(after, start + offset_of!(ConnectEx, device_id)).unwrap_or(u32::MAX);
+    let size = match service.query_messages(device) {
+        Some(q) if version == Some(connect_version::MESSAGE_BASED) => q.table_size,
+        _ => 0,
+    };
     let required_ok = if status == STATUS_BUFFER_TOO_SMALL {
-        required.is_some_and(|r| r > 0)
+        size > 0 && required == Some(size)
     } else {
-        required == Some(0)
+        required == Some(0) || required == Some(size)
     };
     if others && required_ok {
         Ok(())

@@ -40,7 +40,7 @@
 //! CONNECT, 2 CONNECT_EX, 3 DISCONNECT, 4 forged DISCONNECT, 5 assert,
 //! 6 storm / snapshot / disconnect all, 7 DISCONNECT_EX) and operands.
 
-use crate::connect_ex::{BlockSpan, ConnectExRequest, MESSAGE_TABLE_ALIGN};
+use crate::connect_ex::{BlockSpan, ConnectExRequest, ExRefusal, MESSAGE_TABLE_ALIGN};
 use crate::devices::{Device, DeviceTable, InterruptMode, ShareDisposition};
 use crate::handle::Handle;
 use crate::messages::{IrqPolicy, MessageKind, MessageResource, MessageRoute};
@@ -534,10 +534,10 @@ fn expected_ex(
     shadow: &Shadow,
     platform: &Platform,
     devices: &DeviceTable,
-) -> Result<ExpectedEx, Violation> {
+) -> Result<ExpectedEx, ExRefusal> {
     use connect_version::{FULLY_SPECIFIED, FULLY_SPECIFIED_GROUP, LINE_BASED, MESSAGE_BASED};
     if !(1..=4).contains(&req.version) {
-        return Err(Violation::UnknownConnectVersion);
+        return Err(Violation::UnknownConnectVersion.into());
     }
     let table = req.message_table != 0 || req.message_table_length != 0;
     let fully_fields = req.vector != 0
@@ -552,26 +552,13 @@ fn expected_ex(
         _ => fully_fields || req.group != 0,
     };
     if unused {
-        return Err(Violation::UnusedInputNotZero);
+        return Err(Violation::UnusedInputNotZero.into());
     }
     if req.version == FULLY_SPECIFIED || req.version == FULLY_SPECIFIED_GROUP {
         if req.group != 0 {
-            return Err(Violation::GroupNotPresent);
+            return Err(Violation::GroupNotPresent.into());
         }
-        let classic = ConnectRequest {
-            device_id: req.device_id,
-            vector: req.vector,
-            irql: req.irql,
-            synchronize_irql: req.synchronize_irql,
-            interrupt_mode: req.interrupt_mode,
-            share_vector: req.share_vector,
-            floating_save: req.floating_save,
-            processor_enable_mask: req.processor_enable_mask,
-            service_routine: req.service_routine,
-            service_context: req.service_context,
-            spin_lock: req.spin_lock,
-            version: req.version,
-        };
+        let classic = req.classic();
         let mask = expected_verdict(&classic, shadow, devices).map_err(|v| match v {
             Violation::EmptyEffectiveMask => Violation::EmptyEffectiveMaskEx,
             v => v,
@@ -593,7 +580,7 @@ fn expected_ex(
         .devices()
         .iter()
         .find(|d| d.id() == req.device_id)
-        .ok_or(Violation::UnknownDevice)?;
+        .ok_or(ExRefusal::from(Violation::UnknownDevice))?;
     let restrict = |affinity: u64| {
         if req.processor_enable_mask == 0 {
             affinity
@@ -654,27 +641,34 @@ fn expected_ex(
         })
     };
     if req.version == LINE_BASED {
-        return line_based(req.service_routine);
+        return line_based(req.service_routine).map_err(ExRefusal::from);
     }
     debug_assert_eq!(req.version, MESSAGE_BASED);
     let Some(messages) = device.messages() else {
         if !fallback {
-            return Err(Violation::NoMessages);
+            return Err(Violation::NoMessages.into());
         }
-        return line_based(req.fallback_service_routine);
+        return line_based(req.fallback_service_routine).map_err(ExRefusal::from);
     };
     if req.service_routine == 0 {
-        return Err(Violation::NullServiceRoutine);
+        return Err(Violation::NullServiceRoutine.into());
     }
     if req.service_context != 0 && !resident(req.service_context, SERVICE_CONTEXT_PROBE) {
-        return Err(Violation::ServiceContextNotResident);
+        return Err(Violation::ServiceContextNotResident.into());
     }
     if req.spin_lock != 0 && !resident(req.spin_lock, SPIN_LOCK_SIZE) {
-        return Err(Violation::SpinLockNotResident);
+        return Err(Violation::SpinLockNotResident.into());
     }
+    // From rule M5 on, a refusal answers the table's size.
     let required = 8 + 40 * u32::from(messages.count);
+    let refuse = |violation| {
+        Err(ExRefusal {
+            violation,
+            table_required: required,
+        })
+    };
     if req.message_table_length < required {
-        return Err(Violation::TableTooSmall { required });
+        return refuse(Violation::TableTooSmall);
     }
     let block_end = BLOCK.start + BLOCK.len;
     let table_end = req.message_table.checked_add(u64::from(required));
@@ -683,28 +677,28 @@ fn expected_ex(
             end <= RAM_SIZE && (end <= BLOCK.start || req.message_table >= block_end)
         });
     if !usable {
-        return Err(Violation::TableNotUsable);
+        return refuse(Violation::TableNotUsable);
     }
     let class = messages.first_vector >> 4;
     let unified = if req.spin_lock == 0 {
         class
     } else if req.synchronize_irql < class {
-        return Err(Violation::SynchronizeIrqlBelowIrql);
+        return refuse(Violation::SynchronizeIrqlBelowIrql);
     } else if req.synchronize_irql > HIGH_LEVEL {
-        return Err(Violation::SynchronizeIrqlAboveHighLevel);
+        return refuse(Violation::SynchronizeIrqlAboveHighLevel);
     } else {
         req.synchronize_irql
     };
     let allowed = restrict(messages.affinity & shadow.online);
     if allowed == 0 {
-        return Err(Violation::MessageTargetsEmpty);
+        return refuse(Violation::MessageTargetsEmpty);
     }
     let mut planned = Vec::new();
     for k in 0..messages.count {
         let vector = messages.first_vector + k;
         let mask = reach(policy_set(messages, k, allowed), platform);
         if mask == 0 {
-            return Err(Violation::MessageTargetsEmpty);
+            return refuse(Violation::MessageTargetsEmpty);
         }
         let taken = shadow
             .live
@@ -712,7 +706,7 @@ fn expected_ex(
             .filter(|c| c.vector == vector)
             .fold(0, |m, c| m | c.mask);
         if mask & taken != 0 {
-            return Err(Violation::SharingConflict {
+            return refuse(Violation::SharingConflict {
                 cpu: (mask & taken).trailing_zeros(),
             });
         }
@@ -726,7 +720,7 @@ fn expected_ex(
     }
     let objects = live_objects(shadow) + planned.iter().map(|p| p.mask.count_ones()).sum::<u32>();
     if objects > shadow.quota {
-        return Err(Violation::QuotaExceeded);
+        return refuse(Violation::QuotaExceeded);
     }
     Ok(ExpectedEx {
         version_used: MESSAGE_BASED,
