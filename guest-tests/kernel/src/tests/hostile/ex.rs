@@ -377,8 +377,9 @@ pub fn handles(cases: &mut Cases, env: &Env) -> Result<(), Failure> {
     Ok(())
 }
 
-/// MESSAGE_BASED with the table buffer outside RAM, straddling its end,
-/// wrapping, in the LAPIC page, in the MMIO hole or misaligned:
+/// MESSAGE_BASED with the table buffer over the request block, outside
+/// RAM, straddling its end, wrapping, in the LAPIC page, in the MMIO hole
+/// or misaligned:
 /// STATUS_INVALID_PARAMETER; shorter than the table:
 /// STATUS_BUFFER_TOO_SMALL. Either way `message_table_required` says the
 /// size, nothing else is answered and the host writes nothing into the
@@ -437,7 +438,14 @@ pub fn pointers(cases: &mut Cases, env: &Env) -> Result<(), Failure> {
             crate::display::dec(need)
         ),
     );
-    let tables: [(&str, bool, u64, u32, Want); 9] = [
+    let tables: [(&str, bool, u64, u32, Want); 10] = [
+        (
+            "table over the request block",
+            true,
+            raw::block_address(0),
+            need,
+            IP,
+        ),
         (
             "table straddling the end of RAM",
             ram != 0,

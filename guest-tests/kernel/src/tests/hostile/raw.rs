@@ -123,6 +123,12 @@ impl Sent {
     }
 }
 
+/// The guest-physical address [`send`] puts a block at, `misalign` bytes
+/// past its 8-byte boundary.
+pub fn block_address(misalign: usize) -> u64 {
+    base().wrapping_add(GUARD_BEFORE + misalign.min(MAX_MISALIGN)) as u64
+}
+
 /// Sends `block` as a block `misalign` bytes past an 8-byte boundary,
 /// guards around it; returns what came back.
 pub fn send(block: &Block, misalign: usize) -> Sent {
