@@ -1022,6 +1022,7 @@ fn synchronize_excludes(env: &Env) -> TestResult {
         let mut total = 0;
         let deadline = time::now_us() + 10 * pvfix::TIMEOUT_US;
         let mut i = 0usize;
+        let mut last = ctx.total();
         while total < RAISES && time::now_us() < deadline {
             let k = i % n;
             i += 1;
@@ -1033,14 +1034,16 @@ fn synchronize_excludes(env: &Env) -> TestResult {
                 raised[k] += 1;
                 total += 1;
             }
-            let handled = ctx.total();
             let result =
                 KeSynchronizeExecution(objects[i % n], exclusive_routine, core::ptr::null_mut());
             if result != SYNC_RUNS.load(Ordering::Acquire).is_multiple_of(2) {
                 wrong_result += 1;
             }
-            if ctx.total() != handled {
+            // Message calls since the previous synchronized run ended.
+            let handled = ctx.total();
+            if handled != last {
                 interleaved += 1;
+                last = handled;
             }
             time::delay_us(20);
         }
