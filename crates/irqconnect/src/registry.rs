@@ -358,10 +358,12 @@ impl Registry {
                 }
             }
         }
-        let members = slots
+        // Slot order, as `from_state` rebuilds it: one form of the index.
+        let mut members: Vec<u32> = slots
             .iter()
             .filter_map(|h| h.slot().and_then(|s| u32::try_from(s).ok()))
             .collect();
+        members.sort_unstable();
         self.members.insert(lead_slot, members);
         Some(lead)
     }
@@ -390,7 +392,9 @@ impl Registry {
         Some(gone)
     }
 
-    /// The members (lead first) of the group `handle` names, or `None`.
+    /// The connections of the group `handle` names, lead included, in
+    /// message order (MESSAGE_BASED) or vector order (LINE_BASED); `None`
+    /// when `handle` names no live group lead.
     pub fn group(&self, handle: Handle) -> Option<Vec<&Connection>> {
         let lead = self.get(handle)?;
         if !lead.in_group() || lead.lead.is_some() {
@@ -401,6 +405,7 @@ impl Registry {
         for &slot in self.members.get(&lead_slot).into_iter().flatten() {
             all.extend(self.live(slot as usize).map(|(_, c)| c));
         }
+        all.sort_by_key(|c| (c.message, c.vector));
         Some(all)
     }
 
@@ -827,6 +832,38 @@ mod tests {
             Some(2)
         );
         assert_eq!(r.sharing_conflict(0x70, 0b1001, LEVEL, true), Some(3));
+    }
+
+    /// Regression (`connect_sequences` campaign): a group inserted into
+    /// reused slots kept its members in insertion order, `from_state`
+    /// rebuilt them in slot order, and a snapshot no longer restored to an
+    /// equal registry.
+    #[test]
+    fn regression_group_in_reused_slots_restores_equal() {
+        let mut r = registry(16);
+        let fill: Vec<Handle> = (0..3)
+            .filter_map(|i| r.insert(conn(0, 0x60, 1 << i, LEVEL, true)))
+            .collect();
+        // Free slots 2, then 1, then 0: the group reuses them in that order.
+        for &h in fill.iter().rev() {
+            r.remove(h);
+        }
+        let member = |k: u8| Connection {
+            version: connect_version::MESSAGE_BASED,
+            message: Some(k),
+            ..conn(10, 0x48 + k, 1, InterruptMode::Latched, false)
+        };
+        let g = r.insert_group(&[member(0), member(1), member(2)]);
+        assert!(g.is_some());
+        let back = Registry::from_state(&r.to_state());
+        assert_eq!(back.as_ref(), Ok(&r));
+        let order: Vec<_> = r
+            .group(g.unwrap())
+            .unwrap()
+            .iter()
+            .map(|c| c.message)
+            .collect();
+        assert_eq!(order, [Some(0), Some(1), Some(2)]);
     }
 
     #[test]

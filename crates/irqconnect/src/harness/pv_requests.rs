@@ -188,7 +188,10 @@ fn doorbell(
                 if !answer.messages.is_empty() {
                     return Err("a refusal programmed messages".into());
                 }
-                if answer.opcode == opcode::CONNECT_EX {
+                // A malformed block (rule 1) answers only its status.
+                if answer.opcode == opcode::CONNECT_EX
+                    && matches!(answer.refusal, Some(crate::request::Refusal::Rule(_)))
+                {
                     check_refused_ex(service, after, start, answer.status)?;
                 }
             } else if answer.status != STATUS_SUCCESS {

@@ -1289,15 +1289,16 @@ fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<
     let mut handles: Vec<Handle> = shadow.live.iter().map(|c| c.handle).collect();
     handles.dedup();
     for h in handles {
-        let mine: Vec<(u8, u64, Option<u8>)> = shadow
+        let mut mine: Vec<(Option<u8>, u8, u64)> = shadow
             .live
             .iter()
             .filter(|c| c.handle == h)
-            .map(|c| (c.vector, c.mask, c.message))
+            .map(|c| (c.message, c.vector, c.mask))
             .collect();
-        let theirs: Option<Vec<(u8, u64, Option<u8>)>> = match registry.group(h) {
-            Some(g) => Some(g.iter().map(|c| (c.vector, c.mask, c.message)).collect()),
-            None => registry.get(h).map(|c| vec![(c.vector, c.mask, c.message)]),
+        mine.sort_unstable();
+        let theirs: Option<Vec<(Option<u8>, u8, u64)>> = match registry.group(h) {
+            Some(g) => Some(g.iter().map(|c| (c.message, c.vector, c.mask)).collect()),
+            None => registry.get(h).map(|c| vec![(c.message, c.vector, c.mask)]),
         };
         if theirs.as_ref() != Some(&mine) {
             return Err(format!(
