@@ -233,9 +233,15 @@ impl ApicDestination {
     }
 
     /// The 8-bit logical destination naming exactly the processors of
-    /// `processors`, if there is one.
+    /// `processors`, if there is one. 0xFF is the broadcast destination
+    /// (SDM Vol. 3A 11.6.2.1; KVM's `kvm_apic_broadcast` and our
+    /// `apic_bus` deliver it to every APIC), so it names processors 0..7
+    /// only on a platform that has no others.
     fn logical_mask(processors: u64, platform: &Platform) -> Option<u8> {
         let mask = u8::try_from(processors).ok()?;
+        if u32::from(mask) == irqchip::apic_bus::XAPIC_BROADCAST && platform.cpu_count() > 8 {
+            return None;
+        }
         let ids_are_indices = (0..8u32)
             .filter(|i| mask & (1 << i) != 0)
             .all(|i| platform.apic_id(i) == Some(i));
@@ -291,6 +297,24 @@ mod tests {
         assert_eq!(
             ApicDestination::for_route(&route, &p),
             ApicDestination::None
+        );
+    }
+
+    /// Regression (guest `no_interrupt_lost_under_load` with 9 vCPUs):
+    /// processors 0..7 of a larger platform are no logical destination,
+    /// since 0xFF broadcasts to processor 8 and up too.
+    #[test]
+    fn apic_destination_processors_0_to_7_of_9_are_not_the_broadcast() {
+        let p = Platform::uniform(9).unwrap();
+        let dest = ApicDestination::for_processors(0xff, true, &p);
+        assert_eq!(dest, ApicDestination::Physical { apic_id: 0 });
+        let small = Platform::uniform(8).unwrap();
+        assert_eq!(
+            ApicDestination::for_processors(0xff, true, &small),
+            ApicDestination::Logical {
+                mask: 0xff,
+                lowest_priority: true
+            }
         );
     }
 

@@ -492,11 +492,13 @@ struct ExpectedEx {
 /// The processors a message for `wanted` reaches, by the documented
 /// destination rule (`route::ApicDestination`): the whole set when an
 /// 8-bit logical destination names it (xAPIC: processors 0..7; x2APIC:
-/// also each APIC ID equal to its index), else only its lowest processor
+/// also each APIC ID equal to its index; 0xFF only with at most 8
+/// processors, since it broadcasts), else only its lowest processor
 /// (physical), which a compatibility-format MSI can address only with an
 /// APIC ID below 256.
 fn reach(wanted: u64, platform: &Platform) -> u64 {
     let low = wanted < 0x100
+        && (wanted != 0xff || platform.cpu_count() <= 8)
         && (0..8u32)
             .filter(|i| wanted & (1 << i) != 0)
             .all(|i| !platform.x2apic() || platform.apic_id(i) == Some(i));
