@@ -295,7 +295,17 @@ impl<'a> Diff<'a> {
         let (offset, value) = match which {
             0 if !x2apic => (ID, value << 24),
             2 if !x2apic => (LDR, value & 0xff00_0000),
-            3 if !x2apic => (DFR, value | 0x0fff_ffff),
+            // N15: the DFR model is 1111 (flat) or 0000 (cluster); the SDM
+            // defines no other. KVM's slow path matches nothing with another
+            // model, its map and ours take it as cluster.
+            3 if !x2apic => (
+                DFR,
+                if value & 1 != 0 {
+                    u32::MAX
+                } else {
+                    0x0fff_ffff
+                },
+            ),
             4 => (SVR, value & 0x3ff),
             _ => (TPR, value & 0xff),
         };
@@ -381,8 +391,30 @@ impl<'a> Diff<'a> {
     ///   then resolves x2APIC clusters through its physical map, where
     ///   xAPIC-mode APICs sit at their xAPIC ID; a logical message then
     ///   reaches an xAPIC-mode APIC whose LDR does not match (KVM finding).
+    /// - N14: a physical destination above 0xff equal to the vCPU ID of
+    ///   an APIC in xAPIC mode: KVM's "hotplug hack"
+    ///   (`kvm_apic_match_physical_addr`) delivers it to that APIC as if
+    ///   it were in x2APIC mode, so that a hot-plugged vCPU with an ID above
+    ///   255 can be started; ours follows the SDM (an xAPIC matches 8-bit
+    ///   IDs only) and the project does not hot-plug vCPUs.
+    /// - N16: the x2APIC broadcast 0xffff_ffff from an MSI (x2APIC API
+    ///   format): with the x2APIC broadcast quirk on, KVM's fast path takes
+    ///   only 0xff as a broadcast for a message without a source and
+    ///   resolves 0xffff_ffff as an ID above every APIC's, so nobody gets
+    ///   it (KVM finding); ours broadcasts (SDM Vol. 3A 11.12.9).
     fn kvm_unreliable(&self, message: &Message, hint: bool) -> bool {
+        if message.destination == u32::MAX {
+            return true;
+        }
         let targets = self.apics.targets();
+        if message.destination_mode == DestinationMode::Physical
+            && message.destination > 0xff
+            && self.apics.lapics().iter().any(|l| {
+                l.hw_enabled() && !l.is_x2apic() && l.config().apic_id == message.destination
+            })
+        {
+            return true;
+        }
         if message.destination_mode == DestinationMode::Logical
             && targets
                 .iter()
@@ -787,9 +819,11 @@ fn kvm_hash_misses(message: &Message, candidates: &[usize], targets: &[ApicTarge
     if message.destination_mode != DestinationMode::Logical {
         return false;
     }
+    // KVM's logical mode comes from the software-enabled APICs with a
+    // non-zero LDR (`kvm_recalculate_logical_map`).
     let enabled: Vec<&ApicTarget> = targets
         .iter()
-        .filter(|t| apic_bus::accepts(DeliveryMode::Fixed, t))
+        .filter(|t| apic_bus::accepts(DeliveryMode::Fixed, t) && t.logical_id != 0)
         .collect();
     let d = message.destination;
     let (cluster, mask, of): (u32, u32, fn(&ApicTarget) -> (u32, u32)) =
