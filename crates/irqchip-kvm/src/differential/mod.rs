@@ -120,11 +120,15 @@ pub fn run(data: &[u8]) -> Result<(), String> {
     let mut diff = Diff::new(vm, used, smm)?;
     diff.compare_all()
         .map_err(|e| format!("after reset: {e}"))?;
+    let trace = std::env::var_os("KVM_DIFFERENTIAL_TRACE").is_some();
     let mut step = 0usize;
     while !input.is_empty() {
         let op = input.u8() % 5;
         diff.apply(&mut input, op)
             .map_err(|e| format!("step {step} (op {op}): {e}"))?;
+        if trace {
+            diff.trace(step, op);
+        }
         step += 1;
     }
     Ok(())
@@ -269,7 +273,14 @@ impl<'a> Diff<'a> {
         let init_deassert = message.delivery_mode == DeliveryMode::Init
             && message.trigger_mode == TriggerMode::Level
             && !message.level;
-        if init_deassert || self.kvm_unreliable(&message, decoded.redirection_hint) {
+        // N17: with the redirection hint, the physical destination must not
+        // be 0xff (SDM Vol. 3A 11.11.1). KVM arbitrates it to one APIC (its
+        // broadcast exception turns the delivery mode to fixed but keeps
+        // the hint), ours broadcasts it like lowest priority to 0xff.
+        let undefined = decoded.redirection_hint
+            && message.destination_mode == DestinationMode::Physical
+            && message.destination == 0xff;
+        if init_deassert || undefined || self.kvm_unreliable(&message, decoded.redirection_hint) {
             return Ok(());
         }
         let _ = self.kvm.signal_msi(address, data)?;
@@ -397,6 +408,7 @@ impl<'a> Diff<'a> {
     ///   it were in x2APIC mode, so that a hot-plugged vCPU with an ID above
     ///   255 can be started; ours follows the SDM (an xAPIC matches 8-bit
     ///   IDs only) and the project does not hot-plug vCPUs.
+    /// - N18, N19: see the body.
     /// - N16: the x2APIC broadcast 0xffff_ffff from an MSI (x2APIC API
     ///   format): with the x2APIC broadcast quirk on, KVM's fast path takes
     ///   only 0xff as a broadcast for a message without a source and
@@ -404,6 +416,38 @@ impl<'a> Diff<'a> {
     ///   it (KVM finding); ours broadcasts (SDM Vol. 3A 11.12.9).
     fn kvm_unreliable(&self, message: &Message, hint: bool) -> bool {
         if message.destination == u32::MAX {
+            return true;
+        }
+        // N19: with 32-bit IDs (x2APIC API), KVM maps an APIC ID that more
+        // than one APIC holds (xAPIC IDs are writable, and vCPU IDs above
+        // 0xff alias in xAPIC mode) to the first vCPU only and "silently
+        // ignores aliased xAPIC IDs" (`kvm_recalculate_phys_map`); ours
+        // delivers to every APIC with the ID, as the architecture does.
+        if self.kvm.x2apic_api
+            && message.destination_mode == DestinationMode::Physical
+            && message.destination != 0xff
+            && self
+                .apics
+                .targets()
+                .iter()
+                .filter(|t| t.hw_enabled && t.apic_id == message.destination)
+                .count()
+                > 1
+        {
+            return true;
+        }
+        // N18: a logical destination above 0xff (x2APIC API MSIs) while an
+        // APIC is in xAPIC mode: KVM's fast path keeps its low 8 bits for
+        // xAPIC clusters (`kvm_apic_map_get_logical_dest`), its slow path
+        // matches nothing; ours matches no xAPIC above 0xff (KVM finding).
+        if message.destination_mode == DestinationMode::Logical
+            && message.destination > 0xff
+            && self
+                .apics
+                .lapics()
+                .iter()
+                .any(|l| l.hw_enabled() && !l.is_x2apic())
+        {
             return true;
         }
         let targets = self.apics.targets();
@@ -494,24 +538,22 @@ impl<'a> Diff<'a> {
     /// (each with the pin that sent it, `None` for an MSI) on our bus, with
     /// lowest-priority arbitration following KVM's choice (N2), then
     /// compares everything.
-    fn delivered(&mut self, messages: Vec<(Option<u8>, Message)>) -> Result<(), String> {
+    fn delivered(&mut self, mut messages: Vec<(Option<u8>, Message)>) -> Result<(), String> {
         let before = self.pages.clone();
+        for cpu in 0..self.used.len() {
+            self.refresh(cpu)?;
+        }
+        // N5: KVM latches INIT (and SIPI) for the vCPU's next entry, after
+        // everything else this step delivered; ours acts on acceptance. Ours
+        // takes a step's INIT messages last, and KVM's vCPUs process theirs
+        // at the end of the step (`KVM_GET_MP_STATE`).
+        messages.sort_by_key(|(_, m)| m.delivery_mode == DeliveryMode::Init);
         let events = messages.iter().any(|(_, m)| {
             matches!(
                 m.delivery_mode,
                 DeliveryMode::Init | DeliveryMode::StartUp | DeliveryMode::Nmi
             )
         });
-        if events {
-            // KVM latches INIT and SIPI for the vCPU's next entry; ours
-            // acts at once. Make KVM's vCPUs process them now (N5).
-            for cpu in 0..self.used.len() {
-                self.kvm.accept_events(self.pool(cpu)?)?;
-            }
-        }
-        for cpu in 0..self.used.len() {
-            self.refresh(cpu)?;
-        }
         for (pin, message) in messages {
             let took = self.deliver(&message, &before)?;
             if let Some(pin) = pin
@@ -522,6 +564,10 @@ impl<'a> Diff<'a> {
             }
         }
         if events {
+            for cpu in 0..self.used.len() {
+                self.kvm.accept_events(self.pool(cpu)?)?;
+                self.refresh(cpu)?;
+            }
             self.compare_nmis()?;
         }
         self.compare_all()
@@ -582,13 +628,21 @@ impl<'a> Diff<'a> {
                 _ => false,
             })
             .collect();
+        // With no visible change KVM either coalesced the vector into an
+        // APIC that had it (same state as taking it there) or dropped it;
+        // the two differ only in the Remote IRR of a level pin, which N1
+        // then takes from KVM.
+        let mut visible = true;
         let chosen = match changed.as_slice() {
             [one] => Some(*one),
-            [] => candidates.iter().copied().find(|&i| {
-                self.pages
-                    .get(i)
-                    .is_some_and(|a| bit(a, IRR0, v) && bit(a, TMR0, v) == level)
-            }),
+            [] => {
+                visible = false;
+                candidates.iter().copied().find(|&i| {
+                    self.pages
+                        .get(i)
+                        .is_some_and(|a| bit(a, IRR0, v) && bit(a, TMR0, v) == level)
+                })
+            }
             several => {
                 return Err(format!(
                     "KVM delivered lowest-priority {message:?} to {several:?}"
@@ -599,6 +653,7 @@ impl<'a> Diff<'a> {
             Some(k) => {
                 if let Some(outcome) = self.apics.with(k, |l| l.accept(message))
                     && kvm_takes(outcome, message.delivery_mode)
+                    && visible
                 {
                     took.insert(k);
                 }
@@ -694,6 +749,35 @@ impl<'a> Diff<'a> {
             }
         }
         Ok(())
+    }
+
+    /// With `KVM_DIFFERENTIAL_TRACE` set: both sides' registers after a
+    /// step, on stderr.
+    fn trace(&self, step: usize, op: u8) {
+        eprintln!("step {step} (op {op}):");
+        for (cpu, (lapic, kvm)) in self.apics.lapics().iter().zip(&self.pages).enumerate() {
+            eprintln!(
+                "{}",
+                self.cpu_diff(cpu, "state", kvm, &lapic.to_kvm_page(0))
+            );
+        }
+        if let Ok(kvm) = self.kvm.ioapic() {
+            for (pin, ours) in self.ioapic.entries() {
+                let Some(entry) = kvm.redirtbl.get(usize::from(pin)) else {
+                    continue;
+                };
+                // SAFETY: plain integers, as in `sync_remote_irr`.
+                let kvm_bits = unsafe { entry.bits };
+                if kvm_bits != 0x1_0000 || ours.into_bits() != 0x1_0000 {
+                    eprintln!(
+                        "  pin {pin}: KVM {kvm_bits:#018x} line {}, ours {:#018x} line {:?}",
+                        kvm.irr >> pin & 1,
+                        ours.into_bits(),
+                        self.ioapic.line(pin)
+                    );
+                }
+            }
+        }
     }
 
     fn cpu_diff(&self, cpu: usize, what: &str, kvm: &Page, ours: &Page) -> String {
