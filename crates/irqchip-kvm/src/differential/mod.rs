@@ -27,7 +27,7 @@
 //! its Remote IRR and, for level pins, the line level (`KVM_GET_IRQCHIP`).
 //!
 //! Differences that are by design are normalised here; each is named
-//! `N1`..`N10` in the code and listed with its reason in `fuzz/README.md`.
+//! `N1`..`N23` in the code and listed with its reason in `fuzz/README.md`.
 //! Every other difference is an `Err`.
 
 mod kvm;
@@ -195,6 +195,9 @@ impl<'a> Diff<'a> {
             1 => {
                 let pin = input.u8() % NUM_PINS as u8;
                 let fields = input.u16();
+                // N23: active high only. KVM's IOAPIC ignores the polarity
+                // bit (`KVM_IRQ_LINE` carries the assertion); ours applies it
+                // to the electrical level.
                 let entry = RedirectionEntry::new()
                     .with_vector(input.u8())
                     .with_delivery_mode(delivery_mode(fields as u8))
@@ -295,7 +298,9 @@ impl<'a> Diff<'a> {
         let Some(lapic) = self.apics.get(cpu) else {
             return Ok(());
         };
-        // A globally disabled APIC has no registers a guest could write.
+        // N22: KVM_SET_LAPIC copies any page; only what a guest could
+        // write is sent. A globally disabled APIC has no registers a guest
+        // could write.
         if !lapic.hw_enabled() {
             return Ok(());
         }
@@ -346,9 +351,9 @@ impl<'a> Diff<'a> {
             _ => BASE_EN | BASE_EXTD,
         };
         let value = BASE_ADDRESS | (before & BASE_BSP) | bits;
-        // The transitions a guest may make (SDM Vol. 3A 11.12.5, Figure
-        // 11-27); KVM lets the host make the others, so only these are
-        // sent to it.
+        // N22: the transitions a guest may make (SDM Vol. 3A 11.12.5,
+        // Figure 11-27); KVM lets the host make the others, so only these
+        // are sent to it.
         let from_x2apic = before & BASE_EXTD != 0;
         let from_disabled = before & BASE_EN == 0;
         let legal = !(from_disabled && mode == 2 || from_x2apic && mode == 1);
@@ -543,7 +548,7 @@ impl<'a> Diff<'a> {
         for cpu in 0..self.used.len() {
             self.refresh(cpu)?;
         }
-        // N5: KVM latches INIT (and SIPI) for the vCPU's next entry, after
+        // N20: KVM latches INIT (and SIPI) for the vCPU's next entry, after
         // everything else this step delivered; ours acts on acceptance. Ours
         // takes a step's INIT messages last, and KVM's vCPUs process theirs
         // at the end of the step (`KVM_GET_MP_STATE`).
@@ -737,7 +742,7 @@ impl<'a> Diff<'a> {
             }
         }
         if x2apic {
-            // N6: without KVM_CAP_X2APIC_API KVM shows the x2APIC ID in
+            // N21: without KVM_CAP_X2APIC_API KVM shows the x2APIC ID in
             // bits 24..31 (the legacy layout); ours is the 32-bit layout.
             let want = if self.kvm.x2apic_api {
                 reg(&ours, ID)
