@@ -94,22 +94,9 @@ impl Bytes {
     fn line(self, pin: u8, level: bool) -> Self {
         self.b(&[0, pin, u8::from(level)])
     }
-    /// Redirection entry: `mode` (delivery mode bits), `logical`, `level`,
-    /// `masked`.
-    fn rte(
-        self,
-        pin: u8,
-        mode: u8,
-        logical: bool,
-        level: bool,
-        masked: bool,
-        vector: u8,
-        dest: u8,
-    ) -> Self {
-        let fields = u16::from(mode & 7)
-            | u16::from(logical) << 3
-            | u16::from(level) << 5
-            | u16::from(masked) << 6;
+    /// Redirection entry: `fields` (delivery mode bits 0..2, [`RTE_LOGICAL`],
+    /// [`RTE_LEVEL`], [`RTE_MASKED`]), vector, destination.
+    fn rte(self, pin: u8, fields: u16, vector: u8, dest: u8) -> Self {
         self.b(&[1, pin])
             .b(&fields.to_le_bytes())
             .b(&[vector, dest])
@@ -132,6 +119,9 @@ impl Bytes {
     }
 }
 
+const RTE_LOGICAL: u16 = 0x8;
+const RTE_LEVEL: u16 = 0x20;
+const RTE_MASKED: u16 = 0x40;
 const FIXED: u8 = 0;
 const LOWEST: u8 = 1;
 const NMI: u8 = 4;
@@ -147,7 +137,7 @@ fn seeds() -> Vec<Seed> {
             "line-edge-fixed-physical",
             Bytes::new(false, &[0, 1])
                 .enable(1)
-                .rte(3, FIXED, false, false, false, 0x41, 1)
+                .rte(3, u16::from(FIXED), 0x41, 1)
                 .line(3, true)
                 .line(3, false)
                 .line(3, true)
@@ -157,7 +147,7 @@ fn seeds() -> Vec<Seed> {
             "line-level-remote-irr-coalesced",
             Bytes::new(false, &[0])
                 .enable(0)
-                .rte(9, FIXED, false, true, false, 0x61, 0)
+                .rte(9, u16::from(FIXED) | RTE_LEVEL, 0x61, 0)
                 .line(9, true)
                 .line(9, false)
                 .line(9, true)
@@ -168,18 +158,18 @@ fn seeds() -> Vec<Seed> {
             Bytes::new(false, &[0, 2])
                 .enable(0)
                 .enable(1)
-                .rte(10, FIXED, false, true, true, 0x71, 2)
+                .rte(10, u16::from(FIXED) | RTE_LEVEL | RTE_MASKED, 0x71, 2)
                 .line(10, true)
-                .rte(10, FIXED, false, true, false, 0x71, 2)
+                .rte(10, u16::from(FIXED) | RTE_LEVEL, 0x71, 2)
                 .0,
         ),
         (
             "rte-level-to-nobody-then-enable",
             Bytes::new(false, &[0, 1])
-                .rte(11, FIXED, false, true, false, 0x52, 1)
+                .rte(11, u16::from(FIXED) | RTE_LEVEL, 0x52, 1)
                 .line(11, true)
                 .enable(1)
-                .rte(4, FIXED, false, false, true, 0x30, 0)
+                .rte(4, u16::from(FIXED) | RTE_MASKED, 0x30, 0)
                 .0,
         ),
         (
@@ -261,9 +251,9 @@ fn seeds() -> Vec<Seed> {
                 .enable(0)
                 .enable(1)
                 .enable(2)
-                .rte(5, FIXED, false, false, false, 0x90, 0xff)
+                .rte(5, u16::from(FIXED), 0x90, 0xff)
                 .line(5, true)
-                .rte(6, FIXED, true, false, false, 0x91, 0xff)
+                .rte(6, u16::from(FIXED) | RTE_LOGICAL, 0x91, 0xff)
                 .line(6, true)
                 .0,
         ),

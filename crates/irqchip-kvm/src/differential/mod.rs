@@ -228,10 +228,11 @@ impl<'a> Diff<'a> {
                 // lines.
                 for other in (0..NUM_PINS as u8).filter(|&q| q != pin) {
                     let level = self.ioapic.rte(other).is_some_and(|e| e.level_triggered());
-                    if level && self.ioapic.line(other) == Some(true) {
-                        if let Some(m) = self.ioapic.set_line(other, true) {
-                            messages.push((Some(other), m));
-                        }
+                    if level
+                        && self.ioapic.line(other) == Some(true)
+                        && let Some(m) = self.ioapic.set_line(other, true)
+                    {
+                        messages.push((Some(other), m));
                     }
                 }
                 self.delivered(messages)
@@ -341,7 +342,7 @@ impl<'a> Diff<'a> {
         let cpu = self.cpu(input);
         let mode = input.u8() % 3;
         let pool = self.pool(cpu)?;
-        let Some(before) = self.apics.get(cpu).map(|l| base_of(l)) else {
+        let Some(before) = self.apics.get(cpu).map(base_of) else {
             return Ok(());
         };
         let before = before?;
@@ -899,6 +900,9 @@ fn base_of(lapic: &Lapic) -> Result<u64, String> {
         .map_err(|gp| format!("IA32_APIC_BASE read faulted: {gp:?}"))
 }
 
+/// A target's (cluster, member bits) in one logical addressing model.
+type Members = fn(&ApicTarget) -> (u32, u32);
+
 /// Whether KVM's vector hashing for a logical lowest-priority `message`
 /// lands on a destination bit that no candidate (enabled, matching APIC)
 /// holds: `kvm_apic_map_get_dest_lapic` takes the (vector mod n)-th of the
@@ -915,40 +919,39 @@ fn kvm_hash_misses(message: &Message, candidates: &[usize], targets: &[ApicTarge
         .filter(|t| apic_bus::accepts(DeliveryMode::Fixed, t) && t.logical_id != 0)
         .collect();
     let d = message.destination;
-    let (cluster, mask, of): (u32, u32, fn(&ApicTarget) -> (u32, u32)) =
-        if enabled.iter().all(|t| t.x2apic) {
-            // The cluster's slots are x2APIC IDs cluster * 16 + bit, up to
-            // the highest present APIC ID (at least 255).
-            let max_id = targets
-                .iter()
-                .filter(|t| t.hw_enabled)
-                .map(|t| t.apic_id)
-                .max()
-                .unwrap_or(0)
-                .max(255);
-            let offset = (d >> 16) * 16;
-            let size = if offset <= max_id {
-                (max_id - offset + 1).min(16)
-            } else {
-                0
-            };
-            let mask = if size == 0 {
-                0
-            } else {
-                d & (0xffff >> (16 - size))
-            };
-            (d >> 16, mask, |t| {
-                (t.logical_id >> 16, t.logical_id & 0xffff)
-            })
-        } else if enabled.iter().all(|t| !t.x2apic && t.dfr_flat) {
-            (0, d & 0xff, |t| (0, t.logical_id & 0xff))
-        } else if enabled.iter().all(|t| !t.x2apic && !t.dfr_flat) {
-            ((d >> 4) & 0xf, d & 0xf, |t| {
-                ((t.logical_id >> 4) & 0xf, t.logical_id & 0xf)
-            })
+    let (cluster, mask, of): (u32, u32, Members) = if enabled.iter().all(|t| t.x2apic) {
+        // The cluster's slots are x2APIC IDs cluster * 16 + bit, up to
+        // the highest present APIC ID (at least 255).
+        let max_id = targets
+            .iter()
+            .filter(|t| t.hw_enabled)
+            .map(|t| t.apic_id)
+            .max()
+            .unwrap_or(0)
+            .max(255);
+        let offset = (d >> 16) * 16;
+        let size = if offset <= max_id {
+            (max_id - offset + 1).min(16)
         } else {
-            return false;
+            0
         };
+        let mask = if size == 0 {
+            0
+        } else {
+            d & (0xffff >> (16 - size))
+        };
+        (d >> 16, mask, |t| {
+            (t.logical_id >> 16, t.logical_id & 0xffff)
+        })
+    } else if enabled.iter().all(|t| !t.x2apic && t.dfr_flat) {
+        (0, d & 0xff, |t| (0, t.logical_id & 0xff))
+    } else if enabled.iter().all(|t| !t.x2apic && !t.dfr_flat) {
+        ((d >> 4) & 0xf, d & 0xf, |t| {
+            ((t.logical_id >> 4) & 0xf, t.logical_id & 0xf)
+        })
+    } else {
+        return false;
+    };
     let n = mask.count_ones();
     if n == 0 {
         return true;
