@@ -970,3 +970,81 @@ fn kvm_hash_misses(message: &Message, candidates: &[usize], targets: &[ApicTarge
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat(apic_id: u32, logical_id: u32) -> ApicTarget {
+        ApicTarget {
+            apic_id,
+            x2apic: false,
+            logical_id,
+            dfr_flat: true,
+            hw_enabled: true,
+            sw_enabled: true,
+            arbitration_priority: 0,
+        }
+    }
+
+    fn lowest(destination: u32, vector: u8) -> Message {
+        Message {
+            destination,
+            destination_mode: DestinationMode::Logical,
+            delivery_mode: DeliveryMode::LowestPriority,
+            vector,
+            trigger_mode: TriggerMode::Edge,
+            level: true,
+            shorthand: Shorthand::None,
+        }
+    }
+
+    #[test]
+    fn kvm_hash_misses_flat_hole_only_for_the_vector_landing_on_it() {
+        // One APIC with logical bit 0; destination bits 0 and 1: KVM takes
+        // bit (vector mod 2).
+        let targets = [flat(0, 0x01)];
+        assert!(kvm_hash_misses(&lowest(0x03, 0x41), &[0], &targets));
+        assert!(!kvm_hash_misses(&lowest(0x03, 0x42), &[0], &targets));
+    }
+
+    #[test]
+    fn kvm_hash_misses_ignores_apics_with_ldr_zero_for_the_mode() {
+        // A cluster-model APIC with LDR 0 does not make the modes mixed.
+        let mut cluster = flat(1, 0);
+        cluster.dfr_flat = false;
+        let targets = [flat(0, 0x04), cluster];
+        // Bits 0, 1, 2; vector 0x51 = 81, 81 mod 3 = 0: bit 0, a hole.
+        assert!(kvm_hash_misses(&lowest(0x07, 0x51), &[0], &targets));
+    }
+
+    #[test]
+    fn kvm_hash_misses_never_for_physical_destinations() {
+        let mut message = lowest(0, 0x41);
+        message.destination_mode = DestinationMode::Physical;
+        assert!(!kvm_hash_misses(&message, &[0], &[flat(0, 0)]));
+    }
+
+    #[test]
+    fn delivery_mode_never_reserved() {
+        for bits in 0..8 {
+            assert_ne!(delivery_mode(bits), DeliveryMode::Reserved);
+        }
+    }
+
+    #[test]
+    fn arbitrated_except_lowest_priority_to_physical_broadcast() {
+        assert!(arbitrated(&lowest(0x03, 0x41)));
+        let mut broadcast = lowest(0xff, 0x41);
+        broadcast.destination_mode = DestinationMode::Physical;
+        assert!(!arbitrated(&broadcast));
+    }
+
+    #[test]
+    fn reader_pads_missing_bytes_with_zero() {
+        let mut input = Reader(&[1, 2, 3]);
+        assert_eq!(input.u16(), 0x0201);
+        assert_eq!(input.u32(), 3);
+        assert!(input.is_empty());
+    }
+}
