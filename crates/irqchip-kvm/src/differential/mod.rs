@@ -566,8 +566,14 @@ impl<'a> Diff<'a> {
         // accounts for, so a later message with the same vector is not
         // credited with the same change.
         let mut consumed: Vec<(usize, u8)> = Vec::new();
+        let vectors: Vec<u8> = messages
+            .iter()
+            .filter(|(_, m)| arbitrated(m))
+            .map(|(_, m)| m.vector)
+            .collect();
         for (pin, message) in messages {
-            let took = self.deliver(&message, &before, &mut consumed)?;
+            let shared = vectors.iter().filter(|&&v| v == message.vector).count() > 1;
+            let took = self.deliver(&message, &before, &mut consumed, shared)?;
             if let Some(pin) = pin
                 && message.trigger_mode == TriggerMode::Level
                 && took.is_empty()
@@ -592,6 +598,7 @@ impl<'a> Diff<'a> {
         message: &Message,
         before: &[Page],
         consumed: &mut Vec<(usize, u8)>,
+        shared_vector: bool,
     ) -> Result<ApicSet, String> {
         let mut took = ApicSet::new();
         let smm = self.smm;
@@ -635,10 +642,12 @@ impl<'a> Diff<'a> {
         }
         let v = message.vector;
         let level = message.trigger_mode == TriggerMode::Level;
-        if !candidates.is_empty() && kvm_hash_misses(message, &candidates, &targets) {
-            // N3: KVM's vector hash picks a destination bit with no enabled
-            // APIC and drops the interrupt (finding K2). Ours would deliver
-            // it; it is skipped to stay comparable.
+        let x2apic_api = self.kvm.x2apic_api;
+        let misses =
+            !candidates.is_empty() && kvm_hash_misses(message, &candidates, &targets, x2apic_api);
+        if misses && shared_vector {
+            // Another message of this step has the vector: a change cannot
+            // tell which one KVM delivered, so the hash decides (N3).
             return Ok(took);
         }
         let changed: Vec<usize> = candidates
@@ -686,6 +695,11 @@ impl<'a> Diff<'a> {
                 }
             }
             None if candidates.is_empty() => {}
+            None if misses => {
+                // N3: KVM's vector hash picked a destination bit with no
+                // enabled APIC and dropped the interrupt (finding K2). Ours
+                // would deliver it; it is skipped to stay comparable.
+            }
             None => {
                 return Err(format!(
                     "KVM took lowest-priority {message:?} nowhere; candidates {candidates:?}"
@@ -923,9 +937,25 @@ type Members = fn(&ApicTarget) -> (u32, u32);
 /// holds: `kvm_apic_map_get_dest_lapic` takes the (vector mod n)-th of the
 /// n destination bits of the cluster, and drops the interrupt when that
 /// slot has no APIC able to take it.
-fn kvm_hash_misses(message: &Message, candidates: &[usize], targets: &[ApicTarget]) -> bool {
+fn kvm_hash_misses(
+    message: &Message,
+    candidates: &[usize],
+    targets: &[ApicTarget],
+    x2apic_api: bool,
+) -> bool {
     // The logical broadcast goes through KVM's slow path.
     if message.destination_mode != DestinationMode::Logical || message.destination == 0xff {
+        return false;
+    }
+    // Without 32-bit IDs, two enabled APICs with one ID leave KVM without
+    // its optimised map at all (`kvm_recalculate_phys_map`: -EINVAL).
+    let present: Vec<&ApicTarget> = targets.iter().filter(|t| t.hw_enabled).collect();
+    if !x2apic_api
+        && present
+            .iter()
+            .enumerate()
+            .any(|(i, a)| present.iter().skip(i + 1).any(|b| a.apic_id == b.apic_id))
+    {
         return false;
     }
     // KVM's logical mode comes from the software-enabled APICs with a
@@ -1032,8 +1062,8 @@ mod tests {
         // One APIC with logical bit 0; destination bits 0 and 1: KVM takes
         // bit (vector mod 2).
         let targets = [flat(0, 0x01)];
-        assert!(kvm_hash_misses(&lowest(0x03, 0x41), &[0], &targets));
-        assert!(!kvm_hash_misses(&lowest(0x03, 0x42), &[0], &targets));
+        assert!(kvm_hash_misses(&lowest(0x03, 0x41), &[0], &targets, false));
+        assert!(!kvm_hash_misses(&lowest(0x03, 0x42), &[0], &targets, false));
     }
 
     #[test]
@@ -1043,14 +1073,14 @@ mod tests {
         cluster.dfr_flat = false;
         let targets = [flat(0, 0x04), cluster];
         // Bits 0, 1, 2; vector 0x51 = 81, 81 mod 3 = 0: bit 0, a hole.
-        assert!(kvm_hash_misses(&lowest(0x07, 0x51), &[0], &targets));
+        assert!(kvm_hash_misses(&lowest(0x07, 0x51), &[0], &targets, false));
     }
 
     #[test]
     fn kvm_hash_misses_never_for_physical_destinations() {
         let mut message = lowest(0, 0x41);
         message.destination_mode = DestinationMode::Physical;
-        assert!(!kvm_hash_misses(&message, &[0], &[flat(0, 0)]));
+        assert!(!kvm_hash_misses(&message, &[0], &[flat(0, 0)], false));
     }
 
     #[test]
