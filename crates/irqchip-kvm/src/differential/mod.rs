@@ -19,7 +19,10 @@
 //! | 3 | LAPIC register (ID, TPR, LDR, DFR, SVR) | `KVM_GET_LAPIC`, edit, `KVM_SET_LAPIC` | `Lapic::to_kvm_page`, edit, `Lapic::load_kvm_page` |
 //! | 4 | IA32_APIC_BASE: disabled, xAPIC, x2APIC | `KVM_SET_MSRS` | `Lapic::msr_write` |
 //!
-//! "Then the bus" is [`ApicSystem::deliver`]. After every step the harness
+//! "Then the bus" is [`ApicSystem::deliver_each`]; a lowest-priority
+//! message is checked on a copy of our bus and then given KVM's choice (N2).
+//! The VMs are created once per process and reset before each input (see
+//! the `kvm` submodule). After every step the harness
 //! compares, per used vCPU, IRR, TMR, ISR, ID, TPR, PPR, LDR, DFR, SVR
 //! (`KVM_GET_LAPIC` against `Lapic::to_kvm_page`), IA32_APIC_BASE
 //! (`KVM_GET_MSRS`) and, after an NMI or INIT, the pending NMI
@@ -28,7 +31,9 @@
 //!
 //! Differences that are by design are normalised here; each is named
 //! `N1`..`N23` in the code and listed with its reason in `fuzz/README.md`.
-//! Every other difference is an `Err`.
+//! Every other difference is an `Err`. With `KVM_DIFFERENTIAL_TRACE` set in
+//! the environment, both sides' registers and IOAPIC entries are printed to
+//! stderr after every step.
 
 mod kvm;
 
