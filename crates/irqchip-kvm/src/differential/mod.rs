@@ -571,11 +571,7 @@ impl<'a> Diff<'a> {
         // accounts for, so a later message with the same vector is not
         // credited with the same change.
         let mut consumed: Vec<(usize, u8)> = Vec::new();
-        let vectors: Vec<u8> = messages
-            .iter()
-            .filter(|(_, m)| arbitrated(m))
-            .map(|(_, m)| m.vector)
-            .collect();
+        let vectors: Vec<u8> = messages.iter().map(|(_, m)| m.vector).collect();
         for (pin, message) in messages {
             let shared = vectors.iter().filter(|&&v| v == message.vector).count() > 1;
             let took = self.deliver(&message, &before, &mut consumed, shared)?;
