@@ -20,6 +20,18 @@
 //!   back (see [`edit_ioapic_state`]): re-injecting a line that is merely
 //!   held high would fabricate an edge.
 //!
+//! The price, found by the `kvm_differential` fuzz target (`fuzz/README.md`,
+//! N9): after a host pin write KVM takes the line of every edge-triggered
+//! pin as low (`KVM_GET_IRQCHIP` already hides the line of an edge it has
+//! delivered), so a device that holds an edge line high across the write
+//! and asserts it again without lowering it gives KVM a new edge, and a pin
+//! switched from edge to level while its line is high does not fire until
+//! the line toggles. `KVM_SET_IRQCHIP` offers no way to restore a held-high
+//! edge line without injecting it. Also, `KVM_SET_IRQCHIP` re-services
+//! every unmasked level pin whose line is high and whose Remote IRR is
+//! clear (N11); KVM leaves Remote IRR clear when no APIC took the message
+//! (N1), so such a pin fires again at the next host write.
+//!
 //! What the lock cannot cover: changes KVM makes by itself between the two
 //! ioctls. A guest EOI on another vCPU clearing a level pin's Remote IRR, or
 //! a guest IOREGSEL write, in that window is overwritten with the value read.

@@ -81,6 +81,8 @@
 mod backend;
 mod chip;
 pub mod cpuid;
+#[cfg(feature = "fuzzing")]
+pub mod differential;
 mod error;
 mod ioapic_host;
 mod kernel;
