@@ -474,6 +474,48 @@ mod tests {
         assert_eq!(stats.storm_pins, 1 << 7);
     }
 
+    #[derive(Default)]
+    struct Events(Mutex<Vec<TraceEvent>>);
+
+    impl crate::trace::TraceSink for Events {
+        fn record(&self, event: TraceEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    #[test]
+    fn unit_traced_remote_irr_mask_and_storm_changes() {
+        let events = Arc::new(Events::default());
+        let host = IoapicHost::new(1, 0u32, Tracer::new(Some(events.clone())));
+        let mode = Recorder::default();
+
+        host.program_pin(&mode, 7, level(0x44)).unwrap();
+        host.set_level(&mode, 7, true).unwrap();
+        for _ in 0..3 {
+            host.eoi(&mode, 0x44);
+        }
+        host.set_level(&mode, 7, false).unwrap();
+        host.eoi(&mode, 0x44);
+
+        let seen = events.0.lock().unwrap().clone();
+        assert_eq!(
+            seen.first(),
+            Some(&TraceEvent::Mask {
+                pin: 7,
+                masked: false
+            })
+        );
+        assert_eq!(
+            seen.get(1),
+            Some(&TraceEvent::RemoteIrr { pin: 7, set: true })
+        );
+        assert!(seen.contains(&TraceEvent::Storm { pin: 7 }));
+        assert_eq!(
+            seen.last(),
+            Some(&TraceEvent::RemoteIrr { pin: 7, set: false })
+        );
+    }
+
     #[test]
     fn unit_bad_accesses_sum_saturates() {
         let counters = IoapicCounters {

@@ -248,11 +248,14 @@ impl<W: Write> Writer<'_, W> {
         )
     }
 
+    /// A thread-scoped instant; category `cause` when `args` hold a vector
+    /// and its targets, `irqchip` otherwise.
     fn instant(&mut self, pid: u32, tid: usize, name: &str, ns: u64, args: &str) -> io::Result<()> {
         self.begin()?;
+        let cat = if args.is_empty() { "irqchip" } else { "cause" };
         write!(
             self.out,
-            "{{\"ph\":\"i\",\"s\":\"t\",\"name\":\"{name}\",\"cat\":\"cause\",\"pid\":{pid},\"tid\":{tid},\"ts\":{},\"args\":{{{args}}}}}",
+            "{{\"ph\":\"i\",\"s\":\"t\",\"name\":\"{name}\",\"cat\":\"{cat}\",\"pid\":{pid},\"tid\":{tid},\"ts\":{},\"args\":{{{args}}}}}",
             Us(ns)
         )
     }
@@ -531,5 +534,152 @@ impl<W: Write> Writer<'_, W> {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ns: u64, event: TraceEvent) -> Stamped {
+        Stamped {
+            ns,
+            event: Event::Chip(event),
+        }
+    }
+
+    fn written(mode: Mode, events: &[Stamped], dropped: u64) -> serde_json::Value {
+        let mut out = Vec::new();
+        let meta = Meta {
+            mode,
+            cpus: 1,
+            limit: 10,
+        };
+        write(&mut out, events, dropped, &meta).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    fn of_phase<'a>(v: &'a serde_json::Value, ph: &str) -> Vec<&'a serde_json::Value> {
+        v["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ph"] == ph)
+            .collect()
+    }
+
+    #[test]
+    fn unit_delivery_injection_eoi_are_one_flow() {
+        let events = [
+            at(1_000, TraceEvent::Line { gsi: 5, high: true }),
+            at(
+                1_100,
+                TraceEvent::PinDelivery {
+                    pin: 5,
+                    vector: 0x41,
+                    level: true,
+                    targets: Some(ApicSet::single(0)),
+                },
+            ),
+            at(2_000, TraceEvent::RunEnter { vcpu: 0 }),
+            at(
+                3_500,
+                TraceEvent::RunExit {
+                    vcpu: 0,
+                    reason: "io-out",
+                    detail: 0x2005,
+                },
+            ),
+            at(
+                4_000,
+                TraceEvent::Inject {
+                    vcpu: Some(0),
+                    vector: 0x41,
+                },
+            ),
+            at(
+                5_000,
+                TraceEvent::Eoi {
+                    vcpu: 0,
+                    vector: Some(0x41),
+                },
+            ),
+        ];
+
+        let v = written(Mode::User, &events, 0);
+
+        let flows: Vec<_> = ["s", "t", "f"].iter().map(|p| of_phase(&v, p)).collect();
+        assert!(flows.iter().all(|f| f.len() == 1));
+        assert!(flows.iter().all(|f| f[0]["id"] == flows[0][0]["id"]));
+        assert_eq!(flows[0][0]["pid"], PID_IOAPIC);
+        assert_eq!(
+            (flows[1][0]["tid"].as_u64(), flows[2][0]["bp"].as_str()),
+            (Some(0), Some("e"))
+        );
+        let run = of_phase(&v, "X")
+            .into_iter()
+            .find(|e| e["name"] == "KVM_RUN (io-out)")
+            .unwrap();
+        assert_eq!(
+            (run["ts"].as_f64(), run["dur"].as_f64()),
+            (Some(2.0), Some(1.5))
+        );
+        assert_eq!(run["args"]["detail"], "0x2005");
+        let level = of_phase(&v, "C");
+        assert_eq!(level[0]["name"], "pin 5 level");
+        assert_eq!(level[0]["args"]["value"], 1);
+    }
+
+    #[test]
+    fn unit_dropped_events_and_kernel_mode_are_said_in_the_file() {
+        let events = [at(
+            7,
+            TraceEvent::Line {
+                gsi: 1,
+                high: false,
+            },
+        )];
+
+        let v = written(Mode::Kernel, &events, 42);
+
+        let notes: Vec<_> = of_phase(&v, "i")
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            notes
+                .iter()
+                .any(|n| n == "42 older events dropped (--trace-limit 10)")
+        );
+        assert!(notes.iter().any(|n| n.starts_with("kernel mode:")));
+        assert_eq!(v["otherData"]["events_dropped"], 42);
+    }
+
+    #[test]
+    fn unit_test_names_are_escaped_and_slices_close_at_the_end() {
+        let events = [
+            Stamped {
+                ns: 10,
+                event: Event::TestStart {
+                    name: "a\"b\\\n".into(),
+                },
+            },
+            at(20, TraceEvent::RunEnter { vcpu: 0 }),
+            at(30, TraceEvent::Park { vcpu: 0 }),
+        ];
+
+        let v = written(Mode::User, &events, 0);
+
+        let slices = of_phase(&v, "X");
+        assert!(
+            slices
+                .iter()
+                .any(|e| e["name"] == "a\"b\\\n" && e["args"]["verdict"] == "none")
+        );
+        assert!(
+            slices
+                .iter()
+                .any(|e| e["name"] == "KVM_RUN (open at the end)")
+        );
     }
 }
