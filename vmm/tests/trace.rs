@@ -28,7 +28,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde_json::Value;
 
-use common::{Run, require_kvm, run_vmm_args, scratch};
+use common::{Run, require_kvm, run_vmm_args, run_vmm_ok, scratch};
 
 /// Guest tests with pin deliveries (edge, level), device MSIs and PV
 /// requests, short enough for three modes.
@@ -72,14 +72,7 @@ fn traced_run(mode: &str, extra: &[&str]) -> (Run, Value, Value) {
         stats.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let run = run_vmm_args(&args);
-    assert_eq!(
-        run.status,
-        Some(0),
-        "{mode}: {}\n{}",
-        run.stdout,
-        run.stderr
-    );
+    let run = run_vmm_ok(mode, &args);
     let trace: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap())
         .unwrap_or_else(|e| panic!("{mode}: the trace is not JSON: {e}"));
     let stats: Value = serde_json::from_slice(&std::fs::read(&stats).unwrap())

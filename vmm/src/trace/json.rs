@@ -229,8 +229,7 @@ impl<W: Write> Writer<'_, W> {
     /// A complete slice; `args` is a JSON object's inside (may be empty).
     fn slice(
         &mut self,
-        pid: u32,
-        tid: usize,
+        (pid, tid): (u32, usize),
         name: &str,
         cat: &str,
         start: u64,
@@ -323,13 +322,12 @@ impl<W: Write> Writer<'_, W> {
                     opcode.map_or("null".to_string(), |o| o.to_string()),
                     status.map_or("null".to_string(), |s| format!("\"{s:#010x}\""))
                 );
-                self.slice(PID_PV, *vcpu, &name, "pv", *start_ns, ns, &args)
+                self.slice((PID_PV, *vcpu), &name, "pv", *start_ns, ns, &args)
             }
             Event::TestStart { name } => {
                 if let Some((open, since)) = self.state.test.take() {
                     self.slice(
-                        PID_TESTS,
-                        0,
+                        (PID_TESTS, 0),
                         &open,
                         "test",
                         since,
@@ -351,7 +349,7 @@ impl<W: Write> Writer<'_, W> {
                 };
                 self.state.last_test_end = ns;
                 let args = format!("\"verdict\":\"{verdict}\"");
-                self.slice(PID_TESTS, 0, name, "test", since, ns, &args)
+                self.slice((PID_TESTS, 0), name, "test", since, ns, &args)
             }
         }
     }
@@ -376,7 +374,7 @@ impl<W: Write> Writer<'_, W> {
                 } else {
                     String::new()
                 };
-                self.slice(PID_VCPUS, vcpu, &name, "exit", since, ns, &args)
+                self.slice((PID_VCPUS, vcpu), &name, "exit", since, ns, &args)
             }
             TraceEvent::Line { gsi, high } => {
                 self.counter(&format!("pin {gsi} level"), ns, u8::from(high))
@@ -393,7 +391,7 @@ impl<W: Write> Writer<'_, W> {
                     targets_json(targets.as_ref())
                 );
                 let name = format!("deliver v{vector:#04x}");
-                self.slice(PID_IOAPIC, tid, &name, "cause", ns, ns + POINT_NS, &args)?;
+                self.slice((PID_IOAPIC, tid), &name, "cause", ns, ns + POINT_NS, &args)?;
                 self.start_flow(PID_IOAPIC, tid, ns, vector, targets.as_ref())
             }
             TraceEvent::RemoteIrr { pin, set } => {
@@ -412,8 +410,7 @@ impl<W: Write> Writer<'_, W> {
                 );
                 let name = format!("msi v{vector:#04x}");
                 self.slice(
-                    PID_IOAPIC,
-                    TID_MSI,
+                    (PID_IOAPIC, TID_MSI),
                     &name,
                     "cause",
                     ns,
@@ -444,7 +441,7 @@ impl<W: Write> Writer<'_, W> {
                 Ok(())
             }
             TraceEvent::Unpark { vcpu } => match self.state.parked_since.remove(&vcpu) {
-                Some(since) => self.slice(PID_VCPUS, vcpu, "parked", "halt", since, ns, ""),
+                Some(since) => self.slice((PID_VCPUS, vcpu), "parked", "halt", since, ns, ""),
                 None => Ok(()),
             },
             TraceEvent::EoiPoke { vcpu } => self.instant(PID_VCPUS, vcpu, "EOI poke", ns, ""),
@@ -465,7 +462,7 @@ impl<W: Write> Writer<'_, W> {
             vcpu.map_or("null".to_string(), |i| i.to_string())
         );
         let name = format!("inject v{vector:#04x}");
-        self.slice(PID_VCPUS, tid, &name, "inject", ns, ns + POINT_NS, &args)?;
+        self.slice((PID_VCPUS, tid), &name, "inject", ns, ns + POINT_NS, &args)?;
         let s = &mut self.state;
         let flow = vcpu
             .and_then(|i| s.pending.remove(&(i, vector)))
@@ -489,7 +486,7 @@ impl<W: Write> Writer<'_, W> {
             Some(v) => format!("EOI v{v:#04x}"),
             None => "EOI".to_string(),
         };
-        self.slice(PID_VCPUS, vcpu, &name, "eoi", ns, ns + POINT_NS, &args)?;
+        self.slice((PID_VCPUS, vcpu), &name, "eoi", ns, ns + POINT_NS, &args)?;
         let Some(v) = vector else { return Ok(()) };
         let s = &mut self.state;
         if let Some(id) = s
@@ -508,8 +505,7 @@ impl<W: Write> Writer<'_, W> {
         runs.sort_unstable();
         for (vcpu, since) in runs {
             self.slice(
-                PID_VCPUS,
-                vcpu,
+                (PID_VCPUS, vcpu),
                 "KVM_RUN (open at the end)",
                 "exit",
                 since,
@@ -520,12 +516,11 @@ impl<W: Write> Writer<'_, W> {
         let mut parks: Vec<_> = self.state.parked_since.drain().collect();
         parks.sort_unstable();
         for (vcpu, since) in parks {
-            self.slice(PID_VCPUS, vcpu, "parked", "halt", since, end, "")?;
+            self.slice((PID_VCPUS, vcpu), "parked", "halt", since, end, "")?;
         }
         if let Some((name, since)) = self.state.test.take() {
             self.slice(
-                PID_TESTS,
-                0,
+                (PID_TESTS, 0),
                 &name,
                 "test",
                 since,
