@@ -63,7 +63,11 @@ fn check_mode(mode: &str) {
             "300",
         ],
     );
-    let lines: Vec<_> = run.stdout.lines().filter_map(parse).collect();
+    let lines: Vec<_> = run
+        .stdout
+        .lines()
+        .filter_map(|l| parse(l.trim_end()))
+        .collect();
     for &(name, samples) in BENCHES {
         let ok = format!("ok {name}");
         assert!(
