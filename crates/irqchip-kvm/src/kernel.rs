@@ -50,8 +50,9 @@ use irqconnect_abi::layout::IOAPIC_PINS;
 use kvm_bindings::{KVM_IRQCHIP_IOAPIC, kvm_ioapic_state, kvm_irqchip};
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend, kvm_msi_of};
+use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend, kvm_msi_of, msi_vector};
 use crate::error::{Error, IrqError};
+use crate::trace::{TraceEvent, Tracer};
 use crate::vcpu::ChipExit;
 
 /// KVM's in-kernel interrupt controllers.
@@ -60,17 +61,19 @@ pub(crate) struct KernelChip {
     /// Held around every user-space change of KVM's IOAPIC state: each
     /// `KVM_IRQ_LINE` and each `program_pin` read-modify-write.
     ioapic_writes: Mutex<()>,
+    tracer: Tracer,
 }
 
 impl KernelChip {
     /// Creates the in-kernel PIC, IOAPIC and LAPICs; must precede vCPU
     /// creation.
-    pub(crate) fn create(vm: Arc<VmFd>) -> Result<Arc<Self>, Error> {
+    pub(crate) fn create(vm: Arc<VmFd>, tracer: Tracer) -> Result<Arc<Self>, Error> {
         vm.create_irq_chip()
             .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
         Ok(Arc::new(Self {
             vm,
             ioapic_writes: Mutex::new(()),
+            tracer,
         }))
     }
 }
@@ -90,6 +93,10 @@ impl Backend for KernelChip {
     }
 
     fn signal_msi(&self, msi: irqchip::msi::Msi) -> Result<(), IrqError> {
+        self.tracer.emit(|| TraceEvent::Msi {
+            vector: msi_vector(msi),
+            targets: None,
+        });
         self.vm
             .signal_msi(kvm_msi_of(msi))
             .map(|_| ())

@@ -30,6 +30,10 @@
 //!    chip, and returns the others.
 //! 6. To stop: [`Irqchip::shutdown`], then join the vCPU threads.
 //!
+//! A timeline of what the chip does is one optional [`TraceSink`] away
+//! ([`IrqchipBuilder::trace`], module [`trace`]); without it nothing is
+//! recorded and nothing is paid.
+//!
 //! Host pin programming (a hypervisor deciding routes itself, as this
 //! project's PV connect service does) is [`Irqchip::program_pin`].
 //!
@@ -92,6 +96,7 @@ pub mod ratelimit;
 mod split;
 pub mod startup;
 mod timerfd;
+pub mod trace;
 mod user;
 mod vcpu;
 
@@ -100,6 +105,7 @@ pub use chip::{Irqchip, IrqchipBuilder, MmioWindow};
 pub use error::{Error, IrqError};
 pub use irqchip::{Mode, UnknownMode};
 pub use lines::{EventFdLine, IrqLine, LineSink};
+pub use trace::{TraceEvent, TraceSink};
 pub use vcpu::{Run, VcpuChip, VcpuCounters};
 
 /// Consecutive re-deliveries of a still-asserted level pin after EOI past

@@ -27,6 +27,7 @@ use super::{UserChip, kvm};
 use crate::backend::{ExitAction, VcpuBackend};
 use crate::error::Error;
 use crate::startup;
+use crate::trace::TraceEvent;
 use crate::vcpu::ChipExit;
 
 type Result<T> = std::result::Result<T, Error>;
@@ -129,6 +130,7 @@ impl UserVcpu {
                 let offset = addr.wrapping_sub(self.mmio_base);
                 if offset == XAPIC_EOI {
                     chip.counters.eois.fetch_add(1, Ordering::Relaxed);
+                    chip.trace_eoi(&apics, self.index);
                 }
                 apics
                     .with(self.index, |l| l.mmio_write(offset, data, now))
@@ -165,6 +167,7 @@ impl UserVcpu {
                 self.apic_base_dirty |= msr == IA32_APIC_BASE;
                 if msr == X2APIC_EOI {
                     chip.counters.eois.fetch_add(1, Ordering::Relaxed);
+                    chip.trace_eoi(&apics, self.index);
                 }
                 apics
                     .with(self.index, |l| l.msr_write(msr, value, now))
@@ -206,12 +209,16 @@ impl VcpuBackend for UserVcpu {
                 return Ok(());
             }
             let now = chip.now();
-            let (init, sipi) = apics
+            let (init, sipi, timer) = apics
                 .with(i, |l| {
-                    let _ = l.tick(now);
-                    (l.take_init(), l.take_sipi())
+                    let fired = l.tick(now);
+                    let timer = l.timer_vector().filter(|_| fired);
+                    (l.take_init(), l.take_sipi(), timer)
                 })
-                .unwrap_or((false, None));
+                .unwrap_or((false, None, None));
+            if let Some(vector) = timer {
+                chip.tracer.emit(|| TraceEvent::Timer { vcpu: i, vector });
+            }
             chip.sync_timer(&apics, i);
             let (activity, startup) = plan::startup(self.activity, i == 0, init, sipi);
             self.activity = activity;
@@ -231,11 +238,13 @@ impl VcpuBackend for UserVcpu {
                 break;
             }
             apics.set_parked(i, true);
+            chip.tracer.emit(|| TraceEvent::Park { vcpu: i });
             apics = match chip.wake.get(i) {
                 Some(cv) => cv.wait(apics).unwrap_or_else(PoisonError::into_inner),
                 None => apics,
             };
             apics.set_parked(i, false);
+            chip.tracer.emit(|| TraceEvent::Unpark { vcpu: i });
         }
         self.halted = false;
 
@@ -265,6 +274,10 @@ impl VcpuBackend for UserVcpu {
                         ));
                     }
                     chip.counters.injected.fetch_add(1, Ordering::Relaxed);
+                    chip.tracer.emit(|| TraceEvent::Inject {
+                        vcpu: Some(i),
+                        vector,
+                    });
                     self.ready = false;
                 }
                 // EEXIST: KVM still holds one; the window exit comes later.

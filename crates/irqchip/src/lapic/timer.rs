@@ -118,6 +118,13 @@ impl Lapic {
         }
     }
 
+    /// The vector the timer requests when it fires: the LVT timer's, or
+    /// `None` while that entry is masked (an expiry then requests nothing).
+    pub fn timer_vector(&self) -> Option<u8> {
+        let lvt = self.lvt(LvtKind::Timer);
+        (!lvt.masked()).then_some(lvt.vector())
+    }
+
     /// Fires the timer if it is due at `now`: the LVT timer vector is
     /// requested unless masked; a periodic timer re-arms from its start time,
     /// a one-shot or TSC-deadline timer disarms. Returns whether it expired.
@@ -262,6 +269,18 @@ mod tests {
         assert!(fired);
         assert!(lapic.is_requested(0xec));
         assert_eq!(lapic.next_deadline(), None);
+    }
+
+    #[test]
+    fn timer_vector_is_the_lvt_vector_unless_masked() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        // Act / Assert
+        assert_eq!(lapic.timer_vector(), None, "reset state is masked");
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC);
+        assert_eq!(lapic.timer_vector(), Some(0xec));
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC | 1 << 16);
+        assert_eq!(lapic.timer_vector(), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use crate::runner::Test;
 
 mod affinity;
+mod bench;
 mod connect;
 mod disconnect;
 mod ex;
@@ -42,6 +43,8 @@ pub static SUITES: &[&[Test]] = &[
     load::TESTS,
     ex_load::TESTS,
     hostile::TESTS,
+    // Last, and only when asked for (see `runner::selected`).
+    bench::TESTS,
 ];
 
 static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(1);
