@@ -8,12 +8,16 @@
 //! nothing illegal or unacknowledged in the registers, nothing acknowledged
 //! at or below the PPR, the PPR and CR8 as the SDM derives them, an EOI
 //! retiring the highest in-service vector and broadcasting exactly for a
-//! level one without suppression, a disabled APIC holding nothing. A cargo-fuzz
+//! level one without suppression, a disabled APIC holding nothing. NMIs: an
+//! NMI reaching an enabled APIC (bus message or NMI-mode LVT entry) is never
+//! lost while fewer than two are pending and never adds a third; taking them
+//! hands out exactly the count pending. A cargo-fuzz
 //! target calls it and panics on `Err`; a stable test replays a corpus
 //! through it. The model itself never panics, so `run` never does either.
 
+use super::spec::DM_NMI;
 use super::vectors::VectorSet;
-use super::{Lapic, LapicConfig, LocalSource, TscClock};
+use super::{AcceptOutcome, Lapic, LapicConfig, LocalSource, MAX_PENDING_NMIS, TscClock};
 use crate::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
 
 /// MSRs the interpreter picks from: IA32_APIC_BASE, IA32_TSC_DEADLINE, every
@@ -111,7 +115,12 @@ fn step(
     match input.u8() % 14 {
         0 => {
             let msg = input.message();
-            let _ = lapic.accept(&msg);
+            let nmi = msg.delivery_mode == DeliveryMode::Nmi;
+            let (enabled, before) = (lapic.hw_enabled(), lapic.events.nmis);
+            let outcome = lapic.accept(&msg);
+            if nmi {
+                check_nmi_delivery(lapic, enabled, before, outcome)?;
+            }
         }
         1 => {
             let ppr = lapic.ppr();
@@ -188,14 +197,28 @@ fn step(
                 3 => LocalSource::Perf,
                 _ => LocalSource::Cmci,
             };
-            let _ = lapic.raise_local(source);
+            let lvt = lapic.lvt(source.lvt());
+            let nmi = !lvt.masked() && lvt.delivery_mode() == DM_NMI;
+            let (enabled, before) = (lapic.hw_enabled(), lapic.events.nmis);
+            let outcome = lapic.raise_local(source);
+            if nmi {
+                check_nmi_delivery(lapic, enabled, before, outcome)?;
+            }
         }
         9 => {
             let _ = lapic.tick(now);
             let _ = lapic.next_deadline();
         }
         10 => {
-            let _ = (lapic.take_nmi(), lapic.take_smi(), lapic.take_init());
+            let pending = lapic.events.nmis;
+            let taken = lapic.take_nmis();
+            if taken != pending || lapic.events.nmis != 0 {
+                return Err(format!(
+                    "take_nmis gave {taken} of {pending} pending, left {}",
+                    lapic.events.nmis
+                ));
+            }
+            let _ = (lapic.take_smi(), lapic.take_init());
             let _ = (lapic.take_sipi(), lapic.take_extint());
         }
         12 => {
@@ -243,7 +266,39 @@ fn step(
     Ok(())
 }
 
+/// An NMI offered to an APIC that was `enabled` with `before` NMIs pending
+/// (SDM Vol. 3A 7.7.1 and KVM's `process_nmi`, as the module documentation
+/// of `lapic` says): an enabled APIC counts it up to two; at two it merges.
+fn check_nmi_delivery(
+    lapic: &Lapic,
+    enabled: bool,
+    before: u8,
+    outcome: AcceptOutcome,
+) -> Result<(), String> {
+    let after = lapic.events.nmis;
+    let expected = if enabled {
+        before.saturating_add(1).min(MAX_PENDING_NMIS)
+    } else {
+        before
+    };
+    let expected_outcome = match (enabled, before >= MAX_PENDING_NMIS) {
+        (false, _) => AcceptOutcome::Disabled,
+        (true, false) => AcceptOutcome::Latched,
+        (true, true) => AcceptOutcome::Coalesced,
+    };
+    if after != expected || outcome != expected_outcome {
+        return Err(format!(
+            "NMI with {before} pending (enabled: {enabled}) gave {outcome:?} and {after} pending, \
+             expected {expected_outcome:?} and {expected}"
+        ));
+    }
+    Ok(())
+}
+
 fn check(lapic: &Lapic, acknowledged: &VectorSet) -> Result<(), String> {
+    if lapic.events.nmis > MAX_PENDING_NMIS {
+        return Err(format!("{} NMIs pending", lapic.events.nmis));
+    }
     for (name, set) in [
         ("IRR", &lapic.irr),
         ("ISR", &lapic.isr),
@@ -314,6 +369,31 @@ mod tests {
         data.extend([0, 0, 1]);
         data.extend([0, 0, 2]);
         data.extend([0, 0, 11]);
+        // Act
+        let result = run(&data);
+        // Assert
+        assert_eq!(result, Ok(()));
+    }
+
+    /// `now += 0`, then an xAPIC MMIO write of `value` at `offset` (op 3).
+    fn mmio_write(data: &mut Vec<u8>, advance: u16, offset: u16, value: u32) {
+        data.extend(advance.to_le_bytes());
+        data.push(3);
+        data.extend(offset.to_le_bytes());
+        data.push(4);
+        data.extend(u64::from(value).to_le_bytes());
+    }
+
+    #[test]
+    fn run_three_nmis_then_take_ok() {
+        // Arrange: id 1, TSC off; SVR := 0x1ff; three NMI messages (op 0,
+        // flags 4 << 1 = NMI), take (op 10).
+        let mut data = vec![1, 0, 0];
+        mmio_write(&mut data, 0, 0xf0, 0x1ff);
+        for _ in 0..3 {
+            data.extend([0, 0, 0, 4 << 1, 0]);
+        }
+        data.extend([0, 0, 10]);
         // Act
         let result = run(&data);
         // Assert

@@ -4,7 +4,7 @@
 //! One [`Lapic`] per vCPU. It is a pure state machine: the caller passes the
 //! time (`now`, nanoseconds since VM start) to every entry point that needs
 //! it, and every effect comes back as a value ([`Effect`]), a pending event
-//! the vCPU loop takes (`take_nmi`, `take_init`, `take_sipi`, ...), or a
+//! the vCPU loop takes (`take_nmis`, `take_init`, `take_sipi`, ...), or a
 //! [`Gp`] the caller injects as `#GP(0)`.
 //!
 //! # How a vCPU loop drives it
@@ -16,7 +16,8 @@
 //! message from bus:    lapic.accept(&msg)          // bus_target() says who gets it
 //! LINT pin / PMU ...:  lapic.raise_local(LocalSource::Lint0)
 //! effects:             Effect::Ipi(msg) -> the bus; Effect::EoiBroadcast -> IOAPICs
-//! before entry:        take_init / take_sipi / take_nmi / take_smi / take_extint,
+//! before entry:        take_init / take_sipi / take_nmis (a count: that many
+//!                      KVM_NMIs) / take_smi / take_extint,
 //!                      then if IF=1: lapic.acknowledge() -> inject that vector
 //! CR8 (no in-kernel LAPIC): lapic.set_cr8(kvm_run.cr8) after every exit,
 //!                      kvm_run.cr8 = lapic.cr8() before entry
@@ -61,6 +62,21 @@
 //!   and SIPI (SDM 11.4.7.2). A globally disabled APIC takes nothing.
 //! - Clearing IA32_APIC_BASE bit 11 resets every register to its power-up
 //!   value; re-enabling restores the configured APIC ID (SDM 11.4.3, 11.12.5).
+//! - Pending NMIs are a count, at most [`MAX_PENDING_NMIS`] (2), and
+//!   [`Lapic::take_nmis`] hands the vCPU loop that count to inject, one
+//!   `KVM_NMI` each. The SDM (Vol. 3A 7.7.1, "Handling Multiple NMIs"; 6.7.1
+//!   in editions before the APIC chapter became 11) says
+//!   that while an NMI handler runs, delivery of further NMIs is blocked
+//!   until the next IRET; it does not say how many NMIs that arrive
+//!   meanwhile are kept. KVM keeps one: its `process_nmi` (x86.c) adds the
+//!   queued NMIs to the pending ones and caps them at 2, or at 1 when NMIs
+//!   are blocked (a handler runs) or one is being injected ("one NMI
+//!   running, and one NMI pending after it"). The LAPIC cannot see whether
+//!   the vCPU is inside its NMI handler, so it keeps the larger bound and
+//!   lets KVM apply the smaller one: two NMIs accepted before the vCPU takes
+//!   either are both delivered (one now, one after the handler's IRET), a
+//!   third collapses into them ([`AcceptOutcome::Coalesced`]), and inside a
+//!   handler KVM collapses whatever arrives into one latched NMI.
 //! - Timer: input clock [`LapicConfig::bus_hz`] (1 GHz by default, as KVM's
 //!   in-kernel LAPIC and `irqconnect_abi::layout::LAPIC_BUS_HZ`). Any write
 //!   to the LVT timer that changes its mode disarms the timer (SDM 11.5.4.1).
@@ -228,7 +244,8 @@ pub enum Gp {
 pub enum AcceptOutcome {
     /// The vector's IRR bit was set.
     Requested,
-    /// The vector was already requested; the two merged.
+    /// The vector was already requested, or [`MAX_PENDING_NMIS`] NMIs were
+    /// already pending; the two merged.
     Coalesced,
     /// An NMI, SMI, INIT, SIPI or ExtINT was latched for the vCPU loop.
     Latched,
@@ -307,10 +324,15 @@ pub struct LapicCounters {
     pub timer_missed_periods: u64,
 }
 
+/// The most NMIs a local APIC holds for its vCPU: one to deliver now and
+/// one latched behind it (see the [module documentation](self)).
+pub const MAX_PENDING_NMIS: u8 = 2;
+
 /// Events the vCPU loop takes instead of injecting a vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct PendingEvents {
-    pub(crate) nmi: bool,
+    /// NMIs accepted and not yet taken, at most [`MAX_PENDING_NMIS`].
+    pub(crate) nmis: u8,
     pub(crate) smi: bool,
     pub(crate) init: bool,
     pub(crate) sipi: Option<u8>,
@@ -462,9 +484,20 @@ impl Lapic {
     // Pending events for the vCPU loop
     // -----------------------------------------------------------------------
 
-    /// Takes a pending NMI.
+    /// Takes the pending NMIs: how many the vCPU loop injects now (0, 1 or
+    /// [`MAX_PENDING_NMIS`]), one `KVM_NMI` each; KVM then keeps at most one
+    /// of them latched while the guest's NMI handler runs (see the
+    /// [module documentation](self)).
+    pub fn take_nmis(&mut self) -> u8 {
+        core::mem::take(&mut self.events.nmis)
+    }
+
+    /// Takes every pending NMI and says whether there was one. A vCPU loop
+    /// that injects one NMI for `true` loses the second of two: it wants
+    /// [`Lapic::take_nmis`]. Kept for callers that only drain the events
+    /// (`harness::system`) until they move to `take_nmis`.
     pub fn take_nmi(&mut self) -> bool {
-        core::mem::take(&mut self.events.nmi)
+        self.take_nmis() != 0
     }
 
     /// Takes a pending SMI.
@@ -493,7 +526,7 @@ impl Lapic {
     /// Whether any event (NMI, SMI, INIT, SIPI, ExtINT) is pending.
     pub const fn has_pending_event(&self) -> bool {
         let e = &self.events;
-        e.nmi || e.smi || e.init || e.sipi.is_some() || e.extint
+        e.nmis != 0 || e.smi || e.init || e.sipi.is_some() || e.extint
     }
 
     // -----------------------------------------------------------------------

@@ -182,7 +182,7 @@ fn apply(lapic: &mut Lapic, now: u64, op: &Op) -> String {
         Op::TakeEvents => format!(
             "{:?}",
             (
-                lapic.take_nmi(),
+                lapic.take_nmis(),
                 lapic.take_smi(),
                 lapic.take_init(),
                 lapic.take_sipi(),
