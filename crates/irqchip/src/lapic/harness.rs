@@ -11,11 +11,15 @@
 //! level one without suppression, a disabled APIC holding nothing. NMIs: an
 //! NMI reaching an enabled APIC (bus message or NMI-mode LVT entry) is never
 //! lost while fewer than two are pending and never adds a third; taking them
-//! hands out exactly the count pending. A cargo-fuzz
+//! hands out exactly the count pending. Timer: a register write that
+//! switches the LVT timer between one-shot and periodic leaves the countdown,
+//! the initial count and the current count as they were; one that switches
+//! into or out of TSC-deadline mode leaves nothing armed. A cargo-fuzz
 //! target calls it and panics on `Err`; a stable test replays a corpus
 //! through it. The model itself never panics, so `run` never does either.
 
-use super::spec::DM_NMI;
+use super::spec::{DM_NMI, LvtKind};
+use super::timer::TimerMode;
 use super::vectors::VectorSet;
 use super::{AcceptOutcome, Lapic, LapicConfig, LocalSource, MAX_PENDING_NMIS, TscClock};
 use crate::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
@@ -161,7 +165,9 @@ fn step(
             let len = usize::from(input.u8() % 9);
             let value = input.u64().to_le_bytes();
             let data = value.get(..len).unwrap_or(&[]);
+            let probe = TimerProbe::new(lapic, now);
             let _ = lapic.mmio_write(offset, data, now);
+            probe.check(lapic, now)?;
         }
         4 => {
             let offset = u64::from(input.u16() % 0x1100);
@@ -177,7 +183,9 @@ fn step(
                 .copied()
                 .unwrap_or(0);
             let value = input.u64();
+            let probe = TimerProbe::new(lapic, now);
             let _ = lapic.msr_write(msr, value, now);
+            probe.check(lapic, now)?;
         }
         6 => {
             let msr = MSRS
@@ -245,7 +253,9 @@ fn step(
             // Any MSR of the x2APIC range, read or written.
             let msr = super::X2APIC_MSR_FIRST + u32::from(input.u8());
             if input.u8() & 1 != 0 {
+                let probe = TimerProbe::new(lapic, now);
                 let _ = lapic.msr_write(msr, input.u64(), now);
+                probe.check(lapic, now)?;
             } else {
                 let _ = lapic.msr_read(msr, now);
             }
@@ -293,6 +303,59 @@ fn check_nmi_delivery(
         ));
     }
     Ok(())
+}
+
+/// The timer before a register write, for the mode-switch rule: the
+/// write path ticks the timer at `now` before it changes a register, so
+/// `ticked` is what the LVT timer write finds.
+struct TimerProbe {
+    mode: TimerMode,
+    apic_base: u64,
+    ticked: Lapic,
+}
+
+impl TimerProbe {
+    fn new(lapic: &Lapic, now: u64) -> Self {
+        let mut ticked = lapic.clone();
+        let _ = ticked.tick(now);
+        Self {
+            mode: TimerMode::of(lapic.lvt(LvtKind::Timer)),
+            apic_base: lapic.apic_base.into_bits(),
+            ticked,
+        }
+    }
+
+    /// One-shot <-> periodic keeps the countdown; into or out of
+    /// TSC-deadline mode disarms (KVM's `apic_update_lvtt`). An
+    /// IA32_APIC_BASE write that reset the registers is not a mode switch.
+    fn check(&self, lapic: &Lapic, now: u64) -> Result<(), String> {
+        let mode = TimerMode::of(lapic.lvt(LvtKind::Timer));
+        if mode == self.mode || lapic.apic_base.into_bits() != self.apic_base {
+            return Ok(());
+        }
+        let timer = &lapic.timer;
+        if (mode == TimerMode::TscDeadline) != (self.mode == TimerMode::TscDeadline) {
+            if timer.countdown.is_some() || timer.initial_count != 0 || timer.tsc_deadline != 0 {
+                return Err(format!(
+                    "timer still armed after {:?} -> {mode:?}: {timer:?}",
+                    self.mode
+                ));
+            }
+            return Ok(());
+        }
+        let old = &self.ticked;
+        let (count, old_count) = (lapic.timer_current_count(now), old.timer_current_count(now));
+        if timer.countdown != old.timer.countdown
+            || timer.initial_count != old.timer.initial_count
+            || count != old_count
+        {
+            return Err(format!(
+                "{:?} -> {mode:?} changed the countdown: {:?} (count {old_count}) became {timer:?} (count {count})",
+                self.mode, old.timer
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn check(lapic: &Lapic, acknowledged: &VectorSet) -> Result<(), String> {
@@ -394,6 +457,28 @@ mod tests {
             data.extend([0, 0, 0, 4 << 1, 0]);
         }
         data.extend([0, 0, 10]);
+        // Act
+        let result = run(&data);
+        // Assert
+        assert_eq!(result, Ok(()));
+    }
+
+    #[test]
+    fn run_timer_mode_switches_ok() {
+        // Arrange: id 0, TSC at 1 GHz; SVR; divide by 1; one-shot 1000 at
+        // t=0; periodic at 400; one-shot at 1400 (after the reload at 1000);
+        // TSC-deadline at 1500; one-shot at 1600.
+        let mut data = vec![0, 0, 8];
+        data.extend(1_000_000_000u64.to_le_bytes());
+        data.extend(0u64.to_le_bytes());
+        mmio_write(&mut data, 0, 0xf0, 0x1ff);
+        mmio_write(&mut data, 0, 0x3e0, 0b1011);
+        mmio_write(&mut data, 0, 0x320, 0xec);
+        mmio_write(&mut data, 0, 0x380, 1000);
+        mmio_write(&mut data, 400, 0x320, (1 << 17) | 0xec);
+        mmio_write(&mut data, 1000, 0x320, 0xec);
+        mmio_write(&mut data, 100, 0x320, (2 << 17) | 0xec);
+        mmio_write(&mut data, 100, 0x320, 0xec);
         // Act
         let result = run(&data);
         // Assert

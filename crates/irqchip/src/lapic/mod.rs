@@ -78,8 +78,21 @@
 //!   third collapses into them ([`AcceptOutcome::Coalesced`]), and inside a
 //!   handler KVM collapses whatever arrives into one latched NMI.
 //! - Timer: input clock [`LapicConfig::bus_hz`] (1 GHz by default, as KVM's
-//!   in-kernel LAPIC and `irqconnect_abi::layout::LAPIC_BUS_HZ`). Any write
-//!   to the LVT timer that changes its mode disarms the timer (SDM 11.5.4.1).
+//!   in-kernel LAPIC and `irqconnect_abi::layout::LAPIC_BUS_HZ`). An LVT
+//!   timer write that changes the mode disarms the timer only on a change
+//!   into or out of TSC-deadline mode (the initial count is then cleared
+//!   too); between one-shot and periodic the current count keeps counting
+//!   down from where it was and the initial count is kept, a periodic timer
+//!   reloading from it at zero and a one-shot stopping there, and a one-shot
+//!   that already reached zero stays at zero. That is what KVM's in-kernel
+//!   LAPIC does (`apic_update_lvtt`, lapic.c), so a guest sees the same in
+//!   all three irqchip modes. It departs from the SDM's wording: Vol. 3A
+//!   11.5.4.1 ("TSC-Deadline Mode"; 10.5.4.1 in older editions) says "A
+//!   write to the LVT Timer Register that changes the timer mode disarms the
+//!   local APIC timer", for any mode change. The SDM says nothing of the
+//!   counts after a switch between one-shot and periodic (11.5.4 only says
+//!   a one-shot timer "remains at its 0 value until reprogrammed"); there
+//!   too we follow KVM.
 //!   A divide-configuration write while counting keeps the current count and
 //!   continues at the new rate. A periodic timer re-arms from its start time
 //!   (no drift); periods missed because `tick` came late coalesce into one
