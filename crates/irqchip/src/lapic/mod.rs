@@ -166,7 +166,8 @@ impl TscClock {
     }
 }
 
-/// What a local APIC is configured with at creation; constant for its life.
+/// What a local APIC is configured with at creation; constant for its life
+/// but for the TSC clock, which [`Lapic::set_tsc_clock`] may supply later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LapicConfig {
     /// The APIC ID the hardware initialises: the x2APIC ID, whose low 8 bits

@@ -11,7 +11,7 @@
 use super::spec::{
     DivideReg, LvtKind, LvtReg, TIMER_MODE_ONE_SHOT, TIMER_MODE_PERIODIC, TIMER_MODE_TSC_DEADLINE,
 };
-use super::{Lapic, bump};
+use super::{Lapic, TscClock, bump};
 
 /// Nanoseconds per second.
 pub(crate) const NS_PER_SEC: u128 = 1_000_000_000;
@@ -228,6 +228,18 @@ impl Lapic {
             self.timer.countdown = None;
             self.timer.initial_count = 0;
             self.timer.tsc_deadline = 0;
+        }
+    }
+
+    /// Offers TSC-deadline mode from now on, with `tsc` as the guest's TSC:
+    /// for a VMM that learns the guest TSC only once the vCPU exists
+    /// (KVM_GET_TSC_KHZ, IA32_TSC through KVM_GET_MSRS), creates the LAPIC
+    /// without one and calls this before the vCPU first runs. Calling it
+    /// again corrects the clock: an armed deadline is converted anew.
+    pub fn set_tsc_clock(&mut self, tsc: TscClock) {
+        self.config.tsc = Some(tsc);
+        if self.timer.tsc_deadline != 0 {
+            self.timer.tsc_deadline_ns = tsc.ns_at(self.timer.tsc_deadline);
         }
     }
 
@@ -674,6 +686,39 @@ mod tests {
         set32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec);
         // Assert
         assert_eq!(read32(&mut lapic, REG_LVT_TIMER, 0), 0xec);
+    }
+
+    #[test]
+    fn set_tsc_clock_without_config_enables_deadline_mode() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        // Act
+        lapic.set_tsc_clock(TscClock {
+            hz: 1_000_000_000,
+            tsc_at_zero: 500,
+        });
+        set32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec);
+        let write = lapic.msr_write(IA32_TSC_DEADLINE, 500 + 2000, 0);
+        // Assert
+        assert_eq!(read32(&mut lapic, REG_LVT_TIMER, 0), DEADLINE | 0xec);
+        assert_eq!(write, Ok(None));
+        assert_eq!(lapic.next_deadline(), Some(2000));
+    }
+
+    #[test]
+    fn set_tsc_clock_armed_deadline_converted_again() {
+        // Arrange: TSC 2 GHz, 1000 at zero; deadline at TSC 11000 = 5000 ns.
+        let mut lapic = enabled_lapic_with_tsc(0);
+        set32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec);
+        let _ = lapic.msr_write(IA32_TSC_DEADLINE, 11_000, 0);
+        // Act: the TSC is at 1 GHz from 1000 after all.
+        lapic.set_tsc_clock(TscClock {
+            hz: 1_000_000_000,
+            tsc_at_zero: 1000,
+        });
+        // Assert
+        assert_eq!(lapic.next_deadline(), Some(10_000));
+        assert_eq!(lapic.msr_read(IA32_TSC_DEADLINE, 0), Ok(11_000));
     }
 
     #[test]
