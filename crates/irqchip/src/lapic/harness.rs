@@ -92,7 +92,7 @@ pub fn run(data: &[u8]) -> Result<(), String> {
     if flags & 8 != 0 {
         config = config.with_tsc(TscClock {
             hz: input.u64(),
-            tsc_at_zero: input.u64(),
+            tsc_at_zero: input.u64() as i64,
         });
     }
     let mut lapic = Lapic::new(config);

@@ -138,26 +138,30 @@ pub struct TscClock {
     /// TSC frequency in Hz (KVM: `KVM_GET_TSC_KHZ * 1000`). Zero is treated
     /// as 1 Hz.
     pub hz: u64,
-    /// The guest's TSC value at `now == 0`.
-    pub tsc_at_zero: u64,
+    /// The guest's TSC value at `now == 0`, extended backwards: negative
+    /// when the TSC started after time zero (a vCPU whose TSC KVM started
+    /// at 0 when it was created, after the VMM's clock started). A TSC at
+    /// 2^63 or more at time zero is not representable.
+    pub tsc_at_zero: i64,
 }
 
 impl TscClock {
-    /// The guest TSC at `now` nanoseconds.
+    /// The guest TSC at `now` nanoseconds (modulo 2^64, as the counter).
     pub const fn tsc_at(&self, now: u64) -> u64 {
         let ticks = (now as u128 * self.hz as u128) / timer::NS_PER_SEC;
-        self.tsc_at_zero.wrapping_add(ticks as u64)
+        (self.tsc_at_zero as i128 + ticks as i128) as u64
     }
 
-    /// The first `now` at which the TSC has reached `tsc` (0 if it already
-    /// had at time zero; `u64::MAX` if never representable).
+    /// The first `now` at which the TSC has reached `tsc`, compared as
+    /// unsigned values as the processor does (0 if it already had at time
+    /// zero; `u64::MAX` if never representable).
     pub const fn ns_at(&self, tsc: u64) -> u64 {
-        if tsc <= self.tsc_at_zero {
+        let ticks = tsc as i128 - self.tsc_at_zero as i128;
+        if ticks <= 0 {
             return 0;
         }
         let hz = if self.hz == 0 { 1 } else { self.hz as u128 };
-        let ticks = (tsc - self.tsc_at_zero) as u128;
-        let ns = (ticks * timer::NS_PER_SEC).div_ceil(hz);
+        let ns = (ticks as u128 * timer::NS_PER_SEC).div_ceil(hz);
         if ns > u64::MAX as u128 {
             u64::MAX
         } else {
@@ -650,6 +654,21 @@ mod tests {
         assert_eq!(target.apic_id, 0x123);
         assert!(target.x2apic);
         assert_eq!(target.logical_id, (0x12 << 16) | (1 << 3));
+    }
+
+    #[test]
+    fn tsc_clock_started_after_time_zero_reaches_values_later() {
+        // Arrange: a 1 GHz TSC that was 0 at 5000 ns.
+        let clock = TscClock {
+            hz: 1_000_000_000,
+            tsc_at_zero: -5000,
+        };
+        // Act / Assert: unsigned comparison, as the processor's.
+        assert_eq!(clock.tsc_at(5000), 0);
+        assert_eq!(clock.tsc_at(7000), 2000);
+        assert_eq!(clock.ns_at(0), 5000);
+        assert_eq!(clock.ns_at(2000), 7000);
+        assert_eq!(clock.ns_at(u64::MAX), u64::MAX);
     }
 
     #[test]
