@@ -18,6 +18,7 @@ mod ipi;
 mod lapic;
 mod load;
 mod msgfix;
+mod nmi;
 mod pvfix;
 mod rule10;
 mod share;
@@ -29,6 +30,7 @@ mod tpr;
 pub static SUITES: &[&[Test]] = &[
     lapic::TESTS,
     ipi::TESTS,
+    nmi::TESTS,
     tpr::TESTS,
     timer::TESTS,
     ioapic::TESTS,
