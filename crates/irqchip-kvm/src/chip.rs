@@ -119,10 +119,12 @@ impl IrqchipBuilder {
         let tracer = Tracer::new(self.trace);
         let features = Features {
             x2apic: self.x2apic,
-            tsc_deadline: match self.mode {
-                Mode::Kernel | Mode::Split => self.vm.check_extension(Cap::TscDeadlineTimer),
-                Mode::User => false,
-            },
+            // TSC-deadline mode: KVM's LAPIC timer (kernel, split), or our
+            // model's, which needs the guest TSC's rate (user).
+            tsc_deadline: self.vm.check_extension(match self.mode {
+                Mode::Kernel | Mode::Split => Cap::TscDeadlineTimer,
+                Mode::User => Cap::GetTscKhz,
+            }),
         };
         let backend: Arc<dyn Backend> = match self.mode {
             Mode::Kernel => kernel::KernelChip::create(Arc::clone(&self.vm), tracer.clone())?,

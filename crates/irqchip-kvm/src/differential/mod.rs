@@ -889,7 +889,7 @@ impl<'a> Diff<'a> {
                 continue;
             }
             let kvm = self.kvm.nmi_pending(self.pool(cpu)?)?;
-            let ours = lapic.clone().take_nmi();
+            let ours = lapic.clone().take_nmis() != 0;
             if kvm != ours {
                 return Err(format!("cpu {cpu}: NMI pending KVM {kvm}, ours {ours}"));
             }

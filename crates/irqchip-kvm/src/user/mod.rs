@@ -120,6 +120,9 @@ impl UserChip {
             directed_eoi: true,
             phys_addr_bits: cfg.phys_addr_bits,
             bus_hz: LAPIC_BUS_HZ,
+            // Each vCPU's thread supplies it (`set_tsc_clock`) before the
+            // vCPU first runs: the guest TSC can only be read once the vCPU
+            // exists.
             tsc: None,
         });
         let mut timers = Vec::with_capacity(cfg.cpus);

@@ -446,15 +446,15 @@ mod tests {
     }
 
     #[test]
-    fn take_nmi_two_pending_drains_both() {
+    fn take_nmis_two_pending_drains_both() {
         // Arrange
         let mut lapic = enabled_lapic(0);
         let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
         let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
         // Act
-        let any = lapic.take_nmi();
+        let taken = lapic.take_nmis();
         // Assert
-        assert!(any);
+        assert_eq!(taken, 2);
         assert_eq!(lapic.take_nmis(), 0);
         assert!(!lapic.has_pending_event());
     }

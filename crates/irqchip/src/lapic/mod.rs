@@ -510,14 +510,6 @@ impl Lapic {
         core::mem::take(&mut self.events.nmis)
     }
 
-    /// Takes every pending NMI and says whether there was one. A vCPU loop
-    /// that injects one NMI for `true` loses the second of two: it wants
-    /// [`Lapic::take_nmis`]. Kept for callers that only drain the events
-    /// (`harness::system`) until they move to `take_nmis`.
-    pub fn take_nmi(&mut self) -> bool {
-        self.take_nmis() != 0
-    }
-
     /// Takes a pending SMI.
     pub fn take_smi(&mut self) -> bool {
         core::mem::take(&mut self.events.smi)
