@@ -34,6 +34,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::error::{Error, IrqError};
 use crate::ioapic_host::HostedIoapic;
+use crate::state::{ChipState, CountersState, IoapicSnapshot, VcpuChipState};
 use crate::vcpu::ChipExit;
 
 /// Counters a chip keeps, for a VMM's statistics.
@@ -75,6 +76,28 @@ pub struct ModelStats {
 /// with a pin our IOAPIC model reported storming, with no chip lock held,
 /// so it may program pins.
 pub type StormSink = Arc<dyn Fn(u8) + Send + Sync>;
+
+/// The VM-wide part of a mode's snapshot ([`Backend::save_vm`]); the chip
+/// adds the lines and the vCPUs' parts.
+pub(crate) struct VmPart {
+    pub(crate) ioapic: IoapicSnapshot,
+    pub(crate) pic: Option<[Vec<u8>; 2]>,
+    pub(crate) arbiter: Option<irqchip::apic_bus::ArbiterState>,
+    pub(crate) clock_ns: u64,
+    pub(crate) counters: CountersState,
+}
+
+impl Default for VmPart {
+    fn default() -> Self {
+        Self {
+            ioapic: IoapicSnapshot::Ours(irqchip::ioapic::Ioapic::new(Default::default()).save()),
+            pic: None,
+            arbiter: None,
+            clock_ns: 0,
+            counters: CountersState::default(),
+        }
+    }
+}
 
 /// The VM-wide part of a mode.
 ///
@@ -154,6 +177,17 @@ pub(crate) trait Backend: Send + Sync {
 
     /// The VM is stopping: wake any vCPU thread the mode holds itself.
     fn shutdown(&self) {}
+
+    /// The VM is pausing (`true`) or resuming: wake any vCPU thread the
+    /// mode holds itself, so it reaches its pause point.
+    fn set_paused(&self, _paused: bool) {}
+
+    /// The VM-wide part of a snapshot, every vCPU paused.
+    fn save_vm(&self) -> Result<VmPart, Error>;
+
+    /// Restores the VM-wide part of `state` (in this mode's form), before
+    /// any vCPU part and before any vCPU runs.
+    fn restore_vm(&self, state: &ChipState) -> Result<(), Error>;
 }
 
 /// The `KVM_SIGNAL_MSI` payload of `msi`.
@@ -184,8 +218,10 @@ pub(crate) enum ExitAction {
 
 /// The per-vCPU part of a mode; lives on its vCPU's thread.
 pub(crate) trait VcpuBackend: Send {
-    /// Before every `KVM_RUN`.
-    fn before_run(&mut self, _vcpu: &mut VcpuFd) -> Result<(), Error> {
+    /// Before every `KVM_RUN`. `paused`: the VM is pausing for a snapshot
+    /// and this run only completes the last exit (`immediate_exit`): do
+    /// nothing that waits or injects.
+    fn before_run(&mut self, _vcpu: &mut VcpuFd, _paused: bool) -> Result<(), Error> {
         Ok(())
     }
 
@@ -201,4 +237,11 @@ pub(crate) trait VcpuBackend: Send {
 
     /// An exit that belongs to the chip.
     fn on_exit(&mut self, exit: ChipExit<'_>) -> ExitAction;
+
+    /// This vCPU's part of a snapshot, every vCPU paused.
+    fn save(&mut self, vcpu: &VcpuFd) -> Result<VcpuChipState, Error>;
+
+    /// Restores this vCPU's part (in this mode's form), after the chip's
+    /// VM-wide part and the vCPU's registers and MSRs.
+    fn restore(&mut self, vcpu: &VcpuFd, state: &VcpuChipState) -> Result<(), Error>;
 }

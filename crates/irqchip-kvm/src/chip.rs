@@ -13,6 +13,9 @@ use crate::cpuid::Features;
 use crate::error::{Error, IrqError};
 use crate::kick::{self, Kicker};
 use crate::lines::{EventFdLine, IrqLine, IrqLines};
+use crate::state::{
+    CHIP_STATE_VERSION, ChipState, ConvertError, CountersState, Target, VcpuChipState,
+};
 use crate::trace::{TraceSink, Tracer};
 use crate::vcpu::VcpuChip;
 use crate::{DEFAULT_STORM_THRESHOLD, kernel, split, startup, user};
@@ -154,8 +157,11 @@ impl IrqchipBuilder {
                 lines,
                 kicker,
                 stopping: Arc::new(AtomicBool::new(false)),
+                pausing: Arc::new(AtomicBool::new(false)),
                 mode: self.mode,
                 cpus: self.cpus,
+                x2apic: self.x2apic,
+                phys_addr_bits: self.phys_addr_bits,
                 storm_threshold: self.storm_threshold,
                 features,
                 tracer,
@@ -188,8 +194,11 @@ struct Inner {
     lines: Arc<IrqLines>,
     kicker: Arc<Kicker>,
     stopping: Arc<AtomicBool>,
+    pausing: Arc<AtomicBool>,
     mode: Mode,
     cpus: usize,
+    x2apic: bool,
+    phys_addr_bits: u8,
     storm_threshold: u32,
     features: Features,
     tracer: Tracer,
@@ -278,6 +287,7 @@ impl Irqchip {
             backend,
             Arc::clone(&self.inner.kicker),
             Arc::clone(&self.inner.stopping),
+            Arc::clone(&self.inner.pausing),
             self.inner.tracer.clone(),
         ))
     }
@@ -441,6 +451,112 @@ impl Irqchip {
     /// The kicker of the VM's vCPUs.
     pub fn kicker(&self) -> &Arc<Kicker> {
         &self.inner.kicker
+    }
+
+    /// Pauses the VM for a snapshot: every [`VcpuChip::run`] from now on
+    /// completes the vCPU's last exit inside KVM without entering the
+    /// guest and returns [`crate::Run::Paused`]; vCPUs in `KVM_RUN` are
+    /// kicked out and threads the chip parks are woken. Nothing is
+    /// injected meanwhile: an interrupt that arrives stays in the chip.
+    /// Once every vCPU thread has seen `Paused`, take each one's part with
+    /// [`VcpuChip::save`] and then [`Irqchip::save`]; [`Irqchip::resume`]
+    /// lets them run again.
+    pub fn pause(&self) {
+        self.inner.pausing.store(true, Ordering::Release);
+        self.inner.backend.set_paused(true);
+        self.inner.kicker.kick_all();
+    }
+
+    /// Ends a pause ([`Irqchip::pause`]).
+    pub fn resume(&self) {
+        self.inner.pausing.store(false, Ordering::Release);
+        self.inner.backend.set_paused(false);
+        self.inner.kicker.kick_all();
+    }
+
+    /// The chip's state: the VM-wide part and `vcpus`, each vCPU's part
+    /// ([`VcpuChip::save`], in vCPU order). Call it while paused, after
+    /// every vCPU's part was taken, with nothing else driving the chip's
+    /// lines or timers.
+    ///
+    /// # Errors
+    ///
+    /// A failed ioctl, or not one part per vCPU.
+    pub fn save(&self, vcpus: Vec<VcpuChipState>) -> Result<ChipState, Error> {
+        if vcpus.len() != self.inner.cpus {
+            return Err(Error::Config(format!(
+                "{} vCPU parts for {} vCPUs",
+                vcpus.len(),
+                self.inner.cpus
+            )));
+        }
+        let part = self.inner.backend.save_vm()?;
+        let (lines, line_assertions) = self.inner.lines.save();
+        Ok(ChipState {
+            version: CHIP_STATE_VERSION,
+            mode: self.inner.mode,
+            x2apic: self.inner.x2apic,
+            ioapic: part.ioapic,
+            pic: part.pic,
+            vcpus,
+            arbiter: part.arbiter,
+            clock_ns: part.clock_ns,
+            lines,
+            line_assertions,
+            counters: CountersState {
+                line_errors: self.inner.lines.errors(),
+                ..part.counters
+            },
+        })
+    }
+
+    /// What this chip is, for [`ChipState::convert`].
+    pub fn target(&self) -> Target {
+        Target {
+            mode: self.inner.mode,
+            cpus: self.inner.cpus,
+            x2apic: self.inner.x2apic,
+            phys_addr_bits: self.inner.phys_addr_bits,
+            tsc_deadline: self.inner.features.tsc_deadline,
+            kvm_x2apic_ids: false,
+        }
+    }
+
+    /// `state` in this chip's mode ([`ChipState::convert`]).
+    ///
+    /// # Errors
+    ///
+    /// One line naming what cannot be carried.
+    pub fn convert(&self, state: &ChipState) -> Result<ChipState, ConvertError> {
+        state.convert(&self.target())
+    }
+
+    /// Restores the VM-wide part of `state`, already in this chip's mode
+    /// ([`Irqchip::convert`]), into this fresh chip: after every vCPU and
+    /// every line exist, before any vCPU's part ([`VcpuChip::restore`])
+    /// and before any vCPU runs. The wired-OR lines take the saved levels
+    /// without a change reaching the chip.
+    ///
+    /// # Errors
+    ///
+    /// A failed ioctl, a state of another mode, or lines this VM lacks.
+    pub fn restore(&self, state: &ChipState) -> Result<(), Error> {
+        if state.mode != self.inner.mode {
+            return Err(Error::Config(format!(
+                "a {} state for a {} chip: convert it first",
+                state.mode.name(),
+                self.inner.mode.name()
+            )));
+        }
+        self.inner.backend.restore_vm(state)?;
+        self.inner
+            .lines
+            .restore(
+                &state.lines,
+                &state.line_assertions,
+                state.counters.line_errors,
+            )
+            .map_err(Error::Config)
     }
 
     /// The VM is stopping: every [`VcpuChip::run`] from now on returns

@@ -25,7 +25,7 @@ use irqchip::ioapic::{
 };
 
 use crate::backend::{ModelStats, StormSink};
-use crate::error::IrqError;
+use crate::error::{Error, IrqError};
 use crate::ratelimit::RateLimiter;
 use crate::trace::{TraceEvent, Tracer};
 
@@ -251,6 +251,34 @@ impl<S: Send> IoapicHost<S> {
         self.storm.set_sink(sink);
     }
 
+    /// Our IOAPIC's state and the storm guard's counters (reports, pins),
+    /// for a snapshot.
+    pub(crate) fn save(&self) -> (irqchip::ioapic::IoapicState, u64, u32) {
+        let state = self.lock().ioapic.save();
+        (
+            state,
+            self.storm.reports.load(Ordering::Relaxed),
+            self.storm.pins.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Replaces our IOAPIC's state and the storm guard's counters (a
+    /// restored snapshot); nothing is delivered.
+    pub(crate) fn restore(
+        &self,
+        state: &irqchip::ioapic::IoapicState,
+        storm_reports: u64,
+        storm_pins: u32,
+    ) -> Result<(), Error> {
+        self.lock()
+            .ioapic
+            .restore(state)
+            .map_err(|e| Error::Config(format!("IOAPIC state: {e}")))?;
+        self.storm.reports.store(storm_reports, Ordering::Relaxed);
+        self.storm.pins.store(storm_pins, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The IOAPIC part of [`ModelStats`].
     pub(crate) fn model_stats(&self) -> ModelStats {
         let counters = *self.lock().ioapic.counters();
@@ -383,6 +411,11 @@ impl ErrorLog {
     /// Failures so far.
     pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sets the count (a restored snapshot).
+    pub(crate) fn set_count(&self, count: u64) {
+        self.count.store(count, Ordering::Relaxed);
     }
 }
 

@@ -47,11 +47,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use irqchip::ioapic::RedirectionEntry;
 use irqchip::ioapic::spec::{RTE_EXTENDED_DESTINATION_MASK, RTE_WRITABLE_MASK};
 use irqconnect_abi::layout::IOAPIC_PINS;
-use kvm_bindings::{KVM_IRQCHIP_IOAPIC, kvm_ioapic_state, kvm_irqchip};
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_ioapic_state,
+    kvm_irqchip,
+};
 use kvm_ioctls::{VcpuFd, VmFd};
+use zerocopy::{FromBytes, IntoBytes};
 
-use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend, kvm_msi_of, msi_vector};
+use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend, VmPart, kvm_msi_of, msi_vector};
 use crate::error::{Error, IrqError};
+use crate::state::{ChipState, IoapicSnapshot, KvmIoapicState, VcpuChipState};
 use crate::trace::{TraceEvent, Tracer};
 use crate::vcpu::ChipExit;
 
@@ -108,6 +113,90 @@ impl Backend for KernelChip {
 
     fn vcpu(self: Arc<Self>, _index: usize, _fd: &VcpuFd) -> Result<Box<dyn VcpuBackend>, Error> {
         Ok(Box::new(KernelVcpu))
+    }
+
+    fn save_vm(&self) -> Result<VmPart, Error> {
+        let _writes = self
+            .ioapic_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let get = |chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(Error::kvm("KVM_GET_IRQCHIP"))
+        };
+        let master = get(KVM_IRQCHIP_PIC_MASTER)?;
+        let slave = get(KVM_IRQCHIP_PIC_SLAVE)?;
+        let ioapic = get(KVM_IRQCHIP_IOAPIC)?;
+        // SAFETY: with chip_id KVM_IRQCHIP_IOAPIC, KVM_GET_IRQCHIP filled
+        // the `ioapic` member; it is plain integers, valid for any bits.
+        let state = unsafe { ioapic.chip.ioapic };
+        Ok(VmPart {
+            ioapic: IoapicSnapshot::Kvm(KvmIoapicState {
+                base_address: state.base_address,
+                ioregsel: state.ioregsel,
+                id: state.id,
+                irr: state.irr,
+                entries: state
+                    .redirtbl
+                    .iter()
+                    // SAFETY: as in `edit_ioapic_state`: plain integers.
+                    .map(|e| unsafe { e.bits })
+                    .collect(),
+            }),
+            pic: Some([master.as_bytes().to_vec(), slave.as_bytes().to_vec()]),
+            ..VmPart::default()
+        })
+    }
+
+    fn restore_vm(&self, state: &ChipState) -> Result<(), Error> {
+        let (IoapicSnapshot::Kvm(saved), Some([master, slave])) = (&state.ioapic, &state.pic)
+        else {
+            return Err(Error::Config(
+                "kernel mode restores KVM's IOAPIC and 8259 state only".to_string(),
+            ));
+        };
+        let _writes = self
+            .ioapic_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (bytes, chip_id) in [
+            (master, KVM_IRQCHIP_PIC_MASTER),
+            (slave, KVM_IRQCHIP_PIC_SLAVE),
+        ] {
+            let mut chip = kvm_irqchip::read_from_bytes(bytes)
+                .map_err(|_| Error::Config(format!("an 8259 state of {} bytes", bytes.len())))?;
+            chip.chip_id = chip_id;
+            self.vm
+                .set_irqchip(&chip)
+                .map_err(Error::kvm("KVM_SET_IRQCHIP(PIC)"))?;
+        }
+        let mut ioapic = kvm_ioapic_state {
+            base_address: saved.base_address,
+            ioregsel: saved.ioregsel,
+            id: saved.id,
+            irr: saved.irr,
+            ..Default::default()
+        };
+        for (slot, &bits) in ioapic.redirtbl.iter_mut().zip(&saved.entries) {
+            slot.bits = bits;
+        }
+        // As for a host pin program: KVM_SET_IRQCHIP re-injects every set
+        // `irr` bit, which for an edge pin would be a new edge.
+        ioapic.irr &= level_pins(&ioapic);
+        let mut chip = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        chip.chip.ioapic = ioapic;
+        self.vm
+            .set_irqchip(&chip)
+            .map_err(Error::kvm("KVM_SET_IRQCHIP(IOAPIC)"))
     }
 
     fn stats(&self) -> IrqStats {
@@ -197,6 +286,14 @@ fn level_pins(state: &kvm_ioapic_state) -> u32 {
 struct KernelVcpu;
 
 impl VcpuBackend for KernelVcpu {
+    fn save(&mut self, vcpu: &VcpuFd) -> Result<VcpuChipState, Error> {
+        crate::kvm_lapic::save(vcpu)
+    }
+
+    fn restore(&mut self, vcpu: &VcpuFd, state: &VcpuChipState) -> Result<(), Error> {
+        crate::kvm_lapic::restore(vcpu, state)
+    }
+
     fn on_exit(&mut self, _exit: ChipExit<'_>) -> ExitAction {
         ExitAction::Unexpected
     }

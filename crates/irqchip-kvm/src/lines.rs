@@ -117,6 +117,54 @@ impl IrqLines {
     pub(crate) fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
+
+    /// The sources' levels and the rising edges per GSI, for a snapshot.
+    pub(crate) fn save(&self) -> (Vec<u64>, Vec<u64>) {
+        let high = self
+            .high
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let assertions = self
+            .assertions
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        (high, assertions)
+    }
+
+    /// Puts back the sources' levels and counters of a snapshot, without
+    /// telling the chip (its restored state already has the levels).
+    /// Refused when a high source does not exist in this VM.
+    pub(crate) fn restore(
+        &self,
+        high: &[u64],
+        assertions: &[u64],
+        errors: u64,
+    ) -> Result<(), String> {
+        let sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut levels = self.high.lock().unwrap_or_else(PoisonError::into_inner);
+        if high.len() != levels.len() || assertions.len() != levels.len() {
+            return Err(format!(
+                "{} lines saved, the chip has {}",
+                high.len(),
+                levels.len()
+            ));
+        }
+        for (gsi, (&bits, &count)) in high.iter().zip(sources.iter()).enumerate() {
+            if bits.checked_shr(count).unwrap_or(0) != 0 {
+                return Err(format!(
+                    "GSI {gsi}: a line source the VM does not have ({count} here) is high"
+                ));
+            }
+        }
+        levels.copy_from_slice(high);
+        for (slot, &n) in self.assertions.iter().zip(assertions) {
+            slot.store(n, Ordering::Relaxed);
+        }
+        self.errors.store(errors, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// One source's connection to one GSI ([`crate::Irqchip::line`]).
@@ -243,12 +291,44 @@ pub(crate) mod tests {
         fn signal_msi(&self, _msi: irqchip::msi::Msi) -> Result<(), IrqError> {
             Ok(())
         }
+        fn save_vm(&self) -> Result<crate::backend::VmPart, Error> {
+            Ok(crate::backend::VmPart::default())
+        }
+        fn restore_vm(&self, _state: &crate::state::ChipState) -> Result<(), Error> {
+            Ok(())
+        }
     }
 
     fn wiring() -> (Arc<RecordingController>, Arc<IrqLines>) {
         let ctrl = Arc::new(RecordingController::default());
         let lines = IrqLines::new(ctrl.clone(), 24, Tracer::default());
         (ctrl, lines)
+    }
+
+    #[test]
+    fn unit_restore_sets_levels_without_a_change_reaching_the_chip() {
+        let (ctrl, lines) = wiring();
+        let a = lines.line(16).unwrap();
+        let _b = lines.line(16).unwrap();
+        let mut high = vec![0u64; 24];
+        high[16] = 0b10;
+        lines.restore(&high, &[0; 24], 0).unwrap();
+        assert!(ctrl.changes.lock().unwrap().is_empty());
+        // Source 0 going high and low leaves the line high (source 1 holds it).
+        a.set(true);
+        a.set(false);
+        assert!(ctrl.changes.lock().unwrap().is_empty());
+        assert_eq!(lines.save().0[16], 0b10);
+    }
+
+    #[test]
+    fn unit_restore_refuses_a_source_the_vm_lacks() {
+        let (_ctrl, lines) = wiring();
+        let _a = lines.line(3).unwrap();
+        let mut high = vec![0u64; 24];
+        high[3] = 0b100;
+        let err = lines.restore(&high, &[0; 24], 0).unwrap_err();
+        assert!(err.contains("GSI 3"), "{err}");
     }
 
     #[test]

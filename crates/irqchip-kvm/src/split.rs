@@ -60,11 +60,12 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::backend::{
-    Backend, ExitAction, IrqStats, ModelStats, VcpuBackend, kvm_msi_of, msi_vector,
+    Backend, ExitAction, IrqStats, ModelStats, VcpuBackend, VmPart, kvm_msi_of, msi_vector,
 };
 use crate::error::{Error, IrqError};
 use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
+use crate::state::{ChipState, CountersState, IoapicSnapshot, VcpuChipState};
 use crate::timerfd;
 use crate::trace::{TraceEvent, Tracer};
 use crate::vcpu::ChipExit;
@@ -381,6 +382,62 @@ impl Backend for SplitChip {
         vec![self.watch_fd]
     }
 
+    fn save_vm(&self) -> Result<VmPart, Error> {
+        let (ioapic, storm_reports, storm_pins) = self.ioapic.save();
+        Ok(VmPart {
+            ioapic: IoapicSnapshot::Ours(ioapic),
+            counters: CountersState {
+                injected: self.msis.load(Ordering::Relaxed),
+                eois: self.eois.load(Ordering::Relaxed),
+                errors: self.errors.count(),
+                storm_reports,
+                storm_pins,
+                eoi_pokes: self.pokes.load(Ordering::Relaxed),
+                ..CountersState::default()
+            },
+            ..VmPart::default()
+        })
+    }
+
+    fn restore_vm(&self, state: &ChipState) -> Result<(), Error> {
+        let IoapicSnapshot::Ours(ioapic) = &state.ioapic else {
+            return Err(Error::Config(
+                "split mode restores our IOAPIC model's state only".to_string(),
+            ));
+        };
+        let c = state.counters;
+        self.ioapic.restore(ioapic, c.storm_reports, c.storm_pins)?;
+        self.msis.store(c.injected, Ordering::Relaxed);
+        self.eois.store(c.eois, Ordering::Relaxed);
+        self.errors.set_count(c.errors);
+        self.pokes.store(c.eoi_pokes, Ordering::Relaxed);
+        let mut hosted = self.ioapic.lock();
+        // KVM's routes mirror the restored entries before any delivery.
+        hosted.mode.routed = None;
+        self.refresh_routes(&mut hosted);
+        if hosted.mode.routed.is_none() {
+            return Err(Error::Config(
+                "KVM_SET_GSI_ROUTING refused the restored entries".to_string(),
+            ));
+        }
+        // A pin in service at the save is watched as if just sent.
+        let Hosted { ioapic, mode } = &mut *hosted;
+        let now = Instant::now();
+        let mut any = false;
+        for (pin, entry) in ioapic.entries() {
+            if entry.remote_irr()
+                && let Some(at) = mode.sent_at.get_mut(usize::from(pin))
+            {
+                *at = Some(now);
+                any = true;
+            }
+        }
+        if any {
+            self.watch_eois(mode, EOI_POKE);
+        }
+        Ok(())
+    }
+
     fn on_timer(&self, _index: usize) {
         self.eoi_watch_expired();
     }
@@ -393,7 +450,20 @@ struct SplitVcpu {
 }
 
 impl VcpuBackend for SplitVcpu {
-    fn before_run(&mut self, vcpu: &mut VcpuFd) -> Result<(), Error> {
+    fn save(&mut self, vcpu: &VcpuFd) -> Result<VcpuChipState, Error> {
+        crate::kvm_lapic::save(vcpu)
+    }
+
+    fn restore(&mut self, vcpu: &VcpuFd, state: &VcpuChipState) -> Result<(), Error> {
+        crate::kvm_lapic::restore(vcpu, state)
+    }
+
+    fn before_run(&mut self, vcpu: &mut VcpuFd, paused: bool) -> Result<(), Error> {
+        if paused {
+            // A poke waits for the resumed run: the snapshot keeps KVM's
+            // MP state as the guest left it.
+            return Ok(());
+        }
         let poked = self
             .chip
             .poke

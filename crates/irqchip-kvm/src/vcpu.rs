@@ -26,6 +26,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::backend::{ExitAction, VcpuBackend};
 use crate::error::Error;
 use crate::kick::{Kicker, RunPageGuard};
+use crate::state::VcpuChipState;
 use crate::trace::{TraceEvent, Tracer};
 
 /// Most bytes one MMIO exit carries (`kvm_run.mmio.data`).
@@ -43,6 +44,11 @@ pub enum Run<T> {
     /// The chip was shut down ([`crate::Irqchip::shutdown`]): the guest was
     /// not entered. Leave the loop.
     Stopped,
+    /// The VM is pausing ([`crate::Irqchip::pause`]): the last exit is
+    /// complete in KVM and the guest was not entered. Wait until the VMM
+    /// resumes (saving the vCPU with [`VcpuChip::save`] meanwhile), then
+    /// run again.
+    Paused,
 }
 
 /// Exit counters of one vCPU's chip part, for a VMM's statistics.
@@ -69,6 +75,7 @@ pub struct VcpuChip {
     backend: Box<dyn VcpuBackend>,
     kicker: Arc<Kicker>,
     stopping: Arc<AtomicBool>,
+    pausing: Arc<AtomicBool>,
     counters: VcpuCounters,
     tracer: Tracer,
 }
@@ -120,6 +127,8 @@ enum Outcome<T> {
     Kicked,
     /// `EAGAIN`: an AP waiting for SIPI in KVM.
     Again,
+    /// `EINTR` of a pausing run: the last exit is complete.
+    Paused,
 }
 
 /// A chip exit copied out of the run page, so the page can be borrowed
@@ -149,6 +158,7 @@ impl VcpuChip {
         backend: Box<dyn VcpuBackend>,
         kicker: Arc<Kicker>,
         stopping: Arc<AtomicBool>,
+        pausing: Arc<AtomicBool>,
         tracer: Tracer,
     ) -> Self {
         Self {
@@ -156,6 +166,7 @@ impl VcpuChip {
             backend,
             kicker,
             stopping,
+            pausing,
             counters: VcpuCounters::default(),
             tracer,
         }
@@ -169,6 +180,29 @@ impl VcpuChip {
     /// The counters so far.
     pub fn counters(&self) -> VcpuCounters {
         self.counters
+    }
+
+    /// This vCPU's part of a snapshot ([`crate::ChipState`]): call it on
+    /// the vCPU's thread after [`VcpuChip::run`] returned [`Run::Paused`]
+    /// and every other vCPU is paused too.
+    ///
+    /// # Errors
+    ///
+    /// A failed ioctl.
+    pub fn save(&mut self, vcpu: &VcpuFd) -> Result<VcpuChipState, Error> {
+        self.backend.save(vcpu)
+    }
+
+    /// Restores this vCPU's part of a snapshot, converted for the chip
+    /// ([`crate::Irqchip::convert`]): after [`crate::Irqchip::restore`]
+    /// and after the VMM restored the vCPU's registers and MSRs (the guest
+    /// TSC among them), before its vCPU events and before it first runs.
+    ///
+    /// # Errors
+    ///
+    /// A failed ioctl, or a part of another mode.
+    pub fn restore(&mut self, vcpu: &VcpuFd, state: &VcpuChipState) -> Result<(), Error> {
+        self.backend.restore(vcpu, state)
     }
 
     /// One trip into the guest (see the module documentation). Call it in
@@ -218,17 +252,24 @@ impl VcpuChip {
     ) -> Result<Run<T>, Error> {
         let kicker = Arc::clone(&self.kicker);
         let _thread = kicker.enter(self.index);
-        self.backend.before_run(vcpu)?;
+        let paused = self.pausing.load(Ordering::Acquire);
+        self.backend.before_run(vcpu, paused)?;
         if self.stopping.load(Ordering::Acquire) {
             return Ok(Run::Stopped);
         }
+        // A pause that came during `before_run` still gets its completing
+        // run, whatever `before_run` did.
+        let paused = paused || self.pausing.load(Ordering::Acquire);
         self.counters.runs += 1;
         let run_page: *mut kvm_run = vcpu.get_kvm_run();
         // SAFETY: the page belongs to `vcpu`, which this call borrows for
         // longer than the guard (dropped below, before `vcpu` is returned
         // to the caller), so it stays mapped.
         let page = unsafe { RunPageGuard::publish(run_page) };
-        if kicker.take_pending(self.index) {
+        // A pausing run completes the last exit inside KVM (an I/O read's
+        // data, a string operation's next step) and returns at once: KVM's
+        // state is then the guest's, with nothing held half done.
+        if kicker.take_pending(self.index) || paused {
             page.set_immediate_exit();
         }
         let index = self.index;
@@ -252,6 +293,7 @@ impl VcpuChip {
                     Outcome::Vmm(on_exit(exit))
                 }
             },
+            Err(e) if e.errno() == libc::EINTR && paused => Outcome::Paused,
             Err(e) if e.errno() == libc::EINTR => {
                 self.counters.kicks += 1;
                 Outcome::Kicked
@@ -268,7 +310,7 @@ impl VcpuChip {
             }
         };
         drop(page);
-        if matches!(outcome, Outcome::Kicked) {
+        if matches!(outcome, Outcome::Kicked | Outcome::Paused) {
             // The kick is consumed; the next entry must not stop at once.
             vcpu.set_kvm_immediate_exit(0);
         }
@@ -280,6 +322,7 @@ impl VcpuChip {
             }
             Outcome::Vmm(value) => Ok(Run::Exit(value)),
             Outcome::Kicked | Outcome::Again => Ok(Run::Handled),
+            Outcome::Paused => Ok(Run::Paused),
         }
     }
 

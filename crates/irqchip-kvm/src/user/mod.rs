@@ -45,10 +45,11 @@ use irqconnect_abi::layout::LAPIC_BUS_HZ;
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{Backend, IrqStats, ModelStats, VcpuBackend};
+use crate::backend::{Backend, IrqStats, ModelStats, VcpuBackend, VmPart};
 use crate::error::{Error, IrqError};
 use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
+use crate::state::{ChipState, CountersState, IoapicSnapshot, LapicSnapshot};
 use crate::timerfd;
 use crate::trace::{TraceEvent, Tracer};
 
@@ -97,8 +98,13 @@ pub(crate) struct UserChip {
     timers: Vec<Mutex<HostTimer>>,
     timer_fds: Vec<RawFd>,
     clock: Instant,
+    /// Added (wrapping) to the time since `clock`: a restored chip's clock
+    /// continues from the snapshot's.
+    clock_offset: AtomicU64,
     kicker: Arc<Kicker>,
     stopping: AtomicBool,
+    /// The VM is pausing for a snapshot: parked vCPU threads return.
+    pausing: AtomicBool,
     counters: Counters,
     errors: ErrorLog,
     tracer: Tracer,
@@ -143,8 +149,10 @@ impl UserChip {
             timers,
             timer_fds,
             clock: Instant::now(),
+            clock_offset: AtomicU64::new(0),
             kicker,
             stopping: AtomicBool::new(false),
+            pausing: AtomicBool::new(false),
             counters: Counters::default(),
             errors: ErrorLog::new("user irqchip"),
             tracer,
@@ -153,7 +161,9 @@ impl UserChip {
 
     /// Nanoseconds since the VM was created: the LAPIC models' clock.
     fn now(&self) -> u64 {
-        u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.clock.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .wrapping_add(self.clock_offset.load(Ordering::Relaxed))
     }
 
     fn lock_apics(&self) -> MutexGuard<'_, ApicSystem> {
@@ -162,6 +172,10 @@ impl UserChip {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    fn pausing(&self) -> bool {
+        self.pausing.load(Ordering::Acquire)
     }
 
     /// Gets vCPU `index` to look at its LAPIC (under the APIC lock).
@@ -368,6 +382,77 @@ impl Backend for UserChip {
         if fired || poll_due {
             self.wake(&apics, index);
         }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.pausing.store(paused, Ordering::Release);
+        let _apics = self.lock_apics();
+        for cv in &self.wake {
+            cv.notify_all();
+        }
+    }
+
+    fn save_vm(&self) -> Result<VmPart, Error> {
+        let (ioapic, storm_reports, storm_pins) = self.ioapic.save();
+        let apics = self.lock_apics();
+        let c = &self.counters;
+        Ok(VmPart {
+            ioapic: IoapicSnapshot::Ours(ioapic),
+            pic: None,
+            arbiter: Some(apics.arbiter()),
+            clock_ns: self.now(),
+            counters: CountersState {
+                injected: c.injected.load(Ordering::Relaxed),
+                eois: c.eois.load(Ordering::Relaxed),
+                errors: self.errors.count(),
+                storm_reports,
+                storm_pins,
+                ignored_events: c.ignored_events.load(Ordering::Relaxed),
+                ..CountersState::default()
+            },
+        })
+    }
+
+    fn restore_vm(&self, state: &ChipState) -> Result<(), Error> {
+        let IoapicSnapshot::Ours(ioapic) = &state.ioapic else {
+            return Err(Error::Config(
+                "user mode restores our IOAPIC model's state only".to_string(),
+            ));
+        };
+        let lapics = state
+            .vcpus
+            .iter()
+            .map(|v| match &v.lapic {
+                LapicSnapshot::Ours(l) => Ok(irqchip::lapic::Lapic::restore(l)),
+                LapicSnapshot::Kvm { .. } => Err(Error::Config(
+                    "a KVM LAPIC state reached user mode unconverted".to_string(),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if lapics.len() != self.wake.len() {
+            return Err(Error::Config(format!(
+                "{} LAPICs for {} vCPUs",
+                lapics.len(),
+                self.wake.len()
+            )));
+        }
+        let c = state.counters;
+        self.ioapic.restore(ioapic, c.storm_reports, c.storm_pins)?;
+        let elapsed = u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.clock_offset
+            .store(state.clock_ns.wrapping_sub(elapsed), Ordering::Relaxed);
+        self.counters.injected.store(c.injected, Ordering::Relaxed);
+        self.counters.eois.store(c.eois, Ordering::Relaxed);
+        self.counters
+            .ignored_events
+            .store(c.ignored_events, Ordering::Relaxed);
+        self.errors.set_count(c.errors);
+        let mut apics = self.lock_apics();
+        apics.replace(lapics, &state.arbiter.unwrap_or_default());
+        for index in 0..apics.len() {
+            self.sync_timer(&apics, index);
+        }
+        Ok(())
     }
 
     fn shutdown(&self) {

@@ -29,6 +29,7 @@ use super::{UserChip, kvm};
 use crate::backend::{ExitAction, VcpuBackend};
 use crate::error::Error;
 use crate::startup;
+use crate::state::{Activity as SavedActivity, LapicSnapshot, VcpuChipState};
 use crate::trace::TraceEvent;
 use crate::vcpu::ChipExit;
 
@@ -237,8 +238,56 @@ fn msr_index(exit: &ChipExit<'_>) -> u32 {
     }
 }
 
+/// RFLAGS.IF (SDM Vol. 1 3.4.3).
+const RFLAGS_IF: u64 = 1 << 9;
+
 impl VcpuBackend for UserVcpu {
-    fn before_run(&mut self, vcpu: &mut VcpuFd) -> Result<()> {
+    fn save(&mut self, _vcpu: &VcpuFd) -> Result<VcpuChipState> {
+        let lapic = self
+            .chip
+            .lock_apics()
+            .get(self.index)
+            .map(|l| l.save())
+            .ok_or(Error::NoSuchVcpu {
+                index: self.index,
+                cpus: self.chip.wake.len(),
+            })?;
+        let activity = match (self.activity, self.halted) {
+            (Activity::WaitForSipi, _) => SavedActivity::WaitForSipi,
+            (Activity::Running, true) => SavedActivity::Halted,
+            (Activity::Running, false) => SavedActivity::Running,
+        };
+        Ok(VcpuChipState {
+            lapic: LapicSnapshot::Ours(lapic),
+            activity,
+        })
+    }
+
+    fn restore(&mut self, vcpu: &VcpuFd, state: &VcpuChipState) -> Result<()> {
+        (self.activity, self.halted) = match state.activity {
+            SavedActivity::Running => (Activity::Running, false),
+            SavedActivity::Halted => (Activity::Running, true),
+            SavedActivity::WaitForSipi => (Activity::WaitForSipi, false),
+        };
+        let regs = vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        self.if_flag = regs.rflags & RFLAGS_IF != 0;
+        self.ready = false;
+        self.dropped_sipi = false;
+        self.apic_base_dirty = true;
+        // KVM may hold an NMI from the restored vCPU events: look before
+        // injecting a vector.
+        self.nmi_in_kvm = true;
+        if let Some(l) = self.chip.lock_apics().get(self.index) {
+            self.mmio_base = l.mmio_base();
+        }
+        // The guest TSC is restored: anchor the TSC-deadline clock to it now,
+        // which converts a restored deadline against it.
+        self.tsc_clock_at = None;
+        self.sync_tsc_clock(vcpu);
+        Ok(())
+    }
+
+    fn before_run(&mut self, vcpu: &mut VcpuFd, paused: bool) -> Result<()> {
         self.mirror_apic_base(vcpu);
         self.sync_tsc_clock(vcpu);
         let chip = Arc::clone(&self.chip);
@@ -275,6 +324,11 @@ impl VcpuBackend for UserVcpu {
             let park = activity == Activity::WaitForSipi
                 || (self.halted && !plan::halt_ends(lapic, self.if_flag));
             if !park {
+                self.halted = false;
+                break;
+            }
+            if paused || chip.pausing() {
+                // Pausing for a snapshot: stay halted or waiting, unparked.
                 break;
             }
             apics.set_parked(i, true);
@@ -286,7 +340,7 @@ impl VcpuBackend for UserVcpu {
             apics.set_parked(i, false);
             chip.tracer.emit(|| TraceEvent::Unpark { vcpu: i });
         }
-        self.halted = false;
+        let paused = paused || chip.pausing();
 
         let (nmis, smi, extint) = apics
             .with(i, |l| (l.take_nmis(), l.take_smi(), l.take_extint()))
@@ -317,8 +371,14 @@ impl VcpuBackend for UserVcpu {
                 false
             });
         }
-        if let Injection::Inject(vector) = plan::injection(deliverable, self.ready, self.nmi_in_kvm)
-        {
+        // Pausing: a deliverable vector stays in IRR, where the snapshot
+        // finds it.
+        let injection = if paused {
+            Injection::Idle
+        } else {
+            plan::injection(deliverable, self.ready, self.nmi_in_kvm)
+        };
+        if let Injection::Inject(vector) = injection {
             match kvm::interrupt(vcpu, vector) {
                 Ok(()) => {
                     // Acknowledged exactly when injected: IRR -> ISR.
