@@ -162,7 +162,8 @@ fn vcpu_loop(board: &Board, mut fd: VcpuFd, mut part: irqchip_kvm::VcpuChip) -> 
         })?;
         match run {
             Run::Exit(result) => result?,
-            Run::Handled => {}
+            // This VMM never pauses its chip.
+            Run::Handled | Run::Paused => {}
             Run::Stopped => return Ok(()),
         }
     }

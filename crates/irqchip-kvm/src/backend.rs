@@ -90,7 +90,9 @@ pub(crate) struct VmPart {
 impl Default for VmPart {
     fn default() -> Self {
         Self {
-            ioapic: IoapicSnapshot::Ours(irqchip::ioapic::Ioapic::new(Default::default()).save()),
+            ioapic: IoapicSnapshot::Ours(Box::new(
+                irqchip::ioapic::Ioapic::new(Default::default()).save(),
+            )),
             pic: None,
             arbiter: None,
             clock_ns: 0,

@@ -385,7 +385,7 @@ impl Backend for SplitChip {
     fn save_vm(&self) -> Result<VmPart, Error> {
         let (ioapic, storm_reports, storm_pins) = self.ioapic.save();
         Ok(VmPart {
-            ioapic: IoapicSnapshot::Ours(ioapic),
+            ioapic: IoapicSnapshot::Ours(Box::new(ioapic)),
             counters: CountersState {
                 injected: self.msis.load(Ordering::Relaxed),
                 eois: self.eois.load(Ordering::Relaxed),

@@ -98,7 +98,7 @@ pub enum IoapicSnapshot {
     /// KVM's in-kernel IOAPIC (`struct kvm_ioapic_state`).
     Kvm(KvmIoapicState),
     /// Our model.
-    Ours(IoapicState),
+    Ours(Box<IoapicState>),
 }
 
 /// KVM's `struct kvm_ioapic_state`, field by field.
@@ -138,7 +138,7 @@ pub enum LapicSnapshot {
         tsc_deadline: u64,
     },
     /// Our model.
-    Ours(LapicState),
+    Ours(Box<LapicState>),
 }
 
 /// Where a vCPU is, as far as the chip is concerned (KVM's MP state).
@@ -298,7 +298,7 @@ impl ChipState {
                     }
                 }
             }
-            out.ioapic = IoapicSnapshot::Ours(ioapic_from_kvm(kvm, &self.lines));
+            out.ioapic = IoapicSnapshot::Ours(Box::new(ioapic_from_kvm(kvm, &self.lines)));
             out.pic = None;
         }
         for (index, (vcpu, slot)) in self.vcpus.iter().zip(out.vcpus.iter_mut()).enumerate() {
@@ -322,6 +322,7 @@ impl ChipState {
                         *tsc_deadline,
                         self.clock_ns,
                     )
+                    .map(Box::new)
                     .map_err(|why| refuse(format!("vCPU {index}: {why}")))?,
                 ),
                 (LapicSnapshot::Ours(state), true) => lapic_to_kvm(target, state, self.clock_ns)

@@ -47,15 +47,15 @@ fn user_state() -> ChipState {
         version: CHIP_STATE_VERSION,
         mode: Mode::User,
         x2apic: true,
-        ioapic: IoapicSnapshot::Ours(ioapic.save()),
+        ioapic: IoapicSnapshot::Ours(Box::new(ioapic.save())),
         pic: None,
         vcpus: vec![
             VcpuChipState {
-                lapic: LapicSnapshot::Ours(our_lapic(0, &[0x60])),
+                lapic: LapicSnapshot::Ours(Box::new(our_lapic(0, &[0x60]))),
                 activity: Activity::Running,
             },
             VcpuChipState {
-                lapic: LapicSnapshot::Ours(our_lapic(1, &[0x41])),
+                lapic: LapicSnapshot::Ours(Box::new(our_lapic(1, &[0x41]))),
                 activity: Activity::Halted,
             },
         ],

@@ -397,7 +397,7 @@ impl Backend for UserChip {
         let apics = self.lock_apics();
         let c = &self.counters;
         Ok(VmPart {
-            ioapic: IoapicSnapshot::Ours(ioapic),
+            ioapic: IoapicSnapshot::Ours(Box::new(ioapic)),
             pic: None,
             arbiter: Some(apics.arbiter()),
             clock_ns: self.now(),

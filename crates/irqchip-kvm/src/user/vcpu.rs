@@ -258,7 +258,7 @@ impl VcpuBackend for UserVcpu {
             (Activity::Running, false) => SavedActivity::Running,
         };
         Ok(VcpuChipState {
-            lapic: LapicSnapshot::Ours(lapic),
+            lapic: LapicSnapshot::Ours(Box::new(lapic)),
             activity,
         })
     }
