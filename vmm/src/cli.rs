@@ -12,7 +12,7 @@ use irqconnect_abi::layout;
 /// Without --kernel, boots the embedded guest test suite and exits with its
 /// status. The guest's serial port (COM1) goes to stdout; diagnostics and the
 /// closing statistics line go to stderr.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "vmm", version)]
 pub(crate) struct Args {
     /// Multiboot v1 kernel image (ELF32 or a.out kludge); default: the embedded guest.
@@ -85,6 +85,34 @@ pub(crate) struct Args {
     /// Write the closing statistics as JSON.
     #[arg(long, value_name = "PATH")]
     pub(crate) stats_json: Option<PathBuf>,
+
+    /// Where a snapshot goes: taken when the guest asks (the snapshot
+    /// device) or on SIGUSR1, every vCPU paused.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) snapshot: Option<PathBuf>,
+
+    /// After a snapshot: exit (status 10) or let the VM continue.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = SnapshotThen::Exit)]
+    pub(crate) snapshot_then: SnapshotThen,
+
+    /// Resume the VM saved in PATH, in the snapshot's irqchip mode or in
+    /// the one --irqchip names. Its vCPUs, memory, x2APIC offer and device
+    /// table are the snapshot's.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "modules", "cmdline", "cpus", "memory", "devices", "x2apic", "tests", "dump_guest"])]
+    pub(crate) restore: Option<PathBuf>,
+
+    /// Whether --irqchip was given (not its default).
+    #[arg(skip)]
+    pub(crate) irqchip_given: bool,
+}
+
+/// What the VM does after a snapshot (`--snapshot-then`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SnapshotThen {
+    /// Stop the VM and exit with status 10 (`EXIT_SNAPSHOT`).
+    Exit,
+    /// Resume the VM.
+    Continue,
 }
 
 /// Largest `--trace-limit`: 100 million events (about 6.4 GB of memory).
@@ -116,6 +144,19 @@ impl OnOff {
 }
 
 impl Args {
+    /// Parses the process's arguments, noting whether --irqchip was given.
+    pub(crate) fn from_env() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().get_matches();
+        let mut args = match Self::from_arg_matches(&matches) {
+            Ok(args) => args,
+            Err(e) => e.exit(),
+        };
+        args.irqchip_given =
+            matches.value_source("irqchip") == Some(clap::parser::ValueSource::CommandLine);
+        args
+    }
+
     /// The command line the guest gets: `--cmdline`, then `tests=FILTER`.
     pub(crate) fn guest_cmdline(&self) -> String {
         let mut line = self.cmdline.trim().to_string();

@@ -30,8 +30,6 @@ mod vcpu;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use crate::cli::Args;
 use crate::control::Outcome;
 use crate::error::{EXIT_VMM_ERROR, Error};
@@ -58,7 +56,7 @@ fn dump_guest(path: &std::path::Path) -> Result<(), Error> {
 
 fn main() -> ExitCode {
     init_logging();
-    let args = Args::parse();
+    let args = Args::from_env();
     if let Some(path) = &args.dump_guest {
         return match dump_guest(path) {
             Ok(()) => ExitCode::SUCCESS,

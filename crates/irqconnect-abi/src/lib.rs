@@ -18,4 +18,5 @@ pub mod layout;
 pub mod msidev;
 pub mod ntstatus;
 pub mod pv;
+pub mod snapshot;
 pub mod testdev;
