@@ -16,6 +16,8 @@ pub(crate) enum Outcome {
     GuestExit(u32),
     /// Something went wrong (guest fault, KVM error, timeout).
     Failed(Error),
+    /// A snapshot was written here and `--snapshot-then exit` ended the VM.
+    Snapshot(std::path::PathBuf),
 }
 
 /// Shared by the vCPU threads, the devices and the event loop.

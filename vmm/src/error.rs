@@ -12,6 +12,8 @@ pub(crate) const EXIT_VMM_ERROR: u8 = 3;
 pub(crate) const EXIT_USAGE: u8 = 2;
 /// Process exit status when `--timeout` expires (as coreutils `timeout`).
 pub(crate) const EXIT_TIMEOUT: u8 = 124;
+/// Exit status after a snapshot with `--snapshot-then exit` (the default).
+pub(crate) const EXIT_SNAPSHOT: u8 = 10;
 
 /// Everything that stops the VMM other than the guest's own exit.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,18 @@ pub(crate) enum Error {
         secs: u64,
         /// The test the marker port named last.
         test: Option<String>,
+    },
+    /// A snapshot could not be taken or written.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// A snapshot file cannot be resumed (bad, corrupted, another version,
+    /// or state this VM cannot take).
+    #[error("restore {}: {why}", path.display())]
+    Restore {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, one line.
+        why: String,
     },
     /// The host ran out of something (threads, file descriptors, epoll).
     #[error("{op}: {source}")]

@@ -158,6 +158,26 @@ impl MutEventSubscriber for IrqTimers {
     }
 }
 
+/// Snapshot requests (the guest's, SIGUSR1's): taken on this thread.
+struct SnapshotWatch {
+    snapshotter: crate::snapshot::Snapshotter,
+}
+
+impl MutEventSubscriber for SnapshotWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.snapshotter.on_request();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(
+            self.snapshotter.coordinator.event(),
+            EventSet::IN,
+        )) {
+            log::error!("watch snapshot requests: {e:?}");
+        }
+    }
+}
+
 /// What the loop watches.
 pub(crate) struct LoopConfig {
     /// The VM's control.
@@ -174,6 +194,8 @@ pub(crate) struct LoopConfig {
     pub(crate) stdin: bool,
     /// The interrupt controller, whose timers the loop drives.
     pub(crate) chip: Irqchip,
+    /// Takes snapshots when asked.
+    pub(crate) snapshotter: Option<crate::snapshot::Snapshotter>,
 }
 
 /// The event loop, ready to run.
@@ -220,6 +242,9 @@ impl EventLoop {
             manager.add_subscriber(Box::new(TestdevTimers {
                 slots: cfg.testdevs,
             }));
+        }
+        if let Some(snapshotter) = cfg.snapshotter {
+            manager.add_subscriber(Box::new(SnapshotWatch { snapshotter }));
         }
         let fds = cfg.chip.timer_fds();
         if !fds.is_empty() {

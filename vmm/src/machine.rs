@@ -25,6 +25,7 @@ use crate::event_loop::{EventLoop, LoopConfig};
 use crate::loader::{self, ModuleImage};
 use crate::report::GuestReport;
 use crate::stats::RunStats;
+use crate::snapshot::{self, Coordinator, Loaded, Snapshotter};
 use crate::trace::{self, Recorder};
 use crate::vcpu::{Vcpu, VcpuStats};
 use crate::{boot, memory, pv};
@@ -119,13 +120,14 @@ fn create_irqchip(
     control: &Arc<VmControl>,
     supported: &kvm_bindings::CpuId,
     trace: Option<&Arc<Recorder>>,
+    storm_threshold: u32,
 ) -> Result<Irqchip> {
     let mut builder = Irqchip::builder(Arc::clone(vm), args.irqchip)
         .cpus(args.cpus as usize)
         .x2apic(args.x2apic.is_on())
         .phys_addr_bits(irqchip_kvm::cpuid::phys_addr_bits(supported.as_slice()))
         .kicker(Arc::clone(control.kicker()))
-        .storm_threshold(STORM_THRESHOLD);
+        .storm_threshold(storm_threshold);
     if let Some(recorder) = trace {
         builder = builder.trace(Arc::clone(recorder) as Arc<dyn irqchip_kvm::TraceSink>);
     }
@@ -161,8 +163,45 @@ fn write_trace(
 
 /// Builds the VM from `args`, runs it to the end and tears it down.
 /// `serial_out` receives the guest's COM1 output.
+/// The arguments of a restored VM: the snapshot's vCPU count, memory and
+/// x2APIC offer, its mode unless `--irqchip` names another.
+fn restored_args(args: &Args, loaded: &Loaded) -> Args {
+    let mut out = args.clone();
+    out.cpus = loaded.header.cpus;
+    out.memory = loaded.header.memory >> 20;
+    out.x2apic = if loaded.meta.x2apic {
+        crate::cli::OnOff::On
+    } else {
+        crate::cli::OnOff::Off
+    };
+    out.irqchip = loaded.mode(args.irqchip_given.then_some(args.irqchip));
+    out
+}
+
+/// Builds the VM from `args`, runs it to the end and tears it down.
+/// `serial_out` receives the guest's COM1 output.
 pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Finished> {
-    let (image_name, image) = kernel_image(args)?;
+    // Every check of a snapshot file comes before KVM is opened.
+    let loaded = match &args.restore {
+        Some(path) => Some(Loaded::read(path)?),
+        None => None,
+    };
+    let restored;
+    let args = match &loaded {
+        Some(l) => {
+            restored = restored_args(args, l);
+            &restored
+        }
+        None => args,
+    };
+    let restore_error = |why: String| Error::Restore {
+        path: args.restore.clone().unwrap_or_default(),
+        why,
+    };
+    let (image_name, image) = match &args.restore {
+        Some(path) => (format!("snapshot {}", path.display()), Vec::new()),
+        None => kernel_image(args)?,
+    };
     let modules = modules(args)?;
     let cpus = args.cpus as usize;
     let ram = args.memory << 20;
@@ -170,9 +209,26 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         what: image_name.clone(),
         source,
     };
-    loader::check(ram, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
-    // Before KVM too: a bad --devices table is a one-line error.
-    let pv_service = pv::config::service_from_args(args, STORM_THRESHOLD)?;
+    let storm_threshold = loaded
+        .as_ref()
+        .map_or(STORM_THRESHOLD, |l| l.meta.storm_threshold);
+    let pv_service = match &loaded {
+        None => {
+            loader::check(ram, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
+            // Before KVM too: a bad --devices table is a one-line error.
+            pv::config::service_from_args(args, STORM_THRESHOLD)?
+        }
+        Some(l) => pv::config::restore_service(
+            pv::config::platform_facts(
+                args.cpus,
+                args.irqchip,
+                args.x2apic.is_on(),
+                storm_threshold,
+            ),
+            &l.pv,
+        )
+        .map_err(restore_error)?,
+    };
     let trace_file = match &args.trace {
         Some(path) => Some((create_output("--trace", path)?, path)),
         None => None,
@@ -200,11 +256,38 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let chip = create_irqchip(args, &vm, &control, &supported, recorder.as_ref())?;
+    let chip = create_irqchip(
+        args,
+        &vm,
+        &control,
+        &supported,
+        recorder.as_ref(),
+        storm_threshold,
+    )?;
+    // The chip's state in this VM's mode, refused before anything runs.
+    let chip_state = match &loaded {
+        Some(l) => {
+            snapshot::vcpu::check_xsave(&vm)?;
+            Some(
+                chip.convert(&l.chip)
+                    .map_err(|e| restore_error(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
 
-    let boot_entry =
-        loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
-    log::debug!("{image_name}: {boot_entry:x?}");
+    let boot_entry = match &loaded {
+        None => {
+            let entry =
+                loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
+            log::debug!("{image_name}: {entry:x?}");
+            Some(entry)
+        }
+        Some(l) => {
+            snapshot::memory::restore(&mem, &l.bytes, &l.runs)?;
+            None
+        }
+    };
 
     let cpuid_cfg = CpuidConfig {
         cpus: args.cpus,
@@ -217,18 +300,27 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, i as u32, cpuid_cfg)?)
             .map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        if i == 0 {
-            boot::setup_bsp(&fd, &boot_entry)?;
+        if i == 0
+            && let Some(entry) = &boot_entry
+        {
+            boot::setup_bsp(&fd, entry)?;
         }
         vcpus.push(fd);
     }
     // Every vCPU exists before any part of the chip runs (no early SIPI is
     // lost); the chip leaves the APs waiting for INIT/SIPI.
-    let vcpu_chips = vcpus
+    let mut vcpu_chips = vcpus
         .iter()
         .enumerate()
         .map(|(i, fd)| chip.vcpu(i, fd))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    let msrs = Arc::new(snapshot::vcpu::msr_indices(&kvm)?);
+    let coordinator = Coordinator::new(
+        cpus,
+        chip.clone(),
+        args.snapshot.is_some(),
+        loaded.as_ref().map_or(0, |l| l.meta.restores.saturating_add(1)),
+    )?;
 
     let mut guest_report = GuestReport::new();
     if let Some(recorder) = &recorder {
@@ -250,12 +342,49 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             testdevs: pv.testdev_specs(),
             msidevs: pv.msidevs().to_vec(),
             pv_doorbell: Some(pv::doorbell::Doorbell::shared(&pv, recorder.clone())),
+            snapshot: Some(Arc::new(Mutex::new(snapshot::SnapshotDevice::new(
+                Arc::clone(&coordinator),
+            )))),
+            serial_state: loaded.as_ref().map(|l| l.devices.serial.clone()),
         },
         &chip,
         &control,
         &report,
         serial_out,
     )?;
+    if let (Some(l), Some(state)) = (&loaded, &chip_state) {
+        restore_vm(l, state, &chip, &vcpus, &mut vcpu_chips, &devices, &pv)
+            .map_err(|e| match e {
+                Error::Restore { .. } => e,
+                other => restore_error(other.to_string()),
+            })?;
+    }
+    let snapshotter = Snapshotter {
+        path: args.snapshot.clone(),
+        exit_after: args.snapshot_then == crate::cli::SnapshotThen::Exit,
+        coordinator: Arc::clone(&coordinator),
+        control: Arc::clone(&control),
+        chip: chip.clone(),
+        mem: mem.clone(),
+        pv: Arc::clone(&pv),
+        uart: Arc::clone(&devices.uart),
+        pc_testdev: Arc::clone(&devices.pc_testdev),
+        fw_cfg: Arc::clone(&devices.fw_cfg),
+        pic: devices.pic.clone(),
+        testdevs: devices.testdevs.clone(),
+        header: snapshot::file::Header {
+            mode: args.irqchip,
+            cpus: args.cpus,
+            memory: ram,
+        },
+        meta: snapshot::Meta {
+            x2apic: args.x2apic.is_on(),
+            storm_threshold,
+            restores: 0,
+            tag: 0,
+        },
+    };
+    snapshot::install_sigusr1(&coordinator)?;
     let mut event_loop = EventLoop::new(LoopConfig {
         control: Arc::clone(&control),
         uart: Arc::clone(&devices.uart),
@@ -264,6 +393,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         timeout: args.timeout,
         stdin: true,
         chip: chip.clone(),
+        snapshotter: Some(snapshotter),
     })?;
 
     let start = Instant::now();
@@ -276,6 +406,8 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             Arc::clone(&devices.pio),
             Arc::clone(&devices.mmio),
             Arc::clone(&control),
+            Arc::clone(&coordinator),
+            Arc::clone(&msrs),
         );
         match std::thread::Builder::new()
             .name(format!("vcpu{i}"))
@@ -303,6 +435,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         }
     }
     let elapsed = start.elapsed();
+    snapshot::uninstall_sigusr1();
     drop(event_loop);
     devices
         .uart
@@ -321,6 +454,9 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         let mut report = report.lock().unwrap_or_else(PoisonError::into_inner);
         if let Outcome::Failed(e) = &outcome {
             report.abort_current(&e.to_string());
+        }
+        if let Outcome::Snapshot(path) = &outcome {
+            log::info!("snapshot written to {}; the VM stopped", path.display());
         }
         if let Some(path) = &args.junit {
             let xml = report.junit(
@@ -371,4 +507,66 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     }
     let stats = run_stats.line();
     Ok(Finished { outcome, stats })
+}
+
+/// Puts a snapshot's state into the freshly built VM: the chip's VM-wide
+/// part, each vCPU (registers, its part of the chip, events last), the
+/// devices and the PV service. Nothing has run yet.
+fn restore_vm(
+    loaded: &Loaded,
+    chip_state: &irqchip_kvm::ChipState,
+    chip: &Irqchip,
+    vcpus: &[kvm_ioctls::VcpuFd],
+    vcpu_chips: &mut [irqchip_kvm::VcpuChip],
+    devices: &devices::Devices,
+    pv: &pv::PvConnect,
+) -> Result<()> {
+    let fail = |why: String| Error::Snapshot(why);
+    chip.restore(chip_state)?;
+    for (i, ((fd, part), arch)) in vcpus
+        .iter()
+        .zip(vcpu_chips.iter_mut())
+        .zip(&loaded.vcpus)
+        .enumerate()
+    {
+        snapshot::vcpu::restore_registers(fd, arch)
+            .map_err(|e| fail(format!("vCPU {i}: {e}")))?;
+        let state = chip_state
+            .vcpus
+            .get(i)
+            .ok_or_else(|| fail(format!("vCPU {i} has no chip state")))?;
+        part.restore(fd, state)
+            .map_err(|e| fail(format!("vCPU {i}: {e}")))?;
+        snapshot::vcpu::restore_events(fd, arch).map_err(|e| fail(format!("vCPU {i}: {e}")))?;
+    }
+    let saved = &loaded.devices;
+    devices
+        .pc_testdev
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .restore_levels(&saved.pc_testdev)
+        .map_err(fail)?;
+    devices
+        .fw_cfg
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .restore(saved.fw_cfg);
+    if let (Some(pic), Some(state)) = (&devices.pic, &saved.pic) {
+        *pic.lock().unwrap_or_else(PoisonError::into_inner) = state.clone();
+    }
+    let specs = pv.testdev_specs();
+    if saved.testdevs.len() != devices.testdevs.len() || specs.len() != devices.testdevs.len() {
+        return Err(fail(format!(
+            "{} test devices saved, the VM has {}",
+            saved.testdevs.len(),
+            devices.testdevs.len()
+        )));
+    }
+    for ((slot, state), spec) in devices.testdevs.iter().zip(&saved.testdevs).zip(specs) {
+        slot.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .restore(state, spec)
+            .map_err(fail)?;
+    }
+    pv.restore(&loaded.pv).map_err(fail)
 }

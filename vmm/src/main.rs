@@ -23,6 +23,7 @@ mod machine;
 mod memory;
 mod pv;
 mod report;
+mod snapshot;
 mod stats;
 mod trace;
 mod vcpu;
@@ -32,7 +33,7 @@ use std::process::ExitCode;
 
 use crate::cli::Args;
 use crate::control::Outcome;
-use crate::error::{EXIT_VMM_ERROR, Error};
+use crate::error::{EXIT_SNAPSHOT, EXIT_VMM_ERROR, Error};
 
 fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
             eprintln!("vmm: error: {e}");
             e.exit_status()
         }
+        Outcome::Snapshot(_) => EXIT_SNAPSHOT,
     };
     if !args.quiet_stats {
         eprintln!("{}", finished.stats);

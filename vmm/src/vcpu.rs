@@ -19,6 +19,7 @@ use crate::boot::regs_line;
 use crate::bus::{Access, Bus};
 use crate::control::{Outcome, VmControl};
 use crate::error::{Error, Result};
+use crate::snapshot::{Coordinator, VcpuCapture};
 
 /// Exit counters of one vCPU, summed into the closing statistics line.
 #[derive(Debug, Default, Clone, Copy)]
@@ -73,6 +74,8 @@ pub(crate) struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: Arc<VmControl>,
+    coordinator: Arc<Coordinator>,
+    msrs: Arc<Vec<u32>>,
 }
 
 /// What to do after an exit the VMM handled.
@@ -91,6 +94,8 @@ impl Vcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         control: Arc<VmControl>,
+        coordinator: Arc<Coordinator>,
+        msrs: Arc<Vec<u32>>,
     ) -> Self {
         Self {
             index,
@@ -99,6 +104,8 @@ impl Vcpu {
             pio,
             mmio,
             control,
+            coordinator,
+            msrs,
         }
     }
 
@@ -132,6 +139,22 @@ impl Vcpu {
                 Ok(Run::Exit(next)) => next,
                 Ok(Run::Handled) => Next::Continue,
                 Ok(Run::Stopped) => return Ok(()),
+                Ok(Run::Paused) => {
+                    let (fd, chip, msrs) = (&self.fd, &mut self.chip, &self.msrs);
+                    let control = &self.control;
+                    self.coordinator.paused(
+                        self.index,
+                        || {
+                            // The chip's part first: reading KVM's MP state
+                            // applies a pending INIT or SIPI to the registers.
+                            let chip = chip.save(fd)?;
+                            let arch = crate::snapshot::vcpu::save(fd, msrs)?;
+                            Ok(VcpuCapture { arch, chip })
+                        },
+                        || control.stopping(),
+                    );
+                    Next::Continue
+                }
                 Err(irqchip_kvm::Error::UnexpectedExit(what)) => Next::Fault(format!(
                     "unexpected exit {what} for this interrupt-controller mode"
                 )),

@@ -76,6 +76,33 @@ impl BusDevice for FwCfg {
     }
 }
 
+/// fw_cfg's guest-visible state: the selected item and the read offset
+/// (the items are the VM's configuration, rebuilt at restore).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct FwCfgState {
+    /// The selector.
+    pub(crate) selected: u16,
+    /// Bytes of the selected item read so far.
+    pub(crate) offset: u64,
+}
+
+impl FwCfg {
+    /// The snapshot state.
+    pub(crate) fn save(&self) -> FwCfgState {
+        FwCfgState {
+            selected: self.selected,
+            offset: self.offset as u64,
+        }
+    }
+
+    /// Restores a snapshot state (any value is safe: reads past an item's
+    /// end return 0).
+    pub(crate) fn restore(&mut self, state: FwCfgState) {
+        self.selected = state.selected;
+        self.offset = usize::try_from(state.offset).unwrap_or(usize::MAX);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,11 @@ pub(crate) struct DeviceConfig {
     pub(crate) msidevs: Vec<msidev::SharedMsidev>,
     /// The PV connect doorbell (`crate::pv::doorbell`), at `PV_DOORBELL_PORT`.
     pub(crate) pv_doorbell: Option<Arc<Mutex<dyn BusDevice>>>,
+    /// The snapshot device (`crate::snapshot::SnapshotDevice`), at
+    /// `SNAPSHOT_PORT`.
+    pub(crate) snapshot: Option<Arc<Mutex<dyn BusDevice>>>,
+    /// COM1's state when the VM is restored (vm-superio's own state).
+    pub(crate) serial_state: Option<vm_superio::SerialState>,
 }
 
 /// The buses and the devices the event loop needs to reach.
@@ -60,6 +65,12 @@ pub(crate) struct Devices {
     pub(crate) uart: Arc<Mutex<Uart>>,
     /// The test devices, for their timers.
     pub(crate) testdevs: Vec<SharedTestdev>,
+    /// The pc-testdev ports (snapshots).
+    pub(crate) pc_testdev: Arc<Mutex<pc_testdev::PcTestdev<IrqLine>>>,
+    /// fw_cfg (snapshots).
+    pub(crate) fw_cfg: Arc<Mutex<fw_cfg::FwCfg>>,
+    /// The 8259 port model, in split and user modes (snapshots).
+    pub(crate) pic: Option<Arc<Mutex<pic::LegacyPic>>>,
 }
 
 fn overlap(e: crate::bus::OverlapError) -> Error {
@@ -106,10 +117,19 @@ pub(crate) fn build(
     let mut pio = Bus::new(BusKind::Pio);
     let mut mmio = Bus::new(BusKind::Mmio);
 
-    let uart: Arc<Mutex<Uart>> = Arc::new(Mutex::new(Uart::new(
-        line(chip, layout::SERIAL_COM1_IRQ)?,
-        SerialOut::new(out, Arc::clone(report)),
-    )));
+    let serial_line = line(chip, layout::SERIAL_COM1_IRQ)?;
+    let serial_out = SerialOut::new(out, Arc::clone(report));
+    let uart = match &cfg.serial_state {
+        None => Uart::new(serial_line, serial_out),
+        Some(state) => Uart::from_state(
+            state,
+            serial_line,
+            vm_superio::serial::NoEvents,
+            serial_out,
+        )
+        .map_err(|e| Error::Snapshot(format!("serial state: {e:?}")))?,
+    };
+    let uart: Arc<Mutex<Uart>> = Arc::new(Mutex::new(uart));
     pio.insert(
         u64::from(layout::SERIAL_COM1_PORT),
         u64::from(layout::SERIAL_PORT_COUNT),
@@ -129,23 +149,25 @@ pub(crate) fn build(
     let pc_lines = (0..layout::PC_TESTDEV_IRQ_COUNT as u8)
         .map(|gsi| line(chip, gsi))
         .collect::<Result<Vec<_>>>()?;
+    let pc_testdev = Arc::new(Mutex::new(pc_testdev::PcTestdev::new(pc_lines)));
     pio.insert(
         u64::from(layout::PC_TESTDEV_IRQ_BASE),
         u64::from(layout::PC_TESTDEV_IRQ_COUNT),
         "pc-testdev",
-        Arc::new(Mutex::new(pc_testdev::PcTestdev::new(pc_lines))),
+        Arc::clone(&pc_testdev) as Arc<Mutex<dyn BusDevice>>,
     )
     .map_err(overlap)?;
 
+    let fw_cfg = Arc::new(Mutex::new(fw_cfg::FwCfg::new(
+        cfg.cpus,
+        layout::MAX_CPUS as u16,
+        cfg.ram,
+    )));
     pio.insert(
         u64::from(layout::FW_CFG_SELECTOR_PORT),
         fw_cfg::FW_CFG_PORT_COUNT,
         "fw_cfg",
-        Arc::new(Mutex::new(fw_cfg::FwCfg::new(
-            cfg.cpus,
-            layout::MAX_CPUS as u16,
-            cfg.ram,
-        ))),
+        Arc::clone(&fw_cfg) as Arc<Mutex<dyn BusDevice>>,
     )
     .map_err(overlap)?;
 
@@ -195,9 +217,21 @@ pub(crate) fn build(
         .map_err(overlap)?;
     }
 
+    if let Some(device) = &cfg.snapshot {
+        pio.insert(
+            u64::from(irqconnect_abi::snapshot::SNAPSHOT_PORT),
+            u64::from(irqconnect_abi::snapshot::SNAPSHOT_PORT_SIZE),
+            "snapshot",
+            Arc::clone(device),
+        )
+        .map_err(overlap)?;
+    }
+
     // In kernel mode KVM's PIC decodes these ports and they never exit.
+    let mut legacy_pic = None;
     if cfg.mode != Mode::Kernel {
         let pic = Arc::new(Mutex::new(pic::LegacyPic::new()));
+        legacy_pic = Some(Arc::clone(&pic));
         for (port, kind) in [
             (layout::PIC_MASTER_CMD_PORT, pic::PicPortKind::Master),
             (layout::PIC_SLAVE_CMD_PORT, pic::PicPortKind::Slave),
@@ -229,5 +263,8 @@ pub(crate) fn build(
         mmio: Arc::new(mmio),
         uart,
         testdevs,
+        pc_testdev,
+        fw_cfg,
+        pic: legacy_pic,
     })
 }

@@ -67,6 +67,20 @@ pub(crate) struct MsiDevice {
 /// Shared between the bus (vCPU threads) and the PV service.
 pub(crate) type SharedMsidev = Arc<Mutex<MsiDevice>>;
 
+/// A message-signaled test device's snapshot state (its spec is the VM's
+/// configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MsidevState {
+    mask: u32,
+    pending: u32,
+    select: u32,
+    programmed: Vec<Option<MessageRoute>>,
+    sent: Vec<u32>,
+    dropped: u32,
+    send_errors: u64,
+    bad_accesses: u64,
+}
+
 impl MsiDevice {
     /// The device `spec` describes, sending through `sink`; its count is
     /// clamped to [`MAX_MESSAGES`] (the device table never asks for more).
@@ -98,6 +112,54 @@ impl MsiDevice {
     /// Its spec.
     pub(crate) fn spec(&self) -> MsidevSpec {
         self.spec
+    }
+
+    /// The snapshot state.
+    pub(crate) fn save(&self) -> MsidevState {
+        let Self {
+            spec: _,
+            sink: _,
+            mask,
+            pending,
+            select,
+            programmed,
+            sent,
+            dropped,
+            send_errors,
+            bad_accesses,
+        } = self;
+        MsidevState {
+            mask: *mask,
+            pending: *pending,
+            select: *select,
+            programmed: programmed.clone(),
+            sent: sent.clone(),
+            dropped: *dropped,
+            send_errors: *send_errors,
+            bad_accesses: *bad_accesses,
+        }
+    }
+
+    /// Restores a snapshot state of a device with this one's message count.
+    pub(crate) fn restore(&mut self, state: &MsidevState) -> Result<(), String> {
+        let n = usize::from(self.spec.count);
+        if state.programmed.len() != n || state.sent.len() != n {
+            return Err(format!(
+                "message device {}: {} messages saved, the device has {n}",
+                self.spec.index,
+                state.programmed.len()
+            ));
+        }
+        let all = self.all_messages();
+        self.mask = state.mask & all;
+        self.pending = state.pending & all;
+        self.select = state.select;
+        self.programmed.clone_from(&state.programmed);
+        self.sent.clone_from(&state.sent);
+        self.dropped = state.dropped;
+        self.send_errors = state.send_errors;
+        self.bad_accesses = state.bad_accesses;
+        Ok(())
     }
 
     /// The PV service (re)programs message `k`: `None` unprograms it.

@@ -23,6 +23,27 @@ impl<L: LineSink> PcTestdev<L> {
     }
 }
 
+impl<L: LineSink> PcTestdev<L> {
+    /// The line levels the guest set (the snapshot state).
+    pub(crate) fn levels(&self) -> Vec<bool> {
+        self.levels.clone()
+    }
+
+    /// Restores the levels of a snapshot without driving the lines (the
+    /// interrupt controller's restored state has them).
+    pub(crate) fn restore_levels(&mut self, levels: &[bool]) -> Result<(), String> {
+        if levels.len() != self.levels.len() {
+            return Err(format!(
+                "pc-testdev: {} line levels saved, the device has {}",
+                levels.len(),
+                self.levels.len()
+            ));
+        }
+        self.levels.copy_from_slice(levels);
+        Ok(())
+    }
+}
+
 impl<L: LineSink + Send> BusDevice for PcTestdev<L> {
     fn read(&mut self, _access: Access, offset: u64, data: &mut [u8]) {
         data.fill(0);

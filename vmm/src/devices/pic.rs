@@ -16,7 +16,7 @@ const ICW1_IC4: u8 = 1 << 0;
 /// ICW1 bit 1: single (no ICW3).
 const ICW1_SNGL: u8 = 1 << 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum InitState {
     /// Normal operation: data-port writes are OCW1 (mask).
     Ready,
@@ -29,7 +29,7 @@ enum InitState {
 }
 
 /// One 8259A.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Pic8259 {
     state: InitState,
     icw1: u8,
@@ -105,7 +105,8 @@ pub(crate) enum PicPortKind {
 
 /// The master/slave pair and the ELCR, as one bus device per port range
 /// (the three ranges share one instance via `Arc<Mutex<_>>` wrappers).
-#[derive(Debug, Clone)]
+/// Its snapshot state is the value itself (serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct LegacyPic {
     master: Pic8259,
     slave: Pic8259,

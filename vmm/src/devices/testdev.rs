@@ -37,8 +37,8 @@ pub(crate) enum TimerCommand {
     Stop,
 }
 
-/// One test device.
-#[derive(Debug, Clone)]
+/// One test device. Its snapshot state is the value itself (serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TestDevice {
     index: u8,
     line: u8,
@@ -53,6 +53,12 @@ pub(crate) struct TestDevice {
 }
 
 impl TestDevice {
+    /// Whether this device is the one `spec` describes (a restored state
+    /// must be).
+    pub(crate) fn matches(&self, spec: TestdevSpec) -> bool {
+        (self.index, self.line, self.trigger) == (spec.index, spec.pin, spec.trigger)
+    }
+
     /// The device `spec` describes.
     pub(crate) fn from_spec(spec: TestdevSpec) -> Self {
         Self::new(spec.index, spec.pin, spec.trigger)

@@ -24,6 +24,17 @@ pub(crate) struct TestdevSlot {
 /// Shared between the bus (vCPU threads) and the event loop.
 pub(crate) type SharedTestdev = Arc<Mutex<TestdevSlot>>;
 
+/// A test device's snapshot state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TestdevState {
+    /// The model.
+    pub(crate) model: TestDevice,
+    /// The host timer: ns to the next expiration and the period (0: one
+    /// shot); `None` when disarmed.
+    pub(crate) timer: Option<(u64, u64)>,
+}
+
+
 impl TestdevSlot {
     /// `model` driving `line`, with a fresh non-blocking timer.
     pub(crate) fn new(model: TestDevice, line: IrqLine) -> Result<SharedTestdev> {
@@ -50,6 +61,60 @@ impl TestdevSlot {
         };
         let cmd = self.model.timer_expired(expirations, &mut self.line);
         self.apply(cmd);
+    }
+
+    /// The snapshot state: the model, and the host timer as the time to
+    /// its next expiration and its period (ns).
+    pub(crate) fn save(&self) -> Result<TestdevState> {
+        let mut spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        // SAFETY: timerfd_gettime writes one itimerspec into `spec`, which
+        // lives across the call; the descriptor is our timerfd.
+        let rc = unsafe { libc::timerfd_gettime(self.timer.as_raw_fd(), &mut spec) };
+        if rc != 0 {
+            return Err(Error::host("read a test-device timer")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let ns = |t: libc::timespec| {
+            u64::try_from(t.tv_sec)
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+        };
+        let left = ns(spec.it_value);
+        Ok(TestdevState {
+            model: self.model.clone(),
+            timer: (left != 0).then_some((left, ns(spec.it_interval))),
+        })
+    }
+
+    /// Restores a snapshot state: the model (which must be this device's)
+    /// and the timer, re-armed for the time that was left.
+    pub(crate) fn restore(&mut self, state: &TestdevState, spec: super::testdev::TestdevSpec) -> std::result::Result<(), String> {
+        if !state.model.matches(spec) {
+            return Err(format!(
+                "test device {}: the saved device has another line or trigger",
+                spec.index
+            ));
+        }
+        self.model = state.model.clone();
+        let result = match state.timer {
+            None => self.timer.clear(),
+            Some((left, period)) => self.timer.reset(
+                std::time::Duration::from_nanos(left.max(1)),
+                (period != 0).then(|| std::time::Duration::from_nanos(period)),
+            ),
+        };
+        result.map_err(|e| format!("test device {}: arm its timer: {e}", spec.index))
     }
 
     fn apply(&mut self, cmd: Option<TimerCommand>) {

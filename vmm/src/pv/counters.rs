@@ -38,6 +38,67 @@ pub(crate) struct PvCounters {
     messages_programmed: AtomicU64,
 }
 
+/// The counters in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PvCountersState {
+    by_status: Vec<u64>,
+    other_status: u64,
+    unreadable: u64,
+    unwritable: u64,
+    routes_applied: u64,
+    route_failures: u64,
+    storm_masks: u64,
+    bad_accesses: u64,
+    messages_programmed: u64,
+}
+
+impl PvCounters {
+    /// The counters as a snapshot state.
+    pub(crate) fn save(&self) -> PvCountersState {
+        let Self {
+            by_status,
+            other_status,
+            unreadable,
+            unwritable,
+            routes_applied,
+            route_failures,
+            storm_masks,
+            bad_accesses,
+            messages_programmed,
+        } = self;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PvCountersState {
+            by_status: by_status.iter().map(get).collect(),
+            other_status: get(other_status),
+            unreadable: get(unreadable),
+            unwritable: get(unwritable),
+            routes_applied: get(routes_applied),
+            route_failures: get(route_failures),
+            storm_masks: get(storm_masks),
+            bad_accesses: get(bad_accesses),
+            messages_programmed: get(messages_programmed),
+        }
+    }
+
+    /// Takes the counters of a snapshot (statuses this build does not
+    /// count separately go to "other").
+    pub(crate) fn restore(&self, state: &PvCountersState) {
+        let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        for (c, &v) in self.by_status.iter().zip(&state.by_status) {
+            set(c, v);
+        }
+        let extra: u64 = state.by_status.iter().skip(self.by_status.len()).sum();
+        set(&self.other_status, state.other_status.saturating_add(extra));
+        set(&self.unreadable, state.unreadable);
+        set(&self.unwritable, state.unwritable);
+        set(&self.routes_applied, state.routes_applied);
+        set(&self.route_failures, state.route_failures);
+        set(&self.storm_masks, state.storm_masks);
+        set(&self.bad_accesses, state.bad_accesses);
+        set(&self.messages_programmed, state.messages_programmed);
+    }
+}
+
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }

@@ -49,7 +49,26 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::devices::msidev::{MsiDevice, MsiSink, MsidevSpec, SharedMsidev};
 use crate::devices::testdev::TestdevSpec;
-use counters::{PvCounters, PvStats};
+use counters::{PvCounters, PvCountersState, PvStats};
+
+/// The PV part of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PvState {
+    /// The service's registry and storm marks.
+    pub(crate) service: irqconnect::ServiceState,
+    /// The device table the service ran on, as `--devices` JSON (the
+    /// table's configuration type is made for JSON: it skips absent
+    /// optional fields, which a non-self-describing format cannot).
+    pub(crate) table: String,
+    /// Its object quota.
+    pub(crate) object_quota: u32,
+    /// Its counters.
+    pub(crate) counters: PvCountersState,
+    /// Pins whose storm masking was logged.
+    pub(crate) storm_logged: u32,
+    /// The message-signaled test devices.
+    pub(crate) msidevs: Vec<crate::devices::msidev::MsidevState>,
+}
 use ram::VmRam;
 
 /// Where the service's routes go: the interrupt controller's host pin
@@ -262,6 +281,47 @@ impl PvConnect {
                 suppressed_note(suppressed)
             );
         }
+    }
+
+    /// The service's snapshot state: its registry and storm marks, the
+    /// device table it runs on, its counters, and its message-signaled
+    /// test devices.
+    pub(crate) fn save(&self) -> PvState {
+        let service = self.lock();
+        PvState {
+            service: service.snapshot(),
+            table: serde_json::to_string(&service.devices().to_config()).unwrap_or_default(),
+            object_quota: service.query_platform().object_quota,
+            counters: self.counters.save(),
+            storm_logged: self.storm_logged.load(Ordering::Relaxed),
+            msidevs: self
+                .msidevs
+                .iter()
+                .map(|d| d.lock().unwrap_or_else(PoisonError::into_inner).save())
+                .collect(),
+        }
+    }
+
+    /// Takes the counters, log marks and message-device states of a
+    /// snapshot (the service itself is rebuilt from it before: see
+    /// `pv::config::restore_service`).
+    pub(crate) fn restore(&self, state: &PvState) -> Result<(), String> {
+        if state.msidevs.len() != self.msidevs.len() {
+            return Err(format!(
+                "{} message devices saved, the device table has {}",
+                state.msidevs.len(),
+                self.msidevs.len()
+            ));
+        }
+        for (dev, saved) in self.msidevs.iter().zip(&state.msidevs) {
+            dev.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .restore(saved)?;
+        }
+        self.counters.restore(&state.counters);
+        self.storm_logged
+            .store(state.storm_logged, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The counters now, with the message-signaled test devices'.
