@@ -129,16 +129,27 @@ pub(crate) fn restore_registers(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> 
         .map_err(Error::kvm("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(Error::kvm("KVM_SET_DEBUGREGS"))?;
-    for chunk in state.msrs.chunks(MSR_CHUNK) {
+    let mut rest: &[kvm_msr_entry] = &state.msrs;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(MSR_CHUNK)];
         let n = vcpu
             .set_msrs(&msrs(chunk)?)
             .map_err(Error::kvm("KVM_SET_MSRS"))?;
         if n < chunk.len() {
-            return Err(Error::Snapshot(format!(
-                "KVM refused MSR {:#x} = {:#x}",
-                chunk[n].index, chunk[n].data
-            )));
+            // KVM refuses some writes in some modes (a paravirtual MSR
+            // whose feature needs an in-kernel LAPIC); one that would not
+            // change the value KVM holds changes nothing and is skipped.
+            let refused = chunk[n];
+            let now = read_msrs(vcpu, &[refused.index])?;
+            if now.first().map(|e| e.data) != Some(refused.data) {
+                return Err(Error::Snapshot(format!(
+                    "KVM refused MSR {:#x} = {:#x}",
+                    refused.index, refused.data
+                )));
+            }
         }
+        let done = if n < chunk.len() { n + 1 } else { n };
+        rest = &rest[done.min(rest.len())..];
     }
     Ok(())
 }
