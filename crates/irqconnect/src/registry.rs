@@ -452,6 +452,19 @@ impl Registry {
         Some((Handle::new(index, slot.generation)?, c))
     }
 
+    /// Every slot ever used, in slot order: its generation (0: retired,
+    /// never reused) and its live connection, if any.
+    pub fn slots(&self) -> impl Iterator<Item = (u32, Option<&Connection>)> + '_ {
+        self.slots
+            .iter()
+            .map(|s| (s.generation, s.connection.as_ref()))
+    }
+
+    /// Dead slots ready for reuse, in reuse order.
+    pub fn free_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.free.iter().copied()
+    }
+
     /// The live state without handles: for each vector with connections,
     /// the connections in connection order. Two registries with equal live
     /// chains differ at most in slot generations and the free-slot order.
@@ -543,24 +556,19 @@ impl Registry {
         if groups != recorded {
             return Err("the group index disagrees with the slots".into());
         }
-        let listed: usize = self.vectors.iter().map(|v| v.entries.len()).sum();
+        let mut listed = 0;
+        for (vector, v) in (0..=u8::MAX).zip(&self.vectors) {
+            if !v.entries.is_empty() {
+                listed += v.entries.len();
+                self.check_vector(vector)?;
+            } else if v.all | v.exclusive | v.level | v.latched != 0 {
+                return Err(format!("stale mask unions on vector {vector:#x}"));
+            }
+        }
         if listed != connections as usize {
             return Err(format!(
                 "{listed} chain entries for {connections} connections"
             ));
-        }
-        for (vector, v) in self.vectors.iter().enumerate() {
-            let mut fresh = v.clone();
-            fresh.recompute_unions();
-            if fresh != *v {
-                return Err(format!("stale mask unions on vector {vector:#x}"));
-            }
-            for e in &v.entries {
-                let c = self.live(e.slot as usize).map(|(_, c)| c);
-                if c.is_none_or(|c| usize::from(c.vector) != vector || c.mask != e.mask) {
-                    return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
-                }
-            }
         }
         for &i in &self.free {
             if self
@@ -570,6 +578,30 @@ impl Registry {
             {
                 return Err(format!("free slot {i} is live or absent"));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the part of the registry's consistency that concerns one
+    /// vector: its chain lists only live connections on the vector, with
+    /// their masks, and its mask unions are those of its entries. Part of
+    /// [`Registry::check_consistency`]; a caller that changed only some
+    /// vectors' connections checks those.
+    pub fn check_vector(&self, vector: u8) -> Result<(), String> {
+        let Some(v) = self.vectors.get(usize::from(vector)) else {
+            return Ok(());
+        };
+        let mut fresh = VectorChains::default();
+        for e in &v.entries {
+            let c = self.live(e.slot as usize).map(|(_, c)| c);
+            if c.is_none_or(|c| c.vector != vector || c.mask != e.mask) {
+                return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
+            }
+            fresh.add_to_unions(e);
+        }
+        let unions = (fresh.all, fresh.exclusive, fresh.level, fresh.latched);
+        if unions != (v.all, v.exclusive, v.level, v.latched) {
+            return Err(format!("stale mask unions on vector {vector:#x}"));
         }
         Ok(())
     }
@@ -596,13 +628,14 @@ impl Registry {
                 })
                 .collect(),
             free: free.iter().copied().collect(),
-            order: vectors
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| !v.entries.is_empty())
-                .map(|(vector, v)| VectorOrder {
-                    vector: vector as u8,
-                    slots: v.entries.iter().map(|e| e.slot).collect(),
+            order: vectors_in_use(slots)
+                .into_iter()
+                .filter_map(|vector| {
+                    let v = vectors.get(usize::from(vector))?;
+                    Some(VectorOrder {
+                        vector,
+                        slots: v.entries.iter().map(|e| e.slot).collect(),
+                    })
                 })
                 .collect(),
         }
@@ -689,6 +722,19 @@ impl Registry {
         reg.check_consistency().map_err(|what| bad(&what))?;
         Ok(reg)
     }
+}
+
+/// The vectors of the live connections in `slots`, ascending, each once:
+/// the vectors whose chains are not empty in a consistent registry, found
+/// without walking all 256 chains.
+fn vectors_in_use(slots: &[Slot]) -> Vec<u8> {
+    let mut used: Vec<u8> = slots
+        .iter()
+        .filter_map(|s| s.connection.map(|c| c.vector))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    used
 }
 
 /// One slot in a [`RegistryState`].
