@@ -150,8 +150,10 @@ pub struct Registry {
     slots: Vec<Slot>,
     /// Dead slots ready for reuse, oldest first (spreads generations).
     free: VecDeque<u32>,
-    /// Indexed by vector: 256 entries.
-    vectors: Vec<VectorChains>,
+    /// The chains of every vector with at least one connection (a vector
+    /// whose last connection goes is removed, so equal registries have
+    /// equal maps).
+    vectors: BTreeMap<u8, VectorChains>,
     /// Live connections by (device, slot).
     by_device: BTreeSet<(u32, u32)>,
     /// Each live group's lead slot and its other members' slots.
@@ -173,7 +175,7 @@ impl Registry {
             quota,
             slots: Vec::new(),
             free: VecDeque::new(),
-            vectors: vec![VectorChains::default(); 256],
+            vectors: BTreeMap::new(),
             by_device: BTreeSet::new(),
             members: BTreeMap::new(),
             objects: 0,
@@ -222,7 +224,7 @@ impl Registry {
         mode: InterruptMode,
         share: bool,
     ) -> Option<u32> {
-        let v = self.vectors.get(usize::from(vector))?;
+        let v = self.vectors.get(&vector)?;
         let occupied = mask & v.all;
         let mut conflict = mask & v.exclusive;
         if !share {
@@ -250,7 +252,6 @@ impl Registry {
         if objects == 0 || !self.fits(objects) {
             return None;
         }
-        let chains = self.vectors.get_mut(usize::from(connection.vector))?;
         let index = match self.free.front() {
             Some(&i) => i as usize,
             None => self.slots.len(),
@@ -276,6 +277,7 @@ impl Registry {
         if let Some(slot) = self.slots.get_mut(index) {
             slot.connection = Some(connection);
         }
+        let chains = self.vectors.entry(connection.vector).or_default();
         chains.add_to_unions(&entry);
         chains.entries.push(entry);
         self.by_device.insert((connection.device, entry.slot));
@@ -309,9 +311,13 @@ impl Registry {
             // Retired: the slot is never reused, so no handle repeats.
             None => slot.generation = 0,
         }
-        if let Some(chains) = self.vectors.get_mut(usize::from(connection.vector)) {
+        if let Some(chains) = self.vectors.get_mut(&connection.vector) {
             chains.entries.retain(|e| e.slot as usize != index);
-            chains.recompute_unions();
+            if chains.entries.is_empty() {
+                self.vectors.remove(&connection.vector);
+            } else {
+                chains.recompute_unions();
+            }
         }
         self.by_device.remove(&(connection.device, index as u32));
         self.members.remove(&(index as u32));
@@ -411,20 +417,20 @@ impl Registry {
 
     /// Processors with at least one object on `vector`.
     pub fn vector_mask(&self, vector: u8) -> u64 {
-        self.vectors.get(usize::from(vector)).map_or(0, |v| v.all)
+        self.vectors.get(&vector).map_or(0, |v| v.all)
     }
 
     /// Live connections on `vector`.
     pub fn vector_connections(&self, vector: u8) -> u32 {
         self.vectors
-            .get(usize::from(vector))
+            .get(&vector)
             .map_or(0, |v| v.entries.len() as u32)
     }
 
     /// The connections on `vector` in connection order.
     pub fn on_vector(&self, vector: u8) -> impl Iterator<Item = (Handle, &Connection)> + '_ {
         self.vectors
-            .get(usize::from(vector))
+            .get(&vector)
             .into_iter()
             .flat_map(|v| v.entries.iter())
             .filter_map(|e| self.live(e.slot as usize))
@@ -469,8 +475,9 @@ impl Registry {
     /// the connections in connection order. Two registries with equal live
     /// chains differ at most in slot generations and the free-slot order.
     pub fn live_chains(&self) -> Vec<(u8, Vec<Connection>)> {
-        (0..=u8::MAX)
-            .filter_map(|v| {
+        self.vectors
+            .keys()
+            .filter_map(|&v| {
                 let chain: Vec<Connection> = self.on_vector(v).map(|(_, c)| *c).collect();
                 (!chain.is_empty()).then_some((v, chain))
             })
@@ -520,7 +527,7 @@ impl Registry {
                     groups.entry(lead).or_default().push(slot);
                 }
             }
-            let listed = self.vectors.get(usize::from(c.vector)).map_or(0, |v| {
+            let listed = self.vectors.get(&c.vector).map_or(0, |v| {
                 v.entries
                     .iter()
                     .filter(|e| Some(e.slot as usize) == h.slot())
@@ -557,13 +564,12 @@ impl Registry {
             return Err("the group index disagrees with the slots".into());
         }
         let mut listed = 0;
-        for (vector, v) in (0..=u8::MAX).zip(&self.vectors) {
-            if !v.entries.is_empty() {
-                listed += v.entries.len();
-                self.check_vector(vector)?;
-            } else if v.all | v.exclusive | v.level | v.latched != 0 {
-                return Err(format!("stale mask unions on vector {vector:#x}"));
+        for (&vector, v) in &self.vectors {
+            if v.entries.is_empty() {
+                return Err(format!("vector {vector:#x} keeps an empty chain"));
             }
+            listed += v.entries.len();
+            self.check_vector(vector)?;
         }
         if listed != connections as usize {
             return Err(format!(
@@ -588,7 +594,7 @@ impl Registry {
     /// [`Registry::check_consistency`]; a caller that changed only some
     /// vectors' connections checks those.
     pub fn check_vector(&self, vector: u8) -> Result<(), String> {
-        let Some(v) = self.vectors.get(usize::from(vector)) else {
+        let Some(v) = self.vectors.get(&vector) else {
             return Ok(());
         };
         let mut fresh = VectorChains::default();
@@ -628,14 +634,11 @@ impl Registry {
                 })
                 .collect(),
             free: free.iter().copied().collect(),
-            order: vectors_in_use(slots)
-                .into_iter()
-                .filter_map(|vector| {
-                    let v = vectors.get(usize::from(vector))?;
-                    Some(VectorOrder {
-                        vector,
-                        slots: v.entries.iter().map(|e| e.slot).collect(),
-                    })
+            order: vectors
+                .iter()
+                .map(|(&vector, v)| VectorOrder {
+                    vector,
+                    slots: v.entries.iter().map(|e| e.slot).collect(),
                 })
                 .collect(),
         }
@@ -659,13 +662,10 @@ impl Registry {
             .collect();
         reg.free = state.free.iter().copied().collect();
         for order in &state.order {
-            let chains = reg
-                .vectors
-                .get_mut(usize::from(order.vector))
-                .ok_or_else(|| bad("vector out of range"))?;
-            if !chains.entries.is_empty() {
+            if reg.vectors.contains_key(&order.vector) {
                 return Err(bad("a vector is listed twice"));
             }
+            let mut chains = VectorChains::default();
             for &slot in &order.slots {
                 let c = reg
                     .slots
@@ -683,6 +683,10 @@ impl Registry {
                 };
                 chains.add_to_unions(&entry);
                 chains.entries.push(entry);
+            }
+            // A vector without connections has no chains (one form).
+            if !chains.entries.is_empty() {
+                reg.vectors.insert(order.vector, chains);
             }
         }
         for c in reg.slots.iter().filter_map(|s| s.connection) {
@@ -722,19 +726,6 @@ impl Registry {
         reg.check_consistency().map_err(|what| bad(&what))?;
         Ok(reg)
     }
-}
-
-/// The vectors of the live connections in `slots`, ascending, each once:
-/// the vectors whose chains are not empty in a consistent registry, found
-/// without walking all 256 chains.
-fn vectors_in_use(slots: &[Slot]) -> Vec<u8> {
-    let mut used: Vec<u8> = slots
-        .iter()
-        .filter_map(|s| s.connection.map(|c| c.vector))
-        .collect();
-    used.sort_unstable();
-    used.dedup();
-    used
 }
 
 /// One slot in a [`RegistryState`].
