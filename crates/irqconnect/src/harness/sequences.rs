@@ -7,7 +7,7 @@
 //! [`check`] runs it through [`Service::connect`], [`Service::connect_ex`],
 //! [`Service::disconnect`], [`Service::disconnect_ex`],
 //! [`Service::report_storm_masked`] and snapshots, beside a shadow list of
-//! live connections, and checks after every operation:
+//! live connections. Every operation is checked:
 //!
 //! - each CONNECT is accepted or refused exactly as the reference
 //!   validator (`expected_verdict`, rules 2..11 in order) decides, with
@@ -21,17 +21,30 @@
 //!   policy's set;
 //! - each DISCONNECT_EX removes the whole group, and a group handle is
 //!   refused by DISCONNECT;
-//! - every pin's route equals what the live connections imply: the union
-//!   of their masks on the pin's vector, the oldest one's trigger mode,
-//!   lowest priority for more than one processor, masked when none or
-//!   while the storm guard holds it;
-//! - the objects in use equal the live masks' processors and never exceed
-//!   the quota;
-//! - a disconnected (or forged) handle is never accepted again;
+//! - a new handle is none handed out before;
+//! - a snapshot restores to a service equal to the one saved;
 //! - an asserted device line reaches, through the route and its APIC
 //!   destination ([`ApicDestination::for_route`]), only processors that
 //!   hold an interrupt object on the vector, and reaches one whenever the
 //!   device is connected;
+//!
+//! and then compared with the shadow where it touched it (the vectors of
+//! connections that came or went and of pins whose storm mark moved, and
+//! those handles), everywhere every [`FULL_CHECK_EVERY`] operations that
+//! touched something and after the last operation:
+//!
+//! - the service's invariants ([`Service::check_vectors`] of the touched
+//!   vectors; [`Service::check_invariants`] in full);
+//! - the pins' routes (touched or all) equal what the live connections
+//!   imply: the union of their masks on the pin's vector, the oldest one's
+//!   trigger mode, lowest priority for more than one processor, masked
+//!   when none or while the storm guard holds it;
+//! - the handles' connections (touched or all live) are the shadow's, and
+//!   no disconnected (or forged) handle is accepted again (among the
+//!   touched vectors' connections; every dead handle in full);
+//! - after every operation, the objects in use equal the live masks'
+//!   processors and never exceed the quota, the live connections are the
+//!   shadow's count, the storm marks are the shadow's;
 //! - disconnecting everything returns to the initial state.
 //!
 //! Input format: byte 0 picks the processor count (`1 + b % 64`), byte 1 the
@@ -62,10 +75,10 @@ use irqconnect_abi::pv::{
 /// Guest RAM size of the sequences: pointers below it are resident.
 pub const RAM_SIZE: u64 = 0x1_0000;
 
-/// The full comparison of the service with the reference ([`compare`]) runs
+/// The full comparison of the service with the reference (`compare`) runs
 /// after every this many operations that changed the live connections or
 /// the storm marks, and after the last operation; the operations between
-/// compare what they touched ([`compare_touched`]).
+/// compare what they touched (`compare_touched`).
 pub const FULL_CHECK_EVERY: u32 = 16;
 
 /// Guest RAM of [`RAM_SIZE`] zero bytes at 0 (the service only asks
