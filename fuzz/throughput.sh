@@ -3,6 +3,8 @@
 # turn, for SECONDS seconds, starting from the checked-in corpus only (new
 # inputs go to a temporary folder that is deleted afterwards), so that two
 # builds measured with the same command fuzz from the same starting corpus.
+# The target's options (fuzz/options/TARGET.options) apply, as in campaigns;
+# NO_OPTIONS=1 leaves them out.
 #
 #   fuzz/throughput.sh [SECONDS] [TARGET...]    (default: 60, every target)
 #
@@ -32,8 +34,11 @@ for t in "${targets[@]}"; do
     scratch="$(mktemp -d)"
     log="$scratch/log"
     mkdir "$scratch/corpus"
+    options=()
+    [ -n "${NO_OPTIONS:-}" ] || mapfile -t options < <(./target_options.sh "$t")
     /usr/bin/time -o "$scratch/cpu" -f '%U %S' "$bin/$t" -max_total_time="$seconds" \
-        -print_final_stats=1 "$scratch/corpus" "../resources/fuzz-corpus/$t" >"$log" 2>&1 || true
+        -print_final_stats=1 "${options[@]}" "$scratch/corpus" "../resources/fuzz-corpus/$t" \
+        >"$log" 2>&1 || true
     execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
     rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")"
     cpu="$(awk '/^[0-9.]+ [0-9.]+$/ { print $1 + $2 }' "$scratch/cpu")"

@@ -490,8 +490,11 @@ impl Registry {
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut objects = 0u64;
         let mut connections = 0u32;
-        let mut per_device = BTreeSet::new();
-        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        // (device, slot) of every connection; each group's lead, and (lead,
+        // member) of each other member: what the indexes must hold.
+        let mut per_device = Vec::new();
+        let mut leads = Vec::new();
+        let mut members = Vec::new();
         for (h, c) in self.iter() {
             if c.mask == 0 {
                 return Err(format!("connection {:#x} has an empty mask", h.raw()));
@@ -502,7 +505,7 @@ impl Registry {
                 .slot()
                 .and_then(|s| u32::try_from(s).ok())
                 .unwrap_or(u32::MAX);
-            per_device.insert((c.device, slot));
+            per_device.push((c.device, slot));
             match (c.in_group(), c.lead) {
                 (false, None) => {}
                 (false, Some(_)) => {
@@ -511,9 +514,7 @@ impl Registry {
                         h.raw()
                     ));
                 }
-                (true, None) => {
-                    groups.entry(slot).or_default();
-                }
+                (true, None) => leads.push(slot),
                 (true, Some(lead)) => {
                     let l = self.live(lead as usize).map(|(_, l)| l);
                     if l.is_none_or(|l| {
@@ -524,7 +525,7 @@ impl Registry {
                             h.raw()
                         ));
                     }
-                    groups.entry(lead).or_default().push(slot);
+                    members.push((lead, slot));
                 }
             }
             let listed = self.vectors.get(&c.vector).map_or(0, |v| {
@@ -553,14 +554,19 @@ impl Registry {
                 self.connections
             ));
         }
-        if per_device != self.by_device {
+        // `iter` is slot order; the indexes are sorted.
+        per_device.sort_unstable();
+        if !per_device.iter().eq(self.by_device.iter()) {
             return Err("the per-device index disagrees with the slots".into());
         }
-        let mut recorded = self.members.clone();
-        for m in recorded.values_mut() {
-            m.sort_unstable();
-        }
-        if groups != recorded {
+        let mut recorded: Vec<(u32, u32)> = self
+            .members
+            .iter()
+            .flat_map(|(&lead, m)| m.iter().map(move |&slot| (lead, slot)))
+            .collect();
+        recorded.sort_unstable();
+        members.sort_unstable();
+        if !leads.iter().eq(self.members.keys()) || recorded != members {
             return Err("the group index disagrees with the slots".into());
         }
         let mut listed = 0;

@@ -154,8 +154,8 @@ impl Service {
     }
 
     /// Every pin's programmed route, pin order.
-    pub fn routes(&self) -> Vec<PinRoute> {
-        self.routes.all().to_vec()
+    pub fn routes(&self) -> &[PinRoute] {
+        self.routes.all()
     }
 
     /// Pins the storm guard has masked since boot.

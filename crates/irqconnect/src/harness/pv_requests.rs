@@ -326,10 +326,11 @@ impl Witness {
         self.chained = self.words.len() - self.slots * SLOT_WORDS - self.free;
         self.words
             .extend([self.slots, self.free, self.chained].map(|n| n as u64));
-        for pin in 0..irqconnect_abi::layout::IOAPIC_PINS {
-            let route = service.route(pin).as_ref().map_or([u64::MAX; 2], packed);
-            self.words.extend(route);
-        }
+        let routes = service.routes();
+        self.words.extend(routes.iter().flat_map(packed));
+        self.words.extend(
+            core::iter::repeat_n([u64::MAX; 2], PINS.saturating_sub(routes.len())).flatten(),
+        );
         self.words
             .push(u64::from(service.storm_bits()) | u64::from(service.storm_masked_pins()) << 32);
         self.words.push(u64::from(registry.objects_in_use()));

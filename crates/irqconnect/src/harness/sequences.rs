@@ -969,12 +969,14 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
         .iter()
         .chain(core::iter::once(&Op::DisconnectAll));
     let mut changes = 0u32;
+    let mut keys = live_keys(&shadow);
     for (n, op) in ops.enumerate() {
-        let before = live_keys(&shadow);
+        let before = core::mem::take(&mut keys);
         let storm = shadow.storm;
         apply(&mut service, &mut shadow, &devices, &ram, op)
             .and_then(|()| {
-                let touched = touched(&before, &live_keys(&shadow), storm ^ shadow.storm, &devices);
+                keys = live_keys(&shadow);
+                let touched = touched(&before, &keys, storm ^ shadow.storm, &devices);
                 compare_touched(&service, &shadow, &devices, &touched)?;
                 if !touched.is_empty() {
                     changes += 1;
