@@ -458,6 +458,11 @@ impl Registry {
         Some((Handle::new(index, slot.generation)?, c))
     }
 
+    /// The vectors with at least one connection, ascending.
+    pub fn vectors_in_use(&self) -> impl Iterator<Item = u8> + '_ {
+        self.vectors.keys().copied()
+    }
+
     /// Every slot ever used, in slot order: its generation (0: retired,
     /// never reused) and its live connection, if any.
     pub fn slots(&self) -> impl Iterator<Item = (u32, Option<&Connection>)> + '_ {
@@ -475,9 +480,8 @@ impl Registry {
     /// the connections in connection order. Two registries with equal live
     /// chains differ at most in slot generations and the free-slot order.
     pub fn live_chains(&self) -> Vec<(u8, Vec<Connection>)> {
-        self.vectors
-            .keys()
-            .filter_map(|&v| {
+        self.vectors_in_use()
+            .filter_map(|v| {
                 let chain: Vec<Connection> = self.on_vector(v).map(|(_, c)| *c).collect();
                 (!chain.is_empty()).then_some((v, chain))
             })

@@ -471,21 +471,14 @@ impl Service {
 
     /// [`Service::check_invariants`] but the registry's own consistency.
     fn check_connections(&self) -> Result<(), String> {
-        // Bit `v` of word `v / 64`: a connection is on vector `v` (the
-        // other chains are empty, as the consistency check just showed).
-        let mut in_use = [0u64; 4];
         for (h, c) in self.registry.iter() {
             self.check_connection(h, c)?;
-            in_use[usize::from(c.vector / 64)] |= 1 << (c.vector % 64);
         }
         for d in self.devices.devices() {
             self.check_device_locks(d.id())?;
         }
-        for (i, mut word) in (0u8..).zip(in_use) {
-            while word != 0 {
-                self.check_chains(i * 64 + word.trailing_zeros() as u8)?;
-                word &= word - 1;
-            }
+        for vector in self.registry.vectors_in_use() {
+            self.check_chains(vector)?;
         }
         for pin in 0..IOAPIC_PINS {
             self.check_route(pin)?;

@@ -201,17 +201,6 @@ const MESSAGE: u64 = 1 << 5;
 /// IOAPIC pins.
 const PINS: usize = irqconnect_abi::layout::IOAPIC_PINS as usize;
 
-/// The set bits of a 256-bit set (bit `v` of word `v / 64`), ascending.
-fn set_bits(words: [u64; 4]) -> impl Iterator<Item = u8> {
-    (0u8..).zip(words).flat_map(|(i, mut w)| {
-        core::iter::from_fn(move || {
-            let bit = (w != 0).then(|| w.trailing_zeros() as u8)?;
-            w &= w - 1;
-            Some(i * 64 + bit)
-        })
-    })
-}
-
 /// A route as two words, one-to-one.
 fn packed(route: &PinRoute) -> [u64; 2] {
     let PinRoute {
@@ -306,18 +295,14 @@ impl Witness {
     fn fill(&mut self, service: &Service) {
         let registry = service.registry();
         self.words.clear();
-        let mut in_use = [0u64; 4];
         for (generation, c) in registry.slots() {
             self.words.push(u64::from(generation));
             self.words.extend(connection_words(c));
-            if let Some(c) = c {
-                in_use[usize::from(c.vector / 64)] |= 1 << (c.vector % 64);
-            }
         }
         self.slots = self.words.len() / SLOT_WORDS;
         self.words.extend(registry.free_slots().map(u64::from));
         self.free = self.words.len() - self.slots * SLOT_WORDS;
-        for vector in set_bits(in_use) {
+        for vector in registry.vectors_in_use() {
             for (h, _) in registry.on_vector(vector) {
                 let slot = h.slot().map_or(u64::MAX, |s| s as u64);
                 self.words.push(slot | u64::from(vector) << 32);
