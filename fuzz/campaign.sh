@@ -25,11 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-600}"
-shift || true
-targets=("$@")
-if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(RUSTC_BOOTSTRAP=1 cargo fuzz list)
-fi
+mapfile -t targets < <(./targets.sh "${@:2}")
 cores="${CORES:-1}"
 runs="${RUNS:-}"
 logs="${LOGS:-/tmp/fuzz-campaign}"

@@ -19,11 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-60}"
-shift || true
-targets=("$@")
-if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(RUSTC_BOOTSTRAP=1 cargo fuzz list)
-fi
+mapfile -t targets < <(./targets.sh "${@:2}")
 bin="${BIN:-}"
 if [ -z "$bin" ]; then
     RUSTC_BOOTSTRAP=1 cargo fuzz build

@@ -1,6 +1,7 @@
-//! What the fuzz targets share: a counting global allocator
-//! ([`peak_growth`]), with which a target bounds what one input may make
-//! the process allocate. Only the targets that call it link it.
+//! What the fuzz targets share: a counting global allocator, with which a
+//! target bounds what one input may make the process allocate
+//! ([`check_bounded`], [`peak_growth`]). Only the targets that call it link
+//! it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,4 +42,25 @@ pub fn peak_growth<R>(f: impl FnOnce() -> R) -> (R, usize) {
     PEAK.store(baseline, Ordering::Relaxed);
     let r = f();
     (r, PEAK.load(Ordering::Relaxed).saturating_sub(baseline))
+}
+
+/// Runs the harness of fuzz target `target` on `data` and panics (the
+/// failure a fuzzer reports) when it names a broken invariant or when the
+/// heap grew by more than `fixed + per_byte * data.len()` bytes meanwhile.
+pub fn check_bounded(
+    target: &str,
+    data: &[u8],
+    fixed: usize,
+    per_byte: usize,
+    harness: impl FnOnce(&[u8]) -> Result<(), String>,
+) {
+    let (result, grew) = peak_growth(|| harness(data));
+    if let Err(what) = result {
+        panic!("{target} invariant broken: {what}");
+    }
+    let bound = fixed + per_byte * data.len();
+    assert!(
+        grew <= bound,
+        "one {target} input made the process allocate {grew} bytes (bound {bound})"
+    );
 }

@@ -13,13 +13,10 @@
 use std::path::PathBuf;
 
 use irqchip::harness::corpus::{self, Seed};
-use irqconnect_abi::layout::LAPIC_MMIO_BASE;
-use irqconnect_abi::pv::{
-    ConnectEx, QueryPlatform, RequestHeader, connect_version, message_table_size, opcode,
-};
+use irqconnect_abi::layout::{IOAPIC_MMIO_BASE, LAPIC_MMIO_BASE};
+use irqconnect_abi::pv::{ConnectEx, QueryPlatform};
 use irqconnect_abi::{msidev, testdev};
 use vmm::harness::devices::{self, Summary};
-use zerocopy::{FromZeros, IntoBytes};
 
 const TARGET: &str = "vmm_devices";
 
@@ -99,28 +96,22 @@ impl Ops {
         self
     }
 
-    /// An MMIO read at the IOAPIC window's base plus `offset`.
-    fn ioapic_read(mut self, offset: u16, width: usize) -> Self {
-        self = self.op(2, width);
-        self.0.push(0);
-        self.0.extend_from_slice(&offset.to_le_bytes());
-        self
-    }
-
-    /// An MMIO write at the IOAPIC window's base plus `offset`.
-    fn ioapic_write(mut self, offset: u16, value: &[u8]) -> Self {
-        self = self.op(3, value.len());
-        self.0.push(0);
-        self.0.extend_from_slice(&offset.to_le_bytes());
-        self.0.extend_from_slice(value);
-        self
-    }
-
-    /// An MMIO read at any address.
-    fn mmio_read(mut self, addr: u64, width: usize) -> Self {
-        self = self.op(2, width);
-        self.0.push(0xff);
-        self.0.extend_from_slice(&addr.to_le_bytes());
+    /// An MMIO read (`value` `None`, `width` bytes) or write at `addr`:
+    /// the IOAPIC window's base plus an offset below 0x1100 is encoded as
+    /// such, any other address in full.
+    fn mmio(mut self, addr: u64, value: Option<&[u8]>, width: usize) -> Self {
+        self = self.op(if value.is_some() { 3 } else { 2 }, width);
+        match addr.checked_sub(IOAPIC_MMIO_BASE).filter(|&o| o < 0x1100) {
+            Some(offset) => {
+                self.0.push(0);
+                self.0.extend_from_slice(&(offset as u16).to_le_bytes());
+            }
+            None => {
+                self.0.push(0xff);
+                self.0.extend_from_slice(&addr.to_le_bytes());
+            }
+        }
+        self.0.extend_from_slice(value.unwrap_or(&[]));
         self
     }
 
@@ -179,25 +170,23 @@ fn msidev_stride() -> u8 {
     (msidev::device_port(1) - msidev::device_port(0)) as u8
 }
 
-/// A QUERY_PLATFORM block.
-fn query_platform() -> Vec<u8> {
-    let mut q = QueryPlatform::new_zeroed();
-    q.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
-    q.as_bytes().to_vec()
+/// Guest RAM with a request block of every opcode, as the `pv_requests`
+/// seeds lay it out (`irqconnect::harness::seed_corpus`): QUERY_PLATFORM at
+/// 0, a MESSAGE_BASED CONNECT_EX of device 10 (8 MSI-X messages, message
+/// test device 2) at 0x800 with its table at 0xa00.
+fn pv_seed_ram() -> Vec<u8> {
+    let seeds = irqconnect::harness::seed_corpus();
+    let (_, session) = seeds
+        .iter()
+        .find(|(name, _)| *name == "query_platform")
+        .unwrap();
+    // Processors, step count, one step, then RAM.
+    session[6..].to_vec()
 }
 
-/// A MESSAGE_BASED CONNECT_EX of device 10 (8 MSI-X messages, message
-/// test device 2) with its table at `table`.
-fn connect_ex_messages(table: u64) -> Vec<u8> {
-    let mut cx = ConnectEx::new_zeroed();
-    cx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    cx.version = connect_version::MESSAGE_BASED;
-    cx.device_id = 10;
-    cx.service_routine = 0x10_0000;
-    cx.service_context = 0x800;
-    cx.message_table = table;
-    cx.message_table_length = message_table_size(8) as u32;
-    cx.as_bytes().to_vec()
+/// The request block of type `T` at `at` in [`pv_seed_ram`].
+fn block<T>(at: usize) -> Vec<u8> {
+    pv_seed_ram()[at..at + size_of::<T>()].to_vec()
 }
 
 /// The seeds, each named for what it reaches.
@@ -251,15 +240,15 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .inp(TESTDEVS, 1, 4);
     let doorbell = Ops::new(1, 4, 0)
         .inp(DOORBELL, 0, 4)
-        .store(0x1000, &query_platform())
+        .store(0x1000, &block::<QueryPlatform>(0))
         .ring(0x1000)
         .out(DOORBELL, 0, &[0, 0x10])
         .out(DOORBELL, 1, &0x1000u32.to_le_bytes())
         .inp(DOORBELL, 2, 1)
         .ring(0xffff_f000);
     let messages = Ops::new(2, 4, 0)
-        .store(0x3000, &connect_ex_messages(0x4000))
-        .ring(0x3000)
+        .store(0x800, &block::<ConnectEx>(0x800))
+        .ring(0x800)
         .msidev(2, msidev::reg::RAISE, 0)
         .msidev(2, msidev::reg::MASK, 0b10)
         .msidev(2, msidev::reg::RAISE, 1)
@@ -270,8 +259,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .inp(MSIDEVS, 2 * msidev_stride() + 2, 2)
         .msidev(0, msidev::reg::RAISE, 0);
     let refused = Ops::new(1, 2, 3)
-        .store(0x3000, &connect_ex_messages(0x4000))
-        .ring(0x3000)
+        .store(0x800, &block::<ConnectEx>(0x800))
+        .ring(0x800)
         .msidev(2, msidev::reg::RAISE, 0)
         .msidev(2, msidev::reg::RAISE, 1);
     let pic = Ops::new(1, 1, 0)
@@ -296,12 +285,12 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .out_port(0x80, &[0x55])
         .in_port(0xcf8, 4)
         .in_port(0xffff, 4)
-        .ioapic_write(0, &[1, 0, 0, 0])
-        .ioapic_read(0x10, 4)
-        .ioapic_read(0xffe, 4)
-        .ioapic_read(0x1000, 8)
-        .mmio_read(LAPIC_MMIO_BASE + 0x20, 4)
-        .mmio_read(u64::MAX, 8);
+        .mmio(IOAPIC_MMIO_BASE, Some(&[1, 0, 0, 0]), 4)
+        .mmio(IOAPIC_MMIO_BASE + 0x10, None, 4)
+        .mmio(IOAPIC_MMIO_BASE + 0xffe, None, 4)
+        .mmio(IOAPIC_MMIO_BASE + 0x1000, None, 8)
+        .mmio(LAPIC_MMIO_BASE + 0x20, None, 4)
+        .mmio(u64::MAX, None, 8);
     let exit = Ops::new(0, 1, 0)
         .out(EXIT, 0, &7u32.to_le_bytes())
         .out(EXIT, 2, &[1]);

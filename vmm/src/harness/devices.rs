@@ -68,6 +68,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use irqchip::Mode;
+use irqchip::harness::input::Input;
 use irqchip_kvm::ratelimit::BURST;
 use irqconnect_abi::fw_cfg::{
     FW_CFG_ID, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS, FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE,
@@ -84,7 +85,7 @@ use irqconnect_abi::{msidev, testdev};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::logs;
-use super::wiring::{ChipHandle, CountingOut, FakeWiring, RecordingChip, RecordingMsi};
+use super::wiring::{ChipHandle, CountingOut, FakeWiring, Recorder};
 use crate::bus::{Access, Bus};
 use crate::control::{Outcome, VmControl};
 use crate::devices::fw_cfg::ID_TRADITIONAL;
@@ -118,51 +119,26 @@ pub const PORTS: [(u16, u16); 12] = [
     (0, 0x100),
 ];
 
-/// Reads little-endian values off the front of the input; missing bytes
-/// are 0.
-struct Input<'a>(&'a [u8]);
+/// The next `n` bytes (missing ones 0).
+fn take(input: &mut Input<'_>, n: usize) -> Vec<u8> {
+    (0..n).map(|_| input.u8()).collect()
+}
 
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
+/// A port (see the module documentation).
+fn port(input: &mut Input<'_>) -> u16 {
+    let s = input.u8();
+    match PORTS.get(usize::from(s)) {
+        Some(&(base, span)) => base.wrapping_add(u16::from(input.u8()) % span),
+        None => input.u16(),
     }
+}
 
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.u8()).collect()
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-
-    fn u64(&mut self) -> u64 {
-        let mut raw = [0u8; 8];
-        for b in &mut raw {
-            *b = self.u8();
-        }
-        u64::from_le_bytes(raw)
-    }
-
-    fn port(&mut self) -> u16 {
-        let s = self.u8();
-        match PORTS.get(usize::from(s)) {
-            Some(&(base, span)) => base.wrapping_add(u16::from(self.u8()) % span),
-            None => self.u16(),
-        }
-    }
-
-    fn address(&mut self) -> u64 {
-        match self.u8() {
-            0..=0x7f => IOAPIC_MMIO_BASE + u64::from(self.u16() % 0x1100),
-            0x80..=0xbf => LAPIC_MMIO_BASE + u64::from(self.u16() % 0x1100),
-            _ => self.u64(),
-        }
+/// An MMIO address (see the module documentation).
+fn address(input: &mut Input<'_>) -> u64 {
+    match input.u8() {
+        0..=0x7f => IOAPIC_MMIO_BASE + u64::from(input.u16() % 0x1100),
+        0x80..=0xbf => LAPIC_MMIO_BASE + u64::from(input.u16() % 0x1100),
+        _ => input.u64(),
     }
 }
 
@@ -201,14 +177,14 @@ pub fn summary(data: &[u8]) -> Result<Summary, String> {
     logs::install()?;
     let warnings_before = logs::warnings();
     let started = Instant::now();
-    let mut input = Input(data);
+    let mut input = Input::new(data);
     let machine = input.u8();
     let mode = Mode::ALL[usize::from(machine % 3)];
     let cpus = 1 + u32::from(machine / 3 % 8);
     let flags = input.u8();
     let mut vm = Vm::new(mode, cpus, flags)?;
     let mut operations = 0usize;
-    while !input.0.is_empty() {
+    while !input.is_empty() {
         vm.step(&mut input)
             .map_err(|what| format!("operation {operations}: {what}"))?;
         operations += 1;
@@ -250,8 +226,8 @@ struct Vm {
     devices: Devices<super::wiring::FakeLine>,
     wiring: FakeWiring,
     pv: Arc<PvConnect>,
-    chip: Arc<RecordingChip>,
-    msi: Arc<RecordingMsi>,
+    chip: Arc<Recorder>,
+    msi: Arc<Recorder>,
     out: CountingOut,
     mem: GuestMemoryMmap,
     control: Arc<VmControl>,
@@ -375,8 +351,8 @@ impl Vm {
         let facts = platform_facts(cpus, mode, x2apic, STORM_THRESHOLD);
         let service = build_service(facts, None).map_err(|e| e.to_string())?;
         let mem = crate::memory::create(RAM_SIZE).map_err(|e| e.to_string())?;
-        let chip = RecordingChip::new(flags & 1 != 0);
-        let msi = RecordingMsi::new(flags & 2 != 0);
+        let chip = Recorder::new(flags & 1 != 0);
+        let msi = Recorder::new(flags & 2 != 0);
         let msidevs = msidev_specs(service.devices())
             .iter()
             .map(|s| s.count)
@@ -437,28 +413,28 @@ impl Vm {
         };
         match op & 7 {
             0 => {
-                let port = input.port();
+                let port = port(input);
                 self.port_read(access, port, width.min(4))
             }
             1 => {
-                let port = input.port();
-                let value = input.bytes(width.min(4));
+                let port = port(input);
+                let value = take(input, width.min(4));
                 self.port_write(access, port, &value);
                 Ok(())
             }
             2 => {
-                let addr = input.address();
+                let addr = address(input);
                 self.mmio_access(access, addr, None, width)
             }
             3 => {
-                let addr = input.address();
-                let value = input.bytes(width);
+                let addr = address(input);
+                let value = take(input, width);
                 self.mmio_access(access, addr, Some(&value), width)
             }
             4 => {
                 let at = input.u16();
                 let len = usize::from(input.u8() % 65);
-                let bytes = input.bytes(len);
+                let bytes = take(input, len);
                 // The guest's own store: past the end of RAM it faults,
                 // nothing is written.
                 let _ = self.mem.write_slice(&bytes, GuestAddress(u64::from(at)));
@@ -472,7 +448,7 @@ impl Vm {
             }
             6 => {
                 let len = usize::from(input.u8() % 17);
-                let bytes = input.bytes(len);
+                let bytes = take(input, len);
                 let mut uart = self
                     .devices
                     .uart

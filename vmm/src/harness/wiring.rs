@@ -1,7 +1,7 @@
 //! Recording stand-ins for what the device layer reaches outside itself:
 //! the interrupt controller's lines and MMIO window ([`FakeWiring`]), its
-//! host pin programming ([`RecordingChip`]), its message delivery
-//! ([`RecordingMsi`]) and the guest's console ([`CountingOut`]). Each
+//! host pin programming and message delivery ([`Recorder`]) and the guest's
+//! console ([`CountingOut`]). Each
 //! counts what it was given, so the harness can hold the VMM's own counters
 //! against them.
 
@@ -163,86 +163,66 @@ impl BusDevice for WindowRecorder {
     }
 }
 
-/// Host pin programming: counts programs, refuses them all when built so
-/// (the VMM's route-failure path).
-pub(crate) struct RecordingChip {
+/// What the controller is offered (host pin programs, messages): counted,
+/// and all refused when built so (the VMM's failure paths).
+pub(crate) struct Recorder {
     refuse: bool,
-    programs: AtomicU64,
+    taken: AtomicU64,
     refused: AtomicU64,
 }
 
-impl RecordingChip {
-    /// A chip that programs pins, or refuses every program.
+impl Recorder {
+    /// A recorder that takes what it is offered, or refuses everything.
     pub(crate) fn new(refuse: bool) -> Arc<Self> {
         Arc::new(Self {
             refuse,
-            programs: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         })
     }
 
-    /// (programs taken, programs refused).
+    /// (offers taken, offers refused).
     pub(crate) fn counts(&self) -> (u64, u64) {
         (
-            self.programs.load(Ordering::Relaxed),
+            self.taken.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
         )
     }
+
+    /// Counts an offer the controller could take (`valid`); whether it did.
+    fn offer(&self, valid: bool) -> bool {
+        let taken = valid && !self.refuse;
+        let counter = if taken { &self.taken } else { &self.refused };
+        counter.fetch_add(1, Ordering::Relaxed);
+        taken
+    }
 }
 
-/// The PV service's view of [`RecordingChip`].
-pub(crate) struct ChipHandle(pub(crate) Arc<RecordingChip>);
+/// Host pin programming, as the PV service reaches it.
+pub(crate) struct ChipHandle(pub(crate) Arc<Recorder>);
 
 impl PinProgrammer for ChipHandle {
     fn program_pin(&self, pin: u8, _entry: RedirectionEntry) -> Result<(), IrqError> {
-        if self.0.refuse || pin >= IOAPIC_PINS {
-            self.0.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(IrqError::NoSuchGsi(u32::from(pin)));
+        if self.0.offer(pin < IOAPIC_PINS) {
+            Ok(())
+        } else {
+            Err(IrqError::NoSuchGsi(u32::from(pin)))
         }
-        self.0.programs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 }
 
-/// Message delivery: counts the messages sent, refuses them all when built
-/// so (the message-signaled test devices' send-error path).
-pub(crate) struct RecordingMsi {
-    refuse: bool,
-    sent: AtomicU64,
-    refused: AtomicU64,
-}
-
-impl RecordingMsi {
-    /// A sink that takes messages, or refuses every one.
-    pub(crate) fn new(refuse: bool) -> Arc<Self> {
-        Arc::new(Self {
-            refuse,
-            sent: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-        })
-    }
-
-    /// (messages taken, messages refused).
-    pub(crate) fn counts(&self) -> (u64, u64) {
-        (
-            self.sent.load(Ordering::Relaxed),
-            self.refused.load(Ordering::Relaxed),
-        )
-    }
-}
-
-impl MsiSink for RecordingMsi {
+/// Message delivery, as the message-signaled test devices reach it.
+impl MsiSink for Recorder {
     fn signal_msi(&self, address: u64, data: u32) -> Result<(), IrqError> {
-        if self.refuse {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(IrqError::BadMsi {
+        if self.offer(true) {
+            Ok(())
+        } else {
+            Err(IrqError::BadMsi {
                 address,
                 data,
                 why: "the harness refuses every message".to_string(),
-            });
+            })
         }
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 }
 

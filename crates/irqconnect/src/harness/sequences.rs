@@ -1499,14 +1499,10 @@ fn check_handle(service: &Service, shadow: &Shadow, h: Handle) -> Result<(), Str
 
 /// The storm marks equal the shadow's.
 fn check_storm(service: &Service, shadow: &Shadow) -> Result<(), String> {
-    if service.storm_bits() != shadow.storm {
-        return Err(format!(
-            "storm marks {:#x}, reference {:#x}",
-            service.storm_bits(),
-            shadow.storm
-        ));
-    }
-    Ok(())
+    let (marks, reference) = (service.storm_bits(), shadow.storm);
+    (marks == reference)
+        .then_some(())
+        .ok_or_else(|| format!("storm marks {marks:#x}, reference {reference:#x}"))
 }
 
 /// The service against the shadow in full: [`Service::check_invariants`],
