@@ -203,19 +203,20 @@ const PINS: usize = irqconnect_abi::layout::IOAPIC_PINS as usize;
 
 /// A route as two words, one-to-one.
 fn packed(route: &PinRoute) -> [u64; 2] {
+    // Every field by name, so that a new one breaks the build here.
     let PinRoute {
         masked,
         vector,
         trigger,
-        destination,
-        lowest_priority,
-        connections,
+        destination: targets,
+        lowest_priority: lowest,
+        connections: count,
     } = *route;
     let level = trigger == irqchip::apic_bus::TriggerMode::Level;
-    let flags = u64::from(masked) | u64::from(lowest_priority) << 1 | u64::from(level) << 2;
+    let flags = u64::from(masked) | u64::from(lowest) << 1 | u64::from(level) << 2;
     [
-        destination,
-        u64::from(connections) | u64::from(vector) << 32 | flags << 40,
+        targets,
+        u64::from(count) | u64::from(vector) << 32 | flags << 40,
     ]
 }
 
@@ -226,6 +227,7 @@ fn connection_words(connection: Option<&Connection>) -> [u64; SLOT_WORDS - 1] {
     let Some(c) = connection else {
         return [0; SLOT_WORDS - 1];
     };
+    // Every field by name, so that a new one breaks the build here.
     let Connection {
         device,
         vector,
