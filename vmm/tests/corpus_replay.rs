@@ -246,6 +246,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .out(DOORBELL, 1, &0x1000u32.to_le_bytes())
         .inp(DOORBELL, 2, 1)
         .ring(0xffff_f000);
+    let traced = (0..12).fold(
+        Ops::new(2, 2, 8).store(0x1000, &block::<QueryPlatform>(0)),
+        |ops, _| ops.ring(0x1000),
+    );
     let messages = Ops::new(2, 4, 0)
         .store(0x800, &block::<ConnectEx>(0x800))
         .ring(0x800)
@@ -307,6 +311,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("pc_testdev_lines", pc_testdev.0),
         ("testdevs_raise_ack_timer", testdevs.0),
         ("doorbell_query_platform_and_bad_rings", doorbell.0),
+        ("doorbell_traced_past_the_ring", traced.0),
         ("connect_ex_messages_then_raise", messages.0),
         ("chip_refuses_routes_and_messages", refused.0),
         ("pic_init_and_elcr", pic.0),
@@ -351,6 +356,7 @@ fn summary_of(name: &str) -> Summary {
 fn seeds_reach_what_they_are_named_for() {
     assert_eq!(summary_of("console_hello").console_bytes, 9);
     assert_eq!(summary_of("console_loopback_and_input").console_bytes, 1);
+    assert_eq!(summary_of("doorbell_traced_past_the_ring").succeeded, 12);
     let doorbell = summary_of("doorbell_query_platform_and_bad_rings");
     assert_eq!((doorbell.answered, doorbell.succeeded), (1, 1));
     let messages = summary_of("connect_ex_messages_then_raise");

@@ -45,6 +45,21 @@ pub mod opcode {
     pub const DISCONNECT_EX: u16 = 7;
     /// [`super::QueryMessages`]: a device's message-signaled interrupts.
     pub const QUERY_MESSAGES: u16 = 8;
+
+    /// The opcode's constant name (`"CONNECT"`), or `"unknown opcode"`.
+    pub const fn name(op: u16) -> &'static str {
+        match op {
+            QUERY_PLATFORM => "QUERY_PLATFORM",
+            QUERY_RESOURCES => "QUERY_RESOURCES",
+            CONNECT => "CONNECT",
+            DISCONNECT => "DISCONNECT",
+            QUERY_ROUTE => "QUERY_ROUTE",
+            CONNECT_EX => "CONNECT_EX",
+            DISCONNECT_EX => "DISCONNECT_EX",
+            QUERY_MESSAGES => "QUERY_MESSAGES",
+            _ => "unknown opcode",
+        }
+    }
 }
 
 /// The 16 bytes every request block starts with.
@@ -556,6 +571,15 @@ pub const MAX_REQUEST_SIZE: usize = core::mem::size_of::<QueryPlatform>();
 mod tests {
     use super::*;
     use zerocopy::FromZeros;
+
+    #[test]
+    fn opcode_name_every_sized_opcode_has_one() {
+        for op in 0..=u8::MAX as u16 {
+            let known = request_size(1, op).is_some();
+            assert_eq!(opcode::name(op) != "unknown opcode", known, "opcode {op}");
+        }
+        assert_eq!(opcode::name(opcode::CONNECT), "CONNECT");
+    }
 
     #[test]
     fn request_size_known_opcodes_match_layouts() {

@@ -14,7 +14,7 @@
 //! | bytes | meaning |
 //! |---|---|
 //! | 0 | the machine: mode `b % 3` (kernel, split, user), `1 + (b / 3) % 8` vCPUs |
-//! | 1 | bit 0: the controller refuses host pin programs; bit 1: it refuses messages; bit 2: x2APIC |
+//! | 1 | bit 0: the controller refuses host pin programs; bit 1: it refuses messages; bit 2: x2APIC; bit 3: `--trace` on, in a ring of [`TRACE_LIMIT`] events |
 //! | 2.. | operations until the input ends: an opcode byte `op`, then operands |
 //!
 //! | `op & 7` | operation | operands |
@@ -56,6 +56,8 @@
 //!   register or raising a message they lack; each test device's pending,
 //!   raised and acknowledged counts follow its raises, acknowledges and
 //!   timer expirations; each pc-testdev line reads back as last written;
+//!   the trace ring keeps at most its limit of the doorbell's requests and
+//!   counts the rest as dropped;
 //!   fw_cfg streams its items; the first exit-port write is the outcome;
 //! - the warnings logged stay within what the rate limiters let through:
 //!   [`irqchip_kvm::ratelimit::BURST`] per limiter plus one per limiter and
@@ -85,7 +87,7 @@ use irqconnect_abi::{msidev, testdev};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::logs;
-use super::wiring::{ChipHandle, CountingOut, FakeWiring, Recorder};
+use super::wiring::{ChipHandle, ChipRecorder, CountingOut, FakeWiring};
 use crate::bus::{Access, Bus};
 use crate::control::{Outcome, VmControl};
 use crate::devices::fw_cfg::ID_TRADITIONAL;
@@ -95,9 +97,14 @@ use crate::pv::PvConnect;
 use crate::pv::config::{build_service, platform_facts};
 use crate::pv::msidev_specs;
 use crate::report::GuestReport;
+use crate::trace::Recorder;
 
 /// Guest RAM: 64 KiB at guest-physical 0, where request blocks go.
 pub const RAM_SIZE: u64 = 0x1_0000;
+
+/// Events the trace ring keeps when an input turns `--trace` on: few, so
+/// that inputs reach the ring's dropping.
+pub const TRACE_LIMIT: usize = 8;
 
 /// The storm threshold the platform reports (the VMM's default).
 const STORM_THRESHOLD: u32 = irqchip_kvm::DEFAULT_STORM_THRESHOLD;
@@ -226,11 +233,12 @@ struct Vm {
     devices: Devices<super::wiring::FakeLine>,
     wiring: FakeWiring,
     pv: Arc<PvConnect>,
-    chip: Arc<Recorder>,
-    msi: Arc<Recorder>,
+    chip: Arc<ChipRecorder>,
+    msi: Arc<ChipRecorder>,
     out: CountingOut,
     mem: GuestMemoryMmap,
     control: Arc<VmControl>,
+    trace: Option<Arc<Recorder>>,
     testdevs: Vec<TestdevSpec>,
     /// Message count per message-signaled device, by index.
     msidevs: Vec<u8>,
@@ -351,8 +359,8 @@ impl Vm {
         let facts = platform_facts(cpus, mode, x2apic, STORM_THRESHOLD);
         let service = build_service(facts, None).map_err(|e| e.to_string())?;
         let mem = crate::memory::create(RAM_SIZE).map_err(|e| e.to_string())?;
-        let chip = Recorder::new(flags & 1 != 0);
-        let msi = Recorder::new(flags & 2 != 0);
+        let chip = ChipRecorder::new(flags & 1 != 0);
+        let msi = ChipRecorder::new(flags & 2 != 0);
         let msidevs = msidev_specs(service.devices())
             .iter()
             .map(|s| s.count)
@@ -368,6 +376,7 @@ impl Vm {
         let out = CountingOut::default();
         let wiring = FakeWiring::new(mode);
         let testdevs = pv.testdev_specs();
+        let trace = (flags & 8 != 0).then(|| Arc::new(Recorder::new(TRACE_LIMIT)));
         let devices = devices::build(
             &DeviceConfig {
                 cpus: cpus as u16,
@@ -375,7 +384,7 @@ impl Vm {
                 mode,
                 testdevs: testdevs.clone(),
                 msidevs: pv.msidevs().to_vec(),
-                pv_doorbell: Some(crate::pv::doorbell::Doorbell::shared(&pv)),
+                pv_doorbell: Some(crate::pv::doorbell::Doorbell::shared(&pv, trace.clone())),
             },
             &wiring,
             &control,
@@ -399,6 +408,7 @@ impl Vm {
             out,
             mem,
             control,
+            trace,
             testdevs,
             msidevs,
             expect,
@@ -746,6 +756,16 @@ impl Vm {
                  msidev bad accesses) {got:?}, accesses call for {want:?}; storm masks {} of {} reports",
                 stats.storm_masks, self.expect.storm_reports
             ));
+        }
+        if let Some(trace) = &self.trace {
+            let (kept, dropped) = trace.take();
+            if kept.len() > TRACE_LIMIT || kept.len() as u64 + dropped != self.expect.rings {
+                return Err(format!(
+                    "the trace kept {} and dropped {dropped} of {} requests (limit {TRACE_LIMIT})",
+                    kept.len(),
+                    self.expect.rings
+                ));
+            }
         }
         let outcome = self.control.take_outcome();
         match (&outcome, self.expect.exit) {

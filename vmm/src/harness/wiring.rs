@@ -1,6 +1,6 @@
 //! Recording stand-ins for what the device layer reaches outside itself:
 //! the interrupt controller's lines and MMIO window ([`FakeWiring`]), its
-//! host pin programming and message delivery ([`Recorder`]) and the guest's
+//! host pin programming and message delivery ([`ChipRecorder`]) and the guest's
 //! console ([`CountingOut`]). Each
 //! counts what it was given, so the harness can hold the VMM's own counters
 //! against them.
@@ -165,13 +165,13 @@ impl BusDevice for WindowRecorder {
 
 /// What the controller is offered (host pin programs, messages): counted,
 /// and all refused when built so (the VMM's failure paths).
-pub(crate) struct Recorder {
+pub(crate) struct ChipRecorder {
     refuse: bool,
     taken: AtomicU64,
     refused: AtomicU64,
 }
 
-impl Recorder {
+impl ChipRecorder {
     /// A recorder that takes what it is offered, or refuses everything.
     pub(crate) fn new(refuse: bool) -> Arc<Self> {
         Arc::new(Self {
@@ -199,7 +199,7 @@ impl Recorder {
 }
 
 /// Host pin programming, as the PV service reaches it.
-pub(crate) struct ChipHandle(pub(crate) Arc<Recorder>);
+pub(crate) struct ChipHandle(pub(crate) Arc<ChipRecorder>);
 
 impl PinProgrammer for ChipHandle {
     fn program_pin(&self, pin: u8, _entry: RedirectionEntry) -> Result<(), IrqError> {
@@ -212,7 +212,7 @@ impl PinProgrammer for ChipHandle {
 }
 
 /// Message delivery, as the message-signaled test devices reach it.
-impl MsiSink for Recorder {
+impl MsiSink for ChipRecorder {
     fn signal_msi(&self, address: u64, data: u32) -> Result<(), IrqError> {
         if self.offer(true) {
             Ok(())

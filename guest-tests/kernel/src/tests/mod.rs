@@ -5,6 +5,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use crate::runner::Test;
 
 mod affinity;
+mod bench;
 mod connect;
 mod disconnect;
 mod ex;
@@ -17,6 +18,7 @@ mod ipi;
 mod lapic;
 mod load;
 mod msgfix;
+mod nmi;
 mod pvfix;
 mod rule10;
 mod share;
@@ -28,6 +30,7 @@ mod tpr;
 pub static SUITES: &[&[Test]] = &[
     lapic::TESTS,
     ipi::TESTS,
+    nmi::TESTS,
     tpr::TESTS,
     timer::TESTS,
     ioapic::TESTS,
@@ -42,6 +45,8 @@ pub static SUITES: &[&[Test]] = &[
     load::TESTS,
     ex_load::TESTS,
     hostile::TESTS,
+    // Last, and only when asked for (see `runner::selected`).
+    bench::TESTS,
 ];
 
 static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(1);
