@@ -80,13 +80,10 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The kernel image: `--kernel` or the embedded guest.
-fn kernel_image(args: &Args) -> Result<(String, Vec<u8>)> {
+fn kernel_image(args: &Args, embedded: &[u8]) -> Result<(String, Vec<u8>)> {
     match &args.kernel {
         Some(path) => Ok((path.display().to_string(), read_file(path)?)),
-        None => Ok((
-            "embedded guest image".to_string(),
-            guest_image::IMAGE.to_vec(),
-        )),
+        None => Ok(("embedded guest image".to_string(), embedded.to_vec())),
     }
 }
 
@@ -160,9 +157,14 @@ fn write_trace(
 }
 
 /// Builds the VM from `args`, runs it to the end and tears it down.
-/// `serial_out` receives the guest's COM1 output.
-pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Finished> {
-    let (image_name, image) = kernel_image(args)?;
+/// `serial_out` receives the guest's COM1 output; `embedded` is the kernel
+/// when `--kernel` is absent.
+pub(crate) fn run(
+    args: &Args,
+    serial_out: Box<dyn Write + Send>,
+    embedded: &[u8],
+) -> Result<Finished> {
+    let (image_name, image) = kernel_image(args, embedded)?;
     let modules = modules(args)?;
     let cpus = args.cpus as usize;
     let ram = args.memory << 20;

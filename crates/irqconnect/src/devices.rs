@@ -215,6 +215,9 @@ pub struct DeviceTable {
     devices: Vec<Device>,
     /// Bit `p` of entry `v`: pin `p` carries vector `v`.
     pins_by_vector: Vec<u32>,
+    /// Entry `p`: the (device index, resource index) of the first resource
+    /// on pin `p`.
+    resource_by_pin: Vec<Option<(usize, usize)>>,
 }
 
 impl DeviceTable {
@@ -376,14 +379,21 @@ impl DeviceTable {
 
     fn index(devices: Vec<Device>) -> Self {
         let mut pins_by_vector = vec![0u32; 256];
-        for r in devices.iter().flat_map(|d| d.resources.iter()) {
-            if let Some(bits) = pins_by_vector.get_mut(usize::from(r.vector)) {
-                *bits |= 1 << r.pin;
+        let mut resource_by_pin = vec![None; usize::from(IOAPIC_PINS)];
+        for (d, device) in devices.iter().enumerate() {
+            for (i, r) in device.resources.iter().enumerate() {
+                if let Some(bits) = pins_by_vector.get_mut(usize::from(r.vector)) {
+                    *bits |= 1 << r.pin;
+                }
+                if let Some(at @ None) = resource_by_pin.get_mut(usize::from(r.pin)) {
+                    *at = Some((d, i));
+                }
             }
         }
         Self {
             devices,
             pins_by_vector,
+            resource_by_pin,
         }
     }
 
@@ -417,10 +427,8 @@ impl DeviceTable {
 
     /// The resource that assigns `pin`, if any device uses it.
     pub fn resource_on_pin(&self, pin: u8) -> Option<&Resource> {
-        self.devices
-            .iter()
-            .flat_map(|d| d.resources.iter())
-            .find(|r| r.pin == pin)
+        let (d, i) = (*self.resource_by_pin.get(usize::from(pin))?)?;
+        self.devices.get(d)?.resources.get(i)
     }
 
     /// Back to a configuration (for logs or to save a generated table).

@@ -150,8 +150,10 @@ pub struct Registry {
     slots: Vec<Slot>,
     /// Dead slots ready for reuse, oldest first (spreads generations).
     free: VecDeque<u32>,
-    /// Indexed by vector: 256 entries.
-    vectors: Vec<VectorChains>,
+    /// The chains of every vector with at least one connection (a vector
+    /// whose last connection goes is removed, so equal registries have
+    /// equal maps).
+    vectors: BTreeMap<u8, VectorChains>,
     /// Live connections by (device, slot).
     by_device: BTreeSet<(u32, u32)>,
     /// Each live group's lead slot and its other members' slots.
@@ -173,7 +175,7 @@ impl Registry {
             quota,
             slots: Vec::new(),
             free: VecDeque::new(),
-            vectors: vec![VectorChains::default(); 256],
+            vectors: BTreeMap::new(),
             by_device: BTreeSet::new(),
             members: BTreeMap::new(),
             objects: 0,
@@ -222,7 +224,7 @@ impl Registry {
         mode: InterruptMode,
         share: bool,
     ) -> Option<u32> {
-        let v = self.vectors.get(usize::from(vector))?;
+        let v = self.vectors.get(&vector)?;
         let occupied = mask & v.all;
         let mut conflict = mask & v.exclusive;
         if !share {
@@ -250,7 +252,6 @@ impl Registry {
         if objects == 0 || !self.fits(objects) {
             return None;
         }
-        let chains = self.vectors.get_mut(usize::from(connection.vector))?;
         let index = match self.free.front() {
             Some(&i) => i as usize,
             None => self.slots.len(),
@@ -276,6 +277,7 @@ impl Registry {
         if let Some(slot) = self.slots.get_mut(index) {
             slot.connection = Some(connection);
         }
+        let chains = self.vectors.entry(connection.vector).or_default();
         chains.add_to_unions(&entry);
         chains.entries.push(entry);
         self.by_device.insert((connection.device, entry.slot));
@@ -309,9 +311,13 @@ impl Registry {
             // Retired: the slot is never reused, so no handle repeats.
             None => slot.generation = 0,
         }
-        if let Some(chains) = self.vectors.get_mut(usize::from(connection.vector)) {
+        if let Some(chains) = self.vectors.get_mut(&connection.vector) {
             chains.entries.retain(|e| e.slot as usize != index);
-            chains.recompute_unions();
+            if chains.entries.is_empty() {
+                self.vectors.remove(&connection.vector);
+            } else {
+                chains.recompute_unions();
+            }
         }
         self.by_device.remove(&(connection.device, index as u32));
         self.members.remove(&(index as u32));
@@ -411,20 +417,20 @@ impl Registry {
 
     /// Processors with at least one object on `vector`.
     pub fn vector_mask(&self, vector: u8) -> u64 {
-        self.vectors.get(usize::from(vector)).map_or(0, |v| v.all)
+        self.vectors.get(&vector).map_or(0, |v| v.all)
     }
 
     /// Live connections on `vector`.
     pub fn vector_connections(&self, vector: u8) -> u32 {
         self.vectors
-            .get(usize::from(vector))
+            .get(&vector)
             .map_or(0, |v| v.entries.len() as u32)
     }
 
     /// The connections on `vector` in connection order.
     pub fn on_vector(&self, vector: u8) -> impl Iterator<Item = (Handle, &Connection)> + '_ {
         self.vectors
-            .get(usize::from(vector))
+            .get(&vector)
             .into_iter()
             .flat_map(|v| v.entries.iter())
             .filter_map(|e| self.live(e.slot as usize))
@@ -452,11 +458,29 @@ impl Registry {
         Some((Handle::new(index, slot.generation)?, c))
     }
 
+    /// The vectors with at least one connection, ascending.
+    pub fn vectors_in_use(&self) -> impl Iterator<Item = u8> + '_ {
+        self.vectors.keys().copied()
+    }
+
+    /// Every slot ever used, in slot order: its generation (0: retired,
+    /// never reused) and its live connection, if any.
+    pub fn slots(&self) -> impl Iterator<Item = (u32, Option<&Connection>)> + '_ {
+        self.slots
+            .iter()
+            .map(|s| (s.generation, s.connection.as_ref()))
+    }
+
+    /// Dead slots ready for reuse, in reuse order.
+    pub fn free_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.free.iter().copied()
+    }
+
     /// The live state without handles: for each vector with connections,
     /// the connections in connection order. Two registries with equal live
     /// chains differ at most in slot generations and the free-slot order.
     pub fn live_chains(&self) -> Vec<(u8, Vec<Connection>)> {
-        (0..=u8::MAX)
+        self.vectors_in_use()
             .filter_map(|v| {
                 let chain: Vec<Connection> = self.on_vector(v).map(|(_, c)| *c).collect();
                 (!chain.is_empty()).then_some((v, chain))
@@ -470,8 +494,11 @@ impl Registry {
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut objects = 0u64;
         let mut connections = 0u32;
-        let mut per_device = BTreeSet::new();
-        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        // (device, slot) of every connection; each group's lead, and (lead,
+        // member) of each other member: what the indexes must hold.
+        let mut per_device = Vec::new();
+        let mut leads = Vec::new();
+        let mut members = Vec::new();
         for (h, c) in self.iter() {
             if c.mask == 0 {
                 return Err(format!("connection {:#x} has an empty mask", h.raw()));
@@ -482,7 +509,7 @@ impl Registry {
                 .slot()
                 .and_then(|s| u32::try_from(s).ok())
                 .unwrap_or(u32::MAX);
-            per_device.insert((c.device, slot));
+            per_device.push((c.device, slot));
             match (c.in_group(), c.lead) {
                 (false, None) => {}
                 (false, Some(_)) => {
@@ -491,9 +518,7 @@ impl Registry {
                         h.raw()
                     ));
                 }
-                (true, None) => {
-                    groups.entry(slot).or_default();
-                }
+                (true, None) => leads.push(slot),
                 (true, Some(lead)) => {
                     let l = self.live(lead as usize).map(|(_, l)| l);
                     if l.is_none_or(|l| {
@@ -504,10 +529,10 @@ impl Registry {
                             h.raw()
                         ));
                     }
-                    groups.entry(lead).or_default().push(slot);
+                    members.push((lead, slot));
                 }
             }
-            let listed = self.vectors.get(usize::from(c.vector)).map_or(0, |v| {
+            let listed = self.vectors.get(&c.vector).map_or(0, |v| {
                 v.entries
                     .iter()
                     .filter(|e| Some(e.slot as usize) == h.slot())
@@ -533,34 +558,33 @@ impl Registry {
                 self.connections
             ));
         }
-        if per_device != self.by_device {
+        // `iter` is slot order; the indexes are sorted.
+        per_device.sort_unstable();
+        if !per_device.iter().eq(self.by_device.iter()) {
             return Err("the per-device index disagrees with the slots".into());
         }
-        let mut recorded = self.members.clone();
-        for m in recorded.values_mut() {
-            m.sort_unstable();
-        }
-        if groups != recorded {
+        let mut recorded: Vec<(u32, u32)> = self
+            .members
+            .iter()
+            .flat_map(|(&lead, m)| m.iter().map(move |&slot| (lead, slot)))
+            .collect();
+        recorded.sort_unstable();
+        members.sort_unstable();
+        if !leads.iter().eq(self.members.keys()) || recorded != members {
             return Err("the group index disagrees with the slots".into());
         }
-        let listed: usize = self.vectors.iter().map(|v| v.entries.len()).sum();
+        let mut listed = 0;
+        for (&vector, v) in &self.vectors {
+            if v.entries.is_empty() {
+                return Err(format!("vector {vector:#x} keeps an empty chain"));
+            }
+            listed += v.entries.len();
+            self.check_vector(vector)?;
+        }
         if listed != connections as usize {
             return Err(format!(
                 "{listed} chain entries for {connections} connections"
             ));
-        }
-        for (vector, v) in self.vectors.iter().enumerate() {
-            let mut fresh = v.clone();
-            fresh.recompute_unions();
-            if fresh != *v {
-                return Err(format!("stale mask unions on vector {vector:#x}"));
-            }
-            for e in &v.entries {
-                let c = self.live(e.slot as usize).map(|(_, c)| c);
-                if c.is_none_or(|c| usize::from(c.vector) != vector || c.mask != e.mask) {
-                    return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
-                }
-            }
         }
         for &i in &self.free {
             if self
@@ -570,6 +594,30 @@ impl Registry {
             {
                 return Err(format!("free slot {i} is live or absent"));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the part of the registry's consistency that concerns one
+    /// vector: its chain lists only live connections on the vector, with
+    /// their masks, and its mask unions are those of its entries. Part of
+    /// [`Registry::check_consistency`]; a caller that changed only some
+    /// vectors' connections checks those.
+    pub fn check_vector(&self, vector: u8) -> Result<(), String> {
+        let Some(v) = self.vectors.get(&vector) else {
+            return Ok(());
+        };
+        let mut fresh = VectorChains::default();
+        for e in &v.entries {
+            let c = self.live(e.slot as usize).map(|(_, c)| c);
+            if c.is_none_or(|c| c.vector != vector || c.mask != e.mask) {
+                return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
+            }
+            fresh.add_to_unions(e);
+        }
+        let unions = (fresh.all, fresh.exclusive, fresh.level, fresh.latched);
+        if unions != (v.all, v.exclusive, v.level, v.latched) {
+            return Err(format!("stale mask unions on vector {vector:#x}"));
         }
         Ok(())
     }
@@ -598,10 +646,8 @@ impl Registry {
             free: free.iter().copied().collect(),
             order: vectors
                 .iter()
-                .enumerate()
-                .filter(|(_, v)| !v.entries.is_empty())
-                .map(|(vector, v)| VectorOrder {
-                    vector: vector as u8,
+                .map(|(&vector, v)| VectorOrder {
+                    vector,
                     slots: v.entries.iter().map(|e| e.slot).collect(),
                 })
                 .collect(),
@@ -626,13 +672,10 @@ impl Registry {
             .collect();
         reg.free = state.free.iter().copied().collect();
         for order in &state.order {
-            let chains = reg
-                .vectors
-                .get_mut(usize::from(order.vector))
-                .ok_or_else(|| bad("vector out of range"))?;
-            if !chains.entries.is_empty() {
+            if reg.vectors.contains_key(&order.vector) {
                 return Err(bad("a vector is listed twice"));
             }
+            let mut chains = VectorChains::default();
             for &slot in &order.slots {
                 let c = reg
                     .slots
@@ -650,6 +693,10 @@ impl Registry {
                 };
                 chains.add_to_unions(&entry);
                 chains.entries.push(entry);
+            }
+            // A vector without connections has no chains (one form).
+            if !chains.entries.is_empty() {
+                reg.vectors.insert(order.vector, chains);
             }
         }
         for c in reg.slots.iter().filter_map(|s| s.connection) {

@@ -113,6 +113,11 @@ impl RouteTable {
         }
     }
 
+    /// Every pin's route, pin order.
+    pub fn all(&self) -> &[PinRoute] {
+        &self.pins
+    }
+
     /// The route of `pin`.
     pub fn get(&self, pin: u8) -> Option<&PinRoute> {
         self.pins.get(usize::from(pin))

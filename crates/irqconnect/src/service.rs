@@ -154,8 +154,8 @@ impl Service {
     }
 
     /// Every pin's programmed route, pin order.
-    pub fn routes(&self) -> Vec<PinRoute> {
-        (0..IOAPIC_PINS).filter_map(|p| self.route(p)).collect()
+    pub fn routes(&self) -> &[PinRoute] {
+        self.routes.all()
     }
 
     /// Pins the storm guard has masked since boot.
@@ -452,106 +452,169 @@ impl Service {
     }
 
     /// Checks every invariant of the service; `Err` names the first broken
-    /// one. Used by the fuzz harness, the property tests and snapshot restore.
+    /// one. Used by the fuzz harnesses, the property tests and snapshot
+    /// restore.
     ///
     /// - the registry is consistent and within its quota;
     /// - every connection's mask is non-empty and online, its device owns its
-    ///   vector, its IRQL is the vector's class;
+    ///   vector, its IRQL is the vector's class (a message's route reaches
+    ///   exactly its mask, inside the message's affinity);
+    /// - a device with several line resources holds its line connections
+    ///   under one lock (rule 10);
     /// - every (processor, vector) chain satisfies the sharing rule;
     /// - every programmed route equals what the live connections imply
     ///   (storm-masked pins aside, which must read masked).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.registry.check_consistency()?;
-        let online = self.platform.online_mask();
+        self.check_connections()
+    }
+
+    /// [`Service::check_invariants`] but the registry's own consistency.
+    fn check_connections(&self) -> Result<(), String> {
         for (h, c) in self.registry.iter() {
-            let h = h.raw();
-            if c.mask & !online != 0 {
-                return Err(format!("connection {h:#x} has objects off the online mask"));
-            }
-            let device = self.devices.device(c.device);
-            let owned = match c.message {
-                None => device
-                    .and_then(|d| d.resource_for_vector(u32::from(c.vector)))
-                    .is_some(),
-                Some(k) => {
-                    device.and_then(|d| d.messages()).and_then(|m| m.vector(k)) == Some(c.vector)
-                }
-            };
-            if !owned || c.irql != c.vector >> 4 {
-                return Err(format!("connection {h:#x} names a vector its device lacks"));
-            }
-            if c.message.is_some() {
-                let route = MessageRoute::for_targets(c.vector, c.mask, &self.platform);
-                let allowed = device.and_then(|d| d.messages()).map_or(0, |m| m.affinity);
-                if route.is_none_or(|r| r.targets != c.mask) || c.mask & !allowed != 0 {
-                    return Err(format!(
-                        "message connection {h:#x} holds objects where its message does not go"
-                    ));
-                }
-            }
+            self.check_connection(h, c)?;
         }
-        // Rule 10: a device with several line resources has one lock.
-        for d in self
-            .devices
-            .devices()
-            .iter()
-            .filter(|d| d.resources().len() > 1)
-        {
-            let mut lines = self
-                .registry
-                .device_connections(d.id())
-                .filter(|c| c.message.is_none());
-            if let Some(first) = lines.next() {
-                let one_group = first.spin_lock == 0
-                    && first.version == connect_version::LINE_BASED
-                    && self
-                        .registry
-                        .device_connections(d.id())
-                        .filter(|c| c.message.is_none())
-                        .count()
-                        <= d.resources().len();
-                let shared = lines.all(|c| c.spin_lock == first.spin_lock);
-                if !shared || (first.spin_lock == 0 && !one_group) {
-                    return Err(format!(
-                        "device {} holds connections under different locks",
-                        d.id()
-                    ));
-                }
-            }
+        for d in self.devices.devices() {
+            self.check_device_locks(d.id())?;
         }
-        for vector in 0..=u8::MAX {
-            let on: Vec<_> = self.registry.on_vector(vector).collect();
-            for (i, (ha, a)) in on.iter().enumerate() {
-                for (hb, b) in on.iter().skip(i + 1) {
-                    if a.mask & b.mask != 0 && !may_chain(a, b) {
-                        return Err(format!(
-                            "connections {:#x} and {:#x} share a chain illegally",
-                            ha.raw(),
-                            hb.raw()
-                        ));
-                    }
-                }
-            }
+        for vector in self.registry.vectors_in_use() {
+            self.check_chains(vector)?;
         }
-        let storm = self.routes.storm_masked();
         for pin in 0..IOAPIC_PINS {
-            let expected = route::compute(pin, &self.devices, &self.registry);
-            let Some(actual) = self.route(pin) else {
-                return Err(format!("pin {pin} has no route"));
-            };
-            let expected = if storm & (1 << pin) != 0 {
-                PinRoute {
-                    masked: true,
-                    ..expected
-                }
-            } else {
-                expected
-            };
-            if actual != expected {
+            self.check_route(pin)?;
+        }
+        Ok(())
+    }
+
+    /// [`Service::check_invariants`] for what a change of the connections
+    /// on `vectors` can break: the registry's lists and unions of those
+    /// vectors, their connections, the lock rule of those connections'
+    /// devices, their chains and the routes of their pins. A caller that
+    /// knows which vectors an operation touched (connections added or
+    /// removed, routes changed) checks those after it, and everything now
+    /// and then; the registry's global counters and indexes are left to
+    /// the full check. Removing a connection cannot break the lock rule
+    /// of its device, so the devices are those still connected.
+    pub fn check_vectors(&self, vectors: &[u8]) -> Result<(), String> {
+        let mut devices = Vec::new();
+        for &vector in vectors {
+            self.registry.check_vector(vector)?;
+            for (h, c) in self.registry.on_vector(vector) {
+                self.check_connection(h, c)?;
+                devices.push(c.device);
+            }
+            self.check_chains(vector)?;
+            let pins = self.devices.pins_of_vector(vector);
+            for pin in (0..IOAPIC_PINS).filter(|p| pins & (1 << p) != 0) {
+                self.check_route(pin)?;
+            }
+        }
+        devices.sort_unstable();
+        devices.dedup();
+        for d in devices {
+            self.check_device_locks(d)?;
+        }
+        Ok(())
+    }
+
+    /// One connection: online mask, owned vector, IRQL of the vector's
+    /// class, a message's route.
+    fn check_connection(&self, h: Handle, c: &crate::registry::Connection) -> Result<(), String> {
+        let h = h.raw();
+        if c.mask & !self.platform.online_mask() != 0 {
+            return Err(format!("connection {h:#x} has objects off the online mask"));
+        }
+        let device = self.devices.device(c.device);
+        let owned = match c.message {
+            None => device
+                .and_then(|d| d.resource_for_vector(u32::from(c.vector)))
+                .is_some(),
+            Some(k) => {
+                device.and_then(|d| d.messages()).and_then(|m| m.vector(k)) == Some(c.vector)
+            }
+        };
+        if !owned || c.irql != c.vector >> 4 {
+            return Err(format!("connection {h:#x} names a vector its device lacks"));
+        }
+        if c.message.is_some() {
+            let route = MessageRoute::for_targets(c.vector, c.mask, &self.platform);
+            let allowed = device.and_then(|d| d.messages()).map_or(0, |m| m.affinity);
+            if route.is_none_or(|r| r.targets != c.mask) || c.mask & !allowed != 0 {
                 return Err(format!(
-                    "pin {pin} is programmed {actual:?}, connections imply {expected:?}"
+                    "message connection {h:#x} holds objects where its message does not go"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Rule 10: a device with several line resources has one lock.
+    fn check_device_locks(&self, device: u32) -> Result<(), String> {
+        let Some(d) = self.devices.device(device) else {
+            return Ok(());
+        };
+        if d.resources().len() <= 1 {
+            return Ok(());
+        }
+        let mut lines = self
+            .registry
+            .device_connections(d.id())
+            .filter(|c| c.message.is_none());
+        if let Some(first) = lines.next() {
+            let one_group = first.spin_lock == 0
+                && first.version == connect_version::LINE_BASED
+                && self
+                    .registry
+                    .device_connections(d.id())
+                    .filter(|c| c.message.is_none())
+                    .count()
+                    <= d.resources().len();
+            let shared = lines.all(|c| c.spin_lock == first.spin_lock);
+            if !shared || (first.spin_lock == 0 && !one_group) {
+                return Err(format!(
+                    "device {} holds connections under different locks",
+                    d.id()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The sharing rule on every (processor, `vector`) chain.
+    fn check_chains(&self, vector: u8) -> Result<(), String> {
+        let on: Vec<_> = self.registry.on_vector(vector).collect();
+        for (i, (ha, a)) in on.iter().enumerate() {
+            for (hb, b) in on.iter().skip(i + 1) {
+                if a.mask & b.mask != 0 && !may_chain(a, b) {
+                    return Err(format!(
+                        "connections {:#x} and {:#x} share a chain illegally",
+                        ha.raw(),
+                        hb.raw()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `pin`'s programmed route is what the live connections imply.
+    fn check_route(&self, pin: u8) -> Result<(), String> {
+        let expected = route::compute(pin, &self.devices, &self.registry);
+        let Some(actual) = self.route(pin) else {
+            return Err(format!("pin {pin} has no route"));
+        };
+        let expected = if self.routes.storm_masked() & (1 << pin) != 0 {
+            PinRoute {
+                masked: true,
+                ..expected
+            }
+        } else {
+            expected
+        };
+        if actual != expected {
+            return Err(format!(
+                "pin {pin} is programmed {actual:?}, connections imply {expected:?}"
+            ));
         }
         Ok(())
     }
@@ -600,8 +663,9 @@ impl Service {
             routes,
             storm_masked_pins: state.storm_masked_pins,
         };
+        // `Registry::from_state` checked the registry's consistency.
         service
-            .check_invariants()
+            .check_connections()
             .map_err(|what| Error::SnapshotInconsistent { what })?;
         Ok(service)
     }

@@ -115,7 +115,7 @@ pub fn run_session(data: &[u8]) -> Vec<Outcome> {
 /// One doorbell with the path's own postconditions checked.
 fn step(service: &mut Service, ram: &mut FlatRam, doorbell: u32, before: &[u8]) -> Outcome {
     let objects = service.registry().objects_in_use();
-    let routes = service.routes();
+    let routes = service.routes().to_vec();
     let outcome = service.handle_doorbell(ram, doorbell);
     match &outcome {
         Outcome::Unreadable { .. } | Outcome::Unwritable { .. } => {

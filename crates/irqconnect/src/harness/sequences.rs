@@ -7,7 +7,7 @@
 //! [`check`] runs it through [`Service::connect`], [`Service::connect_ex`],
 //! [`Service::disconnect`], [`Service::disconnect_ex`],
 //! [`Service::report_storm_masked`] and snapshots, beside a shadow list of
-//! live connections, and checks after every operation:
+//! live connections. Every operation is checked:
 //!
 //! - each CONNECT is accepted or refused exactly as the reference
 //!   validator (`expected_verdict`, rules 2..11 in order) decides, with
@@ -21,17 +21,30 @@
 //!   policy's set;
 //! - each DISCONNECT_EX removes the whole group, and a group handle is
 //!   refused by DISCONNECT;
-//! - every pin's route equals what the live connections imply: the union
-//!   of their masks on the pin's vector, the oldest one's trigger mode,
-//!   lowest priority for more than one processor, masked when none or
-//!   while the storm guard holds it;
-//! - the objects in use equal the live masks' processors and never exceed
-//!   the quota;
-//! - a disconnected (or forged) handle is never accepted again;
+//! - a new handle is none handed out before;
+//! - a snapshot restores to a service equal to the one saved;
 //! - an asserted device line reaches, through the route and its APIC
 //!   destination ([`ApicDestination::for_route`]), only processors that
 //!   hold an interrupt object on the vector, and reaches one whenever the
 //!   device is connected;
+//!
+//! and then compared with the shadow where it touched it (the vectors of
+//! connections that came or went and of pins whose storm mark moved, and
+//! those handles), everywhere every [`FULL_CHECK_EVERY`] operations that
+//! touched something and after the last operation:
+//!
+//! - the service's invariants ([`Service::check_vectors`] of the touched
+//!   vectors; [`Service::check_invariants`] in full);
+//! - the pins' routes (touched or all) equal what the live connections
+//!   imply: the union of their masks on the pin's vector, the oldest one's
+//!   trigger mode, lowest priority for more than one processor, masked
+//!   when none or while the storm guard holds it;
+//! - the handles' connections (touched or all live) are the shadow's, and
+//!   no disconnected (or forged) handle is accepted again (among the
+//!   touched vectors' connections; every dead handle in full);
+//! - after every operation, the objects in use equal the live masks'
+//!   processors and never exceed the quota, the live connections are the
+//!   shadow's count, the storm marks are the shadow's;
 //! - disconnecting everything returns to the initial state.
 //!
 //! Input format: byte 0 picks the processor count (`1 + b % 64`), byte 1 the
@@ -40,12 +53,15 @@
 //! CONNECT, 2 CONNECT_EX, 3 DISCONNECT, 4 forged DISCONNECT, 5 assert,
 //! 6 storm / snapshot / disconnect all, 7 DISCONNECT_EX) and operands.
 
+use std::collections::BTreeSet;
+
 use crate::connect_ex::{BlockSpan, ConnectExRequest, ExRefusal, MESSAGE_TABLE_ALIGN};
 use crate::devices::{Device, DeviceTable, InterruptMode, ShareDisposition};
+use crate::error::Error;
 use crate::handle::Handle;
 use crate::messages::{IrqPolicy, MessageKind, MessageResource, MessageRoute};
 use crate::platform::{Platform, PlatformFacts, present_mask};
-use crate::ram::FlatRam;
+use crate::ram::GuestRam;
 use crate::route::{ApicDestination, PinRoute};
 use crate::service::{ConnectedEx, Service};
 use crate::validate::{ConnectRequest, SERVICE_CONTEXT_PROBE, SPIN_LOCK_SIZE, Violation};
@@ -58,6 +74,43 @@ use irqconnect_abi::pv::{
 
 /// Guest RAM size of the sequences: pointers below it are resident.
 pub const RAM_SIZE: u64 = 0x1_0000;
+
+/// The full comparison of the service with the reference (`compare`) runs
+/// after every this many operations that changed the live connections or
+/// the storm marks, and after the last operation; the operations between
+/// compare what they touched (`compare_touched`).
+pub const FULL_CHECK_EVERY: u32 = 16;
+
+/// Guest RAM of [`RAM_SIZE`] zero bytes at 0 (the service only asks
+/// whether its pointers are resident and reads nothing that matters),
+/// without a buffer to allocate per input.
+struct ResidentRam;
+
+impl ResidentRam {
+    fn check(gpa: u64, len: u64) -> Result<(), Error> {
+        if resident(gpa, len) {
+            Ok(())
+        } else {
+            Err(Error::NotRam { gpa, len })
+        }
+    }
+}
+
+impl GuestRam for ResidentRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
+        Self::check(gpa, buf.len() as u64)?;
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Error> {
+        Self::check(gpa, buf.len() as u64)
+    }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        resident(gpa, len)
+    }
+}
 
 const QUOTAS: [u32; 8] = [64, 1, 2, 3, 5, 8, 16, 256];
 
@@ -373,7 +426,7 @@ struct Shadow {
     quota: u32,
     live: Vec<Live>,
     issued: Vec<Handle>,
-    dead: Vec<Handle>,
+    dead: BTreeSet<Handle>,
     storm: u32,
     storm_count: u32,
 }
@@ -423,22 +476,24 @@ fn expected_verdict(
     if !device.resources().iter().any(|r| r.vector == vector) {
         return Err(Violation::VectorNotOwned);
     }
-    for cpu in 0..64 {
-        let bit = 1u64 << cpu;
-        if mask & bit == 0 {
-            continue;
-        }
-        let clash = shadow.live.iter().any(|c| {
+    // The first processor of the mask whose chain on the vector holds a
+    // connection the request may not share with.
+    let clashing = shadow
+        .live
+        .iter()
+        .filter(|c| {
             c.vector == vector
-                && c.mask & bit != 0
                 && !(c.share
                     && req.share_vector
                     && c.mode == req.interrupt_mode
                     && c.irql == req.irql)
+        })
+        .fold(0, |m, c| m | c.mask)
+        & mask;
+    if clashing != 0 {
+        return Err(Violation::SharingConflict {
+            cpu: clashing.trailing_zeros(),
         });
-        if clash {
-            return Err(Violation::SharingConflict { cpu });
-        }
     }
     // Rule 10: a device with several line resources has one lock, which
     // every connection names (LINE_BASED: 0 is the group's own lock, which
@@ -899,13 +954,13 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
     let mut service = Service::new(platform, devices.clone(), sequence.quota)
         .map_err(|e| format!("service: {e}"))?;
     let fresh = service.clone();
-    let ram = FlatRam::new(0, RAM_SIZE as usize);
+    let ram = ResidentRam;
     let mut shadow = Shadow {
         online: sequence.online,
         quota: sequence.quota,
         live: Vec::new(),
         issued: Vec::new(),
-        dead: Vec::new(),
+        dead: BTreeSet::new(),
         storm: 0,
         storm_count: 0,
     };
@@ -913,11 +968,27 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
         .ops
         .iter()
         .chain(core::iter::once(&Op::DisconnectAll));
+    let mut changes = 0u32;
+    let mut keys = live_keys(&shadow);
     for (n, op) in ops.enumerate() {
+        let before = core::mem::take(&mut keys);
+        let storm = shadow.storm;
         apply(&mut service, &mut shadow, &devices, &ram, op)
-            .and_then(|()| compare(&service, &shadow, &devices))
+            .and_then(|()| {
+                keys = live_keys(&shadow);
+                let touched = touched(&before, &keys, storm ^ shadow.storm, &devices);
+                compare_touched(&service, &shadow, &devices, &touched)?;
+                if !touched.is_empty() {
+                    changes += 1;
+                    if changes.is_multiple_of(FULL_CHECK_EVERY) {
+                        compare(&service, &shadow, &devices)?;
+                    }
+                }
+                Ok(())
+            })
             .map_err(|what| format!("op {n} ({op:?}): {what}"))?;
     }
+    compare(&service, &shadow, &devices).map_err(|what| format!("after the last op: {what}"))?;
     // Everything disconnected: the live state of a fresh service, given
     // the same storm-guard marks (a VMM fact, not connection state).
     let mut marked = fresh;
@@ -944,7 +1015,7 @@ fn disconnect(service: &mut Service, shadow: &mut Shadow, handle: Handle) -> Res
         (Some(_), Err(Violation::GroupNeedsDisconnectEx)) if group => Ok(()),
         (Some(i), Ok(_)) if !group => {
             let gone = shadow.live.remove(i);
-            shadow.dead.push(handle);
+            shadow.dead.insert(handle);
             let vector = gone.vector;
             clear_storm(shadow, service, vector);
             Ok(())
@@ -990,7 +1061,7 @@ fn disconnect_ex(
                 .copied()
                 .collect();
             shadow.live.retain(|c| c.handle != handle);
-            shadow.dead.push(handle);
+            shadow.dead.insert(handle);
             let messages = gone.iter().filter(|c| c.message.is_some()).count();
             if done.messages.len() != messages || done.messages.iter().any(|u| u.route.is_some()) {
                 return Err(format!(
@@ -1020,7 +1091,7 @@ fn apply(
     service: &mut Service,
     shadow: &mut Shadow,
     devices: &DeviceTable,
-    ram: &FlatRam,
+    ram: &ResidentRam,
     op: &Op,
 ) -> Result<(), String> {
     match *op {
@@ -1262,21 +1333,129 @@ fn raise_messages(service: &Service, shadow: &Shadow, d: &Device) -> Result<(), 
     Ok(())
 }
 
-/// The service against the shadow, after every operation.
-fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<(), String> {
-    service
-        .check_invariants()
-        .map_err(|what| format!("invariant broken: {what}"))?;
-    for pin in 0..IOAPIC_PINS {
-        let expected = expected_route(pin, shadow, devices);
-        if service.route(pin) != Some(expected) {
-            return Err(format!(
-                "pin {pin} routed {:?}, live connections imply {expected:?}",
-                service.route(pin)
-            ));
+/// The shadow's live connections as sortable keys: handle, vector,
+/// message.
+fn live_keys(shadow: &Shadow) -> Vec<(Handle, u8, Option<u8>)> {
+    let mut keys: Vec<_> = shadow
+        .live
+        .iter()
+        .map(|c| (c.handle, c.vector, c.message))
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// What one operation touched: the vectors of connections that came or
+/// went (keys in one of `before` and `after` only) and of pins whose
+/// storm mark moved, ascending; and the handles that came or went.
+struct Touched {
+    vectors: Vec<u8>,
+    handles: Vec<Handle>,
+}
+
+impl Touched {
+    fn is_empty(&self) -> bool {
+        self.vectors.is_empty()
+    }
+}
+
+fn touched(
+    before: &[(Handle, u8, Option<u8>)],
+    after: &[(Handle, u8, Option<u8>)],
+    storm_moved: u32,
+    devices: &DeviceTable,
+) -> Touched {
+    let mut vectors = Vec::new();
+    let mut handles = Vec::new();
+    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        let gone = match (b.peek(), a.peek()) {
+            (None, None) => break,
+            (Some(x), Some(y)) if x == y => {
+                b.next();
+                a.next();
+                continue;
+            }
+            (Some(x), Some(y)) => x < y,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        let key = if gone { b.next() } else { a.next() };
+        if let Some(&(h, v, _)) = key {
+            vectors.push(v);
+            handles.push(h);
         }
     }
-    let objects: u32 = shadow.live.iter().map(|c| c.mask.count_ones()).sum();
+    for pin in 0..IOAPIC_PINS {
+        if storm_moved & (1 << pin) != 0
+            && let Some(r) = devices.resource_on_pin(pin)
+        {
+            vectors.push(r.vector);
+        }
+    }
+    vectors.sort_unstable();
+    vectors.dedup();
+    handles.sort_unstable();
+    handles.dedup();
+    Touched { vectors, handles }
+}
+
+/// The service against the shadow where one operation touched it: the
+/// invariants of the touched vectors ([`Service::check_vectors`]), their
+/// pins' routes, no dead handle among their connections, the touched
+/// handles' connections; and after every operation the counts of objects
+/// and connections and the storm marks.
+fn compare_touched(
+    service: &Service,
+    shadow: &Shadow,
+    devices: &DeviceTable,
+    touched: &Touched,
+) -> Result<(), String> {
+    service
+        .check_vectors(&touched.vectors)
+        .map_err(|what| format!("invariant broken: {what}"))?;
+    for &vector in &touched.vectors {
+        let pins = devices.pins_of_vector(vector);
+        for pin in (0..IOAPIC_PINS).filter(|p| pins & (1 << p) != 0) {
+            check_pin(service, shadow, devices, pin)?;
+        }
+        for (h, _) in service.registry().on_vector(vector) {
+            if shadow.dead.contains(&h) {
+                return Err(format!(
+                    "handle {:#x} accepted after its disconnect",
+                    h.raw()
+                ));
+            }
+        }
+    }
+    check_counts(service, shadow)?;
+    for &h in &touched.handles {
+        check_handle(service, shadow, h)?;
+    }
+    check_storm(service, shadow)
+}
+
+/// `pin`'s route is what the shadow's live connections imply.
+fn check_pin(
+    service: &Service,
+    shadow: &Shadow,
+    devices: &DeviceTable,
+    pin: u8,
+) -> Result<(), String> {
+    let expected = expected_route(pin, shadow, devices);
+    if service.route(pin) != Some(expected) {
+        return Err(format!(
+            "pin {pin} routed {:?}, live connections imply {expected:?}",
+            service.route(pin)
+        ));
+    }
+    Ok(())
+}
+
+/// Objects in use and live connections equal the shadow's, within the
+/// quota.
+fn check_counts(service: &Service, shadow: &Shadow) -> Result<(), String> {
+    let objects = live_objects(shadow);
     let registry = service.registry();
     if registry.objects_in_use() != objects || objects > shadow.quota {
         return Err(format!(
@@ -1288,43 +1467,69 @@ fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<
     if registry.connections() as usize != shadow.live.len() {
         return Err("live connection count differs".into());
     }
+    Ok(())
+}
+
+/// The registry holds exactly the shadow's connections under `h` (none
+/// for a handle the shadow holds dead).
+fn check_handle(service: &Service, shadow: &Shadow, h: Handle) -> Result<(), String> {
+    let registry = service.registry();
+    let mut mine: Vec<(Option<u8>, u8, u64)> = shadow
+        .live
+        .iter()
+        .filter(|c| c.handle == h)
+        .map(|c| (c.message, c.vector, c.mask))
+        .collect();
+    mine.sort_unstable();
+    let theirs: Vec<(Option<u8>, u8, u64)> = match registry.group(h) {
+        Some(g) => g.iter().map(|c| (c.message, c.vector, c.mask)).collect(),
+        None => registry
+            .get(h)
+            .map(|c| vec![(c.message, c.vector, c.mask)])
+            .unwrap_or_default(),
+    };
+    if theirs != mine {
+        return Err(format!(
+            "handle {:#x}: registry holds {theirs:?}, reference {mine:?}",
+            h.raw()
+        ));
+    }
+    Ok(())
+}
+
+/// The storm marks equal the shadow's.
+fn check_storm(service: &Service, shadow: &Shadow) -> Result<(), String> {
+    let (marks, reference) = (service.storm_bits(), shadow.storm);
+    (marks == reference)
+        .then_some(())
+        .ok_or_else(|| format!("storm marks {marks:#x}, reference {reference:#x}"))
+}
+
+/// The service against the shadow in full: [`Service::check_invariants`],
+/// every pin's route, the counts, every live handle's connections, no dead
+/// handle live, the storm marks.
+fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<(), String> {
+    service
+        .check_invariants()
+        .map_err(|what| format!("invariant broken: {what}"))?;
+    for pin in 0..IOAPIC_PINS {
+        check_pin(service, shadow, devices, pin)?;
+    }
+    check_counts(service, shadow)?;
     let mut handles: Vec<Handle> = shadow.live.iter().map(|c| c.handle).collect();
     handles.dedup();
     for h in handles {
-        let mut mine: Vec<(Option<u8>, u8, u64)> = shadow
-            .live
-            .iter()
-            .filter(|c| c.handle == h)
-            .map(|c| (c.message, c.vector, c.mask))
-            .collect();
-        mine.sort_unstable();
-        let theirs: Option<Vec<(Option<u8>, u8, u64)>> = match registry.group(h) {
-            Some(g) => Some(g.iter().map(|c| (c.message, c.vector, c.mask)).collect()),
-            None => registry.get(h).map(|c| vec![(c.message, c.vector, c.mask)]),
-        };
-        if theirs.as_ref() != Some(&mine) {
-            return Err(format!(
-                "live handle {:#x}: registry holds {theirs:?}, reference {mine:?}",
-                h.raw()
-            ));
-        }
+        check_handle(service, shadow, h)?;
     }
     for h in &shadow.dead {
-        if registry.get(*h).is_some() {
+        if service.registry().get(*h).is_some() {
             return Err(format!(
                 "handle {:#x} accepted after its disconnect",
                 h.raw()
             ));
         }
     }
-    if service.storm_bits() != shadow.storm {
-        return Err(format!(
-            "storm marks {:#x}, reference {:#x}",
-            service.storm_bits(),
-            shadow.storm
-        ));
-    }
-    Ok(())
+    check_storm(service, shadow)
 }
 
 #[cfg(test)]
