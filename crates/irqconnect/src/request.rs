@@ -758,7 +758,7 @@ mod tests {
 
     #[test]
     fn rule_01_unknown_version_invalid_parameter_1() {
-        for version in [0, ABI_VERSION_1 + 1, u16::MAX] {
+        for version in [0, ABI_VERSION_MAX + 1, u16::MAX] {
             let mut c = connect_block();
             c.header.abi_version = version;
             let (o, after) = run(&mut service(), AT, &c);

@@ -7,7 +7,7 @@ use irqconnect_abi::ntstatus::{
     STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND, STATUS_SUCCESS,
     status_name,
 };
-use irqconnect_abi::pv::{ABI_VERSION_1, Connect, ConnectEx, PV_MAGIC, opcode, request_size};
+use irqconnect_abi::pv::{ABI_VERSION_MAX, Connect, ConnectEx, PV_MAGIC, opcode, request_size};
 
 use super::blocks::{self, Block};
 use super::pvfix::{self, Env};
@@ -200,7 +200,7 @@ fn header_verdict(
     if magic != PV_MAGIC || misalign != 0 {
         return Some(STATUS_INVALID_PARAMETER);
     }
-    if version != ABI_VERSION_1 {
+    if version == 0 || version > ABI_VERSION_MAX {
         return Some(STATUS_INVALID_PARAMETER_1);
     }
     let Some(size) = request_size(version, op) else {
