@@ -8,14 +8,17 @@
 
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN};
 use irqconnect_abi::ntstatus::{
-    NtStatus, STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE,
-    STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10,
-    STATUS_NOT_FOUND,
+    NtStatus, STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_STATE,
+    STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1,
+    STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND,
 };
 use irqconnect_abi::pv::{HIGH_LEVEL, connect_version};
 
+use crate::destination::Topology;
 use crate::devices::{DeviceTable, InterruptMode};
+use crate::handle::Handle;
 use crate::platform::Platform;
+use crate::processors::ProcessorSet;
 use crate::ram::GuestRam;
 use crate::registry::{Connection, Registry};
 
@@ -91,6 +94,10 @@ pub enum Violation {
     UnknownDevice,
     /// Rule 7: the device owns no resource with this vector.
     VectorNotOwned,
+    /// Rule R: no APIC destination reaches a processor of the effective
+    /// mask together with every processor the vector's other connections
+    /// hold.
+    NoCommonDestination,
     /// Rule 9: the chain on (`cpu`, vector) cannot take the new object.
     SharingConflict {
         /// The first processor where it conflicts.
@@ -136,6 +143,22 @@ pub enum Violation {
     MessageTargetsEmpty,
     /// DISCONNECT_EX: `version` is not the one CONNECT_EX answered with.
     VersionMismatch,
+    /// Rule RT2: RETARGET's group is not the connection's.
+    RetargetGroupMismatch,
+    /// Rule RT3: RETARGET's mask is empty or names a processor the VM does
+    /// not have in the group.
+    ProcessorsOutsideVm,
+    /// Rule RT4: RETARGET of a MESSAGE_BASED group without its table, or of
+    /// another connection with one.
+    RetargetTableMismatch,
+    /// Rule RT5: the new mask names no online processor of a line or
+    /// message.
+    RetargetMaskEmpty,
+    /// SET_APIC_MODEL: the model is not one `apic_model` defines, or is
+    /// x2APIC on a platform that does not offer it.
+    UnknownApicModel,
+    /// SET_APIC_MODEL: connections are live.
+    ConnectionsLive,
 }
 
 impl Violation {
@@ -145,6 +168,7 @@ impl Violation {
     pub const fn rule(self) -> &'static str {
         match self {
             Self::EmptyEffectiveMask | Self::EmptyEffectiveMaskEx => "2",
+            Self::NoCommonDestination => "R",
             Self::NullServiceRoutine => "3",
             Self::ServiceContextNotResident | Self::SpinLockNotResident => "4",
             Self::SynchronizeIrqlBelowIrql | Self::SynchronizeIrqlAboveHighLevel => "5",
@@ -164,6 +188,11 @@ impl Violation {
             Self::TableTooSmall | Self::TableNotUsable => "M5",
             Self::MessageTargetsEmpty => "M7",
             Self::VersionMismatch => "DX",
+            Self::RetargetGroupMismatch => "RT2",
+            Self::ProcessorsOutsideVm => "RT3",
+            Self::RetargetTableMismatch => "RT4",
+            Self::RetargetMaskEmpty => "RT5",
+            Self::UnknownApicModel | Self::ConnectionsLive => "AM",
         }
     }
 
@@ -179,6 +208,7 @@ impl Violation {
             Self::UnknownConnectVersion => STATUS_INVALID_PARAMETER_1,
             Self::EmptyEffectiveMaskEx => STATUS_INVALID_PARAMETER_10,
             Self::TableTooSmall => STATUS_BUFFER_TOO_SMALL,
+            Self::ConnectionsLive => STATUS_INVALID_DEVICE_STATE,
             _ => STATUS_INVALID_PARAMETER,
         }
     }
@@ -191,17 +221,66 @@ pub struct Accepted {
     pub connection: Connection,
 }
 
-/// Checks CONNECT rules 2..11 in order; changes nothing.
+/// Where a request's rules look: the platform, the guest's APIC topology,
+/// the device table and the registry.
+#[derive(Clone, Copy, Debug)]
+pub struct Context<'a> {
+    /// The platform.
+    pub platform: &'a Platform,
+    /// The destinations routes can use.
+    pub topology: &'a Topology,
+    /// The device table.
+    pub devices: &'a DeviceTable,
+    /// The live connections.
+    pub registry: &'a Registry,
+}
+
+/// Rule R: the processors of `wanted` (one group's, online) a connection on
+/// `vector` gets: the part of them the destination
+/// [`Topology::choose`] picks reaches together with the vector's other
+/// connections (all but those `except` names). The result is never empty.
+pub fn routable(
+    ctx: &Context<'_>,
+    vector: u8,
+    wanted: ProcessorSet,
+    except: &[Handle],
+) -> Result<ProcessorSet, Violation> {
+    let fixed = ctx.registry.vector_mask_except(vector, except);
+    ctx.topology
+        .choose(wanted, fixed)
+        .map(|c| c.reach & wanted)
+        .filter(|e| !e.is_empty())
+        .ok_or(Violation::NoCommonDestination)
+}
+
+/// Checks CONNECT rules 2..11 in order for processor group 0; changes
+/// nothing.
 pub fn check_connect<R: GuestRam + ?Sized>(
     req: &ConnectRequest,
-    platform: &Platform,
-    devices: &DeviceTable,
-    registry: &Registry,
+    ctx: &Context<'_>,
     ram: &R,
 ) -> Result<Accepted, Violation> {
+    check_connect_in_group(req, 0, ctx, ram)
+}
+
+/// Checks CONNECT rules 2..11 in order, `ProcessorEnableMask` naming
+/// processors of `group` (which the platform has: rule X3 ran before);
+/// changes nothing.
+pub fn check_connect_in_group<R: GuestRam + ?Sized>(
+    req: &ConnectRequest,
+    group: u16,
+    ctx: &Context<'_>,
+    ram: &R,
+) -> Result<Accepted, Violation> {
+    let Context {
+        platform,
+        devices,
+        registry,
+        ..
+    } = *ctx;
     // Rule 2: absent processors drop out silently; none left is an error.
-    let mask = req.processor_enable_mask & platform.online_mask();
-    if mask == 0 {
+    let online = req.processor_enable_mask & platform.group_online(group);
+    if online == 0 {
         return Err(Violation::EmptyEffectiveMask);
     }
     // Rule 3.
@@ -238,8 +317,13 @@ pub fn check_connect<R: GuestRam + ?Sized>(
         return Err(Violation::VectorNotOwned);
     }
     // Rule 8: FloatingSave is legal either way on x64.
+    // Rule R: the processors one destination reaches with the vector's
+    // other connections.
+    let effective = routable(ctx, vector, ProcessorSet::of_group(group, online), &[])?;
+    let mask = effective.group_mask(group);
     // Rule 9.
-    if let Some(cpu) = registry.sharing_conflict(vector, mask, req.interrupt_mode, req.share_vector)
+    if let Some(cpu) =
+        registry.sharing_conflict(vector, effective, req.interrupt_mode, req.share_vector)
     {
         return Err(Violation::SharingConflict { cpu });
     }
@@ -284,6 +368,7 @@ pub fn check_connect<R: GuestRam + ?Sized>(
             version: req.version,
             lead: None,
             message: None,
+            group,
         },
     })
 }

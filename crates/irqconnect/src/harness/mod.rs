@@ -33,6 +33,7 @@ use crate::service::Service;
 
 pub mod pv_requests;
 pub mod ram;
+mod reference;
 pub mod sequences;
 
 /// Step values with this top nibble are handle copies, not doorbells.
