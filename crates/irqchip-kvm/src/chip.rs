@@ -112,6 +112,7 @@ impl IrqchipBuilder {
                 Mode::Kernel | Mode::Split => self.vm.check_extension(Cap::TscDeadlineTimer),
                 Mode::User => false,
             },
+            ext_dest_id: self.mode.msi_format() == irqchip::msi::MsiFormat::ExtendedDestinationId,
         };
         let backend: Arc<dyn Backend> = match self.mode {
             Mode::Kernel => kernel::KernelChip::create(Arc::clone(&self.vm))?,

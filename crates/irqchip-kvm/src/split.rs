@@ -2,7 +2,17 @@
 //!
 //! - Setup: `KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, 24)` before any vCPU
 //!   exists (KVM then creates an in-kernel LAPIC per vCPU and no PIC or
-//!   IOAPIC), and one KVM MSI route per pin on GSI == pin.
+//!   IOAPIC), `KVM_ENABLE_CAP(KVM_CAP_X2APIC_API, USE_32BIT_IDS)`, and one
+//!   KVM MSI route per pin on GSI == pin.
+//! - Destinations: our IOAPIC decodes the extended destination ID (entry
+//!   bits 49..55) and the guest's message-signaled devices are programmed
+//!   with it (MSI address bits 5..11). KVM reads no destination bits from an
+//!   MSI address's low dword beyond the SDM's 8 (`x86_msi_msg_get_destid`
+//!   takes bits 8..31 from the high dword, and only with 32-bit IDs
+//!   enabled), so every route and every `KVM_SIGNAL_MSI` goes to KVM in its
+//!   x2APIC format ([`MsiFormat::X2apicApi`]). The broadcast quirk stays on:
+//!   destination 0xFF from the IOAPIC or an MSI is a broadcast, as in
+//!   kernel mode and in our APIC bus.
 //! - The model runs in an [`IoapicHost`] whose lock also holds the
 //!   generation of the routes KVM holds. After every model operation, still
 //!   under the lock, [`SplitChip`]'s [`Deliver`]:
@@ -53,8 +63,9 @@ use irqchip::apic_bus::{Message, TriggerMode};
 use irqchip::ioapic::{Delivery, Ioapic, NUM_PINS};
 use irqchip::msi::{self, Msi, MsiFormat};
 use kvm_bindings::{
-    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
-    KvmIrqRouting, kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msi,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_USE_32BIT_IDS, KvmIrqRouting, kvm_enable_cap,
+    kvm_irq_routing_entry, kvm_mp_state, kvm_msi,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
@@ -115,6 +126,13 @@ impl SplitChip {
         cap.args[0] = NUM_PINS as u64;
         vm.enable_cap(&cap)
             .map_err(Error::kvm("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+        let mut x2apic_api = kvm_enable_cap {
+            cap: KVM_CAP_X2APIC_API,
+            ..Default::default()
+        };
+        x2apic_api.args[0] = u64::from(KVM_X2APIC_API_USE_32BIT_IDS);
+        vm.enable_cap(&x2apic_api)
+            .map_err(Error::kvm("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)"))?;
         let ioapic = IoapicHost::new(
             storm_threshold,
             Routes {
@@ -279,7 +297,7 @@ fn routing_table(ioapic: &Ioapic) -> Result<KvmIrqRouting, String> {
     let entries = (0..NUM_PINS as u8)
         .map(|pin| {
             ioapic
-                .msi_route(pin, MsiFormat::Compatibility)
+                .msi_route(pin, KVM_FORMAT)
                 .map(|route| route_entry(pin, route))
                 .map_err(|e| format!("pin {pin}: {e}"))
         })
@@ -287,9 +305,17 @@ fn routing_table(ioapic: &Ioapic) -> Result<KvmIrqRouting, String> {
     KvmIrqRouting::from_entries(&entries).map_err(|e| format!("{e:?}"))
 }
 
+/// How destinations travel to KVM: its x2APIC route format (see the
+/// module documentation).
+const KVM_FORMAT: MsiFormat = MsiFormat::X2apicApi;
+
+/// The format of the MSIs the guest's devices send (the extended
+/// destination ID, `Mode::msi_format`).
+const GUEST_FORMAT: MsiFormat = irqchip::Mode::Split.msi_format();
+
 /// The `KVM_SIGNAL_MSI` payload of a message our IOAPIC sends.
 fn kvm_msi_for(message: &Message) -> Result<kvm_msi, irqchip::Error> {
-    msi::for_message(message, MsiFormat::Compatibility).map(kvm_msi_of)
+    msi::for_message(message, KVM_FORMAT).map(kvm_msi_of)
 }
 
 impl HostsIoapic for SplitChip {
@@ -308,6 +334,11 @@ impl Backend for SplitChip {
     }
 
     fn signal_msi(&self, msi: Msi) -> Result<(), IrqError> {
+        let msi = msi::convert(msi, GUEST_FORMAT, KVM_FORMAT).map_err(|e| IrqError::BadMsi {
+            address: msi.address,
+            data: msi.data,
+            why: e.to_string(),
+        })?;
         self.vm
             .signal_msi(kvm_msi_of(msi))
             .map_err(|source| IrqError::KvmChip {
