@@ -517,14 +517,37 @@ mod tests {
         );
     }
 
+    /// Destination bits 8..14 (extended destination ID) reach KVM in the
+    /// high address dword, its x2APIC route format.
     #[test]
-    fn kvm_msi_for_refuses_a_destination_above_8_bits() {
+    fn kvm_msi_for_a_destination_above_8_bits_uses_the_high_dword() {
         let message = Message {
-            destination: 0x100,
+            destination: 0x1ab,
             destination_mode: DestinationMode::Physical,
             ..Message::fixed_physical(0, 0x51)
         };
 
-        assert!(kvm_msi_for(&message).is_err());
+        let msi = kvm_msi_for(&message).unwrap();
+
+        assert_eq!((msi.address_lo, msi.address_hi), (0xfee_ab000, 0x100));
+    }
+
+    /// An entry's extended destination (bits 49..55) becomes the route's
+    /// high destination bits.
+    #[test]
+    fn routing_table_carries_the_extended_destination_id() {
+        let mut ioapic = Ioapic::new(IoapicConfig {
+            ext_dest_id: true,
+            ..IoapicConfig::default()
+        });
+        let entry = RedirectionEntry::new()
+            .with_vector(0x41)
+            .with_destination_id(0x0234, true)
+            .unwrap();
+        ioapic.write_rte(7, entry).unwrap();
+
+        let (lo, hi, _) = msi_of(&routing_table(&ioapic).unwrap().as_slice()[7]);
+
+        assert_eq!((lo, hi), (0xfee3_4000, 0x200));
     }
 }
