@@ -34,7 +34,7 @@ pub fn start_aps(expected: usize) -> usize {
         lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
         time::delay_us(200);
         lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
-        time::wait_until(2_000_000, || {
+        time::wait_until(bring_up_timeout_us(expected), || {
             ARRIVED.load(Ordering::Acquire) as usize >= expected - 1
         });
     }
@@ -51,7 +51,7 @@ pub fn start_aps(expected: usize) -> usize {
     }
     RELEASED.store(true, Ordering::Release);
     let total = arrived + 1;
-    time::wait_until(2_000_000, || {
+    time::wait_until(bring_up_timeout_us(total), || {
         (1..total).all(|i| percpu::cpu(i).online.load(Ordering::Acquire))
     });
     let online = 1
@@ -60,6 +60,13 @@ pub fn start_aps(expected: usize) -> usize {
             .count();
     percpu::set_count(online);
     online
+}
+
+/// How long the BSP waits for `cpus` processors to arrive (and then to
+/// come online): 2 s, and 50 ms more per processor, since every AP's
+/// bring-up is emulated on the host's few cores one after another.
+fn bring_up_timeout_us(cpus: usize) -> u64 {
+    2_000_000 + 50_000 * cpus as u64
 }
 
 /// Rust entry of an AP (from `ap_long_entry`, on its ticket's stack).
