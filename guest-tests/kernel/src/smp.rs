@@ -34,9 +34,7 @@ pub fn start_aps(expected: usize) -> usize {
         lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
         time::delay_us(200);
         lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
-        time::wait_until(bring_up_timeout_us(expected), || {
-            ARRIVED.load(Ordering::Acquire) as usize >= expected - 1
-        });
+        wait_while_progressing(|| ARRIVED.load(Ordering::Acquire) as usize, expected - 1);
     }
     let arrived = (ARRIVED.load(Ordering::Acquire) as usize).min(MAX_CPUS - 1);
     let mut ids = [u32::MAX; MAX_CPUS];
@@ -51,9 +49,14 @@ pub fn start_aps(expected: usize) -> usize {
     }
     RELEASED.store(true, Ordering::Release);
     let total = arrived + 1;
-    time::wait_until(bring_up_timeout_us(total), || {
-        (1..total).all(|i| percpu::cpu(i).online.load(Ordering::Acquire))
-    });
+    wait_while_progressing(
+        || {
+            (1..total)
+                .filter(|&i| percpu::cpu(i).online.load(Ordering::Acquire))
+                .count()
+        },
+        total - 1,
+    );
     let online = 1
         + (1..total)
             .filter(|&i| percpu::cpu(i).online.load(Ordering::Acquire))
@@ -62,11 +65,23 @@ pub fn start_aps(expected: usize) -> usize {
     online
 }
 
-/// How long the BSP waits for `cpus` processors to arrive (and then to
-/// come online): 2 s, and 50 ms more per processor, since every AP's
-/// bring-up is emulated on the host's few cores one after another.
-fn bring_up_timeout_us(cpus: usize) -> u64 {
-    2_000_000 + 50_000 * cpus as u64
+/// How long the BSP waits for the next AP to arrive or come online before
+/// it gives up on the rest: APs are emulated on the host's few cores, so
+/// under host load they come slowly, but they keep coming.
+const BRING_UP_STALL_US: u64 = 2_000_000;
+
+/// Waits until `count()` reaches `want`, as long as it keeps growing: at
+/// most [`BRING_UP_STALL_US`] without progress.
+fn wait_while_progressing(count: impl Fn() -> usize, want: usize) {
+    let mut seen = count();
+    while seen < want {
+        let grew = time::wait_until(BRING_UP_STALL_US, || count() != seen);
+        let now = count();
+        if !grew || now <= seen {
+            return;
+        }
+        seen = now;
+    }
 }
 
 /// Rust entry of an AP (from `ap_long_entry`, on its ticket's stack).

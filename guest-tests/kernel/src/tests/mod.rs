@@ -18,10 +18,13 @@ mod lapic;
 mod load;
 mod msgfix;
 mod pvfix;
+mod retarget;
 mod rule10;
+mod scale;
 mod share;
 mod sync;
 mod timer;
+mod topo;
 mod tpr;
 
 /// Every suite, in run order.
@@ -34,6 +37,8 @@ pub static SUITES: &[&[Test]] = &[
     connect::TESTS,
     share::TESTS,
     affinity::TESTS,
+    scale::TESTS,
+    retarget::TESTS,
     disconnect::TESTS,
     sync::TESTS,
     ex::TESTS,

@@ -332,6 +332,7 @@ fn connect_fully_specified(
     }
     let common = Common {
         host_handle: answer.handle,
+        device: pdo.device_id(),
         routine: routine as usize,
         context: p.ServiceContext as usize,
         lock: p.SpinLock.map_or(0, |l| l.address() as usize),
@@ -345,6 +346,8 @@ fn connect_fully_specified(
         latched: p.InterruptMode == KINTERRUPT_MODE::Latched,
         mask: answer.effective_mask,
         group: req.group,
+        line: 0,
+        affinity: 0,
         kind: kind::SINGLE,
         message_id: 0,
     };
@@ -442,6 +445,7 @@ fn build_line_group(
     }
     let common = Common {
         host_handle: answer.handle,
+        device: answer.device_id,
         routine: routine as usize,
         context: answer.service_context as usize,
         lock: answer.spin_lock as usize,
@@ -458,6 +462,8 @@ fn build_line_group(
             latched: r.flags & RESOURCE_FLAG_LATCHED != 0,
             mask: masks[i],
             group: groups[i],
+            line: r.line as u8,
+            affinity: r.affinity,
             kind: kind::LINE,
             message_id: 0,
         }
@@ -686,6 +692,7 @@ fn connect_message_based(parameters: &mut IO_CONNECT_INTERRUPT_PARAMETERS<'_>) -
     let n = answer.count as usize;
     let common = Common {
         host_handle: answer.handle,
+        device: pdo.device_id(),
         routine: routine as usize,
         context: p.ServiceContext as usize,
         lock: p.SpinLock.map_or(0, |l| l.address() as usize),
@@ -702,6 +709,8 @@ fn connect_message_based(parameters: &mut IO_CONNECT_INTERRUPT_PARAMETERS<'_>) -
             latched: true,
             mask: e.target_processor_set,
             group: e.group,
+            line: 0,
+            affinity: 0,
             kind: kind::MESSAGE,
             message_id: k as u32,
         }

@@ -37,6 +37,7 @@ mod ex;
 mod lock;
 mod object;
 mod pnp;
+mod retarget;
 mod table;
 
 use core::sync::atomic::Ordering;
@@ -58,6 +59,7 @@ pub use ex::{
 pub use lock::{KSPIN_LOCK, KeInitializeSpinLock};
 pub use object::{KINTERRUPT, MAX_OBJECTS};
 pub use pnp::{CM_PARTIAL_RESOURCE_DESCRIPTOR, DEVICE_OBJECT};
+pub use retarget::IoRetargetInterrupt;
 pub use table::{KINTERRUPT_POLARITY, PIO_INTERRUPT_MESSAGE_INFO};
 
 use crate::{irql, pv};
@@ -263,6 +265,9 @@ struct Spec {
     mask: KAFFINITY,
     /// The processor group of `mask`.
     group: u16,
+    /// LINE: the resource's line (IOAPIC pin) and affinity.
+    line: u8,
+    affinity: KAFFINITY,
     /// One of `object::kind`.
     kind: u8,
     message_id: u32,
@@ -271,6 +276,8 @@ struct Spec {
 /// What every connection of one connect shares.
 struct Common {
     host_handle: u64,
+    /// The device (its PnP id).
+    device: u32,
     /// The service routine (a `KSERVICE_ROUTINE`, or for messages a
     /// `KMESSAGE_SERVICE_ROUTINE`), as an address.
     routine: usize,
@@ -341,6 +348,9 @@ fn build(
         KeInitializeSpinLock(&connection.own_lock);
         connection.mask.store(s.mask, Ordering::Relaxed);
         connection.group.store(s.group, Ordering::Relaxed);
+        connection.device.store(common.device, Ordering::Relaxed);
+        connection.line.store(s.line, Ordering::Relaxed);
+        connection.affinity.store(s.affinity, Ordering::Relaxed);
         connection.kind.store(s.kind, Ordering::Relaxed);
         connection.message_id.store(s.message_id, Ordering::Relaxed);
         connection
@@ -462,6 +472,7 @@ pub fn IoConnectInterrupt(
     };
     let common = Common {
         host_handle: answer.handle,
+        device: physical_device_object.device_id(),
         routine: routine as usize,
         context: service_context as usize,
         lock: spin_lock.map_or(0, |l| l.address() as usize),
@@ -475,6 +486,8 @@ pub fn IoConnectInterrupt(
         latched: interrupt_mode == KINTERRUPT_MODE::Latched,
         mask: answer.effective_mask,
         group: 0,
+        line: 0,
+        affinity: 0,
         kind: object::kind::SINGLE,
         message_id: 0,
     };

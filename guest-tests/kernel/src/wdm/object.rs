@@ -132,6 +132,11 @@ pub(super) struct Connection {
     pub mask: AtomicU64,
     /// The processor group of `mask`.
     pub group: AtomicU16,
+    /// The device (its PnP id).
+    pub device: AtomicU32,
+    /// LINE: the resource's line (IOAPIC pin) and affinity.
+    pub line: AtomicU8,
+    pub affinity: AtomicU64,
     pub objects: [AtomicU16; MAX_CPUS],
     /// One of [`kind`].
     pub kind: AtomicU8,
@@ -166,6 +171,9 @@ impl Connection {
             own_lock: KSPIN_LOCK::new(),
             mask: AtomicU64::new(0),
             group: AtomicU16::new(0),
+            device: AtomicU32::new(0),
+            line: AtomicU8::new(0),
+            affinity: AtomicU64::new(0),
             objects: [const { AtomicU16::new(NIL) }; MAX_CPUS],
             kind: AtomicU8::new(kind::SINGLE),
             leader: AtomicU16::new(NIL),
