@@ -1113,8 +1113,13 @@ pub fn raise_held(devs: &[(&Dev, u32)]) {
 /// running yet would otherwise land after the route changed, inside the
 /// next measurement.
 pub fn flush_cpus() {
-    for c in 1..percpu::count() {
-        let _ = crate::smp::run_on(c, |_| 0, 0);
+    // Every AP at once: post to all, then wait for each.
+    let mut posted = [false; percpu::MAX_CPUS];
+    for (c, p) in posted.iter_mut().enumerate().take(percpu::count()).skip(1) {
+        *p = crate::smp::post(c, |_| 0, 0).is_ok();
+    }
+    for (c, _) in posted.iter().enumerate().filter(|(_, p)| **p) {
+        let _ = crate::smp::wait(c, 2_000_000);
     }
     cpu::sti();
     time::delay_us(50);

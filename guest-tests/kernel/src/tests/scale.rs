@@ -150,10 +150,17 @@ pub fn inside(
 
 /// Raises `n` causes one at a time, each claimed before the next.
 pub fn raise_claimed(dev: &Dev, ctx: &Ctx, n: u32) -> TestResult {
+    raise_claimed_apart(dev, ctx, n, 0)
+}
+
+/// [`raise_claimed`], `gap_us` apart (so the processor that took one is
+/// idle again when the next is raised).
+pub fn raise_claimed_apart(dev: &Dev, ctx: &Ctx, n: u32, gap_us: u64) -> TestResult {
     let start = ctx.claimed();
     for i in 1..=n {
         dev.td.raise(1);
         wait_for("the ISR to claim a cause", || ctx.claimed() >= start + i)?;
+        crate::time::delay_us(gap_us);
     }
     Ok(())
 }
@@ -168,6 +175,18 @@ fn connect_raise_check(
     mask: KAFFINITY,
     want: KAFFINITY,
     n: u32,
+) -> Result<[u32; percpu::MAX_CPUS], crate::runner::Failure> {
+    connect_raise_check_apart(dev, group, mask, want, n, 0)
+}
+
+/// [`connect_raise_check`] with the causes `gap_us` apart.
+fn connect_raise_check_apart(
+    dev: &Dev,
+    group: u16,
+    mask: KAFFINITY,
+    want: KAFFINITY,
+    n: u32,
+    gap_us: u64,
 ) -> Result<[u32; percpu::MAX_CPUS], crate::runner::Failure> {
     let ctx = CTX[0].bind_in_group(Some(dev), Policy::All, group, want);
     let mut a = Args::of(dev, 0, &CTX[0]);
@@ -187,11 +206,14 @@ fn connect_raise_check(
     let before = deliveries(dev.vector());
     let base = counters(dev);
     dev.td.enable(true);
-    let raised = raise_claimed(dev, ctx, n);
+    let raised = raise_claimed_apart(dev, ctx, n, gap_us);
     settle();
     dev.td.enable(false);
     raised?;
     check_counts(dev, base, ctx.claimed(), n)?;
+    // A delivery is counted after its dispatch returned: let every
+    // processor get back to idle before the count.
+    pvfix::flush_cpus();
     let since = inside(dev.vector(), &before, group, want)?;
     ctx.check_clean("of the connection")?;
     pvfix::disconnect_ex_ok(wdm::CONNECT_FULLY_SPECIFIED_GROUP, h)?;
@@ -220,8 +242,10 @@ fn each_cpu_alone(env: &Env) -> TestResult {
 /// the test and would win every lowest-priority tie in user mode): one
 /// destination names them all, so the effective mask is the mask; two
 /// interrupts per processor land only inside; in user mode (our local
-/// APICs rotate lowest priority among idle processors) every one of them
-/// takes some. The extended destination ID is offered in CPUID exactly
+/// APICs rotate lowest priority among idle processors, a running one
+/// winning over a halted one) every one of them takes some when each
+/// interrupt comes after the last one's processor went idle (1 ms
+/// apart). The extended destination ID is offered in CPUID exactly
 /// when the platform says routes carry 15 bits.
 fn cluster_mask(env: &Env) -> TestResult {
     need_cpus(3)?;
@@ -242,7 +266,8 @@ fn cluster_mask(env: &Env) -> TestResult {
     );
     let dev = env.exclusive(KINTERRUPT_MODE::Latched)?;
     pvfix::flush_cpus();
-    let since = connect_raise_check(&dev, 0, mask, mask, 2 * mask.count_ones())?;
+    let gap = if t.user_mode() { 1_000 } else { 0 };
+    let since = connect_raise_check_apart(&dev, 0, mask, mask, 2 * mask.count_ones(), gap)?;
     if t.user_mode() {
         for c in cpus_of(0, mask) {
             check!(
@@ -285,7 +310,20 @@ fn cross_cluster(env: &Env) -> TestResult {
     let dev = env.exclusive(KINTERRUPT_MODE::Latched)?;
     pvfix::flush_cpus();
     let mut cases = 0;
-    for mask in [two | out, two | (out & out.wrapping_neg()), out] {
+    let lowest_two = |m: u64| {
+        let first = m & m.wrapping_neg();
+        let rest = m & !first;
+        first | (rest & rest.wrapping_neg())
+    };
+    // The larger part wins; then ties: two processors no logical
+    // destination names (the lowest, physically), or two of each of two
+    // clusters (the cluster of the lowest processor).
+    let tie = if outside_domain == 0 {
+        lowest_two(out)
+    } else {
+        two | lowest_two(out)
+    };
+    for mask in [two | out, two | (out & out.wrapping_neg()), tie] {
         if mask == 0 || mask.count_ones() < 2 {
             continue;
         }
@@ -441,11 +479,16 @@ fn group_one(env: &Env) -> TestResult {
     let dev = env.exclusive(KINTERRUPT_MODE::Latched)?;
     pvfix::flush_cpus();
     let since = connect_raise_check(&dev, 1, 1, 1, 3)?;
+    let (calls, on_64) = (
+        Ctx::get(&CTX[0].claimed_calls),
+        Ctx::get(&CTX[0].per_cpu[64]),
+    );
     check!(
-        since[64] == 3 && Ctx::get(&CTX[0].per_cpu[64]) == 3,
-        "cpu 64 took {} of 3 interrupts, its ISR claimed {}",
+        since[64] >= 1 && on_64 == calls && calls >= 1,
+        "cpu 64 took {} deliveries of the 3 causes, {} of the ISR's {} claiming calls ran there",
         crate::display::dec(since[64]),
-        crate::display::dec(Ctx::get(&CTX[0].per_cpu[64]))
+        crate::display::dec(on_64),
+        crate::display::dec(calls)
     );
     let pair = t.groups.group_online[1] & 0b11;
     connect_raise_check(&dev, 1, pair, t.expected(1, pair), 2)?;
