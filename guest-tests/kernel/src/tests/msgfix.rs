@@ -257,13 +257,23 @@ pub fn message_isr(interrupt: &KINTERRUPT, context: PVOID, message_id: u32) -> b
     true
 }
 
-/// MESSAGE_BASED parameters for `dev` with [`message_isr`] and `ctx`.
+/// MESSAGE_BASED parameters for `dev` with [`message_isr`] and `ctx`. On
+/// a platform with more than 8 processors they keep the messages on
+/// processors 0..7 (`ProcessorEnableMask`), so every message device of the
+/// default table fits the host's default quota (64 objects) at once, as it
+/// does with 8 processors; without the restriction one destination can
+/// name up to 15 processors per message.
 pub fn params<'a>(dev: &'a MsgDev, ctx: &'static MCtx) -> IO_CONNECT_INTERRUPT_PARAMETERS<'a> {
     let mut p = IO_CONNECT_INTERRUPT_PARAMETERS::new(CONNECT_MESSAGE_BASED);
     p.MessageBased = IO_CONNECT_INTERRUPT_MESSAGE_BASED_PARAMETERS {
         PhysicalDeviceObject: Some(&dev.obj),
         MessageServiceRoutine: Some(message_isr),
         ServiceContext: ctx.as_context(),
+        ProcessorEnableMask: if crate::percpu::count() > crate::lapic::FLAT_PROCESSORS {
+            0xff
+        } else {
+            0
+        },
         ..Default::default()
     };
     p

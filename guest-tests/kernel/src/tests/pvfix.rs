@@ -197,6 +197,15 @@ impl Env {
         self.platform.online_mask
     }
 
+    /// Where the host routes a connection of `mask` (group 0) alone on its
+    /// vector: the online processors of the mask, narrowed to the largest
+    /// set one APIC destination names (`docs/semantics.md` rule R, as
+    /// `super::topo::Topo::expected` reads it). With at most 8 processors
+    /// that is every online processor of the mask.
+    pub fn effective(&self, mask: KAFFINITY) -> Result<KAFFINITY, Failure> {
+        Ok(super::topo::Topo::get()?.expected(0, mask & self.online()))
+    }
+
     /// Device `id`, when the host has it.
     pub fn device(&self, id: usize) -> Option<&Dev> {
         self.devices.get(id).and_then(Option::as_ref)
