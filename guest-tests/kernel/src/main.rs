@@ -78,6 +78,13 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
             );
         }
     }
+    let (arrive_ms, online_ms) = smp::bring_up_ms();
+    println!(
+        "# smp: {} APs arrived in {} ms, online {} ms later",
+        crate::display::dec(online - 1),
+        crate::display::dec(arrive_ms),
+        crate::display::dec(online_ms)
+    );
     let isr_held = tests::fixture::probe_isr_held();
     percpu::reset_counters();
     println!(
