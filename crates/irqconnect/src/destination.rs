@@ -32,7 +32,9 @@
 //! logical destination over a physical one. A would-be 0xFF drops its
 //! highest processor. A destination never spans two processor groups.
 
-use irqchip::apic_bus::XAPIC_BROADCAST;
+use irqchip::apic_bus::{
+    DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode, XAPIC_BROADCAST,
+};
 use irqconnect_abi::pv::apic_model;
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +116,38 @@ pub enum ApicDestination {
 }
 
 impl ApicDestination {
+    /// The edge-triggered bus message of `vector` to this destination (an
+    /// MSI's, or what a pin routed here sends): logical or physical, lowest
+    /// priority or fixed as the destination says. `None` for
+    /// [`ApicDestination::None`].
+    pub fn edge_message(&self, vector: u8) -> Option<Message> {
+        let (destination, destination_mode, delivery_mode) = match *self {
+            Self::Logical {
+                destination,
+                lowest_priority,
+            } => (
+                destination,
+                DestinationMode::Logical,
+                if lowest_priority {
+                    DeliveryMode::LowestPriority
+                } else {
+                    DeliveryMode::Fixed
+                },
+            ),
+            Self::Physical { apic_id } => (apic_id, DestinationMode::Physical, DeliveryMode::Fixed),
+            Self::None => return None,
+        };
+        Some(Message {
+            destination,
+            destination_mode,
+            delivery_mode,
+            vector,
+            trigger_mode: TriggerMode::Edge,
+            level: true,
+            shorthand: Shorthand::None,
+        })
+    }
+
     /// The destination ID, `None` for [`ApicDestination::None`].
     pub fn id(&self) -> Option<u32> {
         match *self {

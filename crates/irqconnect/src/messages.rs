@@ -16,13 +16,12 @@
 //! hands the VMM one [`MessageUpdate`] per message to program into the
 //! device.
 
-use irqchip::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
 use irqchip::msi::{self, MsiFormat};
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN};
 use irqconnect_abi::pv::{MAX_MESSAGES, irq_policy, message_kind};
 use serde::{Deserialize, Serialize};
 
-use crate::destination::{ApicDestination, Choice};
+use crate::destination::Choice;
 
 /// MSI or MSI-X.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -172,33 +171,7 @@ impl MessageRoute {
     /// or its destination does not fit the format.
     pub fn for_choice(vector: u8, choice: &Choice, format: MsiFormat) -> Option<Self> {
         let (group, targets) = choice.reach.as_group_affinity()?;
-        let (dest, mode, delivery) = match choice.destination {
-            ApicDestination::Logical {
-                destination,
-                lowest_priority,
-            } => (
-                destination,
-                DestinationMode::Logical,
-                if lowest_priority {
-                    DeliveryMode::LowestPriority
-                } else {
-                    DeliveryMode::Fixed
-                },
-            ),
-            ApicDestination::Physical { apic_id } => {
-                (apic_id, DestinationMode::Physical, DeliveryMode::Fixed)
-            }
-            ApicDestination::None => return None,
-        };
-        let message = Message {
-            destination: dest,
-            destination_mode: mode,
-            delivery_mode: delivery,
-            vector,
-            trigger_mode: TriggerMode::Edge,
-            level: true,
-            shorthand: Shorthand::None,
-        };
+        let message = choice.destination.edge_message(vector)?;
         let msi = msi::for_message(&message, format).ok()?;
         Some(Self {
             address: msi.address,

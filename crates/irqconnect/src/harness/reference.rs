@@ -16,10 +16,7 @@ use crate::messages::{IrqPolicy, MessageKind, MessageResource};
 use crate::platform::Platform;
 use crate::processors::ProcessorSet;
 use crate::validate::{ConnectRequest, SERVICE_CONTEXT_PROBE, SPIN_LOCK_SIZE, Violation};
-use irqchip::apic_bus::{
-    self, ApicTarget, DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode,
-    XAPIC_BROADCAST,
-};
+use irqchip::apic_bus::{self, ApicTarget, Message, XAPIC_BROADCAST};
 use irqchip::msi::{self, Msi};
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN};
 use irqconnect_abi::pv::{GROUP_SIZE, HIGH_LEVEL, connect_version};
@@ -171,37 +168,6 @@ pub(super) fn bus_reach(topo: &Topo, message: &Message) -> Result<ProcessorSet, 
         }
     }
     Ok(out.unwrap_or(ProcessorSet::EMPTY))
-}
-
-/// The bus message of a route's destination.
-pub(super) fn message_of(dest: &ApicDestination, vector: u8) -> Option<Message> {
-    let (destination, destination_mode, delivery_mode) = match *dest {
-        ApicDestination::Logical {
-            destination,
-            lowest_priority,
-        } => (
-            destination,
-            DestinationMode::Logical,
-            if lowest_priority {
-                DeliveryMode::LowestPriority
-            } else {
-                DeliveryMode::Fixed
-            },
-        ),
-        ApicDestination::Physical { apic_id } => {
-            (apic_id, DestinationMode::Physical, DeliveryMode::Fixed)
-        }
-        ApicDestination::None => return None,
-    };
-    Some(Message {
-        destination,
-        destination_mode,
-        delivery_mode,
-        vector,
-        trigger_mode: TriggerMode::Edge,
-        level: true,
-        shorthand: Shorthand::None,
-    })
 }
 
 /// Where an MSI lands on the bus, and its vector.

@@ -55,7 +55,7 @@
 
 use super::reference::{
     self, BLOCK, ExpectedEx, Live, RAM_SIZE, Shadow, TABLE_AT, Topo, bus_reach, expected_ex,
-    expected_retarget, expected_verdict, message_of, msi_reach, ref_choose,
+    expected_retarget, expected_verdict, msi_reach, ref_choose,
 };
 use crate::connect_ex::ConnectExRequest;
 use crate::destination::{ApicDestination, ApicModel};
@@ -553,7 +553,7 @@ fn expected_route(pin: u8, shadow: &Shadow, devices: &DeviceTable) -> Result<Pin
             resource.vector
         ));
     }
-    if let Some(message) = message_of(&target, resource.vector) {
+    if let Some(message) = target.edge_message(resource.vector) {
         let on_bus = bus_reach(&shadow.topo, &message)?;
         if on_bus != union {
             return Err(format!(
@@ -1033,7 +1033,7 @@ fn assert_line(service: &Service, shadow: &Shadow, device: u32) -> Result<(), St
                 r.pin
             ));
         }
-        let reached = match message_of(&route.target, r.vector) {
+        let reached = match route.target.edge_message(r.vector) {
             Some(m) => bus_reach(&shadow.topo, &m)?,
             None => ProcessorSet::EMPTY,
         };

@@ -282,11 +282,10 @@ fn cluster_mask(env: &Env) -> TestResult {
     Ok(())
 }
 
-/// Masks over two logical domains: the effective mask is the larger part
-/// (or, between equal parts, the one with the lowest processor), exactly
-/// as [`Topo::expected`] reads the documented rule; interrupts land only
-/// there.
-fn cross_cluster(env: &Env) -> TestResult {
+/// The topology and a processor of group 0 outside processor 1's logical
+/// domain, or a skip (4 processors at least; with at most 8 every
+/// processor is in one domain).
+fn two_domains() -> Result<(Topo, usize), crate::runner::Failure> {
     need_cpus(4)?;
     let t = Topo::get()?;
     let Some(o) = t.outside_of_1() else {
@@ -295,6 +294,15 @@ fn cross_cluster(env: &Env) -> TestResult {
             crate::display::dec(t.n)
         );
     };
+    Ok((t, o))
+}
+
+/// Masks over two logical domains: the effective mask is the larger part
+/// (or, between equal parts, the one with the lowest processor), exactly
+/// as [`Topo::expected`] reads the documented rule; interrupts land only
+/// there.
+fn cross_cluster(env: &Env) -> TestResult {
+    let (t, o) = two_domains()?;
     let d = t.domain_of(1);
     let outside_domain = t.domain_of(o);
     // The largest part outside, up to three processors from `o` up.
@@ -373,14 +381,7 @@ fn query_route_matches(env: &Env) -> TestResult {
 /// the route is the union, one destination; deliveries stay inside it and
 /// each ISR runs only on its own processors.
 fn sharers_across_clusters(env: &Env) -> TestResult {
-    need_cpus(4)?;
-    let t = Topo::get()?;
-    let Some(o) = t.outside_of_1() else {
-        skip!(
-            "every processor of group 0 is in processor 1's logical domain ({} processors)",
-            crate::display::dec(t.n)
-        );
-    };
+    let (t, o) = two_domains()?;
     let d = t.domain_of(1);
     let inner = d & !0b11;
     check!(
