@@ -698,6 +698,43 @@ mod tests {
         assert_eq!((ok.version_used, ok.count), (FULLY_SPECIFIED_GROUP, 1));
     }
 
+    /// Rule X3 on 130 processors: groups 0..2 exist (64, 64, 2); bit 0
+    /// of group 1 is processor 64, in the objects and the route; a group's
+    /// absent processors drop out (rule 2); group 3 does not exist.
+    #[test]
+    fn rule_x3_group_one_reaches_processor_64() {
+        let platform = crate::platform::Platform::uniform(130).unwrap();
+        let devices = crate::DeviceTable::default_for(&platform);
+        let mut s = Service::new(platform, devices, 64).unwrap();
+        let r = ConnectExRequest {
+            version: FULLY_SPECIFIED_GROUP,
+            group: 1,
+            processor_enable_mask: 1,
+            ..fully()
+        };
+        let done = run(&mut s, &r).unwrap();
+        assert_eq!(done.effective_mask, 1);
+        assert_eq!(s.registry().chain(64, 0x60).len(), 1);
+        assert!(s.registry().chain(0, 0x60).is_empty());
+        let route = s.route(16).unwrap();
+        assert_eq!((route.group, route.destination), (1, 1));
+        assert_eq!(
+            route.target,
+            crate::ApicDestination::Physical { apic_id: 64 }
+        );
+        let beyond = ConnectExRequest {
+            group: 2,
+            processor_enable_mask: 0b100,
+            device_id: 1,
+            vector: 0x61,
+            interrupt_mode: InterruptMode::Latched,
+            ..r
+        };
+        assert_eq!(refused(&mut s, &beyond), Violation::EmptyEffectiveMaskEx);
+        let absent = ConnectExRequest { group: 3, ..beyond };
+        assert_eq!(refused(&mut s, &absent), Violation::GroupNotPresent);
+    }
+
     #[test]
     fn ex_fully_specified_behaves_as_classic_and_classic_disconnect_takes_it() {
         let mut s = service();

@@ -208,3 +208,355 @@ pub fn check_retarget<R: GuestRam + ?Sized>(
         device: lead.device,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! One test per RETARGET rule (RT1..RT5, then R, 9 and 11 on the new
+    //! mask), and the moves of a connection, a LINE_BASED group and a
+    //! MESSAGE_BASED group, on the default 4-processor platform.
+
+    use super::*;
+    use crate::connect_ex::ConnectExRequest;
+    use crate::devices::InterruptMode;
+    use crate::ram::FlatRam;
+    use crate::service::Service;
+    use crate::validate::ConnectRequest;
+    use irqconnect_abi::ntstatus::{
+        STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE,
+        STATUS_INVALID_PARAMETER,
+    };
+
+    const BLOCK: BlockSpan = BlockSpan {
+        start: 0x8000,
+        len: 64,
+    };
+    const TABLE: u64 = 0x9000;
+
+    fn ram() -> FlatRam {
+        FlatRam::new(0, 0x10_0000)
+    }
+
+    fn service(cpus: u32, quota: u32) -> Service {
+        let platform = crate::Platform::uniform(cpus).unwrap();
+        let devices = crate::DeviceTable::default_for(&platform);
+        Service::new(platform, devices, quota).unwrap()
+    }
+
+    /// A CONNECT of `device` on its first resource (vector, mode, share
+    /// from the default table) on `mask`.
+    fn connect(
+        s: &mut Service,
+        device: u32,
+        vector: u32,
+        mode: InterruptMode,
+        share: bool,
+        mask: u64,
+    ) -> Handle {
+        let r = ConnectRequest {
+            device_id: device,
+            vector,
+            irql: (vector >> 4) as u8,
+            synchronize_irql: (vector >> 4) as u8,
+            interrupt_mode: mode,
+            share_vector: share,
+            floating_save: false,
+            processor_enable_mask: mask,
+            service_routine: 0x1000,
+            service_context: 0,
+            spin_lock: 0,
+            version: connect_version::FULLY_SPECIFIED,
+        };
+        s.connect(&r, &ram()).unwrap().handle
+    }
+
+    fn req(handle: Handle, mask: u64) -> RetargetRequest {
+        RetargetRequest {
+            handle,
+            group: 0,
+            processor_mask: mask,
+            message_table: 0,
+            message_table_length: 0,
+        }
+    }
+
+    /// The refusal of `r`, which must change nothing.
+    fn refused(s: &mut Service, r: &RetargetRequest) -> Violation {
+        let before = s.clone();
+        let v = s.retarget(r, BLOCK, &ram()).err().unwrap();
+        assert_eq!(*s, before, "a refusal changed the service");
+        v
+    }
+
+    #[test]
+    fn rule_rt1_unknown_stale_or_member_handle_invalid_handle() {
+        let mut s = service(4, 64);
+        assert_eq!(
+            refused(&mut s, &req(Handle::from_raw(0), 1)),
+            Violation::UnknownHandle
+        );
+        let h = connect(&mut s, 0, 0x60, InterruptMode::LevelSensitive, false, 1);
+        assert!(s.disconnect(h).is_ok());
+        assert_eq!(refused(&mut s, &req(h, 1)), Violation::UnknownHandle);
+        // A member of a LINE_BASED group was never handed out.
+        let group = s
+            .connect_ex(
+                &ConnectExRequest {
+                    version: connect_version::LINE_BASED,
+                    device_id: 6,
+                    vector: 0,
+                    irql: 0,
+                    synchronize_irql: 0,
+                    interrupt_mode: InterruptMode::LevelSensitive,
+                    share_vector: false,
+                    floating_save: false,
+                    group: 0,
+                    processor_enable_mask: 0,
+                    service_routine: 0x1000,
+                    fallback_service_routine: 0,
+                    service_context: 0,
+                    spin_lock: 0,
+                    message_table: 0,
+                    message_table_length: 0,
+                },
+                BLOCK,
+                &ram(),
+            )
+            .unwrap()
+            .handle;
+        let member = s
+            .registry()
+            .group_members(group)
+            .unwrap()
+            .iter()
+            .map(|&(h, _)| h)
+            .find(|&m| m != group)
+            .unwrap();
+        assert_eq!(refused(&mut s, &req(member, 1)), Violation::UnknownHandle);
+        assert_eq!(Violation::UnknownHandle.status(), STATUS_INVALID_HANDLE);
+    }
+
+    #[test]
+    fn rule_rt2_another_group_invalid_parameter() {
+        let mut s = service(130, 64);
+        let h = connect(&mut s, 0, 0x60, InterruptMode::LevelSensitive, false, 1);
+        let r = RetargetRequest {
+            group: 1,
+            ..req(h, 1)
+        };
+        assert_eq!(refused(&mut s, &r), Violation::RetargetGroupMismatch);
+        assert_eq!(
+            Violation::RetargetGroupMismatch.status(),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn rule_rt3_empty_mask_or_processor_outside_the_vm_invalid_parameter() {
+        let mut s = service(4, 64);
+        let h = connect(&mut s, 0, 0x60, InterruptMode::LevelSensitive, false, 1);
+        assert_eq!(refused(&mut s, &req(h, 0)), Violation::ProcessorsOutsideVm);
+        assert_eq!(
+            refused(&mut s, &req(h, 0b1_0010)),
+            Violation::ProcessorsOutsideVm
+        );
+        assert_eq!(
+            Violation::ProcessorsOutsideVm.status(),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+
+    #[test]
+    fn rule_rt4_a_table_for_messages_only() {
+        let mut s = service(4, 64);
+        let h = connect(&mut s, 0, 0x60, InterruptMode::LevelSensitive, false, 1);
+        let with_table = RetargetRequest {
+            message_table: TABLE,
+            message_table_length: 0x100,
+            ..req(h, 2)
+        };
+        assert_eq!(
+            refused(&mut s, &with_table),
+            Violation::RetargetTableMismatch
+        );
+        let m = s
+            .connect_ex(&message_request(10), BLOCK, &ram())
+            .unwrap()
+            .handle;
+        assert_eq!(refused(&mut s, &req(m, 2)), Violation::TableTooSmall);
+        let short = RetargetRequest {
+            message_table: TABLE,
+            message_table_length: 8,
+            ..req(m, 2)
+        };
+        assert_eq!(refused(&mut s, &short), Violation::TableTooSmall);
+        assert_eq!(Violation::TableTooSmall.status(), STATUS_BUFFER_TOO_SMALL);
+        let misaligned = RetargetRequest {
+            message_table: TABLE + 4,
+            message_table_length: 0x1000,
+            ..req(m, 2)
+        };
+        assert_eq!(refused(&mut s, &misaligned), Violation::TableNotUsable);
+    }
+
+    #[test]
+    fn rule_rt5_no_online_processor_invalid_parameter() {
+        let mut facts = crate::PlatformFacts::uniform(4);
+        facts.online_mask = 0b0011;
+        let platform = crate::Platform::new(facts).unwrap();
+        let devices = crate::DeviceTable::default_for(&platform);
+        let mut s = Service::new(platform, devices, 64).unwrap();
+        let h = connect(&mut s, 0, 0x60, InterruptMode::LevelSensitive, false, 1);
+        assert_eq!(
+            refused(&mut s, &req(h, 0b1100)),
+            Violation::RetargetMaskEmpty
+        );
+    }
+
+    /// Rules R, 9 and 11 judge the new mask against the other connections
+    /// only (the connection's own objects do not count).
+    #[test]
+    fn retarget_rules_r_9_11_on_the_new_mask() {
+        let mut s = service(4, 4);
+        let a = connect(
+            &mut s,
+            0,
+            0x60,
+            InterruptMode::LevelSensitive,
+            false,
+            0b0011,
+        );
+        // Rule 11: 2 + 2 objects in use; 3 more for A would be 5 > 4...
+        connect(&mut s, 1, 0x61, InterruptMode::Latched, false, 0b0011);
+        assert_eq!(refused(&mut s, &req(a, 0b0111)), Violation::QuotaExceeded);
+        assert_eq!(
+            Violation::QuotaExceeded.status(),
+            STATUS_INSUFFICIENT_RESOURCES
+        );
+        // ...but moving its two objects elsewhere fits.
+        assert!(s.retarget(&req(a, 0b1100), BLOCK, &ram()).is_ok());
+        // Rule 9: an exclusive sharer on the processor.
+        let mut s = service(4, 64);
+        let x = connect(
+            &mut s,
+            2,
+            0x70,
+            InterruptMode::LevelSensitive,
+            false,
+            0b0001,
+        );
+        let y = connect(
+            &mut s,
+            3,
+            0x70,
+            InterruptMode::LevelSensitive,
+            false,
+            0b0010,
+        );
+        assert_eq!(
+            refused(&mut s, &req(x, 0b0010)),
+            Violation::SharingConflict { cpu: 1 }
+        );
+        assert!(s.retarget(&req(y, 0b0100), BLOCK, &ram()).is_ok());
+        // Rule R: with 12 processors, undeclared, processor 9 has no
+        // destination together with processor 2.
+        let mut s = service(12, 64);
+        let a = connect(&mut s, 2, 0x70, InterruptMode::LevelSensitive, true, 0b0001);
+        connect(&mut s, 3, 0x70, InterruptMode::LevelSensitive, true, 0b0100);
+        assert_eq!(
+            refused(&mut s, &req(a, 1 << 9)),
+            Violation::NoCommonDestination
+        );
+    }
+
+    /// A move keeps the connection's place in its chains, changes its
+    /// objects, routes the vector to the union with its sharers and
+    /// returns the changed pins; a move back restores the routes.
+    #[test]
+    fn retarget_moves_in_place_and_routes_the_union() {
+        let mut s = service(4, 64);
+        let a = connect(&mut s, 2, 0x70, InterruptMode::LevelSensitive, true, 0b0001);
+        let b = connect(&mut s, 3, 0x70, InterruptMode::LevelSensitive, true, 0b0011);
+        let before = s.route(18);
+        let done = s.retarget(&req(a, 0b0110), BLOCK, &ram()).unwrap();
+        assert_eq!((done.effective_mask, done.count), (0b0110, 1));
+        assert_eq!(s.registry().chain(1, 0x70), vec![a, b]);
+        assert!(s.registry().chain(0, 0x70) == vec![b]);
+        assert_eq!(s.registry().objects_in_use(), 4);
+        assert_eq!(s.route(18).map(|r| r.destination), Some(0b0111));
+        assert_eq!(done.routes.len(), 1);
+        assert!(s.retarget(&req(a, 0b0001), BLOCK, &ram()).is_ok());
+        assert_eq!(s.route(18), before);
+        assert_eq!(s.check_invariants(), Ok(()));
+    }
+
+    fn message_request(device: u32) -> ConnectExRequest {
+        ConnectExRequest {
+            version: connect_version::MESSAGE_BASED,
+            device_id: device,
+            vector: 0,
+            irql: 0,
+            synchronize_irql: 0,
+            interrupt_mode: InterruptMode::LevelSensitive,
+            share_vector: false,
+            floating_save: false,
+            group: 0,
+            processor_enable_mask: 0,
+            service_routine: 0x1000,
+            fallback_service_routine: 0,
+            service_context: 0,
+            spin_lock: 0,
+            message_table: TABLE,
+            message_table_length: 0x1000,
+        }
+    }
+
+    /// A MESSAGE_BASED group moves every message by its policy (spread:
+    /// message k on the (k mod 2)-th of two processors), rewrites the
+    /// table and reprograms every message.
+    #[test]
+    fn retarget_message_based_moves_every_message() {
+        let mut s = service(4, 64);
+        let m = s
+            .connect_ex(&message_request(10), BLOCK, &ram())
+            .unwrap()
+            .handle;
+        let r = RetargetRequest {
+            message_table: TABLE,
+            message_table_length: 0x1000,
+            ..req(m, 0b1010)
+        };
+        let done = s.retarget(&r, BLOCK, &ram()).unwrap();
+        assert_eq!((done.effective_mask, done.count), (0b1010, 8));
+        let table = done.table.unwrap();
+        for (k, e) in table.entries.iter().enumerate() {
+            let want = if k % 2 == 0 { 0b0010 } else { 0b1000 };
+            assert_eq!(e.target_processor_set, want, "message {k}");
+            let update = done.messages.get(k).and_then(|u| u.route).unwrap();
+            assert_eq!((update.address, update.targets), (e.message_address, want));
+        }
+        assert_eq!(s.check_invariants(), Ok(()));
+    }
+
+    /// A LINE_BASED group moves every line within its resource's affinity.
+    #[test]
+    fn retarget_line_based_moves_every_line() {
+        let mut s = service(4, 64);
+        let lines = ConnectExRequest {
+            version: connect_version::LINE_BASED,
+            device_id: 6,
+            synchronize_irql: 0,
+            ..message_request(6)
+        };
+        let lines = ConnectExRequest {
+            message_table: 0,
+            message_table_length: 0,
+            ..lines
+        };
+        let g = s.connect_ex(&lines, BLOCK, &ram()).unwrap().handle;
+        let done = s.retarget(&req(g, 0b0100), BLOCK, &ram()).unwrap();
+        assert_eq!((done.effective_mask, done.count), (0b0100, 2));
+        for pin in [21, 23] {
+            assert_eq!(s.route(pin).map(|r| r.destination), Some(0b0100));
+        }
+    }
+}

@@ -877,4 +877,110 @@ mod tests {
         assert_eq!(s.registry().chain(1, 0x70), vec![b]);
         assert_eq!(STATUS_SUCCESS, 0);
     }
+
+    /// A service on `cpus` processors in split mode (15-bit destinations),
+    /// x2APIC offered, with the guest's `model` declared.
+    fn declared(cpus: u32, model: crate::ApicModel) -> Service {
+        let mut facts = crate::PlatformFacts::uniform(cpus);
+        facts.x2apic = true;
+        facts.irqchip_mode = crate::platform::IrqchipMode::Split;
+        let platform = Platform::new(facts).unwrap();
+        let devices = DeviceTable::default_for(&platform);
+        let mut s = Service::new(platform, devices, 256).unwrap();
+        s.set_apic_model(model).unwrap();
+        s
+    }
+
+    /// Rule R: a mask no destination names is narrowed to the largest
+    /// part one does, which the answer, the objects and the route name.
+    #[test]
+    fn rule_r_mask_no_destination_names_narrowed_to_the_largest_part() {
+        // x2APIC with 15-bit destinations: cluster 0 up to APIC ID 14.
+        let mut s = declared(32, crate::ApicModel::X2apic);
+        let r = ConnectRequest {
+            processor_enable_mask: 0xf_ff00,
+            ..req()
+        };
+        let done = s.connect(&r, &ram()).unwrap();
+        assert_eq!(done.effective_mask, 0x7f00);
+        assert_eq!(s.registry().objects_in_use(), 7);
+        let route = s.route(16).unwrap();
+        assert_eq!((route.group, route.destination), (0, 0x7f00));
+        assert_eq!(
+            route.target,
+            crate::ApicDestination::Logical {
+                destination: 0x7f00,
+                lowest_priority: true
+            }
+        );
+    }
+
+    /// Rule R's tie rule: between equal parts, the one holding the lowest
+    /// processor; between a logical and a physical destination of one
+    /// processor, the logical one.
+    #[test]
+    fn rule_r_ties_go_to_the_lowest_processor() {
+        let mut s = declared(16, crate::ApicModel::XapicCluster);
+        let r = ConnectRequest {
+            processor_enable_mask: 0b0110_0000_0110_0000,
+            ..req()
+        };
+        // Clusters 1 ({5, 6}) and 3 ({13, 14}): cluster 1.
+        assert_eq!(
+            s.connect(&r, &ram()).map(|c| c.effective_mask),
+            Ok(0b0110_0000)
+        );
+        let mut x2 = declared(32, crate::ApicModel::X2apic);
+        // IDs 20 and 25 have no logical form: processor 20, physically.
+        let r = ConnectRequest {
+            processor_enable_mask: (1 << 20) | (1 << 25),
+            ..req()
+        };
+        assert_eq!(
+            x2.connect(&r, &ram()).map(|c| c.effective_mask),
+            Ok(1 << 20)
+        );
+        assert_eq!(
+            x2.route(16).map(|r| r.target),
+            Some(crate::ApicDestination::Physical { apic_id: 20 })
+        );
+    }
+
+    /// Rule R with sharers: a later connection of a vector gets only the
+    /// processors one destination reaches together with the earlier ones;
+    /// none such: STATUS_INVALID_PARAMETER, nothing recorded.
+    #[test]
+    fn rule_r_sharer_no_destination_reaches_with_the_vector_invalid_parameter() {
+        let mut s = declared(32, crate::ApicModel::XapicCluster);
+        connected(&mut s, &shared(2, 0b0110));
+        // Processors 3 (cluster 0) and 8, 9 (cluster 2): only 3 joins.
+        let b = s.connect(&shared(3, 0b11_0000_1000), &ram()).unwrap();
+        assert_eq!(b.effective_mask, 0b1000);
+        assert_eq!(s.route(18).map(|r| r.destination), Some(0b1110));
+        let before = s.clone();
+        assert_eq!(
+            s.connect(&shared(3, 0b11_0000_0000), &ram()).err(),
+            Some(Violation::NoCommonDestination)
+        );
+        assert_eq!(s, before);
+        assert_eq!(
+            (
+                Violation::NoCommonDestination.rule(),
+                Violation::NoCommonDestination.status()
+            ),
+            ("R", STATUS_INVALID_PARAMETER)
+        );
+    }
+
+    /// The broadcast 0xFF names every processor: on a larger platform the
+    /// processors 0..7 it would encode lose their highest one.
+    #[test]
+    fn rule_r_processors_0_to_7_of_a_larger_platform_drop_the_highest() {
+        let mut s = declared(9, crate::ApicModel::XapicFlat);
+        let r = ConnectRequest {
+            processor_enable_mask: 0x1ff,
+            ..req()
+        };
+        assert_eq!(s.connect(&r, &ram()).map(|c| c.effective_mask), Ok(0x7f));
+    }
 }
