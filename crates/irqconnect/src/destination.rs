@@ -13,7 +13,7 @@
 //! | x2APIC | any processors whose x2APIC ID is below the destination width (IDs 0..7 with 8 bits, 0..14 with 15): cluster 0, member bits = IDs | `OR 1 << id` |
 //! | xAPIC flat | any of processors 0..7 | `OR 1 << index` |
 //! | xAPIC cluster | any processors of one cluster of four, `4c..4c+3`, `c` in 0..14 | `c << 4 OR 1 << (index % 4)` |
-//! | undeclared | any of processors 0..7 whose APIC ID is their index when x2APIC is offered (the x2APIC and the xAPIC flat readings then agree) | `OR 1 << index` |
+//! | undeclared | any of processors 0..7 whose APIC ID is their index when x2APIC is offered (the x2APIC and the xAPIC flat readings then agree; a destination whose bits happen to reach the same processors under both readings of differing LDRs is not sought) | `OR 1 << index` |
 //! | physical | nothing | - |
 //!
 //! An x2APIC destination of cluster 1 or above needs bits 16..31, which no

@@ -798,3 +798,198 @@ pub(super) fn expected_retarget(
     }
     Ok(out)
 }
+
+/// The destination chooser against the APIC bus: for random platforms,
+/// models and masks, [`crate::destination::Topology::choose`] agrees with
+/// [`ref_choose`], its reach lies in the mask and is exactly where the bus
+/// delivers its destination, and (on small platforms, by trying every
+/// destination a route can carry) no destination reaches more.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::Topology;
+    use crate::platform::{IrqchipMode, PlatformFacts};
+    use proptest::prelude::*;
+
+    const MODELS: [ApicModel; 5] = [
+        ApicModel::Undeclared,
+        ApicModel::X2apic,
+        ApicModel::XapicFlat,
+        ApicModel::XapicCluster,
+        ApicModel::Physical,
+    ];
+    const MODES: [IrqchipMode; 3] = [IrqchipMode::Kernel, IrqchipMode::Split, IrqchipMode::User];
+
+    /// A platform of `cpus` processors; `stride` spreads the APIC IDs
+    /// (x2APIC only: xAPIC IDs stay below 0xFF).
+    fn platform(cpus: u32, mode: usize, x2apic: bool, stride: u32) -> Platform {
+        let mut facts = PlatformFacts::uniform(cpus);
+        facts.irqchip_mode = MODES[mode % MODES.len()];
+        facts.x2apic = x2apic;
+        let stride = if x2apic || cpus * stride < 0xff {
+            stride
+        } else {
+            1
+        };
+        facts.apic_ids = (0..cpus).map(|i| i * stride).collect();
+        Platform::new(facts).unwrap()
+    }
+
+    fn set_of(words: [u64; 4], cpus: u32) -> ProcessorSet {
+        (0..cpus)
+            .filter(|&p| words[(p / 64) as usize] >> (p % 64) & 1 == 1)
+            .collect()
+    }
+
+    /// The processors the bus delivers `destination` to, `None` when the
+    /// readings disagree.
+    fn on_bus(topo: &Topo, destination: &ApicDestination) -> Option<ProcessorSet> {
+        let message = destination.edge_message(0x40)?;
+        bus_reach(topo, &message).ok()
+    }
+
+    #[derive(Debug)]
+    struct Case {
+        platform: Platform,
+        model: ApicModel,
+        wanted: ProcessorSet,
+        fixed: ProcessorSet,
+    }
+
+    fn case(max_cpus: u32) -> impl Strategy<Value = Case> {
+        (
+            1..=max_cpus,
+            0usize..3,
+            any::<bool>(),
+            1u32..=2,
+            0usize..MODELS.len(),
+            any::<[u64; 4]>(),
+            any::<[u64; 4]>(),
+            0u32..4,
+        )
+            .prop_map(
+                move |(cpus, mode, x2apic, stride, model, wanted, other, shape)| {
+                    let platform = platform(cpus, mode, x2apic, stride);
+                    let model = MODELS[model];
+                    // Sparse masks too: a mask of a few processors is where
+                    // clusters and ties matter.
+                    let thin = |w: [u64; 4]| w.map(|x| x & x.rotate_left(17) & x.rotate_left(31));
+                    let wanted = set_of(if shape & 1 == 1 { thin(wanted) } else { wanted }, cpus);
+                    // What a shared vector's other connections hold: the
+                    // reach of another choice, or nothing.
+                    let fixed = if shape & 2 == 2 {
+                        Topology::new(&platform, model)
+                            .choose(set_of(thin(other), cpus), ProcessorSet::EMPTY)
+                            .map_or(ProcessorSet::EMPTY, |c| c.reach)
+                    } else {
+                        ProcessorSet::EMPTY
+                    };
+                    Case {
+                        platform,
+                        model,
+                        wanted,
+                        fixed,
+                    }
+                },
+            )
+    }
+
+    /// Every destination a route of the platform can carry that the rule
+    /// allows for the case, with its reach on the bus.
+    fn allowed(c: &Case, topo: &Topo) -> Vec<(ApicDestination, ProcessorSet)> {
+        let pool = (c.wanted & c.platform.present()) | c.fixed;
+        let max_id = c.platform.apic_ids().iter().copied().max().unwrap_or(0);
+        // Bits above the highest APIC ID (and the xAPIC 8 bits) name
+        // nobody more: the enumeration stops there.
+        let limit = 1u32 << topo.width.min((max_id + 1).max(8));
+        let mut out = Vec::new();
+        for d in 0..limit {
+            for dest in [
+                ApicDestination::Logical {
+                    destination: d,
+                    lowest_priority: false,
+                },
+                ApicDestination::Physical { apic_id: d },
+            ] {
+                let Some(reach) = on_bus(topo, &dest) else {
+                    continue;
+                };
+                // Undeclared: only processors whose readings agree are
+                // named logically (a destination whose bits happen to reach
+                // the same processors under both readings is not sought).
+                let agreed = matches!(dest, ApicDestination::Physical { .. })
+                    || reach.iter().all(|p| logical_member(topo, p).is_some());
+                if agreed
+                    && !reach.is_empty()
+                    && reach.as_group_affinity().is_some()
+                    && reach.is_subset(&pool)
+                    && c.fixed.is_subset(&reach)
+                    && !(reach & c.wanted).is_empty()
+                {
+                    out.push((dest, reach));
+                }
+            }
+        }
+        out
+    }
+
+    fn check(c: &Case) -> Result<Option<ProcessorSet>, TestCaseError> {
+        let topology = Topology::new(&c.platform, c.model);
+        let topo = Topo::new(&c.platform, c.model);
+        let chosen = topology.choose(c.wanted, c.fixed);
+        let reference = ref_choose(&topo, c.wanted, c.fixed);
+        prop_assert_eq!(
+            chosen.as_ref().map(|c| (c.destination, c.reach)),
+            reference,
+            "chooser and reference differ"
+        );
+        let Some(chosen) = chosen else {
+            return Ok(None);
+        };
+        prop_assert!(chosen.reach.is_subset(&(c.wanted | c.fixed)));
+        prop_assert!(c.fixed.is_subset(&chosen.reach));
+        prop_assert_eq!(on_bus(&topo, &chosen.destination), Some(chosen.reach));
+        prop_assert_eq!(topology.reach(&chosen.destination), chosen.reach);
+        Ok(Some(chosen.reach))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn choice_lies_in_the_mask_and_is_where_the_bus_delivers(c in case(255)) {
+            check(&c)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Largest set, then the lowest first processor, then logical:
+        /// checked against every destination a route can carry.
+        #[test]
+        fn no_destination_reaches_more(c in case(16)) {
+            let chosen = check(&c)?;
+            let topo = Topo::new(&c.platform, c.model);
+            let allowed = allowed(&c, &topo);
+            let best = allowed.iter().map(|(_, r)| r.len()).max();
+            prop_assert_eq!(chosen.map(|r| r.len()), best);
+            if let (Some(reach), Some(best)) = (chosen, best) {
+                let first = allowed
+                    .iter()
+                    .filter(|(_, r)| r.len() == best)
+                    .filter_map(|(_, r)| r.first())
+                    .min();
+                prop_assert_eq!(reach.first(), first);
+                let logical = allowed
+                    .iter()
+                    .any(|(d, r)| *r == reach && matches!(d, ApicDestination::Logical { .. }));
+                let chose_logical = matches!(
+                    Topology::new(&c.platform, c.model).choose(c.wanted, c.fixed).map(|c| c.destination),
+                    Some(ApicDestination::Logical { .. })
+                );
+                prop_assert_eq!(chose_logical, logical);
+            }
+        }
+    }
+}
