@@ -20,17 +20,25 @@
 //! IOAPIC entry or MSI address carries without interrupt remapping; such
 //! processors are reached one at a time, physically. A physical destination
 //! names one processor whose APIC ID fits the width. The destination 0xFF
-//! is the broadcast in every mode (SDM Vol. 3A 11.6.2.1; for IOAPIC and MSI
-//! messages to x2APIC targets, KVM's `kvm_apic_mda` broadcast quirk, which
-//! our `apic_bus` reproduces), so it names the processors it encodes only on
-//! a platform that has no others.
+//! is the broadcast in every mode and model (SDM Vol. 3A 11.6.2.1; for
+//! IOAPIC and MSI messages to x2APIC targets, KVM's `kvm_apic_mda` broadcast
+//! quirk, which our `apic_bus` reproduces): it is the logical destination of
+//! every processor of a platform of one group (at most 64), and never the
+//! destination of fewer.
+//!
+//! An xAPIC destination is 8 bits even where routes carry 15. KVM matches a
+//! wider logical destination's low 8 bits against a flat LDR without taking
+//! it for the broadcast (`kvm_apic_match_logical_addr` compares the whole
+//! value with 0xFF), so 0x1FF would name processors 0..7 on a larger
+//! platform; the extended destination ID is defined for x2APIC IDs above
+//! 255, and the chooser does not lean on that reading for xAPIC guests.
 //!
 //! [`Topology::choose`] picks, among every destination whose processors lie
 //! in the wanted set (and, for a shared vector, contain the processors the
 //! vector's other connections already hold), the one reaching the most
 //! processors. Ties: the set whose lowest processor is lowest, then a
-//! logical destination over a physical one. A would-be 0xFF drops its
-//! highest processor. A destination never spans two processor groups.
+//! logical destination over a physical one. A would-be 0xFF that is not
+//! every processor drops its highest processor. A destination never spans two processor groups.
 
 use irqchip::apic_bus::{
     DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode, XAPIC_BROADCAST,
@@ -182,6 +190,8 @@ struct Domain {
 pub struct Topology {
     model: ApicModel,
     present: ProcessorSet,
+    /// Whether the platform is one processor group.
+    one_group: bool,
     /// Processors a physical destination names.
     physical: ProcessorSet,
     domains: Vec<Domain>,
@@ -271,6 +281,7 @@ impl Topology {
         Self {
             model,
             present: platform.present(),
+            one_group: platform.group_count() == 1,
             physical,
             domains,
             apic_ids,
@@ -322,6 +333,17 @@ impl Topology {
                     lowest_priority: reach.len() > 1,
                 },
                 reach,
+            };
+            consider(&mut best, choice, true);
+        }
+        // Every processor of a platform of one group: the broadcast.
+        if self.present.is_subset(&pool) && !wanted.is_empty() && self.one_group {
+            let choice = Choice {
+                destination: ApicDestination::Logical {
+                    destination: XAPIC_BROADCAST,
+                    lowest_priority: self.present.len() > 1,
+                },
+                reach: self.present,
             };
             consider(&mut best, choice, true);
         }
@@ -476,6 +498,44 @@ mod tests {
         assert_eq!(
             pick(&small, &[0, 1, 2, 3, 4, 5, 6, 7]).destination.id(),
             Some(0xff)
+        );
+    }
+
+    /// Every processor of a one-group platform: the broadcast, in every
+    /// model (a shared vector may need it to keep its other processors).
+    #[test]
+    fn choose_every_processor_gets_the_broadcast() {
+        let broadcast = ApicDestination::Logical {
+            destination: XAPIC_BROADCAST,
+            lowest_priority: true,
+        };
+        for (cpus, model) in [
+            (2, ApicModel::Physical),
+            (16, ApicModel::XapicCluster),
+            (64, ApicModel::X2apic),
+        ] {
+            let t = Topology::new(&platform(cpus, IrqchipMode::Split, true), model);
+            let all: Vec<u32> = (0..cpus).collect();
+            let c = pick(&t, &all);
+            assert_eq!(
+                (c.destination, c.reach),
+                (broadcast, set(&all)),
+                "{model:?}"
+            );
+        }
+        // The vector holds processor 4 (cluster 1): the rest of the
+        // platform joins it only through the broadcast.
+        let t = Topology::new(
+            &platform(5, IrqchipMode::Kernel, false),
+            ApicModel::XapicCluster,
+        );
+        let c = t.choose(set(&[0, 1, 2, 3]), set(&[4])).unwrap();
+        assert_eq!(c.destination, broadcast);
+        // Two groups: no broadcast.
+        let t = Topology::new(&platform(65, IrqchipMode::User, true), ApicModel::X2apic);
+        assert_eq!(
+            pick(&t, &(0..65).collect::<Vec<_>>()).reach,
+            (0..15).collect()
         );
     }
 

@@ -285,6 +285,18 @@ pub(super) fn ref_choose(
             true,
         );
     }
+    // The broadcast reaches every processor, under every reading.
+    let every = topo.present;
+    if every.is_subset(&pool) && !wanted.is_empty() && every.as_group_affinity().is_some() {
+        consider(
+            ApicDestination::Logical {
+                destination: XAPIC_BROADCAST,
+                lowest_priority: every.len() > 1,
+            },
+            every,
+            true,
+        );
+    }
     if fixed.len() <= 1 {
         let physical = |p: u32| {
             topo.apic_ids
@@ -899,9 +911,12 @@ mod tests {
     fn allowed(c: &Case, topo: &Topo) -> Vec<(ApicDestination, ProcessorSet)> {
         let pool = (c.wanted & c.platform.present()) | c.fixed;
         let max_id = c.platform.apic_ids().iter().copied().max().unwrap_or(0);
-        // Bits above the highest APIC ID (and the xAPIC 8 bits) name
-        // nobody more: the enumeration stops there.
-        let limit = 1u32 << topo.width.min((max_id + 1).max(8));
+        // Bits above the highest APIC ID name nobody more: the enumeration
+        // stops there. xAPIC destinations are 8 bits (module documentation
+        // of `crate::destination`).
+        let x2apic = topo.readings.iter().flatten().any(|t| t.x2apic);
+        let bits = if x2apic { (max_id + 1).max(8) } else { 8 };
+        let limit = 1u32 << topo.width.min(bits);
         let mut out = Vec::new();
         for d in 0..limit {
             for dest in [
@@ -914,12 +929,20 @@ mod tests {
                 let Some(reach) = on_bus(topo, &dest) else {
                     continue;
                 };
-                // Undeclared: only processors whose readings agree are
-                // named logically (a destination whose bits happen to reach
-                // the same processors under both readings is not sought).
-                let agreed = matches!(dest, ApicDestination::Physical { .. })
-                    || reach.iter().all(|p| logical_member(topo, p).is_some());
-                if agreed
+                // A physical destination reaching more than one processor
+                // is the broadcast, which delivers to all of them (no
+                // arbitration): never a route. Logical: the broadcast, or
+                // (undeclared) processors whose readings agree (a
+                // destination whose bits happen to reach the same
+                // processors under both readings is not sought).
+                let usable = match dest {
+                    ApicDestination::Physical { .. } => reach.len() == 1,
+                    _ => {
+                        reach == topo.present
+                            || reach.iter().all(|p| logical_member(topo, p).is_some())
+                    }
+                };
+                if usable
                     && !reach.is_empty()
                     && reach.as_group_affinity().is_some()
                     && reach.is_subset(&pool)
