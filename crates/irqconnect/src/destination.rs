@@ -19,12 +19,19 @@
 //! An x2APIC destination of cluster 1 or above needs bits 16..31, which no
 //! IOAPIC entry or MSI address carries without interrupt remapping; such
 //! processors are reached one at a time, physically. A physical destination
-//! names one processor whose APIC ID fits the width. The destination 0xFF
-//! is the broadcast in every mode and model (SDM Vol. 3A 11.6.2.1; for
-//! IOAPIC and MSI messages to x2APIC targets, KVM's `kvm_apic_mda` broadcast
-//! quirk, which our `apic_bus` reproduces): it is the logical destination of
-//! every processor of a platform of one group (at most 64), and never the
-//! destination of fewer.
+//! names one processor whose APIC ID fits the width.
+//!
+//! The destination 0xFF is the broadcast in every mode and model (SDM
+//! Vol. 3A 11.6.2.1; for IOAPIC and MSI messages to x2APIC targets, KVM's
+//! `kvm_apic_mda` broadcast quirk, which our `apic_bus` reproduces). The
+//! chooser never picks it for itself: it is a route's destination only
+//! where it is the encoding of a domain's processors that are every
+//! processor of the platform (the xAPIC flat or x2APIC cluster 0 form of a
+//! platform of at most 8). Elsewhere the broadcast would hand a vector to
+//! every processor whatever its connections asked, and a mask of every
+//! processor of a 64-processor VM would take the default quota's 64
+//! interrupt objects in one connection; a would-be 0xFF of fewer processors
+//! drops its highest one.
 //!
 //! An xAPIC destination is 8 bits even where routes carry 15. KVM matches a
 //! wider logical destination's low 8 bits against a flat LDR without taking
@@ -37,8 +44,8 @@
 //! in the wanted set (and, for a shared vector, contain the processors the
 //! vector's other connections already hold), the one reaching the most
 //! processors. Ties: the set whose lowest processor is lowest, then a
-//! logical destination over a physical one. A would-be 0xFF that is not
-//! every processor drops its highest processor. A destination never spans two processor groups.
+//! logical destination over a physical one. A destination never spans two
+//! processor groups.
 
 use irqchip::apic_bus::{
     DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode, XAPIC_BROADCAST,
@@ -190,8 +197,6 @@ struct Domain {
 pub struct Topology {
     model: ApicModel,
     present: ProcessorSet,
-    /// Whether the platform is one processor group.
-    one_group: bool,
     /// Processors a physical destination names.
     physical: ProcessorSet,
     domains: Vec<Domain>,
@@ -281,7 +286,6 @@ impl Topology {
         Self {
             model,
             present: platform.present(),
-            one_group: platform.group_count() == 1,
             physical,
             domains,
             apic_ids,
@@ -333,17 +337,6 @@ impl Topology {
                     lowest_priority: reach.len() > 1,
                 },
                 reach,
-            };
-            consider(&mut best, choice, true);
-        }
-        // Every processor of a platform of one group: the broadcast.
-        if self.present.is_subset(&pool) && !wanted.is_empty() && self.one_group {
-            let choice = Choice {
-                destination: ApicDestination::Logical {
-                    destination: XAPIC_BROADCAST,
-                    lowest_priority: self.present.len() > 1,
-                },
-                reach: self.present,
             };
             consider(&mut best, choice, true);
         }
@@ -501,42 +494,25 @@ mod tests {
         );
     }
 
-    /// Every processor of a one-group platform: the broadcast, in every
-    /// model (a shared vector may need it to keep its other processors).
+    /// The broadcast only as the encoding of the whole platform: a mask
+    /// of every processor of a larger platform gets the largest domain.
     #[test]
-    fn choose_every_processor_gets_the_broadcast() {
-        let broadcast = ApicDestination::Logical {
-            destination: XAPIC_BROADCAST,
-            lowest_priority: true,
-        };
-        for (cpus, model) in [
-            (2, ApicModel::Physical),
-            (16, ApicModel::XapicCluster),
-            (64, ApicModel::X2apic),
+    fn choose_the_broadcast_only_for_a_whole_small_platform() {
+        for (cpus, model, reach) in [
+            (2, ApicModel::Physical, vec![0]),
+            (16, ApicModel::XapicCluster, vec![0, 1, 2, 3]),
+            (64, ApicModel::X2apic, (0..15).collect()),
         ] {
             let t = Topology::new(&platform(cpus, IrqchipMode::Split, true), model);
             let all: Vec<u32> = (0..cpus).collect();
-            let c = pick(&t, &all);
-            assert_eq!(
-                (c.destination, c.reach),
-                (broadcast, set(&all)),
-                "{model:?}"
-            );
+            assert_eq!(pick(&t, &all).reach, set(&reach), "{model:?}");
         }
-        // The vector holds processor 4 (cluster 1): the rest of the
-        // platform joins it only through the broadcast.
+        // Processor 4 (cluster 1) is held: the others cannot join it.
         let t = Topology::new(
             &platform(5, IrqchipMode::Kernel, false),
             ApicModel::XapicCluster,
         );
-        let c = t.choose(set(&[0, 1, 2, 3]), set(&[4])).unwrap();
-        assert_eq!(c.destination, broadcast);
-        // Two groups: no broadcast.
-        let t = Topology::new(&platform(65, IrqchipMode::User, true), ApicModel::X2apic);
-        assert_eq!(
-            pick(&t, &(0..65).collect::<Vec<_>>()).reach,
-            (0..15).collect()
-        );
+        assert_eq!(t.choose(set(&[0, 1, 2, 3]), set(&[4])), None);
     }
 
     #[test]

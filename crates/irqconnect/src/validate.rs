@@ -973,23 +973,14 @@ mod tests {
     }
 
     /// The broadcast 0xFF names every processor: on a larger platform the
-    /// processors 0..7 it would encode lose their highest one, and a mask
-    /// of every processor gets it.
+    /// processors 0..7 it would encode lose their highest one.
     #[test]
     fn rule_r_processors_0_to_7_of_a_larger_platform_drop_the_highest() {
         let mut s = declared(9, crate::ApicModel::XapicFlat);
-        let r = |mask| ConnectRequest {
-            processor_enable_mask: mask,
+        let r = ConnectRequest {
+            processor_enable_mask: 0x1ff,
             ..req()
         };
-        assert_eq!(
-            s.connect(&r(0x17f), &ram()).map(|c| c.effective_mask),
-            Ok(0x7f)
-        );
-        let mut s = declared(9, crate::ApicModel::XapicFlat);
-        assert_eq!(
-            s.connect(&r(0x1ff), &ram()).map(|c| c.effective_mask),
-            Ok(0x1ff)
-        );
+        assert_eq!(s.connect(&r, &ram()).map(|c| c.effective_mask), Ok(0x7f));
     }
 }

@@ -285,18 +285,6 @@ pub(super) fn ref_choose(
             true,
         );
     }
-    // The broadcast reaches every processor, under every reading.
-    let every = topo.present;
-    if every.is_subset(&pool) && !wanted.is_empty() && every.as_group_affinity().is_some() {
-        consider(
-            ApicDestination::Logical {
-                destination: XAPIC_BROADCAST,
-                lowest_priority: every.len() > 1,
-            },
-            every,
-            true,
-        );
-    }
     if fixed.len() <= 1 {
         let physical = |p: u32| {
             topo.apic_ids
@@ -931,16 +919,25 @@ mod tests {
                 };
                 // A physical destination reaching more than one processor
                 // is the broadcast, which delivers to all of them (no
-                // arbitration): never a route. Logical: the broadcast, or
-                // (undeclared) processors whose readings agree (a
+                // arbitration): never a route. The logical broadcast only
+                // as the encoding of every processor (`crate::destination`).
+                // Undeclared: only processors whose readings agree (a
                 // destination whose bits happen to reach the same
                 // processors under both readings is not sought).
                 let usable = match dest {
                     ApicDestination::Physical { .. } => reach.len() == 1,
-                    _ => {
-                        reach == topo.present
-                            || reach.iter().all(|p| logical_member(topo, p).is_some())
+                    _ if d == XAPIC_BROADCAST => {
+                        let members: Option<Vec<(u32, u32)>> = topo
+                            .present
+                            .iter()
+                            .map(|p| logical_member(topo, p))
+                            .collect();
+                        members.is_some_and(|m| {
+                            m.iter().all(|&(c, _)| c == 0)
+                                && m.iter().fold(0, |a, &(_, b)| a | b) == XAPIC_BROADCAST
+                        })
                     }
+                    _ => reach.iter().all(|p| logical_member(topo, p).is_some()),
                 };
                 if usable
                     && !reach.is_empty()

@@ -91,18 +91,13 @@ impl Topo {
     /// Where the host routes a connection of `mask` in `group` alone on its
     /// vector (docs/semantics.md, "Destinations"): the largest set one
     /// destination reaches, ties to the lowest first processor, logical
-    /// over physical; the broadcast names every processor of a platform of
-    /// one group, and a would-be broadcast of fewer drops its highest
-    /// processor.
+    /// over physical; a would-be broadcast drops its highest processor.
     pub fn expected(&self, group: u16, mask: u64) -> u64 {
         let base = usize::from(group) * GROUP_SIZE;
         let present = |b: usize| base + b < self.n;
         let mask = (0..GROUP_SIZE)
             .filter(|&b| mask & (1u64 << b) != 0 && present(b))
             .fold(0u64, |m, b| m | (1 << b));
-        if self.n <= GROUP_SIZE && mask.count_ones() as usize == self.n {
-            return mask;
-        }
         let mut best = 0u64;
         let mut better = |set: u64| {
             let (n, bn) = (set.count_ones(), best.count_ones());
