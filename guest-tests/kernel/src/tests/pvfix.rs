@@ -18,7 +18,8 @@ use core::sync::atomic::{
 use irqconnect_abi::layout::MSIDEV_MAX_DEVICES;
 use irqconnect_abi::ntstatus::{STATUS_SUCCESS, status_name};
 use irqconnect_abi::pv::{
-    PlatformGroups, QueryMessages, QueryPlatform, QueryRoute, QueryRouteV2, message_kind,
+    GROUP_SIZE, PlatformGroups, QueryMessages, QueryPlatform, QueryRoute, QueryRouteV2,
+    message_kind,
 };
 
 use crate::msidev::MsiDev;
@@ -1122,10 +1123,20 @@ pub fn raise_held(devs: &[(&Dev, u32)]) {
 /// running yet would otherwise land after the route changed, inside the
 /// next measurement.
 pub fn flush_cpus() {
-    // Every AP at once: post to all, then wait for each.
+    flush_where(|_| true);
+}
+
+/// [`flush_cpus`] for the processors of `mask` in `group` only (those that
+/// may take an interrupt routed there).
+pub fn flush_in(group: u16, mask: KAFFINITY) {
+    flush_where(|c| c / GROUP_SIZE == usize::from(group) && mask & (1u64 << (c % GROUP_SIZE)) != 0);
+}
+
+fn flush_where(which: impl Fn(usize) -> bool) {
+    // The APs at once: post to all, then wait for each.
     let mut posted = [false; percpu::MAX_CPUS];
     for (c, p) in posted.iter_mut().enumerate().take(percpu::count()).skip(1) {
-        *p = crate::smp::post(c, |_| 0, 0).is_ok();
+        *p = which(c) && crate::smp::post(c, |_| 0, 0).is_ok();
     }
     for (c, _) in posted.iter().enumerate().filter(|(_, p)| **p) {
         let _ = crate::smp::wait(c, 2_000_000);
