@@ -69,7 +69,8 @@ pub mod opcode {
 pub struct RequestHeader {
     /// Must be [`PV_MAGIC`].
     pub magic: u32,
-    /// The ABI version whose layout the block uses ([`ABI_VERSION_1`]).
+    /// The ABI version whose layout the block uses ([`ABI_VERSION_1`] or
+    /// [`ABI_VERSION_2`]; [`request_size`] gives each opcode's size).
     pub abi_version: u16,
     /// One of [`opcode`].
     pub opcode: u16,
