@@ -74,12 +74,8 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
 }
 
 fn main() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        if std::env::var("VMM_SKIP_KVM_TESTS").as_deref() == Ok("1") {
-            eprintln!("skipped: /dev/kvm is missing and VMM_SKIP_KVM_TESTS=1");
-            return;
-        }
-        panic!("/dev/kvm is missing; set VMM_SKIP_KVM_TESTS=1 to skip");
+    if !common::require_kvm() {
+        return;
     }
     let reps: usize = std::env::args()
         .skip(1)

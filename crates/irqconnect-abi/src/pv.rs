@@ -482,6 +482,19 @@ pub struct ConnectEx {
     pub count: u32,
 }
 
+impl ConnectEx {
+    /// A CONNECT_EX block of `version` for `device_id` with
+    /// `service_routine`: its header set, every other field 0.
+    pub fn request(version: u32, device_id: u32, service_routine: u64) -> Self {
+        let mut block = <Self as zerocopy::FromZeros>::new_zeroed();
+        block.header = RequestHeader::new::<Self>(opcode::CONNECT_EX);
+        block.version = version;
+        block.device_id = device_id;
+        block.service_routine = service_routine;
+        block
+    }
+}
+
 /// The head of a MESSAGE_BASED connection's message table
 /// (`IO_INTERRUPT_MESSAGE_INFO`), written at [`ConnectEx::message_table`].
 #[repr(C)]

@@ -120,20 +120,11 @@ fn bench_ex(c: &mut Criterion) {
     let req = ConnectExRequest {
         version: connect_version::MESSAGE_BASED,
         device_id: 10,
-        vector: 0,
-        irql: 0,
-        synchronize_irql: 0,
-        interrupt_mode: InterruptMode::LevelSensitive,
-        share_vector: false,
-        floating_save: false,
-        group: 0,
-        processor_enable_mask: 0,
         service_routine: 0x10_0000,
-        fallback_service_routine: 0,
         service_context: 0x2000,
-        spin_lock: 0,
         message_table: 0x4000,
         message_table_length: 0x1000,
+        ..ConnectExRequest::default()
     };
     let block = BlockSpan {
         start: 0x3000,

@@ -26,8 +26,9 @@ use crate::validate::{
 pub const MESSAGE_TABLE_ALIGN: u64 = 8;
 
 /// IoConnectInterruptEx's parameters plus the device, decoded from a
-/// CONNECT_EX block (field domains already checked, rule 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// CONNECT_EX block (field domains already checked, rule 1). The default
+/// is an all-zero block's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectExRequest {
     /// `Version`: one of `irqconnect_abi::pv::connect_version`, unchecked.
     pub version: u32,

@@ -28,10 +28,12 @@ use crate::platform::Platform;
 pub const MAX_DEVICES: usize = 16;
 
 /// `KINTERRUPT_MODE`: how a device signals.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InterruptMode {
-    /// The device holds its line until serviced (level-triggered pin).
+    /// The device holds its line until serviced (level-triggered pin); 0
+    /// in the ABI, so the default.
+    #[default]
     LevelSensitive,
     /// The device signals with an edge (edge-triggered pin).
     Latched,

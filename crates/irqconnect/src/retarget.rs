@@ -252,19 +252,18 @@ mod tests {
         share: bool,
         mask: u64,
     ) -> Handle {
+        let class = (vector >> 4) as u8;
         let r = ConnectRequest {
             device_id: device,
             vector,
-            irql: (vector >> 4) as u8,
-            synchronize_irql: (vector >> 4) as u8,
+            irql: class,
+            synchronize_irql: class,
             interrupt_mode: mode,
             share_vector: share,
-            floating_save: false,
             processor_enable_mask: mask,
             service_routine: 0x1000,
-            service_context: 0,
-            spin_lock: 0,
             version: connect_version::FULLY_SPECIFIED,
+            ..ConnectRequest::default()
         };
         s.connect(&r, &ram()).unwrap().handle
     }
@@ -299,28 +298,7 @@ mod tests {
         assert_eq!(refused(&mut s, &req(h, 1)), Violation::UnknownHandle);
         // A member of a LINE_BASED group was never handed out.
         let group = s
-            .connect_ex(
-                &ConnectExRequest {
-                    version: connect_version::LINE_BASED,
-                    device_id: 6,
-                    vector: 0,
-                    irql: 0,
-                    synchronize_irql: 0,
-                    interrupt_mode: InterruptMode::LevelSensitive,
-                    share_vector: false,
-                    floating_save: false,
-                    group: 0,
-                    processor_enable_mask: 0,
-                    service_routine: 0x1000,
-                    fallback_service_routine: 0,
-                    service_context: 0,
-                    spin_lock: 0,
-                    message_table: 0,
-                    message_table_length: 0,
-                },
-                BLOCK,
-                &ram(),
-            )
+            .connect_ex(&ex_request(connect_version::LINE_BASED, 6), BLOCK, &ram())
             .unwrap()
             .handle;
         let member = s
@@ -489,24 +467,21 @@ mod tests {
         assert_eq!(s.check_invariants(), Ok(()));
     }
 
+    /// A CONNECT_EX of `version` for `device`, nothing else given.
+    fn ex_request(version: u32, device: u32) -> ConnectExRequest {
+        ConnectExRequest {
+            version,
+            device_id: device,
+            service_routine: 0x1000,
+            ..ConnectExRequest::default()
+        }
+    }
+
     fn message_request(device: u32) -> ConnectExRequest {
         ConnectExRequest {
-            version: connect_version::MESSAGE_BASED,
-            device_id: device,
-            vector: 0,
-            irql: 0,
-            synchronize_irql: 0,
-            interrupt_mode: InterruptMode::LevelSensitive,
-            share_vector: false,
-            floating_save: false,
-            group: 0,
-            processor_enable_mask: 0,
-            service_routine: 0x1000,
-            fallback_service_routine: 0,
-            service_context: 0,
-            spin_lock: 0,
             message_table: TABLE,
             message_table_length: 0x1000,
+            ..ex_request(connect_version::MESSAGE_BASED, device)
         }
     }
 
@@ -541,17 +516,7 @@ mod tests {
     #[test]
     fn retarget_line_based_moves_every_line() {
         let mut s = service(4, 64);
-        let lines = ConnectExRequest {
-            version: connect_version::LINE_BASED,
-            device_id: 6,
-            synchronize_irql: 0,
-            ..message_request(6)
-        };
-        let lines = ConnectExRequest {
-            message_table: 0,
-            message_table_length: 0,
-            ..lines
-        };
+        let lines = ex_request(connect_version::LINE_BASED, 6);
         let g = s.connect_ex(&lines, BLOCK, &ram()).unwrap().handle;
         let done = s.retarget(&req(g, 0b0100), BLOCK, &ram()).unwrap();
         assert_eq!((done.effective_mask, done.count), (0b0100, 2));

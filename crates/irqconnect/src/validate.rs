@@ -30,8 +30,9 @@ pub const SPIN_LOCK_SIZE: u64 = 8;
 pub const SERVICE_CONTEXT_PROBE: u64 = 1;
 
 /// IoConnectInterrupt's parameters plus the device, decoded from a CONNECT
-/// block (field domains already checked).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// block (field domains already checked). The default is an all-zero
+/// block's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectRequest {
     /// The device (PDO).
     pub device_id: u32,
@@ -192,7 +193,8 @@ impl Violation {
             Self::ProcessorsOutsideVm => "RT3",
             Self::RetargetTableMismatch => "RT4",
             Self::RetargetMaskEmpty => "RT5",
-            Self::UnknownApicModel | Self::ConnectionsLive => "AM",
+            Self::UnknownApicModel => "AM1",
+            Self::ConnectionsLive => "AM2",
         }
     }
 

@@ -46,16 +46,13 @@ fn v2<T: FromZeros>(op: u16) -> (T, RequestHeader) {
     )
 }
 
+/// A CONNECT of device 0 (vector 0x60, level) on `mask`.
 fn connect_block(mask: u64) -> Connect {
     let mut c = Connect::new_zeroed();
     c.header = RequestHeader::new::<Connect>(opcode::CONNECT);
-    c.device_id = 0;
-    c.vector = 0x60;
-    c.irql = 6;
-    c.synchronize_irql = 6;
+    (c.vector, c.irql, c.synchronize_irql) = (0x60, 6, 6);
     c.interrupt_mode = interrupt_mode::LEVEL_SENSITIVE;
-    c.processor_enable_mask = mask;
-    c.service_routine = 0x1000;
+    (c.processor_enable_mask, c.service_routine) = (mask, 0x1000);
     c
 }
 
@@ -134,15 +131,9 @@ fn set_apic_model_declares_and_is_refused_while_connected() {
 fn query_route_v2_matches_the_effective_mask_in_every_group() {
     let mut s = service(PlatformFacts::uniform(70));
     let mut ram = FlatRam::new(0, 0x10000);
-    let mut c = ConnectEx::new_zeroed();
-    c.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    c.version = connect_version::FULLY_SPECIFIED_GROUP;
-    c.group = 1;
-    c.vector = 0x60;
-    c.irql = 6;
-    c.synchronize_irql = 6;
-    c.processor_enable_mask = 0b110;
-    c.service_routine = 0x1000;
+    let mut c = ConnectEx::request(connect_version::FULLY_SPECIFIED_GROUP, 0, 0x1000);
+    (c.vector, c.irql, c.synchronize_irql) = (0x60, 6, 6);
+    (c.group, c.processor_enable_mask) = (1, 0b110);
     let (o, a) = ask(&mut s, &mut ram, &c);
     assert_eq!(o.status(), Some(STATUS_SUCCESS));
     // Processors 65 and 66: no logical form, 65 physically.

@@ -75,7 +75,7 @@ pub fn start_aps(expected: usize) -> usize {
             .count();
     percpu::set_count(online);
     BRING_UP_MS.store(
-        (((t_arrived - t0) / 1000) << 32 | (time::now_us() - t_arrived) / 1000) as usize,
+        ((((t_arrived - t0) / 1000) << 32) | ((time::now_us() - t_arrived) / 1000)) as usize,
         Ordering::Relaxed,
     );
     online

@@ -169,18 +169,40 @@ fn assert_invariants(service: &Service) {
     }
 }
 
+/// Seed RAM: request blocks at fixed offsets of 4 KiB.
+struct SeedRam(Vec<u8>);
+
+impl SeedRam {
+    fn new() -> Self {
+        Self(vec![0u8; 0x1000])
+    }
+
+    fn put(&mut self, offset: usize, bytes: &[u8]) {
+        if let Some(dst) = self.0.get_mut(offset..offset + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    /// A session (module documentation) on platform byte `platform`
+    /// running `steps` over this RAM.
+    fn session(&self, platform: u8, steps: &[u32]) -> Vec<u8> {
+        let mut data = vec![platform, steps.len() as u8];
+        for s in steps {
+            data.extend_from_slice(&s.to_le_bytes());
+        }
+        data.extend_from_slice(&self.0);
+        data
+    }
+}
+
 /// Named seed inputs for [`run_session`]: valid requests of every opcode,
 /// connect/disconnect cycles and malformed headers. A fuzz corpus can start
 /// from these.
 pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     let mut seeds = Vec::new();
     // Layout of the seed RAM: one block per 0x200 bytes.
-    let mut ram = vec![0u8; 0x1000];
-    let mut put = |offset: usize, bytes: &[u8]| {
-        if let Some(dst) = ram.get_mut(offset..offset + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
-    };
+    let mut ram = SeedRam::new();
+    let mut put = |offset: usize, bytes: &[u8]| ram.put(offset, bytes);
     let mut qp = QueryPlatform::new_zeroed();
     qp.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
     put(0x000, qp.as_bytes());
@@ -209,11 +231,7 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     // CONNECT_EX MESSAGE_BASED of device 10 (8 MSI-X messages) with its
     // table at 0xa00 (328 bytes), then DISCONNECT_EX, QUERY_MESSAGES of
     // device 9, and a LINE_BASED CONNECT_EX of device 6 with its lock.
-    let mut cx = ConnectEx::new_zeroed();
-    cx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    cx.version = connect_version::MESSAGE_BASED;
-    cx.device_id = 10;
-    cx.service_routine = 0x10_0000;
+    let mut cx = ConnectEx::request(connect_version::MESSAGE_BASED, 10, 0x10_0000);
     cx.service_context = 0x800;
     cx.message_table = 0xa00;
     cx.message_table_length = 0x400;
@@ -226,26 +244,15 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     qm.header = RequestHeader::new::<QueryMessages>(opcode::QUERY_MESSAGES);
     qm.device_id = 9;
     put(0x8c0, qm.as_bytes());
-    let mut lx = ConnectEx::new_zeroed();
-    lx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    lx.version = connect_version::LINE_BASED;
-    lx.device_id = 6;
+    let mut lx = ConnectEx::request(connect_version::LINE_BASED, 6, 0x10_0000);
     lx.synchronize_irql = 10;
-    lx.service_routine = 0x10_0000;
     lx.spin_lock = 0x9f8;
     put(0x900, lx.as_bytes());
     let mut short = cx;
     short.device_id = 9;
     short.message_table_length = 0x20;
     put(0x980, short.as_bytes());
-    let session = |steps: &[u32]| {
-        let mut data = vec![3u8, steps.len() as u8];
-        for s in steps {
-            data.extend_from_slice(&s.to_le_bytes());
-        }
-        data.extend_from_slice(&ram);
-        data
-    };
+    let session = |steps: &[u32]| ram.session(3, steps);
     let copy_to_disconnect = COPY_HANDLE_TAG | (0x780 + 16);
     seeds.push(("query_platform", session(&[0x000])));
     seeds.push(("query_resources_device_6", session(&[0x600])));
@@ -280,12 +287,8 @@ fn seed_corpus_v2() -> Vec<(&'static str, Vec<u8>)> {
         ABI_VERSION_2, QueryMessagesV2, QueryPlatformV2, QueryResourcesV2, QueryRouteV2, Retarget,
         SetApicModel, apic_model,
     };
-    let mut ram = vec![0u8; 0x1000];
-    let mut put = |offset: usize, bytes: &[u8]| {
-        if let Some(dst) = ram.get_mut(offset..offset + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
-    };
+    let mut ram = SeedRam::new();
+    let mut put = |offset: usize, bytes: &[u8]| ram.put(offset, bytes);
     let mut qp = QueryPlatformV2::new_zeroed();
     qp.base.header =
         RequestHeader::versioned::<QueryPlatformV2>(ABI_VERSION_2, opcode::QUERY_PLATFORM);
@@ -305,17 +308,9 @@ fn seed_corpus_v2() -> Vec<(&'static str, Vec<u8>)> {
     route.base.pin = 18;
     put(0x680, route.as_bytes());
     // FULLY_SPECIFIED_GROUP of device 2 (pin 18) on processors 64, 65.
-    let mut cx = ConnectEx::new_zeroed();
-    cx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    cx.version = connect_version::FULLY_SPECIFIED_GROUP;
-    cx.device_id = 2;
-    cx.vector = 0x70;
-    cx.irql = 7;
-    cx.synchronize_irql = 7;
-    cx.share_vector = 1;
-    cx.group = 1;
-    cx.processor_enable_mask = 0b11;
-    cx.service_routine = 0x10_0000;
+    let mut cx = ConnectEx::request(connect_version::FULLY_SPECIFIED_GROUP, 2, 0x10_0000);
+    (cx.vector, cx.irql, cx.synchronize_irql, cx.share_vector) = (0x70, 7, 7, 1);
+    (cx.group, cx.processor_enable_mask) = (1, 0b11);
     put(0x700, cx.as_bytes());
     // RETARGET of it to processors 66, 67 (the handle is copied in).
     let mut rt = Retarget::new_zeroed();
@@ -329,11 +324,7 @@ fn seed_corpus_v2() -> Vec<(&'static str, Vec<u8>)> {
     put(0x800, dx.as_bytes());
     // MESSAGE_BASED of device 10 (8 messages), its table at 0xc00; a
     // RETARGET of it to processors 2..5 with the table; QUERY_MESSAGES.
-    let mut mx = ConnectEx::new_zeroed();
-    mx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    mx.version = connect_version::MESSAGE_BASED;
-    mx.device_id = 10;
-    mx.service_routine = 0x10_0000;
+    let mut mx = ConnectEx::request(connect_version::MESSAGE_BASED, 10, 0x10_0000);
     mx.message_table = 0xc00;
     mx.message_table_length = 0x400;
     put(0x840, mx.as_bytes());
@@ -352,14 +343,7 @@ fn seed_corpus_v2() -> Vec<(&'static str, Vec<u8>)> {
     let mut bad = rt;
     bad.flags = 1;
     put(0x9c0, bad.as_bytes());
-    let session = |steps: &[u32]| {
-        let mut data = vec![0xffu8, steps.len() as u8];
-        for s in steps {
-            data.extend_from_slice(&s.to_le_bytes());
-        }
-        data.extend_from_slice(&ram);
-        data
-    };
+    let session = |steps: &[u32]| ram.session(0xff, steps);
     let handle = |block: usize, offset: usize| COPY_HANDLE_TAG | (block + offset) as u32;
     let rt_handle = offset_of!(Retarget, handle);
     vec![
@@ -413,17 +397,20 @@ mod tests {
         assert_eq!(statuses, vec![Some(STATUS_SUCCESS); 4]);
     }
 
+    /// The statuses seed `name` of [`seed_corpus`] answers.
+    fn seed_statuses(name: &str) -> Vec<Option<u32>> {
+        let seeds = seed_corpus();
+        let Some((_, data)) = seeds.iter().find(|(n, _)| *n == name) else {
+            panic!("seed {name} missing");
+        };
+        run_session(data).iter().map(Outcome::status).collect()
+    }
+
     /// The CONNECT_EX seeds reach what their names say.
     #[test]
     fn harness_connect_ex_seeds_answer_as_named() {
         use irqconnect_abi::ntstatus::{STATUS_BUFFER_TOO_SMALL, STATUS_INVALID_PARAMETER};
-        let seeds = seed_corpus();
-        let statuses = |name: &str| -> Vec<Option<u32>> {
-            let Some((_, data)) = seeds.iter().find(|(n, _)| *n == name) else {
-                panic!("seed {name} missing");
-            };
-            run_session(data).iter().map(Outcome::status).collect()
-        };
+        let statuses = seed_statuses;
         let ok = Some(STATUS_SUCCESS);
         // Connect, disconnect, query, connect again (the messages are free).
         assert_eq!(
@@ -447,13 +434,7 @@ mod tests {
         use irqconnect_abi::ntstatus::{
             STATUS_INVALID_DEVICE_STATE, STATUS_INVALID_PARAMETER, STATUS_SUCCESS,
         };
-        let seeds = seed_corpus();
-        let statuses = |name: &str| -> Vec<Option<u32>> {
-            let Some((_, data)) = seeds.iter().find(|(n, _)| *n == name) else {
-                panic!("seed {name} missing");
-            };
-            run_session(data).iter().map(Outcome::status).collect()
-        };
+        let statuses = seed_statuses;
         let ok = Some(STATUS_SUCCESS);
         assert_eq!(statuses("v2_queries_and_apic_model"), vec![ok; 4]);
         // Model, connect in group 1, retarget, route; the model again

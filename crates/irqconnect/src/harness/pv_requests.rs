@@ -225,7 +225,11 @@ fn doorbell(
                     service, &before, after, start, base, answer,
                 )?);
             } else if answer.opcode == opcode::RETARGET {
-                check_retargeted(service, &before, after, start, base, answer)?;
+                let block: Retarget = read_block(after, start)?;
+                let table = retarget_table(service, after, start, base)
+                    .map(|range| after.get(range).ok_or("the table is outside RAM"))
+                    .transpose()?;
+                check_retargeted(service, &before, &block, table, answer)?;
             } else if answer.opcode == opcode::SET_APIC_MODEL {
                 check_model_set(service, &before, after, start)?;
             } else if answer.opcode == opcode::DISCONNECT || answer.opcode == opcode::DISCONNECT_EX
@@ -445,20 +449,19 @@ fn check_connected_ex(
     }
     if version == connect_version::MESSAGE_BASED {
         let range = written_table(after, start, base).ok_or("no table for MESSAGE_BASED")?;
-        check_table(after, range, &members, answer)?;
+        let bytes = after.get(range).ok_or("the table is outside RAM")?;
+        check_table(bytes, &members, answer)?;
     }
     Ok(handle)
 }
 
-/// A message table written at `range` describes `members` (one entry
+/// A message table as written (`bytes`) describes `members` (one entry
 /// each, in order) exactly as `answer` programmed them.
 fn check_table(
-    after: &[u8],
-    range: core::ops::Range<usize>,
+    bytes: &[u8],
     members: &[Connection],
     answer: &crate::request::Answer,
 ) -> Result<(), String> {
-    let bytes = after.get(range).ok_or("the table is outside RAM")?;
     let head = MessageTableHeader::read_from_prefix(bytes)
         .map_err(|_| "short table")?
         .0;
@@ -524,21 +527,14 @@ fn retarget_table(
 /// in the request's group and inside its mask (online processors), each
 /// other connection untouched; the answer's mask is their union and its
 /// count theirs; the objects follow the masks; a MESSAGE_BASED table is the
-/// new programming.
+/// new programming (`table`, as written).
 fn check_retargeted(
     service: &Service,
     before: &Service,
-    after: &[u8],
-    start: usize,
-    base: u64,
+    block: &Retarget,
+    table: Option<&[u8]>,
     answer: &crate::request::Answer,
 ) -> Result<(), String> {
-    let block = Retarget::read_from_bytes(
-        after
-            .get(start..start + size_of::<Retarget>())
-            .ok_or("the RETARGET block is not RAM")?,
-    )
-    .map_err(|_| "short RETARGET block")?;
     let handle = Handle::from_raw(block.handle);
     let (old, new) = (members_of(before, handle), members_of(service, handle));
     let online = service.platform().group_online(block.group);
@@ -574,8 +570,8 @@ fn check_retargeted(
             return Err(format!("RETARGET of {handle:?} changed connection {h:?}"));
         }
     }
-    if let Some(range) = retarget_table(service, after, start, base) {
-        check_table(after, range, &new, answer)?;
+    if let Some(bytes) = table {
+        check_table(bytes, &new, answer)?;
     }
     Ok(())
 }
@@ -588,12 +584,7 @@ fn check_model_set(
     after: &[u8],
     start: usize,
 ) -> Result<(), String> {
-    let block = SetApicModel::read_from_bytes(
-        after
-            .get(start..start + size_of::<SetApicModel>())
-            .ok_or("the SET_APIC_MODEL block is not RAM")?,
-    )
-    .map_err(|_| "short SET_APIC_MODEL block")?;
+    let block: SetApicModel = read_block(after, start)?;
     let asked = ApicModel::from_abi(block.model);
     if before.registry().connections() != 0
         || Some(service.topology().model()) != asked
@@ -610,14 +601,17 @@ fn check_model_set(
     Ok(())
 }
 
+/// The answered block of type `T` at RAM offset `start`.
+fn read_block<T: FromBytes>(after: &[u8], start: usize) -> Result<T, String> {
+    let bytes = after
+        .get(start..start.saturating_add(size_of::<T>()))
+        .ok_or_else(|| format!("an answered {} is not RAM", core::any::type_name::<T>()))?;
+    T::read_from_bytes(bytes).map_err(|_| "a short block".into())
+}
+
 /// A QUERY_ROUTE version 2 answer is the pin's route.
 fn check_route_v2(service: &Service, after: &[u8], start: usize) -> Result<(), String> {
-    let block = QueryRouteV2::read_from_bytes(
-        after
-            .get(start..start + size_of::<QueryRouteV2>())
-            .ok_or("the QUERY_ROUTE block is not RAM")?,
-    )
-    .map_err(|_| "short QUERY_ROUTE block")?;
+    let block: QueryRouteV2 = read_block(after, start)?;
     let route = u8::try_from(block.base.pin)
         .ok()
         .and_then(|pin| service.route(pin))

@@ -189,8 +189,8 @@ fn under_load(env: &Env) -> TestResult {
     }
     RAISERS_N.store(raisers as u32, Ordering::Release);
     let mut posted = Ok(());
-    for slot in 1..raisers {
-        let c = RAISERS[slot].load(Ordering::Relaxed) as usize;
+    for (slot, r) in RAISERS.iter().enumerate().take(raisers).skip(1) {
+        let c = r.load(Ordering::Relaxed) as usize;
         posted = posted.and_then(|()| smp::post(c, raiser, slot));
     }
     let start = time::now_us();
@@ -232,8 +232,8 @@ fn under_load(env: &Env) -> TestResult {
             RAISED[i][k].load(Ordering::Acquire)
         })?;
         MCTX[i].check_clean(m.name())?;
-        for slot in 0..raisers {
-            let c = RAISERS[slot].load(Ordering::Relaxed) as usize;
+        for r in RAISERS.iter().take(raisers) {
+            let c = r.load(Ordering::Relaxed) as usize;
             let by = BY_CPU[c][i].load(Ordering::Acquire);
             check!(
                 by > 0,
