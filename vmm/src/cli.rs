@@ -71,7 +71,24 @@ pub(crate) struct Args {
     /// Do not print the closing statistics line.
     #[arg(long)]
     pub(crate) quiet_stats: bool,
+
+    /// Write a timeline of the run as Chrome trace-event JSON (open it in
+    /// ui.perfetto.dev or chrome://tracing).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) trace: Option<PathBuf>,
+
+    /// Most events --trace keeps: the newest; older ones are dropped and
+    /// counted in the file.
+    #[arg(long, value_name = "N", default_value_t = crate::trace::DEFAULT_LIMIT as u64, value_parser = clap::value_parser!(u64).range(1..=MAX_TRACE_LIMIT))]
+    pub(crate) trace_limit: u64,
+
+    /// Write the closing statistics as JSON.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) stats_json: Option<PathBuf>,
 }
+
+/// Largest `--trace-limit`: 100 million events (about 6.4 GB of memory).
+pub(crate) const MAX_TRACE_LIMIT: u64 = 100_000_000;
 
 /// Smallest RAM size the VMM accepts, in MiB (room for a kernel at 1 MiB).
 pub(crate) const MIN_RAM_MIB: u64 = 2;
@@ -170,6 +187,18 @@ mod tests {
             Some(PathBuf::from("resources/devices/default.json"))
         );
         assert!(parse(&["--devices"]).is_err());
+    }
+
+    #[test]
+    fn trace_limit_defaults_and_rejects_zero() {
+        let a = parse(&["--trace", "t.json"]).unwrap();
+        assert_eq!(a.trace_limit, crate::trace::DEFAULT_LIMIT as u64);
+        assert_eq!(a.trace, Some(PathBuf::from("t.json")));
+        assert!(parse(&["--trace-limit", "0"]).is_err());
+        assert!(parse(&["--trace-limit", "many"]).is_err());
+        assert_eq!(parse(&["--trace-limit", "5"]).unwrap().trace_limit, 5);
+        let b = parse(&["--stats-json", "s.json"]).unwrap();
+        assert_eq!(b.stats_json, Some(PathBuf::from("s.json")));
     }
 
     #[test]

@@ -7,6 +7,9 @@ use crate::loader::LoadError;
 
 /// Process exit status for VMM errors (usage errors exit with 2, from clap).
 pub(crate) const EXIT_VMM_ERROR: u8 = 3;
+/// Process exit status for bad user input found after parsing (an output
+/// file that cannot be created), as clap's usage errors.
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// Process exit status when `--timeout` expires (as coreutils `timeout`).
 pub(crate) const EXIT_TIMEOUT: u8 = 124;
 
@@ -48,6 +51,16 @@ pub(crate) enum Error {
     #[error("write {}: {source}", path.display())]
     WriteFile {
         /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// An output file named on the command line cannot be created.
+    #[error("{flag} {}: {source}; give a path in a writable directory", path.display())]
+    OutputFile {
+        /// The flag (`--trace`).
+        flag: &'static str,
+        /// The path.
         path: PathBuf,
         /// Why.
         source: io::Error,
@@ -125,6 +138,7 @@ impl Error {
     pub(crate) fn exit_status(&self) -> u8 {
         match self {
             Error::Timeout { .. } => EXIT_TIMEOUT,
+            Error::OutputFile { .. } => EXIT_USAGE,
             _ => EXIT_VMM_ERROR,
         }
     }

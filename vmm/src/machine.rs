@@ -25,6 +25,7 @@ use crate::event_loop::{EventLoop, LoopConfig};
 use crate::loader::{self, ModuleImage};
 use crate::report::GuestReport;
 use crate::stats::RunStats;
+use crate::trace::{self, Recorder};
 use crate::vcpu::{Vcpu, VcpuStats};
 use crate::{boot, memory, pv};
 
@@ -117,14 +118,45 @@ fn create_irqchip(
     vm: &Arc<VmFd>,
     control: &Arc<VmControl>,
     supported: &kvm_bindings::CpuId,
+    trace: Option<&Arc<Recorder>>,
 ) -> Result<Irqchip> {
-    Ok(Irqchip::builder(Arc::clone(vm), args.irqchip)
+    let mut builder = Irqchip::builder(Arc::clone(vm), args.irqchip)
         .cpus(args.cpus as usize)
         .x2apic(args.x2apic.is_on())
         .phys_addr_bits(irqchip_kvm::cpuid::phys_addr_bits(supported.as_slice()))
         .kicker(Arc::clone(control.kicker()))
-        .storm_threshold(STORM_THRESHOLD)
-        .build()?)
+        .storm_threshold(STORM_THRESHOLD);
+    if let Some(recorder) = trace {
+        builder = builder.trace(Arc::clone(recorder) as Arc<dyn irqchip_kvm::TraceSink>);
+    }
+    Ok(builder.build()?)
+}
+
+/// Creates an output file a flag names, before the VM exists, so a path
+/// that cannot be written is a usage error and not a lost run.
+fn create_output(flag: &'static str, path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).map_err(|source| Error::OutputFile {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `--trace`'s file from `recorder`.
+fn write_trace(
+    file: std::fs::File,
+    path: &Path,
+    recorder: &Recorder,
+    meta: &trace::json::Meta,
+) -> Result<()> {
+    let (events, dropped) = recorder.take();
+    let mut out = std::io::BufWriter::new(file);
+    trace::json::write(&mut out, &events, dropped, meta)
+        .and_then(|()| out.flush())
+        .map_err(|source| Error::WriteFile {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Builds the VM from `args`, runs it to the end and tears it down.
@@ -141,6 +173,19 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     loader::check(ram, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
     // Before KVM too: a bad --devices table is a one-line error.
     let pv_service = pv::config::service_from_args(args, STORM_THRESHOLD)?;
+    let trace_file = match &args.trace {
+        Some(path) => Some((create_output("--trace", path)?, path)),
+        None => None,
+    };
+    let stats_file = match &args.stats_json {
+        Some(path) => Some((create_output("--stats-json", path)?, path)),
+        None => None,
+    };
+    let recorder = trace_file.as_ref().map(|_| {
+        Arc::new(Recorder::new(
+            usize::try_from(args.trace_limit).unwrap_or(usize::MAX),
+        ))
+    });
 
     let kvm = open_kvm()?;
     // Guest RAM is declared before the VM so it is dropped after it.
@@ -155,7 +200,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let chip = create_irqchip(args, &vm, &control, &supported)?;
+    let chip = create_irqchip(args, &vm, &control, &supported, recorder.as_ref())?;
 
     let boot_entry =
         loader::load(&mem, &image, &args.guest_cmdline(), &modules).map_err(load_error)?;
@@ -185,7 +230,11 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         .map(|(i, fd)| chip.vcpu(i, fd))
         .collect::<std::result::Result<Vec<_>, _>>()?;
 
-    let report = Arc::new(Mutex::new(GuestReport::new()));
+    let mut guest_report = GuestReport::new();
+    if let Some(recorder) = &recorder {
+        guest_report.set_trace(Arc::clone(recorder));
+    }
+    let report = Arc::new(Mutex::new(guest_report));
     let pv = pv::PvConnect::new(
         pv_service,
         mem.clone(),
@@ -200,7 +249,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             mode: args.irqchip,
             testdevs: pv.testdev_specs(),
             msidevs: pv.msidevs().to_vec(),
-            pv_doorbell: Some(pv::doorbell::Doorbell::shared(&pv)),
+            pv_doorbell: Some(pv::doorbell::Doorbell::shared(&pv, recorder.clone())),
         },
         &chip,
         &control,
@@ -292,14 +341,34 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
             log::info!("guest summary: {passed} passed, {failed} failed");
         }
     }
-    let stats = RunStats {
+    let run_stats = RunStats {
         elapsed,
         vcpu: vcpu_stats,
         pio: &devices.pio,
         mmio: &devices.mmio,
         chip: &chip,
         pv: pv.stats(),
+    };
+    if let Some((file, path)) = stats_file {
+        let write = |file: std::fs::File| -> std::io::Result<()> {
+            let mut out = std::io::BufWriter::new(file);
+            serde_json::to_writer_pretty(&mut out, &run_stats.json())?;
+            out.write_all(b"\n")?;
+            out.flush()
+        };
+        write(file).map_err(|source| Error::WriteFile {
+            path: path.clone(),
+            source,
+        })?;
     }
-    .line();
+    if let (Some((file, path)), Some(recorder)) = (trace_file, &recorder) {
+        let meta = trace::json::Meta {
+            mode: chip.mode(),
+            cpus,
+            limit: usize::try_from(args.trace_limit).unwrap_or(usize::MAX),
+        };
+        write_trace(file, path, recorder, &meta)?;
+    }
+    let stats = run_stats.line();
     Ok(Finished { outcome, stats })
 }

@@ -6,7 +6,7 @@
 //! (Multiboot v1), [`boot`] (the BSP's initial state), [`cpuid`], [`vcpu`]
 //! (the per-thread run loop), [`pv`] (the PV connect doorbell and service),
 //! [`bus`] and [`devices`], [`event_loop`], [`control`] (how a run ends),
-//! [`report`] (guest results, JUnit), [`stats`].
+//! [`report`] (guest results, JUnit), [`stats`], [`trace`] (`--trace`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -24,6 +24,7 @@ mod memory;
 mod pv;
 mod report;
 mod stats;
+mod trace;
 mod vcpu;
 
 use std::io::Write;

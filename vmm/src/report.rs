@@ -6,7 +6,10 @@
 //! `N passed, M failed`.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::trace::{Event, Recorder, test_name};
 
 /// How one test ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +22,18 @@ pub(crate) enum Verdict {
     Skip(String),
     /// The VM ended while the test ran (timeout, crash): the reason.
     Error(String),
+}
+
+impl Verdict {
+    /// The result line's first word (`error` for a test the VM ended).
+    pub(crate) fn word(&self) -> &'static str {
+        match self {
+            Verdict::Pass => "ok",
+            Verdict::Fail(_) => "FAIL",
+            Verdict::Skip(_) => "skip",
+            Verdict::Error(_) => "error",
+        }
+    }
 }
 
 /// One test's result.
@@ -40,6 +55,8 @@ pub(crate) struct GuestReport {
     current: Option<(String, Instant)>,
     last_event: Instant,
     summary: Option<(u64, u64)>,
+    /// `--trace`: test boundaries go there too.
+    trace: Option<Arc<Recorder>>,
 }
 
 impl GuestReport {
@@ -50,11 +67,22 @@ impl GuestReport {
             current: None,
             last_event: Instant::now(),
             summary: None,
+            trace: None,
         }
+    }
+
+    /// Records every test boundary in `trace` too.
+    pub(crate) fn set_trace(&mut self, trace: Arc<Recorder>) {
+        self.trace = Some(trace);
     }
 
     /// The marker port announced `name`.
     pub(crate) fn test_started(&mut self, name: String) {
+        if let Some(trace) = &self.trace {
+            trace.push(Event::TestStart {
+                name: test_name(&name),
+            });
+        }
         self.current = Some((name, Instant::now()));
     }
 
@@ -81,6 +109,12 @@ impl GuestReport {
             None
         };
         if let Some((name, verdict)) = parsed {
+            if let Some(trace) = &self.trace {
+                trace.push(Event::TestEnd {
+                    name: test_name(&name),
+                    verdict: verdict.word(),
+                });
+            }
             let now = Instant::now();
             let start = match &self.current {
                 Some((n, t)) if *n == name => *t,

@@ -56,6 +56,8 @@ const NEEDS_CPUS: &[(&str, u32)] = &[
     ("ipi_from_ap_to_bsp", 2),
     ("ipi_between_aps", 3),
     ("ipi_nmi_to_each_ap", 2),
+    ("nmi_two_at_once_both_handled", 2),
+    ("nmi_before_fixed_ipi_from_same_sender_first", 2),
     ("tpr_on_ap_defers_ipi_until_lowered", 2),
     ("timer_oneshot_on_each_ap", 2),
     ("ioapic_physical_destination_cpu1", 2),

@@ -166,6 +166,12 @@ pub(crate) fn kvm_msi_of(msi: Msi) -> kvm_msi {
     }
 }
 
+/// The vector of a compatibility-format MSI (data bits 7:0, SDM Vol. 3A
+/// 11.11.2), for trace events.
+pub(crate) fn msi_vector(msi: Msi) -> u8 {
+    (msi.data & 0xff) as u8
+}
+
 /// What the vCPU's run does after [`VcpuBackend::on_exit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ExitAction {

@@ -13,6 +13,7 @@ use crate::cpuid::Features;
 use crate::error::{Error, IrqError};
 use crate::kick::{self, Kicker};
 use crate::lines::{EventFdLine, IrqLine, IrqLines};
+use crate::trace::{TraceSink, Tracer};
 use crate::vcpu::VcpuChip;
 use crate::{DEFAULT_STORM_THRESHOLD, kernel, split, startup, user};
 use irqchip::Mode;
@@ -26,6 +27,7 @@ pub struct IrqchipBuilder {
     phys_addr_bits: u8,
     storm_threshold: u32,
     kicker: Option<Arc<Kicker>>,
+    trace: Option<Arc<dyn TraceSink>>,
 }
 
 impl IrqchipBuilder {
@@ -61,6 +63,14 @@ impl IrqchipBuilder {
     /// chip makes its own, available from [`Irqchip::kicker`].
     pub fn kicker(mut self, kicker: Arc<Kicker>) -> Self {
         self.kicker = Some(kicker);
+        self
+    }
+
+    /// Hands every event of the chip to `sink` (see [`crate::trace`]): for
+    /// a timeline. Without a sink (the default) nothing is recorded and the
+    /// hooks cost a test of an empty `Option`.
+    pub fn trace(mut self, sink: Arc<dyn TraceSink>) -> Self {
+        self.trace = Some(sink);
         self
     }
 
@@ -106,21 +116,25 @@ impl IrqchipBuilder {
             None => Arc::new(Kicker::new(self.cpus)),
         };
         kick::install_handler()?;
+        let tracer = Tracer::new(self.trace);
         let features = Features {
             x2apic: self.x2apic,
-            tsc_deadline: match self.mode {
-                Mode::Kernel | Mode::Split => self.vm.check_extension(Cap::TscDeadlineTimer),
-                Mode::User => false,
-            },
+            // TSC-deadline mode: KVM's LAPIC timer (kernel, split), or our
+            // model's, which needs the guest TSC's rate (user).
+            tsc_deadline: self.vm.check_extension(match self.mode {
+                Mode::Kernel | Mode::Split => Cap::TscDeadlineTimer,
+                Mode::User => Cap::GetTscKhz,
+            }),
             ext_dest_id: self.mode.msi_format() == irqchip::msi::MsiFormat::ExtendedDestinationId,
         };
         let backend: Arc<dyn Backend> = match self.mode {
-            Mode::Kernel => kernel::KernelChip::create(Arc::clone(&self.vm))?,
+            Mode::Kernel => kernel::KernelChip::create(Arc::clone(&self.vm), tracer.clone())?,
             Mode::Split => split::SplitChip::create(
                 Arc::clone(&self.vm),
                 Arc::clone(&kicker),
                 self.cpus,
                 self.storm_threshold,
+                tracer.clone(),
             )?,
             Mode::User => user::UserChip::create(
                 &self.vm,
@@ -131,9 +145,10 @@ impl IrqchipBuilder {
                     phys_addr_bits: self.phys_addr_bits,
                     storm_threshold: self.storm_threshold,
                 },
+                tracer.clone(),
             )?,
         };
-        let lines = IrqLines::new(Arc::clone(&backend), NUM_PINS);
+        let lines = IrqLines::new(Arc::clone(&backend), NUM_PINS, tracer.clone());
         Ok(Irqchip {
             inner: Arc::new(Inner {
                 backend,
@@ -144,6 +159,7 @@ impl IrqchipBuilder {
                 cpus: self.cpus,
                 storm_threshold: self.storm_threshold,
                 features,
+                tracer,
             }),
         })
     }
@@ -177,6 +193,7 @@ struct Inner {
     cpus: usize,
     storm_threshold: u32,
     features: Features,
+    tracer: Tracer,
 }
 
 impl Irqchip {
@@ -191,6 +208,7 @@ impl Irqchip {
             phys_addr_bits: 36,
             storm_threshold: DEFAULT_STORM_THRESHOLD,
             kicker: None,
+            trace: None,
         }
     }
 
@@ -261,6 +279,7 @@ impl Irqchip {
             backend,
             Arc::clone(&self.inner.kicker),
             Arc::clone(&self.inner.stopping),
+            self.inner.tracer.clone(),
         ))
     }
 

@@ -27,6 +27,7 @@ use irqchip::ioapic::{
 use crate::backend::{ModelStats, StormSink};
 use crate::error::IrqError;
 use crate::ratelimit::RateLimiter;
+use crate::trace::{TraceEvent, Tracer};
 
 /// How a mode delivers what our IOAPIC sends.
 pub(crate) trait Deliver {
@@ -93,13 +94,54 @@ pub(crate) struct Hosted<S> {
 pub(crate) struct IoapicHost<S> {
     hosted: Mutex<Hosted<S>>,
     storm: StormWatch,
+    tracer: Tracer,
+}
+
+/// Every pin's Remote IRR and mask bits (bit `n` for pin `n`), for the
+/// trace's [`TraceEvent::RemoteIrr`] and [`TraceEvent::Mask`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PinBits {
+    remote_irr: u32,
+    masked: u32,
+}
+
+impl PinBits {
+    fn of(ioapic: &Ioapic) -> Self {
+        let mut bits = Self {
+            remote_irr: 0,
+            masked: 0,
+        };
+        for (pin, entry) in ioapic.entries() {
+            let bit = 1u32 << (u32::from(pin) & 31);
+            if entry.remote_irr() {
+                bits.remote_irr |= bit;
+            }
+            if entry.masked() {
+                bits.masked |= bit;
+            }
+        }
+        bits
+    }
+
+    /// Emits the changes from `self` to `after`.
+    fn emit_changes(self, after: Self, tracer: &Tracer) {
+        let changed = |a: u32, b: u32| (0..NUM_PINS as u8).filter(move |p| (a ^ b) >> p & 1 != 0);
+        for pin in changed(self.remote_irr, after.remote_irr) {
+            let set = after.remote_irr >> pin & 1 != 0;
+            tracer.emit(|| TraceEvent::RemoteIrr { pin, set });
+        }
+        for pin in changed(self.masked, after.masked) {
+            let masked = after.masked >> pin & 1 != 0;
+            tracer.emit(|| TraceEvent::Mask { pin, masked });
+        }
+    }
 }
 
 impl<S: Send> IoapicHost<S> {
     /// A reset IOAPIC reporting storms past `storm_threshold`, decoding the
     /// extended destination ID (entry bits 49..55: split and user modes
     /// offer it, `Mode::msi_format`), with the mode's `state`.
-    pub(crate) fn new(storm_threshold: u32, state: S) -> Self {
+    pub(crate) fn new(storm_threshold: u32, state: S, tracer: Tracer) -> Self {
         Self {
             hosted: Mutex::new(Hosted {
                 ioapic: Ioapic::new(IoapicConfig {
@@ -110,6 +152,19 @@ impl<S: Send> IoapicHost<S> {
                 mode: state,
             }),
             storm: StormWatch::new(),
+            tracer,
+        }
+    }
+
+    /// The pins' bits before an operation, when tracing.
+    fn bits_before(&self, ioapic: &Ioapic) -> Option<PinBits> {
+        self.tracer.on().then(|| PinBits::of(ioapic))
+    }
+
+    /// Traces what changed since `before` (under the lock).
+    fn trace_after(&self, before: Option<PinBits>, ioapic: &Ioapic) {
+        if let Some(before) = before {
+            before.emit_changes(PinBits::of(ioapic), &self.tracer);
         }
     }
 
@@ -127,9 +182,14 @@ impl<S: Send> IoapicHost<S> {
     ) {
         let storms = {
             let mut hosted = self.lock();
+            let before = self.bits_before(&hosted.ioapic);
             let output = op(&mut hosted.ioapic);
             if !output.deliveries().is_empty() || output.routes_changed() {
                 deliver.deliver(&mut hosted, output.deliveries());
+            }
+            self.trace_after(before, &hosted.ioapic);
+            for pin in output.storm_pins().iter() {
+                self.tracer.emit(|| TraceEvent::Storm { pin });
             }
             self.storm.note(output.storm_pins())
         };
@@ -145,9 +205,11 @@ impl<S: Send> IoapicHost<S> {
     ) -> Result<(), IrqError> {
         let pin = pin(gsi)?;
         let mut hosted = self.lock();
+        let before = self.bits_before(&hosted.ioapic);
         if let Some(message) = hosted.ioapic.set_line(pin, high) {
             deliver.deliver(&mut hosted, &[Delivery { pin, message }]);
         }
+        self.trace_after(before, &hosted.ioapic);
         Ok(())
     }
 
@@ -359,7 +421,7 @@ mod tests {
 
     #[test]
     fn unit_set_level_delivers_under_the_lock_and_refuses_missing_pins() {
-        let host = IoapicHost::new(1_000, 0u32);
+        let host = IoapicHost::new(1_000, 0u32, Tracer::default());
         let mode = Recorder::default();
         host.program_pin(&mode, 7, level(0x44)).unwrap();
 
@@ -380,7 +442,7 @@ mod tests {
 
     #[test]
     fn unit_program_pin_that_changes_routes_reaches_the_mode_without_a_delivery() {
-        let host = IoapicHost::new(1_000, 0u32);
+        let host = IoapicHost::new(1_000, 0u32, Tracer::default());
         let mode = Recorder::default();
 
         host.program_pin(&mode, 3, level(0x41).with_masked(true))
@@ -392,7 +454,7 @@ mod tests {
 
     #[test]
     fn unit_storms_are_counted_and_dispatched_after_the_lock() {
-        let host = Arc::new(IoapicHost::new(1, 0u32));
+        let host = Arc::new(IoapicHost::new(1, 0u32, Tracer::default()));
         let mode = Recorder::default();
         let seen = Arc::new(AtomicU32::new(0));
         let (sink_seen, sink_host) = (Arc::clone(&seen), Arc::clone(&host));
@@ -412,6 +474,48 @@ mod tests {
         let stats = host.model_stats();
         assert!(stats.storm_reports >= 1);
         assert_eq!(stats.storm_pins, 1 << 7);
+    }
+
+    #[derive(Default)]
+    struct Events(Mutex<Vec<TraceEvent>>);
+
+    impl crate::trace::TraceSink for Events {
+        fn record(&self, event: TraceEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    #[test]
+    fn unit_traced_remote_irr_mask_and_storm_changes() {
+        let events = Arc::new(Events::default());
+        let host = IoapicHost::new(1, 0u32, Tracer::new(Some(events.clone())));
+        let mode = Recorder::default();
+
+        host.program_pin(&mode, 7, level(0x44)).unwrap();
+        host.set_level(&mode, 7, true).unwrap();
+        for _ in 0..3 {
+            host.eoi(&mode, 0x44);
+        }
+        host.set_level(&mode, 7, false).unwrap();
+        host.eoi(&mode, 0x44);
+
+        let seen = events.0.lock().unwrap().clone();
+        assert_eq!(
+            seen.first(),
+            Some(&TraceEvent::Mask {
+                pin: 7,
+                masked: false
+            })
+        );
+        assert_eq!(
+            seen.get(1),
+            Some(&TraceEvent::RemoteIrr { pin: 7, set: true })
+        );
+        assert!(seen.contains(&TraceEvent::Storm { pin: 7 }));
+        assert_eq!(
+            seen.last(),
+            Some(&TraceEvent::RemoteIrr { pin: 7, set: false })
+        );
     }
 
     #[test]

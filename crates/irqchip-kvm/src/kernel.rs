@@ -20,6 +20,18 @@
 //!   back (see [`edit_ioapic_state`]): re-injecting a line that is merely
 //!   held high would fabricate an edge.
 //!
+//! The price, found by the `kvm_differential` fuzz target (`fuzz/README.md`,
+//! N9): after a host pin write KVM takes the line of every edge-triggered
+//! pin as low (`KVM_GET_IRQCHIP` already hides the line of an edge it has
+//! delivered), so a device that holds an edge line high across the write
+//! and asserts it again without lowering it gives KVM a new edge, and a pin
+//! switched from edge to level while its line is high does not fire until
+//! the line toggles. `KVM_SET_IRQCHIP` offers no way to restore a held-high
+//! edge line without injecting it. Also, `KVM_SET_IRQCHIP` re-services
+//! every unmasked level pin whose line is high and whose Remote IRR is
+//! clear (N11); KVM leaves Remote IRR clear when no APIC took the message
+//! (N1), so such a pin fires again at the next host write.
+//!
 //! What the lock cannot cover: changes KVM makes by itself between the two
 //! ioctls. A guest EOI on another vCPU clearing a level pin's Remote IRR, or
 //! a guest IOREGSEL write, in that window is overwritten with the value read.
@@ -38,8 +50,9 @@ use irqconnect_abi::layout::IOAPIC_PINS;
 use kvm_bindings::{KVM_IRQCHIP_IOAPIC, kvm_ioapic_state, kvm_irqchip};
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend, kvm_msi_of};
+use crate::backend::{Backend, ExitAction, IrqStats, VcpuBackend, kvm_msi_of, msi_vector};
 use crate::error::{Error, IrqError};
+use crate::trace::{TraceEvent, Tracer};
 use crate::vcpu::ChipExit;
 
 /// KVM's in-kernel interrupt controllers.
@@ -48,17 +61,19 @@ pub(crate) struct KernelChip {
     /// Held around every user-space change of KVM's IOAPIC state: each
     /// `KVM_IRQ_LINE` and each `program_pin` read-modify-write.
     ioapic_writes: Mutex<()>,
+    tracer: Tracer,
 }
 
 impl KernelChip {
     /// Creates the in-kernel PIC, IOAPIC and LAPICs; must precede vCPU
     /// creation.
-    pub(crate) fn create(vm: Arc<VmFd>) -> Result<Arc<Self>, Error> {
+    pub(crate) fn create(vm: Arc<VmFd>, tracer: Tracer) -> Result<Arc<Self>, Error> {
         vm.create_irq_chip()
             .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
         Ok(Arc::new(Self {
             vm,
             ioapic_writes: Mutex::new(()),
+            tracer,
         }))
     }
 }
@@ -78,6 +93,10 @@ impl Backend for KernelChip {
     }
 
     fn signal_msi(&self, msi: irqchip::msi::Msi) -> Result<(), IrqError> {
+        self.tracer.emit(|| TraceEvent::Msi {
+            vector: msi_vector(msi),
+            targets: None,
+        });
         self.vm
             .signal_msi(kvm_msi_of(msi))
             .map(|_| ())

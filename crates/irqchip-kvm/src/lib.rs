@@ -30,6 +30,10 @@
 //!    chip, and returns the others.
 //! 6. To stop: [`Irqchip::shutdown`], then join the vCPU threads.
 //!
+//! A timeline of what the chip does is one optional [`TraceSink`] away
+//! ([`IrqchipBuilder::trace`], module [`trace`]); without it nothing is
+//! recorded and nothing is paid.
+//!
 //! Host pin programming (a hypervisor deciding routes itself, as this
 //! project's PV connect service does) is [`Irqchip::program_pin`].
 //!
@@ -81,6 +85,8 @@
 mod backend;
 mod chip;
 pub mod cpuid;
+#[cfg(feature = "fuzzing")]
+pub mod differential;
 mod error;
 mod ioapic_host;
 mod kernel;
@@ -90,6 +96,7 @@ pub mod ratelimit;
 mod split;
 pub mod startup;
 mod timerfd;
+pub mod trace;
 mod user;
 mod vcpu;
 
@@ -98,6 +105,7 @@ pub use chip::{Irqchip, IrqchipBuilder, MmioWindow};
 pub use error::{Error, IrqError};
 pub use irqchip::{Mode, UnknownMode};
 pub use lines::{EventFdLine, IrqLine, LineSink};
+pub use trace::{TraceEvent, TraceSink};
 pub use vcpu::{Run, VcpuChip, VcpuCounters};
 
 /// Consecutive re-deliveries of a still-asserted level pin after EOI past

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::ratelimit::RateLimiter;
+use crate::trace::{TraceEvent, Tracer};
 
 /// A device's view of its interrupt line: one method, so device models stay
 /// pure and are unit-tested against a recording sink.
@@ -31,6 +32,7 @@ const MAX_SOURCES_PER_GSI: u32 = 64;
 /// The wiring of every GSI to the chip.
 pub(crate) struct IrqLines {
     chip: Arc<dyn Backend>,
+    tracer: Tracer,
     /// Per GSI: the set of sources currently driving it high.
     high: Mutex<Vec<u64>>,
     /// Per GSI: sources handed out so far.
@@ -43,9 +45,10 @@ pub(crate) struct IrqLines {
 
 impl IrqLines {
     /// Wiring for `gsis` GSIs of `chip`.
-    pub(crate) fn new(chip: Arc<dyn Backend>, gsis: usize) -> Arc<Self> {
+    pub(crate) fn new(chip: Arc<dyn Backend>, gsis: usize, tracer: Tracer) -> Arc<Self> {
         Arc::new(Self {
             chip,
+            tracer,
             high: Mutex::new(vec![0; gsis]),
             sources: Mutex::new(vec![0; gsis]),
             assertions: (0..gsis).map(|_| AtomicU64::new(0)).collect(),
@@ -91,6 +94,7 @@ impl IrqLines {
         if is_high && let Some(count) = self.assertions.get(gsi as usize) {
             count.fetch_add(1, Ordering::Relaxed);
         }
+        self.tracer.emit(|| TraceEvent::Line { gsi, high: is_high });
         if let Err(e) = self.chip.set_level(gsi, is_high) {
             self.errors.fetch_add(1, Ordering::Relaxed);
             if self.warn.allow() {
@@ -243,7 +247,7 @@ pub(crate) mod tests {
 
     fn wiring() -> (Arc<RecordingController>, Arc<IrqLines>) {
         let ctrl = Arc::new(RecordingController::default());
-        let lines = IrqLines::new(ctrl.clone(), 24);
+        let lines = IrqLines::new(ctrl.clone(), 24, Tracer::default());
         (ctrl, lines)
     }
 

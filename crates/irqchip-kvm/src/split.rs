@@ -59,7 +59,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use irqchip::apic_bus::{Message, TriggerMode};
+use irqchip::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
 use irqchip::ioapic::{Delivery, Ioapic, NUM_PINS};
 use irqchip::msi::{self, Msi, MsiFormat};
 use kvm_bindings::{
@@ -70,11 +70,14 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{Backend, ExitAction, IrqStats, ModelStats, VcpuBackend, kvm_msi_of};
+use crate::backend::{
+    Backend, ExitAction, IrqStats, ModelStats, VcpuBackend, kvm_msi_of, msi_vector,
+};
 use crate::error::{Error, IrqError};
 use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
 use crate::timerfd;
+use crate::trace::{TraceEvent, Tracer};
 use crate::vcpu::ChipExit;
 
 /// How often the EOI watch pokes the vCPUs while a level pin has Remote IRR
@@ -96,6 +99,7 @@ pub(crate) struct SplitChip {
     poke: Vec<AtomicBool>,
     /// Halted vCPUs the EOI watch made runnable.
     pokes: AtomicU64,
+    tracer: Tracer,
 }
 
 /// What split mode keeps under the IOAPIC lock.
@@ -118,6 +122,7 @@ impl SplitChip {
         kicker: Arc<Kicker>,
         cpus: usize,
         storm_threshold: u32,
+        tracer: Tracer,
     ) -> Result<Arc<Self>, Error> {
         let mut cap = kvm_enable_cap {
             cap: KVM_CAP_SPLIT_IRQCHIP,
@@ -140,6 +145,7 @@ impl SplitChip {
                 watching: false,
                 sent_at: [None; NUM_PINS],
             },
+            tracer.clone(),
         );
         {
             let mut hosted = ioapic.lock();
@@ -163,6 +169,7 @@ impl SplitChip {
             watch_fd,
             poke: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
             pokes: AtomicU64::new(0),
+            tracer,
         }))
     }
 
@@ -251,10 +258,20 @@ impl SplitChip {
             }
             self.watch_eois(routes, EOI_POKE);
         }
+        self.tracer.emit(|| TraceEvent::PinDelivery {
+            pin,
+            vector: message.vector,
+            level: message.trigger_mode == TriggerMode::Level,
+            targets: None,
+        });
         match kvm_msi_for(message) {
             Ok(msi) => match self.vm.signal_msi(msi) {
                 Ok(_) => {
                     self.msis.fetch_add(1, Ordering::Relaxed);
+                    self.tracer.emit(|| TraceEvent::Inject {
+                        vcpu: self.single_target(message),
+                        vector: message.vector,
+                    });
                 }
                 Err(e) => self
                     .errors
@@ -262,6 +279,20 @@ impl SplitChip {
             },
             Err(e) => self.errors.fail(format_args!("pin {pin}: {e}")),
         }
+    }
+}
+
+impl SplitChip {
+    /// The one vCPU `message` names, for the trace: physical, fixed, to an
+    /// existing APIC ID (vCPU `i` has APIC ID `i`). `None` when KVM's
+    /// LAPICs choose among several.
+    fn single_target(&self, message: &Message) -> Option<usize> {
+        let index = usize::try_from(message.destination).ok()?;
+        (message.destination_mode == DestinationMode::Physical
+            && message.delivery_mode == DeliveryMode::Fixed
+            && message.shorthand == Shorthand::None
+            && index < self.poke.len())
+        .then_some(index)
     }
 }
 
@@ -334,11 +365,17 @@ impl Backend for SplitChip {
     }
 
     fn signal_msi(&self, msi: Msi) -> Result<(), IrqError> {
+        let guest = msi;
         let msi = msi::convert(msi, GUEST_FORMAT, KVM_FORMAT).map_err(|e| IrqError::BadMsi {
             address: msi.address,
             data: msi.data,
             why: e.to_string(),
         })?;
+        let vector = msi_vector(msi);
+        self.tracer.emit(|| TraceEvent::Msi {
+            vector,
+            targets: None,
+        });
         self.vm
             .signal_msi(kvm_msi_of(msi))
             .map_err(|source| IrqError::KvmChip {
@@ -346,6 +383,14 @@ impl Backend for SplitChip {
                 source,
             })?;
         self.msis.fetch_add(1, Ordering::Relaxed);
+        let vcpu = if self.tracer.on() {
+            msi::decode(guest, GUEST_FORMAT)
+                .ok()
+                .and_then(|d| self.single_target(&d.bus_message()))
+        } else {
+            None
+        };
+        self.tracer.emit(|| TraceEvent::Inject { vcpu, vector });
         Ok(())
     }
 
@@ -398,6 +443,8 @@ impl VcpuBackend for SplitVcpu {
             })
             .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
             self.chip.pokes.fetch_add(1, Ordering::Relaxed);
+            let vcpu = self.index;
+            self.chip.tracer.emit(|| TraceEvent::EoiPoke { vcpu });
         }
         Ok(())
     }
@@ -406,6 +453,11 @@ impl VcpuBackend for SplitVcpu {
         match exit {
             ChipExit::IoapicEoi(vector) => {
                 self.chip.eois.fetch_add(1, Ordering::Relaxed);
+                let vcpu = self.index;
+                self.chip.tracer.emit(|| TraceEvent::Eoi {
+                    vcpu,
+                    vector: Some(vector),
+                });
                 self.chip.ioapic.eoi(&*self.chip, vector);
                 ExitAction::Resume
             }

@@ -26,6 +26,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::backend::{ExitAction, VcpuBackend};
 use crate::error::Error;
 use crate::kick::{Kicker, RunPageGuard};
+use crate::trace::{TraceEvent, Tracer};
 
 /// Most bytes one MMIO exit carries (`kvm_run.mmio.data`).
 const MMIO_MAX: usize = 8;
@@ -69,6 +70,7 @@ pub struct VcpuChip {
     kicker: Arc<Kicker>,
     stopping: Arc<AtomicBool>,
     counters: VcpuCounters,
+    tracer: Tracer,
 }
 
 /// An exit that belongs to the chip, with its data.
@@ -147,6 +149,7 @@ impl VcpuChip {
         backend: Box<dyn VcpuBackend>,
         kicker: Arc<Kicker>,
         stopping: Arc<AtomicBool>,
+        tracer: Tracer,
     ) -> Self {
         Self {
             index,
@@ -154,6 +157,7 @@ impl VcpuChip {
             kicker,
             stopping,
             counters: VcpuCounters::default(),
+            tracer,
         }
     }
 
@@ -227,7 +231,18 @@ impl VcpuChip {
         if kicker.take_pending(self.index) {
             page.set_immediate_exit();
         }
-        let outcome = match vcpu.run() {
+        let index = self.index;
+        self.tracer.emit(|| TraceEvent::RunEnter { vcpu: index });
+        let result = vcpu.run();
+        if self.tracer.on() {
+            let (reason, detail) = exit_reason(&result);
+            self.tracer.emit(|| TraceEvent::RunExit {
+                vcpu: index,
+                reason,
+                detail,
+            });
+        }
+        let outcome = match result {
             Ok(exit) => match self.claim(&exit) {
                 Some(work) => Outcome::Chip(work),
                 None => {
@@ -340,6 +355,30 @@ impl VcpuChip {
             (_, ExitAction::Resume) => Ok(()),
             (_, ExitAction::Unexpected) => Err(Error::UnexpectedExit(what)),
         }
+    }
+}
+
+/// A `KVM_RUN` result's name and detail for [`TraceEvent::RunExit`].
+fn exit_reason(result: &Result<VcpuExit<'_>, kvm_ioctls::Error>) -> (&'static str, u64) {
+    match result {
+        Ok(exit) => match exit {
+            VcpuExit::IoIn(port, _) => ("io-in", u64::from(*port)),
+            VcpuExit::IoOut(port, _) => ("io-out", u64::from(*port)),
+            VcpuExit::MmioRead(addr, _) => ("mmio-read", *addr),
+            VcpuExit::MmioWrite(addr, _) => ("mmio-write", *addr),
+            VcpuExit::Hlt => ("hlt", 0),
+            VcpuExit::IrqWindowOpen => ("irq-window", 0),
+            VcpuExit::IoapicEoi(vector) => ("ioapic-eoi", u64::from(*vector)),
+            VcpuExit::X86Rdmsr(msr) => ("rdmsr", u64::from(msr.index)),
+            VcpuExit::X86Wrmsr(msr) => ("wrmsr", u64::from(msr.index)),
+            VcpuExit::SetTpr => ("set-tpr", 0),
+            VcpuExit::Intr => ("intr", 0),
+            VcpuExit::Shutdown => ("shutdown", 0),
+            _ => ("other", 0),
+        },
+        Err(e) if e.errno() == libc::EINTR => ("kick", 0),
+        Err(e) if e.errno() == libc::EAGAIN => ("eagain", 0),
+        Err(_) => ("error", 0),
     }
 }
 

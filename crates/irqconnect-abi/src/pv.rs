@@ -59,6 +59,23 @@ pub mod opcode {
     /// [`super::SetApicModel`] (version 2): the guest says how its local
     /// APICs decode logical destinations.
     pub const SET_APIC_MODEL: u16 = 10;
+
+    /// The opcode's constant name (`"CONNECT"`), or `"unknown opcode"`.
+    pub const fn name(op: u16) -> &'static str {
+        match op {
+            QUERY_PLATFORM => "QUERY_PLATFORM",
+            QUERY_RESOURCES => "QUERY_RESOURCES",
+            CONNECT => "CONNECT",
+            DISCONNECT => "DISCONNECT",
+            QUERY_ROUTE => "QUERY_ROUTE",
+            CONNECT_EX => "CONNECT_EX",
+            DISCONNECT_EX => "DISCONNECT_EX",
+            QUERY_MESSAGES => "QUERY_MESSAGES",
+            RETARGET => "RETARGET",
+            SET_APIC_MODEL => "SET_APIC_MODEL",
+            _ => "unknown opcode",
+        }
+    }
 }
 
 /// The 16 bytes every request block starts with.
@@ -774,6 +791,15 @@ pub const MAX_REQUEST_SIZE: usize = core::mem::size_of::<QueryPlatformV2>();
 mod tests {
     use super::*;
     use zerocopy::FromZeros;
+
+    #[test]
+    fn opcode_name_every_sized_opcode_has_one() {
+        for op in 0..=u8::MAX as u16 {
+            let known = request_size(1, op).is_some();
+            assert_eq!(opcode::name(op) != "unknown opcode", known, "opcode {op}");
+        }
+        assert_eq!(opcode::name(opcode::CONNECT), "CONNECT");
+    }
 
     #[test]
     fn request_size_known_opcodes_match_layouts() {

@@ -67,6 +67,10 @@ pub const SVR_ENABLE: u32 = 1 << 8;
 pub const LVT_MASKED: u32 = 1 << 16;
 /// LVT timer: periodic mode.
 pub const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+/// LVT timer: TSC-deadline mode (CPUID.01H:ECX[24]; SDM 11.5.4.1).
+pub const LVT_TIMER_TSC_DEADLINE: u32 = 2 << 17;
+/// IA32_TSC_DEADLINE MSR (SDM 11.5.4.1).
+pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
 /// Timer divide configuration value for divide-by-1.
 pub const TIMER_DIVIDE_BY_1: u32 = 0b1011;
 /// ICR: delivery status (send pending), xAPIC only.

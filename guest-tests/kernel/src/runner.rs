@@ -154,13 +154,21 @@ fn marker(name: &str) {
     }
 }
 
+/// Name prefix of the benchmarks, which run only when asked for.
+pub const BENCH_PREFIX: &str = "bench_";
+
+/// Whether `filter` (the `tests=` value) selects test `name`: without a
+/// filter every test but the benchmarks; with one, the tests whose name
+/// contains an entry, and a benchmark only through an entry that itself
+/// names `bench` (so `tests=tpr_` does not time `bench_tpr_write`).
 fn selected(name: &str, filter: Option<&str>) -> bool {
+    let bench = name.starts_with(BENCH_PREFIX);
     match filter {
-        None => true,
+        None => !bench,
         Some(f) => f
             .split(',')
             .filter(|p| !p.is_empty())
-            .any(|p| contains(name, p)),
+            .any(|p| contains(name, p) && (!bench || contains(p, "bench"))),
     }
 }
 

@@ -20,6 +20,17 @@ const MCR: u16 = 4;
 const LSR: u16 = 5;
 const LSR_THR_EMPTY: u8 = 1 << 5;
 
+/// Reads COM1's line status register and drops the value: a read without
+/// side effects that every VMM serves in its user space, so the vCPU makes
+/// one round trip there. A host may inject a pending interrupt or NMI only
+/// when a vCPU comes back from such an exit (in-kernel exits and other
+/// vCPUs' kicks do not get it delivered sooner); a loop that waits for one
+/// calls this each time round.
+pub fn exit_to_vmm() {
+    // SAFETY: COM1's line status register; reading it changes nothing.
+    let _ = unsafe { cpu::inb(COM1 + LSR) };
+}
+
 /// Programs 115200 8N1, FIFOs on, UART interrupts off.
 pub fn init() {
     // SAFETY: COM1's registers; no memory effects.

@@ -10,18 +10,29 @@ use std::sync::{Arc, Mutex};
 
 use irqconnect_abi::layout::PV_DOORBELL_SIGNATURE;
 
+use irqconnect::Outcome;
+
 use super::PvConnect;
 use crate::bus::{Access, BusDevice};
+use crate::trace::{Event, Recorder};
 
 /// The doorbell on the port bus.
 pub(crate) struct Doorbell {
     pv: Arc<PvConnect>,
+    trace: Option<Arc<Recorder>>,
 }
 
 impl Doorbell {
-    /// The doorbell of `pv`, ready for the bus.
-    pub(crate) fn shared(pv: &Arc<PvConnect>) -> Arc<Mutex<dyn BusDevice>> {
-        Arc::new(Mutex::new(Self { pv: Arc::clone(pv) }))
+    /// The doorbell of `pv`, ready for the bus; each request is recorded in
+    /// `trace` when given.
+    pub(crate) fn shared(
+        pv: &Arc<PvConnect>,
+        trace: Option<Arc<Recorder>>,
+    ) -> Arc<Mutex<dyn BusDevice>> {
+        Arc::new(Mutex::new(Self {
+            pv: Arc::clone(pv),
+            trace,
+        }))
     }
 }
 
@@ -36,11 +47,24 @@ impl BusDevice for Doorbell {
         }
     }
 
-    fn write(&mut self, _access: Access, offset: u64, data: &[u8]) {
+    fn write(&mut self, access: Access, offset: u64, data: &[u8]) {
         match <[u8; 4]>::try_from(data) {
             Ok(word) if offset == 0 => {
+                let start_ns = self.trace.as_ref().map(|t| t.now());
                 // The outcome is counted and logged inside.
-                let _ = self.pv.doorbell(u32::from_le_bytes(word));
+                let outcome = self.pv.doorbell(u32::from_le_bytes(word));
+                if let (Some(trace), Some(start_ns)) = (&self.trace, start_ns) {
+                    let (opcode, status) = match &outcome {
+                        Outcome::Answered(a) => (Some(a.opcode), Some(a.status)),
+                        Outcome::Unreadable { .. } | Outcome::Unwritable { .. } => (None, None),
+                    };
+                    trace.push(Event::Pv {
+                        vcpu: access.vcpu,
+                        opcode,
+                        status,
+                        start_ns,
+                    });
+                }
             }
             _ => self.pv.bad_access("write", offset, data.len()),
         }
@@ -61,7 +85,7 @@ mod tests {
     #[test]
     fn doorbell_32bit_read_returns_signature() {
         let (pv, _chip, _mem) = pv_with(RecordingChip::working());
-        let dev = Doorbell::shared(&pv);
+        let dev = Doorbell::shared(&pv, None);
         let mut word = [0u8; 4];
         dev.lock().unwrap().read(A, 0, &mut word);
         assert_eq!(word, *b"IRQC");
@@ -71,7 +95,7 @@ mod tests {
     #[test]
     fn doorbell_other_widths_and_offsets_ignored_and_counted() {
         let (pv, chip, mem) = pv_with(RecordingChip::working());
-        let dev = Doorbell::shared(&pv);
+        let dev = Doorbell::shared(&pv, None);
         let mut d = dev.lock().unwrap();
         let mut b1 = [0u8; 1];
         d.read(A, 0, &mut b1);

@@ -325,6 +325,20 @@ pub fn run_vmm_args(args: &[&str]) -> Run {
     run_cmd(cmd, None)
 }
 
+/// Runs `vmm` with `args` and requires exit status 0 (the guest passed);
+/// the panic shows `what` and both outputs.
+pub fn run_vmm_ok(what: &str, args: &[&str]) -> Run {
+    let run = run_vmm_args(args);
+    assert_eq!(
+        run.status,
+        Some(0),
+        "{what}: {}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    run
+}
+
 fn run_cmd(mut cmd: Command, stdin: Option<&[u8]>) -> Run {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if stdin.is_some() {

@@ -1,8 +1,10 @@
 //! The KVM side of user mode: the one raw ioctl kvm-ioctls lacks
-//! (`KVM_INTERRUPT`), the MSR exits that bring x2APIC and IA32_APIC_BASE to
-//! our LAPIC, and the IA32_APIC_BASE mirror KVM needs for CPUID.
+//! (`KVM_INTERRUPT`), the MSR exits that bring x2APIC, IA32_APIC_BASE and
+//! IA32_TSC_DEADLINE to our LAPIC, the IA32_APIC_BASE mirror KVM needs for
+//! CPUID, whether KVM still holds an NMI, and the guest TSC as a clock for
+//! TSC-deadline mode.
 
-use irqchip::lapic::{IA32_APIC_BASE, IA32_TSC_DEADLINE};
+use irqchip::lapic::{IA32_APIC_BASE, IA32_TSC_DEADLINE, TscClock};
 use kvm_bindings::{
     KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
     KVM_MSR_EXIT_REASON_UNKNOWN, KVMIO, Msrs, kvm_enable_cap, kvm_interrupt, kvm_msr_entry,
@@ -67,6 +69,63 @@ pub(super) fn route_msrs_to_user_space(vm: &VmFd) -> Result<()> {
     });
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
         .map_err(Error::kvm("KVM_X86_SET_MSR_FILTER"))
+}
+
+/// Whether KVM holds an NMI it has not delivered: pending, or being
+/// injected (`KVM_GET_VCPU_EVENTS` first moves NMIs queued by `KVM_NMI`
+/// to pending).
+pub(super) fn nmi_held(vcpu: &VcpuFd) -> std::result::Result<bool, kvm_ioctls::Error> {
+    let events = vcpu.get_vcpu_events()?;
+    Ok(events.nmi.pending != 0 || events.nmi.injected != 0)
+}
+
+/// IA32_TIME_STAMP_COUNTER (SDM Vol. 4, Table 2-2).
+const IA32_TSC: u32 = 0x10;
+
+/// The guest's TSC as a function of the LAPIC models' clock (`now()`, ns),
+/// for TSC-deadline mode.
+///
+/// The rate is KVM's for this vCPU (`KVM_GET_TSC_KHZ`), at which the guest
+/// TSC runs whether or not KVM scales it. The offset comes from reading the
+/// guest TSC (IA32_TSC through `KVM_GET_MSRS`; host-initiated, so the MSR
+/// filter does not apply) and then `now()`: the clock maps each instant to
+/// a TSC value no later than the guest's, and with the rate rounded down to
+/// a kHz, a deadline fires no earlier than the guest's TSC reaches it
+/// (later by the read's duration at most). The TSC is read, not set: KVM
+/// keeps the vCPUs' TSCs synchronised from their creation on, and a write
+/// could undo that.
+pub(super) fn tsc_clock(vcpu: &VcpuFd, now: impl FnOnce() -> u64) -> Result<TscClock> {
+    let khz = vcpu.get_tsc_khz().map_err(Error::kvm("KVM_GET_TSC_KHZ"))?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|e| Error::Host {
+        op: "build an MSR list",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let read = vcpu
+        .get_msrs(&mut msrs)
+        .map_err(Error::kvm("KVM_GET_MSRS(IA32_TSC)"))?;
+    let at = now();
+    let tsc = match msrs.as_slice().first() {
+        Some(entry) if read == 1 => entry.data,
+        _ => {
+            return Err(Error::Host {
+                op: "KVM_GET_MSRS(IA32_TSC)",
+                source: std::io::Error::other("KVM returned no value"),
+            });
+        }
+    };
+    let hz = u64::from(khz).saturating_mul(1000);
+    let elapsed = TscClock { hz, tsc_at_zero: 0 }.tsc_at(at);
+    // Negative when KVM started this TSC after the models' clock.
+    let tsc_at_zero =
+        i64::try_from(i128::from(tsc) - i128::from(elapsed)).map_err(|_| Error::Host {
+            op: "KVM_GET_MSRS(IA32_TSC)",
+            source: std::io::Error::other(format!("guest TSC {tsc:#x} out of range")),
+        })?;
+    Ok(TscClock { hz, tsc_at_zero })
 }
 
 /// Tells KVM the vCPU's IA32_APIC_BASE (host-initiated, so the filter does

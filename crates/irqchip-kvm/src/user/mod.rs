@@ -50,6 +50,7 @@ use crate::error::{Error, IrqError};
 use crate::ioapic_host::{Deliver, ErrorLog, Hosted, HostedIoapic, HostsIoapic, IoapicHost};
 use crate::kick::Kicker;
 use crate::timerfd;
+use crate::trace::{TraceEvent, Tracer};
 
 /// What user mode needs to know about the VM.
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +101,7 @@ pub(crate) struct UserChip {
     stopping: AtomicBool,
     counters: Counters,
     errors: ErrorLog,
+    tracer: Tracer,
 }
 
 impl UserChip {
@@ -108,6 +110,7 @@ impl UserChip {
         vm: &VmFd,
         kicker: Arc<Kicker>,
         cfg: UserConfig,
+        tracer: Tracer,
     ) -> Result<Arc<Self>, Error> {
         kvm::route_msrs_to_user_space(vm)?;
         let configs = (0..cfg.cpus).map(|i| LapicConfig {
@@ -117,6 +120,9 @@ impl UserChip {
             directed_eoi: true,
             phys_addr_bits: cfg.phys_addr_bits,
             bus_hz: LAPIC_BUS_HZ,
+            // Each vCPU's thread supplies it (`set_tsc_clock`) before the
+            // vCPU first runs: the guest TSC can only be read once the vCPU
+            // exists.
             tsc: None,
         });
         let mut timers = Vec::with_capacity(cfg.cpus);
@@ -131,7 +137,7 @@ impl UserChip {
             }));
         }
         Ok(Arc::new(Self {
-            ioapic: IoapicHost::new(cfg.storm_threshold, ()),
+            ioapic: IoapicHost::new(cfg.storm_threshold, (), tracer.clone()),
             apics: Mutex::new(ApicSystem::new(configs)),
             wake: (0..cfg.cpus).map(|_| Condvar::new()).collect(),
             timers,
@@ -141,6 +147,7 @@ impl UserChip {
             stopping: AtomicBool::new(false),
             counters: Counters::default(),
             errors: ErrorLog::new("user irqchip"),
+            tracer,
         }))
     }
 
@@ -225,6 +232,21 @@ impl UserChip {
         }
     }
 
+    /// Traces an EOI write of vCPU `index`, before the model takes it: the
+    /// vector it ends is the highest in service (under the APIC lock).
+    fn trace_eoi(&self, apics: &ApicSystem, index: usize) {
+        if !self.tracer.on() {
+            return;
+        }
+        let vector = apics
+            .get(index)
+            .and_then(|l| (16..=u8::MAX).rev().find(|&v| l.is_in_service(v)));
+        self.tracer.emit(|| TraceEvent::Eoi {
+            vcpu: index,
+            vector,
+        });
+    }
+
     /// What a LAPIC register write of vCPU `source` asks of the others.
     fn apply_effect(&self, effect: Option<Effect>, source: usize) {
         match effect {
@@ -232,6 +254,11 @@ impl UserChip {
             Some(Effect::Ipi(message)) => {
                 let mut apics = self.lock_apics();
                 let mut took = apics.deliver(&message, Some(source));
+                self.tracer.emit(|| TraceEvent::Ipi {
+                    from: source,
+                    vector: message.vector,
+                    targets: took,
+                });
                 took.remove(source);
                 self.wake_all_in(&apics, &took);
             }
@@ -250,6 +277,12 @@ impl Deliver for UserChip {
         let mut apics = self.lock_apics();
         for d in deliveries {
             let took = apics.deliver(&d.message, None);
+            self.tracer.emit(|| TraceEvent::PinDelivery {
+                pin: d.pin,
+                vector: d.message.vector,
+                level: d.message.trigger_mode == irqchip::apic_bus::TriggerMode::Level,
+                targets: Some(took),
+            });
             self.wake_all_in(&apics, &took);
         }
     }
@@ -282,6 +315,10 @@ impl Backend for UserChip {
         })?;
         let mut apics = self.lock_apics();
         let took = apics.deliver(&decoded.bus_message(), None);
+        self.tracer.emit(|| TraceEvent::Msi {
+            vector: decoded.bus_message().vector,
+            targets: Some(took),
+        });
         self.wake_all_in(&apics, &took);
         Ok(())
     }
@@ -322,7 +359,15 @@ impl Backend for UserChip {
                 poll_due = true;
             }
         }
-        let fired = apics.with(index, |l| l.tick(now)).unwrap_or(false);
+        let (fired, vector) = apics
+            .with(index, |l| (l.tick(now), l.timer_vector()))
+            .unwrap_or((false, None));
+        if fired && let Some(vector) = vector {
+            self.tracer.emit(|| TraceEvent::Timer {
+                vcpu: index,
+                vector,
+            });
+        }
         self.sync_timer(&apics, index);
         if fired || poll_due {
             self.wake(&apics, index);

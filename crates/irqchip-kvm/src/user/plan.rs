@@ -95,10 +95,15 @@ pub(crate) enum Injection {
 }
 
 /// The injection decision: `ready` is `kvm_run.ready_for_interrupt_injection`
-/// from the last exit (IF set, no shadow, nothing pending in KVM).
-pub(crate) fn injection(deliverable: Option<u8>, ready: bool) -> Injection {
+/// from the last exit (IF set, no shadow, nothing pending in KVM);
+/// `nmi_held` says KVM may hold an NMI it has not delivered yet. An NMI
+/// goes before a maskable interrupt (SDM Vol. 3A 7.9, priority among
+/// simultaneous events), but KVM injects a vector queued with
+/// `KVM_INTERRUPT` ahead of an NMI it holds (it counts the vector as
+/// already injected), so the vector waits for a window after the NMI.
+pub(crate) fn injection(deliverable: Option<u8>, ready: bool, nmi_held: bool) -> Injection {
     match deliverable {
-        Some(vector) if ready => Injection::Inject(vector),
+        Some(vector) if ready && !nmi_held => Injection::Inject(vector),
         Some(_) => Injection::Window,
         None => Injection::Idle,
     }
@@ -161,10 +166,16 @@ mod tests {
 
     #[test]
     fn injection_ready_injects_not_ready_asks_for_window() {
-        assert_eq!(injection(Some(0x41), true), Injection::Inject(0x41));
-        assert_eq!(injection(Some(0x41), false), Injection::Window);
-        assert_eq!(injection(None, true), Injection::Idle);
-        assert_eq!(injection(None, false), Injection::Idle);
+        assert_eq!(injection(Some(0x41), true, false), Injection::Inject(0x41));
+        assert_eq!(injection(Some(0x41), false, false), Injection::Window);
+        assert_eq!(injection(None, true, false), Injection::Idle);
+        assert_eq!(injection(None, false, false), Injection::Idle);
+    }
+
+    #[test]
+    fn injection_while_kvm_holds_an_nmi_waits_for_window() {
+        assert_eq!(injection(Some(0x41), true, true), Injection::Window);
+        assert_eq!(injection(None, true, true), Injection::Idle);
     }
 
     #[test]
@@ -217,15 +228,18 @@ mod tests {
         let _ = l.accept(&Message::fixed_physical(1, 0x51));
         let _ = l.accept(&Message::fixed_physical(1, 0x61));
         assert_eq!(
-            injection(l.highest_deliverable(), true),
+            injection(l.highest_deliverable(), true, false),
             Injection::Inject(0x61)
         );
         assert_eq!(l.acknowledge(), Some(0x61));
         // 0x51 is below the in-service class now: nothing until the EOI.
-        assert_eq!(injection(l.highest_deliverable(), true), Injection::Idle);
+        assert_eq!(
+            injection(l.highest_deliverable(), true, false),
+            Injection::Idle
+        );
         assert_eq!(l.eoi(), None);
         assert_eq!(
-            injection(l.highest_deliverable(), true),
+            injection(l.highest_deliverable(), true, false),
             Injection::Inject(0x51)
         );
     }

@@ -5,11 +5,13 @@
 //! TPR read after a CR8 raise sees it and a TPR written by MMIO is not
 //! overwritten) and notes IF and `ready_for_interrupt_injection`. Then the
 //! exit ([`UserVcpu::on_exit`]): LAPIC MMIO and MSRs to the model, HLT
-//! noted. Before each entry ([`UserVcpu::before_run`]): due timers, INIT and
-//! SIPI, parking (halted without a wake-up, or an AP waiting for SIPI),
-//! NMI, then one vector by `KVM_INTERRUPT` if KVM says the vCPU can take it
-//! now, acknowledged in the LAPIC in the same step; otherwise an
-//! interrupt-window request. CR8 goes back into `kvm_run`.
+//! noted. Before each entry ([`UserVcpu::before_run`]): the LAPIC's TSC
+//! clock (first entry, then once a second), due timers, INIT and SIPI,
+//! parking (halted without a wake-up, or an AP waiting for SIPI), one
+//! `KVM_NMI` per pending NMI, then one vector by `KVM_INTERRUPT` if KVM says
+//! the vCPU can take it now and holds no undelivered NMI of ours (it would
+//! inject the vector first), acknowledged in the LAPIC in the same step;
+//! otherwise an interrupt-window request. CR8 goes back into `kvm_run`.
 //!
 //! ExtINT and SMI are dropped (counted): the 8259 stays masked and there is
 //! no SMM.
@@ -27,6 +29,7 @@ use super::{UserChip, kvm};
 use crate::backend::{ExitAction, VcpuBackend};
 use crate::error::Error;
 use crate::startup;
+use crate::trace::TraceEvent;
 use crate::vcpu::ChipExit;
 
 type Result<T> = std::result::Result<T, Error>;
@@ -35,6 +38,10 @@ type Result<T> = std::result::Result<T, Error>;
 const XAPIC_EOI: u64 = 0xb0;
 /// x2APIC EOI MSR (SDM Vol. 3A Table 11-6).
 const X2APIC_EOI: u32 = 0x80b;
+/// How often the LAPIC's TSC clock is anchored again to the guest TSC, so
+/// the models' clock (CLOCK_MONOTONIC, which NTP may slew) and the TSC
+/// cannot drift apart for long.
+const TSC_CLOCK_RESYNC_NS: u64 = 1_000_000_000;
 
 /// One vCPU's interrupt state, owned by its thread.
 pub(super) struct UserVcpu {
@@ -54,6 +61,10 @@ pub(super) struct UserVcpu {
     /// IA32_APIC_BASE may differ from KVM's copy (initially, and after a
     /// guest write): mirror it before the next entry.
     apic_base_dirty: bool,
+    /// When (model clock) the LAPIC's TSC clock was last anchored.
+    tsc_clock_at: Option<u64>,
+    /// An NMI went to KVM and KVM has not yet been seen without one.
+    nmi_in_kvm: bool,
 }
 
 impl UserVcpu {
@@ -77,6 +88,35 @@ impl UserVcpu {
             ready: false,
             mmio_base,
             apic_base_dirty: true,
+            tsc_clock_at: None,
+            nmi_in_kvm: false,
+        }
+    }
+
+    /// Gives the LAPIC its TSC clock (TSC-deadline mode, offered in CPUID)
+    /// before the vCPU first runs, and anchors it again once a second.
+    fn sync_tsc_clock(&mut self, vcpu: &VcpuFd) {
+        let now = self.chip.now();
+        if self
+            .tsc_clock_at
+            .is_some_and(|at| now.saturating_sub(at) < TSC_CLOCK_RESYNC_NS)
+        {
+            return;
+        }
+        // A failure is retried a second later; meanwhile a first anchoring
+        // that failed leaves TSC-deadline mode unusable (mode 10b ignored,
+        // IA32_TSC_DEADLINE faults).
+        self.tsc_clock_at = Some(now);
+        match kvm::tsc_clock(vcpu, || self.chip.now()) {
+            Ok(clock) => {
+                let mut apics = self.chip.lock_apics();
+                let _ = apics.with(self.index, |l| l.set_tsc_clock(clock));
+                self.chip.sync_timer(&apics, self.index);
+            }
+            Err(e) => self.chip.errors.fail(format_args!(
+                "vcpu {}: the guest TSC clock: {e}",
+                self.index
+            )),
         }
     }
 
@@ -129,6 +169,7 @@ impl UserVcpu {
                 let offset = addr.wrapping_sub(self.mmio_base);
                 if offset == XAPIC_EOI {
                     chip.counters.eois.fetch_add(1, Ordering::Relaxed);
+                    chip.trace_eoi(&apics, self.index);
                 }
                 apics
                     .with(self.index, |l| l.mmio_write(offset, data, now))
@@ -165,6 +206,7 @@ impl UserVcpu {
                 self.apic_base_dirty |= msr == IA32_APIC_BASE;
                 if msr == X2APIC_EOI {
                     chip.counters.eois.fetch_add(1, Ordering::Relaxed);
+                    chip.trace_eoi(&apics, self.index);
                 }
                 apics
                     .with(self.index, |l| l.msr_write(msr, value, now))
@@ -198,6 +240,7 @@ fn msr_index(exit: &ChipExit<'_>) -> u32 {
 impl VcpuBackend for UserVcpu {
     fn before_run(&mut self, vcpu: &mut VcpuFd) -> Result<()> {
         self.mirror_apic_base(vcpu);
+        self.sync_tsc_clock(vcpu);
         let chip = Arc::clone(&self.chip);
         let i = self.index;
         let mut apics = chip.lock_apics();
@@ -206,12 +249,16 @@ impl VcpuBackend for UserVcpu {
                 return Ok(());
             }
             let now = chip.now();
-            let (init, sipi) = apics
+            let (init, sipi, timer) = apics
                 .with(i, |l| {
-                    let _ = l.tick(now);
-                    (l.take_init(), l.take_sipi())
+                    let fired = l.tick(now);
+                    let timer = l.timer_vector().filter(|_| fired);
+                    (l.take_init(), l.take_sipi(), timer)
                 })
-                .unwrap_or((false, None));
+                .unwrap_or((false, None, None));
+            if let Some(vector) = timer {
+                chip.tracer.emit(|| TraceEvent::Timer { vcpu: i, vector });
+            }
             chip.sync_timer(&apics, i);
             let (activity, startup) = plan::startup(self.activity, i == 0, init, sipi);
             self.activity = activity;
@@ -231,17 +278,19 @@ impl VcpuBackend for UserVcpu {
                 break;
             }
             apics.set_parked(i, true);
+            chip.tracer.emit(|| TraceEvent::Park { vcpu: i });
             apics = match chip.wake.get(i) {
                 Some(cv) => cv.wait(apics).unwrap_or_else(PoisonError::into_inner),
                 None => apics,
             };
             apics.set_parked(i, false);
+            chip.tracer.emit(|| TraceEvent::Unpark { vcpu: i });
         }
         self.halted = false;
 
-        let (nmi, smi, extint) = apics
-            .with(i, |l| (l.take_nmi(), l.take_smi(), l.take_extint()))
-            .unwrap_or((false, false, false));
+        let (nmis, smi, extint) = apics
+            .with(i, |l| (l.take_nmis(), l.take_smi(), l.take_extint()))
+            .unwrap_or((0, false, false));
         let ignored = u64::from(smi) + u64::from(extint) + u64::from(self.dropped_sipi);
         if ignored != 0 {
             chip.counters
@@ -249,11 +298,27 @@ impl VcpuBackend for UserVcpu {
                 .fetch_add(ignored, Ordering::Relaxed);
             self.dropped_sipi = false;
         }
-        if nmi && let Err(e) = vcpu.nmi() {
-            chip.errors.fail(format_args!("KVM_NMI on vcpu {i}: {e}"));
+        // One KVM_NMI per pending NMI (at most two): KVM's process_nmi then
+        // keeps one latched behind an NMI in service and drops the rest, as
+        // the processor does.
+        for _ in 0..nmis {
+            if let Err(e) = vcpu.nmi() {
+                chip.errors.fail(format_args!("KVM_NMI on vcpu {i}: {e}"));
+                break;
+            }
+            self.nmi_in_kvm = true;
         }
         let deliverable = apics.get(i).and_then(|l| l.highest_deliverable());
-        if let Injection::Inject(vector) = plan::injection(deliverable, self.ready) {
+        if self.nmi_in_kvm && nmis == 0 && deliverable.is_some() && self.ready {
+            // Before a vector goes in: has KVM delivered the NMIs it got?
+            self.nmi_in_kvm = kvm::nmi_held(vcpu).unwrap_or_else(|e| {
+                chip.errors
+                    .fail(format_args!("KVM_GET_VCPU_EVENTS on vcpu {i}: {e}"));
+                false
+            });
+        }
+        if let Injection::Inject(vector) = plan::injection(deliverable, self.ready, self.nmi_in_kvm)
+        {
             match kvm::interrupt(vcpu, vector) {
                 Ok(()) => {
                     // Acknowledged exactly when injected: IRR -> ISR.
@@ -265,6 +330,10 @@ impl VcpuBackend for UserVcpu {
                         ));
                     }
                     chip.counters.injected.fetch_add(1, Ordering::Relaxed);
+                    chip.tracer.emit(|| TraceEvent::Inject {
+                        vcpu: Some(i),
+                        vector,
+                    });
                     self.ready = false;
                 }
                 // EEXIST: KVM still holds one; the window exit comes later.

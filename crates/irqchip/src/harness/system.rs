@@ -43,6 +43,11 @@
 //!   below 16 is ever requested, in service or level, a disabled APIC holds
 //!   nothing, and an EOI is broadcast exactly for a level vector without
 //!   suppression;
+//! - NMIs are counted as KVM's `process_nmi` and the SDM's NMI latch
+//!   allow: an NMI reaching an enabled APIC (a bus message, or a local
+//!   source in NMI mode) is latched while fewer than two are pending and
+//!   merges into them at two; the vCPU loop takes exactly the count, and
+//!   an INIT or a reset clears it;
 //! - the IOAPIC sends, per pin, exactly what the reference model
 //!   ([`super::pin_model::RefIoapic`]) sends, Remote IRR sits on level pins
 //!   only, and every other observable matches the reference.
@@ -53,7 +58,7 @@ use crate::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, Trigger
 use crate::apic_system::ApicSystem;
 use crate::ioapic::spec::{EOI_OFFSET, IOREGSEL_OFFSET, IOWIN_OFFSET};
 use crate::ioapic::{Ioapic, IoapicOutput, RedirectionEntry};
-use crate::lapic::{AcceptOutcome, Effect, Lapic, LapicConfig, LocalSource};
+use crate::lapic::{AcceptOutcome, Effect, Lapic, LapicConfig, LocalSource, MAX_PENDING_NMIS};
 
 /// Most vCPUs a system input builds.
 pub const MAX_CPUS: usize = 6;
@@ -99,6 +104,8 @@ const LOCAL_SOURCES: [(LocalSource, u16); 5] = [
 
 /// Delivery mode INIT in an LVT or ICR (SDM Vol. 3A 11.5.1).
 const DM_INIT: u32 = 0b101;
+/// Delivery mode NMI in an LVT or ICR (SDM Vol. 3A 11.5.1).
+const DM_NMI: u32 = 0b100;
 
 /// A set of 256 vectors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -279,6 +286,8 @@ struct System {
     /// must show. Cleared when the APIC is reset (INIT, global disable or
     /// enable).
     in_service: Vec<Vectors>,
+    /// Per vCPU: NMIs accepted and not yet taken, as the oracle counts them.
+    nmis: Vec<u8>,
     now: u64,
 }
 
@@ -306,6 +315,7 @@ pub fn run(data: &[u8]) -> Result<(), String> {
         reference: RefIoapic::new(&config),
         apics: ApicSystem::new(configs),
         in_service: vec![Vectors::default(); count],
+        nmis: vec![0; count],
         now: 0,
     };
     let mut step = 0usize;
@@ -329,6 +339,33 @@ impl System {
     fn reset(&mut self, cpu: usize) {
         if let Some(set) = self.in_service.get_mut(cpu) {
             *set = Vectors::default();
+        }
+        if let Some(n) = self.nmis.get_mut(cpu) {
+            *n = 0;
+        }
+    }
+
+    /// An NMI reached `cpu`, which answered `outcome`: latched below the
+    /// limit, merged at it (SDM Vol. 3A 7.7.1's latch behind one in
+    /// service; KVM's `process_nmi` keeps two).
+    fn check_nmi(&mut self, cpu: usize, outcome: AcceptOutcome) -> Result<(), String> {
+        let Some(pending) = self.nmis.get_mut(cpu) else {
+            return Ok(());
+        };
+        let want = if *pending < MAX_PENDING_NMIS {
+            AcceptOutcome::Latched
+        } else {
+            AcceptOutcome::Coalesced
+        };
+        match outcome {
+            AcceptOutcome::Disabled => Ok(()),
+            got if got == want => {
+                *pending = (*pending + 1).min(MAX_PENDING_NMIS);
+                Ok(())
+            }
+            got => Err(format!(
+                "cpu {cpu}: an NMI with {pending} pending answered {got:?}, must be {want:?}"
+            )),
         }
     }
 
@@ -433,13 +470,23 @@ impl System {
             }
             12 => {
                 let cpu = self.cpu_index(input);
-                let pending = self.apics.with(cpu, |l| {
-                    let _ = (l.take_nmi(), l.take_smi(), l.take_init());
+                let taken = self.apics.with(cpu, |l| {
+                    let nmis = l.take_nmis();
+                    let _ = (l.take_smi(), l.take_init());
                     let _ = (l.take_sipi(), l.take_extint());
-                    l.has_pending_event()
+                    (nmis, l.has_pending_event())
                 });
-                if pending == Some(true) {
+                let Some((nmis, pending)) = taken else {
+                    return Ok(());
+                };
+                if pending {
                     return Err(format!("cpu {cpu}: events pending after taking them all"));
+                }
+                let want = self.nmis.get_mut(cpu).map_or(0, core::mem::take);
+                if nmis != want {
+                    return Err(format!(
+                        "cpu {cpu}: the vCPU loop took {nmis} NMIs, {want} were accepted"
+                    ));
                 }
             }
             13 => self.snapshot()?,
@@ -578,6 +625,7 @@ impl System {
                     self.reset(index);
                 }
             }
+            DeliveryMode::Nmi => self.check_nmi(index, outcome)?,
             DeliveryMode::Reserved => {
                 return Err(format!(
                     "reserved-mode message {message:?} reached cpu {index}"
@@ -796,8 +844,13 @@ impl System {
             0
         };
         let outcome = self.apics.with(cpu, |l| l.raise_local(source));
-        if outcome == Some(AcceptOutcome::Latched) && (lvt >> 8) & 7 == DM_INIT {
-            self.reset(cpu);
+        let masked = lvt & (1 << 16) != 0;
+        match (outcome, (lvt >> 8) & 7) {
+            (Some(AcceptOutcome::Latched), DM_INIT) => self.reset(cpu),
+            (Some(outcome), DM_NMI) if before.hw_enabled && !masked => {
+                self.check_nmi(cpu, outcome)?;
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -68,10 +68,7 @@ impl Lapic {
             DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
                 self.request(msg.vector, msg.trigger_mode == TriggerMode::Level)
             }
-            DeliveryMode::Nmi => {
-                self.events.nmi = true;
-                AcceptOutcome::Latched
-            }
+            DeliveryMode::Nmi => self.latch_nmi(),
             DeliveryMode::Smi => {
                 self.events.smi = true;
                 AcceptOutcome::Latched
@@ -172,6 +169,16 @@ impl Lapic {
         }
     }
 
+    /// One more pending NMI, up to [`MAX_PENDING_NMIS`]; an NMI beyond that
+    /// merges into the pending ones (module documentation).
+    pub(super) fn latch_nmi(&mut self) -> AcceptOutcome {
+        if self.events.nmis >= MAX_PENDING_NMIS {
+            return AcceptOutcome::Coalesced;
+        }
+        self.events.nmis += 1;
+        AcceptOutcome::Latched
+    }
+
     pub(super) fn latch_extint(&mut self) -> AcceptOutcome {
         if !self.sw_enabled() {
             bump(&mut self.counters.dropped_messages);
@@ -215,10 +222,7 @@ impl Lapic {
                 self.events.smi = true;
                 AcceptOutcome::Latched
             }
-            DM_NMI => {
-                self.events.nmi = true;
-                AcceptOutcome::Latched
-            }
+            DM_NMI => self.latch_nmi(),
             DM_INIT => {
                 self.init();
                 AcceptOutcome::Latched
@@ -392,8 +396,79 @@ mod tests {
         let outcome = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
         // Assert
         assert_eq!(outcome, AcceptOutcome::Latched);
-        assert!(lapic.take_nmi());
-        assert!(!lapic.take_nmi());
+        assert_eq!(lapic.take_nmis(), 1);
+        assert_eq!(lapic.take_nmis(), 0);
+    }
+
+    #[test]
+    fn accept_two_nmis_before_take_both_pending() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        let first = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        // Act
+        let second = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        // Assert: the second is not lost; the vCPU loop injects both.
+        assert_eq!(
+            (first, second),
+            (AcceptOutcome::Latched, AcceptOutcome::Latched)
+        );
+        assert!(lapic.has_pending_event());
+        assert_eq!(lapic.take_nmis(), 2);
+        assert!(!lapic.has_pending_event());
+    }
+
+    #[test]
+    fn accept_third_nmi_before_take_coalesces() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        // Act
+        let third = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        // Assert: one now, one latched; a third adds no delivery.
+        assert_eq!(third, AcceptOutcome::Coalesced);
+        assert!(third.accepted());
+        assert_eq!(lapic.take_nmis(), MAX_PENDING_NMIS);
+    }
+
+    #[test]
+    fn accept_nmi_after_take_counts_again_from_one() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        let _ = lapic.take_nmis();
+        // Act
+        let outcome = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        // Assert
+        assert_eq!(outcome, AcceptOutcome::Latched);
+        assert_eq!(lapic.take_nmis(), 1);
+    }
+
+    #[test]
+    fn take_nmis_two_pending_drains_both() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        // Act
+        let taken = lapic.take_nmis();
+        // Assert
+        assert_eq!(taken, 2);
+        assert_eq!(lapic.take_nmis(), 0);
+        assert!(!lapic.has_pending_event());
+    }
+
+    #[test]
+    fn accept_init_clears_pending_nmis() {
+        // Arrange
+        let mut lapic = enabled_lapic(1);
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        // Act
+        let _ = lapic.accept(&with_mode(DeliveryMode::Init, 0));
+        // Assert
+        assert_eq!(lapic.take_nmis(), 0);
     }
 
     #[test]
@@ -407,7 +482,7 @@ mod tests {
         let outcome = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
         // Assert
         assert_eq!(outcome, AcceptOutcome::Disabled);
-        assert!(!lapic.take_nmi());
+        assert_eq!(lapic.take_nmis(), 0);
     }
 
     #[test]
@@ -737,7 +812,20 @@ mod tests {
         let outcome = lapic.raise_local(LocalSource::Lint1);
         // Assert
         assert_eq!(outcome, AcceptOutcome::Latched);
-        assert!(lapic.take_nmi());
+        assert_eq!(lapic.take_nmis(), 1);
+    }
+
+    #[test]
+    fn raise_local_lint1_nmi_twice_both_pending() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        set32(&mut lapic, spec::REG_LVT_LINT1, 0x400);
+        let _ = lapic.raise_local(LocalSource::Lint1);
+        // Act
+        let outcome = lapic.raise_local(LocalSource::Lint1);
+        // Assert
+        assert_eq!(outcome, AcceptOutcome::Latched);
+        assert_eq!(lapic.take_nmis(), 2);
     }
 
     #[test]
@@ -761,7 +849,7 @@ mod tests {
         let outcome = lapic.raise_local(LocalSource::Lint1);
         // Assert
         assert_eq!(outcome, AcceptOutcome::Masked);
-        assert!(!lapic.take_nmi());
+        assert_eq!(lapic.take_nmis(), 0);
     }
 
     #[test]

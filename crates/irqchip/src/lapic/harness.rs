@@ -8,12 +8,20 @@
 //! nothing illegal or unacknowledged in the registers, nothing acknowledged
 //! at or below the PPR, the PPR and CR8 as the SDM derives them, an EOI
 //! retiring the highest in-service vector and broadcasting exactly for a
-//! level one without suppression, a disabled APIC holding nothing. A cargo-fuzz
+//! level one without suppression, a disabled APIC holding nothing. NMIs: an
+//! NMI reaching an enabled APIC (bus message or NMI-mode LVT entry) is never
+//! lost while fewer than two are pending and never adds a third; taking them
+//! hands out exactly the count pending. Timer: a register write that
+//! switches the LVT timer between one-shot and periodic leaves the countdown,
+//! the initial count and the current count as they were; one that switches
+//! into or out of TSC-deadline mode leaves nothing armed. A cargo-fuzz
 //! target calls it and panics on `Err`; a stable test replays a corpus
 //! through it. The model itself never panics, so `run` never does either.
 
+use super::spec::{DM_NMI, LvtKind};
+use super::timer::TimerMode;
 use super::vectors::VectorSet;
-use super::{Lapic, LapicConfig, LocalSource, TscClock};
+use super::{AcceptOutcome, Lapic, LapicConfig, LocalSource, MAX_PENDING_NMIS, TscClock};
 use crate::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
 
 /// MSRs the interpreter picks from: IA32_APIC_BASE, IA32_TSC_DEADLINE, every
@@ -84,7 +92,7 @@ pub fn run(data: &[u8]) -> Result<(), String> {
     if flags & 8 != 0 {
         config = config.with_tsc(TscClock {
             hz: input.u64(),
-            tsc_at_zero: input.u64(),
+            tsc_at_zero: input.u64() as i64,
         });
     }
     let mut lapic = Lapic::new(config);
@@ -111,7 +119,12 @@ fn step(
     match input.u8() % 14 {
         0 => {
             let msg = input.message();
-            let _ = lapic.accept(&msg);
+            let nmi = msg.delivery_mode == DeliveryMode::Nmi;
+            let (enabled, before) = (lapic.hw_enabled(), lapic.events.nmis);
+            let outcome = lapic.accept(&msg);
+            if nmi {
+                check_nmi_delivery(lapic, enabled, before, outcome)?;
+            }
         }
         1 => {
             let ppr = lapic.ppr();
@@ -152,7 +165,9 @@ fn step(
             let len = usize::from(input.u8() % 9);
             let value = input.u64().to_le_bytes();
             let data = value.get(..len).unwrap_or(&[]);
+            let probe = TimerProbe::new(lapic, now);
             let _ = lapic.mmio_write(offset, data, now);
+            probe.check(lapic, now)?;
         }
         4 => {
             let offset = u64::from(input.u16() % 0x1100);
@@ -168,7 +183,9 @@ fn step(
                 .copied()
                 .unwrap_or(0);
             let value = input.u64();
+            let probe = TimerProbe::new(lapic, now);
             let _ = lapic.msr_write(msr, value, now);
+            probe.check(lapic, now)?;
         }
         6 => {
             let msr = MSRS
@@ -188,14 +205,28 @@ fn step(
                 3 => LocalSource::Perf,
                 _ => LocalSource::Cmci,
             };
-            let _ = lapic.raise_local(source);
+            let lvt = lapic.lvt(source.lvt());
+            let nmi = !lvt.masked() && lvt.delivery_mode() == DM_NMI;
+            let (enabled, before) = (lapic.hw_enabled(), lapic.events.nmis);
+            let outcome = lapic.raise_local(source);
+            if nmi {
+                check_nmi_delivery(lapic, enabled, before, outcome)?;
+            }
         }
         9 => {
             let _ = lapic.tick(now);
             let _ = lapic.next_deadline();
         }
         10 => {
-            let _ = (lapic.take_nmi(), lapic.take_smi(), lapic.take_init());
+            let pending = lapic.events.nmis;
+            let taken = lapic.take_nmis();
+            if taken != pending || lapic.events.nmis != 0 {
+                return Err(format!(
+                    "take_nmis gave {taken} of {pending} pending, left {}",
+                    lapic.events.nmis
+                ));
+            }
+            let _ = (lapic.take_smi(), lapic.take_init());
             let _ = (lapic.take_sipi(), lapic.take_extint());
         }
         12 => {
@@ -222,7 +253,9 @@ fn step(
             // Any MSR of the x2APIC range, read or written.
             let msr = super::X2APIC_MSR_FIRST + u32::from(input.u8());
             if input.u8() & 1 != 0 {
+                let probe = TimerProbe::new(lapic, now);
                 let _ = lapic.msr_write(msr, input.u64(), now);
+                probe.check(lapic, now)?;
             } else {
                 let _ = lapic.msr_read(msr, now);
             }
@@ -243,7 +276,92 @@ fn step(
     Ok(())
 }
 
+/// An NMI offered to an APIC that was `enabled` with `before` NMIs pending
+/// (SDM Vol. 3A 7.7.1 and KVM's `process_nmi`, as the module documentation
+/// of `lapic` says): an enabled APIC counts it up to two; at two it merges.
+fn check_nmi_delivery(
+    lapic: &Lapic,
+    enabled: bool,
+    before: u8,
+    outcome: AcceptOutcome,
+) -> Result<(), String> {
+    let after = lapic.events.nmis;
+    let expected = if enabled {
+        before.saturating_add(1).min(MAX_PENDING_NMIS)
+    } else {
+        before
+    };
+    let expected_outcome = match (enabled, before >= MAX_PENDING_NMIS) {
+        (false, _) => AcceptOutcome::Disabled,
+        (true, false) => AcceptOutcome::Latched,
+        (true, true) => AcceptOutcome::Coalesced,
+    };
+    if after != expected || outcome != expected_outcome {
+        return Err(format!(
+            "NMI with {before} pending (enabled: {enabled}) gave {outcome:?} and {after} pending, \
+             expected {expected_outcome:?} and {expected}"
+        ));
+    }
+    Ok(())
+}
+
+/// The timer before a register write, for the mode-switch rule: the
+/// write path ticks the timer at `now` before it changes a register, so
+/// `ticked` is what the LVT timer write finds.
+struct TimerProbe {
+    mode: TimerMode,
+    apic_base: u64,
+    ticked: Lapic,
+}
+
+impl TimerProbe {
+    fn new(lapic: &Lapic, now: u64) -> Self {
+        let mut ticked = lapic.clone();
+        let _ = ticked.tick(now);
+        Self {
+            mode: TimerMode::of(lapic.lvt(LvtKind::Timer)),
+            apic_base: lapic.apic_base.into_bits(),
+            ticked,
+        }
+    }
+
+    /// One-shot <-> periodic keeps the countdown; into or out of
+    /// TSC-deadline mode disarms (KVM's `apic_update_lvtt`). An
+    /// IA32_APIC_BASE write that reset the registers is not a mode switch.
+    fn check(&self, lapic: &Lapic, now: u64) -> Result<(), String> {
+        let mode = TimerMode::of(lapic.lvt(LvtKind::Timer));
+        if mode == self.mode || lapic.apic_base.into_bits() != self.apic_base {
+            return Ok(());
+        }
+        let timer = &lapic.timer;
+        if (mode == TimerMode::TscDeadline) != (self.mode == TimerMode::TscDeadline) {
+            if timer.countdown.is_some() || timer.initial_count != 0 || timer.tsc_deadline != 0 {
+                return Err(format!(
+                    "timer still armed after {:?} -> {mode:?}: {timer:?}",
+                    self.mode
+                ));
+            }
+            return Ok(());
+        }
+        let old = &self.ticked;
+        let (count, old_count) = (lapic.timer_current_count(now), old.timer_current_count(now));
+        if timer.countdown != old.timer.countdown
+            || timer.initial_count != old.timer.initial_count
+            || count != old_count
+        {
+            return Err(format!(
+                "{:?} -> {mode:?} changed the countdown: {:?} (count {old_count}) became {timer:?} (count {count})",
+                self.mode, old.timer
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn check(lapic: &Lapic, acknowledged: &VectorSet) -> Result<(), String> {
+    if lapic.events.nmis > MAX_PENDING_NMIS {
+        return Err(format!("{} NMIs pending", lapic.events.nmis));
+    }
     for (name, set) in [
         ("IRR", &lapic.irr),
         ("ISR", &lapic.isr),
@@ -314,6 +432,53 @@ mod tests {
         data.extend([0, 0, 1]);
         data.extend([0, 0, 2]);
         data.extend([0, 0, 11]);
+        // Act
+        let result = run(&data);
+        // Assert
+        assert_eq!(result, Ok(()));
+    }
+
+    /// `now += 0`, then an xAPIC MMIO write of `value` at `offset` (op 3).
+    fn mmio_write(data: &mut Vec<u8>, advance: u16, offset: u16, value: u32) {
+        data.extend(advance.to_le_bytes());
+        data.push(3);
+        data.extend(offset.to_le_bytes());
+        data.push(4);
+        data.extend(u64::from(value).to_le_bytes());
+    }
+
+    #[test]
+    fn run_three_nmis_then_take_ok() {
+        // Arrange: id 1, TSC off; SVR := 0x1ff; three NMI messages (op 0,
+        // flags 4 << 1 = NMI), take (op 10).
+        let mut data = vec![1, 0, 0];
+        mmio_write(&mut data, 0, 0xf0, 0x1ff);
+        for _ in 0..3 {
+            data.extend([0, 0, 0, 4 << 1, 0]);
+        }
+        data.extend([0, 0, 10]);
+        // Act
+        let result = run(&data);
+        // Assert
+        assert_eq!(result, Ok(()));
+    }
+
+    #[test]
+    fn run_timer_mode_switches_ok() {
+        // Arrange: id 0, TSC at 1 GHz; SVR; divide by 1; one-shot 1000 at
+        // t=0; periodic at 400; one-shot at 1400 (after the reload at 1000);
+        // TSC-deadline at 1500; one-shot at 1600.
+        let mut data = vec![0, 0, 8];
+        data.extend(1_000_000_000u64.to_le_bytes());
+        data.extend(0u64.to_le_bytes());
+        mmio_write(&mut data, 0, 0xf0, 0x1ff);
+        mmio_write(&mut data, 0, 0x3e0, 0b1011);
+        mmio_write(&mut data, 0, 0x320, 0xec);
+        mmio_write(&mut data, 0, 0x380, 1000);
+        mmio_write(&mut data, 400, 0x320, (1 << 17) | 0xec);
+        mmio_write(&mut data, 1000, 0x320, 0xec);
+        mmio_write(&mut data, 100, 0x320, (2 << 17) | 0xec);
+        mmio_write(&mut data, 100, 0x320, 0xec);
         // Act
         let result = run(&data);
         // Assert

@@ -211,12 +211,13 @@ mod tests {
 
     #[test]
     fn load_kvm_page_deadline_mode_keeps_initial_count() {
-        // Arrange: regression (proptest): an initial count written before a
-        // switch to TSC-deadline mode was dropped by the load.
+        // Arrange: regression (proptest): a non-zero initial count in
+        // TSC-deadline mode was dropped by the load. (A switch into that
+        // mode clears the count; a loaded page can still carry one.)
         let mut lapic = enabled_lapic_with_tsc(0);
-        let _ = write32(&mut lapic, REG_TIMER_INITIAL, 1, 0);
         set32(&mut lapic, REG_LVT_TIMER, (2 << 17) | 0x31);
-        let page = lapic.to_kvm_page(0);
+        let mut page = lapic.to_kvm_page(0);
+        put(&mut page, REG_TIMER_INITIAL, 1);
         let mut copy = lapic.clone();
         // Act
         copy.load_kvm_page(&page, 0);

@@ -4,7 +4,7 @@
 //! One [`Lapic`] per vCPU. It is a pure state machine: the caller passes the
 //! time (`now`, nanoseconds since VM start) to every entry point that needs
 //! it, and every effect comes back as a value ([`Effect`]), a pending event
-//! the vCPU loop takes (`take_nmi`, `take_init`, `take_sipi`, ...), or a
+//! the vCPU loop takes (`take_nmis`, `take_init`, `take_sipi`, ...), or a
 //! [`Gp`] the caller injects as `#GP(0)`.
 //!
 //! # How a vCPU loop drives it
@@ -16,7 +16,8 @@
 //! message from bus:    lapic.accept(&msg)          // bus_target() says who gets it
 //! LINT pin / PMU ...:  lapic.raise_local(LocalSource::Lint0)
 //! effects:             Effect::Ipi(msg) -> the bus; Effect::EoiBroadcast -> IOAPICs
-//! before entry:        take_init / take_sipi / take_nmi / take_smi / take_extint,
+//! before entry:        take_init / take_sipi / take_nmis (a count: that many
+//!                      KVM_NMIs) / take_smi / take_extint,
 //!                      then if IF=1: lapic.acknowledge() -> inject that vector
 //! CR8 (no in-kernel LAPIC): lapic.set_cr8(kvm_run.cr8) after every exit,
 //!                      kvm_run.cr8 = lapic.cr8() before entry
@@ -61,9 +62,37 @@
 //!   and SIPI (SDM 11.4.7.2). A globally disabled APIC takes nothing.
 //! - Clearing IA32_APIC_BASE bit 11 resets every register to its power-up
 //!   value; re-enabling restores the configured APIC ID (SDM 11.4.3, 11.12.5).
+//! - Pending NMIs are a count, at most [`MAX_PENDING_NMIS`] (2), and
+//!   [`Lapic::take_nmis`] hands the vCPU loop that count to inject, one
+//!   `KVM_NMI` each. The SDM (Vol. 3A 7.7.1, "Handling Multiple NMIs"; 6.7.1
+//!   in editions before the APIC chapter became 11) says
+//!   that while an NMI handler runs, delivery of further NMIs is blocked
+//!   until the next IRET; it does not say how many NMIs that arrive
+//!   meanwhile are kept. KVM keeps one: its `process_nmi` (x86.c) adds the
+//!   queued NMIs to the pending ones and caps them at 2, or at 1 when NMIs
+//!   are blocked (a handler runs) or one is being injected ("one NMI
+//!   running, and one NMI pending after it"). The LAPIC cannot see whether
+//!   the vCPU is inside its NMI handler, so it keeps the larger bound and
+//!   lets KVM apply the smaller one: two NMIs accepted before the vCPU takes
+//!   either are both delivered (one now, one after the handler's IRET), a
+//!   third collapses into them ([`AcceptOutcome::Coalesced`]), and inside a
+//!   handler KVM collapses whatever arrives into one latched NMI.
 //! - Timer: input clock [`LapicConfig::bus_hz`] (1 GHz by default, as KVM's
-//!   in-kernel LAPIC and `irqconnect_abi::layout::LAPIC_BUS_HZ`). Any write
-//!   to the LVT timer that changes its mode disarms the timer (SDM 11.5.4.1).
+//!   in-kernel LAPIC and `irqconnect_abi::layout::LAPIC_BUS_HZ`). An LVT
+//!   timer write that changes the mode disarms the timer only on a change
+//!   into or out of TSC-deadline mode (the initial count is then cleared
+//!   too); between one-shot and periodic the current count keeps counting
+//!   down from where it was and the initial count is kept, a periodic timer
+//!   reloading from it at zero and a one-shot stopping there, and a one-shot
+//!   that already reached zero stays at zero. That is what KVM's in-kernel
+//!   LAPIC does (`apic_update_lvtt`, lapic.c), so a guest sees the same in
+//!   all three irqchip modes. It departs from the SDM's wording: Vol. 3A
+//!   11.5.4.1 ("TSC-Deadline Mode"; 10.5.4.1 in older editions) says "A
+//!   write to the LVT Timer Register that changes the timer mode disarms the
+//!   local APIC timer", for any mode change. The SDM says nothing of the
+//!   counts after a switch between one-shot and periodic (11.5.4 only says
+//!   a one-shot timer "remains at its 0 value until reprogrammed"); there
+//!   too we follow KVM.
 //!   A divide-configuration write while counting keeps the current count and
 //!   continues at the new rate. A periodic timer re-arms from its start time
 //!   (no drift); periods missed because `tick` came late coalesce into one
@@ -109,26 +138,30 @@ pub struct TscClock {
     /// TSC frequency in Hz (KVM: `KVM_GET_TSC_KHZ * 1000`). Zero is treated
     /// as 1 Hz.
     pub hz: u64,
-    /// The guest's TSC value at `now == 0`.
-    pub tsc_at_zero: u64,
+    /// The guest's TSC value at `now == 0`, extended backwards: negative
+    /// when the TSC started after time zero (a vCPU whose TSC KVM started
+    /// at 0 when it was created, after the VMM's clock started). A TSC at
+    /// 2^63 or more at time zero is not representable.
+    pub tsc_at_zero: i64,
 }
 
 impl TscClock {
-    /// The guest TSC at `now` nanoseconds.
+    /// The guest TSC at `now` nanoseconds (modulo 2^64, as the counter).
     pub const fn tsc_at(&self, now: u64) -> u64 {
         let ticks = (now as u128 * self.hz as u128) / timer::NS_PER_SEC;
-        self.tsc_at_zero.wrapping_add(ticks as u64)
+        (self.tsc_at_zero as i128 + ticks as i128) as u64
     }
 
-    /// The first `now` at which the TSC has reached `tsc` (0 if it already
-    /// had at time zero; `u64::MAX` if never representable).
+    /// The first `now` at which the TSC has reached `tsc`, compared as
+    /// unsigned values as the processor does (0 if it already had at time
+    /// zero; `u64::MAX` if never representable).
     pub const fn ns_at(&self, tsc: u64) -> u64 {
-        if tsc <= self.tsc_at_zero {
+        let ticks = tsc as i128 - self.tsc_at_zero as i128;
+        if ticks <= 0 {
             return 0;
         }
         let hz = if self.hz == 0 { 1 } else { self.hz as u128 };
-        let ticks = (tsc - self.tsc_at_zero) as u128;
-        let ns = (ticks * timer::NS_PER_SEC).div_ceil(hz);
+        let ns = (ticks as u128 * timer::NS_PER_SEC).div_ceil(hz);
         if ns > u64::MAX as u128 {
             u64::MAX
         } else {
@@ -137,7 +170,8 @@ impl TscClock {
     }
 }
 
-/// What a local APIC is configured with at creation; constant for its life.
+/// What a local APIC is configured with at creation; constant for its life
+/// but for the TSC clock, which [`Lapic::set_tsc_clock`] may supply later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LapicConfig {
     /// The APIC ID the hardware initialises: the x2APIC ID, whose low 8 bits
@@ -228,7 +262,8 @@ pub enum Gp {
 pub enum AcceptOutcome {
     /// The vector's IRR bit was set.
     Requested,
-    /// The vector was already requested; the two merged.
+    /// The vector was already requested, or [`MAX_PENDING_NMIS`] NMIs were
+    /// already pending; the two merged.
     Coalesced,
     /// An NMI, SMI, INIT, SIPI or ExtINT was latched for the vCPU loop.
     Latched,
@@ -307,10 +342,15 @@ pub struct LapicCounters {
     pub timer_missed_periods: u64,
 }
 
+/// The most NMIs a local APIC holds for its vCPU: one to deliver now and
+/// one latched behind it (see the [module documentation](self)).
+pub const MAX_PENDING_NMIS: u8 = 2;
+
 /// Events the vCPU loop takes instead of injecting a vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct PendingEvents {
-    pub(crate) nmi: bool,
+    /// NMIs accepted and not yet taken, at most [`MAX_PENDING_NMIS`].
+    pub(crate) nmis: u8,
     pub(crate) smi: bool,
     pub(crate) init: bool,
     pub(crate) sipi: Option<u8>,
@@ -462,9 +502,12 @@ impl Lapic {
     // Pending events for the vCPU loop
     // -----------------------------------------------------------------------
 
-    /// Takes a pending NMI.
-    pub fn take_nmi(&mut self) -> bool {
-        core::mem::take(&mut self.events.nmi)
+    /// Takes the pending NMIs: how many the vCPU loop injects now (0, 1 or
+    /// [`MAX_PENDING_NMIS`]), one `KVM_NMI` each; KVM then keeps at most one
+    /// of them latched while the guest's NMI handler runs (see the
+    /// [module documentation](self)).
+    pub fn take_nmis(&mut self) -> u8 {
+        core::mem::take(&mut self.events.nmis)
     }
 
     /// Takes a pending SMI.
@@ -493,7 +536,7 @@ impl Lapic {
     /// Whether any event (NMI, SMI, INIT, SIPI, ExtINT) is pending.
     pub const fn has_pending_event(&self) -> bool {
         let e = &self.events;
-        e.nmi || e.smi || e.init || e.sipi.is_some() || e.extint
+        e.nmis != 0 || e.smi || e.init || e.sipi.is_some() || e.extint
     }
 
     // -----------------------------------------------------------------------
@@ -603,6 +646,21 @@ mod tests {
         assert_eq!(target.apic_id, 0x123);
         assert!(target.x2apic);
         assert_eq!(target.logical_id, (0x12 << 16) | (1 << 3));
+    }
+
+    #[test]
+    fn tsc_clock_started_after_time_zero_reaches_values_later() {
+        // Arrange: a 1 GHz TSC that was 0 at 5000 ns.
+        let clock = TscClock {
+            hz: 1_000_000_000,
+            tsc_at_zero: -5000,
+        };
+        // Act / Assert: unsigned comparison, as the processor's.
+        assert_eq!(clock.tsc_at(5000), 0);
+        assert_eq!(clock.tsc_at(7000), 2000);
+        assert_eq!(clock.ns_at(0), 5000);
+        assert_eq!(clock.ns_at(2000), 7000);
+        assert_eq!(clock.ns_at(u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -182,7 +182,7 @@ fn apply(lapic: &mut Lapic, now: u64, op: &Op) -> String {
         Op::TakeEvents => format!(
             "{:?}",
             (
-                lapic.take_nmi(),
+                lapic.take_nmis(),
                 lapic.take_smi(),
                 lapic.take_init(),
                 lapic.take_sipi(),
@@ -329,7 +329,7 @@ proptest! {
         let r = |i: usize| raw.get(i).copied().unwrap_or(0);
         let mut state = new_lapic().save();
         state.config.bus_hz = r(0);
-        state.config.tsc = Some(TscClock { hz: r(1), tsc_at_zero: r(2) });
+        state.config.tsc = Some(TscClock { hz: r(1), tsc_at_zero: r(2) as i64 });
         state.apic_base = r(3);
         state.tpr = r(4) as u8;
         state.svr = r(5) as u32;

@@ -60,8 +60,8 @@ pub struct TimerState {
 /// Events latched for the vCPU loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EventsState {
-    /// A pending NMI.
-    pub nmi: bool,
+    /// NMIs pending (0..=2; a larger saved value restores as 2).
+    pub nmis: u8,
     /// A pending SMI.
     pub smi: bool,
     /// A pending INIT.
@@ -141,7 +141,7 @@ impl Lapic {
             tsc_deadline_ns,
         } = timer;
         let PendingEvents {
-            nmi,
+            nmis,
             smi,
             init,
             sipi,
@@ -191,7 +191,7 @@ impl Lapic {
                 tsc_deadline_ns: *tsc_deadline_ns,
             },
             events: EventsState {
-                nmi: *nmi,
+                nmis: *nmis,
                 smi: *smi,
                 init: *init,
                 sipi: *sipi,
@@ -241,7 +241,7 @@ impl Lapic {
             tsc_deadline_ns,
         } = *timer;
         let EventsState {
-            nmi,
+            nmis,
             smi,
             init,
             sipi,
@@ -294,7 +294,7 @@ impl Lapic {
                 tsc_deadline_ns,
             },
             events: PendingEvents {
-                nmi,
+                nmis: nmis.min(super::MAX_PENDING_NMIS),
                 smi,
                 init,
                 sipi,
@@ -325,8 +325,32 @@ mod tests {
         let _ = lapic.accept(&fixed(0x02, TriggerMode::Edge));
         let _ = lapic.accept(&with_mode(DeliveryMode::StartUp, 0x12));
         let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
+        let _ = lapic.accept(&with_mode(DeliveryMode::Nmi, 0));
         let _ = lapic.tick(5000);
         lapic
+    }
+
+    #[test]
+    fn save_two_pending_nmis_restores_both() {
+        // Arrange
+        let lapic = busy_lapic();
+        // Act
+        let state = lapic.save();
+        let mut restored = Lapic::restore(&state);
+        // Assert
+        assert_eq!(state.events.nmis, 2);
+        assert_eq!(restored.take_nmis(), 2);
+    }
+
+    #[test]
+    fn restore_pending_nmis_above_limit_clamped() {
+        // Arrange
+        let mut state = busy_lapic().save();
+        state.events.nmis = 200;
+        // Act
+        let mut restored = Lapic::restore(&state);
+        // Assert
+        assert_eq!(restored.take_nmis(), super::super::MAX_PENDING_NMIS);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use super::spec::{
     DivideReg, LvtKind, LvtReg, TIMER_MODE_ONE_SHOT, TIMER_MODE_PERIODIC, TIMER_MODE_TSC_DEADLINE,
 };
-use super::{Lapic, bump};
+use super::{Lapic, TscClock, bump};
 
 /// Nanoseconds per second.
 pub(crate) const NS_PER_SEC: u128 = 1_000_000_000;
@@ -118,6 +118,13 @@ impl Lapic {
         }
     }
 
+    /// The vector the timer requests when it fires: the LVT timer's, or
+    /// `None` while that entry is masked (an expiry then requests nothing).
+    pub fn timer_vector(&self) -> Option<u8> {
+        let lvt = self.lvt(LvtKind::Timer);
+        (!lvt.masked()).then_some(lvt.vector())
+    }
+
     /// Fires the timer if it is due at `now`: the LVT timer vector is
     /// requested unless masked; a periodic timer re-arms from its start time,
     /// a one-shot or TSC-deadline timer disarms. Returns whether it expired.
@@ -164,7 +171,12 @@ impl Lapic {
         let consumed = self.counts_consumed(&cd, now);
         let remaining = match self.timer_mode() {
             TimerMode::TscDeadline => 0,
-            TimerMode::OneShot => initial.saturating_sub(consumed),
+            // The count left in the current period: a one-shot that was
+            // switched from periodic runs out where that period ends.
+            TimerMode::OneShot => {
+                let earlier_periods = u128::from(cd.periods).saturating_mul(initial);
+                initial.saturating_sub(consumed.saturating_sub(earlier_periods))
+            }
             TimerMode::Periodic => initial - consumed % initial,
         };
         u32::try_from(remaining).unwrap_or(u32::MAX)
@@ -199,11 +211,35 @@ impl Lapic {
         }
     }
 
-    /// LVT timer write: a mode change disarms the timer (SDM Vol. 3A 11.5.4.1).
+    /// LVT timer write. A change into or out of TSC-deadline mode disarms
+    /// the timer and clears the initial count; a change between one-shot and
+    /// periodic leaves the countdown and the initial count alone, as KVM's
+    /// `apic_update_lvtt` does (the [module documentation](super) says how
+    /// this departs from the SDM's wording). The caller has already ticked
+    /// the timer at the time of the write, in the old mode, so a countdown
+    /// that ran out before the write has fired and stopped (one-shot) or
+    /// reloaded (periodic). From here: a periodic countdown switched to
+    /// one-shot runs out at the end of its current period and stops; a
+    /// one-shot switched to periodic reloads from the initial count when it
+    /// reaches zero; a one-shot that already stopped stays at zero.
     pub(crate) fn lvt_timer_written(&mut self, old: LvtReg, new: LvtReg) {
-        if TimerMode::of(old) != TimerMode::of(new) {
+        let deadline = |lvt| TimerMode::of(lvt) == TimerMode::TscDeadline;
+        if deadline(old) != deadline(new) {
             self.timer.countdown = None;
+            self.timer.initial_count = 0;
             self.timer.tsc_deadline = 0;
+        }
+    }
+
+    /// Offers TSC-deadline mode from now on, with `tsc` as the guest's TSC:
+    /// for a VMM that learns the guest TSC only once the vCPU exists
+    /// (KVM_GET_TSC_KHZ, IA32_TSC through KVM_GET_MSRS), creates the LAPIC
+    /// without one and calls this before the vCPU first runs. Calling it
+    /// again corrects the clock: an armed deadline is converted anew.
+    pub fn set_tsc_clock(&mut self, tsc: TscClock) {
+        self.config.tsc = Some(tsc);
+        if self.timer.tsc_deadline != 0 {
+            self.timer.tsc_deadline_ns = tsc.ns_at(self.timer.tsc_deadline);
         }
     }
 
@@ -262,6 +298,18 @@ mod tests {
         assert!(fired);
         assert!(lapic.is_requested(0xec));
         assert_eq!(lapic.next_deadline(), None);
+    }
+
+    #[test]
+    fn timer_vector_is_the_lvt_vector_unless_masked() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        // Act / Assert
+        assert_eq!(lapic.timer_vector(), None, "reset state is masked");
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC);
+        assert_eq!(lapic.timer_vector(), Some(0xec));
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC | 1 << 16);
+        assert_eq!(lapic.timer_vector(), None);
     }
 
     #[test]
@@ -405,16 +453,151 @@ mod tests {
     }
 
     #[test]
-    fn lvt_timer_mode_change_disarms() {
+    fn lvt_timer_one_shot_to_periodic_keeps_counting_then_reloads() {
+        // Arrange: 1000 counts of 1 ns from time 0.
+        let mut lapic = enabled_lapic(0);
+        set32(&mut lapic, REG_TIMER_DIVIDE, DIV_1);
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC);
+        let _ = write32(&mut lapic, REG_TIMER_INITIAL, 1000, 0);
+        // Act: periodic at 400, 600 counts left.
+        let _ = write32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xec, 400);
+        let after_switch = read32(&mut lapic, REG_TIMER_CURRENT, 400);
+        let deadline = lapic.next_deadline();
+        let fired = lapic.tick(1000);
+        let reloaded = read32(&mut lapic, REG_TIMER_CURRENT, 1250);
+        // Assert
+        assert_eq!(after_switch, 600);
+        assert_eq!(deadline, Some(1000));
+        assert!(fired);
+        assert!(lapic.is_requested(0xec));
+        assert_eq!(reloaded, 750);
+        assert_eq!(lapic.next_deadline(), Some(2000));
+        assert_eq!(read32(&mut lapic, REG_TIMER_INITIAL, 1250), 1000);
+    }
+
+    #[test]
+    fn lvt_timer_periodic_to_one_shot_counts_to_zero_and_stops() {
+        // Arrange: periodic, 1000 counts; the first period ends at 1000.
+        let mut lapic = enabled_lapic(0);
+        set32(&mut lapic, REG_TIMER_DIVIDE, DIV_1);
+        set32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xec);
+        let _ = write32(&mut lapic, REG_TIMER_INITIAL, 1000, 0);
+        let _ = lapic.tick(1000);
+        let _ = lapic.acknowledge();
+        let _ = lapic.eoi();
+        // Act: one-shot at 1300, in the second period.
+        let _ = write32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC, 1300);
+        let after_switch = read32(&mut lapic, REG_TIMER_CURRENT, 1300);
+        let deadline = lapic.next_deadline();
+        let fired = lapic.tick(2000);
+        // Assert: 700 left, fires once at the end of that period, then 0.
+        assert_eq!(after_switch, 700);
+        assert_eq!(deadline, Some(2000));
+        assert!(fired);
+        assert!(lapic.is_requested(0xec));
+        assert_eq!(lapic.next_deadline(), None);
+        assert_eq!(read32(&mut lapic, REG_TIMER_CURRENT, 2500), 0);
+        assert_eq!(read32(&mut lapic, REG_TIMER_INITIAL, 2500), 1000);
+    }
+
+    #[test]
+    fn lvt_timer_expired_one_shot_to_periodic_stays_zero() {
         // Arrange
         let mut lapic = enabled_lapic(0);
+        set32(&mut lapic, REG_TIMER_DIVIDE, DIV_1);
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC);
+        let _ = write32(&mut lapic, REG_TIMER_INITIAL, 100, 0);
+        let _ = lapic.tick(100);
+        // Act
+        let _ = write32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xec, 150);
+        // Assert
+        assert_eq!(read32(&mut lapic, REG_TIMER_CURRENT, 150), 0);
+        assert_eq!(lapic.next_deadline(), None);
+        assert!(!lapic.tick(10_000));
+        assert_eq!(read32(&mut lapic, REG_TIMER_INITIAL, 150), 100);
+    }
+
+    #[test]
+    fn lvt_timer_due_one_shot_fires_in_old_mode_before_switch() {
+        // Arrange: a one-shot due at 100 that nobody ticked.
+        let mut lapic = enabled_lapic(0);
+        set32(&mut lapic, REG_TIMER_DIVIDE, DIV_1);
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC);
+        let _ = write32(&mut lapic, REG_TIMER_INITIAL, 100, 0);
+        // Act: periodic with another vector at 150.
+        let _ = write32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xd0, 150);
+        // Assert: it fired on its old vector and stopped at zero.
+        assert!(lapic.is_requested(0xec));
+        assert!(!lapic.is_requested(0xd0));
+        assert_eq!(lapic.next_deadline(), None);
+        assert_eq!(read32(&mut lapic, REG_TIMER_CURRENT, 150), 0);
+    }
+
+    #[test]
+    fn lvt_timer_vector_change_same_mode_keeps_countdown() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        set32(&mut lapic, REG_TIMER_DIVIDE, DIV_1);
+        set32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xec);
+        let _ = write32(&mut lapic, REG_TIMER_INITIAL, 1000, 0);
+        // Act
+        let _ = write32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xd0, 300);
+        // Assert
+        assert_eq!(lapic.next_deadline(), Some(1000));
+        assert!(lapic.tick(1000));
+        assert!(lapic.is_requested(0xd0));
+    }
+
+    #[test]
+    fn lvt_timer_into_tsc_deadline_disarms_and_clears_initial_count() {
+        // Arrange
+        let mut lapic = enabled_lapic_with_tsc(0);
+        set32(&mut lapic, REG_TIMER_DIVIDE, DIV_1);
         set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC);
         let _ = write32(&mut lapic, REG_TIMER_INITIAL, 1000, 0);
         // Act
-        let _ = write32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xec, 10);
-        // Assert
-        assert_eq!(lapic.next_deadline(), None);
+        let _ = write32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec, 10);
+        let in_deadline = (
+            lapic.next_deadline(),
+            read32(&mut lapic, REG_TIMER_INITIAL, 10),
+        );
+        let _ = write32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC, 20);
+        // Assert: nothing left to count after the round trip either.
+        assert_eq!(in_deadline, (None, 0));
+        assert_eq!(read32(&mut lapic, REG_TIMER_INITIAL, 20), 0);
         assert_eq!(read32(&mut lapic, REG_TIMER_CURRENT, 20), 0);
+        assert!(!lapic.tick(10_000));
+    }
+
+    #[test]
+    fn lvt_timer_out_of_tsc_deadline_disarms_deadline() {
+        // Arrange: a deadline armed for 5000 ns.
+        let mut lapic = enabled_lapic_with_tsc(0);
+        set32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec);
+        let _ = lapic.msr_write(IA32_TSC_DEADLINE, 1000 + 2 * 5000, 0);
+        // Act
+        let _ = write32(&mut lapic, REG_LVT_TIMER, PERIODIC | 0xec, 10);
+        let _ = write32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec, 20);
+        // Assert
+        assert_eq!(lapic.msr_read(IA32_TSC_DEADLINE, 20), Ok(0));
+        assert_eq!(lapic.next_deadline(), None);
+        assert!(!lapic.tick(10_000));
+        assert!(!lapic.is_requested(0xec));
+    }
+
+    #[test]
+    fn lvt_timer_one_shot_to_reserved_mode_keeps_counting() {
+        // Arrange: mode 11b (reserved, runs as one-shot) is writable by
+        // MMIO when bit 18 exists, i.e. with TSC-deadline support.
+        let mut lapic = enabled_lapic_with_tsc(0);
+        set32(&mut lapic, REG_TIMER_DIVIDE, DIV_1);
+        set32(&mut lapic, REG_LVT_TIMER, ONE_SHOT_VEC);
+        let _ = write32(&mut lapic, REG_TIMER_INITIAL, 1000, 0);
+        // Act
+        let _ = write32(&mut lapic, REG_LVT_TIMER, (3 << 17) | 0xec, 400);
+        // Assert: not a TSC-deadline transition.
+        assert_eq!(read32(&mut lapic, REG_TIMER_CURRENT, 400), 600);
+        assert_eq!(lapic.next_deadline(), Some(1000));
     }
 
     #[test]
@@ -503,6 +686,39 @@ mod tests {
         set32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec);
         // Assert
         assert_eq!(read32(&mut lapic, REG_LVT_TIMER, 0), 0xec);
+    }
+
+    #[test]
+    fn set_tsc_clock_without_config_enables_deadline_mode() {
+        // Arrange
+        let mut lapic = enabled_lapic(0);
+        // Act
+        lapic.set_tsc_clock(TscClock {
+            hz: 1_000_000_000,
+            tsc_at_zero: 500,
+        });
+        set32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec);
+        let write = lapic.msr_write(IA32_TSC_DEADLINE, 500 + 2000, 0);
+        // Assert
+        assert_eq!(read32(&mut lapic, REG_LVT_TIMER, 0), DEADLINE | 0xec);
+        assert_eq!(write, Ok(None));
+        assert_eq!(lapic.next_deadline(), Some(2000));
+    }
+
+    #[test]
+    fn set_tsc_clock_armed_deadline_converted_again() {
+        // Arrange: TSC 2 GHz, 1000 at zero; deadline at TSC 11000 = 5000 ns.
+        let mut lapic = enabled_lapic_with_tsc(0);
+        set32(&mut lapic, REG_LVT_TIMER, DEADLINE | 0xec);
+        let _ = lapic.msr_write(IA32_TSC_DEADLINE, 11_000, 0);
+        // Act: the TSC is at 1 GHz from 1000 after all.
+        lapic.set_tsc_clock(TscClock {
+            hz: 1_000_000_000,
+            tsc_at_zero: 1000,
+        });
+        // Assert
+        assert_eq!(lapic.next_deadline(), Some(10_000));
+        assert_eq!(lapic.msr_read(IA32_TSC_DEADLINE, 0), Ok(11_000));
     }
 
     #[test]

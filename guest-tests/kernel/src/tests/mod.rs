@@ -5,6 +5,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use crate::runner::Test;
 
 mod affinity;
+mod bench;
 mod connect;
 mod disconnect;
 mod ex;
@@ -17,6 +18,7 @@ mod ipi;
 mod lapic;
 mod load;
 mod msgfix;
+mod nmi;
 mod pvfix;
 mod retarget;
 mod rule10;
@@ -31,6 +33,7 @@ mod tpr;
 pub static SUITES: &[&[Test]] = &[
     lapic::TESTS,
     ipi::TESTS,
+    nmi::TESTS,
     tpr::TESTS,
     timer::TESTS,
     ioapic::TESTS,
@@ -47,6 +50,8 @@ pub static SUITES: &[&[Test]] = &[
     load::TESTS,
     ex_load::TESTS,
     hostile::TESTS,
+    // Last, and only when asked for (see `runner::selected`).
+    bench::TESTS,
 ];
 
 static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(1);
