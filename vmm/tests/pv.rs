@@ -237,8 +237,13 @@ fn pv_signature_query_platform_and_header_errors() {
 
         request(a, BLOCK_A, &query_platform());
         expect(a, BLOCK_A + status, STATUS_SUCCESS, 10);
-        // abi_version_max 1, irqchip_mode kernel (0).
-        expect(a, BLOCK_A + off!(QueryPlatform, abi_version_max), 1, 11);
+        // abi_version_max (2), irqchip_mode kernel (0).
+        expect(
+            a,
+            BLOCK_A + off!(QueryPlatform, abi_version_max),
+            u32::from(ABI_VERSION_MAX),
+            11,
+        );
         expect(
             a,
             BLOCK_A + off!(QueryPlatform, flags),
