@@ -25,6 +25,7 @@ use crate::devices::InterruptMode;
 use crate::error::Error;
 use crate::handle::{FIRST_GENERATION, Handle};
 use crate::platform::MAX_OBJECT_QUOTA;
+use crate::processors::ProcessorSet;
 
 /// One connection: the IoConnectInterrupt parameters that were accepted and
 /// the effective mask.
@@ -44,8 +45,12 @@ pub struct Connection {
     pub share_vector: bool,
     /// `FloatingSave`.
     pub floating_save: bool,
-    /// Effective mask: the processors that hold one of its objects.
+    /// Effective mask: the processors of `group` that hold one of its
+    /// objects (bit `b` = processor `64 * group + b`).
     pub mask: u64,
+    /// The processor group of `mask` (0 for a classic CONNECT).
+    #[serde(default)]
+    pub group: u16,
     /// `ServiceRoutine` (guest address).
     pub service_routine: u64,
     /// `ServiceContext` (guest-physical address or 0).
@@ -76,6 +81,11 @@ impl Connection {
         self.mask.count_ones()
     }
 
+    /// The processors holding its objects.
+    pub fn processors(&self) -> ProcessorSet {
+        ProcessorSet::of_group(self.group, self.mask)
+    }
+
     /// True for a connection of a LINE_BASED or MESSAGE_BASED group (its
     /// lead or a member).
     pub fn in_group(&self) -> bool {
@@ -95,44 +105,86 @@ pub fn may_chain(a: &Connection, b: &Connection) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     slot: u32,
-    mask: u64,
+    set: ProcessorSet,
     mode: InterruptMode,
     share: bool,
+}
+
+impl Entry {
+    fn of(slot: u32, c: &Connection) -> Self {
+        Self {
+            slot,
+            set: c.processors(),
+            mode: c.mode,
+            share: c.share_vector,
+        }
+    }
+}
+
+/// Unions of the processors of some connections on one vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Unions {
+    /// Processors with at least one object on the vector.
+    all: ProcessorSet,
+    /// Processors holding an object that does not share the vector.
+    exclusive: ProcessorSet,
+    /// Processors holding a LevelSensitive object.
+    level: ProcessorSet,
+    /// Processors holding a Latched object.
+    latched: ProcessorSet,
+}
+
+impl Unions {
+    fn add(&mut self, e: &Entry) {
+        self.all |= e.set;
+        if !e.share {
+            self.exclusive |= e.set;
+        }
+        match e.mode {
+            InterruptMode::LevelSensitive => self.level |= e.set,
+            InterruptMode::Latched => self.latched |= e.set,
+        }
+    }
+
+    /// The first processor of `set` whose chain a connection with `mode`
+    /// and `share` could not join (rule 9).
+    fn conflict(&self, set: ProcessorSet, mode: InterruptMode, share: bool) -> Option<u32> {
+        let mut conflict = set & self.exclusive;
+        if !share {
+            conflict |= set & self.all;
+        }
+        conflict |= set
+            & match mode {
+                InterruptMode::LevelSensitive => self.latched,
+                InterruptMode::Latched => self.level,
+            };
+        conflict.first()
+    }
 }
 
 /// One vector's connections in connection order, with unions of their masks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct VectorChains {
     entries: Vec<Entry>,
-    /// Processors with at least one object on the vector.
-    all: u64,
-    /// Processors holding an object that does not share the vector.
-    exclusive: u64,
-    /// Processors holding a LevelSensitive object.
-    level: u64,
-    /// Processors holding a Latched object.
-    latched: u64,
+    unions: Unions,
 }
 
 impl VectorChains {
     fn add_to_unions(&mut self, e: &Entry) {
-        self.all |= e.mask;
-        if !e.share {
-            self.exclusive |= e.mask;
-        }
-        match e.mode {
-            InterruptMode::LevelSensitive => self.level |= e.mask,
-            InterruptMode::Latched => self.latched |= e.mask,
-        }
+        self.unions.add(e);
     }
 
     fn recompute_unions(&mut self) {
-        let entries = std::mem::take(&mut self.entries);
-        *self = Self::default();
-        for e in &entries {
-            self.add_to_unions(e);
+        self.unions = self.unions_except(&[]);
+    }
+
+    /// The unions of every connection but those in slots `except`.
+    fn unions_except(&self, except: &[u32]) -> Unions {
+        let mut u = Unions::default();
+        for e in self.entries.iter().filter(|e| !except.contains(&e.slot)) {
+            u.add(e);
         }
-        self.entries = entries;
+        u
     }
 }
 
@@ -215,27 +267,35 @@ impl Registry {
         slot.connection.as_ref()
     }
 
-    /// The first processor of `mask` whose chain on `vector` a connection
+    /// The first processor of `set` whose chain on `vector` a connection
     /// with `mode` and `share` could not join (rule 9), or `None`.
     pub fn sharing_conflict(
         &self,
         vector: u8,
-        mask: u64,
+        set: ProcessorSet,
         mode: InterruptMode,
         share: bool,
     ) -> Option<u32> {
+        self.sharing_conflict_except(vector, set, mode, share, &[])
+    }
+
+    /// [`Registry::sharing_conflict`] as if the connections in the slots of
+    /// `except` were gone (a RETARGET checks a connection's new processors
+    /// against the others).
+    pub fn sharing_conflict_except(
+        &self,
+        vector: u8,
+        set: ProcessorSet,
+        mode: InterruptMode,
+        share: bool,
+        except: &[Handle],
+    ) -> Option<u32> {
         let v = self.vectors.get(&vector)?;
-        let occupied = mask & v.all;
-        let mut conflict = mask & v.exclusive;
-        if !share {
-            conflict |= occupied;
+        if except.is_empty() {
+            return v.unions.conflict(set, mode, share);
         }
-        conflict |= mask
-            & match mode {
-                InterruptMode::LevelSensitive => v.latched,
-                InterruptMode::Latched => v.level,
-            };
-        (conflict != 0).then(|| conflict.trailing_zeros())
+        v.unions_except(&slots_of(except))
+            .conflict(set, mode, share)
     }
 
     /// The live connections of `device`, in slot order.
@@ -261,12 +321,7 @@ impl Registry {
             .get(index)
             .map_or(FIRST_GENERATION, |s| s.generation);
         let handle = Handle::new(index, generation)?;
-        let entry = Entry {
-            slot: u32::try_from(index).ok()?,
-            mask: connection.mask,
-            mode: connection.mode,
-            share: connection.share_vector,
-        };
+        let entry = Entry::of(u32::try_from(index).ok()?, &connection);
         // Nothing can fail from here on.
         if self.free.pop_front().is_none() {
             self.slots.push(Slot {
@@ -402,22 +457,83 @@ impl Registry {
     /// message order (MESSAGE_BASED) or vector order (LINE_BASED); `None`
     /// when `handle` names no live group lead.
     pub fn group(&self, handle: Handle) -> Option<Vec<&Connection>> {
+        Some(
+            self.group_members(handle)?
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect(),
+        )
+    }
+
+    /// [`Registry::group`] with each connection's handle.
+    pub fn group_members(&self, handle: Handle) -> Option<Vec<(Handle, &Connection)>> {
         let lead = self.get(handle)?;
         if !lead.in_group() || lead.lead.is_some() {
             return None;
         }
         let lead_slot = u32::try_from(handle.slot()?).ok()?;
-        let mut all = vec![lead];
+        let mut all = vec![(handle, lead)];
         for &slot in self.members.get(&lead_slot).into_iter().flatten() {
-            all.extend(self.live(slot as usize).map(|(_, c)| c));
+            all.extend(self.live(slot as usize));
         }
-        all.sort_by_key(|c| (c.message, c.vector));
+        all.sort_by_key(|(_, c)| (c.message, c.vector));
         Some(all)
     }
 
     /// Processors with at least one object on `vector`.
-    pub fn vector_mask(&self, vector: u8) -> u64 {
-        self.vectors.get(&vector).map_or(0, |v| v.all)
+    pub fn vector_mask(&self, vector: u8) -> ProcessorSet {
+        self.vector_mask_except(vector, &[])
+    }
+
+    /// Processors with an object on `vector` of a connection other than
+    /// those `except` names.
+    pub fn vector_mask_except(&self, vector: u8, except: &[Handle]) -> ProcessorSet {
+        let Some(v) = self.vectors.get(&vector) else {
+            return ProcessorSet::EMPTY;
+        };
+        if except.is_empty() {
+            v.unions.all
+        } else {
+            v.unions_except(&slots_of(except)).all
+        }
+    }
+
+    /// Gives the live connections `changes` names new masks (their group
+    /// unchanged), keeping their places in every chain: a RETARGET. All or
+    /// nothing: `None` (and nothing changed) when a handle names no live
+    /// connection, a mask is empty, or the objects would exceed the quota.
+    pub fn retarget(&mut self, changes: &[(Handle, u64)]) -> Option<()> {
+        let mut objects = i64::from(self.objects);
+        for &(h, mask) in changes {
+            let c = self.get(h)?;
+            if mask == 0 {
+                return None;
+            }
+            objects += i64::from(mask.count_ones()) - i64::from(c.objects());
+        }
+        if objects < 0 || objects > i64::from(self.quota) {
+            return None;
+        }
+        for &(h, mask) in changes {
+            let slot = u32::try_from(h.slot()?).ok()?;
+            let Some(c) = self
+                .slots
+                .get_mut(slot as usize)
+                .and_then(|s| s.connection.as_mut())
+            else {
+                continue;
+            };
+            c.mask = mask;
+            let (vector, set) = (c.vector, c.processors());
+            if let Some(chains) = self.vectors.get_mut(&vector) {
+                for e in chains.entries.iter_mut().filter(|e| e.slot == slot) {
+                    e.set = set;
+                }
+                chains.recompute_unions();
+            }
+        }
+        self.objects = u32::try_from(objects).ok()?;
+        Some(())
     }
 
     /// Live connections on `vector`.
@@ -438,11 +554,8 @@ impl Registry {
 
     /// The chain on (`cpu`, `vector`): handles in connection order.
     pub fn chain(&self, cpu: u32, vector: u8) -> Vec<Handle> {
-        let Some(bit) = 1u64.checked_shl(cpu) else {
-            return Vec::new();
-        };
         self.on_vector(vector)
-            .filter(|(_, c)| c.mask & bit != 0)
+            .filter(|(_, c)| c.processors().contains(cpu))
             .map(|(h, _)| h)
             .collect()
     }
@@ -600,7 +713,7 @@ impl Registry {
 
     /// Checks the part of the registry's consistency that concerns one
     /// vector: its chain lists only live connections on the vector, with
-    /// their masks, and its mask unions are those of its entries. Part of
+    /// their processors, and its unions are those of its entries. Part of
     /// [`Registry::check_consistency`]; a caller that changed only some
     /// vectors' connections checks those.
     pub fn check_vector(&self, vector: u8) -> Result<(), String> {
@@ -610,13 +723,12 @@ impl Registry {
         let mut fresh = VectorChains::default();
         for e in &v.entries {
             let c = self.live(e.slot as usize).map(|(_, c)| c);
-            if c.is_none_or(|c| c.vector != vector || c.mask != e.mask) {
+            if c.is_none_or(|c| c.vector != vector || c.processors() != e.set) {
                 return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
             }
             fresh.add_to_unions(e);
         }
-        let unions = (fresh.all, fresh.exclusive, fresh.level, fresh.latched);
-        if unions != (v.all, v.exclusive, v.level, v.latched) {
+        if fresh.unions != v.unions {
             return Err(format!("stale mask unions on vector {vector:#x}"));
         }
         Ok(())
@@ -685,12 +797,7 @@ impl Registry {
                 if c.vector != order.vector {
                     return Err(bad("an order list names another vector's connection"));
                 }
-                let entry = Entry {
-                    slot,
-                    mask: c.mask,
-                    mode: c.mode,
-                    share: c.share_vector,
-                };
+                let entry = Entry::of(slot, &c);
                 chains.add_to_unions(&entry);
                 chains.entries.push(entry);
             }
@@ -736,6 +843,14 @@ impl Registry {
         reg.check_consistency().map_err(|what| bad(&what))?;
         Ok(reg)
     }
+}
+
+/// The slots `handles` name (a handle without a slot names none).
+fn slots_of(handles: &[Handle]) -> Vec<u32> {
+    handles
+        .iter()
+        .filter_map(|h| h.slot().and_then(|s| u32::try_from(s).ok()))
+        .collect()
 }
 
 /// One slot in a [`RegistryState`].
@@ -789,7 +904,12 @@ mod tests {
             version: connect_version::FULLY_SPECIFIED,
             lead: None,
             message: None,
+            group: 0,
         }
+    }
+
+    fn set(mask: u64) -> ProcessorSet {
+        ProcessorSet::of_group(0, mask)
     }
 
     fn registry(quota: u32) -> Registry {
@@ -872,13 +992,13 @@ mod tests {
         let mut r = registry(16);
         r.insert(conn(0, 0x70, 0b0100, LEVEL, true));
         r.insert(conn(1, 0x70, 0b1000, LEVEL, false));
-        assert_eq!(r.sharing_conflict(0x70, 0b0011, LEVEL, true), None);
-        assert_eq!(r.sharing_conflict(0x70, 0b0110, LEVEL, false), Some(2));
+        assert_eq!(r.sharing_conflict(0x70, set(0b0011), LEVEL, true), None);
+        assert_eq!(r.sharing_conflict(0x70, set(0b0110), LEVEL, false), Some(2));
         assert_eq!(
-            r.sharing_conflict(0x70, 0b0110, InterruptMode::Latched, true),
+            r.sharing_conflict(0x70, set(0b0110), InterruptMode::Latched, true),
             Some(2)
         );
-        assert_eq!(r.sharing_conflict(0x70, 0b1001, LEVEL, true), Some(3));
+        assert_eq!(r.sharing_conflict(0x70, set(0b1001), LEVEL, true), Some(3));
     }
 
     /// Regression (`connect_sequences` campaign): a group inserted into
@@ -924,5 +1044,44 @@ mod tests {
         }
         let back = Registry::from_state(&r.to_state());
         assert_eq!(back.as_ref(), Ok(&r));
+    }
+
+    #[test]
+    fn registry_groups_keep_chains_apart_and_retarget_keeps_order() {
+        let mut r = registry(16);
+        let a = r.insert(conn(2, 0x70, 0b01, LEVEL, true)).unwrap();
+        let b = r
+            .insert(Connection {
+                group: 1,
+                ..conn(3, 0x70, 0b01, LEVEL, true)
+            })
+            .unwrap();
+        assert_eq!(r.chain(0, 0x70), vec![a]);
+        assert_eq!(r.chain(64, 0x70), vec![b]);
+        assert_eq!(r.vector_mask(0x70).iter().collect::<Vec<_>>(), vec![0, 64]);
+        assert_eq!(
+            r.vector_mask_except(0x70, &[a]).iter().collect::<Vec<_>>(),
+            vec![64]
+        );
+        // A moves onto processors 1 and 2, keeping its place ahead of B.
+        assert_eq!(r.retarget(&[(a, 0b110)]), Some(()));
+        assert_eq!(r.chain(2, 0x70), vec![a]);
+        assert_eq!(
+            r.on_vector(0x70).map(|(h, _)| h).collect::<Vec<_>>(),
+            vec![a, b]
+        );
+        assert_eq!(r.objects_in_use(), 3);
+        assert_eq!(r.check_consistency(), Ok(()));
+        // Beyond the quota, an empty mask or a stale handle: nothing changes.
+        let before = r.clone();
+        assert_eq!(r.retarget(&[(a, u64::MAX)]), None);
+        assert_eq!(r.retarget(&[(a, 0)]), None);
+        assert_eq!(r.retarget(&[(a, 1), (Handle::from_raw(0), 1)]), None);
+        assert_eq!(r, before);
+        assert_eq!(
+            r.sharing_conflict_except(0x70, set(0b110), LEVEL, false, &[a]),
+            None
+        );
+        assert_eq!(r.sharing_conflict(0x70, set(0b110), LEVEL, false), Some(1));
     }
 }
