@@ -5,6 +5,9 @@
 #   $OUT/TARGET                 the libFuzzer binary
 #   $OUT/TARGET_seed_corpus.zip resources/fuzz-corpus/TARGET/* (the checked-in
 #                               replay corpus: seeds, regressions, minimised)
+#   $OUT/TARGET.options         fuzz/options/TARGET.options, when the target
+#                               has one (libFuzzer options the service applies,
+#                               as fuzz/campaign.sh does)
 #
 # Targets are discovered with `cargo fuzz list`, never listed here. Targets
 # that open /dev/kvm are skipped with a printed reason: the service runs
@@ -128,6 +131,10 @@ for t in "${build[@]}"; do
         say "$t: binary and $(find "$seeds" -maxdepth 1 -type f | wc -l) seed inputs"
     else
         say "warning: $t has no seed corpus ($seeds is missing or empty); it starts from nothing"
+    fi
+    if [ -f "$project/fuzz/options/$t.options" ]; then
+        cp "$project/fuzz/options/$t.options" "$OUT/$t.options"
+        say "$t: libFuzzer options of fuzz/options/$t.options"
     fi
 done
 

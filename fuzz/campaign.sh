@@ -1,38 +1,82 @@
 #!/usr/bin/env bash
 # A fuzzing campaign: builds the targets once (cargo fuzz build, AddressSanitizer),
-# snapshots the binaries, then runs each target in turn, one libFuzzer process at
-# a time, for SECONDS seconds, starting from the checked-in seeds.
+# snapshots the binaries, then runs each target in turn, starting from the
+# previous campaigns' corpus and the checked-in seeds.
 #
 #   fuzz/campaign.sh [SECONDS] [TARGET...]      (default: 600, every target)
 #
-# Each run is what `cargo fuzz run TARGET fuzz/corpus/TARGET
-# resources/fuzz-corpus/TARGET -- -max_total_time=SECONDS -jobs=1 -workers=1`
-# does, with the binary built up front so that edits to the crates during a long
-# campaign cannot change or break a later target's build. New corpus entries go
-# to fuzz/corpus/TARGET (git-ignored), crashes to fuzz/artifacts/TARGET, the
-# libFuzzer log to $LOGS/TARGET.log (default /tmp/fuzz-campaign).
+# Each target runs until SECONDS have passed (0: no time limit) or, with
+# RUNS=N, until it has made N executions, whichever comes first. With
+# CORES=1 (the default) that is one libFuzzer process, what `cargo fuzz run
+# TARGET fuzz/corpus/TARGET resources/fuzz-corpus/TARGET --
+# -max_total_time=SECONDS -jobs=1 -workers=1` does. With CORES=N > 1 it is
+# libFuzzer's fork mode (-fork=N): N child processes fuzz at once from one
+# corpus, the parent merges what they find and counts their executions
+# together, so RUNS counts the whole target's executions. A target's options
+# in fuzz/options/TARGET.options (fuzz/target_options.sh) are passed too.
+#
+# The binaries are built up front so that edits to the crates during a long
+# campaign cannot change or break a later target's build. New corpus entries
+# go to fuzz/corpus/TARGET (git-ignored), crashes to fuzz/artifacts/TARGET (a
+# crash ends that target's run and the campaign goes on with the next), the
+# libFuzzer log to $LOGS/TARGET.log (default /tmp/fuzz-campaign). Every run
+# appends one row of the fuzz/README.md campaign table to $LOGS/table.md and
+# its details to $LOGS/summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-600}"
-shift || true
-targets=("$@")
-if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(RUSTC_BOOTSTRAP=1 cargo fuzz list)
-fi
+mapfile -t targets < <(./targets.sh "${@:2}")
+cores="${CORES:-1}"
+runs="${RUNS:-}"
 logs="${LOGS:-/tmp/fuzz-campaign}"
 mkdir -p "$logs/bin"
 RUSTC_BOOTSTRAP=1 cargo fuzz build
+built_from="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- .. || echo +dirty)"
 for t in "${targets[@]}"; do
     cp "target/x86_64-unknown-linux-gnu/release/$t" "$logs/bin/$t"
 done
+[ -f "$logs/table.md" ] || {
+    echo "| target | built from | cores | executions | wall time | exec/s | exec/s per core (CPU time) | cov | ft | corpus at end | crashes | command |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+} >"$logs/table.md"
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t" "../resources/fuzz-corpus/$t"
-    echo "== $t: $seconds s, started $(date -u +%FT%TZ)" | tee -a "$logs/summary.txt"
-    rm -f fuzz-0.log
-    "$logs/bin/$t" -artifact_prefix="$PWD/artifacts/$t/" -max_total_time="$seconds" \
-        -jobs=1 -workers=1 -print_final_stats=1 \
-        "corpus/$t" "../resources/fuzz-corpus/$t" >/dev/null 2>&1 || true
-    mv fuzz-0.log "$logs/$t.log"
-    grep -E "DONE|Done|SUMMARY|panicked|invariant broken|stat::" "$logs/$t.log" | tee -a "$logs/summary.txt" || true
-    echo "corpus: $(ls "corpus/$t" | wc -l) files, $(du -sb "corpus/$t" | cut -f1) bytes" | tee -a "$logs/summary.txt"
+    args=(-artifact_prefix="$PWD/artifacts/$t/" -max_total_time="$seconds" -print_final_stats=1)
+    mapfile -t options < <(./target_options.sh "$t")
+    args+=("${options[@]}")
+    [ -n "$runs" ] && args+=(-runs="$runs")
+    if [ "$cores" -gt 1 ]; then
+        args+=(-fork="$cores")
+    fi
+    shown="CORES=$cores${runs:+ RUNS=$runs} fuzz/campaign.sh $seconds $t"
+    echo "== $t: $shown, started $(date -u +%FT%TZ)" | tee -a "$logs/summary.txt"
+    artifacts_before="$(find "artifacts/$t" -type f | wc -l)"
+    start="$(date +%s)"
+    /usr/bin/time -o "$logs/$t.time" -f '%e %U %S' "$logs/bin/$t" "${args[@]}" \
+        "corpus/$t" "../resources/fuzz-corpus/$t" >"$logs/$t.log" 2>&1 || true
+    wall="$(($(date +%s) - start))"
+    if [ "$cores" -gt 1 ]; then
+        # The parent's last progress line: "#RUNS: cov: C ft: F corp: N ...".
+        last="$(grep -E '^#[0-9]+: cov:' "$logs/$t.log" | tail -n 1 || true)"
+        execs="$(sed -n 's/^#\([0-9]*\): .*/\1/p' <<<"$last")"
+        corpus="$(sed -n 's/.* corp: \([0-9]*\) .*/\1/p' <<<"$last")"
+    else
+        last="$(grep -E '^#[0-9]+' "$logs/$t.log" | tail -n 1 || true)"
+        execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$logs/$t.log")"
+        corpus="$(sed -n 's/.* corp: \([0-9]*\)\/.*/\1/p' <<<"$last")"
+    fi
+    cov="$(sed -n 's/.* cov: \([0-9]*\) .*/\1/p' <<<"$last")"
+    ft="$(sed -n 's/.* ft: \([0-9]*\) .*/\1/p' <<<"$last")"
+    cpu="$(awk 'NF == 3 { print $2 + $3 }' "$logs/$t.time")"
+    crashes="$(($(find "artifacts/$t" -type f | wc -l) - artifacts_before))"
+    rate="$(awk -v e="${execs:-0}" -v w="$wall" 'BEGIN { printf "%d", (w > 0 ? e / w : 0) }')"
+    per_core="$(awk -v e="${execs:-0}" -v c="${cpu:-0}" 'BEGIN { printf "%d", (c > 0 ? e / c : 0) }')"
+    printf '| `%s` | %s | %s | %s | %s s | %s | %s | %s | %s | %s files, %s bytes | %s | `%s` |\n' \
+        "$t" "$built_from" "$cores" "${execs:-?}" "$wall" "$rate" "$per_core" "${cov:-?}" "${ft:-?}" \
+        "$(find "corpus/$t" -type f | wc -l)" "$(du -sb "corpus/$t" | cut -f1)" "$crashes" "$shown" |
+        tee -a "$logs/table.md"
+    {
+        echo "corpus entries (libFuzzer): ${corpus:-?}; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+        grep -E "DONE|INFO: exiting|INFO: fuzzed for|SUMMARY|panicked|invariant broken|stat::" "$logs/$t.log" || true
+    } >>"$logs/summary.txt"
 done

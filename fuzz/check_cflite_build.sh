@@ -4,8 +4,9 @@
 #
 #   - every fuzz target (`cargo fuzz list`) not marked as needing /dev/kvm has
 #     an AddressSanitizer-instrumented libFuzzer binary $OUT/TARGET that starts
-#     and runs its seeds (-runs=0), and $OUT/TARGET_seed_corpus.zip holding
-#     exactly the files of resources/fuzz-corpus/TARGET/;
+#     and runs its seeds (-runs=0), $OUT/TARGET_seed_corpus.zip holding
+#     exactly the files of resources/fuzz-corpus/TARGET/, and, when the
+#     target has fuzz/options/TARGET.options, $OUT/TARGET.options equal to it;
 #   - every target marked in fuzz/Cargo.toml ([package.metadata.needs-kvm]) is
 #     reported as skipped by build.sh, has nothing in $OUT and was not compiled;
 #   - $OUT holds nothing else;
@@ -164,6 +165,12 @@ for t in "${expected[@]}"; do
         fail "$bin -runs=0 on its seed corpus failed"
     fi
     grep -q 'INITED' "$WORK/$t.run.log" || fail "$bin did not run its seed corpus (no INITED line)"
+    options="$copy/fuzz/options/$t.options"
+    if [ -f "$options" ]; then
+        cmp -s "$options" "$OUT/$t.options" || fail "\$OUT/$t.options is not fuzz/options/$t.options"
+    elif [ -e "$OUT/$t.options" ]; then
+        fail "\$OUT/$t.options exists, fuzz/options/$t.options does not"
+    fi
     say "ok $t: $(stat -c %s "$bin") byte binary, $(echo "$have" | wc -l) seeds, all run"
 done
 
@@ -179,7 +186,7 @@ done
 extra="$(cd "$OUT" && for f in *; do
     ok=0
     for t in "${expected[@]}"; do
-        [ "$f" = "$t" ] || [ "$f" = "${t}_seed_corpus.zip" ] && ok=1
+        [ "$f" = "$t" ] || [ "$f" = "${t}_seed_corpus.zip" ] || [ "$f" = "$t.options" ] && ok=1
     done
     [ $ok = 1 ] || echo "$f"
 done)"

@@ -190,6 +190,7 @@ mod tests {
         features: Features {
             x2apic: true,
             tsc_deadline: true,
+            ext_dest_id: true,
         },
     };
 

@@ -24,10 +24,10 @@ use crate::error::{Error, Result};
 use crate::event_loop::{EventLoop, LoopConfig};
 use crate::loader::{self, ModuleImage};
 use crate::report::GuestReport;
-use crate::stats::RunStats;
 use crate::snapshot::{self, Coordinator, Loaded, Snapshotter};
+use crate::stats::RunStats;
 use crate::trace::{self, Recorder};
-use crate::vcpu::{Vcpu, VcpuStats};
+use crate::vcpu::{Vcpu, VcpuShared, VcpuStats};
 use crate::{boot, memory, pv};
 
 /// Guest-physical address of the 3-page TSS area KVM needs on Intel
@@ -81,13 +81,10 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The kernel image: `--kernel` or the embedded guest.
-fn kernel_image(args: &Args) -> Result<(String, Vec<u8>)> {
+fn kernel_image(args: &Args, embedded: &[u8]) -> Result<(String, Vec<u8>)> {
     match &args.kernel {
         Some(path) => Ok((path.display().to_string(), read_file(path)?)),
-        None => Ok((
-            "embedded guest image".to_string(),
-            guest_image::IMAGE.to_vec(),
-        )),
+        None => Ok(("embedded guest image".to_string(), embedded.to_vec())),
     }
 }
 
@@ -161,8 +158,6 @@ fn write_trace(
         })
 }
 
-/// Builds the VM from `args`, runs it to the end and tears it down.
-/// `serial_out` receives the guest's COM1 output.
 /// The arguments of a restored VM: the snapshot's vCPU count, memory and
 /// x2APIC offer, its mode unless `--irqchip` names another.
 fn restored_args(args: &Args, loaded: &Loaded) -> Args {
@@ -179,8 +174,13 @@ fn restored_args(args: &Args, loaded: &Loaded) -> Args {
 }
 
 /// Builds the VM from `args`, runs it to the end and tears it down.
-/// `serial_out` receives the guest's COM1 output.
-pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Finished> {
+/// `serial_out` receives the guest's COM1 output; `embedded` is the kernel
+/// when `--kernel` is absent.
+pub(crate) fn run(
+    args: &Args,
+    serial_out: Box<dyn Write + Send>,
+    embedded: &[u8],
+) -> Result<Finished> {
     // Every check of a snapshot file comes before KVM is opened.
     let loaded = match &args.restore {
         Some(path) => Some(Loaded::read(path)?),
@@ -200,7 +200,7 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
     };
     let (image_name, image) = match &args.restore {
         Some(path) => (format!("snapshot {}", path.display()), Vec::new()),
-        None => kernel_image(args)?,
+        None => kernel_image(args, embedded)?,
     };
     let modules = modules(args)?;
     let cpus = args.cpus as usize;
@@ -319,7 +319,9 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         cpus,
         chip.clone(),
         args.snapshot.is_some(),
-        loaded.as_ref().map_or(0, |l| l.meta.restores.saturating_add(1)),
+        loaded
+            .as_ref()
+            .map_or(0, |l| l.meta.restores.saturating_add(1)),
     )?;
 
     let mut guest_report = GuestReport::new();
@@ -353,11 +355,12 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
         serial_out,
     )?;
     if let (Some(l), Some(state)) = (&loaded, &chip_state) {
-        restore_vm(l, state, &chip, &vcpus, &mut vcpu_chips, &devices, &pv)
-            .map_err(|e| match e {
+        restore_vm(l, state, &chip, &vcpus, &mut vcpu_chips, &devices, &pv).map_err(
+            |e| match e {
                 Error::Restore { .. } => e,
                 other => restore_error(other.to_string()),
-            })?;
+            },
+        )?;
     }
     let snapshotter = Snapshotter {
         path: args.snapshot.clone(),
@@ -398,17 +401,15 @@ pub(crate) fn run(args: &Args, serial_out: Box<dyn Write + Send>) -> Result<Fini
 
     let start = Instant::now();
     let mut threads = Vec::with_capacity(cpus);
+    let shared = VcpuShared {
+        pio: Arc::clone(&devices.pio),
+        mmio: Arc::clone(&devices.mmio),
+        control: Arc::clone(&control),
+        coordinator: Arc::clone(&coordinator),
+        msrs: Arc::clone(&msrs),
+    };
     for (i, (fd, part)) in vcpus.into_iter().zip(vcpu_chips).enumerate() {
-        let vcpu = Vcpu::new(
-            i,
-            fd,
-            part,
-            Arc::clone(&devices.pio),
-            Arc::clone(&devices.mmio),
-            Arc::clone(&control),
-            Arc::clone(&coordinator),
-            Arc::clone(&msrs),
-        );
+        let vcpu = Vcpu::new(i, fd, part, &shared);
         match std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || vcpu.run())
@@ -529,8 +530,7 @@ fn restore_vm(
         .zip(&loaded.vcpus)
         .enumerate()
     {
-        snapshot::vcpu::restore_registers(fd, arch)
-            .map_err(|e| fail(format!("vCPU {i}: {e}")))?;
+        snapshot::vcpu::restore_registers(fd, arch).map_err(|e| fail(format!("vCPU {i}: {e}")))?;
         let state = chip_state
             .vcpus
             .get(i)

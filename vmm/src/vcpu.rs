@@ -78,6 +78,16 @@ pub(crate) struct Vcpu {
     msrs: Arc<Vec<u32>>,
 }
 
+/// What every vCPU thread shares: the buses, the run's control, the
+/// snapshot pause coordinator and the MSRs a snapshot saves.
+pub(crate) struct VcpuShared {
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) coordinator: Arc<Coordinator>,
+    pub(crate) msrs: Arc<Vec<u32>>,
+}
+
 /// What to do after an exit the VMM handled.
 enum Next {
     Continue,
@@ -86,26 +96,17 @@ enum Next {
 }
 
 impl Vcpu {
-    /// vCPU `index` with its part of the chip and the buses.
-    pub(crate) fn new(
-        index: usize,
-        fd: VcpuFd,
-        chip: VcpuChip,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        control: Arc<VmControl>,
-        coordinator: Arc<Coordinator>,
-        msrs: Arc<Vec<u32>>,
-    ) -> Self {
+    /// vCPU `index` with its part of the chip and what every vCPU shares.
+    pub(crate) fn new(index: usize, fd: VcpuFd, chip: VcpuChip, shared: &VcpuShared) -> Self {
         Self {
             index,
             fd,
             chip,
-            pio,
-            mmio,
-            control,
-            coordinator,
-            msrs,
+            pio: Arc::clone(&shared.pio),
+            mmio: Arc::clone(&shared.mmio),
+            control: Arc::clone(&shared.control),
+            coordinator: Arc::clone(&shared.coordinator),
+            msrs: Arc::clone(&shared.msrs),
         }
     }
 

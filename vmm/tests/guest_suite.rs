@@ -24,6 +24,15 @@
 //!   The tests in [`NEEDS_OUR_IOAPIC`] skip there.
 //!
 //! With 1 vCPU the multi-processor tests skip ("needs N CPUs") in every mode.
+//! Two tests need two logical domains ([`TWO_DOMAINS`]: processors no one
+//! destination names together), which 4 vCPUs do not have; the group-1
+//! test needs 65 vCPUs; from 64 vCPUs on no KAFFINITY names an absent
+//! processor ([`ABSENT_CPUS`]).
+//!
+//! At scale (issue 10): the affinity tests (`affinity_`, `scale_`,
+//! `retarget_`) at 16 vCPUs with x2APIC and with xAPIC (the cluster model)
+//! and at 64, the group tests at 128, in every mode, and the whole suite
+//! at 255 vCPUs in user mode.
 //!
 //! The names are the guest suite's (guest-tests/kernel/src/tests/). When a
 //! guest test is added or renamed, update `SUITE` in `tests/common/suite.rs` (and the lists here
@@ -62,7 +71,37 @@ const NEEDS_CPUS: &[(&str, u32)] = &[
     ("ex_message_spread_policy_one_cpu_each", 2),
     ("ex_message_specified_policy_stays_in_mask", 2),
     ("ex_message_synchronize_execution_excludes_isr", 2),
+    ("scale_affinity_cluster_mask_stays_inside", 3),
+    ("scale_affinity_cross_cluster_mask_effective_subset", 4),
+    ("scale_affinity_union_of_sharers_across_clusters", 4),
+    ("scale_group_one_connect_reaches_cpu_64", 65),
+    ("retarget_edge_no_loss_no_duplicate", 2),
+    ("retarget_level_remote_irr_redelivers_to_new_set", 3),
+    ("retarget_shared_vector_keeps_union", 4),
+    ("retarget_message_based_each_message", 2),
 ];
+
+/// Tests that need two logical domains in group 0 (processors no one
+/// destination names together); they skip while every processor is in
+/// processor 1's domain.
+const TWO_DOMAINS: &[&str] = &[
+    "scale_affinity_cross_cluster_mask_effective_subset",
+    "scale_affinity_union_of_sharers_across_clusters",
+];
+
+/// Whether every processor of a `cpus`-vCPU guest is in processor 1's
+/// logical domain (docs/semantics.md, "Destinations"): x2APIC cluster 0
+/// within the route's destination width (8 bits in kernel mode, 15 with
+/// the extended destination ID), or the xAPIC flat model (at most 8
+/// processors; above 8 the guest uses the cluster model, 4 a cluster).
+fn one_domain(mode: Mode, cpus: u32, x2apic: bool) -> bool {
+    let width = if x2apic && mode != Mode::Kernel {
+        15
+    } else {
+        8
+    };
+    cpus <= width
+}
 
 /// Tests whose expectation depends on the LAPIC holding ISR until EOI; the
 /// guest skips them when its boot probe says the host LAPIC does not.
@@ -72,6 +111,11 @@ const EOI_TIMING: &[&str] = &[
     "ioapic_handler_retargets_own_pin",
     "ioapic_handler_switches_own_pin_to_edge",
 ];
+
+/// Tests that run under the ISR quirk but check their EOI-timing part only
+/// where the LAPIC holds ISR until EOI (or with `strict=1`, where that part
+/// fails under KVM's LAPIC).
+const EOI_TIMING_PART: &[&str] = &["retarget_level_remote_irr_redelivers_to_new_set"];
 
 /// The guest's skip reason for [`EOI_TIMING`] when its probe fails.
 const ISR_QUIRK: &str = "host LAPIC does not hold ISR until EOI (acks and EOIs at injection; boot probe), EOI semantics not observable";
@@ -83,6 +127,13 @@ const OUR_IOAPIC_REASON: &str = "storm guard needs our IOAPIC (split/user)";
 
 /// Needs the EOI register of an IOAPIC version 0x20.
 const EOI_REGISTER: &str = "ioapic_eoi_register_clears_remote_irr";
+
+/// Needs a processor a KAFFINITY names that is absent: skips from 64
+/// processors on.
+const ABSENT_CPUS: &str = "connect_absent_cpus_mask_invalid_parameter";
+
+/// The affinity tests, as `--tests` name parts.
+const AFFINITY: &[&str] = &["affinity_", "scale_", "retarget_"];
 
 /// What the expectations need to know of a mode, beyond `Mode` itself.
 trait ModeFacts {
@@ -103,9 +154,10 @@ struct Expected {
     skip: BTreeMap<String, String>,
 }
 
-/// The expected result of the suite in `mode` with `cpus` vCPUs. The
-/// guest checks the ISR probe before the CPU count.
-fn expected(mode: Mode, cpus: u32) -> Expected {
+/// The expected result of the suite in `mode` with `cpus` vCPUs (x2APIC
+/// or not). The guest checks the ISR probe before the CPU count, the CPU
+/// count before the domains.
+fn expected(mode: Mode, cpus: u32, x2apic: bool) -> Expected {
     let mut ok = BTreeSet::new();
     let mut skip = BTreeMap::new();
     for &name in SUITE {
@@ -117,6 +169,12 @@ fn expected(mode: Mode, cpus: u32) -> Expected {
             Some(ISR_QUIRK.to_string())
         } else if cpus < needs {
             Some(format!("needs {needs} CPUs, {cpus} online"))
+        } else if TWO_DOMAINS.contains(&name) && one_domain(mode, cpus, x2apic) {
+            Some(format!(
+                "every processor of group 0 is in processor 1's logical domain ({cpus} processors)"
+            ))
+        } else if name == ABSENT_CPUS && cpus >= 64 {
+            Some("all 64 processors a KAFFINITY names are online".to_string())
         } else if mode == Mode::Kernel && name == EOI_REGISTER {
             Some("IOAPIC version 0x11 has no EOI register".to_string())
         } else if mode == Mode::Kernel && NEEDS_OUR_IOAPIC.contains(&name) {
@@ -208,7 +266,12 @@ fn check_consistent(r: &Run, rep: &Reported, xml: &str, mode: Mode, cpus: u32, x
         rep.banner,
         ctx()
     );
-    let apic = if x2apic { "x2apic mode" } else { "xapic mode" };
+    // The xAPIC cluster model above 8 processors.
+    let apic = match (x2apic, cpus > 8) {
+        (true, _) => "x2apic mode",
+        (false, false) => "xapic mode",
+        (false, true) => "xapic cluster mode",
+    };
     let isr = if mode.kvm_lapic() {
         "ISR held until EOI: NO"
     } else {
@@ -276,14 +339,39 @@ fn check_exact(rep: &Reported, want: &Expected, r: &Run) {
 }
 
 fn suite(mode: Mode, cpus: u32, x2apic: bool) {
+    suite_of(mode, cpus, x2apic, &[]);
+}
+
+/// The tests of the suite whose names contain one of `parts` (the guest's
+/// `--tests` filter; all when empty), checked as [`suite`] does.
+fn suite_of(mode: Mode, cpus: u32, x2apic: bool, parts: &[&str]) {
     if !require_kvm() {
         return;
     }
-    let extra: &[&str] = if x2apic { &[] } else { &["--x2apic", "off"] };
-    let tag = format!("{}-{cpus}-{}", mode.name(), if x2apic { "x2" } else { "x" });
-    let (r, rep, xml) = boot(mode, cpus, extra, &tag);
+    let joined = parts.join(",");
+    let mut extra: Vec<&str> = Vec::new();
+    if !x2apic {
+        extra.extend(["--x2apic", "off"]);
+    }
+    if !parts.is_empty() {
+        extra.extend(["--tests", &joined]);
+    }
+    let tag = format!(
+        "{}-{cpus}-{}{}",
+        mode.name(),
+        if x2apic { "x2" } else { "x" },
+        if parts.is_empty() { "" } else { "-some" }
+    );
+    let (r, rep, xml) = boot(mode, cpus, &extra, &tag);
     check_consistent(&r, &rep, &xml, mode, cpus, x2apic);
-    check_exact(&rep, &expected(mode, cpus), &r);
+    let mut want = expected(mode, cpus, x2apic);
+    if !parts.is_empty() {
+        let named = |n: &String| parts.iter().any(|p| n.contains(p));
+        want.ok.retain(named);
+        want.skip.retain(|n, _| named(n));
+        assert!(!want.ok.is_empty(), "no test named by {parts:?}");
+    }
+    check_exact(&rep, &want, &r);
 }
 
 #[test]
@@ -331,6 +419,76 @@ fn user_mode_four_vcpus_xapic() {
     suite(Mode::User, 4, false);
 }
 
+// Affinity at scale (issue 10): the affinity tests at 16 vCPUs with x2APIC
+// and with xAPIC (the cluster model), at 64, the group tests at 128 (group
+// 1 exists), and the whole suite at 255 in user mode. The README's "Scale"
+// section has their times.
+
+#[test]
+fn kernel_mode_16_vcpus_affinity() {
+    suite_of(Mode::Kernel, 16, true, AFFINITY);
+}
+
+#[test]
+fn split_mode_16_vcpus_affinity() {
+    suite_of(Mode::Split, 16, true, AFFINITY);
+}
+
+#[test]
+fn user_mode_16_vcpus_affinity() {
+    suite_of(Mode::User, 16, true, AFFINITY);
+}
+
+#[test]
+fn kernel_mode_16_vcpus_xapic_affinity() {
+    suite_of(Mode::Kernel, 16, false, AFFINITY);
+}
+
+#[test]
+fn split_mode_16_vcpus_xapic_affinity() {
+    suite_of(Mode::Split, 16, false, AFFINITY);
+}
+
+#[test]
+fn user_mode_16_vcpus_xapic_affinity() {
+    suite_of(Mode::User, 16, false, AFFINITY);
+}
+
+#[test]
+fn kernel_mode_64_vcpus_affinity() {
+    suite_of(Mode::Kernel, 64, true, AFFINITY);
+}
+
+#[test]
+fn split_mode_64_vcpus_affinity() {
+    suite_of(Mode::Split, 64, true, AFFINITY);
+}
+
+#[test]
+fn user_mode_64_vcpus_affinity() {
+    suite_of(Mode::User, 64, true, AFFINITY);
+}
+
+#[test]
+fn kernel_mode_128_vcpus_groups() {
+    suite_of(Mode::Kernel, 128, true, &["scale_group_"]);
+}
+
+#[test]
+fn split_mode_128_vcpus_groups() {
+    suite_of(Mode::Split, 128, true, &["scale_group_"]);
+}
+
+#[test]
+fn user_mode_128_vcpus_groups() {
+    suite_of(Mode::User, 128, true, &["scale_group_"]);
+}
+
+#[test]
+fn user_mode_255_vcpus_whole_suite() {
+    suite(Mode::User, 255, true);
+}
+
 /// The evidence for the ISR quirk: told to ignore its probe, the guest
 /// fails exactly the EOI-timing tests under KVM's in-kernel irqchip, and
 /// nothing else changes.
@@ -342,27 +500,33 @@ fn kernel_mode_strict_fails_exactly_the_eoi_timing_tests() {
     let (r, rep, xml) = boot(Mode::Kernel, 4, &["--cmdline", "strict=1"], "strict-kernel");
     check_consistent(&r, &rep, &xml, Mode::Kernel, 4, true);
     let failed: BTreeSet<&str> = rep.fail.keys().map(String::as_str).collect();
-    let timing: BTreeSet<&str> = EOI_TIMING.iter().copied().collect();
+    let timing: BTreeSet<&str> = EOI_TIMING.iter().chain(EOI_TIMING_PART).copied().collect();
     assert_eq!(failed, timing, "{}", r.stdout);
     assert!(
         rep.fail["lapic_isr_set_in_handler_cleared_by_eoi"].contains("not set in its handler"),
         "{:?}",
         rep.fail
     );
-    let normal = expected(Mode::Kernel, 4);
+    let mut normal = expected(Mode::Kernel, 4, true);
+    normal.ok.retain(|n| !EOI_TIMING_PART.contains(&n.as_str()));
     assert_eq!(rep.ok, normal.ok, "{}", r.stdout);
+    // The usual skips but the EOI-timing ones (which ran, and failed).
     let skips: BTreeSet<&str> = rep.skip.keys().map(String::as_str).collect();
-    let want: BTreeSet<&str> = [EOI_REGISTER]
-        .into_iter()
-        .chain(NEEDS_OUR_IOAPIC.iter().copied())
+    let want: BTreeSet<&str> = normal
+        .skip
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !EOI_TIMING.contains(n))
         .collect();
+    assert!(want.contains(EOI_REGISTER), "{want:?}");
     assert_eq!(skips, want, "{}", r.stdout);
 }
 
 /// Split mode has KVM's LAPIC too: with `strict=1` the ISR test fails with
 /// the same observation (ISR clear inside the handler), every failure is an
-/// EOI-timing test, and every other test passes as usual. (How many of the
-/// other three fail depends on when the EOI exit reaches our IOAPIC.)
+/// EOI-timing test ([`EOI_TIMING`], [`EOI_TIMING_PART`]), and every other
+/// test passes as usual. (How many of the others fail depends on when the
+/// EOI exit reaches our IOAPIC.)
 #[test]
 fn split_mode_strict_shows_the_same_lapic_quirk() {
     if !require_kvm() {
@@ -377,23 +541,28 @@ fn split_mode_strict_shows_the_same_lapic_quirk() {
         "{}",
         r.stdout
     );
-    assert!(
-        rep.fail.keys().all(|n| EOI_TIMING.contains(&n.as_str())),
-        "{:?}",
-        rep.fail
-    );
-    let normal = expected(Mode::Split, 4);
+    let timing =
+        |n: &String| EOI_TIMING.contains(&n.as_str()) || EOI_TIMING_PART.contains(&n.as_str());
+    assert!(rep.fail.keys().all(timing), "{:?}", rep.fail);
+    let mut normal = expected(Mode::Split, 4, true);
+    normal.ok.retain(|n| !timing(n));
     assert!(normal.ok.is_subset(&rep.ok), "{}", r.stdout);
-    assert!(rep.skip.is_empty(), "{:?}", rep.skip);
+    // The usual skips but the EOI-timing ones.
+    let usual: BTreeMap<String, String> = normal
+        .skip
+        .into_iter()
+        .filter(|(n, _)| !EOI_TIMING.contains(&n.as_str()))
+        .collect();
+    assert_eq!(rep.skip, usual, "{}", r.stdout);
 }
 
 /// The three modes' expectations differ only by the two documented causes.
 #[test]
 fn expected_results_differ_between_modes_only_by_documented_causes() {
     for cpus in [1, 4] {
-        let user = expected(Mode::User, cpus);
-        let split = expected(Mode::Split, cpus);
-        let kernel = expected(Mode::Kernel, cpus);
+        let user = expected(Mode::User, cpus, true);
+        let split = expected(Mode::Split, cpus, true);
+        let kernel = expected(Mode::Kernel, cpus, true);
         let timing: BTreeSet<String> = EOI_TIMING.iter().map(|s| s.to_string()).collect();
         let only_user: BTreeSet<String> = user.ok.difference(&split.ok).cloned().collect();
         assert!(only_user.is_subset(&timing), "{only_user:?}");
@@ -410,9 +579,18 @@ fn expected_results_differ_between_modes_only_by_documented_causes() {
         assert_eq!(only_split, ours);
         assert!(kernel.ok.is_subset(&split.ok));
     }
-    // With 4 vCPUs every test passes in user mode.
-    assert_eq!(expected(Mode::User, 4).ok.len(), SUITE.len());
-    assert!(expected(Mode::User, 4).skip.is_empty());
+    // With 4 vCPUs every test passes in user mode but those that need more
+    // processors or two logical domains.
+    let four = expected(Mode::User, 4, true);
+    let skipped: BTreeSet<&str> = four.skip.keys().map(String::as_str).collect();
+    let wider: BTreeSet<&str> = NEEDS_CPUS
+        .iter()
+        .filter(|(_, n)| *n > 4)
+        .map(|(name, _)| *name)
+        .chain(TWO_DOMAINS.iter().copied())
+        .collect();
+    assert_eq!(skipped, wider);
+    assert_eq!(four.ok.len() + four.skip.len(), SUITE.len());
 }
 
 #[test]

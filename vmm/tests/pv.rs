@@ -22,8 +22,8 @@ use irqconnect_abi::ntstatus::{
     STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_SUCCESS,
 };
 use irqconnect_abi::pv::{
-    Connect, Disconnect, InterruptResource, QueryPlatform, QueryResources, QueryRoute,
-    RequestHeader, interrupt_mode, opcode, platform_flags,
+    ABI_VERSION_MAX, Connect, Disconnect, InterruptResource, QueryPlatform, QueryResources,
+    QueryRoute, RequestHeader, interrupt_mode, opcode, platform_flags,
 };
 use zerocopy::{FromZeros, Immutable, IntoBytes};
 
@@ -237,8 +237,13 @@ fn pv_signature_query_platform_and_header_errors() {
 
         request(a, BLOCK_A, &query_platform());
         expect(a, BLOCK_A + status, STATUS_SUCCESS, 10);
-        // abi_version_max 1, irqchip_mode kernel (0).
-        expect(a, BLOCK_A + off!(QueryPlatform, abi_version_max), 1, 11);
+        // abi_version_max (2), irqchip_mode kernel (0).
+        expect(
+            a,
+            BLOCK_A + off!(QueryPlatform, abi_version_max),
+            u32::from(ABI_VERSION_MAX),
+            11,
+        );
         expect(
             a,
             BLOCK_A + off!(QueryPlatform, flags),
@@ -264,9 +269,9 @@ fn pv_signature_query_platform_and_header_errors() {
         expect(a, BLOCK_B + status, STATUS_INVALID_PARAMETER, 20);
         expect(a, BLOCK_B + off!(QueryPlatform, cpu_count), 0, 21);
         // Unknown ABI version: STATUS_INVALID_PARAMETER_1.
-        let mut v2 = query_platform();
-        v2.header.abi_version = 2;
-        request(a, BLOCK_C, &v2);
+        let mut v3 = query_platform();
+        v3.header.abi_version = ABI_VERSION_MAX + 1;
+        request(a, BLOCK_C, &v3);
         expect(a, BLOCK_C + status, STATUS_INVALID_PARAMETER_1, 22);
 
         // No RAM behind these: no answer, the VMM goes on.

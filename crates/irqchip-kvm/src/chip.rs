@@ -128,6 +128,7 @@ impl IrqchipBuilder {
                 Mode::Kernel | Mode::Split => Cap::TscDeadlineTimer,
                 Mode::User => Cap::GetTscKhz,
             }),
+            ext_dest_id: self.mode.msi_format() == irqchip::msi::MsiFormat::ExtendedDestinationId,
         };
         let backend: Arc<dyn Backend> = match self.mode {
             Mode::Kernel => kernel::KernelChip::create(Arc::clone(&self.vm), tracer.clone())?,

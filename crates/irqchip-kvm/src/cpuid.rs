@@ -9,7 +9,11 @@
 //! - leaf 1 ECX bit 21: x2APIC, as the chip was built ([`Features::x2apic`]);
 //! - leaf 1 ECX bit 24: TSC-deadline mode of the LAPIC timer, where the chip
 //!   has it ([`Features::tsc_deadline`]);
-//! - leaves 0xB and 0x1F, every sub-leaf present: EDX = the x2APIC ID.
+//! - leaves 0xB and 0x1F, every sub-leaf present: EDX = the x2APIC ID;
+//! - KVM's feature leaf 0x4000_0001, when present, EAX bit 15
+//!   (`KVM_FEATURE_MSI_EXT_DEST_ID`): IOAPIC entries and MSI addresses carry
+//!   destination bits 8..14 ([`Features::ext_dest_id`]; the leaf is KVM's
+//!   paravirtual CPUID, `Documentation/virt/kvm/x86/cpuid.rst`).
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -21,6 +25,12 @@ pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 pub const LEAF1_EDX_APIC: u32 = 1 << 9;
 /// Leaf 1 EBX: the initial APIC ID's position (bits 24..31).
 const LEAF1_EBX_APIC_ID_SHIFT: u32 = 24;
+/// KVM's paravirtual feature leaf (`KVM_CPUID_FEATURES`).
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// `KVM_CPUID_FEATURES` EAX: `KVM_FEATURE_MSI_EXT_DEST_ID`, the extended
+/// destination ID in IOAPIC entries (bits 49..55) and MSI addresses (bits
+/// 5..11).
+pub const KVM_FEATURE_MSI_EXT_DEST_ID: u32 = 1 << 15;
 
 /// What the chip offers the guest ([`crate::Irqchip::cpuid_features`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,6 +40,9 @@ pub struct Features {
     /// The LAPIC timer has TSC-deadline mode (kernel and split: KVM's
     /// `KVM_CAP_TSC_DEADLINE_TIMER`).
     pub tsc_deadline: bool,
+    /// Destinations wider than 8 bits travel as the extended destination
+    /// ID (split and user: our IOAPIC decodes it; `Mode::msi_format`).
+    pub ext_dest_id: bool,
 }
 
 /// Writes the chip's bits (see the module documentation) into `entries`,
@@ -42,7 +55,7 @@ pub struct Features {
 /// use kvm_bindings::kvm_cpuid_entry2;
 ///
 /// let mut entries = [kvm_cpuid_entry2 { function: 1, ..Default::default() }];
-/// let features = Features { x2apic: true, tsc_deadline: false };
+/// let features = Features { x2apic: true, tsc_deadline: false, ext_dest_id: false };
 /// cpuid::apply(&mut entries, 3, features);
 /// assert_eq!(entries[0].ebx >> 24, 3);
 /// assert_ne!(entries[0].ecx & LEAF1_ECX_X2APIC, 0);
@@ -58,6 +71,13 @@ pub fn apply(entries: &mut [kvm_cpuid_entry2], apic_id: u32, features: Features)
                 set_bit(&mut e.ecx, LEAF1_ECX_TSC_DEADLINE, features.tsc_deadline);
             }
             0xb | 0x1f => e.edx = apic_id,
+            KVM_CPUID_FEATURES => {
+                set_bit(
+                    &mut e.eax,
+                    KVM_FEATURE_MSI_EXT_DEST_ID,
+                    features.ext_dest_id,
+                );
+            }
             _ => {}
         }
     }
@@ -130,6 +150,7 @@ mod tests {
             Features {
                 x2apic: true,
                 tsc_deadline: true,
+                ext_dest_id: false,
             },
         );
 
@@ -147,5 +168,20 @@ mod tests {
         e.eax = 0;
         assert_eq!(phys_addr_bits(&[e]), 36);
         assert_eq!(phys_addr_bits(&[]), 36);
+    }
+
+    #[test]
+    fn unit_apply_offers_the_extended_destination_id_in_kvms_feature_leaf() {
+        let mut e = [leaf(KVM_CPUID_FEATURES, 0), leaf(1, 0)];
+        e[0].eax = 1;
+        let on = Features {
+            ext_dest_id: true,
+            ..Features::default()
+        };
+
+        apply(&mut e, 0, on);
+        assert_eq!(e[0].eax, 1 | KVM_FEATURE_MSI_EXT_DEST_ID, "other bits kept");
+        apply(&mut e, 0, Features::default());
+        assert_eq!(e[0].eax, 1);
     }
 }

@@ -138,13 +138,15 @@ impl PinBits {
 }
 
 impl<S: Send> IoapicHost<S> {
-    /// A reset IOAPIC reporting storms past `storm_threshold`, with the
-    /// mode's `state`.
+    /// A reset IOAPIC reporting storms past `storm_threshold`, decoding the
+    /// extended destination ID (entry bits 49..55: split and user modes
+    /// offer it, `Mode::msi_format`), with the mode's `state`.
     pub(crate) fn new(storm_threshold: u32, state: S, tracer: Tracer) -> Self {
         Self {
             hosted: Mutex::new(Hosted {
                 ioapic: Ioapic::new(IoapicConfig {
                     storm_threshold,
+                    ext_dest_id: true,
                     ..IoapicConfig::default()
                 }),
                 mode: state,

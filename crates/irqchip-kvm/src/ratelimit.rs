@@ -8,9 +8,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Messages let through before the limit applies.
-const BURST: u32 = 5;
+pub const BURST: u32 = 5;
 /// At most one message per this interval after the burst.
-const INTERVAL: Duration = Duration::from_secs(1);
+pub const INTERVAL: Duration = Duration::from_secs(1);
 
 /// A per-call-site limiter.
 ///

@@ -2,7 +2,17 @@
 //!
 //! - Setup: `KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, 24)` before any vCPU
 //!   exists (KVM then creates an in-kernel LAPIC per vCPU and no PIC or
-//!   IOAPIC), and one KVM MSI route per pin on GSI == pin.
+//!   IOAPIC), `KVM_ENABLE_CAP(KVM_CAP_X2APIC_API, USE_32BIT_IDS)`, and one
+//!   KVM MSI route per pin on GSI == pin.
+//! - Destinations: our IOAPIC decodes the extended destination ID (entry
+//!   bits 49..55) and the guest's message-signaled devices are programmed
+//!   with it (MSI address bits 5..11). KVM reads no destination bits from an
+//!   MSI address's low dword beyond the SDM's 8 (`x86_msi_msg_get_destid`
+//!   takes bits 8..31 from the high dword, and only with 32-bit IDs
+//!   enabled), so every route and every `KVM_SIGNAL_MSI` goes to KVM in its
+//!   x2APIC format ([`MsiFormat::X2apicApi`]). The broadcast quirk stays on:
+//!   destination 0xFF from the IOAPIC or an MSI is a broadcast, as in
+//!   kernel mode and in our APIC bus.
 //! - The model runs in an [`IoapicHost`] whose lock also holds the
 //!   generation of the routes KVM holds. After every model operation, still
 //!   under the lock, [`SplitChip`]'s [`Deliver`]:
@@ -53,8 +63,9 @@ use irqchip::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, Trigg
 use irqchip::ioapic::{Delivery, Ioapic, NUM_PINS};
 use irqchip::msi::{self, Msi, MsiFormat};
 use kvm_bindings::{
-    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
-    KvmIrqRouting, kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msi,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE, KVM_X2APIC_API_USE_32BIT_IDS, KvmIrqRouting, kvm_enable_cap,
+    kvm_irq_routing_entry, kvm_mp_state, kvm_msi,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::timerfd::TimerFd;
@@ -121,6 +132,13 @@ impl SplitChip {
         cap.args[0] = NUM_PINS as u64;
         vm.enable_cap(&cap)
             .map_err(Error::kvm("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+        let mut x2apic_api = kvm_enable_cap {
+            cap: KVM_CAP_X2APIC_API,
+            ..Default::default()
+        };
+        x2apic_api.args[0] = u64::from(KVM_X2APIC_API_USE_32BIT_IDS);
+        vm.enable_cap(&x2apic_api)
+            .map_err(Error::kvm("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)"))?;
         let ioapic = IoapicHost::new(
             storm_threshold,
             Routes {
@@ -311,7 +329,7 @@ fn routing_table(ioapic: &Ioapic) -> Result<KvmIrqRouting, String> {
     let entries = (0..NUM_PINS as u8)
         .map(|pin| {
             ioapic
-                .msi_route(pin, MsiFormat::Compatibility)
+                .msi_route(pin, KVM_FORMAT)
                 .map(|route| route_entry(pin, route))
                 .map_err(|e| format!("pin {pin}: {e}"))
         })
@@ -319,9 +337,17 @@ fn routing_table(ioapic: &Ioapic) -> Result<KvmIrqRouting, String> {
     KvmIrqRouting::from_entries(&entries).map_err(|e| format!("{e:?}"))
 }
 
+/// How destinations travel to KVM: its x2APIC route format (see the
+/// module documentation).
+const KVM_FORMAT: MsiFormat = MsiFormat::X2apicApi;
+
+/// The format of the MSIs the guest's devices send (the extended
+/// destination ID, `Mode::msi_format`).
+const GUEST_FORMAT: MsiFormat = irqchip::Mode::Split.msi_format();
+
 /// The `KVM_SIGNAL_MSI` payload of a message our IOAPIC sends.
 fn kvm_msi_for(message: &Message) -> Result<kvm_msi, irqchip::Error> {
-    msi::for_message(message, MsiFormat::Compatibility).map(kvm_msi_of)
+    msi::for_message(message, KVM_FORMAT).map(kvm_msi_of)
 }
 
 impl HostsIoapic for SplitChip {
@@ -340,6 +366,12 @@ impl Backend for SplitChip {
     }
 
     fn signal_msi(&self, msi: Msi) -> Result<(), IrqError> {
+        let guest = msi;
+        let msi = msi::convert(msi, GUEST_FORMAT, KVM_FORMAT).map_err(|e| IrqError::BadMsi {
+            address: msi.address,
+            data: msi.data,
+            why: e.to_string(),
+        })?;
         let vector = msi_vector(msi);
         self.tracer.emit(|| TraceEvent::Msi {
             vector,
@@ -353,7 +385,7 @@ impl Backend for SplitChip {
             })?;
         self.msis.fetch_add(1, Ordering::Relaxed);
         let vcpu = if self.tracer.on() {
-            msi::decode(msi, MsiFormat::Compatibility)
+            msi::decode(guest, GUEST_FORMAT)
                 .ok()
                 .and_then(|d| self.single_target(&d.bus_message()))
         } else {
@@ -607,14 +639,37 @@ mod tests {
         );
     }
 
+    /// Destination bits 8..14 (extended destination ID) reach KVM in the
+    /// high address dword, its x2APIC route format.
     #[test]
-    fn kvm_msi_for_refuses_a_destination_above_8_bits() {
+    fn kvm_msi_for_a_destination_above_8_bits_uses_the_high_dword() {
         let message = Message {
-            destination: 0x100,
+            destination: 0x1ab,
             destination_mode: DestinationMode::Physical,
             ..Message::fixed_physical(0, 0x51)
         };
 
-        assert!(kvm_msi_for(&message).is_err());
+        let msi = kvm_msi_for(&message).unwrap();
+
+        assert_eq!((msi.address_lo, msi.address_hi), (0xfee_ab000, 0x100));
+    }
+
+    /// An entry's extended destination (bits 49..55) becomes the route's
+    /// high destination bits.
+    #[test]
+    fn routing_table_carries_the_extended_destination_id() {
+        let mut ioapic = Ioapic::new(IoapicConfig {
+            ext_dest_id: true,
+            ..IoapicConfig::default()
+        });
+        let entry = RedirectionEntry::new()
+            .with_vector(0x41)
+            .with_destination_id(0x0234, true)
+            .unwrap();
+        ioapic.write_rte(7, entry).unwrap();
+
+        let (lo, hi, _) = msi_of(&routing_table(&ioapic).unwrap().as_slice()[7]);
+
+        assert_eq!((lo, hi), (0xfee3_4000, 0x200));
     }
 }

@@ -12,6 +12,8 @@ use core::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::msi::MsiFormat;
+
 /// The interrupt-controller mode of a VM (see the module documentation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,6 +66,30 @@ impl Mode {
     /// Whether our IOAPIC model is the IOAPIC (split and user modes).
     pub const fn our_ioapic(self) -> bool {
         !matches!(self, Mode::Kernel)
+    }
+
+    /// How destinations above 8 bits travel in the IOAPIC entries and MSI
+    /// addresses the guest and its devices see. Split and user: the
+    /// extended destination ID (15 bits; our IOAPIC decodes entry bits
+    /// 49..55, and the VMM offers `KVM_FEATURE_MSI_EXT_DEST_ID`). Kernel:
+    /// 8 bits, all KVM's IOAPIC decodes (`ioapic.c` takes the entry's
+    /// 8-bit `dest_id`), and KVM reads no destination bits from an MSI
+    /// address's low dword beyond them.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use irqchip::Mode;
+    /// use irqchip::msi::MsiFormat;
+    ///
+    /// assert_eq!(Mode::Kernel.msi_format(), MsiFormat::Compatibility);
+    /// assert_eq!(Mode::User.msi_format(), MsiFormat::ExtendedDestinationId);
+    /// ```
+    pub const fn msi_format(self) -> MsiFormat {
+        match self {
+            Mode::Kernel => MsiFormat::Compatibility,
+            Mode::Split | Mode::User => MsiFormat::ExtendedDestinationId,
+        }
     }
 }
 

@@ -124,6 +124,19 @@ pub enum MsiFormat {
     X2apicApi,
 }
 
+impl MsiFormat {
+    /// How many destination bits the format carries: 8, 15 or 32.
+    pub const fn destination_bits(self) -> u32 {
+        match self {
+            Self::Compatibility => MSI_DESTINATION_LOW_BITS,
+            Self::ExtendedDestinationId => {
+                MSI_DESTINATION_LOW_BITS + MsiAddress::EXT_DESTINATION_BITS as u32
+            }
+            Self::X2apicApi => u32::BITS,
+        }
+    }
+}
+
 /// An MSI address/data pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Msi {

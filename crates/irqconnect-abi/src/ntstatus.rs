@@ -24,6 +24,9 @@ pub const STATUS_BUFFER_TOO_SMALL: NtStatus = 0xc000_0023;
 /// FULLY_SPECIFIED `ProcessorEnableMask` that names no online processor, as
 /// `IoConnectInterruptEx` answers it.
 pub const STATUS_INVALID_PARAMETER_10: NtStatus = 0xc000_00f8;
+/// The request does not fit the current state: SET_APIC_MODEL while
+/// connections are live (their routes were made for the old model).
+pub const STATUS_INVALID_DEVICE_STATE: NtStatus = 0xc000_0184;
 /// The caller's IRQL is too high for the routine (the guest API refuses
 /// IoConnectInterrupt(Ex) and IoDisconnectInterrupt(Ex) above PASSIVE_LEVEL
 /// with it; the host never sees such a call).
@@ -47,6 +50,7 @@ pub const fn status_name(status: NtStatus) -> &'static str {
         STATUS_BUFFER_TOO_SMALL => "STATUS_BUFFER_TOO_SMALL",
         STATUS_INVALID_PARAMETER_10 => "STATUS_INVALID_PARAMETER_10",
         STATUS_INVALID_LEVEL => "STATUS_INVALID_LEVEL",
+        STATUS_INVALID_DEVICE_STATE => "STATUS_INVALID_DEVICE_STATE",
         _ => "STATUS_<unknown>",
     }
 }
@@ -68,6 +72,7 @@ mod tests {
             STATUS_BUFFER_TOO_SMALL,
             STATUS_INVALID_PARAMETER_10,
             STATUS_INVALID_LEVEL,
+            STATUS_INVALID_DEVICE_STATE,
         ] {
             assert!(!nt_success(s), "{}", status_name(s));
         }

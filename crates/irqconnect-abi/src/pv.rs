@@ -14,16 +14,24 @@
 //!
 //! Versioning: each opcode's layout for a version is fixed. A later version
 //! may only append fields, so `length` tells which layout the guest used and
-//! the VMM answers a version it knows with that version's layout.
+//! the VMM answers a version it knows with that version's layout. Version 2
+//! appends processor groups and the route's APIC destination to
+//! QUERY_PLATFORM, QUERY_RESOURCES, QUERY_ROUTE and QUERY_MESSAGES
+//! ([`QueryPlatformV2`], [`QueryResourcesV2`], [`QueryRouteV2`],
+//! [`QueryMessagesV2`]) and adds two opcodes, RETARGET ([`Retarget`]) and
+//! SET_APIC_MODEL ([`SetApicModel`]); every other opcode has the same
+//! layout in both versions.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// `RequestHeader::magic`: `"IRQP"` in little-endian byte order.
 pub const PV_MAGIC: u32 = u32::from_le_bytes(*b"IRQP");
-/// The ABI version this crate describes.
+/// The first ABI version: processor group 0 only.
 pub const ABI_VERSION_1: u16 = 1;
+/// ABI version 2: processor groups, RETARGET and SET_APIC_MODEL.
+pub const ABI_VERSION_2: u16 = 2;
 /// Highest ABI version the VMM implements.
-pub const ABI_VERSION_MAX: u16 = ABI_VERSION_1;
+pub const ABI_VERSION_MAX: u16 = ABI_VERSION_2;
 /// Required alignment of a request block's guest-physical address.
 pub const BLOCK_ALIGN: u64 = 8;
 
@@ -45,6 +53,12 @@ pub mod opcode {
     pub const DISCONNECT_EX: u16 = 7;
     /// [`super::QueryMessages`]: a device's message-signaled interrupts.
     pub const QUERY_MESSAGES: u16 = 8;
+    /// [`super::Retarget`] (version 2): moves a live connection to other
+    /// processors of its group.
+    pub const RETARGET: u16 = 9;
+    /// [`super::SetApicModel`] (version 2): the guest says how its local
+    /// APICs decode logical destinations.
+    pub const SET_APIC_MODEL: u16 = 10;
 
     /// The opcode's constant name (`"CONNECT"`), or `"unknown opcode"`.
     pub const fn name(op: u16) -> &'static str {
@@ -57,6 +71,8 @@ pub mod opcode {
             CONNECT_EX => "CONNECT_EX",
             DISCONNECT_EX => "DISCONNECT_EX",
             QUERY_MESSAGES => "QUERY_MESSAGES",
+            RETARGET => "RETARGET",
+            SET_APIC_MODEL => "SET_APIC_MODEL",
             _ => "unknown opcode",
         }
     }
@@ -70,7 +86,8 @@ pub mod opcode {
 pub struct RequestHeader {
     /// Must be [`PV_MAGIC`].
     pub magic: u32,
-    /// The ABI version whose layout the block uses ([`ABI_VERSION_1`]).
+    /// The ABI version whose layout the block uses ([`ABI_VERSION_1`] or
+    /// [`ABI_VERSION_2`]; [`request_size`] gives each opcode's size).
     pub abi_version: u16,
     /// One of [`opcode`].
     pub opcode: u16,
@@ -85,9 +102,15 @@ impl RequestHeader {
     /// A header for `opcode` with the layout of `T`, version 1, status preset
     /// to [`STATUS_NO_ANSWER`].
     pub const fn new<T>(opcode: u16) -> Self {
+        Self::versioned::<T>(ABI_VERSION_1, opcode)
+    }
+
+    /// A header for `opcode` with the layout of `T` in ABI `version`,
+    /// status preset to [`STATUS_NO_ANSWER`].
+    pub const fn versioned<T>(version: u16, opcode: u16) -> Self {
         Self {
             magic: PV_MAGIC,
-            abi_version: ABI_VERSION_1,
+            abi_version: version,
             opcode,
             length: core::mem::size_of::<T>() as u32,
             status: STATUS_NO_ANSWER,
@@ -127,10 +150,42 @@ pub mod platform_flags {
     /// Logical-destination convention: flat model, LDR = 1 << processor index
     /// (xAPIC), or the architectural x2APIC cluster LDR (x2APIC).
     pub const LOGICAL_FLAT_BY_INDEX: u32 = 1 << 1;
+    /// Routes carry 15-bit destinations: bits 8..14 in IOAPIC entry bits
+    /// 49..55 and in MSI address bits 5..11, the extended destination ID
+    /// the vCPUs' KVM CPUID leaf offers (`KVM_FEATURE_MSI_EXT_DEST_ID`).
+    /// Clear: 8-bit destinations.
+    pub const MSI_EXT_DEST_ID: u32 = 1 << 2;
+}
+
+/// How the guest's local APICs decode logical destinations
+/// ([`SetApicModel::model`], [`PlatformGroups::apic_model`]). The host
+/// cannot read the LAPIC registers of every irqchip mode, so it routes by
+/// what the guest declared; until then by [`apic_model::UNDECLARED`].
+pub mod apic_model {
+    /// Nothing declared: a logical destination is used only where the
+    /// xAPIC flat reading (LDR = 1 << index) and the x2APIC cluster reading
+    /// name the same processors (processors 0..7 with APIC ID = index).
+    pub const UNDECLARED: u8 = 0;
+    /// Every processor runs its local APIC in x2APIC mode: its LDR is
+    /// derived from its x2APIC ID (cluster = ID >> 4, member bit = ID & 15).
+    pub const X2APIC: u8 = 1;
+    /// xAPIC, flat model (DFR all ones): processor `i < 8` has
+    /// LDR = 1 << `i`, the others LDR 0.
+    pub const XAPIC_FLAT: u8 = 2;
+    /// xAPIC, cluster model (DFR 0x0FFFFFFF): processor `i < 60` has
+    /// LDR = (`i` / 4) << 4 | 1 << (`i` % 4), the others LDR 0.
+    pub const XAPIC_CLUSTER: u8 = 3;
+    /// Physical destinations only (the guest uses its LDRs otherwise).
+    pub const PHYSICAL: u8 = 4;
 }
 
 /// Size of [`QueryPlatform::apic_ids`].
 pub const PLATFORM_MAX_CPUS: usize = 256;
+/// Processors in a processor group: the bits of a `KAFFINITY`. Processor
+/// `64 * g + b` is bit `b` of group `g` (`GROUP_AFFINITY`).
+pub const GROUP_SIZE: usize = 64;
+/// Most processor groups a platform has.
+pub const MAX_GROUPS: usize = PLATFORM_MAX_CPUS / GROUP_SIZE;
 
 /// `QUERY_PLATFORM`: no inputs; the VMM fills every other field.
 #[repr(C)]
@@ -171,6 +226,41 @@ pub struct QueryPlatform {
     pub storm_masked_pins: u32,
     /// Output: APIC ID of processor `i` at index `i` (`cpu_count` entries).
     pub apic_ids: [u32; PLATFORM_MAX_CPUS],
+}
+
+/// What version 2 appends to QUERY_PLATFORM: the processor groups and how
+/// routes address processors.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct PlatformGroups {
+    /// Output: processor groups (`KeQueryActiveGroupCount`): the processors
+    /// in groups of [`GROUP_SIZE`], the last one possibly partial.
+    pub group_count: u16,
+    /// Output: the [`apic_model`] routes follow (the guest's declaration).
+    pub apic_model: u8,
+    /// Output: destination bits a route carries: 8, or 15 with
+    /// [`platform_flags::MSI_EXT_DEST_ID`].
+    pub destination_bits: u8,
+    /// Must be zero.
+    pub reserved2: u32,
+    /// Output: processors in group `g` (`KeQueryActiveProcessorCountEx`);
+    /// 0 past `group_count`.
+    pub group_sizes: [u32; MAX_GROUPS],
+    /// Output: online processors of group `g` (bit `b` = processor
+    /// `64 * g + b`).
+    pub group_online: [u64; MAX_GROUPS],
+}
+
+/// `QUERY_PLATFORM`, version 2: version 1's block and [`PlatformGroups`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryPlatformV2 {
+    /// Version 1's fields (`online_mask` is group 0's).
+    pub base: QueryPlatform,
+    /// The groups.
+    pub groups: PlatformGroups,
 }
 
 /// Share dispositions (`CM_SHARE_DISPOSITION`).
@@ -225,6 +315,18 @@ pub struct QueryResources {
     pub count: u32,
     /// Output: the resources.
     pub resources: [InterruptResource; MAX_RESOURCES],
+}
+
+/// `QUERY_RESOURCES`, version 2: each resource's affinity with its group,
+/// as a `GROUP_AFFINITY` (version 1 reports group 0's resources' masks
+/// without saying so).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryResourcesV2 {
+    /// Version 1's fields.
+    pub base: QueryResources,
+    /// Output: the processor group of `base.resources[i].affinity`.
+    pub groups: [u16; MAX_RESOURCES],
 }
 
 /// `CONNECT`: IoConnectInterrupt's parameters plus the device, as
@@ -397,6 +499,19 @@ pub struct ConnectEx {
     pub count: u32,
 }
 
+impl ConnectEx {
+    /// A CONNECT_EX block of `version` for `device_id` with
+    /// `service_routine`: its header set, every other field 0.
+    pub fn request(version: u32, device_id: u32, service_routine: u64) -> Self {
+        let mut block = <Self as zerocopy::FromZeros>::new_zeroed();
+        block.header = RequestHeader::new::<Self>(opcode::CONNECT_EX);
+        block.version = version;
+        block.device_id = device_id;
+        block.service_routine = service_routine;
+        block
+    }
+}
+
 /// The head of a MESSAGE_BASED connection's message table
 /// (`IO_INTERRUPT_MESSAGE_INFO`), written at [`ConnectEx::message_table`].
 #[repr(C)]
@@ -493,6 +608,18 @@ pub struct QueryMessages {
     pub reserved0: u32,
 }
 
+/// `QUERY_MESSAGES`, version 2: the group of the messages' affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryMessagesV2 {
+    /// Version 1's fields.
+    pub base: QueryMessages,
+    /// Output: the processor group of `base.affinity`.
+    pub group: u16,
+    /// Must be zero.
+    pub reserved1: [u8; 6],
+}
+
 /// Values of [`QueryRoute::trigger`].
 pub mod trigger {
     /// Edge-triggered.
@@ -525,6 +652,83 @@ pub struct QueryRoute {
     pub reserved0: u32,
 }
 
+/// Values of [`QueryRouteV2::destination_mode`].
+pub mod route_destination {
+    /// The pin is masked or unused: no destination.
+    pub const NONE: u8 = 0;
+    /// A physical destination: one APIC ID, fixed delivery.
+    pub const PHYSICAL: u8 = 1;
+    /// A logical destination (the guest's [`super::apic_model`]).
+    pub const LOGICAL: u8 = 2;
+}
+
+/// `QUERY_ROUTE`, version 2: the destination with its group, and the APIC
+/// destination the pin is programmed with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct QueryRouteV2 {
+    /// Version 1's fields: `destination_mask` is relative to `group` (in
+    /// version 1, group 0's processors only).
+    pub base: QueryRoute,
+    /// Output: the processor group of `base.destination_mask`.
+    pub group: u16,
+    /// Output: one of [`route_destination`].
+    pub destination_mode: u8,
+    /// Must be zero.
+    pub reserved1: u8,
+    /// Output: the destination ID programmed (a logical destination or an
+    /// APIC ID; 8 or 15 bits, [`PlatformGroups::destination_bits`]).
+    pub apic_destination: u32,
+}
+
+/// `RETARGET` (version 2): moves a live connection to other processors of
+/// its group, as Hyper-V's `HvCallRetargetDeviceInterrupt` moves a device
+/// interrupt (a host extension: Windows drivers have no such call). The
+/// checks, their order and the guarantees are `docs/semantics.md`'s
+/// "RETARGET".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct Retarget {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: a handle CONNECT or CONNECT_EX answered (a connection, or a
+    /// LINE_BASED or MESSAGE_BASED group).
+    pub handle: u64,
+    /// Input: the processor group of `processor_mask`: the connection's.
+    pub group: u16,
+    /// Input: must be zero (no flag is defined).
+    pub flags: u16,
+    /// Input (MESSAGE_BASED): the message table buffer's length.
+    pub message_table_length: u32,
+    /// Input: the new processors (bit `b` = processor `64 * group + b`).
+    pub processor_mask: u64,
+    /// Input (MESSAGE_BASED): the connection's message table buffer, which
+    /// the host rewrites with the new addresses, data and target sets;
+    /// 0 for other connections.
+    pub message_table: u64,
+    /// Output: processors holding an interrupt object now, which is where
+    /// the connection's interrupts arrive (the union over its lines or
+    /// messages).
+    pub effective_mask: u64,
+    /// Output: lines or messages rerouted.
+    pub count: u32,
+    /// Must be zero.
+    pub reserved0: u32,
+}
+
+/// `SET_APIC_MODEL` (version 2): how the guest's local APICs decode
+/// logical destinations, so routes can use them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct SetApicModel {
+    /// Common header.
+    pub header: RequestHeader,
+    /// Input: one of [`apic_model`].
+    pub model: u8,
+    /// Must be zero.
+    pub reserved0: [u8; 7],
+}
+
 const _: () = {
     use core::mem::{align_of, size_of};
     assert!(size_of::<RequestHeader>() == 16);
@@ -539,33 +743,49 @@ const _: () = {
     assert!(size_of::<QueryMessages>() == 48);
     assert!(size_of::<MessageTableHeader>() == 8);
     assert!(size_of::<MessageInfoEntry>() == 40);
+    assert!(size_of::<PlatformGroups>() == 56);
+    assert!(size_of::<QueryPlatformV2>() == size_of::<QueryPlatform>() + 56);
+    assert!(size_of::<QueryResourcesV2>() == size_of::<QueryResources>() + 8);
+    assert!(size_of::<QueryRouteV2>() == size_of::<QueryRoute>() + 8);
+    assert!(size_of::<QueryMessagesV2>() == size_of::<QueryMessages>() + 8);
+    assert!(size_of::<Retarget>() == 64);
+    assert!(size_of::<SetApicModel>() == 24);
+    assert!(MAX_GROUPS * GROUP_SIZE == PLATFORM_MAX_CPUS);
     assert!(align_of::<Connect>() as u64 <= BLOCK_ALIGN);
-    assert!(align_of::<QueryPlatform>() as u64 <= BLOCK_ALIGN);
+    assert!(align_of::<QueryPlatformV2>() as u64 <= BLOCK_ALIGN);
 };
 
 /// The block size of `opcode` in ABI version `version`, or `None` when the
 /// pair is not defined.
 pub const fn request_size(version: u16, opcode: u16) -> Option<usize> {
     use core::mem::size_of;
-    if version != ABI_VERSION_1 {
-        return None;
-    }
+    let v2 = match version {
+        ABI_VERSION_1 => false,
+        ABI_VERSION_2 => true,
+        _ => return None,
+    };
     match opcode {
+        opcode::QUERY_PLATFORM if v2 => Some(size_of::<QueryPlatformV2>()),
         opcode::QUERY_PLATFORM => Some(size_of::<QueryPlatform>()),
+        opcode::QUERY_RESOURCES if v2 => Some(size_of::<QueryResourcesV2>()),
         opcode::QUERY_RESOURCES => Some(size_of::<QueryResources>()),
         opcode::CONNECT => Some(size_of::<Connect>()),
         opcode::DISCONNECT => Some(size_of::<Disconnect>()),
+        opcode::QUERY_ROUTE if v2 => Some(size_of::<QueryRouteV2>()),
         opcode::QUERY_ROUTE => Some(size_of::<QueryRoute>()),
         opcode::CONNECT_EX => Some(size_of::<ConnectEx>()),
         opcode::DISCONNECT_EX => Some(size_of::<DisconnectEx>()),
+        opcode::QUERY_MESSAGES if v2 => Some(size_of::<QueryMessagesV2>()),
         opcode::QUERY_MESSAGES => Some(size_of::<QueryMessages>()),
+        opcode::RETARGET if v2 => Some(size_of::<Retarget>()),
+        opcode::SET_APIC_MODEL if v2 => Some(size_of::<SetApicModel>()),
         _ => None,
     }
 }
 
 /// The largest block any known (version, opcode) uses: the most the VMM ever
 /// reads for one request.
-pub const MAX_REQUEST_SIZE: usize = core::mem::size_of::<QueryPlatform>();
+pub const MAX_REQUEST_SIZE: usize = core::mem::size_of::<QueryPlatformV2>();
 
 #[cfg(test)]
 mod tests {
@@ -575,7 +795,7 @@ mod tests {
     #[test]
     fn opcode_name_every_sized_opcode_has_one() {
         for op in 0..=u8::MAX as u16 {
-            let known = request_size(1, op).is_some();
+            let known = request_size(ABI_VERSION_MAX, op).is_some();
             assert_eq!(opcode::name(op) != "unknown opcode", known, "opcode {op}");
         }
         assert_eq!(opcode::name(opcode::CONNECT), "CONNECT");
@@ -584,13 +804,31 @@ mod tests {
     #[test]
     fn request_size_known_opcodes_match_layouts() {
         assert_eq!(request_size(1, opcode::CONNECT), Some(80));
+        assert_eq!(request_size(2, opcode::CONNECT), Some(80));
         assert_eq!(request_size(1, 0), None);
-        assert_eq!(request_size(2, opcode::CONNECT), None);
-        for op in 1..=8 {
-            let size = request_size(1, op).unwrap_or(0);
-            assert!(size > 0 && size <= MAX_REQUEST_SIZE);
-            assert_eq!(size % BLOCK_ALIGN as usize, 0);
+        assert_eq!(request_size(3, opcode::CONNECT), None);
+        assert_eq!(request_size(1, opcode::RETARGET), None);
+        assert_eq!(request_size(1, opcode::SET_APIC_MODEL), None);
+        for (version, last) in [(1, opcode::QUERY_MESSAGES), (2, opcode::SET_APIC_MODEL)] {
+            for op in 1..=last {
+                let size = request_size(version, op).unwrap_or(0);
+                assert!(size > 0 && size <= MAX_REQUEST_SIZE);
+                assert_eq!(size % BLOCK_ALIGN as usize, 0);
+            }
         }
+    }
+
+    /// Version 2 only appends: every version 1 field keeps its offset.
+    #[test]
+    fn version_2_blocks_append_to_version_1() {
+        for op in 1..=opcode::QUERY_MESSAGES {
+            let (Some(v1), Some(v2)) = (request_size(1, op), request_size(2, op)) else {
+                panic!("opcode {op} missing");
+            };
+            assert!(v2 >= v1, "opcode {op}");
+        }
+        assert_eq!(core::mem::offset_of!(QueryPlatformV2, groups), 1088);
+        assert_eq!(core::mem::offset_of!(QueryRouteV2, group), 40);
     }
 
     #[test]

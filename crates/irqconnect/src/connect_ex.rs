@@ -13,23 +13,22 @@ use irqconnect_abi::pv::{
     message_table_size, polarity,
 };
 
-use crate::devices::{Device, DeviceTable, InterruptMode, ShareDisposition};
-use crate::messages::MessageRoute;
-use crate::platform::Platform;
+use crate::devices::{Device, InterruptMode, ShareDisposition};
+use crate::messages::{MessageResource, MessageRoute};
+use crate::processors::ProcessorSet;
 use crate::ram::GuestRam;
-use crate::registry::{Connection, Registry};
-use crate::validate::{self, ConnectRequest, SERVICE_CONTEXT_PROBE, SPIN_LOCK_SIZE, Violation};
+use crate::registry::Connection;
+use crate::validate::{
+    self, ConnectRequest, Context, SERVICE_CONTEXT_PROBE, SPIN_LOCK_SIZE, Violation,
+};
 
 /// Alignment of the message table buffer (rule M5).
 pub const MESSAGE_TABLE_ALIGN: u64 = 8;
 
-/// The processor groups the platform has: processors are numbered in
-/// groups of 64 and the registry holds processors 0..63 (rule X3).
-pub const PROCESSOR_GROUPS: u16 = 1;
-
 /// IoConnectInterruptEx's parameters plus the device, decoded from a
-/// CONNECT_EX block (field domains already checked, rule 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// CONNECT_EX block (field domains already checked, rule 1). The default
+/// is an all-zero block's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectExRequest {
     /// `Version`: one of `irqconnect_abi::pv::connect_version`, unchecked.
     pub version: u32,
@@ -161,9 +160,7 @@ pub struct PlanEx {
 pub fn check_connect_ex<R: GuestRam + ?Sized>(
     req: &ConnectExRequest,
     block: BlockSpan,
-    platform: &Platform,
-    devices: &DeviceTable,
-    registry: &Registry,
+    ctx: &Context<'_>,
     ram: &R,
 ) -> Result<PlanEx, ExRefusal> {
     // Rule X1.
@@ -182,13 +179,10 @@ pub fn check_connect_ex<R: GuestRam + ?Sized>(
     }
     match req.version {
         connect_version::LINE_BASED => {
-            check_line_based(req, req.service_routine, platform, devices, registry, ram)
-                .map_err(ExRefusal::from)
+            check_line_based(req, req.service_routine, ctx, ram).map_err(ExRefusal::from)
         }
-        connect_version::MESSAGE_BASED => {
-            check_message_based(req, block, platform, devices, registry, ram)
-        }
-        _ => check_fully_specified(req, platform, devices, registry, ram).map_err(ExRefusal::from),
+        connect_version::MESSAGE_BASED => check_message_based(req, block, ctx, ram),
+        _ => check_fully_specified(req, ctx, ram).map_err(ExRefusal::from),
     }
 }
 
@@ -213,22 +207,19 @@ fn unused_inputs(req: &ConnectExRequest) -> u64 {
 
 fn check_fully_specified<R: GuestRam + ?Sized>(
     req: &ConnectExRequest,
-    platform: &Platform,
-    devices: &DeviceTable,
-    registry: &Registry,
+    ctx: &Context<'_>,
     ram: &R,
 ) -> Result<PlanEx, Violation> {
     // Rule X3.
-    if req.group >= PROCESSOR_GROUPS {
+    if req.group >= ctx.platform.group_count() {
         return Err(Violation::GroupNotPresent);
     }
     let classic = req.classic();
-    let accepted = validate::check_connect(&classic, platform, devices, registry, ram).map_err(
-        |v| match v {
+    let accepted =
+        validate::check_connect_in_group(&classic, req.group, ctx, ram).map_err(|v| match v {
             Violation::EmptyEffectiveMask => Violation::EmptyEffectiveMaskEx,
             v => v,
-        },
-    )?;
+        })?;
     Ok(PlanEx {
         version_used: req.version,
         unified_irql: req.synchronize_irql,
@@ -241,7 +232,7 @@ fn check_fully_specified<R: GuestRam + ?Sized>(
 
 /// The processors a LINE_BASED or MESSAGE_BASED connection may use within
 /// `affinity`: the guest's restriction when it gave one (rules L2, M7).
-fn restricted(affinity: u64, processor_enable_mask: u64) -> u64 {
+pub(crate) fn restricted(affinity: u64, processor_enable_mask: u64) -> u64 {
     if processor_enable_mask == 0 {
         affinity
     } else {
@@ -253,13 +244,12 @@ fn restricted(affinity: u64, processor_enable_mask: u64) -> u64 {
 fn check_line_based<R: GuestRam + ?Sized>(
     req: &ConnectExRequest,
     routine: u64,
-    platform: &Platform,
-    devices: &DeviceTable,
-    registry: &Registry,
+    ctx: &Context<'_>,
     ram: &R,
 ) -> Result<PlanEx, Violation> {
     // Rule L1.
-    let device = devices
+    let device = ctx
+        .devices
         .device(req.device_id)
         .ok_or(Violation::UnknownDevice)?;
     if device.resources().is_empty() {
@@ -289,12 +279,12 @@ fn check_line_based<R: GuestRam + ?Sized>(
             spin_lock: req.spin_lock,
             version: connect_version::LINE_BASED,
         };
-        let accepted = validate::check_connect(&member, platform, devices, registry, ram)?;
+        let accepted = validate::check_connect_in_group(&member, r.group, ctx, ram)?;
         objects = objects.saturating_add(accepted.connection.objects());
         connections.push(accepted.connection);
     }
     // Rule 11 over the whole group.
-    if !registry.fits(objects) {
+    if !ctx.registry.fits(objects) {
         return Err(Violation::QuotaExceeded);
     }
     Ok(PlanEx {
@@ -311,13 +301,12 @@ fn check_line_based<R: GuestRam + ?Sized>(
 fn check_message_based<R: GuestRam + ?Sized>(
     req: &ConnectExRequest,
     block: BlockSpan,
-    platform: &Platform,
-    devices: &DeviceTable,
-    registry: &Registry,
+    ctx: &Context<'_>,
     ram: &R,
 ) -> Result<PlanEx, ExRefusal> {
     // Rule M1.
-    let device = devices
+    let device = ctx
+        .devices
         .device(req.device_id)
         .ok_or(ExRefusal::from(Violation::UnknownDevice))?;
     // Rule M2.
@@ -325,15 +314,8 @@ fn check_message_based<R: GuestRam + ?Sized>(
         if req.fallback_service_routine == 0 {
             return Err(Violation::NoMessages.into());
         }
-        return check_line_based(
-            req,
-            req.fallback_service_routine,
-            platform,
-            devices,
-            registry,
-            ram,
-        )
-        .map_err(ExRefusal::from);
+        return check_line_based(req, req.fallback_service_routine, ctx, ram)
+            .map_err(ExRefusal::from);
     };
     // Rule M3.
     if req.service_routine == 0 {
@@ -354,7 +336,14 @@ fn check_message_based<R: GuestRam + ?Sized>(
         violation,
         table_required,
     };
-    check_table(req, block, required, ram).map_err(refuse)?;
+    check_table(
+        req.message_table,
+        req.message_table_length,
+        block,
+        required,
+        ram,
+    )
+    .map_err(refuse)?;
     // Rule M6.
     let message_irql = messages.irql();
     let unified_irql = if req.spin_lock == 0 {
@@ -366,50 +355,94 @@ fn check_message_based<R: GuestRam + ?Sized>(
     } else {
         req.synchronize_irql
     };
-    // Rule M7.
-    let allowed = restricted(
-        messages.affinity & platform.online_mask(),
-        req.processor_enable_mask,
-    );
-    if allowed == 0 {
-        return Err(refuse(Violation::MessageTargetsEmpty));
-    }
+    // Rules M7, M8.
+    let targets = message_targets(ctx, messages, req.processor_enable_mask, &[]).map_err(refuse)?;
     let mut connections = Vec::with_capacity(count);
-    let mut routes = Vec::with_capacity(count);
     let mut objects = 0u32;
-    for k in 0..messages.count {
-        let vector = messages
-            .vector(k)
-            .ok_or(refuse(Violation::MessageTargetsEmpty))?;
-        let route = MessageRoute::for_targets(vector, messages.targets(k, allowed), platform)
-            .filter(|r| r.targets != 0)
-            .ok_or(refuse(Violation::MessageTargetsEmpty))?;
-        // Rule M8: exclusive, so an earlier connection of these vectors
-        // refuses this one (rule 9).
-        if let Some(cpu) =
-            registry.sharing_conflict(vector, route.targets, InterruptMode::Latched, false)
-        {
-            return Err(refuse(Violation::SharingConflict { cpu }));
-        }
-        let connection = message_connection(req, device, vector, k, route.targets, unified_irql);
+    for (&(vector, ref route), k) in targets.iter().zip(0u8..) {
+        let connection = message_connection(req, device, vector, k, route, unified_irql);
         objects = objects.saturating_add(connection.objects());
         connections.push(connection);
-        routes.push(route);
     }
+    let routes: Vec<MessageRoute> = targets.into_iter().map(|(_, r)| r).collect();
     // Rule M9.
-    if !registry.fits(objects) {
+    if !ctx.registry.fits(objects) {
         return Err(refuse(Violation::QuotaExceeded));
     }
-    let table = MessageTable {
-        gpa: req.message_table,
+    let table = message_table(req.message_table, unified_irql, &connections, &routes);
+    Ok(PlanEx {
+        version_used: connect_version::MESSAGE_BASED,
+        unified_irql,
+        connections,
+        message_routes: routes,
+        table: Some(table),
+        table_required,
+    })
+}
+
+/// Rules M7 and M8 for every message of `messages`, in message order: its
+/// processors by the policy within the resource's affinity, the online
+/// processors and `restriction` (when not 0), the destination chosen for
+/// them (whose reach becomes its targets), and the exclusive chain check
+/// against the connections other than `except`. Each message's vector and
+/// route.
+pub(crate) fn message_targets(
+    ctx: &Context<'_>,
+    messages: &MessageResource,
+    restriction: u64,
+    except: &[crate::handle::Handle],
+) -> Result<Vec<(u8, MessageRoute)>, Violation> {
+    let allowed = restricted(
+        messages.affinity & ctx.platform.group_online(messages.group),
+        restriction,
+    );
+    if allowed == 0 {
+        return Err(Violation::MessageTargetsEmpty);
+    }
+    let format = ctx.platform.msi_format();
+    let mut out = Vec::with_capacity(usize::from(messages.count));
+    for k in 0..messages.count {
+        let vector = messages.vector(k).ok_or(Violation::MessageTargetsEmpty)?;
+        let wanted = ProcessorSet::of_group(messages.group, messages.targets(k, allowed));
+        // Messages are never shared (M8), so no other connection's
+        // processors need reaching: the chain check below refuses any.
+        let route = ctx
+            .topology
+            .choose(wanted, ProcessorSet::EMPTY)
+            .and_then(|c| MessageRoute::for_choice(vector, &c, format))
+            .filter(|r| r.targets != 0)
+            .ok_or(Violation::MessageTargetsEmpty)?;
+        // Rule M8: exclusive, so an earlier connection of these vectors
+        // refuses this one (rule 9).
+        let set = ProcessorSet::of_group(route.group, route.targets);
+        if let Some(cpu) =
+            ctx.registry
+                .sharing_conflict_except(vector, set, InterruptMode::Latched, false, except)
+        {
+            return Err(Violation::SharingConflict { cpu });
+        }
+        out.push((vector, route));
+    }
+    Ok(out)
+}
+
+/// The message table of `connections` (message order) routed as `routes`.
+pub(crate) fn message_table(
+    gpa: u64,
+    unified_irql: u8,
+    connections: &[Connection],
+    routes: &[MessageRoute],
+) -> MessageTable {
+    MessageTable {
+        gpa,
         header: MessageTableHeader {
             unified_irql,
             reserved: [0; 3],
-            message_count: u32::from(messages.count),
+            message_count: connections.len() as u32,
         },
         entries: connections
             .iter()
-            .zip(&routes)
+            .zip(routes)
             .zip(0u32..)
             .map(|((c, r), k)| MessageInfoEntry {
                 message_address: r.address,
@@ -421,34 +454,27 @@ fn check_message_based<R: GuestRam + ?Sized>(
                 polarity: polarity::ACTIVE_HIGH,
                 reserved0: 0,
                 message_id: k,
-                group: 0,
+                group: r.group,
                 reserved1: [0; 6],
             })
             .collect(),
-    };
-    Ok(PlanEx {
-        version_used: connect_version::MESSAGE_BASED,
-        unified_irql,
-        connections,
-        message_routes: routes,
-        table: Some(table),
-        table_required,
-    })
+    }
 }
 
-/// Rule M5: the buffer is long enough (else BUFFER_TOO_SMALL with the
-/// size), aligned, guest RAM, and apart from the request block.
-fn check_table<R: GuestRam + ?Sized>(
-    req: &ConnectExRequest,
+/// Rule M5: the buffer at `start` of `length` bytes is long enough (else
+/// BUFFER_TOO_SMALL with the size), aligned, guest RAM, and apart from the
+/// request block.
+pub(crate) fn check_table<R: GuestRam + ?Sized>(
+    start: u64,
+    length: u32,
     block: BlockSpan,
     required: usize,
     ram: &R,
 ) -> Result<(), Violation> {
     let required32 = u32::try_from(required).map_err(|_| Violation::TableNotUsable)?;
-    if req.message_table_length < required32 {
+    if length < required32 {
         return Err(Violation::TableTooSmall);
     }
-    let start = req.message_table;
     let len = required as u64;
     let end = start.checked_add(len).ok_or(Violation::TableNotUsable)?;
     let block_end = block.start.saturating_add(block.len);
@@ -464,7 +490,7 @@ fn message_connection(
     device: &Device,
     vector: u8,
     message: u8,
-    mask: u64,
+    route: &MessageRoute,
     unified_irql: u8,
 ) -> Connection {
     Connection {
@@ -475,7 +501,8 @@ fn message_connection(
         mode: InterruptMode::Latched,
         share_vector: false,
         floating_save: req.floating_save,
-        mask,
+        mask: route.targets,
+        group: route.group,
         service_routine: req.service_routine,
         service_context: req.service_context,
         spin_lock: req.spin_lock,
@@ -670,6 +697,43 @@ mod tests {
         assert_eq!(refused(&mut s, &r), Violation::GroupNotPresent);
         let ok = run(&mut s, &ConnectExRequest { group: 0, ..r }).unwrap();
         assert_eq!((ok.version_used, ok.count), (FULLY_SPECIFIED_GROUP, 1));
+    }
+
+    /// Rule X3 on 130 processors: groups 0..2 exist (64, 64, 2); bit 0
+    /// of group 1 is processor 64, in the objects and the route; a group's
+    /// absent processors drop out (rule 2); group 3 does not exist.
+    #[test]
+    fn rule_x3_group_one_reaches_processor_64() {
+        let platform = crate::platform::Platform::uniform(130).unwrap();
+        let devices = crate::DeviceTable::default_for(&platform);
+        let mut s = Service::new(platform, devices, 64).unwrap();
+        let r = ConnectExRequest {
+            version: FULLY_SPECIFIED_GROUP,
+            group: 1,
+            processor_enable_mask: 1,
+            ..fully()
+        };
+        let done = run(&mut s, &r).unwrap();
+        assert_eq!(done.effective_mask, 1);
+        assert_eq!(s.registry().chain(64, 0x60).len(), 1);
+        assert!(s.registry().chain(0, 0x60).is_empty());
+        let route = s.route(16).unwrap();
+        assert_eq!((route.group, route.destination), (1, 1));
+        assert_eq!(
+            route.target,
+            crate::ApicDestination::Physical { apic_id: 64 }
+        );
+        let beyond = ConnectExRequest {
+            group: 2,
+            processor_enable_mask: 0b100,
+            device_id: 1,
+            vector: 0x61,
+            interrupt_mode: InterruptMode::Latched,
+            ..r
+        };
+        assert_eq!(refused(&mut s, &beyond), Violation::EmptyEffectiveMaskEx);
+        let absent = ConnectExRequest { group: 3, ..beyond };
+        assert_eq!(refused(&mut s, &absent), Violation::GroupNotPresent);
     }
 
     #[test]
@@ -1039,7 +1103,7 @@ mod tests {
     #[test]
     fn rule_m9_every_message_counts_against_the_quota() {
         let platform = crate::platform::Platform::uniform(4).unwrap();
-        let devices = DeviceTable::default_for(&platform);
+        let devices = crate::DeviceTable::default_for(&platform);
         let mut s = Service::new(platform, devices, 7).unwrap();
         assert_eq!(
             refused_with_size(&mut s, &message(10), 328),

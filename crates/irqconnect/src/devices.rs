@@ -28,10 +28,12 @@ use crate::platform::Platform;
 pub const MAX_DEVICES: usize = 16;
 
 /// `KINTERRUPT_MODE`: how a device signals.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InterruptMode {
-    /// The device holds its line until serviced (level-triggered pin).
+    /// The device holds its line until serviced (level-triggered pin); 0
+    /// in the ABI, so the default.
+    #[default]
     LevelSensitive,
     /// The device signals with an edge (edge-triggered pin).
     Latched,
@@ -96,8 +98,10 @@ pub struct Resource {
     pub mode: InterruptMode,
     /// Whether other devices may use the vector.
     pub share: ShareDisposition,
-    /// Processors the device may interrupt (KAFFINITY).
+    /// Processors the device may interrupt (KAFFINITY of `group`).
     pub affinity: u64,
+    /// The processor group of `affinity` (`GROUP_AFFINITY`).
+    pub group: u16,
 }
 
 impl Resource {
@@ -181,9 +185,12 @@ pub struct ResourceConfig {
     pub mode: InterruptMode,
     /// Share disposition.
     pub share: ShareDisposition,
-    /// Affinity; all online processors when absent.
+    /// Affinity; all online processors of `group` when absent.
     #[serde(default)]
     pub affinity: Option<u64>,
+    /// The processor group of `affinity`; 0 when absent.
+    #[serde(default)]
+    pub group: u16,
 }
 
 /// One device in a configuration.
@@ -215,6 +222,9 @@ pub struct DeviceTable {
     devices: Vec<Device>,
     /// Bit `p` of entry `v`: pin `p` carries vector `v`.
     pins_by_vector: Vec<u32>,
+    /// Entry `p`: the (device index, resource index) of the first resource
+    /// on pin `p`.
+    resource_by_pin: Vec<Option<(usize, usize)>>,
 }
 
 impl DeviceTable {
@@ -267,6 +277,7 @@ impl DeviceTable {
                 irql,
                 policy,
                 affinity: Some(affinity),
+                group: 0,
             };
             // The default classes have room for these blocks by construction.
             let Ok(first_vector) = assign_vectors(&config, &mut used) else {
@@ -281,6 +292,7 @@ impl DeviceTable {
                     first_vector,
                     policy,
                     affinity,
+                    group: 0,
                     test_device: Some(j as u8),
                 }),
             });
@@ -299,6 +311,7 @@ impl DeviceTable {
             mode,
             share,
             affinity,
+            group: 0,
         };
         let resources = [
             vec![r(16, 0x60, Level, Exclusive)],
@@ -376,14 +389,21 @@ impl DeviceTable {
 
     fn index(devices: Vec<Device>) -> Self {
         let mut pins_by_vector = vec![0u32; 256];
-        for r in devices.iter().flat_map(|d| d.resources.iter()) {
-            if let Some(bits) = pins_by_vector.get_mut(usize::from(r.vector)) {
-                *bits |= 1 << r.pin;
+        let mut resource_by_pin = vec![None; usize::from(IOAPIC_PINS)];
+        for (d, device) in devices.iter().enumerate() {
+            for (i, r) in device.resources.iter().enumerate() {
+                if let Some(bits) = pins_by_vector.get_mut(usize::from(r.vector)) {
+                    *bits |= 1 << r.pin;
+                }
+                if let Some(at @ None) = resource_by_pin.get_mut(usize::from(r.pin)) {
+                    *at = Some((d, i));
+                }
             }
         }
         Self {
             devices,
             pins_by_vector,
+            resource_by_pin,
         }
     }
 
@@ -417,10 +437,8 @@ impl DeviceTable {
 
     /// The resource that assigns `pin`, if any device uses it.
     pub fn resource_on_pin(&self, pin: u8) -> Option<&Resource> {
-        self.devices
-            .iter()
-            .flat_map(|d| d.resources.iter())
-            .find(|r| r.pin == pin)
+        let (d, i) = (*self.resource_by_pin.get(usize::from(pin))?)?;
+        self.devices.get(d)?.resources.get(i)
     }
 
     /// Back to a configuration (for logs or to save a generated table).
@@ -437,6 +455,7 @@ impl DeviceTable {
                         irql: m.irql(),
                         policy: m.policy,
                         affinity: Some(m.affinity),
+                        group: m.group,
                     }),
                     resources: d
                         .resources
@@ -448,6 +467,7 @@ impl DeviceTable {
                             mode: r.mode,
                             share: r.share,
                             affinity: Some(r.affinity),
+                            group: r.group,
                         })
                         .collect(),
                 })
@@ -498,8 +518,9 @@ fn device_from_config(dev: &DeviceConfig, platform: &Platform) -> Result<Device,
                 vector: rc.vector,
             });
         }
-        let affinity = rc.affinity.unwrap_or(platform.online_mask());
-        if affinity & platform.online_mask() == 0 {
+        let online = platform.group_online(rc.group);
+        let affinity = rc.affinity.unwrap_or(online);
+        if affinity & online == 0 {
             return Err(Error::AffinityEmpty {
                 device,
                 vector: rc.vector,
@@ -512,6 +533,7 @@ fn device_from_config(dev: &DeviceConfig, platform: &Platform) -> Result<Device,
             mode: rc.mode,
             share: rc.share,
             affinity,
+            group: rc.group,
         });
     }
     Ok(Device {
@@ -565,11 +587,12 @@ fn assign_messages(
                 }
             },
         })?;
-        let affinity = mc.affinity.unwrap_or(platform.online_mask());
-        if affinity & platform.online_mask() == 0 {
+        let online = platform.group_online(mc.group);
+        let affinity = mc.affinity.unwrap_or(online);
+        if affinity & online == 0 {
             return Err(Error::MessagesInvalid {
                 device: dev.id,
-                what: "the affinity names no online processor",
+                what: "the affinity names no online processor of its group",
             });
         }
         device.messages = Some(MessageResource {
@@ -578,6 +601,7 @@ fn assign_messages(
             first_vector,
             policy: mc.policy,
             affinity,
+            group: mc.group,
             test_device: raised.then_some(test_device),
         });
         if raised {
@@ -636,6 +660,7 @@ mod tests {
             mode,
             share,
             affinity: None,
+            group: 0,
         }
     }
 
@@ -716,6 +741,7 @@ mod tests {
             irql: 5,
             policy: IrqPolicy::MachineDefault,
             affinity: None,
+            group: 0,
         });
         let t = DeviceTable::from_config(&cfg, &p).unwrap();
         let m = t.device(0).and_then(Device::messages).unwrap();
@@ -737,6 +763,7 @@ mod tests {
                         irql: 5,
                         policy: IrqPolicy::MachineDefault,
                         affinity: None,
+                        group: 0,
                     }),
                 })
                 .collect(),

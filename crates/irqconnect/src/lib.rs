@@ -22,6 +22,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod connect_ex;
+pub mod destination;
 pub mod devices;
 pub mod error;
 pub mod handle;
@@ -29,18 +30,22 @@ pub mod handle;
 pub mod harness;
 pub mod messages;
 pub mod platform;
+pub mod processors;
 pub mod ram;
 pub mod registry;
 pub mod request;
+pub mod retarget;
 pub mod route;
 pub mod service;
 pub mod validate;
 
+pub use destination::{ApicDestination, ApicModel, Topology};
 pub use devices::{DeviceTable, InterruptMode, ShareDisposition};
 pub use error::Error;
 pub use handle::Handle;
 pub use messages::{MessageRoute, MessageUpdate};
 pub use platform::{Platform, PlatformFacts};
+pub use processors::ProcessorSet;
 pub use ram::{FlatRam, GuestRam};
 pub use request::Outcome;
 pub use route::{PinRoute, RouteUpdate};

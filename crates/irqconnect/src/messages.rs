@@ -16,14 +16,12 @@
 //! hands the VMM one [`MessageUpdate`] per message to program into the
 //! device.
 
-use irqchip::apic_bus::{DeliveryMode, DestinationMode, Message, Shorthand, TriggerMode};
 use irqchip::msi::{self, MsiFormat};
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN};
 use irqconnect_abi::pv::{MAX_MESSAGES, irq_policy, message_kind};
 use serde::{Deserialize, Serialize};
 
-use crate::platform::Platform;
-use crate::route::ApicDestination;
+use crate::destination::Choice;
 
 /// MSI or MSI-X.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -90,8 +88,10 @@ pub struct MessageResource {
     pub first_vector: u8,
     /// The spreading policy.
     pub policy: IrqPolicy,
-    /// Processors the device may interrupt.
+    /// Processors the device may interrupt (of `group`).
     pub affinity: u64,
+    /// The processor group of `affinity`.
+    pub group: u16,
     /// The message-signaled test device that raises these messages
     /// (`irqconnect_abi::msidev`), if the platform has one for the device.
     pub test_device: Option<u8>,
@@ -151,55 +151,33 @@ fn nth_processor(set: u64, n: u32) -> u64 {
 /// Where one message goes: what the host programs into the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageRoute {
-    /// The MSI address (0xFEE..., SDM Vol. 3A 11.11.1).
+    /// The MSI address (0xFEE..., SDM Vol. 3A 11.11.1), destination bits
+    /// above 7 in the platform's format (`Platform::msi_format`).
     pub address: u64,
     /// The MSI data: the vector, fixed or lowest-priority, edge.
     pub data: u32,
     /// The processors the message reaches: exactly where the route
-    /// delivers.
+    /// delivers (of `group`).
     pub targets: u64,
+    /// The processor group of `targets`.
+    #[serde(default)]
+    pub group: u16,
 }
 
 impl MessageRoute {
-    /// The route of `vector` to the processors of `wanted` on `platform`:
-    /// the APIC destination of the set (lowest priority for more than one
-    /// processor), encoded as an MSI. `None` when the set has no
-    /// destination a compatibility-format MSI can carry.
-    pub fn for_targets(vector: u8, wanted: u64, platform: &Platform) -> Option<Self> {
-        let lowest_priority = wanted.count_ones() > 1;
-        let destination = ApicDestination::for_processors(wanted, lowest_priority, platform);
-        let (dest, mode, delivery) = match destination {
-            ApicDestination::Logical {
-                mask,
-                lowest_priority,
-            } => (
-                u32::from(mask),
-                DestinationMode::Logical,
-                if lowest_priority {
-                    DeliveryMode::LowestPriority
-                } else {
-                    DeliveryMode::Fixed
-                },
-            ),
-            ApicDestination::Physical { apic_id } => {
-                (apic_id, DestinationMode::Physical, DeliveryMode::Fixed)
-            }
-            ApicDestination::None => return None,
-        };
-        let message = Message {
-            destination: dest,
-            destination_mode: mode,
-            delivery_mode: delivery,
-            vector,
-            trigger_mode: TriggerMode::Edge,
-            level: true,
-            shorthand: Shorthand::None,
-        };
-        let msi = msi::for_message(&message, MsiFormat::Compatibility).ok()?;
+    /// The route of `vector` to the destination `choice` (from
+    /// [`crate::destination::Topology::choose`]), encoded as an MSI in
+    /// `format`. `None` when the choice has no destination, spans groups,
+    /// or its destination does not fit the format.
+    pub fn for_choice(vector: u8, choice: &Choice, format: MsiFormat) -> Option<Self> {
+        let (group, targets) = choice.reach.as_group_affinity()?;
+        let message = choice.destination.edge_message(vector)?;
+        let msi = msi::for_message(&message, format).ok()?;
         Some(Self {
             address: msi.address,
             data: msi.data,
-            targets: destination.processors(platform),
+            targets,
+            group,
         })
     }
 }
@@ -230,9 +208,12 @@ pub struct MessageConfig {
     pub irql: u8,
     /// The spreading policy.
     pub policy: IrqPolicy,
-    /// Affinity; all online processors when absent.
+    /// Affinity; all online processors of `group` when absent.
     #[serde(default)]
     pub affinity: Option<u64>,
+    /// The processor group of `affinity`; 0 when absent.
+    #[serde(default)]
+    pub group: u16,
 }
 
 /// Why a message configuration cannot be assigned.
@@ -291,7 +272,15 @@ pub fn assign_vectors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::platform::PlatformFacts;
+    use crate::destination::{ApicModel, Topology};
+    use crate::platform::{Platform, PlatformFacts};
+    use crate::processors::ProcessorSet;
+
+    fn route(vector: u8, wanted: u64, platform: &Platform) -> Option<MessageRoute> {
+        let t = Topology::new(platform, ApicModel::Undeclared);
+        let choice = t.choose(ProcessorSet::of_group(0, wanted), ProcessorSet::EMPTY)?;
+        MessageRoute::for_choice(vector, &choice, platform.msi_format())
+    }
 
     fn resource(kind: MessageKind, count: u8, policy: IrqPolicy) -> MessageResource {
         MessageResource {
@@ -300,6 +289,7 @@ mod tests {
             first_vector: 0x48,
             policy,
             affinity: 0b1111,
+            group: 0,
             test_device: Some(0),
         }
     }
@@ -380,6 +370,7 @@ mod tests {
             irql,
             policy: IrqPolicy::MachineDefault,
             affinity: None,
+            group: 0,
         }
     }
 
@@ -439,8 +430,8 @@ mod tests {
     fn unit_route_of_one_processor_is_fixed_logical_and_of_several_lowest_priority() {
         let platform = Platform::new(PlatformFacts::uniform(4)).unwrap();
 
-        let one = MessageRoute::for_targets(0x48, 0b0100, &platform).unwrap();
-        let several = MessageRoute::for_targets(0x49, 0b0110, &platform).unwrap();
+        let one = route(0x48, 0b0100, &platform).unwrap();
+        let several = route(0x49, 0b0110, &platform).unwrap();
 
         assert_eq!(
             (one.address, one.data, one.targets),
@@ -456,7 +447,7 @@ mod tests {
     fn unit_route_above_processor_7_is_physical_to_the_lowest() {
         let platform = Platform::new(PlatformFacts::uniform(12)).unwrap();
 
-        let r = MessageRoute::for_targets(0x48, (1 << 9) | (1 << 10), &platform).unwrap();
+        let r = route(0x48, (1 << 9) | (1 << 10), &platform).unwrap();
 
         assert_eq!((r.address, r.targets), (0xfee0_9000, 1 << 9));
         assert_eq!(r.data & 0x700, 0, "fixed delivery");

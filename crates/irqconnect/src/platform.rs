@@ -1,11 +1,14 @@
 //! Platform facts the VMM hands the service at construction: processors,
-//! their APIC IDs, which are online, the irqchip mode, x2APIC, the limits.
+//! their APIC IDs, which are online, the irqchip mode, x2APIC, the limits;
+//! and what follows from them: the processor groups and how wide a route's
+//! destination is.
 
 use irqconnect_abi::layout::MAX_CPUS;
-use irqconnect_abi::pv::{PLATFORM_MAX_CPUS, irqchip_mode, platform_flags};
+use irqconnect_abi::pv::{GROUP_SIZE, PLATFORM_MAX_CPUS, irqchip_mode, platform_flags};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::processors::ProcessorSet;
 
 /// Default VM-wide quota of interrupt objects (one object per processor of a
 /// connection's effective mask). Eight devices on eight processors fill it.
@@ -39,7 +42,8 @@ pub const fn irqchip_mode_to_abi(mode: IrqchipMode) -> u8 {
 pub struct PlatformFacts {
     /// Number of processors (vCPUs), 1..=255.
     pub cpu_count: u32,
-    /// Online processors among those a KAFFINITY can name (bits 0..63).
+    /// Online processors of group 0 (bits 0..63). Processors 64 and up are
+    /// online when present.
     pub online_mask: u64,
     /// APIC ID of processor `i` at index `i`.
     pub apic_ids: Vec<u32>,
@@ -134,9 +138,61 @@ impl Platform {
         self.facts.cpu_count
     }
 
-    /// Online processors a KAFFINITY can name.
+    /// Online processors of group 0 (what a classic KAFFINITY names).
     pub fn online_mask(&self) -> u64 {
         self.facts.online_mask
+    }
+
+    /// Every processor the platform has.
+    pub fn present(&self) -> ProcessorSet {
+        ProcessorSet::first_n(self.facts.cpu_count)
+    }
+
+    /// Every online processor: group 0's online mask, and the processors
+    /// of the other groups.
+    pub fn online(&self) -> ProcessorSet {
+        let above = self.present() - ProcessorSet::of_group(0, u64::MAX);
+        ProcessorSet::of_group(0, self.facts.online_mask) | above
+    }
+
+    /// Processor groups: the processors in groups of 64, the last one
+    /// possibly partial (`KeQueryActiveGroupCount`).
+    pub fn group_count(&self) -> u16 {
+        self.facts.cpu_count.div_ceil(GROUP_SIZE as u32) as u16
+    }
+
+    /// Processors in `group` (`KeQueryActiveProcessorCountEx`); 0 for a
+    /// group the platform lacks.
+    pub fn group_size(&self, group: u16) -> u32 {
+        let first = u32::from(group) * GROUP_SIZE as u32;
+        self.facts
+            .cpu_count
+            .saturating_sub(first)
+            .min(GROUP_SIZE as u32)
+    }
+
+    /// The processors of `group` the platform has (bit `b` = processor
+    /// `64 * group + b`).
+    pub fn group_present(&self, group: u16) -> u64 {
+        self.present().group_mask(group)
+    }
+
+    /// The online processors of `group`.
+    pub fn group_online(&self, group: u16) -> u64 {
+        self.online().group_mask(group)
+    }
+
+    /// How destinations wider than 8 bits travel in the IOAPIC entries and
+    /// MSI addresses of this platform (the irqchip mode's,
+    /// [`irqchip::Mode::msi_format`]).
+    pub fn msi_format(&self) -> irqchip::msi::MsiFormat {
+        self.facts.irqchip_mode.msi_format()
+    }
+
+    /// Bits of a route's destination ID: 8, or 15 with the extended
+    /// destination ID.
+    pub fn destination_bits(&self) -> u32 {
+        self.msi_format().destination_bits()
     }
 
     /// APIC ID of processor `index`.
@@ -171,7 +227,12 @@ impl Platform {
         } else {
             0
         };
-        x2apic | platform_flags::LOGICAL_FLAT_BY_INDEX
+        let ext_dest = if self.destination_bits() > 8 {
+            platform_flags::MSI_EXT_DEST_ID
+        } else {
+            0
+        };
+        x2apic | ext_dest | platform_flags::LOGICAL_FLAT_BY_INDEX
     }
 }
 
@@ -193,6 +254,39 @@ mod tests {
     fn platform_more_than_64_cpus_mask_saturates() {
         let p = Platform::uniform(100);
         assert_eq!(p.map(|p| p.online_mask()), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn platform_groups_of_64_and_online_above_group_0() {
+        let mut facts = PlatformFacts::uniform(130);
+        facts.online_mask = 0b110;
+        let p = Platform::new(facts).unwrap();
+        assert_eq!(p.group_count(), 3);
+        assert_eq!(
+            (
+                p.group_size(0),
+                p.group_size(1),
+                p.group_size(2),
+                p.group_size(3)
+            ),
+            (64, 64, 2, 0)
+        );
+        assert_eq!(p.group_online(0), 0b110);
+        assert_eq!(p.group_online(1), u64::MAX);
+        assert_eq!(p.group_online(2), 0b11);
+        assert_eq!(p.online().len(), 2 + 64 + 2);
+        assert_eq!(Platform::uniform(64).unwrap().group_count(), 1);
+        assert_eq!(Platform::uniform(65).unwrap().group_count(), 2);
+    }
+
+    #[test]
+    fn platform_destination_bits_follow_the_irqchip_mode() {
+        let mut facts = PlatformFacts::uniform(4);
+        assert_eq!(Platform::new(facts.clone()).unwrap().destination_bits(), 8);
+        facts.irqchip_mode = IrqchipMode::Split;
+        let split = Platform::new(facts).unwrap();
+        assert_eq!(split.destination_bits(), 15);
+        assert_ne!(split.abi_flags() & platform_flags::MSI_EXT_DEST_ID, 0);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::devices::InterruptMode;
 use crate::error::Error;
 use crate::handle::{FIRST_GENERATION, Handle};
 use crate::platform::MAX_OBJECT_QUOTA;
+use crate::processors::ProcessorSet;
 
 /// One connection: the IoConnectInterrupt parameters that were accepted and
 /// the effective mask.
@@ -44,8 +45,12 @@ pub struct Connection {
     pub share_vector: bool,
     /// `FloatingSave`.
     pub floating_save: bool,
-    /// Effective mask: the processors that hold one of its objects.
+    /// Effective mask: the processors of `group` that hold one of its
+    /// objects (bit `b` = processor `64 * group + b`).
     pub mask: u64,
+    /// The processor group of `mask` (0 for a classic CONNECT).
+    #[serde(default)]
+    pub group: u16,
     /// `ServiceRoutine` (guest address).
     pub service_routine: u64,
     /// `ServiceContext` (guest-physical address or 0).
@@ -76,6 +81,11 @@ impl Connection {
         self.mask.count_ones()
     }
 
+    /// The processors holding its objects.
+    pub fn processors(&self) -> ProcessorSet {
+        ProcessorSet::of_group(self.group, self.mask)
+    }
+
     /// True for a connection of a LINE_BASED or MESSAGE_BASED group (its
     /// lead or a member).
     pub fn in_group(&self) -> bool {
@@ -95,44 +105,86 @@ pub fn may_chain(a: &Connection, b: &Connection) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     slot: u32,
-    mask: u64,
+    set: ProcessorSet,
     mode: InterruptMode,
     share: bool,
+}
+
+impl Entry {
+    fn of(slot: u32, c: &Connection) -> Self {
+        Self {
+            slot,
+            set: c.processors(),
+            mode: c.mode,
+            share: c.share_vector,
+        }
+    }
+}
+
+/// Unions of the processors of some connections on one vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Unions {
+    /// Processors with at least one object on the vector.
+    all: ProcessorSet,
+    /// Processors holding an object that does not share the vector.
+    exclusive: ProcessorSet,
+    /// Processors holding a LevelSensitive object.
+    level: ProcessorSet,
+    /// Processors holding a Latched object.
+    latched: ProcessorSet,
+}
+
+impl Unions {
+    fn add(&mut self, e: &Entry) {
+        self.all |= e.set;
+        if !e.share {
+            self.exclusive |= e.set;
+        }
+        match e.mode {
+            InterruptMode::LevelSensitive => self.level |= e.set,
+            InterruptMode::Latched => self.latched |= e.set,
+        }
+    }
+
+    /// The first processor of `set` whose chain a connection with `mode`
+    /// and `share` could not join (rule 9).
+    fn conflict(&self, set: ProcessorSet, mode: InterruptMode, share: bool) -> Option<u32> {
+        let mut conflict = set & self.exclusive;
+        if !share {
+            conflict |= set & self.all;
+        }
+        conflict |= set
+            & match mode {
+                InterruptMode::LevelSensitive => self.latched,
+                InterruptMode::Latched => self.level,
+            };
+        conflict.first()
+    }
 }
 
 /// One vector's connections in connection order, with unions of their masks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct VectorChains {
     entries: Vec<Entry>,
-    /// Processors with at least one object on the vector.
-    all: u64,
-    /// Processors holding an object that does not share the vector.
-    exclusive: u64,
-    /// Processors holding a LevelSensitive object.
-    level: u64,
-    /// Processors holding a Latched object.
-    latched: u64,
+    unions: Unions,
 }
 
 impl VectorChains {
     fn add_to_unions(&mut self, e: &Entry) {
-        self.all |= e.mask;
-        if !e.share {
-            self.exclusive |= e.mask;
-        }
-        match e.mode {
-            InterruptMode::LevelSensitive => self.level |= e.mask,
-            InterruptMode::Latched => self.latched |= e.mask,
-        }
+        self.unions.add(e);
     }
 
     fn recompute_unions(&mut self) {
-        let entries = std::mem::take(&mut self.entries);
-        *self = Self::default();
-        for e in &entries {
-            self.add_to_unions(e);
+        self.unions = self.unions_except(&[]);
+    }
+
+    /// The unions of every connection but those in slots `except`.
+    fn unions_except(&self, except: &[u32]) -> Unions {
+        let mut u = Unions::default();
+        for e in self.entries.iter().filter(|e| !except.contains(&e.slot)) {
+            u.add(e);
         }
-        self.entries = entries;
+        u
     }
 }
 
@@ -150,8 +202,10 @@ pub struct Registry {
     slots: Vec<Slot>,
     /// Dead slots ready for reuse, oldest first (spreads generations).
     free: VecDeque<u32>,
-    /// Indexed by vector: 256 entries.
-    vectors: Vec<VectorChains>,
+    /// The chains of every vector with at least one connection (a vector
+    /// whose last connection goes is removed, so equal registries have
+    /// equal maps).
+    vectors: BTreeMap<u8, VectorChains>,
     /// Live connections by (device, slot).
     by_device: BTreeSet<(u32, u32)>,
     /// Each live group's lead slot and its other members' slots.
@@ -173,7 +227,7 @@ impl Registry {
             quota,
             slots: Vec::new(),
             free: VecDeque::new(),
-            vectors: vec![VectorChains::default(); 256],
+            vectors: BTreeMap::new(),
             by_device: BTreeSet::new(),
             members: BTreeMap::new(),
             objects: 0,
@@ -213,27 +267,35 @@ impl Registry {
         slot.connection.as_ref()
     }
 
-    /// The first processor of `mask` whose chain on `vector` a connection
+    /// The first processor of `set` whose chain on `vector` a connection
     /// with `mode` and `share` could not join (rule 9), or `None`.
     pub fn sharing_conflict(
         &self,
         vector: u8,
-        mask: u64,
+        set: ProcessorSet,
         mode: InterruptMode,
         share: bool,
     ) -> Option<u32> {
-        let v = self.vectors.get(usize::from(vector))?;
-        let occupied = mask & v.all;
-        let mut conflict = mask & v.exclusive;
-        if !share {
-            conflict |= occupied;
+        self.sharing_conflict_except(vector, set, mode, share, &[])
+    }
+
+    /// [`Registry::sharing_conflict`] as if the connections in the slots of
+    /// `except` were gone (a RETARGET checks a connection's new processors
+    /// against the others).
+    pub fn sharing_conflict_except(
+        &self,
+        vector: u8,
+        set: ProcessorSet,
+        mode: InterruptMode,
+        share: bool,
+        except: &[Handle],
+    ) -> Option<u32> {
+        let v = self.vectors.get(&vector)?;
+        if except.is_empty() {
+            return v.unions.conflict(set, mode, share);
         }
-        conflict |= mask
-            & match mode {
-                InterruptMode::LevelSensitive => v.latched,
-                InterruptMode::Latched => v.level,
-            };
-        (conflict != 0).then(|| conflict.trailing_zeros())
+        v.unions_except(&slots_of(except))
+            .conflict(set, mode, share)
     }
 
     /// The live connections of `device`, in slot order.
@@ -250,7 +312,6 @@ impl Registry {
         if objects == 0 || !self.fits(objects) {
             return None;
         }
-        let chains = self.vectors.get_mut(usize::from(connection.vector))?;
         let index = match self.free.front() {
             Some(&i) => i as usize,
             None => self.slots.len(),
@@ -260,12 +321,7 @@ impl Registry {
             .get(index)
             .map_or(FIRST_GENERATION, |s| s.generation);
         let handle = Handle::new(index, generation)?;
-        let entry = Entry {
-            slot: u32::try_from(index).ok()?,
-            mask: connection.mask,
-            mode: connection.mode,
-            share: connection.share_vector,
-        };
+        let entry = Entry::of(u32::try_from(index).ok()?, &connection);
         // Nothing can fail from here on.
         if self.free.pop_front().is_none() {
             self.slots.push(Slot {
@@ -276,6 +332,7 @@ impl Registry {
         if let Some(slot) = self.slots.get_mut(index) {
             slot.connection = Some(connection);
         }
+        let chains = self.vectors.entry(connection.vector).or_default();
         chains.add_to_unions(&entry);
         chains.entries.push(entry);
         self.by_device.insert((connection.device, entry.slot));
@@ -309,9 +366,13 @@ impl Registry {
             // Retired: the slot is never reused, so no handle repeats.
             None => slot.generation = 0,
         }
-        if let Some(chains) = self.vectors.get_mut(usize::from(connection.vector)) {
+        if let Some(chains) = self.vectors.get_mut(&connection.vector) {
             chains.entries.retain(|e| e.slot as usize != index);
-            chains.recompute_unions();
+            if chains.entries.is_empty() {
+                self.vectors.remove(&connection.vector);
+            } else {
+                chains.recompute_unions();
+            }
         }
         self.by_device.remove(&(connection.device, index as u32));
         self.members.remove(&(index as u32));
@@ -396,35 +457,96 @@ impl Registry {
     /// message order (MESSAGE_BASED) or vector order (LINE_BASED); `None`
     /// when `handle` names no live group lead.
     pub fn group(&self, handle: Handle) -> Option<Vec<&Connection>> {
+        Some(
+            self.group_members(handle)?
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect(),
+        )
+    }
+
+    /// [`Registry::group`] with each connection's handle.
+    pub fn group_members(&self, handle: Handle) -> Option<Vec<(Handle, &Connection)>> {
         let lead = self.get(handle)?;
         if !lead.in_group() || lead.lead.is_some() {
             return None;
         }
         let lead_slot = u32::try_from(handle.slot()?).ok()?;
-        let mut all = vec![lead];
+        let mut all = vec![(handle, lead)];
         for &slot in self.members.get(&lead_slot).into_iter().flatten() {
-            all.extend(self.live(slot as usize).map(|(_, c)| c));
+            all.extend(self.live(slot as usize));
         }
-        all.sort_by_key(|c| (c.message, c.vector));
+        all.sort_by_key(|(_, c)| (c.message, c.vector));
         Some(all)
     }
 
     /// Processors with at least one object on `vector`.
-    pub fn vector_mask(&self, vector: u8) -> u64 {
-        self.vectors.get(usize::from(vector)).map_or(0, |v| v.all)
+    pub fn vector_mask(&self, vector: u8) -> ProcessorSet {
+        self.vector_mask_except(vector, &[])
+    }
+
+    /// Processors with an object on `vector` of a connection other than
+    /// those `except` names.
+    pub fn vector_mask_except(&self, vector: u8, except: &[Handle]) -> ProcessorSet {
+        let Some(v) = self.vectors.get(&vector) else {
+            return ProcessorSet::EMPTY;
+        };
+        if except.is_empty() {
+            v.unions.all
+        } else {
+            v.unions_except(&slots_of(except)).all
+        }
+    }
+
+    /// Gives the live connections `changes` names new masks (their group
+    /// unchanged), keeping their places in every chain: a RETARGET. All or
+    /// nothing: `None` (and nothing changed) when a handle names no live
+    /// connection, a mask is empty, or the objects would exceed the quota.
+    pub fn retarget(&mut self, changes: &[(Handle, u64)]) -> Option<()> {
+        let mut objects = i64::from(self.objects);
+        for &(h, mask) in changes {
+            let c = self.get(h)?;
+            if mask == 0 {
+                return None;
+            }
+            objects += i64::from(mask.count_ones()) - i64::from(c.objects());
+        }
+        if objects < 0 || objects > i64::from(self.quota) {
+            return None;
+        }
+        for &(h, mask) in changes {
+            let slot = u32::try_from(h.slot()?).ok()?;
+            let Some(c) = self
+                .slots
+                .get_mut(slot as usize)
+                .and_then(|s| s.connection.as_mut())
+            else {
+                continue;
+            };
+            c.mask = mask;
+            let (vector, set) = (c.vector, c.processors());
+            if let Some(chains) = self.vectors.get_mut(&vector) {
+                for e in chains.entries.iter_mut().filter(|e| e.slot == slot) {
+                    e.set = set;
+                }
+                chains.recompute_unions();
+            }
+        }
+        self.objects = u32::try_from(objects).ok()?;
+        Some(())
     }
 
     /// Live connections on `vector`.
     pub fn vector_connections(&self, vector: u8) -> u32 {
         self.vectors
-            .get(usize::from(vector))
+            .get(&vector)
             .map_or(0, |v| v.entries.len() as u32)
     }
 
     /// The connections on `vector` in connection order.
     pub fn on_vector(&self, vector: u8) -> impl Iterator<Item = (Handle, &Connection)> + '_ {
         self.vectors
-            .get(usize::from(vector))
+            .get(&vector)
             .into_iter()
             .flat_map(|v| v.entries.iter())
             .filter_map(|e| self.live(e.slot as usize))
@@ -432,11 +554,8 @@ impl Registry {
 
     /// The chain on (`cpu`, `vector`): handles in connection order.
     pub fn chain(&self, cpu: u32, vector: u8) -> Vec<Handle> {
-        let Some(bit) = 1u64.checked_shl(cpu) else {
-            return Vec::new();
-        };
         self.on_vector(vector)
-            .filter(|(_, c)| c.mask & bit != 0)
+            .filter(|(_, c)| c.processors().contains(cpu))
             .map(|(h, _)| h)
             .collect()
     }
@@ -452,11 +571,29 @@ impl Registry {
         Some((Handle::new(index, slot.generation)?, c))
     }
 
+    /// The vectors with at least one connection, ascending.
+    pub fn vectors_in_use(&self) -> impl Iterator<Item = u8> + '_ {
+        self.vectors.keys().copied()
+    }
+
+    /// Every slot ever used, in slot order: its generation (0: retired,
+    /// never reused) and its live connection, if any.
+    pub fn slots(&self) -> impl Iterator<Item = (u32, Option<&Connection>)> + '_ {
+        self.slots
+            .iter()
+            .map(|s| (s.generation, s.connection.as_ref()))
+    }
+
+    /// Dead slots ready for reuse, in reuse order.
+    pub fn free_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.free.iter().copied()
+    }
+
     /// The live state without handles: for each vector with connections,
     /// the connections in connection order. Two registries with equal live
     /// chains differ at most in slot generations and the free-slot order.
     pub fn live_chains(&self) -> Vec<(u8, Vec<Connection>)> {
-        (0..=u8::MAX)
+        self.vectors_in_use()
             .filter_map(|v| {
                 let chain: Vec<Connection> = self.on_vector(v).map(|(_, c)| *c).collect();
                 (!chain.is_empty()).then_some((v, chain))
@@ -470,8 +607,11 @@ impl Registry {
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut objects = 0u64;
         let mut connections = 0u32;
-        let mut per_device = BTreeSet::new();
-        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        // (device, slot) of every connection; each group's lead, and (lead,
+        // member) of each other member: what the indexes must hold.
+        let mut per_device = Vec::new();
+        let mut leads = Vec::new();
+        let mut members = Vec::new();
         for (h, c) in self.iter() {
             if c.mask == 0 {
                 return Err(format!("connection {:#x} has an empty mask", h.raw()));
@@ -482,7 +622,7 @@ impl Registry {
                 .slot()
                 .and_then(|s| u32::try_from(s).ok())
                 .unwrap_or(u32::MAX);
-            per_device.insert((c.device, slot));
+            per_device.push((c.device, slot));
             match (c.in_group(), c.lead) {
                 (false, None) => {}
                 (false, Some(_)) => {
@@ -491,9 +631,7 @@ impl Registry {
                         h.raw()
                     ));
                 }
-                (true, None) => {
-                    groups.entry(slot).or_default();
-                }
+                (true, None) => leads.push(slot),
                 (true, Some(lead)) => {
                     let l = self.live(lead as usize).map(|(_, l)| l);
                     if l.is_none_or(|l| {
@@ -504,10 +642,10 @@ impl Registry {
                             h.raw()
                         ));
                     }
-                    groups.entry(lead).or_default().push(slot);
+                    members.push((lead, slot));
                 }
             }
-            let listed = self.vectors.get(usize::from(c.vector)).map_or(0, |v| {
+            let listed = self.vectors.get(&c.vector).map_or(0, |v| {
                 v.entries
                     .iter()
                     .filter(|e| Some(e.slot as usize) == h.slot())
@@ -533,34 +671,33 @@ impl Registry {
                 self.connections
             ));
         }
-        if per_device != self.by_device {
+        // `iter` is slot order; the indexes are sorted.
+        per_device.sort_unstable();
+        if !per_device.iter().eq(self.by_device.iter()) {
             return Err("the per-device index disagrees with the slots".into());
         }
-        let mut recorded = self.members.clone();
-        for m in recorded.values_mut() {
-            m.sort_unstable();
-        }
-        if groups != recorded {
+        let mut recorded: Vec<(u32, u32)> = self
+            .members
+            .iter()
+            .flat_map(|(&lead, m)| m.iter().map(move |&slot| (lead, slot)))
+            .collect();
+        recorded.sort_unstable();
+        members.sort_unstable();
+        if !leads.iter().eq(self.members.keys()) || recorded != members {
             return Err("the group index disagrees with the slots".into());
         }
-        let listed: usize = self.vectors.iter().map(|v| v.entries.len()).sum();
+        let mut listed = 0;
+        for (&vector, v) in &self.vectors {
+            if v.entries.is_empty() {
+                return Err(format!("vector {vector:#x} keeps an empty chain"));
+            }
+            listed += v.entries.len();
+            self.check_vector(vector)?;
+        }
         if listed != connections as usize {
             return Err(format!(
                 "{listed} chain entries for {connections} connections"
             ));
-        }
-        for (vector, v) in self.vectors.iter().enumerate() {
-            let mut fresh = v.clone();
-            fresh.recompute_unions();
-            if fresh != *v {
-                return Err(format!("stale mask unions on vector {vector:#x}"));
-            }
-            for e in &v.entries {
-                let c = self.live(e.slot as usize).map(|(_, c)| c);
-                if c.is_none_or(|c| usize::from(c.vector) != vector || c.mask != e.mask) {
-                    return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
-                }
-            }
         }
         for &i in &self.free {
             if self
@@ -570,6 +707,29 @@ impl Registry {
             {
                 return Err(format!("free slot {i} is live or absent"));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the part of the registry's consistency that concerns one
+    /// vector: its chain lists only live connections on the vector, with
+    /// their processors, and its unions are those of its entries. Part of
+    /// [`Registry::check_consistency`]; a caller that changed only some
+    /// vectors' connections checks those.
+    pub fn check_vector(&self, vector: u8) -> Result<(), String> {
+        let Some(v) = self.vectors.get(&vector) else {
+            return Ok(());
+        };
+        let mut fresh = VectorChains::default();
+        for e in &v.entries {
+            let c = self.live(e.slot as usize).map(|(_, c)| c);
+            if c.is_none_or(|c| c.vector != vector || c.processors() != e.set) {
+                return Err(format!("vector {vector:#x} lists a dead or foreign slot"));
+            }
+            fresh.add_to_unions(e);
+        }
+        if fresh.unions != v.unions {
+            return Err(format!("stale mask unions on vector {vector:#x}"));
         }
         Ok(())
     }
@@ -598,10 +758,8 @@ impl Registry {
             free: free.iter().copied().collect(),
             order: vectors
                 .iter()
-                .enumerate()
-                .filter(|(_, v)| !v.entries.is_empty())
-                .map(|(vector, v)| VectorOrder {
-                    vector: vector as u8,
+                .map(|(&vector, v)| VectorOrder {
+                    vector,
                     slots: v.entries.iter().map(|e| e.slot).collect(),
                 })
                 .collect(),
@@ -626,13 +784,10 @@ impl Registry {
             .collect();
         reg.free = state.free.iter().copied().collect();
         for order in &state.order {
-            let chains = reg
-                .vectors
-                .get_mut(usize::from(order.vector))
-                .ok_or_else(|| bad("vector out of range"))?;
-            if !chains.entries.is_empty() {
+            if reg.vectors.contains_key(&order.vector) {
                 return Err(bad("a vector is listed twice"));
             }
+            let mut chains = VectorChains::default();
             for &slot in &order.slots {
                 let c = reg
                     .slots
@@ -642,14 +797,13 @@ impl Registry {
                 if c.vector != order.vector {
                     return Err(bad("an order list names another vector's connection"));
                 }
-                let entry = Entry {
-                    slot,
-                    mask: c.mask,
-                    mode: c.mode,
-                    share: c.share_vector,
-                };
+                let entry = Entry::of(slot, &c);
                 chains.add_to_unions(&entry);
                 chains.entries.push(entry);
+            }
+            // A vector without connections has no chains (one form).
+            if !chains.entries.is_empty() {
+                reg.vectors.insert(order.vector, chains);
             }
         }
         for c in reg.slots.iter().filter_map(|s| s.connection) {
@@ -689,6 +843,14 @@ impl Registry {
         reg.check_consistency().map_err(|what| bad(&what))?;
         Ok(reg)
     }
+}
+
+/// The slots `handles` name (a handle without a slot names none).
+fn slots_of(handles: &[Handle]) -> Vec<u32> {
+    handles
+        .iter()
+        .filter_map(|h| h.slot().and_then(|s| u32::try_from(s).ok()))
+        .collect()
 }
 
 /// One slot in a [`RegistryState`].
@@ -742,7 +904,12 @@ mod tests {
             version: connect_version::FULLY_SPECIFIED,
             lead: None,
             message: None,
+            group: 0,
         }
+    }
+
+    fn set(mask: u64) -> ProcessorSet {
+        ProcessorSet::of_group(0, mask)
     }
 
     fn registry(quota: u32) -> Registry {
@@ -825,13 +992,13 @@ mod tests {
         let mut r = registry(16);
         r.insert(conn(0, 0x70, 0b0100, LEVEL, true));
         r.insert(conn(1, 0x70, 0b1000, LEVEL, false));
-        assert_eq!(r.sharing_conflict(0x70, 0b0011, LEVEL, true), None);
-        assert_eq!(r.sharing_conflict(0x70, 0b0110, LEVEL, false), Some(2));
+        assert_eq!(r.sharing_conflict(0x70, set(0b0011), LEVEL, true), None);
+        assert_eq!(r.sharing_conflict(0x70, set(0b0110), LEVEL, false), Some(2));
         assert_eq!(
-            r.sharing_conflict(0x70, 0b0110, InterruptMode::Latched, true),
+            r.sharing_conflict(0x70, set(0b0110), InterruptMode::Latched, true),
             Some(2)
         );
-        assert_eq!(r.sharing_conflict(0x70, 0b1001, LEVEL, true), Some(3));
+        assert_eq!(r.sharing_conflict(0x70, set(0b1001), LEVEL, true), Some(3));
     }
 
     /// Regression (`connect_sequences` campaign): a group inserted into
@@ -877,5 +1044,44 @@ mod tests {
         }
         let back = Registry::from_state(&r.to_state());
         assert_eq!(back.as_ref(), Ok(&r));
+    }
+
+    #[test]
+    fn registry_groups_keep_chains_apart_and_retarget_keeps_order() {
+        let mut r = registry(16);
+        let a = r.insert(conn(2, 0x70, 0b01, LEVEL, true)).unwrap();
+        let b = r
+            .insert(Connection {
+                group: 1,
+                ..conn(3, 0x70, 0b01, LEVEL, true)
+            })
+            .unwrap();
+        assert_eq!(r.chain(0, 0x70), vec![a]);
+        assert_eq!(r.chain(64, 0x70), vec![b]);
+        assert_eq!(r.vector_mask(0x70).iter().collect::<Vec<_>>(), vec![0, 64]);
+        assert_eq!(
+            r.vector_mask_except(0x70, &[a]).iter().collect::<Vec<_>>(),
+            vec![64]
+        );
+        // A moves onto processors 1 and 2, keeping its place ahead of B.
+        assert_eq!(r.retarget(&[(a, 0b110)]), Some(()));
+        assert_eq!(r.chain(2, 0x70), vec![a]);
+        assert_eq!(
+            r.on_vector(0x70).map(|(h, _)| h).collect::<Vec<_>>(),
+            vec![a, b]
+        );
+        assert_eq!(r.objects_in_use(), 3);
+        assert_eq!(r.check_consistency(), Ok(()));
+        // Beyond the quota, an empty mask or a stale handle: nothing changes.
+        let before = r.clone();
+        assert_eq!(r.retarget(&[(a, u64::MAX)]), None);
+        assert_eq!(r.retarget(&[(a, 0)]), None);
+        assert_eq!(r.retarget(&[(a, 1), (Handle::from_raw(0), 1)]), None);
+        assert_eq!(r, before);
+        assert_eq!(
+            r.sharing_conflict_except(0x70, set(0b110), LEVEL, false, &[a]),
+            None
+        );
+        assert_eq!(r.sharing_conflict(0x70, set(0b110), LEVEL, false), Some(1));
     }
 }

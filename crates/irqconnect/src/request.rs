@@ -33,17 +33,21 @@ use irqconnect_abi::ntstatus::{
     STATUS_SUCCESS,
 };
 use irqconnect_abi::pv::{
-    ABI_VERSION_MAX, BLOCK_ALIGN, Connect, ConnectEx, Disconnect, DisconnectEx, InterruptResource,
-    MAX_REQUEST_SIZE, MAX_RESOURCES, PV_MAGIC, QueryMessages, QueryPlatform, QueryResources,
-    QueryRoute, RequestHeader, connect_version, opcode, request_size,
+    ABI_VERSION_1, ABI_VERSION_MAX, BLOCK_ALIGN, Connect, ConnectEx, Disconnect, DisconnectEx,
+    InterruptResource, MAX_REQUEST_SIZE, MAX_RESOURCES, PV_MAGIC, QueryMessages, QueryMessagesV2,
+    QueryPlatform, QueryPlatformV2, QueryResources, QueryResourcesV2, QueryRoute, QueryRouteV2,
+    RequestHeader, Retarget, SetApicModel, connect_version, opcode, request_size,
+    route_destination,
 };
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::connect_ex::{BlockSpan, ConnectExRequest, MessageTable};
+use crate::destination::{ApicDestination, ApicModel};
 use crate::devices::InterruptMode;
 use crate::handle::Handle;
 use crate::messages::MessageUpdate;
 use crate::ram::GuestRam;
+use crate::retarget::RetargetRequest;
 use crate::route::RouteUpdate;
 use crate::service::Service;
 use crate::validate::{ConnectRequest, Violation};
@@ -245,6 +249,8 @@ struct Reply {
     len: usize,
     /// Undo on a failed write: the handle of a connection just made.
     made: Option<Handle>,
+    /// Undo on a failed write: the masks a RETARGET replaced.
+    moved: Option<Vec<(Handle, u64)>>,
     /// Storm-guard marks before the request ran (restored on undo).
     storm_before: u32,
     /// A message table to write before the outputs.
@@ -260,6 +266,7 @@ impl Reply {
             bytes: [0; MAX_REQUEST_SIZE],
             len: 0,
             made: None,
+            moved: None,
             storm_before: 0,
             table: None,
             messages: Vec::new(),
@@ -340,7 +347,7 @@ pub fn handle<M: GuestRam + ?Sized>(service: &mut Service, mem: &mut M, doorbell
         start: gpa,
         len: size as u64,
     };
-    let (result, mut reply) = dispatch(service, mem, header.opcode, block, span);
+    let (result, mut reply) = dispatch(service, mem, &header, block, span);
     reply.storm_before = storm_before;
     finish(service, mem, gpa, header.opcode, result, reply)
 }
@@ -350,18 +357,27 @@ type Dispatched = (Result<Vec<RouteUpdate>, Refusal>, Reply);
 fn dispatch<M: GuestRam + ?Sized>(
     service: &mut Service,
     mem: &M,
-    op: u16,
+    header: &RequestHeader,
     block: &[u8],
     span: BlockSpan,
 ) -> Dispatched {
     let malformed = (Err(Refusal::Block(BlockError::BadLength)), Reply::none());
-    match op {
-        opcode::QUERY_PLATFORM => match QueryPlatform::read_from_bytes(block) {
+    let v1 = header.abi_version == ABI_VERSION_1;
+    match header.opcode {
+        opcode::QUERY_PLATFORM if v1 => match QueryPlatform::read_from_bytes(block) {
             Ok(b) => query_platform(service, &b),
             Err(_) => malformed,
         },
-        opcode::QUERY_RESOURCES => match QueryResources::read_from_bytes(block) {
+        opcode::QUERY_PLATFORM => match QueryPlatformV2::read_from_bytes(block) {
+            Ok(b) => query_platform_v2(service, &b),
+            Err(_) => malformed,
+        },
+        opcode::QUERY_RESOURCES if v1 => match QueryResources::read_from_bytes(block) {
             Ok(b) => query_resources(service, b),
+            Err(_) => malformed,
+        },
+        opcode::QUERY_RESOURCES => match QueryResourcesV2::read_from_bytes(block) {
+            Ok(b) => query_resources_v2(service, b),
             Err(_) => malformed,
         },
         opcode::CONNECT => match Connect::read_from_bytes(block) {
@@ -372,8 +388,12 @@ fn dispatch<M: GuestRam + ?Sized>(
             Ok(b) => disconnect(service, &b),
             Err(_) => malformed,
         },
-        opcode::QUERY_ROUTE => match QueryRoute::read_from_bytes(block) {
+        opcode::QUERY_ROUTE if v1 => match QueryRoute::read_from_bytes(block) {
             Ok(b) => query_route(service, b),
+            Err(_) => malformed,
+        },
+        opcode::QUERY_ROUTE => match QueryRouteV2::read_from_bytes(block) {
+            Ok(b) => query_route_v2(service, b),
             Err(_) => malformed,
         },
         opcode::CONNECT_EX => match ConnectEx::read_from_bytes(block) {
@@ -384,8 +404,20 @@ fn dispatch<M: GuestRam + ?Sized>(
             Ok(b) => disconnect_ex(service, &b),
             Err(_) => malformed,
         },
-        opcode::QUERY_MESSAGES => match QueryMessages::read_from_bytes(block) {
+        opcode::QUERY_MESSAGES if v1 => match QueryMessages::read_from_bytes(block) {
             Ok(b) => query_messages(service, b),
+            Err(_) => malformed,
+        },
+        opcode::QUERY_MESSAGES => match QueryMessagesV2::read_from_bytes(block) {
+            Ok(b) => query_messages_v2(service, b),
+            Err(_) => malformed,
+        },
+        opcode::RETARGET => match Retarget::read_from_bytes(block) {
+            Ok(b) => retarget(service, mem, b, span),
+            Err(_) => malformed,
+        },
+        opcode::SET_APIC_MODEL => match SetApicModel::read_from_bytes(block) {
+            Ok(b) => set_apic_model(service, &b),
             Err(_) => malformed,
         },
         _ => (
@@ -408,6 +440,48 @@ fn query_platform(service: &Service, block: &QueryPlatform) -> Dispatched {
         Ok(Vec::new()),
         Reply::of(&out, start, size_of::<QueryPlatform>()),
     )
+}
+
+fn query_platform_v2(service: &Service, block: &QueryPlatformV2) -> Dispatched {
+    if block.base.reserved0 != 0 || block.base.reserved1 != 0 || block.groups.reserved2 != 0 {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    let out = QueryPlatformV2 {
+        base: service.query_platform(),
+        groups: service.query_platform_groups(),
+    };
+    let start = offset_of!(QueryPlatformV2, base) + offset_of!(QueryPlatform, abi_version_max);
+    (
+        Ok(Vec::new()),
+        Reply::of(&out, start, size_of::<QueryPlatformV2>()),
+    )
+}
+
+/// Version 2: the version 1 answer and each resource's group.
+fn query_resources_v2(service: &Service, mut block: QueryResourcesV2) -> Dispatched {
+    let (result, _) = query_resources(service, block.base);
+    let start = offset_of!(QueryResourcesV2, base) + offset_of!(QueryResources, count);
+    let end = size_of::<QueryResourcesV2>();
+    block.base.count = 0;
+    block.base.resources = [InterruptResource::default(); MAX_RESOURCES];
+    block.groups = [0; MAX_RESOURCES];
+    if let Some(device) = service.devices().device(block.base.device_id) {
+        for ((slot, group), r) in block
+            .base
+            .resources
+            .iter_mut()
+            .zip(block.groups.iter_mut())
+            .zip(device.resources())
+        {
+            *slot = r.to_abi();
+            *group = r.group;
+            block.base.count += 1;
+        }
+    }
+    (result, Reply::of(&block, start, end))
 }
 
 fn query_resources(service: &Service, mut block: QueryResources) -> Dispatched {
@@ -508,6 +582,33 @@ fn disconnect_ex(service: &mut Service, block: &DisconnectEx) -> Dispatched {
     }
 }
 
+fn query_messages_v2(service: &Service, block: QueryMessagesV2) -> Dispatched {
+    if block.base.reserved0 != 0 || block.reserved1 != [0; 6] {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    let start = offset_of!(QueryMessagesV2, base) + offset_of!(QueryMessages, message_count);
+    let end = offset_of!(QueryMessagesV2, reserved1);
+    let mut out = QueryMessagesV2::new_zeroed();
+    match service.query_messages(block.base.device_id) {
+        Some(q) => {
+            out.base = q;
+            out.group = service
+                .devices()
+                .device(block.base.device_id)
+                .and_then(|d| d.messages())
+                .map_or(0, |m| m.group);
+            (Ok(Vec::new()), Reply::of(&out, start, end))
+        }
+        None => (
+            Err(Refusal::Rule(Violation::UnknownDevice)),
+            Reply::of(&out, start, end),
+        ),
+    }
+}
+
 fn query_messages(service: &Service, block: QueryMessages) -> Dispatched {
     let start = offset_of!(QueryMessages, message_count);
     let end = offset_of!(QueryMessages, reserved0);
@@ -559,9 +660,111 @@ fn query_route(service: &Service, mut block: QueryRoute) -> Dispatched {
     block.trigger = crate::route::trigger_to_abi(route.trigger);
     block.vector = route.vector;
     block.lowest_priority = u8::from(route.lowest_priority);
-    block.destination_mask = route.destination;
+    // Version 1 has no group: it reports group 0's processors only.
+    block.destination_mask = if route.group == 0 {
+        route.destination
+    } else {
+        0
+    };
     block.connections = route.connections;
     (Ok(Vec::new()), Reply::of(&block, start, end))
+}
+
+/// Version 2: the destination with its group and the APIC destination.
+fn query_route_v2(service: &Service, mut block: QueryRouteV2) -> Dispatched {
+    if block.base.reserved0 != 0 || block.reserved1 != 0 {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    let start = offset_of!(QueryRouteV2, base) + offset_of!(QueryRoute, masked);
+    let end = size_of::<QueryRouteV2>();
+    let (result, _) = query_route(service, block.base);
+    let pin = block.base.pin;
+    block.base = QueryRoute {
+        header: block.base.header,
+        pin,
+        ..QueryRoute::new_zeroed()
+    };
+    block.group = 0;
+    block.destination_mode = route_destination::NONE;
+    block.apic_destination = 0;
+    let route = u8::try_from(pin)
+        .ok()
+        .filter(|&p| p < IOAPIC_PINS)
+        .and_then(|p| service.route(p));
+    if let (Ok(_), Some(route)) = (&result, route) {
+        block.base.masked = u8::from(route.masked);
+        block.base.trigger = crate::route::trigger_to_abi(route.trigger);
+        block.base.vector = route.vector;
+        block.base.lowest_priority = u8::from(route.lowest_priority);
+        block.base.destination_mask = route.destination;
+        block.base.connections = route.connections;
+        block.group = route.group;
+        (block.destination_mode, block.apic_destination) = match route.target {
+            ApicDestination::Logical { destination, .. } => {
+                (route_destination::LOGICAL, destination)
+            }
+            ApicDestination::Physical { apic_id } => (route_destination::PHYSICAL, apic_id),
+            ApicDestination::None => (route_destination::NONE, 0),
+        };
+    }
+    (result, Reply::of(&block, start, end))
+}
+
+fn retarget<M: GuestRam + ?Sized>(
+    service: &mut Service,
+    mem: &M,
+    mut block: Retarget,
+    span: BlockSpan,
+) -> Dispatched {
+    if block.flags != 0 || block.reserved0 != 0 {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    let start = offset_of!(Retarget, effective_mask);
+    let end = size_of::<Retarget>();
+    block.effective_mask = 0;
+    block.count = 0;
+    let req = RetargetRequest {
+        handle: Handle::from_raw(block.handle),
+        group: block.group,
+        processor_mask: block.processor_mask,
+        message_table: block.message_table,
+        message_table_length: block.message_table_length,
+    };
+    match service.retarget(&req, span, mem) {
+        Ok(done) => {
+            block.effective_mask = done.effective_mask;
+            block.count = done.count;
+            let mut reply = Reply::of(&block, start, end);
+            reply.moved = Some(done.before);
+            reply.table = done.table;
+            reply.messages = done.messages;
+            (Ok(done.routes), reply)
+        }
+        Err(v) => (Err(Refusal::Rule(v)), Reply::of(&block, start, end)),
+    }
+}
+
+fn set_apic_model(service: &mut Service, block: &SetApicModel) -> Dispatched {
+    if block.reserved0 != [0; 7] {
+        return (
+            Err(Refusal::Block(BlockError::ReservedNotZero)),
+            Reply::none(),
+        );
+    }
+    let result = match ApicModel::from_abi(block.model) {
+        Some(model) => service.set_apic_model(model),
+        None => Err(Violation::UnknownApicModel),
+    };
+    match result {
+        Ok(()) => (Ok(Vec::new()), Reply::none()),
+        Err(v) => (Err(Refusal::Rule(v)), Reply::none()),
+    }
 }
 
 /// Writes the outputs, then the status; undoes a connection whose answer
@@ -594,6 +797,10 @@ fn finish<M: GuestRam + ?Sized>(
             // messages were never programmed, so nothing needs applying.
             service.undo_connect(handle, reply.storm_before);
         }
+        if let Some(before) = &reply.moved {
+            // Likewise a RETARGET: the guest never learns of the move.
+            service.undo_retarget(before, reply.storm_before);
+        }
         return Outcome::Unwritable { gpa };
     }
     let (refusal, routes, messages) = match result {
@@ -615,7 +822,7 @@ mod tests {
     use crate::error::Error;
     use crate::ram::FlatRam;
     use irqconnect_abi::ntstatus::{STATUS_INVALID_HANDLE, STATUS_NOT_FOUND};
-    use irqconnect_abi::pv::{ABI_VERSION_1, STATUS_NO_ANSWER, trigger};
+    use irqconnect_abi::pv::{STATUS_NO_ANSWER, trigger};
     use zerocopy::{FromZeros, Immutable, KnownLayout};
 
     const AT: u32 = 0x1000;
@@ -758,7 +965,7 @@ mod tests {
 
     #[test]
     fn rule_01_unknown_version_invalid_parameter_1() {
-        for version in [0, ABI_VERSION_1 + 1, u16::MAX] {
+        for version in [0, ABI_VERSION_MAX + 1, u16::MAX] {
             let mut c = connect_block();
             c.header.abi_version = version;
             let (o, after) = run(&mut service(), AT, &c);

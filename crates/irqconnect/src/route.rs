@@ -5,7 +5,10 @@
 //! - vector: the device table's;
 //! - trigger: level for LevelSensitive, edge for Latched, from the oldest live
 //!   connection on the vector (the table's mode when none);
-//! - destination: the union of the effective masks connected on the vector;
+//! - destination: the union of the effective masks connected on the vector,
+//!   which one APIC destination reaches exactly (the connect rules keep it
+//!   so, `docs/semantics.md` rule R), and that destination
+//!   ([`crate::destination::Topology::choose`]);
 //! - lowest priority when the destination holds more than one processor,
 //!   fixed otherwise;
 //! - masked when no connection remains on the vector, or when the VMM's storm
@@ -18,8 +21,9 @@ use irqconnect_abi::layout::IOAPIC_PINS;
 use irqconnect_abi::pv::trigger;
 use serde::{Deserialize, Serialize};
 
+use crate::destination::{ApicDestination, Topology};
 use crate::devices::DeviceTable;
-use crate::platform::Platform;
+use crate::processors::ProcessorSet;
 use crate::registry::Registry;
 
 /// The ABI value of a pin's trigger mode ([`trigger`]), as QUERY_ROUTE
@@ -40,13 +44,21 @@ pub struct PinRoute {
     pub vector: u8,
     /// Edge or level.
     pub trigger: TriggerMode,
-    /// Processors the pin may deliver to (a processor mask, bit = index).
+    /// The processor group of `destination`.
+    #[serde(default)]
+    pub group: u16,
+    /// Processors the pin delivers to: exactly those `target` reaches
+    /// (bit `b` = processor `64 * group + b`).
     pub destination: u64,
     /// Lowest-priority delivery to `destination` (more than one processor);
     /// fixed delivery otherwise.
     pub lowest_priority: bool,
     /// Live connections on the vector.
     pub connections: u32,
+    /// The APIC destination to program (`None` when no processor is
+    /// connected; a storm-masked pin keeps it).
+    #[serde(default)]
+    pub target: ApicDestination,
 }
 
 impl PinRoute {
@@ -55,10 +67,17 @@ impl PinRoute {
         masked: true,
         vector: 0,
         trigger: TriggerMode::Edge,
+        group: 0,
         destination: 0,
         lowest_priority: false,
         connections: 0,
+        target: ApicDestination::None,
     };
+
+    /// The processors the pin delivers to.
+    pub fn processors(&self) -> ProcessorSet {
+        ProcessorSet::of_group(self.group, self.destination)
+    }
 }
 
 /// A pin whose route changed: the VMM programs it into the active irqchip.
@@ -71,13 +90,27 @@ pub struct RouteUpdate {
 }
 
 /// The route `pin` gets from `devices` and the live connections in
-/// `registry`, ignoring the storm guard.
-pub fn compute(pin: u8, devices: &DeviceTable, registry: &Registry) -> PinRoute {
+/// `registry` on `topology`, ignoring the storm guard. The destination is
+/// the one `topology` chooses for the union of the vector's connections:
+/// by the connect rules it reaches all of them; should it ever reach
+/// fewer, the route still never leaves the union, and
+/// `Service::check_invariants` reports it.
+pub fn compute(
+    pin: u8,
+    devices: &DeviceTable,
+    registry: &Registry,
+    topology: &Topology,
+) -> PinRoute {
     let Some(resource) = devices.resource_on_pin(pin) else {
         return PinRoute::UNUSED;
     };
     let vector = resource.vector;
-    let destination = registry.vector_mask(vector);
+    let union = registry.vector_mask(vector);
+    let choice = topology.choose(union, ProcessorSet::EMPTY);
+    let (target, reach) = choice.map_or((ApicDestination::None, ProcessorSet::EMPTY), |c| {
+        (c.destination, c.reach)
+    });
+    let (group, destination) = reach.as_group_affinity().unwrap_or((0, 0));
     let mode = registry
         .on_vector(vector)
         .next()
@@ -86,9 +119,11 @@ pub fn compute(pin: u8, devices: &DeviceTable, registry: &Registry) -> PinRoute 
         masked: destination == 0,
         vector,
         trigger: mode.trigger_mode(),
+        group,
         destination,
         lowest_priority: destination.count_ones() > 1,
         connections: registry.vector_connections(vector),
+        target,
     }
 }
 
@@ -103,14 +138,19 @@ pub struct RouteTable {
 impl RouteTable {
     /// The routes with no connection: device pins masked with their vector
     /// and trigger mode, other pins [`PinRoute::UNUSED`].
-    pub fn new(devices: &DeviceTable, registry: &Registry) -> Self {
+    pub fn new(devices: &DeviceTable, registry: &Registry, topology: &Topology) -> Self {
         let pins = (0..IOAPIC_PINS)
-            .map(|pin| compute(pin, devices, registry))
+            .map(|pin| compute(pin, devices, registry, topology))
             .collect();
         Self {
             pins,
             storm_masked: 0,
         }
+    }
+
+    /// Every pin's route, pin order.
+    pub fn all(&self) -> &[PinRoute] {
+        &self.pins
     }
 
     /// The route of `pin`.
@@ -130,6 +170,7 @@ impl RouteTable {
         vector: u8,
         devices: &DeviceTable,
         registry: &Registry,
+        topology: &Topology,
     ) -> Vec<RouteUpdate> {
         let pins = devices.pins_of_vector(vector);
         let mut updates = Vec::new();
@@ -138,7 +179,7 @@ impl RouteTable {
                 continue;
             }
             self.storm_masked &= !(1 << pin);
-            let route = compute(pin, devices, registry);
+            let route = compute(pin, devices, registry, topology);
             if let Some(slot) = self.pins.get_mut(usize::from(pin))
                 && *slot != route
             {
@@ -169,216 +210,5 @@ impl RouteTable {
                 self.storm_mask(pin);
             }
         }
-    }
-}
-
-/// Where the VMM sends a route: the processor mask turned into an APIC
-/// destination for the active convention.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ApicDestination {
-    /// An 8-bit logical destination; lowest-priority delivery when
-    /// `lowest_priority`. Bit `i` is processor `i`. xAPIC (flat model, the
-    /// platform's convention LDR = 1 << processor index): processors 0..7.
-    /// x2APIC offered: an x2APIC-mode guest's LDR is derived from its APIC
-    /// ID, and an 8-bit logical destination addresses cluster 0 (bit `n` =
-    /// APIC ID `n`; SDM Vol. 3A 11.12.10.2, and how KVM's
-    /// `kvm_apic_match_logical_addr` and our `apic_bus` read it), while a
-    /// guest that stays in xAPIC mode follows the flat convention. Both
-    /// readings name the same processors when processor `i` has APIC ID `i`,
-    /// so on an x2APIC platform this form is used only then.
-    Logical {
-        /// The destination byte.
-        mask: u8,
-        /// Deliver lowest-priority rather than fixed.
-        lowest_priority: bool,
-    },
-    /// Physical destination, fixed delivery: used when the mask has no
-    /// logical form (xAPIC: a processor above 7; x2APIC: a processor above 7
-    /// or whose APIC ID is not its index). The lowest-numbered processor of
-    /// the mask gets every interrupt, so delivery stays inside the mask.
-    Physical {
-        /// Its APIC ID.
-        apic_id: u32,
-    },
-    /// The route is masked or names no processor: program nothing.
-    None,
-}
-
-impl ApicDestination {
-    /// Converts `route` for `platform`.
-    pub fn for_route(route: &PinRoute, platform: &Platform) -> Self {
-        if route.masked {
-            return Self::None;
-        }
-        Self::for_processors(route.destination, route.lowest_priority, platform)
-    }
-
-    /// The destination of `processors` (bit `i` = processor `i`) on
-    /// `platform`, lowest priority when `lowest_priority`: the one rule for
-    /// pin routes and message routes.
-    pub fn for_processors(processors: u64, lowest_priority: bool, platform: &Platform) -> Self {
-        if processors == 0 {
-            return Self::None;
-        }
-        if let Some(mask) = Self::logical_mask(processors, platform) {
-            return Self::Logical {
-                mask,
-                lowest_priority,
-            };
-        }
-        match platform.apic_id(processors.trailing_zeros()) {
-            Some(apic_id) => Self::Physical { apic_id },
-            None => Self::None,
-        }
-    }
-
-    /// The 8-bit logical destination naming exactly the processors of
-    /// `processors`, if there is one. 0xFF is the broadcast destination
-    /// (SDM Vol. 3A 11.6.2.1; KVM's `kvm_apic_broadcast` and our
-    /// `apic_bus` deliver it to every APIC), so it names processors 0..7
-    /// only on a platform that has no others.
-    fn logical_mask(processors: u64, platform: &Platform) -> Option<u8> {
-        let mask = u8::try_from(processors).ok()?;
-        if u32::from(mask) == irqchip::apic_bus::XAPIC_BROADCAST && platform.cpu_count() > 8 {
-            return None;
-        }
-        let ids_are_indices = (0..8u32)
-            .filter(|i| mask & (1 << i) != 0)
-            .all(|i| platform.apic_id(i) == Some(i));
-        (!platform.x2apic() || ids_are_indices).then_some(mask)
-    }
-
-    /// The processors (bit `i` = processor `i`, the first 64) a delivery
-    /// to this destination can reach on `platform`.
-    pub fn processors(&self, platform: &Platform) -> u64 {
-        match *self {
-            Self::None => 0,
-            Self::Logical { mask, .. } => u64::from(mask),
-            Self::Physical { apic_id } => platform
-                .apic_ids()
-                .iter()
-                .position(|&id| id == apic_id)
-                .filter(|&i| i < 64)
-                .map_or(0, |i| 1 << i),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn apic_destination_logical_for_low_processors_physical_above() {
-        let Ok(p) = Platform::uniform(12) else {
-            panic!("platform");
-        };
-        let mut route = PinRoute {
-            masked: false,
-            vector: 0x60,
-            trigger: TriggerMode::Level,
-            destination: 0b110,
-            lowest_priority: true,
-            connections: 1,
-        };
-        assert_eq!(
-            ApicDestination::for_route(&route, &p),
-            ApicDestination::Logical {
-                mask: 0b110,
-                lowest_priority: true
-            }
-        );
-        route.destination = 0b1_0000_0100;
-        assert_eq!(
-            ApicDestination::for_route(&route, &p),
-            ApicDestination::Physical { apic_id: 2 }
-        );
-        route.masked = true;
-        assert_eq!(
-            ApicDestination::for_route(&route, &p),
-            ApicDestination::None
-        );
-    }
-
-    /// Regression (guest `no_interrupt_lost_under_load` with 9 vCPUs):
-    /// processors 0..7 of a larger platform are no logical destination,
-    /// since 0xFF broadcasts to processor 8 and up too.
-    #[test]
-    fn apic_destination_processors_0_to_7_of_9_are_not_the_broadcast() {
-        let p = Platform::uniform(9).unwrap();
-        let dest = ApicDestination::for_processors(0xff, true, &p);
-        assert_eq!(dest, ApicDestination::Physical { apic_id: 0 });
-        let small = Platform::uniform(8).unwrap();
-        assert_eq!(
-            ApicDestination::for_processors(0xff, true, &small),
-            ApicDestination::Logical {
-                mask: 0xff,
-                lowest_priority: true
-            }
-        );
-    }
-
-    fn x2apic_platform(apic_ids: Vec<u32>) -> Platform {
-        let mut facts = crate::PlatformFacts::uniform(apic_ids.len() as u32);
-        facts.x2apic = true;
-        facts.apic_ids = apic_ids;
-        match Platform::new(facts) {
-            Ok(p) => p,
-            Err(e) => panic!("platform: {e}"),
-        }
-    }
-
-    #[test]
-    fn apic_destination_x2apic_ids_equal_indices_logical_set() {
-        let p = x2apic_platform((0..12).collect());
-        let route = PinRoute {
-            masked: false,
-            vector: 0x60,
-            trigger: TriggerMode::Edge,
-            destination: 0b0110,
-            lowest_priority: true,
-            connections: 2,
-        };
-        let dest = ApicDestination::for_route(&route, &p);
-        assert_eq!(
-            dest,
-            ApicDestination::Logical {
-                mask: 0b0110,
-                lowest_priority: true
-            }
-        );
-        assert_eq!(dest.processors(&p), 0b0110);
-    }
-
-    #[test]
-    fn apic_destination_x2apic_id_not_index_physical_lowest() {
-        let p = x2apic_platform(vec![0, 3, 5, 7, 9]);
-        let route = PinRoute {
-            masked: false,
-            vector: 0x60,
-            trigger: TriggerMode::Level,
-            destination: 0b0011,
-            lowest_priority: true,
-            connections: 1,
-        };
-        let dest = ApicDestination::for_route(&route, &p);
-        assert_eq!(dest, ApicDestination::Physical { apic_id: 0 });
-        assert_eq!(dest.processors(&p), 0b0001);
-    }
-
-    #[test]
-    fn apic_destination_x2apic_processor_above_7_physical_lowest() {
-        let p = x2apic_platform((0..12).collect());
-        let route = PinRoute {
-            masked: false,
-            vector: 0x60,
-            trigger: TriggerMode::Level,
-            destination: 0b11 << 8,
-            lowest_priority: true,
-            connections: 1,
-        };
-        let dest = ApicDestination::for_route(&route, &p);
-        assert_eq!(dest, ApicDestination::Physical { apic_id: 8 });
-        assert_eq!(dest.processors(&p), 1 << 8);
     }
 }

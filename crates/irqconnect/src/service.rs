@@ -3,23 +3,26 @@
 
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS};
 use irqconnect_abi::pv::{
-    ABI_VERSION_MAX, PLATFORM_MAX_CPUS, QueryMessages, QueryPlatform, connect_version,
-    message_kind, message_table_size,
+    ABI_VERSION_MAX, MAX_GROUPS, PLATFORM_MAX_CPUS, PlatformGroups, QueryMessages, QueryPlatform,
+    connect_version, message_kind, message_table_size,
 };
 use serde::{Deserialize, Serialize};
 use zerocopy::FromZeros;
 
 use crate::connect_ex::{self, BlockSpan, ConnectExRequest, ExRefusal, MessageTable};
+use crate::destination::{ApicModel, Topology};
 use crate::devices::{DeviceTable, TableConfig};
 use crate::error::Error;
 use crate::handle::Handle;
 use crate::messages::{MessageRoute, MessageUpdate};
 use crate::platform::{DEFAULT_OBJECT_QUOTA, Platform, PlatformFacts};
+use crate::processors::ProcessorSet;
 use crate::ram::GuestRam;
 use crate::registry::{Registry, may_chain};
 use crate::request::{self, Outcome};
+use crate::retarget::{self, RetargetRequest};
 use crate::route::{self, PinRoute, RouteTable, RouteUpdate};
-use crate::validate::{self, ConnectRequest, Violation};
+use crate::validate::{self, ConnectRequest, Context, Violation};
 
 /// Everything needed to build a [`Service`], as configuration (serde).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,28 +81,81 @@ pub struct Disconnected {
     pub messages: Vec<MessageUpdate>,
 }
 
+/// A successful RETARGET: what the VMM applies, and what undoes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retargeted {
+    /// Processors holding an object now (the union over lines or messages).
+    pub effective_mask: u64,
+    /// Lines or messages moved.
+    pub count: u32,
+    /// Pins whose route changed.
+    pub routes: Vec<RouteUpdate>,
+    /// Messages whose programming changed.
+    pub messages: Vec<MessageUpdate>,
+    /// MESSAGE_BASED: the table to write into the guest's buffer.
+    pub table: Option<MessageTable>,
+    /// The masks before the move.
+    pub before: Vec<(Handle, u64)>,
+}
+
 /// The host-side PV IoConnectInterrupt service of one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     platform: Platform,
     devices: DeviceTable,
+    /// The destinations routes use: the platform with the guest's
+    /// declared [`ApicModel`].
+    topology: Topology,
     registry: Registry,
     routes: RouteTable,
     storm_masked_pins: u32,
 }
 
 impl Service {
-    /// A service with no connection: every device pin masked.
+    /// A service with no connection: every device pin masked, no APIC
+    /// model declared.
     pub fn new(platform: Platform, devices: DeviceTable, object_quota: u32) -> Result<Self, Error> {
         let registry = Registry::new(object_quota)?;
-        let routes = RouteTable::new(&devices, &registry);
+        let topology = Topology::new(&platform, ApicModel::Undeclared);
+        let routes = RouteTable::new(&devices, &registry, &topology);
         Ok(Self {
             platform,
             devices,
+            topology,
             registry,
             routes,
             storm_masked_pins: 0,
         })
+    }
+
+    /// Where the rules look.
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            platform: &self.platform,
+            topology: &self.topology,
+            devices: &self.devices,
+            registry: &self.registry,
+        }
+    }
+
+    /// The destinations routes use.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// SET_APIC_MODEL: routes follow `model` from now on. Refused while
+    /// connections are live (their routes were chosen for the old model),
+    /// and for x2APIC on a platform that does not offer it. On `Err`
+    /// nothing changed.
+    pub fn set_apic_model(&mut self, model: ApicModel) -> Result<(), Violation> {
+        if model == ApicModel::X2apic && !self.platform.x2apic() {
+            return Err(Violation::UnknownApicModel);
+        }
+        if self.registry.connections() != 0 {
+            return Err(Violation::ConnectionsLive);
+        }
+        self.topology = Topology::new(&self.platform, model);
+        Ok(())
     }
 
     /// The guest test platform: `cpu_count` processors all online, the
@@ -154,8 +210,8 @@ impl Service {
     }
 
     /// Every pin's programmed route, pin order.
-    pub fn routes(&self) -> Vec<PinRoute> {
-        (0..IOAPIC_PINS).filter_map(|p| self.route(p)).collect()
+    pub fn routes(&self) -> &[PinRoute] {
+        self.routes.all()
     }
 
     /// Pins the storm guard has masked since boot.
@@ -178,16 +234,13 @@ impl Service {
         req: &ConnectRequest,
         ram: &R,
     ) -> Result<Connected, Violation> {
-        let accepted =
-            validate::check_connect(req, &self.platform, &self.devices, &self.registry, ram)?;
+        let accepted = validate::check_connect(req, &self.ctx(), ram)?;
         let connection = accepted.connection;
         let handle = self
             .registry
             .insert(connection)
             .ok_or(Violation::QuotaExceeded)?;
-        let routes = self
-            .routes
-            .refresh_vector(connection.vector, &self.devices, &self.registry);
+        let routes = self.refresh(connection.vector);
         Ok(Connected {
             handle,
             effective_mask: connection.mask,
@@ -207,9 +260,13 @@ impl Service {
             .registry
             .remove(handle)
             .ok_or(Violation::UnknownHandle)?;
-        Ok(self
-            .routes
-            .refresh_vector(connection.vector, &self.devices, &self.registry))
+        Ok(self.refresh(connection.vector))
+    }
+
+    /// Recomputes the routes of the pins carrying `vector`; the changed ones.
+    fn refresh(&mut self, vector: u8) -> Vec<RouteUpdate> {
+        self.routes
+            .refresh_vector(vector, &self.devices, &self.registry, &self.topology)
     }
 
     /// The connection `handle` names, if the guest was given that handle
@@ -232,14 +289,7 @@ impl Service {
         block: BlockSpan,
         ram: &R,
     ) -> Result<ConnectedEx, ExRefusal> {
-        let plan = connect_ex::check_connect_ex(
-            req,
-            block,
-            &self.platform,
-            &self.devices,
-            &self.registry,
-            ram,
-        )?;
+        let plan = connect_ex::check_connect_ex(req, block, &self.ctx(), ram)?;
         let handle = if plan.version_used == connect_version::FULLY_SPECIFIED
             || plan.version_used == connect_version::FULLY_SPECIFIED_GROUP
         {
@@ -257,10 +307,7 @@ impl Service {
         let mut effective_mask = 0;
         for c in &plan.connections {
             effective_mask |= c.mask;
-            routes.extend(
-                self.routes
-                    .refresh_vector(c.vector, &self.devices, &self.registry),
-            );
+            routes.extend(self.refresh(c.vector));
         }
         let messages =
             self.message_updates(req.device_id, plan.message_routes.iter().copied().map(Some));
@@ -275,6 +322,56 @@ impl Service {
             routes,
             messages,
         })
+    }
+
+    /// RETARGET: moves the connection or group `req.handle` names to the
+    /// processors of `req.processor_mask`, after the rules of
+    /// `crate::retarget`. Every line or message keeps its place in its
+    /// chains; all routes change in one step (the VMM applies them before
+    /// the vCPU resumes). On `Err` nothing changed.
+    pub fn retarget<R: GuestRam + ?Sized>(
+        &mut self,
+        req: &RetargetRequest,
+        block: BlockSpan,
+        ram: &R,
+    ) -> Result<Retargeted, Violation> {
+        let plan = retarget::check_retarget(req, block, &self.ctx(), ram)?;
+        self.registry
+            .retarget(&plan.changes)
+            .ok_or(Violation::QuotaExceeded)?;
+        let mut routes = Vec::new();
+        for &v in &plan.vectors {
+            routes.extend(self.refresh(v));
+        }
+        let effective_mask = plan.changes.iter().fold(0, |m, &(_, c)| m | c);
+        let messages = if plan.message_routes.is_empty() {
+            Vec::new()
+        } else {
+            self.message_updates(plan.device, plan.message_routes.iter().copied().map(Some))
+        };
+        Ok(Retargeted {
+            effective_mask,
+            count: plan.changes.len() as u32,
+            routes,
+            messages,
+            table: plan.table,
+            before: plan.before,
+        })
+    }
+
+    /// Takes back a RETARGET whose answer could not be written: the masks
+    /// `before`, the routes they imply, the storm marks from before it.
+    pub(crate) fn undo_retarget(&mut self, before: &[(Handle, u64)], storm_before: u32) {
+        if self.registry.retarget(before).is_some() {
+            let vectors: Vec<u8> = before
+                .iter()
+                .filter_map(|&(h, _)| self.registry.get(h).map(|c| c.vector))
+                .collect();
+            for v in vectors {
+                self.refresh(v);
+            }
+        }
+        self.restore_storm(storm_before);
     }
 
     /// One update per message of `device`'s test device, in message order.
@@ -328,10 +425,7 @@ impl Service {
         .ok_or(Violation::UnknownHandle)?;
         let mut out = Disconnected::default();
         for g in &gone {
-            out.routes.extend(
-                self.routes
-                    .refresh_vector(g.vector, &self.devices, &self.registry),
-            );
+            out.routes.extend(self.refresh(g.vector));
         }
         if c.version == connect_version::MESSAGE_BASED {
             out.messages = self.message_updates(c.device, gone.iter().map(|_| None));
@@ -348,8 +442,7 @@ impl Service {
             None => Vec::new(),
         };
         for g in &gone {
-            self.routes
-                .refresh_vector(g.vector, &self.devices, &self.registry);
+            self.refresh(g.vector);
         }
         self.restore_storm(storm_before);
     }
@@ -388,11 +481,18 @@ impl Service {
                     .on_vector(vector)
                     .map(|(_, c)| c)
                     .find(|c| c.device == d.id() && c.message == Some(k))?;
-                MessageRoute::for_targets(vector, c.mask, &self.platform)
+                self.message_route(vector, c.processors())
             });
             out.extend(self.message_updates(d.id(), routes));
         }
         out
+    }
+
+    /// The route of message-signaled `vector` to `processors` (a
+    /// connection's: one destination reaches them exactly).
+    fn message_route(&self, vector: u8, processors: ProcessorSet) -> Option<MessageRoute> {
+        let choice = self.topology.choose(processors, ProcessorSet::EMPTY)?;
+        MessageRoute::for_choice(vector, &choice, self.platform.msi_format())
     }
 
     /// The VMM's storm guard masked `pin`: the pin reads as masked until its
@@ -451,107 +551,210 @@ impl Service {
         q
     }
 
+    /// What ABI version 2 adds to the QUERY_PLATFORM outputs.
+    pub fn query_platform_groups(&self) -> PlatformGroups {
+        let mut g = PlatformGroups {
+            group_count: self.platform.group_count(),
+            apic_model: self.topology.model().to_abi(),
+            destination_bits: self.platform.destination_bits() as u8,
+            ..PlatformGroups::default()
+        };
+        for group in 0..MAX_GROUPS as u16 {
+            let i = usize::from(group);
+            if let (Some(size), Some(online)) =
+                (g.group_sizes.get_mut(i), g.group_online.get_mut(i))
+            {
+                *size = self.platform.group_size(group);
+                *online = self.platform.group_online(group);
+            }
+        }
+        g
+    }
+
     /// Checks every invariant of the service; `Err` names the first broken
-    /// one. Used by the fuzz harness, the property tests and snapshot restore.
+    /// one. Used by the fuzz harnesses, the property tests and snapshot
+    /// restore.
     ///
     /// - the registry is consistent and within its quota;
     /// - every connection's mask is non-empty and online, its device owns its
-    ///   vector, its IRQL is the vector's class;
+    ///   vector, its IRQL is the vector's class (a message's route reaches
+    ///   exactly its mask, inside the message's affinity);
+    /// - a device with several line resources holds its line connections
+    ///   under one lock (rule 10);
     /// - every (processor, vector) chain satisfies the sharing rule;
     /// - every programmed route equals what the live connections imply
     ///   (storm-masked pins aside, which must read masked).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.registry.check_consistency()?;
-        let online = self.platform.online_mask();
+        self.check_connections()
+    }
+
+    /// [`Service::check_invariants`] but the registry's own consistency.
+    fn check_connections(&self) -> Result<(), String> {
         for (h, c) in self.registry.iter() {
-            let h = h.raw();
-            if c.mask & !online != 0 {
-                return Err(format!("connection {h:#x} has objects off the online mask"));
-            }
-            let device = self.devices.device(c.device);
-            let owned = match c.message {
-                None => device
-                    .and_then(|d| d.resource_for_vector(u32::from(c.vector)))
-                    .is_some(),
-                Some(k) => {
-                    device.and_then(|d| d.messages()).and_then(|m| m.vector(k)) == Some(c.vector)
-                }
-            };
-            if !owned || c.irql != c.vector >> 4 {
-                return Err(format!("connection {h:#x} names a vector its device lacks"));
-            }
-            if c.message.is_some() {
-                let route = MessageRoute::for_targets(c.vector, c.mask, &self.platform);
-                let allowed = device.and_then(|d| d.messages()).map_or(0, |m| m.affinity);
-                if route.is_none_or(|r| r.targets != c.mask) || c.mask & !allowed != 0 {
-                    return Err(format!(
-                        "message connection {h:#x} holds objects where its message does not go"
-                    ));
-                }
-            }
+            self.check_connection(h, c)?;
         }
-        // Rule 10: a device with several line resources has one lock.
-        for d in self
-            .devices
-            .devices()
-            .iter()
-            .filter(|d| d.resources().len() > 1)
-        {
-            let mut lines = self
-                .registry
-                .device_connections(d.id())
-                .filter(|c| c.message.is_none());
-            if let Some(first) = lines.next() {
-                let one_group = first.spin_lock == 0
-                    && first.version == connect_version::LINE_BASED
-                    && self
-                        .registry
-                        .device_connections(d.id())
-                        .filter(|c| c.message.is_none())
-                        .count()
-                        <= d.resources().len();
-                let shared = lines.all(|c| c.spin_lock == first.spin_lock);
-                if !shared || (first.spin_lock == 0 && !one_group) {
-                    return Err(format!(
-                        "device {} holds connections under different locks",
-                        d.id()
-                    ));
-                }
-            }
+        for d in self.devices.devices() {
+            self.check_device_locks(d.id())?;
         }
-        for vector in 0..=u8::MAX {
-            let on: Vec<_> = self.registry.on_vector(vector).collect();
-            for (i, (ha, a)) in on.iter().enumerate() {
-                for (hb, b) in on.iter().skip(i + 1) {
-                    if a.mask & b.mask != 0 && !may_chain(a, b) {
-                        return Err(format!(
-                            "connections {:#x} and {:#x} share a chain illegally",
-                            ha.raw(),
-                            hb.raw()
-                        ));
-                    }
-                }
-            }
+        for vector in self.registry.vectors_in_use() {
+            self.check_chains(vector)?;
         }
-        let storm = self.routes.storm_masked();
         for pin in 0..IOAPIC_PINS {
-            let expected = route::compute(pin, &self.devices, &self.registry);
-            let Some(actual) = self.route(pin) else {
-                return Err(format!("pin {pin} has no route"));
-            };
-            let expected = if storm & (1 << pin) != 0 {
-                PinRoute {
-                    masked: true,
-                    ..expected
-                }
-            } else {
-                expected
-            };
-            if actual != expected {
+            self.check_route(pin)?;
+        }
+        Ok(())
+    }
+
+    /// [`Service::check_invariants`] for what a change of the connections
+    /// on `vectors` can break: the registry's lists and unions of those
+    /// vectors, their connections, the lock rule of those connections'
+    /// devices, their chains and the routes of their pins. A caller that
+    /// knows which vectors an operation touched (connections added or
+    /// removed, routes changed) checks those after it, and everything now
+    /// and then; the registry's global counters and indexes are left to
+    /// the full check. Removing a connection cannot break the lock rule
+    /// of its device, so the devices are those still connected.
+    pub fn check_vectors(&self, vectors: &[u8]) -> Result<(), String> {
+        let mut devices = Vec::new();
+        for &vector in vectors {
+            self.registry.check_vector(vector)?;
+            for (h, c) in self.registry.on_vector(vector) {
+                self.check_connection(h, c)?;
+                devices.push(c.device);
+            }
+            self.check_chains(vector)?;
+            let pins = self.devices.pins_of_vector(vector);
+            for pin in (0..IOAPIC_PINS).filter(|p| pins & (1 << p) != 0) {
+                self.check_route(pin)?;
+            }
+        }
+        devices.sort_unstable();
+        devices.dedup();
+        for d in devices {
+            self.check_device_locks(d)?;
+        }
+        Ok(())
+    }
+
+    /// One connection: online mask, owned vector, IRQL of the vector's
+    /// class, a message's route.
+    fn check_connection(&self, h: Handle, c: &crate::registry::Connection) -> Result<(), String> {
+        let h = h.raw();
+        if !c.processors().is_subset(&self.platform.online()) || c.processors().is_empty() {
+            return Err(format!(
+                "connection {h:#x} has objects off the online processors"
+            ));
+        }
+        let device = self.devices.device(c.device);
+        let owned = match c.message {
+            None => device
+                .and_then(|d| d.resource_for_vector(u32::from(c.vector)))
+                .is_some(),
+            Some(k) => {
+                device.and_then(|d| d.messages()).and_then(|m| m.vector(k)) == Some(c.vector)
+            }
+        };
+        if !owned || c.irql != c.vector >> 4 {
+            return Err(format!("connection {h:#x} names a vector its device lacks"));
+        }
+        if c.message.is_some() {
+            let route = self.message_route(c.vector, c.processors());
+            let allowed = device
+                .and_then(|d| d.messages())
+                .map_or(ProcessorSet::EMPTY, |m| {
+                    ProcessorSet::of_group(m.group, m.affinity)
+                });
+            if route.is_none_or(|r| ProcessorSet::of_group(r.group, r.targets) != c.processors())
+                || !c.processors().is_subset(&allowed)
+            {
                 return Err(format!(
-                    "pin {pin} is programmed {actual:?}, connections imply {expected:?}"
+                    "message connection {h:#x} holds objects where its message does not go"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Rule 10: a device with several line resources has one lock.
+    fn check_device_locks(&self, device: u32) -> Result<(), String> {
+        let Some(d) = self.devices.device(device) else {
+            return Ok(());
+        };
+        if d.resources().len() <= 1 {
+            return Ok(());
+        }
+        let mut lines = self
+            .registry
+            .device_connections(d.id())
+            .filter(|c| c.message.is_none());
+        if let Some(first) = lines.next() {
+            let one_group = first.spin_lock == 0
+                && first.version == connect_version::LINE_BASED
+                && self
+                    .registry
+                    .device_connections(d.id())
+                    .filter(|c| c.message.is_none())
+                    .count()
+                    <= d.resources().len();
+            let shared = lines.all(|c| c.spin_lock == first.spin_lock);
+            if !shared || (first.spin_lock == 0 && !one_group) {
+                return Err(format!(
+                    "device {} holds connections under different locks",
+                    d.id()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rule R (one destination reaches exactly `vector`'s processors) and
+    /// the sharing rule on every (processor, `vector`) chain.
+    fn check_chains(&self, vector: u8) -> Result<(), String> {
+        let union = self.registry.vector_mask(vector);
+        if !union.is_empty()
+            && self
+                .topology
+                .choose(union, ProcessorSet::EMPTY)
+                .is_none_or(|c| c.reach != union)
+        {
+            return Err(format!(
+                "no destination reaches exactly the processors of vector {vector:#x}"
+            ));
+        }
+        let on: Vec<_> = self.registry.on_vector(vector).collect();
+        for (i, (ha, a)) in on.iter().enumerate() {
+            for (hb, b) in on.iter().skip(i + 1) {
+                if !(a.processors() & b.processors()).is_empty() && !may_chain(a, b) {
+                    return Err(format!(
+                        "connections {:#x} and {:#x} share a chain illegally",
+                        ha.raw(),
+                        hb.raw()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `pin`'s programmed route is what the live connections imply.
+    fn check_route(&self, pin: u8) -> Result<(), String> {
+        let expected = route::compute(pin, &self.devices, &self.registry, &self.topology);
+        let Some(actual) = self.route(pin) else {
+            return Err(format!("pin {pin} has no route"));
+        };
+        let expected = if self.routes.storm_masked() & (1 << pin) != 0 {
+            PinRoute {
+                masked: true,
+                ..expected
+            }
+        } else {
+            expected
+        };
+        if actual != expected {
+            return Err(format!(
+                "pin {pin} is programmed {actual:?}, connections imply {expected:?}"
+            ));
         }
         Ok(())
     }
@@ -562,6 +765,7 @@ impl Service {
     pub fn same_live_state(&self, other: &Self) -> bool {
         self.platform == other.platform
             && self.devices == other.devices
+            && self.topology == other.topology
             && self.registry.quota() == other.registry.quota()
             && self.registry.live_chains() == other.registry.live_chains()
             && self.routes == other.routes
@@ -572,6 +776,7 @@ impl Service {
         let Self {
             platform: _,
             devices: _,
+            topology,
             registry,
             routes,
             storm_masked_pins,
@@ -580,6 +785,7 @@ impl Service {
             registry: registry.to_state(),
             storm_masked: routes.storm_masked(),
             storm_masked_pins: *storm_masked_pins,
+            apic_model: topology.model(),
         }
     }
 
@@ -591,17 +797,25 @@ impl Service {
         state: &ServiceState,
     ) -> Result<Self, Error> {
         let registry = Registry::from_state(&state.registry)?;
-        let mut routes = RouteTable::new(&devices, &registry);
+        if state.apic_model == ApicModel::X2apic && !platform.x2apic() {
+            return Err(Error::SnapshotInconsistent {
+                what: "an x2APIC model on a platform without x2APIC".into(),
+            });
+        }
+        let topology = Topology::new(&platform, state.apic_model);
+        let mut routes = RouteTable::new(&devices, &registry, &topology);
         routes.restore_storm_masked(state.storm_masked & ((1 << IOAPIC_PINS) - 1));
         let service = Self {
             platform,
             devices,
+            topology,
             registry,
             routes,
             storm_masked_pins: state.storm_masked_pins,
         };
+        // `Registry::from_state` checked the registry's consistency.
         service
-            .check_invariants()
+            .check_connections()
             .map_err(|what| Error::SnapshotInconsistent { what })?;
         Ok(service)
     }
@@ -617,6 +831,9 @@ pub struct ServiceState {
     pub storm_masked: u32,
     /// Pins masked by the storm guard since boot.
     pub storm_masked_pins: u32,
+    /// The APIC model the guest declared.
+    #[serde(default)]
+    pub apic_model: ApicModel,
 }
 
 #[cfg(test)]
@@ -687,9 +904,14 @@ mod tests {
             masked: false,
             vector: 0x60,
             trigger: Trigger::Level,
+            group: 0,
             destination: 0b0100,
             lowest_priority: false,
             connections: 1,
+            target: crate::ApicDestination::Logical {
+                destination: 0b0100,
+                lowest_priority: false,
+            },
         };
         assert_eq!(done.routes, vec![RouteUpdate { pin: 16, route }]);
     }

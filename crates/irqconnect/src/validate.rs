@@ -8,14 +8,17 @@
 
 use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN};
 use irqconnect_abi::ntstatus::{
-    NtStatus, STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_HANDLE,
-    STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10,
-    STATUS_NOT_FOUND,
+    NtStatus, STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_STATE,
+    STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1,
+    STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND,
 };
 use irqconnect_abi::pv::{HIGH_LEVEL, connect_version};
 
+use crate::destination::Topology;
 use crate::devices::{DeviceTable, InterruptMode};
+use crate::handle::Handle;
 use crate::platform::Platform;
+use crate::processors::ProcessorSet;
 use crate::ram::GuestRam;
 use crate::registry::{Connection, Registry};
 
@@ -27,8 +30,9 @@ pub const SPIN_LOCK_SIZE: u64 = 8;
 pub const SERVICE_CONTEXT_PROBE: u64 = 1;
 
 /// IoConnectInterrupt's parameters plus the device, decoded from a CONNECT
-/// block (field domains already checked).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// block (field domains already checked). The default is an all-zero
+/// block's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectRequest {
     /// The device (PDO).
     pub device_id: u32,
@@ -91,6 +95,10 @@ pub enum Violation {
     UnknownDevice,
     /// Rule 7: the device owns no resource with this vector.
     VectorNotOwned,
+    /// Rule R: no APIC destination reaches a processor of the effective
+    /// mask together with every processor the vector's other connections
+    /// hold.
+    NoCommonDestination,
     /// Rule 9: the chain on (`cpu`, vector) cannot take the new object.
     SharingConflict {
         /// The first processor where it conflicts.
@@ -136,6 +144,22 @@ pub enum Violation {
     MessageTargetsEmpty,
     /// DISCONNECT_EX: `version` is not the one CONNECT_EX answered with.
     VersionMismatch,
+    /// Rule RT2: RETARGET's group is not the connection's.
+    RetargetGroupMismatch,
+    /// Rule RT3: RETARGET's mask is empty or names a processor the VM does
+    /// not have in the group.
+    ProcessorsOutsideVm,
+    /// Rule RT4: RETARGET of a MESSAGE_BASED group without its table, or of
+    /// another connection with one.
+    RetargetTableMismatch,
+    /// Rule RT5: the new mask names no online processor of a line or
+    /// message.
+    RetargetMaskEmpty,
+    /// SET_APIC_MODEL: the model is not one `apic_model` defines, or is
+    /// x2APIC on a platform that does not offer it.
+    UnknownApicModel,
+    /// SET_APIC_MODEL: connections are live.
+    ConnectionsLive,
 }
 
 impl Violation {
@@ -145,6 +169,7 @@ impl Violation {
     pub const fn rule(self) -> &'static str {
         match self {
             Self::EmptyEffectiveMask | Self::EmptyEffectiveMaskEx => "2",
+            Self::NoCommonDestination => "R",
             Self::NullServiceRoutine => "3",
             Self::ServiceContextNotResident | Self::SpinLockNotResident => "4",
             Self::SynchronizeIrqlBelowIrql | Self::SynchronizeIrqlAboveHighLevel => "5",
@@ -164,6 +189,12 @@ impl Violation {
             Self::TableTooSmall | Self::TableNotUsable => "M5",
             Self::MessageTargetsEmpty => "M7",
             Self::VersionMismatch => "DX",
+            Self::RetargetGroupMismatch => "RT2",
+            Self::ProcessorsOutsideVm => "RT3",
+            Self::RetargetTableMismatch => "RT4",
+            Self::RetargetMaskEmpty => "RT5",
+            Self::UnknownApicModel => "AM1",
+            Self::ConnectionsLive => "AM2",
         }
     }
 
@@ -179,6 +210,7 @@ impl Violation {
             Self::UnknownConnectVersion => STATUS_INVALID_PARAMETER_1,
             Self::EmptyEffectiveMaskEx => STATUS_INVALID_PARAMETER_10,
             Self::TableTooSmall => STATUS_BUFFER_TOO_SMALL,
+            Self::ConnectionsLive => STATUS_INVALID_DEVICE_STATE,
             _ => STATUS_INVALID_PARAMETER,
         }
     }
@@ -191,17 +223,66 @@ pub struct Accepted {
     pub connection: Connection,
 }
 
-/// Checks CONNECT rules 2..11 in order; changes nothing.
+/// Where a request's rules look: the platform, the guest's APIC topology,
+/// the device table and the registry.
+#[derive(Clone, Copy, Debug)]
+pub struct Context<'a> {
+    /// The platform.
+    pub platform: &'a Platform,
+    /// The destinations routes can use.
+    pub topology: &'a Topology,
+    /// The device table.
+    pub devices: &'a DeviceTable,
+    /// The live connections.
+    pub registry: &'a Registry,
+}
+
+/// Rule R: the processors of `wanted` (one group's, online) a connection on
+/// `vector` gets: the part of them the destination
+/// [`Topology::choose`] picks reaches together with the vector's other
+/// connections (all but those `except` names). The result is never empty.
+pub fn routable(
+    ctx: &Context<'_>,
+    vector: u8,
+    wanted: ProcessorSet,
+    except: &[Handle],
+) -> Result<ProcessorSet, Violation> {
+    let fixed = ctx.registry.vector_mask_except(vector, except);
+    ctx.topology
+        .choose(wanted, fixed)
+        .map(|c| c.reach & wanted)
+        .filter(|e| !e.is_empty())
+        .ok_or(Violation::NoCommonDestination)
+}
+
+/// Checks CONNECT rules 2..11 in order for processor group 0; changes
+/// nothing.
 pub fn check_connect<R: GuestRam + ?Sized>(
     req: &ConnectRequest,
-    platform: &Platform,
-    devices: &DeviceTable,
-    registry: &Registry,
+    ctx: &Context<'_>,
     ram: &R,
 ) -> Result<Accepted, Violation> {
+    check_connect_in_group(req, 0, ctx, ram)
+}
+
+/// Checks CONNECT rules 2..11 in order, `ProcessorEnableMask` naming
+/// processors of `group` (which the platform has: rule X3 ran before);
+/// changes nothing.
+pub fn check_connect_in_group<R: GuestRam + ?Sized>(
+    req: &ConnectRequest,
+    group: u16,
+    ctx: &Context<'_>,
+    ram: &R,
+) -> Result<Accepted, Violation> {
+    let Context {
+        platform,
+        devices,
+        registry,
+        ..
+    } = *ctx;
     // Rule 2: absent processors drop out silently; none left is an error.
-    let mask = req.processor_enable_mask & platform.online_mask();
-    if mask == 0 {
+    let online = req.processor_enable_mask & platform.group_online(group);
+    if online == 0 {
         return Err(Violation::EmptyEffectiveMask);
     }
     // Rule 3.
@@ -238,8 +319,13 @@ pub fn check_connect<R: GuestRam + ?Sized>(
         return Err(Violation::VectorNotOwned);
     }
     // Rule 8: FloatingSave is legal either way on x64.
+    // Rule R: the processors one destination reaches with the vector's
+    // other connections.
+    let effective = routable(ctx, vector, ProcessorSet::of_group(group, online), &[])?;
+    let mask = effective.group_mask(group);
     // Rule 9.
-    if let Some(cpu) = registry.sharing_conflict(vector, mask, req.interrupt_mode, req.share_vector)
+    if let Some(cpu) =
+        registry.sharing_conflict(vector, effective, req.interrupt_mode, req.share_vector)
     {
         return Err(Violation::SharingConflict { cpu });
     }
@@ -284,6 +370,7 @@ pub fn check_connect<R: GuestRam + ?Sized>(
             version: req.version,
             lead: None,
             message: None,
+            group,
         },
     })
 }
@@ -791,5 +878,111 @@ mod tests {
         }
         assert_eq!(s.registry().chain(1, 0x70), vec![b]);
         assert_eq!(STATUS_SUCCESS, 0);
+    }
+
+    /// A service on `cpus` processors in split mode (15-bit destinations),
+    /// x2APIC offered, with the guest's `model` declared.
+    fn declared(cpus: u32, model: crate::ApicModel) -> Service {
+        let mut facts = crate::PlatformFacts::uniform(cpus);
+        facts.x2apic = true;
+        facts.irqchip_mode = crate::platform::IrqchipMode::Split;
+        let platform = Platform::new(facts).unwrap();
+        let devices = DeviceTable::default_for(&platform);
+        let mut s = Service::new(platform, devices, 256).unwrap();
+        s.set_apic_model(model).unwrap();
+        s
+    }
+
+    /// Rule R: a mask no destination names is narrowed to the largest
+    /// part one does, which the answer, the objects and the route name.
+    #[test]
+    fn rule_r_mask_no_destination_names_narrowed_to_the_largest_part() {
+        // x2APIC with 15-bit destinations: cluster 0 up to APIC ID 14.
+        let mut s = declared(32, crate::ApicModel::X2apic);
+        let r = ConnectRequest {
+            processor_enable_mask: 0xf_ff00,
+            ..req()
+        };
+        let done = s.connect(&r, &ram()).unwrap();
+        assert_eq!(done.effective_mask, 0x7f00);
+        assert_eq!(s.registry().objects_in_use(), 7);
+        let route = s.route(16).unwrap();
+        assert_eq!((route.group, route.destination), (0, 0x7f00));
+        assert_eq!(
+            route.target,
+            crate::ApicDestination::Logical {
+                destination: 0x7f00,
+                lowest_priority: true
+            }
+        );
+    }
+
+    /// Rule R's tie rule: between equal parts, the one holding the lowest
+    /// processor; between a logical and a physical destination of one
+    /// processor, the logical one.
+    #[test]
+    fn rule_r_ties_go_to_the_lowest_processor() {
+        let mut s = declared(16, crate::ApicModel::XapicCluster);
+        let r = ConnectRequest {
+            processor_enable_mask: 0b0110_0000_0110_0000,
+            ..req()
+        };
+        // Clusters 1 ({5, 6}) and 3 ({13, 14}): cluster 1.
+        assert_eq!(
+            s.connect(&r, &ram()).map(|c| c.effective_mask),
+            Ok(0b0110_0000)
+        );
+        let mut x2 = declared(32, crate::ApicModel::X2apic);
+        // IDs 20 and 25 have no logical form: processor 20, physically.
+        let r = ConnectRequest {
+            processor_enable_mask: (1 << 20) | (1 << 25),
+            ..req()
+        };
+        assert_eq!(
+            x2.connect(&r, &ram()).map(|c| c.effective_mask),
+            Ok(1 << 20)
+        );
+        assert_eq!(
+            x2.route(16).map(|r| r.target),
+            Some(crate::ApicDestination::Physical { apic_id: 20 })
+        );
+    }
+
+    /// Rule R with sharers: a later connection of a vector gets only the
+    /// processors one destination reaches together with the earlier ones;
+    /// none such: STATUS_INVALID_PARAMETER, nothing recorded.
+    #[test]
+    fn rule_r_sharer_no_destination_reaches_with_the_vector_invalid_parameter() {
+        let mut s = declared(32, crate::ApicModel::XapicCluster);
+        connected(&mut s, &shared(2, 0b0110));
+        // Processors 3 (cluster 0) and 8, 9 (cluster 2): only 3 joins.
+        let b = s.connect(&shared(3, 0b11_0000_1000), &ram()).unwrap();
+        assert_eq!(b.effective_mask, 0b1000);
+        assert_eq!(s.route(18).map(|r| r.destination), Some(0b1110));
+        let before = s.clone();
+        assert_eq!(
+            s.connect(&shared(3, 0b11_0000_0000), &ram()).err(),
+            Some(Violation::NoCommonDestination)
+        );
+        assert_eq!(s, before);
+        assert_eq!(
+            (
+                Violation::NoCommonDestination.rule(),
+                Violation::NoCommonDestination.status()
+            ),
+            ("R", STATUS_INVALID_PARAMETER)
+        );
+    }
+
+    /// The broadcast 0xFF names every processor: on a larger platform the
+    /// processors 0..7 it would encode lose their highest one.
+    #[test]
+    fn rule_r_processors_0_to_7_of_a_larger_platform_drop_the_highest() {
+        let mut s = declared(9, crate::ApicModel::XapicFlat);
+        let r = ConnectRequest {
+            processor_enable_mask: 0x1ff,
+            ..req()
+        };
+        assert_eq!(s.connect(&r, &ram()).map(|c| c.effective_mask), Ok(0x7f));
     }
 }

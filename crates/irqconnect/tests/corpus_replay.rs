@@ -42,9 +42,29 @@ fn corpus_replay_connect_sequences() {
 struct Ops(Vec<u8>);
 
 impl Ops {
-    /// `cpus` processors (1..=64), online pattern byte, quota/x2APIC flags.
+    /// `cpus` processors (1..=64), online pattern byte, flags (quota bits
+    /// 0..2, x2APIC bit 3, irqchip mode bits 4..5, APIC model bits 6..7).
     fn new(cpus: u8, online: u8, flags: u8) -> Self {
         Self(vec![cpus - 1, online, flags])
+    }
+    /// 255 processors (four groups), as [`Ops::new`] otherwise.
+    fn cpus_255(online: u8, flags: u8) -> Self {
+        Self(vec![0xff, online, flags])
+    }
+    /// SET_APIC_MODEL with the ABI value `model`.
+    fn set_model(mut self, model: u8) -> Self {
+        self.0.extend_from_slice(&[6, 0x60 | model]);
+        self
+    }
+    /// RETARGET of the `n`-th handle: `group` (`None`: the connection's),
+    /// the mask as eight bytes, and the table (0 in place, 1 none, 2 too
+    /// short).
+    fn retarget(mut self, n: u8, group: Option<u8>, mask: u64, table: u8) -> Self {
+        let g = group.map_or(0, |g| 4 | g);
+        self.0.extend_from_slice(&[6, 0xc0, n, g, 3]);
+        self.0.extend_from_slice(&mask.to_le_bytes());
+        self.0.push(table);
+        self
     }
     /// A CONNECT from the device's resource `which`, with `flags` (bits 0..1
     /// the mask encoding, 2 flip mode, 3 flip share, 4 floating save, 5 null
@@ -247,6 +267,80 @@ fn sequence_ex_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// RETARGET, SET_APIC_MODEL, processor groups and the destination models.
+fn sequence_affinity_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    const MESSAGE: u8 = 4;
+    const GROUP: u8 = 6;
+    // Flags: x2APIC, split irqchip (15-bit destinations), and a model.
+    const X2APIC_SPLIT: u8 = 0x08 | 0x10;
+    const MODEL_X2APIC: u8 = 0x40;
+    const MODEL_CLUSTER: u8 = 0xc0;
+    vec![
+        (
+            "retarget-line-shared-union-and-refusals",
+            Ops::new(8, 0, 0)
+                .connect(2, 0, 0, 0b0100, &[0b0011, 0])
+                .connect(3, 0, 0, 0b0100, &[0b0100, 1])
+                .retarget(0, None, 0b1000, 1)
+                .assert_line(2)
+                .assert_line(3)
+                .retarget(1, None, 0xff00, 1)
+                .retarget(0, Some(1), 0b1, 1)
+                .retarget(0, None, 0b1, 0)
+                .disconnect_all()
+                .0,
+        ),
+        (
+            "retarget-message-based-table",
+            Ops::new(4, 0, 0)
+                .connect_ex(MESSAGE, 10, 0, 0b0100, &[0, 1], 0x08, &[])
+                .retarget(0, None, 0b0110, 0)
+                .assert_line(10)
+                .retarget(0, None, 0b0001, 2)
+                .retarget(0, None, 0b0011, 1)
+                .disconnect_all()
+                .0,
+        ),
+        (
+            "groups-255-x2apic-group-one-retarget-and-model",
+            Ops::cpus_255(0, X2APIC_SPLIT | MODEL_X2APIC)
+                .connect_ex(
+                    GROUP,
+                    2,
+                    3,
+                    0b0100,
+                    &[0xff, 0xff, 0, 0, 0, 0, 0, 0, 0],
+                    0x10,
+                    &[],
+                )
+                .assert_line(2)
+                .retarget(0, Some(1), 0xf0, 1)
+                .assert_line(2)
+                .retarget(0, Some(2), 0xf0, 1)
+                .set_model(3)
+                .disconnect_all()
+                .set_model(3)
+                .connect(4, 0, 3, 0, &[0x0f, 0x0f, 0, 0, 0, 0, 0, 0, 0])
+                .assert_line(4)
+                .snapshot()
+                .0,
+        ),
+        (
+            "xapic-cluster-16-sharers-across-clusters",
+            Ops::new(16, 0, MODEL_CLUSTER)
+                .connect(2, 0, 3, 0b0100, &[0xf0, 0, 0, 0, 0, 0, 0, 0, 0])
+                .connect(3, 0, 3, 0b0100, &[0, 0x0f, 0, 0, 0, 0, 0, 0, 1])
+                .connect(3, 0, 0, 0b0100, &[0x30, 1])
+                .assert_line(2)
+                .retarget(0, None, 0x0f00, 1)
+                .retarget(1, None, 0x40, 1)
+                .assert_line(3)
+                .disconnect_all()
+                .0,
+        ),
+    ]
+}
+
 fn all_seeds() -> Vec<Seed> {
     let pv = pv_requests::seed_corpus()
         .into_iter()
@@ -259,6 +353,7 @@ fn all_seeds() -> Vec<Seed> {
     let sequences = sequence_seeds()
         .into_iter()
         .chain(sequence_ex_seeds())
+        .chain(sequence_affinity_seeds())
         .map(|(name, data)| Seed {
             target: "connect_sequences",
             name: name.to_string(),
@@ -381,6 +476,133 @@ fn sequence_ex_seeds_reach_success_fallback_and_too_small() {
             format!("Err({:?})", Violation::TableTooSmall),
             format!("Err({:?})", Violation::TableNotUsable),
             format!("Err({:?})", Violation::NoMessages),
+        ]
+    );
+}
+
+/// The affinity sequence seeds get the answers their names promise (each
+/// connection's own effective mask): RETARGET moves, and refuses by RT3,
+/// RT2, R, RT4 and a table too short or missing (length 0);
+/// SET_APIC_MODEL is refused while connected; group 1 connects.
+#[test]
+fn sequence_affinity_seeds_reach_their_rules() {
+    use irqconnect::harness::sequences::{Op, decode};
+    use irqconnect::platform::PlatformFacts;
+    use irqconnect::retarget::RetargetRequest;
+    use irqconnect::{ApicModel, FlatRam, Handle, Platform, Service, Violation};
+    let block = irqconnect::connect_ex::BlockSpan {
+        start: 0x3000,
+        len: 64,
+    };
+    let answers = |data: &[u8]| {
+        let seq = decode(data);
+        let mut facts = PlatformFacts::uniform(seq.cpus);
+        facts.x2apic = seq.x2apic;
+        facts.irqchip_mode = seq.mode;
+        let platform = Platform::new(facts).unwrap();
+        let devices = irqconnect::DeviceTable::default_for(&platform);
+        let mut s = Service::new(platform, devices, seq.quota).unwrap();
+        s.set_apic_model(seq.model).unwrap();
+        let ram = FlatRam::new(0, 0x1_0000);
+        let mut handles: Vec<Handle> = Vec::new();
+        let mut out = Vec::new();
+        for op in &seq.ops {
+            match op {
+                Op::Connect(r) => {
+                    let a = s.connect(r, &ram).map(|c| {
+                        handles.push(c.handle);
+                        c.effective_mask
+                    });
+                    out.push(format!("{a:?}"));
+                }
+                Op::ConnectEx(r) => {
+                    let a = s
+                        .connect_ex(r, block, &ram)
+                        .map(|c| {
+                            handles.push(c.handle);
+                            c.effective_mask
+                        })
+                        .map_err(|e| e.violation);
+                    out.push(format!("{a:?}"));
+                }
+                Op::Retarget {
+                    n,
+                    group,
+                    mask,
+                    table,
+                } => {
+                    let handle = handles[n % handles.len()];
+                    let own = s.registry().get(handle).map_or(0, |c| c.group);
+                    let req = RetargetRequest {
+                        handle,
+                        group: group.unwrap_or(own),
+                        processor_mask: *mask,
+                        message_table: table.0,
+                        message_table_length: table.1,
+                    };
+                    let a = s.retarget(&req, block, &ram).map(|r| r.effective_mask);
+                    out.push(format!("{a:?}"));
+                }
+                Op::SetApicModel(m) => {
+                    let model = ApicModel::from_abi(*m).unwrap();
+                    out.push(format!("{:?}", s.set_apic_model(model)));
+                }
+                Op::DisconnectAll => {
+                    for h in handles.drain(..) {
+                        if let Some(version) = s.registry().get(h).map(|c| c.version) {
+                            s.disconnect_ex(version, h).unwrap();
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    };
+    let seeds = sequence_affinity_seeds();
+    let find = |n: &str| seeds.iter().find(|(name, _)| *name == n).unwrap().1.clone();
+    let err = |v: Violation| format!("Err({v:?})");
+    assert_eq!(
+        answers(&find("retarget-line-shared-union-and-refusals")),
+        [
+            "Ok(3)".to_string(),
+            "Ok(4)".into(),
+            "Ok(8)".into(),
+            err(Violation::ProcessorsOutsideVm),
+            err(Violation::RetargetGroupMismatch),
+            err(Violation::RetargetTableMismatch),
+        ]
+    );
+    assert_eq!(
+        answers(&find("retarget-message-based-table")),
+        [
+            "Ok(15)".to_string(),
+            "Ok(6)".into(),
+            err(Violation::TableTooSmall),
+            err(Violation::TableTooSmall),
+        ]
+    );
+    assert_eq!(
+        answers(&find("groups-255-x2apic-group-one-retarget-and-model")),
+        [
+            // x2APIC cluster 4 (IDs 64..79) has no logical form with 15
+            // destination bits: one processor, physically.
+            "Ok(1)".to_string(),
+            "Ok(16)".into(),
+            err(Violation::RetargetGroupMismatch),
+            err(Violation::ConnectionsLive),
+            "Ok(())".into(),
+            "Ok(15)".into(),
+        ]
+    );
+    assert_eq!(
+        answers(&find("xapic-cluster-16-sharers-across-clusters")),
+        [
+            "Ok(240)".to_string(),
+            err(Violation::NoCommonDestination),
+            "Ok(48)".into(),
+            err(Violation::NoCommonDestination),
+            "Ok(64)".into(),
         ]
     );
 }

@@ -10,7 +10,9 @@ use irqconnect::devices::{DeviceTable, InterruptMode};
 use irqconnect::platform::{Platform, PlatformFacts};
 use irqconnect::registry::Connection;
 use irqconnect::route::PinRoute;
-use irqconnect::{ConnectRequest, FlatRam, Handle, Service, Violation};
+use irqconnect::{
+    ApicDestination, ConnectRequest, FlatRam, Handle, ProcessorSet, Service, Violation,
+};
 use irqconnect_abi::layout::IOAPIC_PINS;
 use proptest::prelude::*;
 
@@ -138,6 +140,10 @@ fn implied_routes(s: &Service) -> Vec<PinRoute> {
                 .filter(|c| c.vector == r.vector)
                 .collect();
             let destination = on.iter().fold(0, |m, c| m | c.mask);
+            let target = s
+                .topology()
+                .choose(ProcessorSet::of_group(0, destination), ProcessorSet::EMPTY)
+                .map_or(ApicDestination::None, |c| c.destination);
             let first_mode = s
                 .registry()
                 .on_vector(r.vector)
@@ -150,9 +156,11 @@ fn implied_routes(s: &Service) -> Vec<PinRoute> {
                     InterruptMode::LevelSensitive => Trigger::Level,
                     InterruptMode::Latched => Trigger::Edge,
                 },
+                group: 0,
                 destination,
                 lowest_priority: destination.count_ones() > 1,
                 connections: on.len() as u32,
+                target,
             }
         })
         .collect()

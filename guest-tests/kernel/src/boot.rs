@@ -345,10 +345,19 @@ isr_direct:
 );
 
 unsafe extern "C" {
+    static ap_ticket: core::sync::atomic::AtomicU32;
     static isr_stubs: u8;
     static ap_tramp_start: u8;
     static ap_tramp_end: u8;
     static ist_stacks: u8;
+}
+
+/// Restarts the APs' tickets (their stacks) at 0: for the second start of
+/// every AP, once none of them runs (all wait for SIPI after INIT).
+pub fn reset_ap_tickets() {
+    // SAFETY: `ap_ticket` is the asm's 4-byte, 4-aligned counter, which
+    // the APs only touch with a locked xadd: an atomic fits it.
+    unsafe { ap_ticket.store(0, core::sync::atomic::Ordering::SeqCst) };
 }
 
 /// Address of the entry stub of `vector`.

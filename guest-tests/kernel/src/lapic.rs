@@ -84,6 +84,44 @@ pub const ICR_LOGICAL: u32 = 1 << 11;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 static X2APIC: AtomicBool = AtomicBool::new(false);
+static XAPIC_CLUSTER: AtomicBool = AtomicBool::new(false);
+
+/// Processors the xAPIC flat model names (one LDR bit each).
+pub const FLAT_PROCESSORS: usize = 8;
+/// Processors in an xAPIC logical cluster.
+pub const CLUSTER_SIZE: usize = 4;
+/// Clusters of the xAPIC cluster model (cluster 15 is the broadcast).
+pub const CLUSTERS: usize = 15;
+
+/// True when the local APICs use the xAPIC cluster model (xAPIC mode with
+/// more processors than the flat model names).
+pub fn xapic_cluster() -> bool {
+    !x2apic() && XAPIC_CLUSTER.load(Ordering::Relaxed)
+}
+
+/// Chooses the xAPIC logical model for `cpus` processors: flat up to 8,
+/// cluster above (SDM Vol. 3A 11.6.2.2). Call on the BSP before the APs
+/// run `init_cpu`.
+pub fn choose_logical_model(cpus: usize) {
+    XAPIC_CLUSTER.store(cpus > FLAT_PROCESSORS, Ordering::Relaxed);
+}
+
+/// The xAPIC logical ID processor `index` gets (LDR bits 24..31): flat
+/// `1 << index` (0 past index 7), cluster `(index / 4) << 4 | 1 << (index
+/// % 4)` (0 past index 59): the conventions SET_APIC_MODEL declares.
+pub fn xapic_logical_id(index: usize) -> u32 {
+    if xapic_cluster() {
+        if index < CLUSTERS * CLUSTER_SIZE {
+            (((index / CLUSTER_SIZE) << 4) | (1 << (index % CLUSTER_SIZE))) as u32
+        } else {
+            0
+        }
+    } else if index < FLAT_PROCESSORS {
+        1 << index
+    } else {
+        0
+    }
+}
 
 /// True when the local APICs run in x2APIC mode.
 pub fn x2apic() -> bool {
@@ -137,8 +175,8 @@ pub fn apic_base() -> u64 {
 }
 
 /// Enables this CPU's local APIC in the chosen mode: SVR (spurious vector
-/// 0xFF), TPR 0, LVTs masked, and in xAPIC mode DFR flat with
-/// LDR = 1 << index (0 past index 7). Returns the logical APIC ID.
+/// 0xFF), TPR 0, LVTs masked, and in xAPIC mode DFR flat or cluster with
+/// the LDR of [`xapic_logical_id`]. Returns the logical APIC ID.
 pub fn init_cpu(index: usize) -> u32 {
     let base = apic_base();
     let mut want = base | APIC_BASE_EN;
@@ -161,9 +199,15 @@ pub fn init_cpu(index: usize) -> u32 {
     let logical = if x2apic() {
         read(REG_LDR)
     } else {
-        write(REG_DFR, 0xffff_ffff);
-        let id = if index < 8 { 1u32 << index } else { 0 };
-        write(REG_LDR, id << 24);
+        write(
+            REG_DFR,
+            if xapic_cluster() {
+                0x0fff_ffff
+            } else {
+                0xffff_ffff
+            },
+        );
+        write(REG_LDR, xapic_logical_id(index) << 24);
         read(REG_LDR) >> 24
     };
     write(REG_ESR, 0);

@@ -56,25 +56,48 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     ioapic::mask_all();
 
     lapic::choose_mode(multiboot::option("x2apic") != Some("off"));
+    let fw_cpus = fw_cfg::cpu_count();
+    let wanted = usize::from(fw_cpus.unwrap_or(1)).max(1);
+    lapic::choose_logical_model(wanted);
     let bsp = percpu::cpu(0);
     bsp.logical_id.store(lapic::init_cpu(0), Ordering::Relaxed);
     bsp.apic_id.store(lapic::id(), Ordering::Relaxed);
     bsp.online.store(true, Ordering::Release);
     let tsc_per_us = time::calibrate();
 
-    let fw_cpus = fw_cfg::cpu_count();
     let ram = fw_cfg::ram_size();
-    let wanted = usize::from(fw_cpus.unwrap_or(1)).max(1);
     let online = smp::start_aps(wanted);
     tests::set_expected_cpus(wanted);
 
+    if pv::present() {
+        let status = wdm::declare_apic_model();
+        if status != irqconnect_abi::ntstatus::STATUS_SUCCESS {
+            println!(
+                "# wdm: SET_APIC_MODEL answered {}",
+                irqconnect_abi::ntstatus::status_name(status)
+            );
+        }
+    }
+    let (arrive_ms, online_ms) = smp::bring_up_ms();
+    println!(
+        "# smp: {} APs arrived in {} ms, online {} ms later",
+        crate::display::dec(online - 1),
+        crate::display::dec(arrive_ms),
+        crate::display::dec(online_ms)
+    );
     let isr_held = tests::fixture::probe_isr_held();
     percpu::reset_counters();
     println!(
         "# guest-kernel: {} of {} cpus online, {} mode, ioapic version {}, ram {} MiB, tsc {} MHz, ISR held until EOI: {}, cmdline \"{}\"",
         crate::display::dec(online),
         crate::display::dec(wanted),
-        if lapic::x2apic() { "x2apic" } else { "xapic" },
+        if lapic::x2apic() {
+            "x2apic"
+        } else if lapic::xapic_cluster() {
+            "xapic cluster"
+        } else {
+            "xapic"
+        },
         crate::display::hex(ioapic::version()),
         crate::display::dec(ram.unwrap_or(0) >> 20),
         crate::display::dec(tsc_per_us),

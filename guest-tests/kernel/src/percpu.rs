@@ -6,8 +6,12 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use crate::cpu;
 
-/// Most processors this kernel drives (extra APs are parked).
-pub const MAX_CPUS: usize = 64;
+/// Most processors this kernel drives: as many as the platform has
+/// (`irqconnect_abi::layout::MAX_CPUS`, 255). Per processor the kernel
+/// keeps a [`PerCpu`] (1.1 KiB), a 64 KiB stack, 36 KiB of IST stacks, two
+/// GDT slots, a TSS, 1 KiB of dispatch counters and 512 bytes of chain
+/// heads: about 104 KiB, 26 MiB for 255 processors.
+pub const MAX_CPUS: usize = irqconnect_abi::layout::MAX_CPUS;
 
 /// A work item posted to a CPU: `run(arg)`, result reported back.
 pub type WorkFn = fn(usize) -> usize;

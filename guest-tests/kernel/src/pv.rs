@@ -18,8 +18,10 @@ use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use irqconnect_abi::layout::{PV_DOORBELL_PORT, PV_DOORBELL_SIGNATURE};
 use irqconnect_abi::ntstatus::{NtStatus, STATUS_SUCCESS};
 use irqconnect_abi::pv::{
-    BLOCK_ALIGN, Connect, ConnectEx, Disconnect, DisconnectEx, MAX_REQUEST_SIZE, QueryMessages,
-    QueryPlatform, QueryResources, QueryRoute, RequestHeader, STATUS_NO_ANSWER, opcode,
+    ABI_VERSION_1, ABI_VERSION_2, BLOCK_ALIGN, Connect, ConnectEx, Disconnect, DisconnectEx,
+    MAX_REQUEST_SIZE, QueryMessages, QueryMessagesV2, QueryPlatform, QueryPlatformV2,
+    QueryResources, QueryResourcesV2, QueryRoute, QueryRouteV2, RequestHeader, Retarget,
+    STATUS_NO_ANSWER, SetApicModel, opcode,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -32,6 +34,8 @@ pub const ABSENT_REASON: &str = "no PV device (doorbell reads all ones)";
 pub trait Request: FromBytes + IntoBytes + KnownLayout + Immutable + Sized {
     /// The opcode whose layout this is.
     const OPCODE: u16;
+    /// The ABI version whose layout this is.
+    const VERSION: u16 = ABI_VERSION_1;
     /// The block's header.
     fn header(&self) -> &RequestHeader;
     /// The block's header, mutably.
@@ -39,7 +43,7 @@ pub trait Request: FromBytes + IntoBytes + KnownLayout + Immutable + Sized {
     /// A zeroed block with its header preset ([`RequestHeader::new`]).
     fn blank() -> Self {
         let mut block = Self::new_zeroed();
-        *block.header_mut() = RequestHeader::new::<Self>(Self::OPCODE);
+        *block.header_mut() = RequestHeader::versioned::<Self>(Self::VERSION, Self::OPCODE);
         block
     }
 }
@@ -56,6 +60,30 @@ macro_rules! request {
             }
         }
     };
+    ($t:ty, $op:expr, v2) => {
+        impl Request for $t {
+            const OPCODE: u16 = $op;
+            const VERSION: u16 = ABI_VERSION_2;
+            fn header(&self) -> &RequestHeader {
+                &self.header
+            }
+            fn header_mut(&mut self) -> &mut RequestHeader {
+                &mut self.header
+            }
+        }
+    };
+    ($t:ty, $op:expr, v2 base) => {
+        impl Request for $t {
+            const OPCODE: u16 = $op;
+            const VERSION: u16 = ABI_VERSION_2;
+            fn header(&self) -> &RequestHeader {
+                &self.base.header
+            }
+            fn header_mut(&mut self) -> &mut RequestHeader {
+                &mut self.base.header
+            }
+        }
+    };
 }
 
 request!(QueryPlatform, opcode::QUERY_PLATFORM);
@@ -66,6 +94,12 @@ request!(QueryRoute, opcode::QUERY_ROUTE);
 request!(ConnectEx, opcode::CONNECT_EX);
 request!(DisconnectEx, opcode::DISCONNECT_EX);
 request!(QueryMessages, opcode::QUERY_MESSAGES);
+request!(QueryPlatformV2, opcode::QUERY_PLATFORM, v2 base);
+request!(QueryResourcesV2, opcode::QUERY_RESOURCES, v2 base);
+request!(QueryRouteV2, opcode::QUERY_ROUTE, v2 base);
+request!(QueryMessagesV2, opcode::QUERY_MESSAGES, v2 base);
+request!(Retarget, opcode::RETARGET, v2);
+request!(SetApicModel, opcode::SET_APIC_MODEL, v2);
 
 /// The request block: as large as the largest request, 8-byte aligned.
 #[repr(C, align(8))]
@@ -183,6 +217,40 @@ fn ask<T: Request>(mut req: T) -> Result<T, NtStatus> {
 /// QUERY_PLATFORM.
 pub fn query_platform() -> Result<QueryPlatform, NtStatus> {
     ask(QueryPlatform::blank())
+}
+
+/// QUERY_PLATFORM, version 2 (with the processor groups).
+pub fn query_platform_v2() -> Result<QueryPlatformV2, NtStatus> {
+    ask(QueryPlatformV2::blank())
+}
+
+/// QUERY_RESOURCES, version 2 (each resource's group), of `device_id`.
+pub fn query_resources_v2(device_id: u32) -> Result<QueryResourcesV2, NtStatus> {
+    let mut req = QueryResourcesV2::blank();
+    req.base.device_id = device_id;
+    ask(req)
+}
+
+/// QUERY_ROUTE, version 2 (the destination's group and APIC destination),
+/// of IOAPIC pin `pin`.
+pub fn query_route_v2(pin: u32) -> Result<QueryRouteV2, NtStatus> {
+    let mut req = QueryRouteV2::blank();
+    req.base.pin = pin;
+    ask(req)
+}
+
+/// RETARGET with `req`'s inputs: the answered block and its status.
+pub fn retarget(mut req: Retarget) -> (NtStatus, Retarget) {
+    let status = call(&mut req);
+    (status, req)
+}
+
+/// SET_APIC_MODEL: the guest's logical destination model
+/// (`irqconnect_abi::pv::apic_model`).
+pub fn set_apic_model(model: u8) -> NtStatus {
+    let mut req = SetApicModel::blank();
+    req.model = model;
+    call(&mut req)
 }
 
 /// QUERY_RESOURCES of device `device_id`.

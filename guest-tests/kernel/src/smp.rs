@@ -1,11 +1,18 @@
 //! SMP bring-up by INIT/SIPI and the per-CPU work mailboxes.
 //!
-//! The BSP copies the real-mode trampoline to 0x8000 and broadcasts
-//! INIT, SIPI, SIPI (all excluding self). Each AP enters long mode, takes a
-//! ticket (its stack), reports its APIC ID and waits; the BSP then sorts the
-//! APIC IDs, so processor index = APIC ID order (BSP = 0), and releases the
-//! APs, which set up their GS base, TSS, IDT and LAPIC and go idle:
-//! `cli; check mailbox; sti; hlt`.
+//! Two rounds, so no AP spins while the others come up (every vCPU is
+//! emulated on the host's few cores: spinning APs would slow the rest and
+//! make bring-up quadratic in the processor count):
+//!
+//! 1. The BSP copies the real-mode trampoline to 0x8000 and broadcasts
+//!    INIT, SIPI, SIPI (all excluding self). Each AP enters long mode,
+//!    takes a ticket (its stack), reports its APIC ID and halts with
+//!    interrupts off. The BSP waits while arrivals keep coming, then sorts
+//!    the APIC IDs, so processor index = APIC ID order (BSP = 0).
+//! 2. The BSP broadcasts INIT (every AP back to waiting for SIPI), resets
+//!    the tickets, marks the APs released and broadcasts SIPI, SIPI. Each
+//!    AP enters long mode again, finds its index, sets up its GS base,
+//!    TSS, IDT and LAPIC and goes idle: `cli; check mailbox; sti; hlt`.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -21,6 +28,7 @@ static RELEASED: AtomicBool = AtomicBool::new(false);
 /// Starts the APs; `expected` counts the BSP. Returns the number of CPUs
 /// online (BSP included).
 pub fn start_aps(expected: usize) -> usize {
+    let t0 = time::now_us();
     let expected = expected.clamp(1, MAX_CPUS);
     if expected > 1 {
         let (src, len) = boot::trampoline();
@@ -28,16 +36,10 @@ pub fn start_aps(expected: usize) -> usize {
         // nothing of the kernel uses; the trampoline is position-dependent on
         // exactly this address.
         unsafe { core::ptr::copy_nonoverlapping(src, boot::TRAMPOLINE_ADDR as *mut u8, len) };
-        let page = (boot::TRAMPOLINE_ADDR >> 12) as u8;
-        lapic::send_ipi(0, Delivery::Init, Dest::AllExcludingSelf);
-        time::delay_us(10_000);
-        lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
-        time::delay_us(200);
-        lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
-        time::wait_until(2_000_000, || {
-            ARRIVED.load(Ordering::Acquire) as usize >= expected - 1
-        });
+        init_sipi_sipi();
+        wait_while_progressing(|| ARRIVED.load(Ordering::Acquire) as usize, expected - 1);
     }
+    let t_arrived = time::now_us();
     let arrived = (ARRIVED.load(Ordering::Acquire) as usize).min(MAX_CPUS - 1);
     let mut ids = [u32::MAX; MAX_CPUS];
     for (slot, id) in ids.iter_mut().zip(ARRIVAL_IDS.iter()).take(arrived) {
@@ -51,25 +53,93 @@ pub fn start_aps(expected: usize) -> usize {
     }
     RELEASED.store(true, Ordering::Release);
     let total = arrived + 1;
-    time::wait_until(2_000_000, || {
-        (1..total).all(|i| percpu::cpu(i).online.load(Ordering::Acquire))
-    });
+    if arrived > 0 {
+        // Round 2: INIT first puts every AP back to waiting for SIPI; only
+        // then the tickets restart (a halted AP takes none).
+        lapic::send_ipi(0, Delivery::Init, Dest::AllExcludingSelf);
+        time::delay_us(INIT_DELAY_US);
+        boot::reset_ap_tickets();
+        start_up_twice();
+    }
+    wait_while_progressing(
+        || {
+            (1..total)
+                .filter(|&i| percpu::cpu(i).online.load(Ordering::Acquire))
+                .count()
+        },
+        total - 1,
+    );
     let online = 1
         + (1..total)
             .filter(|&i| percpu::cpu(i).online.load(Ordering::Acquire))
             .count();
     percpu::set_count(online);
+    BRING_UP_MS.store(
+        ((((t_arrived - t0) / 1000) << 32) | ((time::now_us() - t_arrived) / 1000)) as usize,
+        Ordering::Relaxed,
+    );
     online
+}
+
+static BRING_UP_MS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// How long the last bring-up took, in ms of guest time: until every AP
+/// arrived, then until every one was online.
+pub fn bring_up_ms() -> (u64, u64) {
+    let v = BRING_UP_MS.load(Ordering::Relaxed) as u64;
+    (v >> 32, v & 0xffff_ffff)
+}
+
+/// The wait after INIT before the first SIPI (SDM Vol. 3A 9.4.4.1's
+/// universal start-up algorithm).
+const INIT_DELAY_US: u64 = 10_000;
+/// The wait between the two SIPIs.
+const SIPI_DELAY_US: u64 = 200;
+
+/// INIT, then SIPI twice, to every AP.
+fn init_sipi_sipi() {
+    lapic::send_ipi(0, Delivery::Init, Dest::AllExcludingSelf);
+    time::delay_us(INIT_DELAY_US);
+    start_up_twice();
+}
+
+/// SIPI twice to every AP (the trampoline's page as the vector): an AP
+/// waiting for SIPI starts, one already started ignores the second.
+fn start_up_twice() {
+    let page = (boot::TRAMPOLINE_ADDR >> 12) as u8;
+    lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
+    time::delay_us(SIPI_DELAY_US);
+    lapic::send_ipi(page, Delivery::StartUp, Dest::AllExcludingSelf);
+}
+
+/// How long the BSP waits for the next AP to arrive or come online before
+/// it gives up on the rest: APs are emulated on the host's few cores, so
+/// under host load they come slowly, but they keep coming.
+const BRING_UP_STALL_US: u64 = 2_000_000;
+
+/// Waits until `count()` reaches `want`, as long as it keeps growing: at
+/// most [`BRING_UP_STALL_US`] without progress.
+fn wait_while_progressing(count: impl Fn() -> usize, want: usize) {
+    let mut seen = count();
+    while seen < want {
+        let grew = time::wait_until(BRING_UP_STALL_US, || count() != seen);
+        let now = count();
+        if !grew || now <= seen {
+            return;
+        }
+        seen = now;
+    }
 }
 
 /// Rust entry of an AP (from `ap_long_entry`, on its ticket's stack).
 #[unsafe(no_mangle)]
 extern "C" fn ap_main(ticket: u32) -> ! {
     let apic_id = cpu::cpuid_apic_id();
-    ARRIVAL_IDS[ticket as usize].store(apic_id, Ordering::Release);
-    ARRIVED.fetch_add(1, Ordering::AcqRel);
-    while !RELEASED.load(Ordering::Acquire) {
-        cpu::pause();
+    if !RELEASED.load(Ordering::Acquire) {
+        // Round 1: report, then halt until round 2's INIT.
+        ARRIVAL_IDS[ticket as usize].store(apic_id, Ordering::Release);
+        ARRIVED.fetch_add(1, Ordering::AcqRel);
+        cpu::halt_forever();
     }
     let Some(index) =
         (1..MAX_CPUS).find(|&i| percpu::cpu(i).apic_id() == apic_id && percpu::cpu(i).index() == i)

@@ -13,7 +13,7 @@ use irqconnect_abi::layout::{FW_CFG_DATA_PORT, FW_CFG_SELECTOR_PORT};
 use crate::bus::{Access, BusDevice};
 
 /// `FW_CFG_ID` bit 0: the traditional (I/O port) interface.
-const ID_TRADITIONAL: u32 = 1;
+pub(crate) const ID_TRADITIONAL: u32 = 1;
 /// Ports the device decodes, from the selector port.
 pub(crate) const FW_CFG_PORT_COUNT: u64 = (FW_CFG_DATA_PORT - FW_CFG_SELECTOR_PORT + 1) as u64;
 

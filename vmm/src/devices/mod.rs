@@ -2,8 +2,9 @@
 //!
 //! Models are plain structs behind the narrow [`crate::bus::BusDevice`] and
 //! `irqchip_kvm::LineSink` traits; this module wires them to ports
-//! (constants from `irqconnect_abi::layout`), the chip's lines and MMIO
-//! windows, and the event loop.
+//! (constants from `irqconnect_abi::layout`), the interrupt controller's
+//! lines and MMIO windows ([`Wiring`]: the VMM's `Irqchip`, or the fuzz
+//! harness's recording stand-in), and the event loop.
 
 pub(crate) mod exit;
 pub(crate) mod fw_cfg;
@@ -21,7 +22,8 @@ use std::sync::{Arc, Mutex};
 
 use irqconnect_abi::layout;
 
-use irqchip_kvm::{IrqLine, Irqchip, MmioWindow, Mode};
+use irqchip_kvm::{IrqLine, Irqchip, LineSink, MmioWindow, Mode};
+use vm_superio::Trigger;
 
 use crate::bus::{Access, Bus, BusDevice, BusKind};
 use crate::control::VmControl;
@@ -55,22 +57,58 @@ pub(crate) struct DeviceConfig {
     pub(crate) serial_state: Option<vm_superio::SerialState>,
 }
 
-/// The buses and the devices the event loop needs to reach.
-pub(crate) struct Devices {
+/// The buses and the devices the event loop needs to reach; `L` is the
+/// devices' interrupt line ([`Wiring::Line`]).
+pub(crate) struct Devices<L: Trigger + LineSink = IrqLine> {
     /// Port I/O.
     pub(crate) pio: Arc<Bus>,
     /// MMIO.
     pub(crate) mmio: Arc<Bus>,
     /// COM1, for stdin input and the final flush.
-    pub(crate) uart: Arc<Mutex<Uart>>,
+    pub(crate) uart: Arc<Mutex<Uart<L>>>,
     /// The test devices, for their timers.
-    pub(crate) testdevs: Vec<SharedTestdev>,
+    pub(crate) testdevs: Vec<SharedTestdev<L>>,
     /// The pc-testdev ports (snapshots).
-    pub(crate) pc_testdev: Arc<Mutex<pc_testdev::PcTestdev<IrqLine>>>,
+    pub(crate) pc_testdev: Arc<Mutex<pc_testdev::PcTestdev<L>>>,
     /// fw_cfg (snapshots).
     pub(crate) fw_cfg: Arc<Mutex<fw_cfg::FwCfg>>,
     /// The 8259 port model, in split and user modes (snapshots).
     pub(crate) pic: Option<Arc<Mutex<pic::LegacyPic>>>,
+}
+
+/// What the devices need from the interrupt controller: a line per GSI,
+/// and the MMIO windows it decodes with the bus device serving each.
+pub(crate) trait Wiring {
+    /// A device's interrupt line: a level ([`LineSink`]) or an edge per
+    /// call (vm-superio's [`Trigger`], for the UART).
+    type Line: LineSink + Trigger + Send + 'static;
+
+    /// A new source on interrupt line `gsi`, or `None` when there is none.
+    fn line(&self, gsi: u8) -> Option<Self::Line>;
+
+    /// The MMIO windows the controller emulates, each with its bus device.
+    fn mmio_windows(&self) -> Vec<(MmioWindow, Arc<Mutex<dyn BusDevice>>)>;
+}
+
+impl Wiring for Irqchip {
+    type Line = IrqLine;
+
+    fn line(&self, gsi: u8) -> Option<IrqLine> {
+        Irqchip::line(self, u32::from(gsi))
+    }
+
+    fn mmio_windows(&self) -> Vec<(MmioWindow, Arc<Mutex<dyn BusDevice>>)> {
+        Irqchip::mmio_windows(self)
+            .into_iter()
+            .map(|window| {
+                let device: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(ChipWindow {
+                    chip: self.clone(),
+                    base: window.base,
+                }));
+                (window, device)
+            })
+            .collect()
+    }
 }
 
 fn overlap(e: crate::bus::OverlapError) -> Error {
@@ -80,8 +118,8 @@ fn overlap(e: crate::bus::OverlapError) -> Error {
     }
 }
 
-fn line(chip: &Irqchip, gsi: u8) -> Result<IrqLine> {
-    chip.line(u32::from(gsi)).ok_or_else(|| Error::Host {
+fn line<W: Wiring>(wiring: &W, gsi: u8) -> Result<W::Line> {
+    wiring.line(gsi).ok_or_else(|| Error::Host {
         op: "wire a device interrupt",
         source: std::io::Error::other(format!("GSI {gsi} is not available")),
     })
@@ -106,14 +144,15 @@ impl BusDevice for ChipWindow {
     }
 }
 
-/// Builds every device and both buses.
-pub(crate) fn build(
+/// Builds every device and both buses, the devices' lines and MMIO windows
+/// from `chip`.
+pub(crate) fn build<W: Wiring>(
     cfg: &DeviceConfig,
-    chip: &Irqchip,
+    chip: &W,
     control: &Arc<VmControl>,
     report: &Arc<Mutex<GuestReport>>,
     out: Box<dyn Write + Send>,
-) -> Result<Devices> {
+) -> Result<Devices<W::Line>> {
     let mut pio = Bus::new(BusKind::Pio);
     let mut mmio = Bus::new(BusKind::Mmio);
 
@@ -121,15 +160,12 @@ pub(crate) fn build(
     let serial_out = SerialOut::new(out, Arc::clone(report));
     let uart = match &cfg.serial_state {
         None => Uart::new(serial_line, serial_out),
-        Some(state) => Uart::from_state(
-            state,
-            serial_line,
-            vm_superio::serial::NoEvents,
-            serial_out,
-        )
-        .map_err(|e| Error::Snapshot(format!("serial state: {e:?}")))?,
+        Some(state) => {
+            Uart::from_state(state, serial_line, vm_superio::serial::NoEvents, serial_out)
+                .map_err(|e| Error::Snapshot(format!("serial state: {e:?}")))?
+        }
     };
-    let uart: Arc<Mutex<Uart>> = Arc::new(Mutex::new(uart));
+    let uart: Arc<Mutex<Uart<W::Line>>> = Arc::new(Mutex::new(uart));
     pio.insert(
         u64::from(layout::SERIAL_COM1_PORT),
         u64::from(layout::SERIAL_PORT_COUNT),
@@ -247,13 +283,8 @@ pub(crate) fn build(
         }
     }
 
-    for MmioWindow { base, len, name } in chip.mmio_windows() {
-        let window = ChipWindow {
-            chip: chip.clone(),
-            base,
-        };
-        mmio.insert(base, len, name, Arc::new(Mutex::new(window)))
-            .map_err(overlap)?;
+    for (MmioWindow { base, len, name }, device) in chip.mmio_windows() {
+        mmio.insert(base, len, name, device).map_err(overlap)?;
     }
 
     log::debug!("{}", pio.describe());

@@ -370,6 +370,7 @@ mod tests {
                     address: 0xfee0_0000 | u64::from(k) << 12,
                     data: 0x48 + u32::from(k),
                     targets: 1 << k,
+                    group: 0,
                 }),
             );
         }

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use irqchip_kvm::IrqLine;
-use vm_superio::Serial;
+use vm_superio::{Serial, Trigger};
 
 use crate::bus::{Access, BusDevice};
 use crate::report::GuestReport;
@@ -76,18 +76,18 @@ impl Write for SerialOut {
     }
 }
 
-/// The UART as a bus device.
-pub(crate) type Uart = Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>;
+/// The UART, interrupting through `L` (an edge per interrupt condition).
+pub(crate) type Uart<L = IrqLine> = Serial<L, vm_superio::serial::NoEvents, SerialOut>;
 
 /// Bus adapter around the shared UART (the event loop feeds its input).
-pub(crate) struct SerialDevice {
-    uart: Arc<Mutex<Uart>>,
+pub(crate) struct SerialDevice<L: Trigger> {
+    uart: Arc<Mutex<Uart<L>>>,
     warn: RateLimiter,
 }
 
-impl SerialDevice {
+impl<L: Trigger> SerialDevice<L> {
     /// The bus device for `uart`.
-    pub(crate) fn new(uart: Arc<Mutex<Uart>>) -> Self {
+    pub(crate) fn new(uart: Arc<Mutex<Uart<L>>>) -> Self {
         Self {
             uart,
             warn: RateLimiter::new(),
@@ -95,7 +95,7 @@ impl SerialDevice {
     }
 }
 
-impl BusDevice for SerialDevice {
+impl<L: Trigger + Send> BusDevice for SerialDevice<L> {
     fn read(&mut self, _access: Access, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if let Some(first) = data.first_mut() {

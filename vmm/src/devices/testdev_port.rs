@@ -11,18 +11,18 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::testdev::{TestDevice, TimerCommand};
 use crate::bus::{Access, BusDevice};
 use crate::error::{Error, Result};
-use irqchip_kvm::IrqLine;
 use irqchip_kvm::ratelimit::RateLimiter;
+use irqchip_kvm::{IrqLine, LineSink};
 
-/// A test device with its line and its host timer.
-pub(crate) struct TestdevSlot {
+/// A test device with its line (`L`, a [`LineSink`]) and its host timer.
+pub(crate) struct TestdevSlot<L = IrqLine> {
     model: TestDevice,
-    line: IrqLine,
+    line: L,
     timer: TimerFd,
 }
 
 /// Shared between the bus (vCPU threads) and the event loop.
-pub(crate) type SharedTestdev = Arc<Mutex<TestdevSlot>>;
+pub(crate) type SharedTestdev<L = IrqLine> = Arc<Mutex<TestdevSlot<L>>>;
 
 /// A test device's snapshot state.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -34,10 +34,9 @@ pub(crate) struct TestdevState {
     pub(crate) timer: Option<(u64, u64)>,
 }
 
-
-impl TestdevSlot {
+impl<L: LineSink> TestdevSlot<L> {
     /// `model` driving `line`, with a fresh non-blocking timer.
-    pub(crate) fn new(model: TestDevice, line: IrqLine) -> Result<SharedTestdev> {
+    pub(crate) fn new(model: TestDevice, line: L) -> Result<SharedTestdev<L>> {
         let timer = TimerFd::new().map_err(Error::host("create a test-device timerfd"))?;
         set_nonblocking(&timer)?;
         Ok(Arc::new(Mutex::new(Self { model, line, timer })))
@@ -59,6 +58,11 @@ impl TestdevSlot {
                 return;
             }
         };
+        self.expired(expirations);
+    }
+
+    /// The host timer expired `expirations` times.
+    pub(crate) fn expired(&mut self, expirations: u64) {
         let cmd = self.model.timer_expired(expirations, &mut self.line);
         self.apply(cmd);
     }
@@ -99,7 +103,11 @@ impl TestdevSlot {
 
     /// Restores a snapshot state: the model (which must be this device's)
     /// and the timer, re-armed for the time that was left.
-    pub(crate) fn restore(&mut self, state: &TestdevState, spec: super::testdev::TestdevSpec) -> std::result::Result<(), String> {
+    pub(crate) fn restore(
+        &mut self,
+        state: &TestdevState,
+        spec: super::testdev::TestdevSpec,
+    ) -> std::result::Result<(), String> {
         if !state.model.matches(spec) {
             return Err(format!(
                 "test device {}: the saved device has another line or trigger",
@@ -148,14 +156,14 @@ fn set_nonblocking(timer: &TimerFd) -> Result<()> {
 
 /// One test device's port window on the bus. Registers are 32 bits wide;
 /// other widths or unaligned offsets read all ones and are ignored.
-pub(crate) struct TestdevPort {
-    slot: SharedTestdev,
+pub(crate) struct TestdevPort<L> {
+    slot: SharedTestdev<L>,
     warn: RateLimiter,
 }
 
-impl TestdevPort {
+impl<L: LineSink> TestdevPort<L> {
     /// The port window of `slot`.
-    pub(crate) fn new(slot: SharedTestdev) -> Self {
+    pub(crate) fn new(slot: SharedTestdev<L>) -> Self {
         Self {
             slot,
             warn: RateLimiter::new(),
@@ -171,7 +179,7 @@ impl TestdevPort {
     }
 }
 
-impl BusDevice for TestdevPort {
+impl<L: LineSink + Send> BusDevice for TestdevPort<L> {
     fn read(&mut self, _access: Access, offset: u64, data: &mut [u8]) {
         if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0xff);

@@ -77,7 +77,10 @@ pub(crate) fn service_from_args(args: &Args, storm_threshold: u32) -> Result<Ser
 /// `facts` describe (the restoring VM's: the mode may differ from the
 /// saving VM's), then its registry and storm marks, every invariant
 /// checked.
-pub(crate) fn restore_service(facts: PlatformFacts, state: &super::PvState) -> std::result::Result<Service, String> {
+pub(crate) fn restore_service(
+    facts: PlatformFacts,
+    state: &super::PvState,
+) -> std::result::Result<Service, String> {
     let platform = Platform::new(facts).map_err(|e| format!("PV platform: {e}"))?;
     let table = DeviceTable::from_json(&state.table, &platform)
         .map_err(|e| format!("PV device table: {e}"))?;

@@ -680,11 +680,7 @@ mod tests {
             })
             .collect();
         assert_eq!(specs, [(0, 8, 1), (1, 9, 4), (2, 10, 8)]);
-        let mut cx = ConnectEx::new_zeroed();
-        cx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-        cx.version = connect_version::MESSAGE_BASED;
-        cx.device_id = 10;
-        cx.service_routine = 0x10_0000;
+        let mut cx = ConnectEx::request(connect_version::MESSAGE_BASED, 10, 0x10_0000);
         cx.message_table = 0x4000;
         cx.message_table_length = 0x400;
         let done = ring(&pv, &mem, &cx);

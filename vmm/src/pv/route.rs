@@ -1,56 +1,62 @@
 //! From the PV service's routes to the redirection entry the interrupt
 //! controller programs.
 //!
-//! The service decides routes as processor masks ([`PinRoute`]);
-//! [`ApicDestination::for_route`] turns a mask into an APIC destination for
-//! the platform's convention (an 8-bit logical destination for masks within
-//! processors 0..7: xAPIC flat with LDR = 1 << index, and, when x2APIC is
-//! offered and APIC ID = index, x2APIC cluster 0 as well; else physical to
-//! the lowest processor's APIC ID), and [`entry_for`] into the
-//! [`RedirectionEntry`] every irqchip mode takes: the one place a route
-//! becomes an entry.
+//! The service decides each route's processors and the APIC destination
+//! that reaches them ([`PinRoute::target`], chosen by
+//! `irqconnect::destination::Topology::choose` for the guest's declared
+//! APIC model and the platform's destination width); [`entry_for`] turns it
+//! into the [`RedirectionEntry`] every irqchip mode takes: the one place a
+//! route becomes an entry.
 
 use irqchip::apic_bus::{DeliveryMode, TriggerMode};
 use irqchip::ioapic::RedirectionEntry;
-use irqconnect::route::ApicDestination;
-use irqconnect::{PinRoute, Platform};
+use irqconnect::{ApicDestination, PinRoute, Platform};
 
 /// The entry of a pin routed as `route` on `platform`: active high, with
-/// the route's vector and trigger mode. A masked route, or one that names
-/// no processor, is a masked entry (it keeps the vector and trigger mode,
-/// so Remote IRR handling does not change under it).
+/// the route's vector and trigger mode, and its destination ID in the
+/// platform's format (bits 8..14 in entry bits 49..55 with the extended
+/// destination ID). A masked route, one that names no processor, or one
+/// whose destination does not fit the format is a masked entry (it keeps
+/// the vector and trigger mode, so Remote IRR handling does not change
+/// under it).
 pub(crate) fn entry_for(route: &PinRoute, platform: &Platform) -> RedirectionEntry {
     let base = RedirectionEntry::new()
         .with_vector(route.vector)
         .with_level_triggered(route.trigger == TriggerMode::Level)
         .with_masked(true);
-    match ApicDestination::for_route(route, platform) {
+    if route.masked {
+        return base;
+    }
+    let ext = platform.destination_bits() > 8;
+    let (entry, id) = match route.target {
         ApicDestination::Logical {
-            mask,
+            destination,
             lowest_priority,
-        } => base
-            .with_logical(true)
-            .with_destination(mask)
-            .with_delivery_mode(if lowest_priority {
-                DeliveryMode::LowestPriority
-            } else {
-                DeliveryMode::Fixed
-            })
-            .with_masked(false),
-        ApicDestination::Physical { apic_id } => match u8::try_from(apic_id) {
-            Ok(id) => base.with_destination(id).with_masked(false),
-            // An APIC ID the 8-bit destination cannot name: the pin cannot
-            // reach it, so it stays masked rather than go elsewhere.
-            Err(_) => base,
-        },
-        ApicDestination::None => base,
+        } => (
+            base.with_logical(true)
+                .with_delivery_mode(if lowest_priority {
+                    DeliveryMode::LowestPriority
+                } else {
+                    DeliveryMode::Fixed
+                }),
+            destination,
+        ),
+        ApicDestination::Physical { apic_id } => (base, apic_id),
+        ApicDestination::None => return base,
+    };
+    match entry.with_destination_id(id, ext) {
+        Some(e) => e.with_masked(false),
+        // A destination the entry cannot carry: the pin cannot reach it, so
+        // it stays masked rather than go elsewhere.
+        None => base,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use irqconnect::PlatformFacts;
+    use irqconnect::destination::{ApicModel, Topology};
+    use irqconnect::{PlatformFacts, ProcessorSet};
 
     fn platform(cpus: u32, x2apic: bool) -> Platform {
         let mut facts = PlatformFacts::uniform(cpus);
@@ -59,14 +65,28 @@ mod tests {
         Platform::new(facts).unwrap()
     }
 
-    fn route(destination: u64, trigger: TriggerMode) -> PinRoute {
+    /// The route the service makes for `destination` on `platform`.
+    fn route(destination: u64, trigger: TriggerMode, platform: &Platform) -> PinRoute {
+        route_with(destination, trigger, platform, ApicModel::Undeclared)
+    }
+
+    fn route_with(
+        destination: u64,
+        trigger: TriggerMode,
+        platform: &Platform,
+        model: ApicModel,
+    ) -> PinRoute {
+        let choice = Topology::new(platform, model)
+            .choose(ProcessorSet::of_group(0, destination), ProcessorSet::EMPTY);
         PinRoute {
             masked: false,
             vector: 0x70,
             trigger,
+            group: 0,
             destination,
             lowest_priority: destination.count_ones() > 1,
             connections: 1,
+            target: choice.map_or(ApicDestination::None, |c| c.destination),
         }
     }
 
@@ -84,7 +104,8 @@ mod tests {
 
     #[test]
     fn entry_for_several_low_processors_logical_lowest_priority() {
-        let e = entry_for(&route(0b1010, TriggerMode::Level), &platform(4, false));
+        let p = platform(4, false);
+        let e = entry_for(&route(0b1010, TriggerMode::Level, &p), &p);
         assert_eq!(e.vector(), 0x70);
         assert_eq!(
             fields(e),
@@ -96,28 +117,25 @@ mod tests {
 
     #[test]
     fn entry_for_one_processor_logical_fixed() {
-        let e = entry_for(&route(0b0100, TriggerMode::Edge), &platform(4, false));
+        let p = platform(4, false);
+        let e = entry_for(&route(0b0100, TriggerMode::Edge, &p), &p);
         assert_eq!(fields(e), (true, 0b0100, DeliveryMode::Fixed, false, false));
     }
 
     #[test]
-    fn entry_for_processor_above_7_physical_to_lowest_apic_id() {
-        // Processors 3 and 9; APIC ID of processor i is 2i here.
-        let e = entry_for(
-            &route((1 << 9) | (1 << 3), TriggerMode::Level),
-            &platform(12, false),
-        );
-        assert_eq!(fields(e), (false, 6, DeliveryMode::Fixed, true, false));
+    fn entry_for_processor_above_7_physical() {
+        // APIC ID of processor i is 2i here.
+        let p = platform(12, false);
+        let e = entry_for(&route(1 << 9, TriggerMode::Level, &p), &p);
+        assert_eq!(fields(e), (false, 18, DeliveryMode::Fixed, true, false));
     }
 
     #[test]
     fn entry_for_x2apic_ids_equal_indices_logical_lowest_priority() {
         let mut facts = PlatformFacts::uniform(4);
         facts.x2apic = true;
-        let e = entry_for(
-            &route(0b110, TriggerMode::Level),
-            &Platform::new(facts).unwrap(),
-        );
+        let p = Platform::new(facts).unwrap();
+        let e = entry_for(&route(0b110, TriggerMode::Level, &p), &p);
         assert_eq!(
             fields(e),
             (true, 0b110, DeliveryMode::LowestPriority, true, false)
@@ -126,20 +144,38 @@ mod tests {
 
     #[test]
     fn entry_for_x2apic_ids_not_indices_physical_fixed() {
-        // Here processor i has APIC ID 2i: no logical byte fits both modes.
-        let e = entry_for(&route(0b110, TriggerMode::Level), &platform(4, true));
+        // Processor 1 has APIC ID 2: no logical byte fits both modes.
+        let p = platform(4, true);
+        let e = entry_for(&route(0b010, TriggerMode::Level, &p), &p);
         assert_eq!(fields(e), (false, 2, DeliveryMode::Fixed, true, false));
+    }
+
+    /// With the extended destination ID (split and user modes) an x2APIC
+    /// guest's cluster 0 reaches APIC IDs 8..14 too: destination bits 8..14
+    /// in entry bits 49..55.
+    #[test]
+    fn entry_for_x2apic_cluster_0_above_id_7_uses_the_extended_destination() {
+        let mut facts = PlatformFacts::uniform(16);
+        facts.x2apic = true;
+        facts.irqchip_mode = irqchip::Mode::Split;
+        let p = Platform::new(facts).unwrap();
+        let e = entry_for(
+            &route_with(0b11 << 9, TriggerMode::Edge, &p, ApicModel::X2apic),
+            &p,
+        );
+        assert!(e.logical() && !e.masked());
+        assert_eq!((e.destination(), e.extended_destination()), (0, 0b110 << 1));
     }
 
     #[test]
     fn entry_for_masked_or_empty_route_masked_keeps_vector_and_trigger() {
         let plat = platform(4, false);
-        let mut r = route(0b1, TriggerMode::Level);
+        let mut r = route(0b1, TriggerMode::Level, &plat);
         r.masked = true;
         let e = entry_for(&r, &plat);
         assert!(e.masked());
         assert_eq!((e.vector(), e.level_triggered()), (0x70, true));
-        let empty = entry_for(&route(0, TriggerMode::Edge), &plat);
+        let empty = entry_for(&route(0, TriggerMode::Edge, &plat), &plat);
         assert!(empty.masked());
         let unused = entry_for(&PinRoute::UNUSED, &plat);
         assert!(unused.masked());
@@ -151,10 +187,9 @@ mod tests {
         let mut facts = PlatformFacts::uniform(2);
         facts.apic_ids = vec![0x100, 0x101];
         facts.x2apic = true;
-        let e = entry_for(
-            &route(0b1, TriggerMode::Edge),
-            &Platform::new(facts).unwrap(),
-        );
-        assert!(e.masked());
+        let p = Platform::new(facts).unwrap();
+        let mut r = route(0b1, TriggerMode::Edge, &p);
+        r.target = ApicDestination::Physical { apic_id: 0x100 };
+        assert!(entry_for(&r, &p).masked());
     }
 }

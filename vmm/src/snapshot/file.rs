@@ -125,7 +125,9 @@ pub(crate) enum FileError {
     #[error("{0}")]
     Bad(String),
     /// The checksum does not match.
-    #[error("checksum mismatch (file {stored:#010x}, computed {computed:#010x}): the file is corrupted")]
+    #[error(
+        "checksum mismatch (file {stored:#010x}, computed {computed:#010x}): the file is corrupted"
+    )]
     Checksum {
         /// The CRC in the header.
         stored: u32,
@@ -357,7 +359,7 @@ fn memory_runs(section: &[u8], base: usize, memory: u64) -> Result<Vec<Run>, Fil
             FileError::Truncated("a memory run's header runs past the section".into())
         })?;
         let (gpa, len) = (u64_at(head, 0), u64_at(head, 8));
-        let end = gpa.checked_add(len).unwrap_or(u64::MAX);
+        let end = gpa.saturating_add(len);
         if gpa % PAGE != 0 || len == 0 || len % PAGE != 0 || gpa < next_free || end > memory {
             return Err(FileError::Bad(format!(
                 "memory run at {gpa:#x} of {len:#x} bytes: not page-aligned, empty, out of order or past the memory size {memory:#x}"
@@ -430,7 +432,8 @@ impl Writer {
         let start = self.begin(Tag::Memory);
         for (gpa, data) in runs {
             self.bytes.extend_from_slice(&gpa.to_le_bytes());
-            self.bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            self.bytes
+                .extend_from_slice(&(data.len() as u64).to_le_bytes());
             self.bytes.extend_from_slice(data);
         }
         self.end(start);
@@ -450,6 +453,7 @@ impl Writer {
 
 /// Rewrites the CRC of `bytes` (a file whose checksum a test or fuzz
 /// input broke on purpose), so decoding reaches the sections.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn fix_checksum(bytes: &mut [u8]) {
     if bytes.len() >= HEADER_LEN {
         let crc = crc(bytes);
@@ -497,10 +501,7 @@ mod tests {
         let bytes = sample();
         for len in 0..bytes.len() {
             let err = decode(&bytes[..len]).unwrap_err();
-            assert!(
-                matches!(err, FileError::Truncated(_)),
-                "{len}: {err}"
-            );
+            assert!(matches!(err, FileError::Truncated(_)), "{len}: {err}");
         }
     }
 

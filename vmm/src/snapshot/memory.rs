@@ -79,7 +79,10 @@ impl<'a> Frozen<'a> {
             }
         }
         if let Some(start) = open {
-            runs.push(((start * page) as u64, &self.bytes[start * page..pages * page]));
+            runs.push((
+                (start * page) as u64,
+                &self.bytes[start * page..pages * page],
+            ));
         }
         Ok(runs)
     }

@@ -132,7 +132,12 @@ pub(crate) struct Coordinator {
 
 impl Coordinator {
     /// The coordinator of a VM with `cpus` vCPUs.
-    pub(crate) fn new(cpus: usize, chip: Irqchip, enabled: bool, restores: u32) -> Result<Arc<Self>> {
+    pub(crate) fn new(
+        cpus: usize,
+        chip: Irqchip,
+        enabled: bool,
+        restores: u32,
+    ) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
             cpus,
             chip,
@@ -575,6 +580,7 @@ fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// `Ok` only for a file every check accepts. The first byte chooses
 /// whether the checksum is fixed first (odd), so inputs also reach the
 /// sections behind it.
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_decode(data: &[u8]) -> std::result::Result<(), String> {
     let Some((&mode, rest)) = data.split_first() else {
         return Err("empty".into());

@@ -171,6 +171,7 @@ impl PoolVm {
                 Features {
                     x2apic: true,
                     tsc_deadline: false,
+                    ext_dest_id: false,
                 },
             );
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;

@@ -302,6 +302,10 @@ impl Deliver for UserChip {
     }
 }
 
+/// The format of the MSIs the guest's devices send (the extended
+/// destination ID, `Mode::msi_format`).
+const GUEST_FORMAT: MsiFormat = irqchip::Mode::User.msi_format();
+
 impl HostsIoapic for UserChip {
     fn ioapic_host(&self) -> &IoapicHost<()> {
         &self.ioapic
@@ -318,7 +322,7 @@ impl Backend for UserChip {
     }
 
     fn signal_msi(&self, msi: Msi) -> Result<(), IrqError> {
-        let decoded = msi::decode(msi, MsiFormat::Compatibility).map_err(|e| IrqError::BadMsi {
+        let decoded = msi::decode(msi, GUEST_FORMAT).map_err(|e| IrqError::BadMsi {
             address: msi.address,
             data: msi.data,
             why: e.to_string(),

@@ -18,7 +18,7 @@
 //! model (or of the harness), never of the input.
 
 pub mod corpus;
-mod input;
+pub mod input;
 pub mod ioapic;
 pub mod msi;
 pub mod pin_model;

@@ -205,6 +205,35 @@ impl RedirectionEntry {
 /// (bits 49..55 of the entry; bit 48 is unused), as Linux programs them.
 pub const EXT_DESTINATION_ID_SHIFT: u32 = 1;
 
+impl RedirectionEntry {
+    /// The entry with destination ID `id`: bits 0..7 in the destination
+    /// field and, with the extended destination ID (`ext_dest_id`), bits
+    /// 8..14 in entry bits 49..55, as `Ioapic::message` reads them. `None`
+    /// when `id` needs more bits than the format has.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use irqchip::ioapic::RedirectionEntry;
+    ///
+    /// let e = RedirectionEntry::new().with_destination_id(0x1ab, true).unwrap();
+    /// assert_eq!((e.destination(), e.extended_destination()), (0xab, 0x02));
+    /// assert!(RedirectionEntry::new().with_destination_id(0x1ab, false).is_none());
+    /// ```
+    pub fn with_destination_id(self, id: u32, ext_dest_id: bool) -> Option<Self> {
+        let high = id >> EXT_DESTINATION_FIRST_BIT;
+        let limit = if ext_dest_id {
+            1 << (Self::EXTENDED_DESTINATION_BITS as u32 - EXT_DESTINATION_ID_SHIFT)
+        } else {
+            1
+        };
+        (high < limit).then(|| {
+            self.with_destination(id as u8)
+                .with_extended_destination((high << EXT_DESTINATION_ID_SHIFT) as u8)
+        })
+    }
+}
+
 /// The first destination bit the extended destination ID carries: bits
 /// 0..7 are the entry's 8-bit destination field (82093AA 3.2.4).
 pub const EXT_DESTINATION_FIRST_BIT: u32 = RedirectionEntry::DESTINATION_BITS as u32;

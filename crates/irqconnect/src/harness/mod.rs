@@ -7,7 +7,7 @@
 //!
 //! | bytes | meaning |
 //! |---|---|
-//! | 0 | processors: `1 + b % 16`, all online, default device table |
+//! | 0 | the platform ([`session_platform`]): `1 + b % 16` processors below 0xf0, 75..=255 with x2APIC from 0xf0; all online, default device table |
 //! | 1 | `n`: number of steps |
 //! | 2 .. 2 + 4n | steps, each a little-endian `u32` |
 //! | the rest | guest RAM at guest-physical 0 |
@@ -26,17 +26,34 @@ use irqconnect_abi::pv::{
 };
 use zerocopy::{FromZeros, IntoBytes};
 
+use crate::devices::DeviceTable;
 use crate::handle::Handle;
+use crate::platform::{DEFAULT_OBJECT_QUOTA, IrqchipMode, Platform, PlatformFacts};
 use crate::ram::{FlatRam, GuestRam};
 use crate::request::Outcome;
 use crate::service::Service;
 
 pub mod pv_requests;
 pub mod ram;
+mod reference;
 pub mod sequences;
 
 /// Step values with this top nibble are handle copies, not doorbells.
 pub const COPY_HANDLE_TAG: u32 = 0xf000_0000;
+
+/// The platform a session's byte 0 picks: below 0xf0, `1 + b % 16`
+/// processors (kernel irqchip, xAPIC); from 0xf0, `255 - 12 * (0xff - b)`
+/// processors (75..=255: two to four processor groups) offering x2APIC,
+/// split irqchip (15-bit destinations).
+pub fn session_platform(b: u8) -> PlatformFacts {
+    if b < 0xf0 {
+        return PlatformFacts::uniform(1 + u32::from(b % 16));
+    }
+    let mut facts = PlatformFacts::uniform(255 - 12 * u32::from(0xff - b));
+    facts.x2apic = true;
+    facts.irqchip_mode = IrqchipMode::Split;
+    facts
+}
 
 /// Runs one doorbell write on a fresh 4-processor test platform with
 /// `memory` as guest RAM at guest-physical 0, checks the invariants, and
@@ -54,13 +71,17 @@ pub fn one_request(memory: &[u8], doorbell: u32) -> Outcome {
 /// Runs a session (see the module docs) and returns each doorbell's
 /// outcome. Panics when an invariant breaks.
 pub fn run_session(data: &[u8]) -> Vec<Outcome> {
-    let cpus = 1 + u32::from(data.first().copied().unwrap_or(0) % 16);
+    let facts = session_platform(data.first().copied().unwrap_or(0));
     let steps = usize::from(data.get(1).copied().unwrap_or(0));
     let step_bytes = data.get(2..).unwrap_or(&[]);
     let steps_len = (steps * 4).min(step_bytes.len() / 4 * 4);
     let (step_bytes, memory) = step_bytes.split_at(steps_len);
-    let Ok(mut service) = Service::with_defaults(cpus) else {
-        panic!("the default platform must build");
+    let Ok(platform) = Platform::new(facts) else {
+        panic!("a session platform must build");
+    };
+    let devices = DeviceTable::default_for(&platform);
+    let Ok(mut service) = Service::new(platform, devices, DEFAULT_OBJECT_QUOTA) else {
+        panic!("the default service must build");
     };
     let mut ram = FlatRam::from_bytes(0, memory.to_vec());
     let mut last_handle: Option<Handle> = None;
@@ -115,7 +136,7 @@ pub fn run_session(data: &[u8]) -> Vec<Outcome> {
 /// One doorbell with the path's own postconditions checked.
 fn step(service: &mut Service, ram: &mut FlatRam, doorbell: u32, before: &[u8]) -> Outcome {
     let objects = service.registry().objects_in_use();
-    let routes = service.routes();
+    let routes = service.routes().to_vec();
     let outcome = service.handle_doorbell(ram, doorbell);
     match &outcome {
         Outcome::Unreadable { .. } | Outcome::Unwritable { .. } => {
@@ -148,18 +169,40 @@ fn assert_invariants(service: &Service) {
     }
 }
 
+/// Seed RAM: request blocks at fixed offsets of 4 KiB.
+struct SeedRam(Vec<u8>);
+
+impl SeedRam {
+    fn new() -> Self {
+        Self(vec![0u8; 0x1000])
+    }
+
+    fn put(&mut self, offset: usize, bytes: &[u8]) {
+        if let Some(dst) = self.0.get_mut(offset..offset + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    /// A session (module documentation) on platform byte `platform`
+    /// running `steps` over this RAM.
+    fn session(&self, platform: u8, steps: &[u32]) -> Vec<u8> {
+        let mut data = vec![platform, steps.len() as u8];
+        for s in steps {
+            data.extend_from_slice(&s.to_le_bytes());
+        }
+        data.extend_from_slice(&self.0);
+        data
+    }
+}
+
 /// Named seed inputs for [`run_session`]: valid requests of every opcode,
 /// connect/disconnect cycles and malformed headers. A fuzz corpus can start
 /// from these.
 pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     let mut seeds = Vec::new();
     // Layout of the seed RAM: one block per 0x200 bytes.
-    let mut ram = vec![0u8; 0x1000];
-    let mut put = |offset: usize, bytes: &[u8]| {
-        if let Some(dst) = ram.get_mut(offset..offset + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
-    };
+    let mut ram = SeedRam::new();
+    let mut put = |offset: usize, bytes: &[u8]| ram.put(offset, bytes);
     let mut qp = QueryPlatform::new_zeroed();
     qp.header = RequestHeader::new::<QueryPlatform>(opcode::QUERY_PLATFORM);
     put(0x000, qp.as_bytes());
@@ -188,11 +231,7 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     // CONNECT_EX MESSAGE_BASED of device 10 (8 MSI-X messages) with its
     // table at 0xa00 (328 bytes), then DISCONNECT_EX, QUERY_MESSAGES of
     // device 9, and a LINE_BASED CONNECT_EX of device 6 with its lock.
-    let mut cx = ConnectEx::new_zeroed();
-    cx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    cx.version = connect_version::MESSAGE_BASED;
-    cx.device_id = 10;
-    cx.service_routine = 0x10_0000;
+    let mut cx = ConnectEx::request(connect_version::MESSAGE_BASED, 10, 0x10_0000);
     cx.service_context = 0x800;
     cx.message_table = 0xa00;
     cx.message_table_length = 0x400;
@@ -205,26 +244,15 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
     qm.header = RequestHeader::new::<QueryMessages>(opcode::QUERY_MESSAGES);
     qm.device_id = 9;
     put(0x8c0, qm.as_bytes());
-    let mut lx = ConnectEx::new_zeroed();
-    lx.header = RequestHeader::new::<ConnectEx>(opcode::CONNECT_EX);
-    lx.version = connect_version::LINE_BASED;
-    lx.device_id = 6;
+    let mut lx = ConnectEx::request(connect_version::LINE_BASED, 6, 0x10_0000);
     lx.synchronize_irql = 10;
-    lx.service_routine = 0x10_0000;
     lx.spin_lock = 0x9f8;
     put(0x900, lx.as_bytes());
     let mut short = cx;
     short.device_id = 9;
     short.message_table_length = 0x20;
     put(0x980, short.as_bytes());
-    let session = |steps: &[u32]| {
-        let mut data = vec![3u8, steps.len() as u8];
-        for s in steps {
-            data.extend_from_slice(&s.to_le_bytes());
-        }
-        data.extend_from_slice(&ram);
-        data
-    };
+    let session = |steps: &[u32]| ram.session(3, steps);
     let copy_to_disconnect = COPY_HANDLE_TAG | (0x780 + 16);
     seeds.push(("query_platform", session(&[0x000])));
     seeds.push(("query_resources_device_6", session(&[0x600])));
@@ -247,7 +275,103 @@ pub fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
         "misaligned_and_unreadable",
         session(&[0x704, 0x0fff, 0x10_0000]),
     ));
+    seeds.extend(seed_corpus_v2());
     seeds
+}
+
+/// ABI version 2 seeds on a 255-processor x2APIC platform (byte 0 0xff):
+/// the version 2 queries, SET_APIC_MODEL, a FULLY_SPECIFIED_GROUP connect
+/// in group 1, RETARGET of it and of a MESSAGE_BASED connection.
+fn seed_corpus_v2() -> Vec<(&'static str, Vec<u8>)> {
+    use irqconnect_abi::pv::{
+        ABI_VERSION_2, QueryMessagesV2, QueryPlatformV2, QueryResourcesV2, QueryRouteV2, Retarget,
+        SetApicModel, apic_model,
+    };
+    let mut ram = SeedRam::new();
+    let mut put = |offset: usize, bytes: &[u8]| ram.put(offset, bytes);
+    let mut qp = QueryPlatformV2::new_zeroed();
+    qp.base.header =
+        RequestHeader::versioned::<QueryPlatformV2>(ABI_VERSION_2, opcode::QUERY_PLATFORM);
+    put(0x000, qp.as_bytes()); // 1144 bytes
+    let mut model = SetApicModel::new_zeroed();
+    model.header = RequestHeader::versioned::<SetApicModel>(ABI_VERSION_2, opcode::SET_APIC_MODEL);
+    model.model = apic_model::X2APIC;
+    put(0x480, model.as_bytes());
+    let mut qr = QueryResourcesV2::new_zeroed();
+    qr.base.header =
+        RequestHeader::versioned::<QueryResourcesV2>(ABI_VERSION_2, opcode::QUERY_RESOURCES);
+    qr.base.device_id = 2;
+    put(0x4c0, qr.as_bytes()); // 0x1b8 bytes
+    let mut route = QueryRouteV2::new_zeroed();
+    route.base.header =
+        RequestHeader::versioned::<QueryRouteV2>(ABI_VERSION_2, opcode::QUERY_ROUTE);
+    route.base.pin = 18;
+    put(0x680, route.as_bytes());
+    // FULLY_SPECIFIED_GROUP of device 2 (pin 18) on processors 64, 65.
+    let mut cx = ConnectEx::request(connect_version::FULLY_SPECIFIED_GROUP, 2, 0x10_0000);
+    (cx.vector, cx.irql, cx.synchronize_irql, cx.share_vector) = (0x70, 7, 7, 1);
+    (cx.group, cx.processor_enable_mask) = (1, 0b11);
+    put(0x700, cx.as_bytes());
+    // RETARGET of it to processors 66, 67 (the handle is copied in).
+    let mut rt = Retarget::new_zeroed();
+    rt.header = RequestHeader::versioned::<Retarget>(ABI_VERSION_2, opcode::RETARGET);
+    rt.group = 1;
+    rt.processor_mask = 0b1100;
+    put(0x7c0, rt.as_bytes());
+    let mut dx = DisconnectEx::new_zeroed();
+    dx.header = RequestHeader::new::<DisconnectEx>(opcode::DISCONNECT_EX);
+    dx.version = connect_version::FULLY_SPECIFIED_GROUP;
+    put(0x800, dx.as_bytes());
+    // MESSAGE_BASED of device 10 (8 messages), its table at 0xc00; a
+    // RETARGET of it to processors 2..5 with the table; QUERY_MESSAGES.
+    let mut mx = ConnectEx::request(connect_version::MESSAGE_BASED, 10, 0x10_0000);
+    mx.message_table = 0xc00;
+    mx.message_table_length = 0x400;
+    put(0x840, mx.as_bytes());
+    let mut mt = Retarget::new_zeroed();
+    mt.header = RequestHeader::versioned::<Retarget>(ABI_VERSION_2, opcode::RETARGET);
+    mt.processor_mask = 0b11_1100;
+    mt.message_table = 0xc00;
+    mt.message_table_length = 0x400;
+    put(0x8c0, mt.as_bytes());
+    let mut qm = QueryMessagesV2::new_zeroed();
+    qm.base.header =
+        RequestHeader::versioned::<QueryMessagesV2>(ABI_VERSION_2, opcode::QUERY_MESSAGES);
+    qm.base.device_id = 10;
+    put(0x900, qm.as_bytes());
+    // A RETARGET with a flag set (reserved): refused.
+    let mut bad = rt;
+    bad.flags = 1;
+    put(0x9c0, bad.as_bytes());
+    let session = |steps: &[u32]| ram.session(0xff, steps);
+    let handle = |block: usize, offset: usize| COPY_HANDLE_TAG | (block + offset) as u32;
+    let rt_handle = offset_of!(Retarget, handle);
+    vec![
+        (
+            "v2_queries_and_apic_model",
+            session(&[0x000, 0x480, 0x4c0, 0x680]),
+        ),
+        (
+            "v2_group_one_connect_retarget_route",
+            session(&[
+                0x480,
+                0x700,
+                handle(0x7c0, rt_handle),
+                0x7c0,
+                0x680,
+                0x480,
+                handle(0x9c0, rt_handle),
+                0x9c0,
+                handle(0x800, offset_of!(DisconnectEx, handle)),
+                0x800,
+                0x7c0,
+            ]),
+        ),
+        (
+            "v2_retarget_message_based_table",
+            session(&[0x840, handle(0x8c0, rt_handle), 0x8c0, 0x900]),
+        ),
+    ]
 }
 
 #[cfg(test)]
@@ -273,17 +397,20 @@ mod tests {
         assert_eq!(statuses, vec![Some(STATUS_SUCCESS); 4]);
     }
 
+    /// The statuses seed `name` of [`seed_corpus`] answers.
+    fn seed_statuses(name: &str) -> Vec<Option<u32>> {
+        let seeds = seed_corpus();
+        let Some((_, data)) = seeds.iter().find(|(n, _)| *n == name) else {
+            panic!("seed {name} missing");
+        };
+        run_session(data).iter().map(Outcome::status).collect()
+    }
+
     /// The CONNECT_EX seeds reach what their names say.
     #[test]
     fn harness_connect_ex_seeds_answer_as_named() {
         use irqconnect_abi::ntstatus::{STATUS_BUFFER_TOO_SMALL, STATUS_INVALID_PARAMETER};
-        let seeds = seed_corpus();
-        let statuses = |name: &str| -> Vec<Option<u32>> {
-            let Some((_, data)) = seeds.iter().find(|(n, _)| *n == name) else {
-                panic!("seed {name} missing");
-            };
-            run_session(data).iter().map(Outcome::status).collect()
-        };
+        let statuses = seed_statuses;
         let ok = Some(STATUS_SUCCESS);
         // Connect, disconnect, query, connect again (the messages are free).
         assert_eq!(
@@ -298,6 +425,37 @@ mod tests {
         assert_eq!(
             statuses("connect_ex_table_too_small"),
             vec![Some(STATUS_BUFFER_TOO_SMALL), ok]
+        );
+    }
+
+    /// The version 2 seeds reach what their names say.
+    #[test]
+    fn harness_v2_seeds_answer_as_named() {
+        use irqconnect_abi::ntstatus::{
+            STATUS_INVALID_DEVICE_STATE, STATUS_INVALID_PARAMETER, STATUS_SUCCESS,
+        };
+        let statuses = seed_statuses;
+        let ok = Some(STATUS_SUCCESS);
+        assert_eq!(statuses("v2_queries_and_apic_model"), vec![ok; 4]);
+        // Model, connect in group 1, retarget, route; the model again
+        // (refused while connected), a retarget with a flag (refused),
+        // disconnect, retarget of the dead handle.
+        assert_eq!(
+            statuses("v2_group_one_connect_retarget_route"),
+            vec![
+                ok,
+                ok,
+                ok,
+                ok,
+                Some(STATUS_INVALID_DEVICE_STATE),
+                Some(STATUS_INVALID_PARAMETER),
+                ok,
+                Some(STATUS_INVALID_HANDLE)
+            ]
+        );
+        assert_eq!(
+            statuses("v2_retarget_message_based_table"),
+            vec![ok, ok, ok]
         );
     }
 

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | 0 | bits 0..2: object quota (64, 1, 2, 3, 4, 8, 16, 2^20); bits 3..4: RAM base (0, 0x1000, 0x10_0000, 0xffff_0000) |
 //! | 1 | 0: all RAM writable; `w`: the host cannot write `base + 0x40 w .. + 0x40` (an answer there is lost) |
-//! | 2.. | a [`super::run_session`] input: processors, step count, steps, RAM |
+//! | 2.. | a [`super::run_session`] input: platform, step count, steps, RAM |
 //!
 //! Checked after every doorbell:
 //!
@@ -21,8 +21,17 @@
 //!   is exactly its messages' programming, the one write allowed outside
 //!   the block; a refused CONNECT_EX wrote `message_table_required` only
 //!   with STATUS_BUFFER_TOO_SMALL; a successful DISCONNECT or DISCONNECT_EX
-//!   killed its handle (the whole group); the route and message updates
-//!   returned are exactly what changed;
+//!   killed its handle (the whole group); a successful RETARGET left the
+//!   same lines or messages under the same handle, in the request's group
+//!   and inside its mask's online processors, every other connection
+//!   untouched, answered their union and count, and (MESSAGE_BASED)
+//!   rewrote the table with the new programming; a successful
+//!   SET_APIC_MODEL found no connection and set the model asked for; a
+//!   QUERY_ROUTE version 2 answer is the pin's route (group, destination
+//!   mode and ID); the route and message updates returned are exactly what
+//!   changed;
+//! - a block is as long as its header's ABI version and opcode say
+//!   (`request_size`): nothing past it is written;
 //! - [`Service::check_invariants`] holds (checked whenever the service
 //!   changed); a handle is never accepted after its disconnect;
 //! - memory stays bounded: live connections, registry slots and free slots
@@ -32,27 +41,31 @@ use core::mem::{offset_of, size_of};
 
 use irqconnect_abi::ntstatus::{
     STATUS_BUFFER_TOO_SMALL, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_DEVICE_REQUEST,
-    STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER, STATUS_INVALID_PARAMETER_1,
-    STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND, STATUS_SUCCESS,
+    STATUS_INVALID_DEVICE_STATE, STATUS_INVALID_HANDLE, STATUS_INVALID_PARAMETER,
+    STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND, STATUS_SUCCESS,
 };
 use irqconnect_abi::pv::{
-    Connect, ConnectEx, Disconnect, DisconnectEx, MessageInfoEntry, MessageTableHeader,
-    RequestHeader, connect_version, message_table_size, opcode, request_size,
+    ABI_VERSION_2, Connect, ConnectEx, Disconnect, DisconnectEx, MessageInfoEntry,
+    MessageTableHeader, QueryRouteV2, RequestHeader, Retarget, SetApicModel, connect_version,
+    message_table_size, opcode, request_size, route_destination,
 };
 use zerocopy::FromBytes;
 
 use super::COPY_HANDLE_TAG;
 use super::ram::HarnessRam;
+use crate::destination::{ApicDestination, ApicModel};
 use crate::devices::DeviceTable;
 use crate::handle::Handle;
 use crate::platform::{DEFAULT_OBJECT_QUOTA, MAX_OBJECT_QUOTA, Platform};
+use crate::registry::Connection;
 use crate::request::Outcome;
 use crate::service::Service;
 
 const QUOTAS: [u32; 8] = [DEFAULT_OBJECT_QUOTA, 1, 2, 3, 4, 8, 16, MAX_OBJECT_QUOTA];
 const BASES: [u64; 4] = [0, 0x1000, 0x10_0000, 0xffff_0000];
-const DEFINED_STATUSES: [u32; 9] = [
+const DEFINED_STATUSES: [u32; 10] = [
     STATUS_SUCCESS,
+    STATUS_INVALID_DEVICE_STATE,
     STATUS_INVALID_HANDLE,
     STATUS_INVALID_PARAMETER,
     STATUS_INVALID_DEVICE_REQUEST,
@@ -72,12 +85,12 @@ pub fn run(data: &[u8]) -> Result<(), String> {
     let session = data.get(2..).unwrap_or(&[]);
     let quota = QUOTAS[usize::from(layout & 7)];
     let base = BASES[usize::from(layout >> 3) & 3];
-    let cpus = 1 + u32::from(session.first().copied().unwrap_or(0) % 16);
+    let facts = super::session_platform(session.first().copied().unwrap_or(0));
     let steps = usize::from(session.get(1).copied().unwrap_or(0));
     let rest = session.get(2..).unwrap_or(&[]);
     let steps_len = (steps * 4).min(rest.len() / 4 * 4);
     let (step_bytes, memory) = rest.split_at(steps_len);
-    let platform = Platform::uniform(cpus).map_err(|e| format!("platform: {e}"))?;
+    let platform = Platform::new(facts).map_err(|e| format!("platform: {e}"))?;
     let devices = DeviceTable::default_for(&platform);
     let mut service =
         Service::new(platform, devices, quota).map_err(|e| format!("service: {e}"))?;
@@ -156,17 +169,26 @@ fn doorbell(
                 return Err(format!("status {:#x} was not written", answer.status));
             }
             let header: &[u8] = memory.get(start..start + STATUS_AT).unwrap_or(&[]);
-            let opcode_field = memory
-                .get(start + offset_of!(RequestHeader, opcode)..)
-                .and_then(|b| b.get(..2))
-                .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
-            let size = request_size(1, opcode_field).unwrap_or(size_of::<RequestHeader>());
+            let u16_at = |offset: usize| {
+                memory
+                    .get(start + offset..)
+                    .and_then(|b| b.get(..2))
+                    .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+            };
+            let opcode_field = u16_at(offset_of!(RequestHeader, opcode));
+            let version_field = u16_at(offset_of!(RequestHeader, abi_version));
+            let size =
+                request_size(version_field, opcode_field).unwrap_or(size_of::<RequestHeader>());
             let end = start.saturating_add(size.max(size_of::<RequestHeader>()));
             let after = ram.bytes();
-            // A successful MESSAGE_BASED CONNECT_EX also writes its table.
-            let table = (answer.opcode == opcode::CONNECT_EX && answer.refusal.is_none())
-                .then(|| written_table(after, start, base))
-                .flatten();
+            // A successful MESSAGE_BASED CONNECT_EX or RETARGET also writes
+            // its table.
+            let table = match answer.opcode {
+                _ if answer.refusal.is_some() => None,
+                opcode::CONNECT_EX => written_table(after, start, base),
+                opcode::RETARGET => retarget_table(service, after, start, base),
+                _ => None,
+            };
             let outside = |range: core::ops::Range<usize>| {
                 range
                     .filter(|&i| table.as_ref().is_none_or(|t| !t.contains(&i)))
@@ -202,6 +224,14 @@ fn doorbell(
                 made = Some(check_connected_ex(
                     service, &before, after, start, base, answer,
                 )?);
+            } else if answer.opcode == opcode::RETARGET {
+                let block: Retarget = read_block(after, start)?;
+                let table = retarget_table(service, after, start, base)
+                    .map(|range| after.get(range).ok_or("the table is outside RAM"))
+                    .transpose()?;
+                check_retargeted(service, &before, &block, table, answer)?;
+            } else if answer.opcode == opcode::SET_APIC_MODEL {
+                check_model_set(service, &before, after, start)?;
             } else if answer.opcode == opcode::DISCONNECT || answer.opcode == opcode::DISCONNECT_EX
             {
                 let at = start
@@ -246,6 +276,8 @@ fn doorbell(
                     "query opcode {} changed the service",
                     answer.opcode
                 ));
+            } else if answer.opcode == opcode::QUERY_ROUTE && version_field == ABI_VERSION_2 {
+                check_route_v2(service, after, start)?;
             }
             if answer.refusal.is_none()
                 && service.message_programming() != expected_programming(&before, answer)
@@ -399,15 +431,7 @@ fn check_connected_ex(
     };
     let count = read_u32(after, start + offset_of!(ConnectEx, count)).unwrap_or(0);
     let version = read_u32(after, start + offset_of!(ConnectEx, version_used)).unwrap_or(0);
-    let members: Vec<crate::registry::Connection> = match service.registry().group(handle) {
-        Some(g) => g.into_iter().copied().collect(),
-        None => service
-            .registry()
-            .get(handle)
-            .into_iter()
-            .copied()
-            .collect(),
-    };
+    let members = members_of(service, handle);
     let union = members.iter().fold(0, |m, c| m | c.mask);
     let objects: u32 = members.iter().map(|c| c.objects()).sum();
     let grew = service.registry().objects_in_use() - before.registry().objects_in_use();
@@ -426,32 +450,185 @@ fn check_connected_ex(
     if version == connect_version::MESSAGE_BASED {
         let range = written_table(after, start, base).ok_or("no table for MESSAGE_BASED")?;
         let bytes = after.get(range).ok_or("the table is outside RAM")?;
-        let head = MessageTableHeader::read_from_prefix(bytes)
-            .map_err(|_| "short table")?
-            .0;
-        if bytes.len() != message_table_size(members.len()) || head.message_count != count {
-            return Err("the table's size or count is wrong".into());
-        }
-        let entries = bytes.get(size_of::<MessageTableHeader>()..).unwrap_or(&[]);
-        for ((chunk, c), u) in entries
-            .chunks_exact(size_of::<MessageInfoEntry>())
-            .zip(&members)
-            .zip(&answer.messages)
-        {
-            let e = MessageInfoEntry::read_from_bytes(chunk).map_err(|_| "bad entry")?;
-            let route = u.route.ok_or("a connected message is unprogrammed")?;
-            if e.target_processor_set != c.mask
-                || route.targets != c.mask
-                || (e.message_address, e.message_data) != (route.address, route.data)
-                || e.vector != u32::from(c.vector)
-                || Some(e.message_id as u8) != c.message
-                || head.unified_irql != c.synchronize_irql
-            {
-                return Err(format!("table entry {e:?} disagrees with {c:?} and {u:?}"));
-            }
-        }
+        check_table(bytes, &members, answer)?;
     }
     Ok(handle)
+}
+
+/// A message table as written (`bytes`) describes `members` (one entry
+/// each, in order) exactly as `answer` programmed them.
+fn check_table(
+    bytes: &[u8],
+    members: &[Connection],
+    answer: &crate::request::Answer,
+) -> Result<(), String> {
+    let head = MessageTableHeader::read_from_prefix(bytes)
+        .map_err(|_| "short table")?
+        .0;
+    if bytes.len() != message_table_size(members.len())
+        || head.message_count as usize != members.len()
+        || answer.messages.len() != members.len()
+    {
+        return Err("the table's size or count is wrong".into());
+    }
+    let entries = bytes.get(size_of::<MessageTableHeader>()..).unwrap_or(&[]);
+    for ((chunk, c), u) in entries
+        .chunks_exact(size_of::<MessageInfoEntry>())
+        .zip(members)
+        .zip(&answer.messages)
+    {
+        let e = MessageInfoEntry::read_from_bytes(chunk).map_err(|_| "bad entry")?;
+        let route = u.route.ok_or("a connected message is unprogrammed")?;
+        if e.target_processor_set != c.mask
+            || route.targets != c.mask
+            || (e.message_address, e.message_data) != (route.address, route.data)
+            || e.vector != u32::from(c.vector)
+            || Some(e.message_id as u8) != c.message
+            || head.unified_irql != c.synchronize_irql
+        {
+            return Err(format!("table entry {e:?} disagrees with {c:?} and {u:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// The connections a handle names: a group's members, or the connection.
+fn members_of(service: &Service, handle: Handle) -> Vec<Connection> {
+    match service.registry().group(handle) {
+        Some(g) => g.into_iter().copied().collect(),
+        None => service
+            .registry()
+            .get(handle)
+            .into_iter()
+            .copied()
+            .collect(),
+    }
+}
+
+/// Where a successful RETARGET of a MESSAGE_BASED connection at `start`
+/// rewrote its table (RAM offsets).
+fn retarget_table(
+    service: &Service,
+    after: &[u8],
+    start: usize,
+    base: u64,
+) -> Option<core::ops::Range<usize>> {
+    let handle = Handle::from_raw(read_u64(after, start + offset_of!(Retarget, handle))?);
+    let members = members_of(service, handle);
+    if !members.iter().any(|c| c.message.is_some()) {
+        return None;
+    }
+    let at = read_u64(after, start + offset_of!(Retarget, message_table))?;
+    let from = usize::try_from(at.checked_sub(base)?).ok()?;
+    Some(from..from.checked_add(message_table_size(members.len()))?)
+}
+
+/// A successful RETARGET: the same connections under the same handle, now
+/// in the request's group and inside its mask (online processors), each
+/// other connection untouched; the answer's mask is their union and its
+/// count theirs; the objects follow the masks; a MESSAGE_BASED table is the
+/// new programming (`table`, as written).
+fn check_retargeted(
+    service: &Service,
+    before: &Service,
+    block: &Retarget,
+    table: Option<&[u8]>,
+    answer: &crate::request::Answer,
+) -> Result<(), String> {
+    let handle = Handle::from_raw(block.handle);
+    let (old, new) = (members_of(before, handle), members_of(service, handle));
+    let online = service.platform().group_online(block.group);
+    let union = new.iter().fold(0, |m, c| m | c.mask);
+    let objects = |cs: &[Connection]| cs.iter().map(|c| c.objects()).sum::<u32>();
+    let grew = i64::from(service.registry().objects_in_use())
+        - i64::from(before.registry().objects_in_use());
+    let same_lines = old.len() == new.len()
+        && old
+            .iter()
+            .zip(&new)
+            .all(|(o, n)| (o.device, o.vector, o.message) == (n.device, n.vector, n.message));
+    if old.is_empty()
+        || !same_lines
+        || new.iter().any(|c| {
+            c.group != block.group || c.mask == 0 || c.mask & !(block.processor_mask & online) != 0
+        })
+        || block.effective_mask != union
+        || block.count as usize != new.len()
+        || grew != i64::from(objects(&new)) - i64::from(objects(&old))
+    {
+        return Err(format!(
+            "RETARGET {block:?} answered, connections {old:?} became {new:?}"
+        ));
+    }
+    let group: Vec<Handle> = before
+        .registry()
+        .group_members(handle)
+        .map_or_else(Vec::new, |g| g.into_iter().map(|(h, _)| h).collect());
+    let moved = |h: Handle| h == handle || group.contains(&h);
+    for (h, c) in before.registry().iter() {
+        if !moved(h) && service.registry().get(h) != Some(c) {
+            return Err(format!("RETARGET of {handle:?} changed connection {h:?}"));
+        }
+    }
+    if let Some(bytes) = table {
+        check_table(bytes, &new, answer)?;
+    }
+    Ok(())
+}
+
+/// A successful SET_APIC_MODEL: no connection was live, the model is the
+/// one asked for, nothing else changed.
+fn check_model_set(
+    service: &Service,
+    before: &Service,
+    after: &[u8],
+    start: usize,
+) -> Result<(), String> {
+    let block: SetApicModel = read_block(after, start)?;
+    let asked = ApicModel::from_abi(block.model);
+    if before.registry().connections() != 0
+        || Some(service.topology().model()) != asked
+        || service.registry() != before.registry()
+        || service.routes() != before.routes()
+    {
+        return Err(format!(
+            "SET_APIC_MODEL {:?} accepted: model {:?}, {} connections before",
+            block.model,
+            service.topology().model(),
+            before.registry().connections()
+        ));
+    }
+    Ok(())
+}
+
+/// The answered block of type `T` at RAM offset `start`.
+fn read_block<T: FromBytes>(after: &[u8], start: usize) -> Result<T, String> {
+    let bytes = after
+        .get(start..start.saturating_add(size_of::<T>()))
+        .ok_or_else(|| format!("an answered {} is not RAM", core::any::type_name::<T>()))?;
+    T::read_from_bytes(bytes).map_err(|_| "a short block".into())
+}
+
+/// A QUERY_ROUTE version 2 answer is the pin's route.
+fn check_route_v2(service: &Service, after: &[u8], start: usize) -> Result<(), String> {
+    let block: QueryRouteV2 = read_block(after, start)?;
+    let route = u8::try_from(block.base.pin)
+        .ok()
+        .and_then(|pin| service.route(pin))
+        .ok_or("QUERY_ROUTE succeeded for a pin without a route")?;
+    let (mode, id) = match route.target {
+        ApicDestination::Logical { destination, .. } => (route_destination::LOGICAL, destination),
+        ApicDestination::Physical { apic_id } => (route_destination::PHYSICAL, apic_id),
+        ApicDestination::None => (route_destination::NONE, 0),
+    };
+    if block.base.destination_mask != route.destination
+        || block.group != route.group
+        || (block.destination_mode, block.apic_destination) != (mode, id)
+        || block.base.masked != u8::from(route.masked)
+    {
+        return Err(format!("QUERY_ROUTE version 2 {block:?} is not {route:?}"));
+    }
+    Ok(())
 }
 
 /// The message programming after `answer`, from the programming before.

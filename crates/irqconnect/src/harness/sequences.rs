@@ -1,75 +1,78 @@
-//! Structured connect / disconnect / assert sequences against a reference
-//! of `docs/semantics.md` written for this harness.
+//! Structured connect / disconnect / retarget / assert sequences against a
+//! reference of `docs/semantics.md` written for this harness
+//! ([`super::reference`]).
 //!
 //! [`decode`] turns any byte string into a platform and a list of typed
 //! operations ([`Sequence`], [`Op`]), the way `arbitrary` would: every
 //! input is a valid sequence, and small mutations make small changes.
 //! [`check`] runs it through [`Service::connect`], [`Service::connect_ex`],
+//! [`Service::retarget`], [`Service::set_apic_model`],
 //! [`Service::disconnect`], [`Service::disconnect_ex`],
 //! [`Service::report_storm_masked`] and snapshots, beside a shadow list of
 //! live connections, and checks after every operation:
 //!
 //! - each CONNECT is accepted or refused exactly as the reference
-//!   validator (`expected_verdict`, rules 2..11 in order) decides, with
-//!   the effective mask it computes;
+//!   validator (`expected_verdict`, rules 2..11 with rule R in order)
+//!   decides, with the effective mask it computes; the reference chooses
+//!   destinations from the local APICs as the guest programs them under its
+//!   declared model (`ref_choose`);
 //! - each CONNECT_EX likewise (`expected_ex`: rules X1..X3, then the
-//!   version's: FULLY_SPECIFIED as CONNECT, LINE_BASED per line resource,
-//!   MESSAGE_BASED M1..M9 with its own reading of the policies); for
-//!   messages, the table, the programmed address and data and the
-//!   connection's objects name one set of processors, exactly the ones the
-//!   message reaches on the bus (`irqchip::apic_bus::resolve`), inside the
-//!   policy's set;
+//!   version's: FULLY_SPECIFIED as CONNECT in the request's processor
+//!   group, LINE_BASED per line resource, MESSAGE_BASED M1..M9 with its own
+//!   reading of the policies); for messages, the table, the programmed
+//!   address and data and the connection's objects name one set of
+//!   processors, exactly the ones the message reaches on the bus
+//!   (`irqchip::apic_bus::resolve`), inside the policy's set;
+//! - each RETARGET likewise (`expected_retarget`: RT1..RT5, R, 9, 11),
+//!   moving every line or message of the connection and nothing else;
+//! - each SET_APIC_MODEL is refused while connections are live;
 //! - each DISCONNECT_EX removes the whole group, and a group handle is
 //!   refused by DISCONNECT;
 //! - every pin's route equals what the live connections imply: the union
-//!   of their masks on the pin's vector, the oldest one's trigger mode,
-//!   lowest priority for more than one processor, masked when none or
-//!   while the storm guard holds it;
+//!   of their processors on the pin's vector (one group), the destination
+//!   the reference chooses for it, which reaches on the bus exactly that
+//!   union, the oldest one's trigger mode, lowest priority for more than
+//!   one processor, masked when none or while the storm guard holds it;
 //! - the objects in use equal the live masks' processors and never exceed
 //!   the quota;
 //! - a disconnected (or forged) handle is never accepted again;
-//! - an asserted device line reaches, through the route and its APIC
-//!   destination ([`ApicDestination::for_route`]), only processors that
-//!   hold an interrupt object on the vector, and reaches one whenever the
-//!   device is connected;
+//! - an asserted device line reaches, through the route's APIC destination
+//!   on the bus, exactly the route's processors, each of which holds an
+//!   interrupt object on the vector, and reaches one whenever the device is
+//!   connected;
 //! - disconnecting everything returns to the initial state.
 //!
-//! Input format: byte 0 picks the processor count (`1 + b % 64`), byte 1 the
-//! online mask (all, or a pattern), byte 2 the quota and x2APIC; then
+//! Input format: byte 0 picks the processor count (`1 + b % 64` below
+//! 0xc0, else 65 up to 255), byte 1 the online mask of group 0 (all, or a
+//! pattern), byte 2 the quota (bits 0..2), x2APIC (bit 3), the irqchip
+//! mode (bits 4..5: kernel, split, user, kernel; 8- or 15-bit
+//! destinations) and the APIC model declared first (bits 6..7:
+//! undeclared, x2APIC when offered, xAPIC flat, xAPIC cluster); then
 //! operations as in [`Op`]'s variants, an opcode byte (`% 8`: 0, 1
-//! CONNECT, 2 CONNECT_EX, 3 DISCONNECT, 4 forged DISCONNECT, 5 assert,
-//! 6 storm / snapshot / disconnect all, 7 DISCONNECT_EX) and operands.
+//! CONNECT, 2 CONNECT_EX, 3 DISCONNECT, 4 forged DISCONNECT, 5 assert, 6
+//! storm / snapshot / SET_APIC_MODEL / disconnect all / RETARGET, 7
+//! DISCONNECT_EX) and operands.
 
-use crate::connect_ex::{BlockSpan, ConnectExRequest, ExRefusal, MESSAGE_TABLE_ALIGN};
+use super::reference::{
+    self, BLOCK, ExpectedEx, Live, RAM_SIZE, Shadow, TABLE_AT, Topo, bus_reach, expected_ex,
+    expected_retarget, expected_verdict, msi_reach, ref_choose,
+};
+use crate::connect_ex::ConnectExRequest;
+use crate::destination::{ApicDestination, ApicModel};
 use crate::devices::{Device, DeviceTable, InterruptMode, ShareDisposition};
 use crate::handle::Handle;
-use crate::messages::{IrqPolicy, MessageKind, MessageResource, MessageRoute};
-use crate::platform::{Platform, PlatformFacts, present_mask};
+use crate::messages::MessageRoute;
+use crate::platform::{IrqchipMode, Platform, PlatformFacts, present_mask};
+use crate::processors::ProcessorSet;
 use crate::ram::FlatRam;
-use crate::route::{ApicDestination, PinRoute};
+use crate::retarget::RetargetRequest;
+use crate::route::PinRoute;
 use crate::service::{ConnectedEx, Service};
-use crate::validate::{ConnectRequest, SERVICE_CONTEXT_PROBE, SPIN_LOCK_SIZE, Violation};
-use irqchip::apic_bus::{self, ApicTarget};
-use irqchip::msi::{self, Msi, MsiFormat};
-use irqconnect_abi::layout::{DEVICE_VECTOR_MAX, DEVICE_VECTOR_MIN, IOAPIC_PINS};
-use irqconnect_abi::pv::{
-    HIGH_LEVEL, connect_version, interrupt_mode, message_table_size, polarity,
-};
-
-/// Guest RAM size of the sequences: pointers below it are resident.
-pub const RAM_SIZE: u64 = 0x1_0000;
+use crate::validate::{ConnectRequest, Violation};
+use irqconnect_abi::layout::IOAPIC_PINS;
+use irqconnect_abi::pv::{connect_version, interrupt_mode, message_table_size, polarity};
 
 const QUOTAS: [u32; 8] = [64, 1, 2, 3, 5, 8, 16, 256];
-
-/// Where the sequences pretend the CONNECT_EX block lies (the message
-/// table must not overlap it).
-const BLOCK: BlockSpan = BlockSpan {
-    start: 0x3000,
-    len: 120,
-};
-
-/// A message table buffer that fits every device.
-const TABLE_AT: u64 = 0x4000;
 
 /// One operation of a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +97,19 @@ pub enum Op {
     Snapshot,
     /// Disconnect every live connection.
     DisconnectAll,
+    /// SET_APIC_MODEL with this ABI value.
+    SetApicModel(u8),
+    /// RETARGET of the `n`-th handle ever returned (modulo the count).
+    Retarget {
+        /// Which handle.
+        n: usize,
+        /// The group: `None` for the connection's own.
+        group: Option<u16>,
+        /// The new mask.
+        mask: u64,
+        /// The table buffer and its length.
+        table: (u64, u32),
+    },
 }
 
 /// A platform and the operations to run on it.
@@ -101,12 +117,16 @@ pub enum Op {
 pub struct Sequence {
     /// Processors.
     pub cpus: u32,
-    /// Online processors.
+    /// Online processors of group 0.
     pub online: u64,
     /// The object quota.
     pub quota: u32,
-    /// Whether the vCPUs run x2APIC (physical destinations).
+    /// Whether the vCPUs offer x2APIC.
     pub x2apic: bool,
+    /// The irqchip mode (8- or 15-bit destinations).
+    pub mode: IrqchipMode,
+    /// The APIC model declared before the operations.
+    pub model: ApicModel,
     /// The operations.
     pub ops: Vec<Op>,
 }
@@ -138,7 +158,10 @@ impl Input<'_> {
 /// Decodes any bytes into a sequence (see the module documentation).
 pub fn decode(data: &[u8]) -> Sequence {
     let mut input = Input(data);
-    let cpus = 1 + u32::from(input.u8() % 64);
+    let cpus = match input.u8() {
+        b @ 0..=0xbf => 1 + u32::from(b % 64),
+        b => (65 + 3 * u32::from(b - 0xc0)).min(255),
+    };
     let present = present_mask(cpus);
     let online = match input.u8() {
         0..=0x7f => present,
@@ -153,7 +176,18 @@ pub fn decode(data: &[u8]) -> Sequence {
     let flags = input.u8();
     let quota = QUOTAS[usize::from(flags & 7)];
     let x2apic = flags & 8 != 0;
-    let platform = facts(cpus, online, x2apic);
+    let mode = match (flags >> 4) & 3 {
+        1 => IrqchipMode::Split,
+        2 => IrqchipMode::User,
+        _ => IrqchipMode::Kernel,
+    };
+    let model = match flags >> 6 {
+        1 if x2apic => ApicModel::X2apic,
+        2 => ApicModel::XapicFlat,
+        3 => ApicModel::XapicCluster,
+        _ => ApicModel::Undeclared,
+    };
+    let platform = facts(cpus, online, x2apic, mode);
     let devices = Platform::new(platform)
         .map(|p| DeviceTable::default_for(&p))
         .ok();
@@ -167,8 +201,10 @@ pub fn decode(data: &[u8]) -> Sequence {
             5 => Op::Assert(u32::from(input.u8() % 12)),
             6 => match input.u8() {
                 b @ 0..=0x3f => Op::StormMask(u32::from(b % 26)),
-                0x40..=0x7f => Op::Snapshot,
-                _ => Op::DisconnectAll,
+                0x40..=0x5f => Op::Snapshot,
+                b @ 0x60..=0x7f => Op::SetApicModel(b & 7),
+                0x80..=0xbf => Op::DisconnectAll,
+                _ => retarget_op(&mut input),
             },
             _ => {
                 let n = usize::from(input.u8());
@@ -186,17 +222,60 @@ pub fn decode(data: &[u8]) -> Sequence {
         online,
         quota,
         x2apic,
+        mode,
+        model,
         ops,
     }
 }
 
-fn facts(cpus: u32, online: u64, x2apic: bool) -> PlatformFacts {
+/// A RETARGET: the handle index, a group byte (bit 2: the group in bits
+/// 0..1, else the connection's), a mask as [`connect_request`] encodes one,
+/// and a table byte (0: the table at its place, 1: none, 2: too short, 3:
+/// arbitrary).
+fn retarget_op(input: &mut Input<'_>) -> Op {
+    let n = usize::from(input.u8());
+    let g = input.u8();
+    let group = (g & 4 != 0).then_some(u16::from(g & 3));
+    let mask = mask_operand(input.u8(), input);
+    let table = match input.u8() % 4 {
+        0 => (TABLE_AT, 0x1000),
+        1 => (0, 0),
+        2 => (TABLE_AT, 8),
+        _ => (input.u64(), u32::from(input.u8()) << 4),
+    };
+    Op::Retarget {
+        n,
+        group,
+        mask,
+        table,
+    }
+}
+
+fn facts(cpus: u32, online: u64, x2apic: bool, mode: IrqchipMode) -> PlatformFacts {
     let mut facts = PlatformFacts::uniform(cpus);
     facts.online_mask = online;
     facts.x2apic = x2apic;
-    // Distinct, non-identity APIC IDs, so a wrong index-to-ID mapping shows.
-    facts.apic_ids = (0..cpus).map(|i| i * 2 + 1).collect();
+    facts.irqchip_mode = mode;
+    // Distinct APIC IDs, not the indices on small platforms, so a wrong
+    // index-to-ID mapping shows; on large ones ID = index, as the VMM
+    // does (odd IDs would pass 255).
+    facts.apic_ids = if cpus <= 64 {
+        (0..cpus).map(|i| i * 2 + 1).collect()
+    } else {
+        (0..cpus).collect()
+    };
     facts
+}
+
+/// A mask as `flags & 3` selects: the next byte, all ones, one bit, or
+/// eight bytes.
+fn mask_operand(flags: u8, input: &mut Input<'_>) -> u64 {
+    match flags & 3 {
+        0 => u64::from(input.u8()),
+        1 => u64::MAX,
+        2 => 1 << (input.u8() % 64),
+        _ => input.u64(),
+    }
 }
 
 /// A CONNECT, mostly built from one of the device's own resources so that
@@ -206,12 +285,7 @@ fn connect_request(input: &mut Input<'_>, devices: Option<&DeviceTable>) -> Conn
     let which = input.u8();
     let flags = input.u8();
     let breaks = input.u8();
-    let mask = match flags & 3 {
-        0 => u64::from(input.u8()),
-        1 => u64::MAX,
-        2 => 1 << (input.u8() % 64),
-        _ => input.u64(),
-    };
+    let mask = mask_operand(flags, input);
     let resource = devices
         .and_then(|d| d.device(device_id).or_else(|| d.device(0)))
         .and_then(|d| {
@@ -273,7 +347,8 @@ fn connect_request(input: &mut Input<'_>, devices: Option<&DeviceTable>) -> Conn
 /// X2 or X3 as bits 0..2 say: bit 0 a group, bit 1 a fallback routine
 /// outside MESSAGE_BASED, bit 2 the FULLY_SPECIFIED fields kept for the
 /// other versions, or a table length for FULLY_SPECIFIED. MESSAGE_BASED
-/// takes bit 1 alone as its fallback routine. Bit 3: no processor
+/// takes bit 1 alone as its fallback routine. FULLY_SPECIFIED_GROUP takes
+/// its group from bits 4..5. Bit 3: no processor
 /// restriction. Bits 4..5, MESSAGE_BASED: the table buffer fits, has a
 /// length from the next byte, is misplaced as the next byte picks
 /// (misaligned, overlapping the block, past RAM, absent), or arbitrary.
@@ -325,7 +400,11 @@ fn connect_ex_request(input: &mut Input<'_>, devices: Option<&DeviceTable>) -> C
         },
         share_vector: keep_fields && base.share_vector,
         floating_save: base.floating_save,
-        group: u16::from(breaks(1)),
+        group: if req_group_version(version) {
+            u16::from((choices >> 4) & 3)
+        } else {
+            u16::from(breaks(1))
+        },
         processor_enable_mask: if !fully && choices & 8 != 0 {
             0
         } else {
@@ -340,438 +419,8 @@ fn connect_ex_request(input: &mut Input<'_>, devices: Option<&DeviceTable>) -> C
     }
 }
 
-/// One live connection in the shadow list, in connection order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Live {
-    /// The handle the guest holds: the connection's, or its group's.
-    handle: Handle,
-    device: u32,
-    vector: u8,
-    irql: u8,
-    mode: InterruptMode,
-    share: bool,
-    mask: u64,
-    spin_lock: u64,
-    /// The version that made it (CONNECT: FULLY_SPECIFIED).
-    version: u32,
-    /// The message number, for a message.
-    message: Option<u8>,
-}
-
-impl Live {
-    fn in_group(&self) -> bool {
-        matches!(
-            self.version,
-            connect_version::LINE_BASED | connect_version::MESSAGE_BASED
-        )
-    }
-}
-
-/// The reference's state beside the service.
-struct Shadow {
-    online: u64,
-    quota: u32,
-    live: Vec<Live>,
-    issued: Vec<Handle>,
-    dead: Vec<Handle>,
-    storm: u32,
-    storm_count: u32,
-}
-
-fn resident(address: u64, len: u64) -> bool {
-    address.checked_add(len).is_some_and(|end| end <= RAM_SIZE)
-}
-
-/// `docs/semantics.md`'s CONNECT rules 2..11, in order, as this harness reads
-/// them: the effective mask, or the first rule that fails.
-fn expected_verdict(
-    req: &ConnectRequest,
-    shadow: &Shadow,
-    devices: &DeviceTable,
-) -> Result<u64, Violation> {
-    let mask = req.processor_enable_mask & shadow.online;
-    if mask == 0 {
-        return Err(Violation::EmptyEffectiveMask);
-    }
-    if req.service_routine == 0 {
-        return Err(Violation::NullServiceRoutine);
-    }
-    if req.service_context != 0 && !resident(req.service_context, SERVICE_CONTEXT_PROBE) {
-        return Err(Violation::ServiceContextNotResident);
-    }
-    if req.spin_lock != 0 && !resident(req.spin_lock, SPIN_LOCK_SIZE) {
-        return Err(Violation::SpinLockNotResident);
-    }
-    if req.synchronize_irql < req.irql {
-        return Err(Violation::SynchronizeIrqlBelowIrql);
-    }
-    if req.synchronize_irql > irqconnect_abi::pv::HIGH_LEVEL {
-        return Err(Violation::SynchronizeIrqlAboveHighLevel);
-    }
-    if !(u32::from(DEVICE_VECTOR_MIN)..=u32::from(DEVICE_VECTOR_MAX)).contains(&req.vector) {
-        return Err(Violation::VectorOutsideDeviceRange);
-    }
-    let vector = req.vector as u8;
-    if u32::from(req.irql) != req.vector >> 4 {
-        return Err(Violation::IrqlNotVectorClass);
-    }
-    let device = devices
-        .devices()
-        .iter()
-        .find(|d| d.id() == req.device_id)
-        .ok_or(Violation::UnknownDevice)?;
-    if !device.resources().iter().any(|r| r.vector == vector) {
-        return Err(Violation::VectorNotOwned);
-    }
-    for cpu in 0..64 {
-        let bit = 1u64 << cpu;
-        if mask & bit == 0 {
-            continue;
-        }
-        let clash = shadow.live.iter().any(|c| {
-            c.vector == vector
-                && c.mask & bit != 0
-                && !(c.share
-                    && req.share_vector
-                    && c.mode == req.interrupt_mode
-                    && c.irql == req.irql)
-        });
-        if clash {
-            return Err(Violation::SharingConflict { cpu });
-        }
-    }
-    // Rule 10: a device with several line resources has one lock, which
-    // every connection names (LINE_BASED: 0 is the group's own lock, which
-    // no live connection can share), at an IRQL covering all its lines.
-    if device.resources().len() > 1 {
-        let system_lock = req.version == connect_version::LINE_BASED && req.spin_lock == 0;
-        if req.spin_lock == 0 && !system_lock {
-            return Err(Violation::SpinLockRequired);
-        }
-        let other_lock = shadow.live.iter().any(|c| {
-            c.device == req.device_id
-                && c.message.is_none()
-                && (system_lock || c.spin_lock != req.spin_lock)
-        });
-        if other_lock {
-            return Err(Violation::SpinLockMismatch);
-        }
-    }
-    let highest = device.resources().iter().map(|r| r.vector >> 4).max();
-    if req.synchronize_irql < highest.unwrap_or(0) {
-        return Err(Violation::SynchronizeIrqlBelowDeviceIrql);
-    }
-    let objects: u32 = shadow.live.iter().map(|c| c.mask.count_ones()).sum();
-    if objects + mask.count_ones() > shadow.quota {
-        return Err(Violation::QuotaExceeded);
-    }
-    Ok(mask)
-}
-
-/// One connection CONNECT_EX is expected to make.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Planned {
-    vector: u8,
-    mode: InterruptMode,
-    share: bool,
-    /// Its processors (for a message: where its route reaches).
-    mask: u64,
-    message: Option<u8>,
-}
-
-/// What CONNECT_EX is expected to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct ExpectedEx {
-    version_used: u32,
-    unified_irql: u8,
-    planned: Vec<Planned>,
-    /// MESSAGE_BASED: the table size.
-    table_required: u32,
-}
-
-/// The processors a message for `wanted` reaches, by the documented
-/// destination rule (`route::ApicDestination`): the whole set when an
-/// 8-bit logical destination names it (xAPIC: processors 0..7; x2APIC:
-/// also each APIC ID equal to its index; 0xFF only with at most 8
-/// processors, since it broadcasts), else only its lowest processor
-/// (physical), which a compatibility-format MSI can address only with an
-/// APIC ID below 256.
-fn reach(wanted: u64, platform: &Platform) -> u64 {
-    let low = wanted < 0x100
-        && (wanted != 0xff || platform.cpu_count() <= 8)
-        && (0..8u32)
-            .filter(|i| wanted & (1 << i) != 0)
-            .all(|i| !platform.x2apic() || platform.apic_id(i) == Some(i));
-    if low {
-        return wanted;
-    }
-    let first = wanted.trailing_zeros();
-    match platform.apic_id(first) {
-        Some(id) if id < 0x100 => 1 << first,
-        _ => 0,
-    }
-}
-
-/// The processors of message `k`, by `docs/semantics.md` rule M7 as this
-/// harness reads it.
-fn policy_set(m: &MessageResource, k: u8, allowed: u64) -> u64 {
-    let k = if m.kind == MessageKind::Msi { 0 } else { k };
-    let lowest = |n: u32| {
-        let mut bits = (0..64).filter(|b| allowed & (1u64 << b) != 0);
-        bits.nth(n as usize).map_or(0, |b| 1u64 << b)
-    };
-    match m.policy {
-        IrqPolicy::OneCloseProcessor => lowest(0),
-        IrqPolicy::SpreadMessagesAcrossAllProcessors => {
-            lowest(u32::from(k) % allowed.count_ones().max(1))
-        }
-        _ => allowed,
-    }
-}
-
-/// `docs/semantics.md`'s CONNECT_EX rules, in order, as this harness reads
-/// them.
-fn expected_ex(
-    req: &ConnectExRequest,
-    shadow: &Shadow,
-    platform: &Platform,
-    devices: &DeviceTable,
-) -> Result<ExpectedEx, ExRefusal> {
-    use connect_version::{FULLY_SPECIFIED, FULLY_SPECIFIED_GROUP, LINE_BASED, MESSAGE_BASED};
-    if !(1..=4).contains(&req.version) {
-        return Err(Violation::UnknownConnectVersion.into());
-    }
-    let table = req.message_table != 0 || req.message_table_length != 0;
-    let fully_fields = req.vector != 0
-        || req.irql != 0
-        || req.interrupt_mode != InterruptMode::LevelSensitive
-        || req.share_vector;
-    let fallback = req.fallback_service_routine != 0;
-    let unused = match req.version {
-        FULLY_SPECIFIED => req.group != 0 || fallback || table,
-        FULLY_SPECIFIED_GROUP => fallback || table,
-        LINE_BASED => fully_fields || req.group != 0 || fallback || table,
-        _ => fully_fields || req.group != 0,
-    };
-    if unused {
-        return Err(Violation::UnusedInputNotZero.into());
-    }
-    if req.version == FULLY_SPECIFIED || req.version == FULLY_SPECIFIED_GROUP {
-        if req.group != 0 {
-            return Err(Violation::GroupNotPresent.into());
-        }
-        let classic = req.classic();
-        let mask = expected_verdict(&classic, shadow, devices).map_err(|v| match v {
-            Violation::EmptyEffectiveMask => Violation::EmptyEffectiveMaskEx,
-            v => v,
-        })?;
-        return Ok(ExpectedEx {
-            version_used: req.version,
-            unified_irql: req.synchronize_irql,
-            planned: vec![Planned {
-                vector: req.vector as u8,
-                mode: req.interrupt_mode,
-                share: req.share_vector,
-                mask,
-                message: None,
-            }],
-            table_required: 0,
-        });
-    }
-    let device = devices
-        .devices()
-        .iter()
-        .find(|d| d.id() == req.device_id)
-        .ok_or(ExRefusal::from(Violation::UnknownDevice))?;
-    let restrict = |affinity: u64| {
-        if req.processor_enable_mask == 0 {
-            affinity
-        } else {
-            affinity & req.processor_enable_mask
-        }
-    };
-    let line_based = |routine: u64| -> Result<ExpectedEx, Violation> {
-        if device.resources().is_empty() {
-            return Err(Violation::NoLineResources);
-        }
-        let highest = device
-            .resources()
-            .iter()
-            .map(|r| r.vector >> 4)
-            .max()
-            .unwrap_or(0);
-        let unified = if req.spin_lock == 0 {
-            highest
-        } else {
-            req.synchronize_irql
-        };
-        let mut planned = Vec::new();
-        for r in device.resources() {
-            let member = ConnectRequest {
-                device_id: req.device_id,
-                vector: u32::from(r.vector),
-                irql: r.vector >> 4,
-                synchronize_irql: unified,
-                interrupt_mode: r.mode,
-                share_vector: r.share == ShareDisposition::Shared,
-                floating_save: req.floating_save,
-                processor_enable_mask: restrict(r.affinity),
-                service_routine: routine,
-                service_context: req.service_context,
-                spin_lock: req.spin_lock,
-                version: LINE_BASED,
-            };
-            let mask = expected_verdict(&member, shadow, devices)?;
-            planned.push(Planned {
-                vector: r.vector,
-                mode: r.mode,
-                share: member.share_vector,
-                mask,
-                message: None,
-            });
-        }
-        let objects =
-            live_objects(shadow) + planned.iter().map(|p| p.mask.count_ones()).sum::<u32>();
-        if objects > shadow.quota {
-            return Err(Violation::QuotaExceeded);
-        }
-        Ok(ExpectedEx {
-            version_used: LINE_BASED,
-            unified_irql: unified,
-            planned,
-            table_required: 0,
-        })
-    };
-    if req.version == LINE_BASED {
-        return line_based(req.service_routine).map_err(ExRefusal::from);
-    }
-    debug_assert_eq!(req.version, MESSAGE_BASED);
-    let Some(messages) = device.messages() else {
-        if !fallback {
-            return Err(Violation::NoMessages.into());
-        }
-        return line_based(req.fallback_service_routine).map_err(ExRefusal::from);
-    };
-    if req.service_routine == 0 {
-        return Err(Violation::NullServiceRoutine.into());
-    }
-    if req.service_context != 0 && !resident(req.service_context, SERVICE_CONTEXT_PROBE) {
-        return Err(Violation::ServiceContextNotResident.into());
-    }
-    if req.spin_lock != 0 && !resident(req.spin_lock, SPIN_LOCK_SIZE) {
-        return Err(Violation::SpinLockNotResident.into());
-    }
-    // From rule M5 on, a refusal answers the table's size.
-    let required = 8 + 40 * u32::from(messages.count);
-    let refuse = |violation| {
-        Err(ExRefusal {
-            violation,
-            table_required: required,
-        })
-    };
-    if req.message_table_length < required {
-        return refuse(Violation::TableTooSmall);
-    }
-    let block_end = BLOCK.start + BLOCK.len;
-    let table_end = req.message_table.checked_add(u64::from(required));
-    let usable = req.message_table.is_multiple_of(MESSAGE_TABLE_ALIGN)
-        && table_end.is_some_and(|end| {
-            end <= RAM_SIZE && (end <= BLOCK.start || req.message_table >= block_end)
-        });
-    if !usable {
-        return refuse(Violation::TableNotUsable);
-    }
-    let class = messages.first_vector >> 4;
-    let unified = if req.spin_lock == 0 {
-        class
-    } else if req.synchronize_irql < class {
-        return refuse(Violation::SynchronizeIrqlBelowIrql);
-    } else if req.synchronize_irql > HIGH_LEVEL {
-        return refuse(Violation::SynchronizeIrqlAboveHighLevel);
-    } else {
-        req.synchronize_irql
-    };
-    let allowed = restrict(messages.affinity & shadow.online);
-    if allowed == 0 {
-        return refuse(Violation::MessageTargetsEmpty);
-    }
-    let mut planned = Vec::new();
-    for k in 0..messages.count {
-        let vector = messages.first_vector + k;
-        let mask = reach(policy_set(messages, k, allowed), platform);
-        if mask == 0 {
-            return refuse(Violation::MessageTargetsEmpty);
-        }
-        let taken = shadow
-            .live
-            .iter()
-            .filter(|c| c.vector == vector)
-            .fold(0, |m, c| m | c.mask);
-        if mask & taken != 0 {
-            return refuse(Violation::SharingConflict {
-                cpu: (mask & taken).trailing_zeros(),
-            });
-        }
-        planned.push(Planned {
-            vector,
-            mode: InterruptMode::Latched,
-            share: false,
-            mask,
-            message: Some(k),
-        });
-    }
-    let objects = live_objects(shadow) + planned.iter().map(|p| p.mask.count_ones()).sum::<u32>();
-    if objects > shadow.quota {
-        return refuse(Violation::QuotaExceeded);
-    }
-    Ok(ExpectedEx {
-        version_used: MESSAGE_BASED,
-        unified_irql: unified,
-        planned,
-        table_required: required,
-    })
-}
-
-fn live_objects(shadow: &Shadow) -> u32 {
-    shadow.live.iter().map(|c| c.mask.count_ones()).sum()
-}
-
-/// The APICs of `platform` as its guest programs them: xAPIC flat with
-/// logical ID `1 << index`, or x2APIC with the LDR its APIC ID implies.
-fn bus_targets(platform: &Platform) -> Vec<ApicTarget> {
-    (0..platform.cpu_count())
-        .map(|i| {
-            let id = platform.apic_id(i).unwrap_or(u32::MAX);
-            let (x2apic, logical_id) = if platform.x2apic() {
-                (true, ((id >> 4) << 16) | (1 << (id & 0xf)))
-            } else {
-                (false, if i < 8 { 1 << i } else { 0 })
-            };
-            ApicTarget {
-                apic_id: id,
-                x2apic,
-                logical_id,
-                dfr_flat: true,
-                hw_enabled: true,
-                sw_enabled: true,
-                arbitration_priority: 0,
-            }
-        })
-        .collect()
-}
-
-/// The processors (first 64) an MSI with `address` and `data` reaches on
-/// the bus, before lowest-priority arbitration, and its vector.
-fn msi_reach(address: u64, data: u32, platform: &Platform) -> Result<(u64, u8), String> {
-    let decoded = msi::decode(Msi { address, data }, MsiFormat::Compatibility)
-        .map_err(|e| format!("message {address:#x}/{data:#x} does not decode: {e:?}"))?;
-    let message = decoded.bus_message();
-    let set = apic_bus::resolve(&message, &bus_targets(platform), None);
-    let mask = set
-        .iter()
-        .filter(|&i| i < 64)
-        .fold(0u64, |m, i| m | (1 << i));
-    Ok((mask, message.vector))
+fn req_group_version(version: u32) -> bool {
+    version == connect_version::FULLY_SPECIFIED_GROUP
 }
 
 /// CONNECT_EX's answer against the reference's plan; for messages, the
@@ -781,7 +430,8 @@ fn check_connected_ex(
     want: &ExpectedEx,
     done: &ConnectedEx,
     device: Option<&Device>,
-    platform: &Platform,
+    shadow: &Shadow,
+    format: irqchip::msi::MsiFormat,
 ) -> Result<(), String> {
     let union = want.planned.iter().fold(0, |m, p| m | p.mask);
     let got = (
@@ -827,26 +477,50 @@ fn check_connected_ex(
             "message table header {header:?} or sizes are wrong"
         ));
     }
-    for ((p, e), u) in want.planned.iter().zip(&table.entries).zip(&done.messages) {
+    check_messages(
+        table,
+        &done.messages,
+        &want.planned,
+        req.device_id,
+        m,
+        shadow,
+        format,
+    )
+}
+
+/// A message table and the message updates against the planned messages:
+/// entries, programming and the bus name one set of processors each.
+fn check_messages(
+    table: &crate::connect_ex::MessageTable,
+    updates: &[crate::messages::MessageUpdate],
+    planned: &[reference::Planned],
+    device: u32,
+    m: &crate::messages::MessageResource,
+    shadow: &Shadow,
+    format: irqchip::msi::MsiFormat,
+) -> Result<(), String> {
+    for ((p, e), u) in planned.iter().zip(&table.entries).zip(updates) {
         let route = u.route.ok_or("a connected message is unprogrammed")?;
-        let (reached, vector) = msi_reach(e.message_address, e.message_data, platform)?;
+        let (reached, vector) = msi_reach(&shadow.topo, e.message_address, e.message_data, format)?;
         let entry_ok = e.vector == u32::from(p.vector)
             && e.irql == p.vector >> 4
             && e.mode == interrupt_mode::LATCHED
             && e.polarity == polarity::ACTIVE_HIGH
             && Some(e.message_id as u8) == p.message
-            && e.group == 0;
+            && e.group == p.group;
+        let set = ProcessorSet::of_group(p.group, p.mask);
         let same_set = e.target_processor_set == p.mask
             && route.targets == p.mask
-            && reached == p.mask
+            && route.group == p.group
+            && reached == set
             && vector == p.vector;
         let same_route = (route.address, route.data) == (e.message_address, e.message_data)
             && Some(u.message) == p.message
-            && u.device == req.device_id
+            && u.device == device
             && Some(u.test_device) == m.test_device;
         if !(entry_ok && same_set && same_route) {
             return Err(format!(
-                "message {:?}: entry {e:?}, update {u:?}, reaches {reached:#x} vector {vector:#x}, reference {p:?}",
+                "message {:?}: entry {e:?}, update {u:?}, reaches {reached:?} vector {vector:#x}, reference {p:?}",
                 p.message
             ));
         }
@@ -854,34 +528,54 @@ fn check_connected_ex(
     Ok(())
 }
 
-/// The route of `pin` the shadow's live connections imply.
-fn expected_route(pin: u8, shadow: &Shadow, devices: &DeviceTable) -> PinRoute {
+/// The route of `pin` the shadow's live connections imply, checked on the
+/// bus: its destination reaches exactly the union.
+fn expected_route(pin: u8, shadow: &Shadow, devices: &DeviceTable) -> Result<PinRoute, String> {
     let Some(resource) = devices
         .devices()
         .iter()
         .flat_map(|d| d.resources())
         .find(|r| r.pin == pin)
     else {
-        return PinRoute::UNUSED;
+        return Ok(PinRoute::UNUSED);
     };
     let on: Vec<&Live> = shadow
         .live
         .iter()
         .filter(|c| c.vector == resource.vector)
         .collect();
-    let destination = on.iter().fold(0, |m, c| m | c.mask);
+    let union = shadow.vector_union(resource.vector, None);
+    let (target, reach) = ref_choose(&shadow.topo, union, ProcessorSet::EMPTY)
+        .unwrap_or((ApicDestination::None, ProcessorSet::EMPTY));
+    if reach != union {
+        return Err(format!(
+            "vector {:#x}: no destination reaches exactly its processors {union:?}",
+            resource.vector
+        ));
+    }
+    if let Some(message) = target.edge_message(resource.vector) {
+        let on_bus = bus_reach(&shadow.topo, &message)?;
+        if on_bus != union {
+            return Err(format!(
+                "the destination {target:?} reaches {on_bus:?} on the bus, not {union:?}"
+            ));
+        }
+    }
+    let (group, destination) = union.as_group_affinity().unwrap_or((0, 0));
     let mode = on.first().map_or(resource.mode, |c| c.mode);
-    PinRoute {
+    Ok(PinRoute {
         masked: destination == 0 || shadow.storm & (1 << pin) != 0,
         vector: resource.vector,
         trigger: match mode {
             InterruptMode::LevelSensitive => irqchip::apic_bus::TriggerMode::Level,
             InterruptMode::Latched => irqchip::apic_bus::TriggerMode::Edge,
         },
+        group,
         destination,
         lowest_priority: destination.count_ones() > 1,
         connections: on.len() as u32,
-    }
+        target,
+    })
 }
 
 /// Decodes `data` and checks the sequence. `Err` names the first broken
@@ -893,15 +587,23 @@ pub fn run(data: &[u8]) -> Result<(), String> {
 /// Runs `sequence` (see the module documentation). `Err` names the first
 /// broken check.
 pub fn check(sequence: &Sequence) -> Result<(), String> {
-    let facts = facts(sequence.cpus, sequence.online, sequence.x2apic);
+    let facts = facts(
+        sequence.cpus,
+        sequence.online,
+        sequence.x2apic,
+        sequence.mode,
+    );
     let platform = Platform::new(facts).map_err(|e| format!("platform: {e}"))?;
     let devices = DeviceTable::default_for(&platform);
-    let mut service = Service::new(platform, devices.clone(), sequence.quota)
+    let mut service = Service::new(platform.clone(), devices.clone(), sequence.quota)
         .map_err(|e| format!("service: {e}"))?;
+    service
+        .set_apic_model(sequence.model)
+        .map_err(|v| format!("the first SET_APIC_MODEL {:?}: {v:?}", sequence.model))?;
     let fresh = service.clone();
     let ram = FlatRam::new(0, RAM_SIZE as usize);
     let mut shadow = Shadow {
-        online: sequence.online,
+        topo: Topo::new(&platform, sequence.model),
         quota: sequence.quota,
         live: Vec::new(),
         issued: Vec::new(),
@@ -919,8 +621,12 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
             .map_err(|what| format!("op {n} ({op:?}): {what}"))?;
     }
     // Everything disconnected: the live state of a fresh service, given
-    // the same storm-guard marks (a VMM fact, not connection state).
+    // the same storm-guard marks (a VMM fact, not connection state) and
+    // the same declared model.
     let mut marked = fresh;
+    marked
+        .set_apic_model(shadow.topo.model)
+        .map_err(|v| format!("the last model: {v:?}"))?;
     for pin in 0..u32::from(IOAPIC_PINS) {
         if service.storm_bits() & (1 << pin) != 0 {
             marked
@@ -957,7 +663,6 @@ fn disconnect(service: &mut Service, shadow: &mut Shadow, handle: Handle) -> Res
         )),
     }
 }
-
 /// DISCONNECT_EX of `handle` with `version`: the reference's verdict, then
 /// the whole group goes and its messages are unprogrammed.
 fn disconnect_ex(
@@ -1025,14 +730,11 @@ fn apply(
 ) -> Result<(), String> {
     match *op {
         Op::Connect(req) => {
-            let expected = expected_verdict(&req, shadow, devices);
+            let expected = expected_verdict(&req, 0, shadow, devices);
             let got = service.connect(&req, ram);
             match (&expected, &got) {
                 (Ok(mask), Ok(done)) if done.effective_mask == *mask => {
-                    if shadow.issued.contains(&done.handle) || done.handle.raw() == 0 {
-                        return Err(format!("handle {:#x} handed out twice", done.handle.raw()));
-                    }
-                    shadow.issued.push(done.handle);
+                    issue(shadow, done.handle)?;
                     shadow.live.push(Live {
                         handle: done.handle,
                         device: req.device_id,
@@ -1041,9 +743,11 @@ fn apply(
                         mode: req.interrupt_mode,
                         share: req.share_vector,
                         mask: *mask,
+                        group: 0,
                         spin_lock: req.spin_lock,
                         version: connect_version::FULLY_SPECIFIED,
                         message: None,
+                        synchronize_irql: req.synchronize_irql,
                     });
                     clear_storm(shadow, service, req.vector as u8);
                 }
@@ -1057,16 +761,14 @@ fn apply(
             }
         }
         Op::ConnectEx(req) => {
-            let expected = expected_ex(&req, shadow, service.platform(), devices);
+            let expected = expected_ex(&req, shadow, devices);
             let got = service.connect_ex(&req, BLOCK, ram);
             match (&expected, &got) {
                 (Ok(want), Ok(done)) => {
                     let device = devices.device(req.device_id);
-                    check_connected_ex(&req, want, done, device, service.platform())?;
-                    if shadow.issued.contains(&done.handle) || done.handle.raw() == 0 {
-                        return Err(format!("handle {:#x} handed out twice", done.handle.raw()));
-                    }
-                    shadow.issued.push(done.handle);
+                    let format = service.platform().msi_format();
+                    check_connected_ex(&req, want, done, device, shadow, format)?;
+                    issue(shadow, done.handle)?;
                     let spin_lock = req.spin_lock;
                     for p in &want.planned {
                         shadow.live.push(Live {
@@ -1077,9 +779,11 @@ fn apply(
                             mode: p.mode,
                             share: p.share,
                             mask: p.mask,
+                            group: p.group,
                             spin_lock,
                             version: want.version_used,
                             message: p.message,
+                            synchronize_irql: want.unified_irql,
                         });
                         clear_storm(shadow, service, p.vector);
                     }
@@ -1089,6 +793,42 @@ fn apply(
                     return Err(format!(
                         "connect_ex {req:?}: service {:?}, reference {expected:?}",
                         got.map(|c| (c.handle.raw(), c.version_used, c.effective_mask))
+                    ));
+                }
+            }
+        }
+        Op::Retarget {
+            n,
+            group,
+            mask,
+            table,
+        } => {
+            if let Some(&handle) = shadow.issued.get(n % shadow.issued.len().max(1)) {
+                retarget(service, shadow, devices, ram, handle, group, mask, table)?;
+            }
+        }
+        Op::SetApicModel(value) => {
+            let model = ApicModel::from_abi(value);
+            let expected = match model {
+                None => Err(Violation::UnknownApicModel),
+                Some(ApicModel::X2apic) if !shadow.topo.x2apic_offered => {
+                    Err(Violation::UnknownApicModel)
+                }
+                Some(_) if !shadow.live.is_empty() => Err(Violation::ConnectionsLive),
+                Some(m) => Ok(m),
+            };
+            let got = match model {
+                Some(m) => service.set_apic_model(m),
+                None => Err(Violation::UnknownApicModel),
+            };
+            match (expected, got) {
+                (Ok(m), Ok(())) => {
+                    shadow.topo = Topo::new(service.platform(), m);
+                }
+                (Err(a), Err(b)) if a == b => {}
+                (e, g) => {
+                    return Err(format!(
+                        "SET_APIC_MODEL {value}: service {g:?}, reference {e:?}"
                     ));
                 }
             }
@@ -1155,8 +895,124 @@ fn apply(
     Ok(())
 }
 
-/// The device raises its line: the programmed route must reach only
-/// processors with an object on the vector, and one when it is connected.
+/// Records a handle just handed out, which must be new.
+fn issue(shadow: &mut Shadow, handle: Handle) -> Result<(), String> {
+    if shadow.issued.contains(&handle) || handle.raw() == 0 {
+        return Err(format!("handle {:#x} handed out twice", handle.raw()));
+    }
+    shadow.issued.push(handle);
+    Ok(())
+}
+
+/// RETARGET of `handle`: the reference's verdict and masks, then the moved
+/// connections, their routes and (MESSAGE_BASED) the table and programming.
+#[allow(clippy::too_many_arguments)]
+fn retarget(
+    service: &mut Service,
+    shadow: &mut Shadow,
+    devices: &DeviceTable,
+    ram: &FlatRam,
+    handle: Handle,
+    group: Option<u16>,
+    mask: u64,
+    table: (u64, u32),
+) -> Result<(), String> {
+    let own = shadow
+        .live
+        .iter()
+        .find(|c| c.handle == handle)
+        .map_or(0, |c| c.group);
+    let group = group.unwrap_or(own);
+    let expected = expected_retarget(handle, group, mask, table, shadow, devices);
+    let req = RetargetRequest {
+        handle,
+        group,
+        processor_mask: mask,
+        message_table: table.0,
+        message_table_length: table.1,
+    };
+    let got = service.retarget(&req, BLOCK, ram);
+    match (&expected, &got) {
+        (Ok(moves), Ok(done)) => {
+            let union = moves.iter().fold(0, |m, &(_, mask)| m | mask);
+            if (done.effective_mask, done.count as usize) != (union, moves.len()) {
+                return Err(format!(
+                    "retarget of {:#x} to {group}/{mask:#x}: answered {:#x} count {}, reference {moves:?}",
+                    handle.raw(),
+                    done.effective_mask,
+                    done.count
+                ));
+            }
+            for &(i, new) in moves {
+                if let Some(c) = shadow.live.get_mut(i) {
+                    c.mask = new;
+                }
+            }
+            let vectors: Vec<u8> = moves
+                .iter()
+                .filter_map(|&(i, _)| shadow.live.get(i).map(|c| c.vector))
+                .collect();
+            for v in vectors {
+                clear_storm(shadow, service, v);
+            }
+            let lead = shadow.live.iter().find(|c| c.handle == handle).copied();
+            if let (Some(lead), Some(table)) = (lead, &done.table) {
+                let m = devices
+                    .device(lead.device)
+                    .and_then(Device::messages)
+                    .ok_or("a retargeted message group without messages")?;
+                let planned: Vec<reference::Planned> = shadow
+                    .live
+                    .iter()
+                    .filter(|c| c.handle == handle)
+                    .map(|c| reference::Planned {
+                        vector: c.vector,
+                        mode: c.mode,
+                        share: c.share,
+                        mask: c.mask,
+                        group: c.group,
+                        message: c.message,
+                    })
+                    .collect();
+                if table.gpa != table_gpa(table, req)
+                    || table.header.unified_irql != lead.synchronize_irql
+                    || table.entries.len() != planned.len()
+                {
+                    return Err("the rewritten message table header is wrong".into());
+                }
+                let format = service.platform().msi_format();
+                check_messages(
+                    table,
+                    &done.messages,
+                    &planned,
+                    lead.device,
+                    m,
+                    shadow,
+                    format,
+                )?;
+            } else if !done.messages.is_empty() || done.table.is_some() {
+                return Err("a line connection's retarget wrote a table or messages".into());
+            }
+        }
+        (Err(a), Err(b)) if a == b => {}
+        _ => {
+            return Err(format!(
+                "retarget of {:#x} to {group}/{mask:#x} table {table:?}: service {:?}, reference {expected:?}",
+                handle.raw(),
+                got.map(|d| (d.effective_mask, d.count))
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn table_gpa(_table: &crate::connect_ex::MessageTable, req: RetargetRequest) -> u64 {
+    req.message_table
+}
+
+/// The device raises its line: the programmed route must reach, on the
+/// bus, exactly the route's processors, each with an object on the vector,
+/// and one when it is connected.
 fn assert_line(service: &Service, shadow: &Shadow, device: u32) -> Result<(), String> {
     let Some(d) = service.devices().device(device) else {
         return Ok(());
@@ -1177,24 +1033,22 @@ fn assert_line(service: &Service, shadow: &Shadow, device: u32) -> Result<(), St
                 r.pin
             ));
         }
-        let dest = ApicDestination::for_route(&route, service.platform());
-        if let ApicDestination::Physical { apic_id } = dest
-            && !service.platform().apic_ids().contains(&apic_id)
-        {
-            return Err(format!("physical destination {apic_id} is no processor"));
-        }
-        let reached = dest.processors(service.platform());
-        if reached & !route.destination != 0 {
+        let reached = match route.target.edge_message(r.vector) {
+            Some(m) => bus_reach(&shadow.topo, &m)?,
+            None => ProcessorSet::EMPTY,
+        };
+        if !route.masked && reached != route.processors() {
             return Err(format!(
-                "pin {} reaches processors {reached:#x} outside its route {:#x}",
-                r.pin, route.destination
+                "pin {} reaches processors {reached:?}, its route says {:?}",
+                r.pin,
+                route.processors()
             ));
         }
-        if !route.masked && reached == 0 {
+        if !route.masked && reached.is_empty() {
             return Err(format!("unmasked pin {} reaches no processor", r.pin));
         }
-        for cpu in 0..64u32 {
-            if reached & (1 << cpu) != 0 && service.registry().chain(cpu, r.vector).is_empty() {
+        for cpu in reached.iter() {
+            if service.registry().chain(cpu, r.vector).is_empty() {
                 return Err(format!(
                     "pin {} delivers vector {:#x} to processor {cpu}, which has no object for it",
                     r.pin, r.vector
@@ -1213,6 +1067,7 @@ fn raise_messages(service: &Service, shadow: &Shadow, d: &Device) -> Result<(), 
         return Ok(());
     };
     let programming = service.message_programming();
+    let format = service.platform().msi_format();
     for k in 0..m.count {
         let update = programming
             .iter()
@@ -1230,20 +1085,23 @@ fn raise_messages(service: &Service, shadow: &Shadow, d: &Device) -> Result<(), 
                     address,
                     data,
                     targets,
+                    group,
                 }),
             ) => {
-                let (reached, vector) = msi_reach(address, data, service.platform())?;
-                if reached != c.mask || targets != c.mask || vector != c.vector {
+                let (reached, vector) = msi_reach(&shadow.topo, address, data, format)?;
+                if reached != c.processors()
+                    || (group, targets) != (c.group, c.mask)
+                    || vector != c.vector
+                {
                     return Err(format!(
-                        "device {} message {k} reaches {reached:#x} with {vector:#x}, connected {:#x} on {:#x}",
+                        "device {} message {k} reaches {reached:?} with {vector:#x}, connected {:?} on {:#x}",
                         d.id(),
-                        c.mask,
+                        c.processors(),
                         c.vector
                     ));
                 }
-                for cpu in 0..64u32 {
-                    if reached & (1 << cpu) != 0 && service.registry().chain(cpu, vector).is_empty()
-                    {
+                for cpu in reached.iter() {
+                    if service.registry().chain(cpu, vector).is_empty() {
                         return Err(format!(
                             "message {k} reaches processor {cpu} without an object"
                         ));
@@ -1268,7 +1126,7 @@ fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<
         .check_invariants()
         .map_err(|what| format!("invariant broken: {what}"))?;
     for pin in 0..IOAPIC_PINS {
-        let expected = expected_route(pin, shadow, devices);
+        let expected = expected_route(pin, shadow, devices)?;
         if service.route(pin) != Some(expected) {
             return Err(format!(
                 "pin {pin} routed {:?}, live connections imply {expected:?}",
@@ -1276,7 +1134,7 @@ fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<
             ));
         }
     }
-    let objects: u32 = shadow.live.iter().map(|c| c.mask.count_ones()).sum();
+    let objects = shadow.objects();
     let registry = service.registry();
     if registry.objects_in_use() != objects || objects > shadow.quota {
         return Err(format!(
@@ -1290,17 +1148,24 @@ fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<
     }
     let mut handles: Vec<Handle> = shadow.live.iter().map(|c| c.handle).collect();
     handles.dedup();
+    type Key = (Option<u8>, u8, u16, u64);
     for h in handles {
-        let mut mine: Vec<(Option<u8>, u8, u64)> = shadow
+        let mut mine: Vec<Key> = shadow
             .live
             .iter()
             .filter(|c| c.handle == h)
-            .map(|c| (c.message, c.vector, c.mask))
+            .map(|c| (c.message, c.vector, c.group, c.mask))
             .collect();
         mine.sort_unstable();
-        let theirs: Option<Vec<(Option<u8>, u8, u64)>> = match registry.group(h) {
-            Some(g) => Some(g.iter().map(|c| (c.message, c.vector, c.mask)).collect()),
-            None => registry.get(h).map(|c| vec![(c.message, c.vector, c.mask)]),
+        let theirs: Option<Vec<Key>> = match registry.group(h) {
+            Some(g) => Some(
+                g.iter()
+                    .map(|c| (c.message, c.vector, c.group, c.mask))
+                    .collect(),
+            ),
+            None => registry
+                .get(h)
+                .map(|c| vec![(c.message, c.vector, c.group, c.mask)]),
         };
         if theirs.as_ref() != Some(&mine) {
             return Err(format!(
@@ -1343,7 +1208,12 @@ mod tests {
                 .map(|i| i.wrapping_mul(seed).wrapping_add(seed))
                 .collect();
             let sequence = decode(&data);
-            let facts = facts(sequence.cpus, sequence.online, sequence.x2apic);
+            let facts = facts(
+                sequence.cpus,
+                sequence.online,
+                sequence.x2apic,
+                sequence.mode,
+            );
             assert!(Platform::new(facts).is_ok(), "{sequence:?}");
             assert_eq!(run(&data), Ok(()), "{sequence:?}");
         }

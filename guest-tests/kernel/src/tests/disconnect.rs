@@ -154,7 +154,9 @@ fn quota(env: &Env) -> TestResult {
     let p = platform()?;
     let free = p.object_quota.saturating_sub(p.objects_in_use) as usize;
     let (guest_conns, guest_objs) = wdm::usage();
-    let online = env.online();
+    // Every online processor one destination names (all of them with at
+    // most 8 processors).
+    let online = env.effective(env.online())?;
     let k = online.count_ones() as usize;
     const MAX_HANDLES: usize = 80;
     if free > wdm::MAX_OBJECTS - guest_objs || free / k + 2 > MAX_HANDLES.min(128 - guest_conns) {

@@ -114,21 +114,27 @@ pub fn target_set() -> Result<&'static [usize], Failure> {
 }
 
 /// The logical destination naming exactly `cpus` (OR of their logical IDs;
-/// in x2APIC mode they must share a cluster).
+/// in x2APIC and in the xAPIC cluster model they must share a cluster).
 pub fn logical_dest(cpus: &[usize]) -> Result<u32, Failure> {
     let mut dest = 0u32;
+    let cluster_shift = if lapic::xapic_cluster() { 4 } else { 16 };
     for &c in cpus {
         let id = percpu::cpu(c).logical_id();
-        if id & 0xffff == 0 {
+        let member = if lapic::xapic_cluster() {
+            id & 0xf
+        } else {
+            id & 0xffff
+        };
+        if member == 0 {
             skip!(
                 "cpu {} has no usable logical ID ({})",
                 crate::display::dec(c),
                 crate::display::hex(id)
             );
         }
-        if dest != 0 && (dest >> 16) != (id >> 16) {
+        if dest != 0 && (dest >> cluster_shift) != (id >> cluster_shift) {
             skip!(
-                "cpus {} are in different x2APIC clusters",
+                "cpus {} are in different logical clusters",
                 crate::display::Set(cpus)
             );
         }

@@ -20,10 +20,13 @@ mod load;
 mod msgfix;
 mod nmi;
 mod pvfix;
+mod retarget;
 mod rule10;
+mod scale;
 mod share;
 mod sync;
 mod timer;
+mod topo;
 mod tpr;
 
 /// Every suite, in run order.
@@ -37,6 +40,8 @@ pub static SUITES: &[&[Test]] = &[
     connect::TESTS,
     share::TESTS,
     affinity::TESTS,
+    scale::TESTS,
+    retarget::TESTS,
     disconnect::TESTS,
     sync::TESTS,
     ex::TESTS,

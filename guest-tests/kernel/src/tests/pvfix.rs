@@ -11,11 +11,16 @@
 //! arrive once more after it was serviced, and that extra call finds no work
 //! and returns FALSE.
 
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 use irqconnect_abi::layout::MSIDEV_MAX_DEVICES;
 use irqconnect_abi::ntstatus::{STATUS_SUCCESS, status_name};
-use irqconnect_abi::pv::{QueryMessages, QueryPlatform, QueryRoute, message_kind};
+use irqconnect_abi::pv::{
+    GROUP_SIZE, PlatformGroups, QueryMessages, QueryPlatform, QueryRoute, QueryRouteV2,
+    message_kind,
+};
 
 use crate::msidev::MsiDev;
 use crate::percpu::{self, MAX_CPUS};
@@ -181,6 +186,8 @@ impl MsgDev {
 pub struct Env {
     /// QUERY_PLATFORM at the start of the test.
     pub platform: QueryPlatform,
+    /// Its processor groups (version 2).
+    pub groups: PlatformGroups,
     devices: [Option<Dev>; MAX_DEVICES],
     messages: [Option<MsgDev>; MAX_MSG_DEVICES],
 }
@@ -189,6 +196,15 @@ impl Env {
     /// Processors online (the host's view, which the guest's must match).
     pub fn online(&self) -> KAFFINITY {
         self.platform.online_mask
+    }
+
+    /// Where the host routes a connection of `mask` (group 0) alone on its
+    /// vector: the online processors of the mask, narrowed to the largest
+    /// set one APIC destination names (`docs/semantics.md` rule R, as
+    /// `super::topo::Topo::expected` reads it). With at most 8 processors
+    /// that is every online processor of the mask.
+    pub fn effective(&self, mask: KAFFINITY) -> Result<KAFFINITY, Failure> {
+        Ok(super::topo::Topo::get()?.expected(0, mask & self.online()))
     }
 
     /// Device `id`, when the host has it.
@@ -352,6 +368,26 @@ pub fn platform() -> Result<QueryPlatform, Failure> {
     }
 }
 
+/// QUERY_PLATFORM version 2's groups, or a failure naming the status.
+pub fn groups() -> Result<PlatformGroups, Failure> {
+    match pv::query_platform_v2() {
+        Ok(p) => Ok(p.groups),
+        Err(s) => fail!("QUERY_PLATFORM (version 2) answered {}", status_name(s)),
+    }
+}
+
+/// QUERY_ROUTE version 2 of `pin`, or a failure naming the status.
+pub fn route_v2(pin: u32) -> Result<QueryRouteV2, Failure> {
+    match pv::query_route_v2(pin) {
+        Ok(r) => Ok(r),
+        Err(s) => fail!(
+            "QUERY_ROUTE (version 2) of pin {} answered {}",
+            crate::display::dec(pin),
+            status_name(s)
+        ),
+    }
+}
+
 /// QUERY_ROUTE of `pin`, or a failure naming the status.
 pub fn route(pin: u32) -> Result<QueryRoute, Failure> {
     match pv::query_route(pin) {
@@ -449,18 +485,25 @@ fn started(count: u32) -> Started {
 pub fn run(body: fn(&Env) -> TestResult) -> TestResult {
     need_pv()?;
     let start = platform()?;
+    let groups = groups()?;
     let (devices, messages) = started(start.device_count);
     let env = Env {
         platform: start,
+        groups,
         devices,
         messages,
     };
+    let online: u32 = groups.group_online.iter().map(|m| m.count_ones()).sum();
     check!(
-        start.online_mask.count_ones() as usize == percpu::count(),
-        "host online mask {} names {} processors, {} are online here",
+        online as usize == percpu::count()
+            && start.online_mask == groups.group_online[0]
+            && usize::from(groups.group_count) == usize::from(wdm::KeQueryActiveGroupCount()),
+        "the host has {} processors online in {} groups (group 0: {}), {} are online here in {} groups",
+        crate::display::dec(online),
+        crate::display::dec(groups.group_count),
         crate::display::hex(start.online_mask),
-        crate::display::dec(start.online_mask.count_ones()),
-        crate::display::dec(percpu::count())
+        crate::display::dec(percpu::count()),
+        crate::display::dec(wdm::KeQueryActiveGroupCount())
     );
     quiesce(&env);
     reset_contexts();
@@ -552,13 +595,18 @@ pub enum Policy {
 pub struct Ctx {
     dev: AtomicU32,
     policy: AtomicU8,
-    /// Processors the ISR may run on.
+    /// Processors the ISR may run on (of `allowed_group`).
     pub allowed: AtomicU64,
+    /// The processor group of `allowed`.
+    pub allowed_group: AtomicU16,
     /// The connection the ISR must be called for (`PKINTERRUPT::to_bits`),
     /// 0: not checked.
     pub expect_object: AtomicU64,
     /// Busy-loop iterations per call (to widen race windows).
     pub spin: AtomicU32,
+    /// Microseconds the next call waits before it claims (once: a call in
+    /// flight while the test acts).
+    pub hold_next_us: AtomicU64,
     /// Calls.
     pub calls: AtomicU32,
     /// Calls that claimed (returned TRUE).
@@ -593,8 +641,10 @@ impl Ctx {
             dev: AtomicU32::new(u32::MAX),
             policy: AtomicU8::new(Policy::One as u8),
             allowed: AtomicU64::new(u64::MAX),
+            allowed_group: AtomicU16::new(0),
             expect_object: AtomicU64::new(0),
             spin: AtomicU32::new(0),
+            hold_next_us: AtomicU64::new(0),
             calls: AtomicU32::new(0),
             claimed_calls: AtomicU32::new(0),
             claims: AtomicU32::new(0),
@@ -615,6 +665,7 @@ impl Ctx {
         self.dev.store(u32::MAX, Ordering::Relaxed);
         self.policy.store(Policy::One as u8, Ordering::Relaxed);
         self.allowed.store(u64::MAX, Ordering::Relaxed);
+        self.allowed_group.store(0, Ordering::Relaxed);
         self.expect_object.store(0, Ordering::Relaxed);
         for a in [
             &self.spin,
@@ -633,6 +684,7 @@ impl Ctx {
         }
         self.last_context.store(0, Ordering::Relaxed);
         self.lock.store(0, Ordering::Relaxed);
+        self.hold_next_us.store(0, Ordering::Relaxed);
         for c in self.per_cpu.iter() {
             c.store(0, Ordering::Relaxed);
         }
@@ -643,13 +695,34 @@ impl Ctx {
     /// policy and the processors the ISR may run on; every counter restarts
     /// at 0.
     pub fn bind(&self, dev: Option<&Dev>, policy: Policy, allowed: KAFFINITY) -> &Self {
+        self.bind_in_group(dev, policy, 0, allowed)
+    }
+
+    /// [`Ctx::bind`] with the processors of `allowed` in processor `group`.
+    pub fn bind_in_group(
+        &self,
+        dev: Option<&Dev>,
+        policy: Policy,
+        group: u16,
+        allowed: KAFFINITY,
+    ) -> &Self {
         self.reset();
         self.dev
             .store(dev.map_or(u32::MAX, Dev::id), Ordering::Relaxed);
         self.policy.store(policy as u8, Ordering::Relaxed);
         self.allowed.store(allowed, Ordering::Relaxed);
+        self.allowed_group.store(group, Ordering::Relaxed);
         core::sync::atomic::fence(Ordering::SeqCst);
         self
+    }
+
+    /// Lets the ISR run on the processors of `allowed` in `group` from now
+    /// on (a retarget's new set: the old one stays allowed while the move
+    /// is in progress when the caller ORs it in).
+    pub fn allow(&self, group: u16, allowed: KAFFINITY) {
+        self.allowed.store(allowed, Ordering::Relaxed);
+        self.allowed_group.store(group, Ordering::Relaxed);
+        core::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// The ServiceContext naming this context.
@@ -719,6 +792,13 @@ pub static FIRST_CLAIMED: AtomicBool = AtomicBool::new(false);
 /// Calls of the second ISR in a dispatch where the first had claimed.
 pub static ORDER_VIOLATIONS: AtomicU32 = AtomicU32::new(0);
 
+/// True when processor `cpu` is in the mask `mask` of group `group`.
+pub fn in_group_mask(cpu: usize, group: &AtomicU16, mask: &AtomicU64) -> bool {
+    let (g, b) = (cpu / 64, cpu % 64);
+    g == usize::from(group.load(Ordering::Relaxed))
+        && mask.load(Ordering::Relaxed) & (1u64 << b) != 0
+}
+
 /// The bookkeeping and the claim every test ISR does: checks processor,
 /// IRQL, object and lock; claims by the device's STATUS/ACK (or soft
 /// causes); returns TRUE when it claimed.
@@ -726,7 +806,7 @@ pub fn claim(interrupt: &KINTERRUPT, ctx: &Ctx, context: PVOID) -> bool {
     ctx.in_isr.fetch_add(1, Ordering::AcqRel);
     ctx.calls.fetch_add(1, Ordering::AcqRel);
     let me = percpu::current_index();
-    if me != interrupt.processor() || ctx.allowed.load(Ordering::Relaxed) & (1u64 << me) == 0 {
+    if me != interrupt.processor() || !in_group_mask(me, &ctx.allowed_group, &ctx.allowed) {
         ctx.outside.fetch_add(1, Ordering::AcqRel);
     }
     if cpu::read_cr8() != u64::from(interrupt.synchronize_irql()) {
@@ -743,6 +823,10 @@ pub fn claim(interrupt: &KINTERRUPT, ctx: &Ctx, context: PVOID) -> bool {
     ctx.last_context.store(context as usize, Ordering::Relaxed);
     for _ in 0..ctx.spin.load(Ordering::Relaxed) {
         cpu::pause();
+    }
+    let hold = ctx.hold_next_us.swap(0, Ordering::AcqRel);
+    if hold != 0 {
+        time::delay_us(hold);
     }
     let dev = TestDev::new(ctx.dev.load(Ordering::Relaxed));
     let taken = match dev {
@@ -1039,8 +1123,23 @@ pub fn raise_held(devs: &[(&Dev, u32)]) {
 /// running yet would otherwise land after the route changed, inside the
 /// next measurement.
 pub fn flush_cpus() {
-    for c in 1..percpu::count() {
-        let _ = crate::smp::run_on(c, |_| 0, 0);
+    flush_where(|_| true);
+}
+
+/// [`flush_cpus`] for the processors of `mask` in `group` only (those that
+/// may take an interrupt routed there).
+pub fn flush_in(group: u16, mask: KAFFINITY) {
+    flush_where(|c| c / GROUP_SIZE == usize::from(group) && mask & (1u64 << (c % GROUP_SIZE)) != 0);
+}
+
+fn flush_where(which: impl Fn(usize) -> bool) {
+    // The APs at once: post to all, then wait for each.
+    let mut posted = [false; percpu::MAX_CPUS];
+    for (c, p) in posted.iter_mut().enumerate().take(percpu::count()).skip(1) {
+        *p = which(c) && crate::smp::post(c, |_| 0, 0).is_ok();
+    }
+    for (c, _) in posted.iter().enumerate().filter(|(_, p)| **p) {
+        let _ = crate::smp::wait(c, 2_000_000);
     }
     cpu::sti();
     time::delay_us(50);

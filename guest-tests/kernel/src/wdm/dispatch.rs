@@ -203,10 +203,15 @@ fn call_isr(o: &'static KINTERRUPT) -> bool {
 
 /// Waits until no processor of `mask` is still in a dispatch that may have
 /// seen objects unlinked before this call (see the module docs).
-pub fn wait_quiescent(mask: u64) {
+pub fn wait_quiescent(group: u16, mask: u64) {
+    wait_quiescent_on(object::bits(group, mask));
+}
+
+/// [`wait_quiescent`] on the processors `cpus`.
+pub fn wait_quiescent_on(cpus: impl Iterator<Item = usize>) {
     fence(Ordering::SeqCst);
     let me = percpu::current_index();
-    for cpu in object::bits(mask) {
+    for cpu in cpus {
         let Some(d) = CPU_DISPATCH.get(cpu) else {
             continue;
         };

@@ -332,6 +332,7 @@ fn connect_fully_specified(
     }
     let common = Common {
         host_handle: answer.handle,
+        device: pdo.device_id(),
         routine: routine as usize,
         context: p.ServiceContext as usize,
         lock: p.SpinLock.map_or(0, |l| l.address() as usize),
@@ -344,6 +345,9 @@ fn connect_fully_specified(
         sync_irql: p.SynchronizeIrql,
         latched: p.InterruptMode == KINTERRUPT_MODE::Latched,
         mask: answer.effective_mask,
+        group: req.group,
+        line: 0,
+        affinity: 0,
         kind: kind::SINGLE,
         message_id: 0,
     };
@@ -360,6 +364,18 @@ fn connect_fully_specified(
     }
 }
 
+/// The processors the host gave a line resource on `line` of `group`
+/// that may use `wanted` (its affinity, the online processors, the
+/// driver's restriction): the host narrows them to what one destination
+/// reaches with the vector's other connections (`docs/semantics.md` rule
+/// R), and that destination is the pin's route, so they are the route's
+/// processors among `wanted`. Read under the registry lock, right after
+/// the host's answer, so no other connect of this guest moved the route.
+pub(super) fn line_processors(line: u32, group: u16, wanted: KAFFINITY) -> Option<KAFFINITY> {
+    let route = pv::query_route_v2(line).ok()?;
+    (route.group == group).then_some(route.base.destination_mask & wanted)
+}
+
 /// The line-based connections of a LINE_BASED answer (or a MESSAGE_BASED
 /// one that fell back): one per line resource of the device, built into a
 /// group with `routine`. Returns the group's handle.
@@ -368,7 +384,7 @@ fn build_line_group(
     answer: &ConnectEx,
     routine: KSERVICE_ROUTINE,
 ) -> Result<PKINTERRUPT, NTSTATUS> {
-    let resources = match pv::query_resources(answer.device_id) {
+    let resources = match pv::query_resources_v2(answer.device_id) {
         Ok(r) => r,
         Err(s) => {
             return Err(undo(
@@ -380,6 +396,8 @@ fn build_line_group(
             ));
         }
     };
+    let groups = resources.groups;
+    let resources = resources.base;
     let n = resources.count as usize;
     if n == 0 || n > MAX_RESOURCES || answer.count as usize != n {
         return Err(undo(
@@ -394,10 +412,13 @@ fn build_line_group(
     let keep = match answer.processor_enable_mask {
         0 => u64::MAX,
         m => m,
-    } & online_mask();
+    };
     let mut union = 0;
-    for r in &resources.resources[..n] {
-        let mask = r.affinity & keep;
+    let mut masks = [0u64; MAX_RESOURCES];
+    for (i, r) in resources.resources[..n].iter().enumerate() {
+        let wanted = r.affinity & keep & online_mask(groups[i]);
+        let mask = line_processors(r.line, groups[i], wanted).unwrap_or(0);
+        masks[i] = mask;
         let vector_ok = u8::try_from(r.vector)
             .is_ok_and(|v| (DEVICE_VECTOR_MIN..=DEVICE_VECTOR_MAX).contains(&v));
         if mask == 0 || !vector_ok {
@@ -424,6 +445,7 @@ fn build_line_group(
     }
     let common = Common {
         host_handle: answer.handle,
+        device: answer.device_id,
         routine: routine as usize,
         context: answer.service_context as usize,
         lock: answer.spin_lock as usize,
@@ -438,7 +460,10 @@ fn build_line_group(
             irql: u8::try_from(r.level).unwrap_or(u8::MAX),
             sync_irql: sync,
             latched: r.flags & RESOURCE_FLAG_LATCHED != 0,
-            mask: r.affinity & keep,
+            mask: masks[i],
+            group: groups[i],
+            line: r.line as u8,
+            affinity: r.affinity,
             kind: kind::LINE,
             message_id: 0,
         }
@@ -528,8 +553,8 @@ fn check_table(slot: u16, answer: &ConnectEx, offered: usize) -> Result<(), NTST
         let bit = 1u64 << (v % 64);
         let fresh = vectors[usize::from(v / 64)] & bit == 0;
         vectors[usize::from(v / 64)] |= bit;
-        let free_here =
-            super::object::bits(e.target_processor_set).all(|cpu| object::head(cpu, v) == NIL);
+        let free_here = super::object::bits(e.group, e.target_processor_set)
+            .all(|cpu| object::head(cpu, v) == NIL);
         let ok = e.message_id as usize == k
             && (DEVICE_VECTOR_MIN..=DEVICE_VECTOR_MAX).contains(&v)
             && e.irql == v >> 4
@@ -667,6 +692,7 @@ fn connect_message_based(parameters: &mut IO_CONNECT_INTERRUPT_PARAMETERS<'_>) -
     let n = answer.count as usize;
     let common = Common {
         host_handle: answer.handle,
+        device: pdo.device_id(),
         routine: routine as usize,
         context: p.ServiceContext as usize,
         lock: p.SpinLock.map_or(0, |l| l.address() as usize),
@@ -682,6 +708,9 @@ fn connect_message_based(parameters: &mut IO_CONNECT_INTERRUPT_PARAMETERS<'_>) -
             sync_irql: unified,
             latched: true,
             mask: e.target_processor_set,
+            group: e.group,
+            line: 0,
+            affinity: 0,
             kind: kind::MESSAGE,
             message_id: k as u32,
         }

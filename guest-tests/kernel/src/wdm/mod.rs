@@ -37,6 +37,7 @@ mod ex;
 mod lock;
 mod object;
 mod pnp;
+mod retarget;
 mod table;
 
 use core::sync::atomic::Ordering;
@@ -58,6 +59,7 @@ pub use ex::{
 pub use lock::{KSPIN_LOCK, KeInitializeSpinLock};
 pub use object::{KINTERRUPT, MAX_OBJECTS};
 pub use pnp::{CM_PARTIAL_RESOURCE_DESCRIPTOR, DEVICE_OBJECT};
+pub use retarget::IoRetargetInterrupt;
 pub use table::{KINTERRUPT_POLARITY, PIO_INTERRUPT_MESSAGE_INFO};
 
 use crate::{irql, pv};
@@ -66,8 +68,56 @@ use crate::{irql, pv};
 pub type NTSTATUS = irqconnect_abi::ntstatus::NtStatus;
 /// `KIRQL`.
 pub type KIRQL = u8;
-/// `KAFFINITY`: bit `i` = processor index `i`.
+/// `KAFFINITY`: bit `b` = processor `64 * group + b` of a processor group
+/// (group 0 when no group is named).
 pub type KAFFINITY = u64;
+
+/// `GROUP_AFFINITY`: a processor group and a mask of its processors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GROUP_AFFINITY {
+    /// `Mask`.
+    pub Mask: KAFFINITY,
+    /// `Group`.
+    pub Group: u16,
+}
+
+/// `PROCESSOR_NUMBER`: a processor as its group and its number in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PROCESSOR_NUMBER {
+    /// `Group`.
+    pub Group: u16,
+    /// `Number`: the bit of the processor in its group's KAFFINITY.
+    pub Number: u8,
+}
+
+/// Processors in a processor group: the bits of a KAFFINITY.
+pub const GROUP_SIZE: usize = object::GROUP_SIZE;
+
+/// `KeQueryActiveGroupCount`: the processor groups with an active
+/// processor (processors are numbered in groups of 64).
+pub fn KeQueryActiveGroupCount() -> u16 {
+    crate::percpu::count().div_ceil(GROUP_SIZE) as u16
+}
+
+/// `KeQueryActiveProcessorCountEx`: the active processors of `group`.
+pub fn KeQueryActiveProcessorCountEx(group: u16) -> u32 {
+    let first = usize::from(group) * GROUP_SIZE;
+    crate::percpu::count().saturating_sub(first).min(GROUP_SIZE) as u32
+}
+
+/// `KeGetProcessorNumberFromIndex`: processor `index` as a group and a
+/// number.
+pub fn KeGetProcessorNumberFromIndex(index: usize) -> PROCESSOR_NUMBER {
+    PROCESSOR_NUMBER {
+        Group: (index / GROUP_SIZE) as u16,
+        Number: (index % GROUP_SIZE) as u8,
+    }
+}
+
+/// `KeGetProcessorIndexFromNumber`: the index of a group and number.
+pub fn KeGetProcessorIndexFromNumber(number: PROCESSOR_NUMBER) -> usize {
+    usize::from(number.Group) * GROUP_SIZE + usize::from(number.Number)
+}
 /// `PVOID`: a driver context pointer (resident memory; identity-mapped).
 pub type PVOID = *mut core::ffi::c_void;
 
@@ -126,9 +176,22 @@ impl PKINTERRUPT {
     }
 
     /// The processors that got an interrupt object (the host's effective
-    /// mask), or 0 once disconnected.
+    /// mask, of [`PKINTERRUPT::processor_group`]), or 0 once disconnected.
     pub fn effective_mask(self) -> KAFFINITY {
         self.live().map_or(0, |c| c.mask.load(Ordering::Relaxed))
+    }
+
+    /// The processor group of [`PKINTERRUPT::effective_mask`].
+    pub fn processor_group(self) -> u16 {
+        self.live().map_or(0, |c| c.group.load(Ordering::Relaxed))
+    }
+
+    /// The effective mask with its group.
+    pub fn affinity(self) -> GROUP_AFFINITY {
+        GROUP_AFFINITY {
+            Mask: self.effective_mask(),
+            Group: self.processor_group(),
+        }
     }
 
     /// The host's handle of this connection (0 once disconnected).
@@ -181,10 +244,14 @@ fn at_passive_level() -> bool {
     irql::current() == irql::PASSIVE_LEVEL && dispatch::depth() == 0
 }
 
-/// The processors online, as a KAFFINITY (processors 0..63).
-fn online_mask() -> KAFFINITY {
-    let n = crate::percpu::count().min(64);
-    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
+/// The processors online in processor `group`, as a KAFFINITY.
+fn online_mask(group: u16) -> KAFFINITY {
+    let n = KeQueryActiveProcessorCountEx(group) as usize;
+    if n >= GROUP_SIZE {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
 }
 
 /// What one connection of a connect is made of.
@@ -194,8 +261,13 @@ struct Spec {
     irql: KIRQL,
     sync_irql: KIRQL,
     latched: bool,
-    /// The processors that get an object.
+    /// The processors that get an object, of `group`.
     mask: KAFFINITY,
+    /// The processor group of `mask`.
+    group: u16,
+    /// LINE: the resource's line (IOAPIC pin) and affinity.
+    line: u8,
+    affinity: KAFFINITY,
     /// One of `object::kind`.
     kind: u8,
     message_id: u32,
@@ -204,6 +276,8 @@ struct Spec {
 /// What every connection of one connect shares.
 struct Common {
     host_handle: u64,
+    /// The device (its PnP id).
+    device: u32,
     /// The service routine (a `KSERVICE_ROUTINE`, or for messages a
     /// `KMESSAGE_SERVICE_ROUTINE`), as an address.
     routine: usize,
@@ -234,7 +308,8 @@ fn build(
         return Err(STATUS_INSUFFICIENT_RESOURCES);
     }
     for i in 0..n {
-        match registry.allocate(spec(i).mask) {
+        let s = spec(i);
+        match registry.allocate(s.group, s.mask) {
             Some(c) => slots[i] = c,
             None => {
                 for &c in &slots[..i] {
@@ -272,6 +347,10 @@ fn build(
         connection.lock.store(lock, Ordering::Relaxed);
         KeInitializeSpinLock(&connection.own_lock);
         connection.mask.store(s.mask, Ordering::Relaxed);
+        connection.group.store(s.group, Ordering::Relaxed);
+        connection.device.store(common.device, Ordering::Relaxed);
+        connection.line.store(s.line, Ordering::Relaxed);
+        connection.affinity.store(s.affinity, Ordering::Relaxed);
         connection.kind.store(s.kind, Ordering::Relaxed);
         connection.message_id.store(s.message_id, Ordering::Relaxed);
         connection
@@ -312,16 +391,22 @@ fn handle_of(slot: u16) -> PKINTERRUPT {
 /// period on every processor any of its objects was on, freed (with its
 /// message table).
 fn teardown(registry: &mut object::Registry, leader: u16) {
-    let mut mask = 0;
     let mut at = leader;
     while at != object::NIL {
         let c = object::conn(at);
         c.live.store(false, Ordering::Release);
         registry.unlink(at, c.vector.load(Ordering::Relaxed));
-        mask |= c.mask.load(Ordering::Relaxed);
         at = c.next_member.load(Ordering::Relaxed);
     }
-    dispatch::wait_quiescent(mask);
+    let mut at = leader;
+    while at != object::NIL {
+        let c = object::conn(at);
+        dispatch::wait_quiescent(
+            c.group.load(Ordering::Relaxed),
+            c.mask.load(Ordering::Relaxed),
+        );
+        at = c.next_member.load(Ordering::Relaxed);
+    }
     let table = object::conn(leader).table.load(Ordering::Relaxed);
     let mut at = leader;
     while at != object::NIL {
@@ -387,6 +472,7 @@ pub fn IoConnectInterrupt(
     };
     let common = Common {
         host_handle: answer.handle,
+        device: physical_device_object.device_id(),
         routine: routine as usize,
         context: service_context as usize,
         lock: spin_lock.map_or(0, |l| l.address() as usize),
@@ -399,6 +485,9 @@ pub fn IoConnectInterrupt(
         sync_irql: synchronize_irql,
         latched: interrupt_mode == KINTERRUPT_MODE::Latched,
         mask: answer.effective_mask,
+        group: 0,
+        line: 0,
+        affinity: 0,
         kind: object::kind::SINGLE,
         message_id: 0,
     };
@@ -482,6 +571,23 @@ pub fn KeReleaseInterruptSpinLock(interrupt: PKINTERRUPT, old_irql: KIRQL) {
     let c = interrupt.expect_live("KeReleaseInterruptSpinLock");
     c.spin_lock().release();
     irql::lower(old_irql);
+}
+
+/// Tells the host how this kernel's local APICs decode logical
+/// destinations (SET_APIC_MODEL), so routes can use logical destinations
+/// beyond processors 0..7: x2APIC, or xAPIC flat (up to 8 processors) or
+/// cluster (more). Called once at boot, before any connect (the host
+/// refuses a change while connections are live).
+pub fn declare_apic_model() -> NTSTATUS {
+    use irqconnect_abi::pv::apic_model;
+    let model = if crate::lapic::x2apic() {
+        apic_model::X2APIC
+    } else if crate::lapic::xapic_cluster() {
+        apic_model::XAPIC_CLUSTER
+    } else {
+        apic_model::XAPIC_FLAT
+    };
+    pv::set_apic_model(model)
 }
 
 /// Live connections and objects of this guest (diagnostics).

@@ -128,7 +128,15 @@ pub(super) struct Connection {
     /// The lock used when the driver passes none (shared by all of this
     /// connection's per-processor objects).
     pub own_lock: KSPIN_LOCK,
+    /// The effective mask, of processor group `group`.
     pub mask: AtomicU64,
+    /// The processor group of `mask`.
+    pub group: AtomicU16,
+    /// The device (its PnP id).
+    pub device: AtomicU32,
+    /// LINE: the resource's line (IOAPIC pin) and affinity.
+    pub line: AtomicU8,
+    pub affinity: AtomicU64,
     pub objects: [AtomicU16; MAX_CPUS],
     /// One of [`kind`].
     pub kind: AtomicU8,
@@ -162,6 +170,10 @@ impl Connection {
             lock: AtomicUsize::new(0),
             own_lock: KSPIN_LOCK::new(),
             mask: AtomicU64::new(0),
+            group: AtomicU16::new(0),
+            device: AtomicU32::new(0),
+            line: AtomicU8::new(0),
+            affinity: AtomicU64::new(0),
             objects: [const { AtomicU16::new(NIL) }; MAX_CPUS],
             kind: AtomicU8::new(kind::SINGLE),
             leader: AtomicU16::new(NIL),
@@ -271,25 +283,49 @@ impl Registry {
         MAX_CONNECTIONS - free_count(&self.connections_free)
     }
 
-    /// Takes a connection slot and one object per processor of `mask`, all
-    /// or nothing.
-    pub fn allocate(&mut self, mask: u64) -> Option<u16> {
+    /// Takes a connection slot and one object per processor of `mask` in
+    /// processor group `group`, all or nothing.
+    pub fn allocate(&mut self, group: u16, mask: u64) -> Option<u16> {
         if self.objects_free() < mask.count_ones() as usize
             || free_count(&self.connections_free) == 0
         {
             return None;
         }
         let c = take(&mut self.connections_free)?;
-        let connection = conn(c);
-        for cpu in bits(mask) {
-            let o = take(&mut self.objects_free)?;
-            let object = obj(o);
-            object.connection.store(c, Ordering::Relaxed);
-            object.processor.store(cpu as u16, Ordering::Relaxed);
-            object.next.store(NIL, Ordering::Relaxed);
-            connection.objects[cpu].store(o, Ordering::Relaxed);
+        for cpu in bits(group, mask) {
+            self.add_object(c, cpu)?;
         }
         Some(c)
+    }
+
+    /// Gives connection `c` an object on processor `cpu`, not yet linked
+    /// (a retarget's new processor); `None` when the pool is empty or the
+    /// connection already has one there.
+    pub fn add_object(&mut self, c: u16, cpu: usize) -> Option<u16> {
+        let slot = conn(c).objects.get(cpu)?;
+        if slot.load(Ordering::Relaxed) != NIL {
+            return None;
+        }
+        let o = take(&mut self.objects_free)?;
+        let object = obj(o);
+        object.connection.store(c, Ordering::Relaxed);
+        object.processor.store(cpu as u16, Ordering::Relaxed);
+        object.next.store(NIL, Ordering::Relaxed);
+        slot.store(o, Ordering::Relaxed);
+        Some(o)
+    }
+
+    /// Returns connection `c`'s object on `cpu` to the pool (after it was
+    /// unlinked and a grace period passed).
+    pub fn drop_object(&mut self, c: u16, cpu: usize) {
+        let Some(slot) = conn(c).objects.get(cpu) else {
+            return;
+        };
+        let o = slot.swap(NIL, Ordering::Relaxed);
+        if o != NIL {
+            obj(o).connection.store(NIL, Ordering::Relaxed);
+            give(&mut self.objects_free, o);
+        }
     }
 
     /// Returns connection `c` and its objects to the pools; its generation
@@ -322,53 +358,76 @@ impl Registry {
     /// Appends each object of connection `c` to the tail of its processor's
     /// chain for `vector` (connection order), publishing it to dispatch.
     pub fn link(&mut self, c: u16, vector: u8) {
-        let connection = conn(c);
-        for (cpu, slot) in connection.objects.iter().enumerate() {
-            let o = slot.load(Ordering::Relaxed);
-            if o == NIL {
-                continue;
-            }
-            obj(o).vector.store(vector, Ordering::Relaxed);
-            obj(o).next.store(NIL, Ordering::Relaxed);
-            let head = &CHAINS[cpu][usize::from(vector)];
-            let mut link = head;
-            loop {
-                let at = link.load(Ordering::Relaxed);
-                if at == NIL {
-                    break;
-                }
-                link = &obj(at).next;
-            }
-            link.store(o, Ordering::Release);
+        for cpu in 0..MAX_CPUS {
+            self.link_one(c, cpu, vector);
         }
+    }
+
+    /// Appends connection `c`'s object on `cpu` (if any) to the tail of
+    /// the chain of (`cpu`, `vector`), publishing it to dispatch.
+    pub fn link_one(&mut self, c: u16, cpu: usize, vector: u8) {
+        let (Some(slot), Some(chains)) = (conn(c).objects.get(cpu), CHAINS.get(cpu)) else {
+            return;
+        };
+        let o = slot.load(Ordering::Relaxed);
+        if o == NIL {
+            return;
+        }
+        obj(o).vector.store(vector, Ordering::Relaxed);
+        obj(o).next.store(NIL, Ordering::Relaxed);
+        let mut link = &chains[usize::from(vector)];
+        loop {
+            let at = link.load(Ordering::Relaxed);
+            if at == NIL || at == o {
+                break;
+            }
+            link = &obj(at).next;
+        }
+        link.store(o, Ordering::Release);
     }
 
     /// Removes each object of connection `c` from its chain. The objects'
     /// own `next` links stay, so a dispatch standing on one walks on.
     pub fn unlink(&mut self, c: u16, vector: u8) {
-        let connection = conn(c);
-        for (cpu, slot) in connection.objects.iter().enumerate() {
-            let o = slot.load(Ordering::Relaxed);
-            if o == NIL {
-                continue;
+        for cpu in 0..MAX_CPUS {
+            self.unlink_one(c, cpu, vector);
+        }
+    }
+
+    /// Removes connection `c`'s object on `cpu` (if any) from the chain of
+    /// (`cpu`, `vector`); its own `next` link stays.
+    pub fn unlink_one(&mut self, c: u16, cpu: usize, vector: u8) {
+        let (Some(slot), Some(chains)) = (conn(c).objects.get(cpu), CHAINS.get(cpu)) else {
+            return;
+        };
+        let o = slot.load(Ordering::Relaxed);
+        if o == NIL {
+            return;
+        }
+        let mut link = &chains[usize::from(vector)];
+        loop {
+            let at = link.load(Ordering::Relaxed);
+            if at == NIL {
+                break;
             }
-            let mut link = &CHAINS[cpu][usize::from(vector)];
-            loop {
-                let at = link.load(Ordering::Relaxed);
-                if at == NIL {
-                    break;
-                }
-                if at == o {
-                    link.store(obj(o).next.load(Ordering::Relaxed), Ordering::Release);
-                    break;
-                }
-                link = &obj(at).next;
+            if at == o {
+                link.store(obj(o).next.load(Ordering::Relaxed), Ordering::Release);
+                break;
             }
+            link = &obj(at).next;
         }
     }
 }
 
-/// The processor indices of the bits of `mask`, lowest first.
-pub fn bits(mask: u64) -> impl Iterator<Item = usize> {
-    (0..MAX_CPUS.min(64)).filter(move |&i| mask & (1u64 << i) != 0)
+/// Processors in a processor group (the bits of a KAFFINITY).
+pub const GROUP_SIZE: usize = irqconnect_abi::pv::GROUP_SIZE;
+
+/// The processor indices of the bits of `mask` in processor group `group`,
+/// lowest first (processor `64 * group + b` for bit `b`).
+pub fn bits(group: u16, mask: u64) -> impl Iterator<Item = usize> {
+    let base = usize::from(group) * GROUP_SIZE;
+    (0..GROUP_SIZE)
+        .filter(move |&b| mask & (1u64 << b) != 0)
+        .map(move |b| base + b)
+        .filter(|&i| i < MAX_CPUS)
 }

@@ -235,6 +235,9 @@ pub struct IO_INTERRUPT_MESSAGE_INFO_ENTRY {
     pub Mode: KINTERRUPT_MODE,
     /// `Polarity`.
     pub Polarity: KINTERRUPT_POLARITY,
+    /// The processor group of `TargetProcessorSet` (a platform extension,
+    /// as `GROUP_AFFINITY` pairs a mask with its group).
+    pub Group: u16,
 }
 
 /// `PIO_INTERRUPT_MESSAGE_INFO`: what `ConnectionContext` receives for a
@@ -299,6 +302,7 @@ impl PIO_INTERRUPT_MESSAGE_INFO {
                 KINTERRUPT_MODE::LevelSensitive
             },
             Polarity: KINTERRUPT_POLARITY::from_abi(e.polarity),
+            Group: e.group,
         })
     }
 

@@ -7,7 +7,7 @@ use irqconnect_abi::ntstatus::{
     STATUS_INVALID_PARAMETER_1, STATUS_INVALID_PARAMETER_10, STATUS_NOT_FOUND, STATUS_SUCCESS,
     status_name,
 };
-use irqconnect_abi::pv::{ABI_VERSION_1, Connect, ConnectEx, PV_MAGIC, opcode, request_size};
+use irqconnect_abi::pv::{ABI_VERSION_MAX, Connect, ConnectEx, PV_MAGIC, opcode, request_size};
 
 use super::blocks::{self, Block};
 use super::pvfix::{self, Env};
@@ -43,7 +43,9 @@ pub fn quota_flood(env: &Env) -> TestResult {
     let mut cases = Cases::new("hostile_pv_connect_flood_hits_quota_then_recovers");
     let (dev, _) = env.shared_pair(KINTERRUPT_MODE::LevelSensitive, true)?;
     let start = pvfix::platform()?;
-    let online = env.online();
+    // Every online processor one destination names (all of them with at
+    // most 8 processors).
+    let online = env.effective(env.online())?;
     let k = online.count_ones();
     let free = start.object_quota.saturating_sub(start.objects_in_use);
     if (free / k + k) as usize > MAX_HANDLES {
@@ -200,7 +202,7 @@ fn header_verdict(
     if magic != PV_MAGIC || misalign != 0 {
         return Some(STATUS_INVALID_PARAMETER);
     }
-    if version != ABI_VERSION_1 {
+    if version == 0 || version > ABI_VERSION_MAX {
         return Some(STATUS_INVALID_PARAMETER_1);
     }
     let Some(size) = request_size(version, op) else {

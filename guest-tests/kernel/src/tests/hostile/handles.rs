@@ -56,7 +56,7 @@ pub fn forged_and_stale(env: &Env) -> TestResult {
     let dev = env.exclusive(KINTERRUPT_MODE::LevelSensitive)?;
     let pin = dev.line();
     let base = pvfix::objects_in_use()?;
-    let per = env.online().count_ones();
+    let per = env.effective(env.online())?.count_ones();
     let c = blocks::connect_typed(env)?;
     let h = connect(&mut cases, "CONNECT to forge from", &c);
     if h == 0 {

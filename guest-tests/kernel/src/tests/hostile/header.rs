@@ -9,7 +9,7 @@ use irqconnect_abi::ntstatus::{
     STATUS_SUCCESS,
 };
 use irqconnect_abi::pv::{
-    ABI_VERSION_1, MAX_REQUEST_SIZE, PV_MAGIC, RequestHeader, STATUS_NO_ANSWER,
+    ABI_VERSION_MAX, MAX_REQUEST_SIZE, PV_MAGIC, RequestHeader, STATUS_NO_ANSWER,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -53,14 +53,14 @@ pub fn bad_magic(env: &Env) -> TestResult {
     cases.finish()
 }
 
-/// ABI versions other than 1, and IoConnectInterruptEx versions CONNECT_EX
+/// ABI versions other than 1 and 2, and IoConnectInterruptEx versions CONNECT_EX
 /// and DISCONNECT_EX do not define (rule X1): STATUS_INVALID_PARAMETER_1.
 pub fn unknown_version(env: &Env) -> TestResult {
     let mut cases = Cases::new("hostile_pv_unknown_version_invalid_parameter_1");
     let all = blocks::every_opcode(env)?;
     let versions: [(&str, u16); 4] = [
         ("version 0", 0),
-        ("version 2", ABI_VERSION_1 + 1),
+        ("version 3", ABI_VERSION_MAX + 1),
         ("version 0x8001", 0x8001),
         ("version 0xffff", u16::MAX),
     ];
@@ -131,10 +131,10 @@ pub fn check_order(env: &Env) -> TestResult {
         h.length = 3;
     });
     refuse(&mut cases, "magic before everything", &everything, 0, IP);
-    let bad_version = with_header(&route, |h| h.abi_version = 2);
+    let bad_version = with_header(&route, |h| h.abi_version = ABI_VERSION_MAX + 1);
     refuse(&mut cases, "alignment before version", &bad_version, 4, IP);
     let version_opcode = with_header(&route, |h| {
-        h.abi_version = 2;
+        h.abi_version = ABI_VERSION_MAX + 1;
         h.opcode = 99;
     });
     refuse(&mut cases, "version before opcode", &version_opcode, 0, IP1);

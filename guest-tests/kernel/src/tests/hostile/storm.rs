@@ -123,7 +123,8 @@ fn storm(devs: &[Option<Dev>; MAX_DEVICES], masked_before: u32, threshold: u32) 
     };
     s.check_wiring()?;
     b.check_wiring()?;
-    let n = percpu::count();
+    // The last processor a classic KAFFINITY (group 0) names.
+    let n = percpu::count().min(64);
     let cpu = n - 1;
     let online = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
     let (pin, vector) = (s.line(), s.vector());
