@@ -215,13 +215,39 @@ fn reset_aps() {
     percpu::reset_counters();
 }
 
+/// With the command-line key `snapshot=each` and the VMM's snapshot
+/// device enabled (`irqconnect_abi::snapshot`): asks for a snapshot of the
+/// whole VM, tagged with the number of tests run so far. The VMM pauses
+/// every processor before this one runs its next instruction; a VMM run
+/// with `--snapshot-then exit` ends here and its restore goes on from here.
+fn snapshot_between_tests(each: bool, tests_run: u32) {
+    use irqconnect_abi::snapshot::{SIGNATURE, SNAPSHOT_PORT, reg};
+    if !each {
+        return;
+    }
+    // SAFETY: the snapshot device's registers; reading REQUEST changes
+    // nothing, writing it pauses the VM and changes no guest memory.
+    unsafe {
+        if cpu::inl(SNAPSHOT_PORT + reg::REQUEST) == SIGNATURE {
+            cpu::outl(SNAPSHOT_PORT + reg::REQUEST, tests_run);
+        }
+    }
+}
+
 /// Runs every test of `suites` that `filter` selects, prints the closing
-/// line and exits.
+/// line and exits. With `snapshot=each` on the command line, a snapshot is
+/// asked for between every two tests ([`snapshot_between_tests`]).
 pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
+    let each = crate::multiboot::option("snapshot") == Some("each");
+    let mut tests_run = 0u32;
     for test in suites.iter().flat_map(|s| s.iter()) {
         if !selected(test.name, filter) {
             continue;
         }
+        if tests_run > 0 {
+            snapshot_between_tests(each, tests_run);
+        }
+        tests_run += 1;
         set_current(test.name);
         marker(test.name);
         reset_platform();
