@@ -181,6 +181,7 @@ pub(crate) fn run(
     serial_out: Box<dyn Write + Send>,
     embedded: &[u8],
 ) -> Result<Finished> {
+    let restore_started = Instant::now();
     // Every check of a snapshot file comes before KVM is opened.
     let loaded = match &args.restore {
         Some(path) => Some(Loaded::read(path)?),
@@ -399,6 +400,14 @@ pub(crate) fn run(
         snapshotter: Some(snapshotter),
     })?;
 
+    if let (Some(path), Some(l)) = (&args.restore, &loaded) {
+        eprintln!(
+            "vmm: restore: {} ({} bytes) ready to resume in {:.1} ms",
+            path.display(),
+            l.bytes.len(),
+            restore_started.elapsed().as_secs_f64() * 1e3
+        );
+    }
     let start = Instant::now();
     let mut threads = Vec::with_capacity(cpus);
     let shared = VcpuShared {

@@ -17,8 +17,11 @@ use irqconnect_abi::layout::{IOAPIC_MMIO_BASE, LAPIC_MMIO_BASE};
 use irqconnect_abi::pv::{ConnectEx, QueryPlatform};
 use irqconnect_abi::{msidev, testdev};
 use vmm::harness::devices::{self, Summary};
+use vmm::harness::snapshot;
 
 const TARGET: &str = "vmm_devices";
+/// The snapshot file's target (`vmm::harness::snapshot`).
+const SNAPSHOT_TARGET: &str = "snapshot_restore";
 
 /// The workspace the corpus lives in.
 fn workspace() -> PathBuf {
@@ -28,6 +31,13 @@ fn workspace() -> PathBuf {
 #[test]
 fn corpus_replay_vmm_devices() {
     if let Err(report) = corpus::replay(&workspace(), TARGET, devices::run) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn corpus_replay_snapshot_restore() {
+    if let Err(report) = corpus::replay(&workspace(), SNAPSHOT_TARGET, snapshot::run) {
         panic!("{report}");
     }
 }
@@ -332,6 +342,12 @@ fn all_seeds() -> Vec<Seed> {
             data,
             run: devices::run,
         })
+        .chain(snapshot::seeds().into_iter().map(|(name, data)| Seed {
+            target: SNAPSHOT_TARGET,
+            name: name.to_string(),
+            data,
+            run: snapshot::run,
+        }))
         .collect()
 }
 
@@ -374,4 +390,14 @@ fn seeds_reach_what_they_are_named_for() {
         "{} warnings for 480 bad accesses",
         noisy.warnings
     );
+}
+
+/// The valid snapshot seeds decode in full (every mode), the broken ones
+/// are refused.
+#[test]
+fn snapshot_seeds_are_accepted_or_refused_as_named() {
+    for (name, data) in snapshot::seeds() {
+        let valid = ["kernel_one_vcpu", "split_four_vcpus", "user_two_vcpus"].contains(&name);
+        assert_eq!(snapshot::accepted(&data), valid, "{name}");
+    }
 }

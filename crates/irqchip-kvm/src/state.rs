@@ -411,9 +411,26 @@ fn pic_imr(bytes: &[u8]) -> Option<u8> {
 /// `pad` (8 bytes), then `struct kvm_pic_state` (`last_irr`, `irr`, `imr`).
 const PIC_IMR_OFFSET: usize = 8 + 2;
 
-/// KVM's IOAPIC state as our model's: entries, IOREGSEL and ID as they are
-/// (KVM keeps the ID register's bits 27:24 in `id`'s low nibble), line
-/// levels from the wired-OR sources, storm counts 0.
+/// KVM's IOAPIC state (an 82093AA, version 0x11) as our model's (version
+/// 0x20). What differs, field by field, and how it is carried:
+///
+/// | | KVM (0x11, `struct kvm_ioapic_state`) | ours (0x20, `IoapicState`) | carried as |
+/// |---|---|---|---|
+/// | version register | 0x0017_0011 | 0x0017_0020 | not state: the guest reads the new model's after the restore (see below) |
+/// | EOI register (+0x40) | none: Remote IRR clears only on the LAPIC's EOI broadcast | clears Remote IRR of the entries with that vector | nothing to carry; the broadcast a 0x11 guest uses clears Remote IRR in ours too |
+/// | ID | `id`, the register's bits 27:24 in its low nibble | the register value, bits 27:24 in place | shifted |
+/// | IOREGSEL | `ioregsel` (u32) | u8 | the low byte (KVM masks it to 8 bits on writes) |
+/// | line levels | `irr`: a delivered edge pin's bit is dropped, a level pin's follows the line | the line levels as the devices drive them | from the wired-OR sources (`lines`), which hold every device's level in both modes; `irr` is not used |
+/// | delivery status (RTE bit 12) | set while a message is in flight | always 0 (delivery is immediate) | cleared |
+/// | Remote IRR (RTE bit 14) | may linger on an entry switched to edge | on level entries only | kept on level entries, cleared on edge |
+/// | reserved RTE bits | stored as written | dropped on writes | masked to the defined bits |
+/// | `base_address` | 0xfec0_0000 | fixed 0xfec0_0000 | not carried |
+/// | storm counts | none (KVM handles EOIs itself) | per pin | 0: the guard starts counting afresh |
+///
+/// The other way (our model into KVM's, for a restore into kernel mode) is
+/// refused ([`ChipState::convert`]): the guest read version 0x20 and may
+/// write the EOI register, which KVM's IOAPIC ignores, so a level pin's
+/// Remote IRR would never clear; and the storm guard's counts would go.
 fn ioapic_from_kvm(kvm: &KvmIoapicState, lines: &[u64]) -> IoapicState {
     let mut entries = [0u64; NUM_PINS];
     let defined = irqchip::ioapic::spec::RTE_DEFINED_MASK;

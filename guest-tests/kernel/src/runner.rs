@@ -227,11 +227,22 @@ fn snapshot_between_tests(each: bool, tests_run: u32) {
     }
     // SAFETY: the snapshot device's registers; reading REQUEST changes
     // nothing, writing it pauses the VM and changes no guest memory.
-    unsafe {
-        if cpu::inl(SNAPSHOT_PORT + reg::REQUEST) == SIGNATURE {
-            cpu::outl(SNAPSHOT_PORT + reg::REQUEST, tests_run);
+    let before = unsafe {
+        if cpu::inl(SNAPSHOT_PORT + reg::REQUEST) != SIGNATURE {
+            return;
         }
-    }
+        let before = cpu::rdtsc();
+        cpu::outl(SNAPSHOT_PORT + reg::REQUEST, tests_run);
+        before
+    };
+    // What the guest saw of the pause: its TSC across the request (after a
+    // restore, from the saved TSC on).
+    let us = cpu::rdtsc().wrapping_sub(before) / time::tsc_per_us().max(1);
+    println!(
+        "# snapshot {}: paused {} us",
+        crate::display::dec(tests_run),
+        crate::display::dec(us)
+    );
 }
 
 /// Runs every test of `suites` that `filter` selects, prints the closing

@@ -583,34 +583,3 @@ fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     }
     Ok(n)
 }
-
-/// Runs the decoding of a snapshot file on arbitrary bytes, for the
-/// `snapshot_restore` fuzz target and its corpus replay: never panics;
-/// `Ok` only for a file every check accepts. The first byte chooses
-/// whether the checksum is fixed first (odd), so inputs also reach the
-/// sections behind it.
-#[cfg(feature = "fuzzing")]
-pub fn fuzz_decode(data: &[u8]) -> std::result::Result<(), String> {
-    let Some((&mode, rest)) = data.split_first() else {
-        return Err("empty".into());
-    };
-    let mut bytes = rest.to_vec();
-    if mode & 1 == 1 {
-        file::fix_checksum(&mut bytes);
-    }
-    // As `Loaded::read` does: the header first, against the length.
-    file::check_header(&bytes, bytes.len() as u64).map_err(|e| e.to_string())?;
-    let loaded = Loaded::decode(bytes)?;
-    // What the restore checks before it touches KVM: the chip state in
-    // every mode it could be restored into.
-    for target in Mode::ALL {
-        let _ = loaded.chip.convert(&irqchip_kvm::state::Target {
-            mode: target,
-            cpus: loaded.header.cpus as usize,
-            x2apic: loaded.meta.x2apic,
-            phys_addr_bits: 40,
-            tsc_deadline: true,
-        });
-    }
-    Ok(())
-}

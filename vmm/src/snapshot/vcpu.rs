@@ -37,6 +37,27 @@ pub(crate) struct VcpuState {
     events: kvm_vcpu_events,
 }
 
+impl VcpuState {
+    /// A vCPU at reset as KVM's structures are zeroed (the fuzz harness's
+    /// synthetic snapshots; never restored into KVM).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn zeroed() -> Self {
+        Self {
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 0x1234,
+                ..Default::default()
+            }],
+            events: Default::default(),
+        }
+    }
+}
+
 /// The MSRs to save: KVM's saveable list, minus those the interrupt
 /// controller's part carries (IA32_APIC_BASE, IA32_TSC_DEADLINE, the
 /// x2APIC range).
