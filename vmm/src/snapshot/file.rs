@@ -27,7 +27,8 @@
 //! vCPU count (1..=255), the memory size (a whole number of MiB within the
 //! VMM's range), the file length against the header, the checksum, every
 //! section's bounds, tag and uniqueness, every required section present,
-//! the memory runs, and each state payload's decoding. Nothing is
+//! the memory runs, and each state payload's decoding (the vCPU section's
+//! element count against the header first, [`Sections::count`]). Nothing is
 //! allocated beyond the file itself and the decoded states, which postcard
 //! bounds by the bytes it reads.
 
@@ -184,6 +185,21 @@ impl Sections<'_> {
             });
         }
         Ok(value)
+    }
+
+    /// The element count a section holding a sequence (postcard: a
+    /// varint length first) starts with, read before any element is
+    /// decoded: a decoded element may be far larger than the bytes it
+    /// takes in the file (kvm-bindings zero-pads a short byte string to
+    /// the whole structure), so a count is checked before it costs memory.
+    pub(crate) fn count(&self, tag: Tag) -> Result<u64, FileError> {
+        let bytes = self.payloads[tag as usize - 1];
+        postcard::take_from_bytes::<u64>(bytes)
+            .map(|(n, _)| n)
+            .map_err(|e| FileError::Payload {
+                section: tag.name(),
+                why: format!("element count: {e}"),
+            })
     }
 }
 

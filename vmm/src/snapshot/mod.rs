@@ -507,6 +507,13 @@ impl Loaded {
         let (header, meta, vcpus, chip, devices, pv, runs) = {
             let s = file::decode(&bytes).map_err(|e| e.to_string())?;
             let meta: Meta = s.decode(Tag::Meta).map_err(|e| e.to_string())?;
+            let count = s.count(Tag::Vcpus).map_err(|e| e.to_string())?;
+            if count != u64::from(s.header.cpus) {
+                return Err(format!(
+                    "the header says {} vCPUs, the vcpus section holds {count}",
+                    s.header.cpus
+                ));
+            }
             let vcpus: Vec<VcpuState> = s.decode(Tag::Vcpus).map_err(|e| e.to_string())?;
             let chip: ChipState = s.decode(Tag::Chip).map_err(|e| e.to_string())?;
             let devices: DevicesState = s.decode(Tag::Devices).map_err(|e| e.to_string())?;
