@@ -215,13 +215,39 @@ fn reset_aps() {
     percpu::reset_counters();
 }
 
+/// Command-line key `snapshot=each`: a snapshot between every two tests
+/// (see [`snapshot_between`]).
+fn snapshot_each() -> bool {
+    crate::multiboot::option("snapshot") == Some("each")
+}
+
+/// `snapshot=each`: before every test but the first, with the previous
+/// test's clean-up done and every AP idle, asks the VMM for a snapshot
+/// (tagged with the number of tests run so far), so the host can run the
+/// suite as a chain of restores. Nothing happens when the VMM takes no
+/// snapshots (no device, or no `--snapshot`). Returns whether one was
+/// requested.
+fn snapshot_between(ran: u32) -> bool {
+    if !crate::snapshot::enabled() {
+        return false;
+    }
+    crate::snapshot::take(ran);
+    true
+}
+
 /// Runs every test of `suites` that `filter` selects, prints the closing
 /// line and exits.
 pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
+    let each = snapshot_each();
+    let (mut ran, mut snapshots) = (0u32, 0u32);
     for test in suites.iter().flat_map(|s| s.iter()) {
         if !selected(test.name, filter) {
             continue;
         }
+        if each && ran > 0 && snapshot_between(ran) {
+            snapshots += 1;
+        }
+        ran += 1;
         set_current(test.name);
         marker(test.name);
         reset_platform();
@@ -243,6 +269,16 @@ pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
         }
     }
     CURRENT_PTR.store(0, Ordering::Release);
+    if each {
+        match crate::snapshot::unavailable_reason() {
+            Some(why) if snapshots == 0 => println!("# snapshot=each: no snapshot taken: {}", why),
+            _ => println!(
+                "# snapshot=each: {} snapshots requested, restored {} times",
+                crate::display::dec(snapshots),
+                crate::display::dec(crate::snapshot::restores())
+            ),
+        }
+    }
     let (passed, failed) = (
         PASSED.load(Ordering::Acquire),
         FAILED.load(Ordering::Acquire),
