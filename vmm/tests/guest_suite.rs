@@ -24,6 +24,8 @@
 //!   The tests in [`NEEDS_OUR_IOAPIC`] skip there.
 //!
 //! With 1 vCPU the multi-processor tests skip ("needs N CPUs") in every mode.
+//! The `snapshot_` tests skip in every run here (no `--snapshot`:
+//! [`SNAPSHOT_DISABLED`]); `tests/snapshot_guest.rs` runs them.
 //! Two tests need two logical domains ([`TWO_DOMAINS`]: processors no one
 //! destination names together), which 4 vCPUs do not have; the group-1
 //! test needs 65 vCPUs; from 64 vCPUs on no KAFFINITY names an absent
@@ -46,7 +48,7 @@ use irqchip_kvm::Mode;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
-use common::suite::SUITE;
+use common::suite::{SNAPSHOT_DISABLED, SUITE};
 use common::{Run, require_kvm, run_vmm_args, scratch};
 
 /// Tests that need more than one CPU, with how many.
@@ -79,6 +81,7 @@ const NEEDS_CPUS: &[(&str, u32)] = &[
     ("retarget_level_remote_irr_redelivers_to_new_set", 3),
     ("retarget_shared_vector_keeps_union", 4),
     ("retarget_message_based_each_message", 2),
+    ("snapshot_ipi_between_init_and_sipi", 2),
 ];
 
 /// Tests that need two logical domains in group 0 (processors no one
@@ -169,6 +172,9 @@ fn expected(mode: Mode, cpus: u32, x2apic: bool) -> Expected {
             Some(ISR_QUIRK.to_string())
         } else if cpus < needs {
             Some(format!("needs {needs} CPUs, {cpus} online"))
+        } else if name.starts_with("snapshot_") {
+            // Without --snapshot (tests/snapshot_guest.rs runs them).
+            Some(SNAPSHOT_DISABLED.to_string())
         } else if TWO_DOMAINS.contains(&name) && one_domain(mode, cpus, x2apic) {
             Some(format!(
                 "every processor of group 0 is in processor 1's logical domain ({cpus} processors)"
