@@ -141,6 +141,12 @@ fn level_in_service_handler(vector: u8) {
         LEVEL_RESUMED.store(code(r), Ordering::Release);
     }
     interrupts::eoi_now();
+    // One round trip through the VMM before the line drops: with KVM's
+    // LAPIC and our IOAPIC (split mode) KVM hands a level EOI to the VMM
+    // only at the vCPU's next exit, which would otherwise be the line
+    // drop itself (seen here when a snapshot taken in user mode, ISR set,
+    // resumes in split mode).
+    crate::serial::exit_to_vmm();
     lines::set(PIN_B, false);
 }
 
