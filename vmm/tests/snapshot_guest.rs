@@ -7,7 +7,8 @@
 //! and the guest's note that it was restored once.
 //!
 //! In every mode with 4 vCPUs (`kernel`, `split`, `user`), and across
-//! modes: kernel to user, split to user, user to split.
+//! modes: kernel to user, split to user, user to split (with x2APIC, and
+//! again with `--x2apic off`).
 //!
 //! One exception, derived from the mode the snapshot is taken in:
 //! `snapshot_storm_count_carried` needs our IOAPIC's storm guard, so in
@@ -73,11 +74,16 @@ fn show(what: &str, r: &Run) -> String {
 /// Runs guest test `name`: snapshot in `from`, restore in `to` (the
 /// snapshot's own mode when `None`). Returns a description of what went
 /// wrong, if anything.
-fn snapshot_then_restore(name: &str, from: Mode, to: Option<Mode>) -> Result<(), String> {
+fn snapshot_then_restore(
+    name: &str,
+    from: Mode,
+    to: Option<Mode>,
+    x2apic: bool,
+) -> Result<(), String> {
     let _one = ONE_VM.lock().unwrap_or_else(PoisonError::into_inner);
     let snap = scratch("guest.snap");
     let path = snap.to_str().unwrap();
-    let first = run_vmm_args(&[
+    let mut boot = vec![
         "--irqchip",
         from.name(),
         "--cpus",
@@ -91,7 +97,11 @@ fn snapshot_then_restore(name: &str, from: Mode, to: Option<Mode>) -> Result<(),
         path,
         "--snapshot-then",
         "exit",
-    ]);
+    ];
+    if !x2apic {
+        boot.extend(["--x2apic", "off"]);
+    }
+    let first = run_vmm_args(&boot);
     let got = parse(&first);
     if from == Mode::Kernel && name == STORM {
         let want_skip = format!("{name}: {STORM_KERNEL_SKIP}");
@@ -141,9 +151,9 @@ fn snapshot_then_restore(name: &str, from: Mode, to: Option<Mode>) -> Result<(),
     Ok(())
 }
 
-/// Every snapshot test, snapshot in `from` and restored in `to`; fails
-/// with every test's failure at once.
-fn all(from: Mode, to: Option<Mode>) {
+/// Every snapshot test, snapshot in `from` and restored in `to` (x2APIC
+/// offered or not); fails with every test's failure at once.
+fn all(from: Mode, to: Option<Mode>, x2apic: bool) {
     if !require_kvm() {
         return;
     }
@@ -151,47 +161,66 @@ fn all(from: Mode, to: Option<Mode>) {
     let mut ran = 0;
     for name in snapshot_tests() {
         ran += 1;
-        if let Err(e) = snapshot_then_restore(name, from, to) {
+        if let Err(e) = snapshot_then_restore(name, from, to, x2apic) {
             failures.push(format!("=== {name}: {e}"));
         }
     }
     assert_eq!(ran, 8, "the suite's snapshot tests");
     assert!(
         failures.is_empty(),
-        "{} of {ran} snapshot tests failed ({} -> {}):\n{}",
+        "{} of {ran} snapshot tests failed ({} -> {}{}):\n{}",
         failures.len(),
         from.name(),
         to.unwrap_or(from).name(),
+        if x2apic { "" } else { ", xAPIC" },
         failures.join("\n")
     );
 }
 
 #[test]
 fn kernel_mode_snapshot_tests() {
-    all(Mode::Kernel, None);
+    all(Mode::Kernel, None, true);
 }
 
 #[test]
 fn split_mode_snapshot_tests() {
-    all(Mode::Split, None);
+    all(Mode::Split, None, true);
 }
 
 #[test]
 fn user_mode_snapshot_tests() {
-    all(Mode::User, None);
+    all(Mode::User, None, true);
 }
 
 #[test]
 fn kernel_to_user_snapshot_tests() {
-    all(Mode::Kernel, Some(Mode::User));
+    all(Mode::Kernel, Some(Mode::User), true);
 }
 
 #[test]
 fn split_to_user_snapshot_tests() {
-    all(Mode::Split, Some(Mode::User));
+    all(Mode::Split, Some(Mode::User), true);
 }
 
 #[test]
 fn user_to_split_snapshot_tests() {
-    all(Mode::User, Some(Mode::Split));
+    all(Mode::User, Some(Mode::Split), true);
+}
+
+// The cross-mode restores with x2APIC off (the LAPIC's ID and LDR are
+// converted in their xAPIC form).
+
+#[test]
+fn kernel_to_user_snapshot_tests_xapic() {
+    all(Mode::Kernel, Some(Mode::User), false);
+}
+
+#[test]
+fn split_to_user_snapshot_tests_xapic() {
+    all(Mode::Split, Some(Mode::User), false);
+}
+
+#[test]
+fn user_to_split_snapshot_tests_xapic() {
+    all(Mode::User, Some(Mode::Split), false);
 }
