@@ -406,9 +406,11 @@ impl Irqchip {
     }
 
     /// Sends a device's message-signaled interrupt: `address` and `data` in
-    /// the compatibility format (SDM Vol. 3A 11.11; 8-bit destinations: no
-    /// guest is offered the extended destination ID yet), as a PCI device
-    /// writes them. Kernel and split mode hand it to KVM's local APICs
+    /// the format of the chip's mode ([`irqchip::Mode::msi_format`]: the
+    /// SDM Vol. 3A 11.11 compatibility format with 8-bit destinations in
+    /// kernel mode; in split and user mode, whose guests are offered
+    /// `KVM_FEATURE_MSI_EXT_DEST_ID`, also the extended destination ID), as
+    /// a PCI device writes them. Kernel and split mode hand it to KVM's local APICs
     /// (`KVM_SIGNAL_MSI`); user mode decodes it and delivers it on our APIC
     /// bus, waking the vCPUs that took it. Call it from any thread.
     ///
