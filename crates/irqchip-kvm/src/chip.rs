@@ -521,7 +521,6 @@ impl Irqchip {
             x2apic: self.inner.x2apic,
             phys_addr_bits: self.inner.phys_addr_bits,
             tsc_deadline: self.inner.features.tsc_deadline,
-            kvm_x2apic_ids: false,
         }
     }
 

@@ -214,12 +214,18 @@ pub struct Target {
     pub phys_addr_bits: u8,
     /// TSC-deadline mode offered in CPUID.
     pub tsc_deadline: bool,
-    /// Split mode: KVM reports x2APIC IDs in 32-bit form
-    /// (`KVM_X2APIC_API_USE_32BIT_IDS`).
-    pub kvm_x2apic_ids: bool,
 }
 
 impl Target {
+    /// Whether KVM's LAPIC page holds the x2APIC ID in 32-bit form: split
+    /// mode enables `KVM_X2APIC_API_USE_32BIT_IDS` (`split.rs`), and KVM
+    /// then refuses a page whose ID is not the vCPU's; kernel mode does
+    /// not, and KVM reads the ID shifted as an xAPIC ID
+    /// (`kvm_apic_state_fixup`).
+    fn kvm_x2apic_ids(&self) -> bool {
+        self.mode == Mode::Split
+    }
+
     /// The user-mode LAPIC configuration of vCPU `index`.
     pub(crate) fn lapic_config(&self, index: usize) -> LapicConfig {
         LapicConfig {
@@ -303,8 +309,24 @@ impl ChipState {
         }
         for (index, (vcpu, slot)) in self.vcpus.iter().zip(out.vcpus.iter_mut()).enumerate() {
             slot.lapic = match (&vcpu.lapic, target.mode.kvm_lapic()) {
-                (LapicSnapshot::Kvm { .. }, true) | (LapicSnapshot::Ours(_), false) => {
-                    vcpu.lapic.clone()
+                (LapicSnapshot::Ours(_), false) => vcpu.lapic.clone(),
+                (
+                    LapicSnapshot::Kvm {
+                        page,
+                        apic_base,
+                        tsc_deadline,
+                    },
+                    true,
+                ) => {
+                    // Kernel and split mode write the x2APIC ID in different
+                    // forms.
+                    let mut page = page.clone();
+                    put_kvm_id(target, index, *apic_base, &mut page);
+                    LapicSnapshot::Kvm {
+                        page,
+                        apic_base: *apic_base,
+                        tsc_deadline: *tsc_deadline,
+                    }
                 }
                 (
                     LapicSnapshot::Kvm {
@@ -458,6 +480,28 @@ fn lapic_from_kvm(
     Ok(state)
 }
 
+/// Offset of the APIC ID register in KVM's page.
+const KVM_PAGE_ID: usize = 0x20;
+
+/// Writes vCPU `index`'s x2APIC ID into KVM's `page` in the form `target`
+/// takes ([`Target::kvm_x2apic_ids`]) when `apic_base` selects x2APIC
+/// mode; an xAPIC ID is the same in both forms and stays.
+fn put_kvm_id(target: &Target, index: usize, apic_base: u64, page: &mut [u8]) {
+    let mode_bits = APIC_BASE_ENABLE | APIC_BASE_X2APIC;
+    if apic_base & mode_bits != mode_bits {
+        return;
+    }
+    let id = index as u32;
+    let value = if target.kvm_x2apic_ids() {
+        id
+    } else {
+        id.wrapping_shl(24)
+    };
+    if let Some(slot) = page.get_mut(KVM_PAGE_ID..KVM_PAGE_ID + 4) {
+        slot.copy_from_slice(&value.to_le_bytes());
+    }
+}
+
 /// KVM's page, IA32_APIC_BASE and TSC deadline from our LAPIC, at the
 /// save's clock `now`.
 fn lapic_to_kvm(target: &Target, state: &LapicState, now: u64) -> Result<LapicSnapshot, String> {
@@ -486,14 +530,12 @@ fn lapic_to_kvm(target: &Target, state: &LapicState, now: u64) -> Result<LapicSn
     }
     let lapic = Lapic::restore(state);
     let mut page = lapic.to_kvm_page(now);
-    let x2apic = state.apic_base & (APIC_BASE_ENABLE | APIC_BASE_X2APIC)
-        == (APIC_BASE_ENABLE | APIC_BASE_X2APIC);
-    if x2apic && !target.kvm_x2apic_ids {
-        // Without KVM_X2APIC_API_USE_32BIT_IDS, KVM takes the x2APIC ID
-        // shifted as an xAPIC ID (`kvm_apic_state_fixup`).
-        let id = u32::from_le_bytes([page[0x20], page[0x21], page[0x22], page[0x23]]);
-        page[0x20..0x24].copy_from_slice(&(id << 24).to_le_bytes());
-    }
+    put_kvm_id(
+        target,
+        state.config.apic_id as usize,
+        state.apic_base,
+        &mut page,
+    );
     let deadline_mode = state.lvt.timer & LVT_TIMER_MODE_MASK == LVT_TIMER_TSC_DEADLINE;
     Ok(LapicSnapshot::Kvm {
         page: page.to_vec(),

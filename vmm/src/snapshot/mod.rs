@@ -172,10 +172,21 @@ impl Coordinator {
     /// when one is in progress. The vCPUs stop before they next enter the
     /// guest; the event loop takes the snapshot.
     pub(crate) fn request(&self, tag: u32) {
+        if self.start(tag)
+            && let Err(e) = self.request.write(1)
+        {
+            log::error!("wake the event loop for a snapshot: {e}");
+        }
+    }
+
+    /// Starts a pause tagged `tag` unless one is in progress (then false),
+    /// without waking the event loop: the event loop's own start
+    /// (SIGUSR1), or [`Coordinator::request`]'s.
+    fn start(&self, tag: u32) -> bool {
         {
             let mut p = self.lock();
             if p.active {
-                return;
+                return false;
             }
             p.active = true;
             p.generation += 1;
@@ -185,9 +196,7 @@ impl Coordinator {
             p.tag = tag;
         }
         self.chip.pause();
-        if let Err(e) = self.request.write(1) {
-            log::error!("wake the event loop for a snapshot: {e}");
-        }
+        true
     }
 
     /// A vCPU thread whose run came back `Paused`: waits until the
@@ -410,7 +419,7 @@ impl Snapshotter {
             log::warn!("SIGUSR1: no --snapshot PATH was given; no snapshot taken");
             return;
         };
-        self.coordinator.request(0);
+        self.coordinator.start(0);
         let started = Instant::now();
         match self.take(&path) {
             Ok(bytes) => {
@@ -601,7 +610,6 @@ pub fn fuzz_decode(data: &[u8]) -> std::result::Result<(), String> {
             x2apic: loaded.meta.x2apic,
             phys_addr_bits: 40,
             tsc_deadline: true,
-            kvm_x2apic_ids: false,
         });
     }
     Ok(())

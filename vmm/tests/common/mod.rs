@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod asm;
+pub mod expect;
 pub mod suite;
 
 use std::io::Write;

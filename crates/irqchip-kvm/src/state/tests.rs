@@ -13,7 +13,6 @@ fn target(mode: Mode) -> Target {
         x2apic: true,
         phys_addr_bits: 36,
         tsc_deadline: true,
-        kvm_x2apic_ids: false,
     }
 }
 
@@ -224,4 +223,53 @@ fn convert_checks_version_count_and_kinds() {
         state.convert(&target(Mode::User)),
         Err(ConvertError::Corrupt(_))
     ));
+}
+
+/// The user state with every LAPIC switched to x2APIC mode.
+fn user_state_x2apic() -> ChipState {
+    let mut state = user_state();
+    for (index, vcpu) in state.vcpus.iter_mut().enumerate() {
+        let LapicSnapshot::Ours(saved) = &vcpu.lapic else {
+            panic!("user state");
+        };
+        let mut l = Lapic::restore(saved);
+        let base = saved.apic_base | APIC_BASE_X2APIC;
+        assert!(l.msr_write(IA32_APIC_BASE, base, 0).is_ok(), "vCPU {index}");
+        vcpu.lapic = LapicSnapshot::Ours(Box::new(l.save()));
+    }
+    state
+}
+
+fn page_id(lapic: &LapicSnapshot) -> u32 {
+    let LapicSnapshot::Kvm { page, .. } = lapic else {
+        panic!("not KVM's page");
+    };
+    u32::from_le_bytes([page[0x20], page[0x21], page[0x22], page[0x23]])
+}
+
+#[test]
+fn convert_x2apic_ids_in_the_form_each_kvm_mode_takes() {
+    // Arrange
+    let state = user_state_x2apic();
+    // Act
+    let split = state.convert(&target(Mode::Split)).unwrap();
+    let mut kernel = split.clone();
+    kernel.mode = Mode::Kernel;
+    kernel.ioapic = kernel_state().ioapic;
+    kernel.pic = kernel_state().pic;
+    kernel.arbiter = None;
+    for vcpu in &mut kernel.vcpus {
+        let id = page_id(&vcpu.lapic) << 24;
+        if let LapicSnapshot::Kvm { page, .. } = &mut vcpu.lapic {
+            page[0x20..0x24].copy_from_slice(&id.to_le_bytes());
+        }
+    }
+    let from_kernel = kernel.convert(&target(Mode::Split)).unwrap();
+    // Assert: split mode's KVM takes 32-bit IDs (KVM_X2APIC_API), and
+    // refuses a page whose ID is not the vCPU's; kernel mode's the
+    // shifted form.
+    assert_eq!(page_id(&split.vcpus[1].lapic), 1);
+    assert_eq!(page_id(&kernel.vcpus[1].lapic), 1 << 24);
+    assert_eq!(page_id(&from_kernel.vcpus[1].lapic), 1);
+    assert_eq!(page_id(&from_kernel.vcpus[0].lapic), 0);
 }
