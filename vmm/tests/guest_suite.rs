@@ -24,6 +24,9 @@
 //!   The tests in [`NEEDS_OUR_IOAPIC`] skip there.
 //!
 //! With 1 vCPU the multi-processor tests skip ("needs N CPUs") in every mode.
+//! The `snapshot_` tests skip in every run here (no `--snapshot`:
+//! `SNAPSHOT_DISABLED`); `tests/snapshot_guest.rs` and the chains of
+//! `tests/snapshot.rs` run them.
 //! Two tests need two logical domains ([`TWO_DOMAINS`]: processors no one
 //! destination names together), which 4 vCPUs do not have; the group-1
 //! test needs 65 vCPUs; from 64 vCPUs on no KAFFINITY names an absent

@@ -32,7 +32,7 @@ use std::sync::{Mutex, PoisonError};
 
 use irqchip_kvm::Mode;
 
-use common::expect::{Expected, Reported, check_exact, expected, parse};
+use common::expect::{Expected, Reported, check_exact, expected, expected_with_snapshots, parse};
 use common::{Run, require_kvm, run_vmm_args, scratch};
 
 /// `--snapshot-then exit`'s status (`EXIT_SNAPSHOT`, vmm/README.md).
@@ -101,6 +101,8 @@ struct Chain {
     stdout: String,
     /// Restores after the first boot.
     restores: usize,
+    /// Forks run (one per snapshot when asked for).
+    forks: usize,
     /// The last process's exit status.
     status: Option<i32>,
 }
@@ -125,14 +127,29 @@ fn chain(modes: &[Mode], parts: &[&str], fork: Option<Mode>) -> (Chain, BTreeMap
     let mut status = first.status;
     let mut restores = 0;
     let mut forks = BTreeMap::new();
+    let mut forks_run = 0;
     while status == Some(EXIT_SNAPSHOT) {
         assert!(
-            restores <= common::suite::SUITE.len(),
-            "more snapshots than tests"
+            restores <= 2 * common::suite::SUITE.len(),
+            "more than two snapshots per test"
         );
         if let Some(mode) = fork {
-            let f = restore(&snap, mode, &forked);
+            let mut f = restore(&snap, mode, &forked);
             check_link(&f, &format!("fork {restores} in {} mode", mode.name()));
+            // A `snapshot_` test takes a snapshot of its own: a fork that
+            // starts one stops there with no result yet; its own restore
+            // (same mode) finishes the test.
+            let first_results = parse(&f);
+            if f.status == Some(EXIT_SNAPSHOT)
+                && first_results.ok.is_empty()
+                && first_results.skip.is_empty()
+                && first_results.fail.is_empty()
+            {
+                let g = restore(&forked, mode, &forked);
+                check_link(&g, &format!("fork {restores}, second link"));
+                f.stdout.push_str(&g.stdout);
+            }
+            forks_run += 1;
             let name = f
                 .stdout
                 .lines()
@@ -143,7 +160,7 @@ fn chain(modes: &[Mode], parts: &[&str], fork: Option<Mode>) -> (Chain, BTreeMap
                 })
                 .map(|rest| rest.split(": ").next().unwrap_or(rest).to_string())
                 .unwrap_or_else(|| panic!("fork {restores} ran no test:\n{}", f.stdout));
-            forks.insert(name, f.stdout);
+            forks.entry(name).or_insert(f.stdout);
         }
         restores += 1;
         let mode = modes[restores % modes.len()];
@@ -156,15 +173,22 @@ fn chain(modes: &[Mode], parts: &[&str], fork: Option<Mode>) -> (Chain, BTreeMap
         Chain {
             stdout: out,
             restores,
+            forks: forks_run,
             status,
         },
         forks,
     )
 }
 
-/// `expected` for the tests whose names contain one of `parts`.
-fn expected_of(mode: Mode, parts: &[&str]) -> Expected {
-    let mut want = expected(mode, 4, true);
+/// The expected result of the tests whose names contain one of `parts`:
+/// with `snapshots` (they run where the VMM takes snapshots, as every
+/// link of a chain does) the `snapshot_` tests run, without they skip.
+fn expected_of(mode: Mode, parts: &[&str], snapshots: bool) -> Expected {
+    let mut want = if snapshots {
+        expected_with_snapshots(mode, 4, true)
+    } else {
+        expected(mode, 4, true)
+    };
     if !parts.is_empty() {
         let named = |n: &String| parts.iter().any(|p| n.contains(p));
         want.ok.retain(named);
@@ -183,10 +207,16 @@ fn check_chain(c: &Chain, want: &Expected) -> Reported {
     };
     let rep = parse(&run);
     check_exact(&rep, want, &run);
+    // Each `snapshot_` test that runs takes one more of its own.
+    let own = want
+        .ok
+        .iter()
+        .filter(|n| n.starts_with("snapshot_"))
+        .count();
     assert_eq!(
         c.restores + 1,
-        want.ok.len() + want.skip.len(),
-        "one snapshot between every two tests"
+        want.ok.len() + want.skip.len() + own,
+        "one snapshot between every two tests, and one in each snapshot_ test"
     );
     assert_eq!(
         rep.summary,
@@ -203,7 +233,7 @@ fn chain_in(mode: Mode) {
         return;
     }
     let (c, _) = chain(&[mode], &[], None);
-    check_chain(&c, &expected_of(mode, &[]));
+    check_chain(&c, &expected_of(mode, &[], true));
 }
 
 #[test]
@@ -230,7 +260,7 @@ fn chain_alternating_split_and_user_converts_at_every_test() {
         return;
     }
     let (c, _) = chain(&[Mode::Split, Mode::User], &[], None);
-    check_chain(&c, &expected_of(Mode::Split, &[]));
+    check_chain(&c, &expected_of(Mode::Split, &[], true));
 }
 
 /// A kernel-mode chain; each of its snapshots also restores in user mode
@@ -244,8 +274,8 @@ fn kernel_to_user_at_every_test() {
         return;
     }
     let (c, forks) = chain(&[Mode::Kernel], &[], Some(Mode::User));
-    let rep = check_chain(&c, &expected_of(Mode::Kernel, &[]));
-    assert_eq!(forks.len(), c.restores, "one fork per snapshot");
+    let rep = check_chain(&c, &expected_of(Mode::Kernel, &[], true));
+    assert_eq!(c.forks, c.restores, "one fork per snapshot");
     for (name, out) in &forks {
         let fork = parse(&Run {
             status: None,
@@ -413,7 +443,13 @@ fn sigusr1_exit(mode: Mode) {
         stdout: format!("{}{}", first.stdout, second.stdout),
         stderr: second.stderr.clone(),
     };
-    check_exact(&parse(&whole), &expected_of(mode, SIGNAL_TESTS), &whole);
+    // The `snapshot_` tests SIGNAL_TESTS names (`timer_`, `ipi_`) run last,
+    // after the signal, in the restore without `--snapshot`: they skip.
+    check_exact(
+        &parse(&whole),
+        &expected_of(mode, SIGNAL_TESTS, false),
+        &whole,
+    );
     assert_eq!(second.status, Some(0), "{}", second.stderr);
 }
 
@@ -443,7 +479,9 @@ fn sigusr1_then_continue_finishes_and_the_file_restores() {
     let mode = Mode::User;
     let snap = scratch("continue.snap");
     let tests = SIGNAL_TESTS.join(",");
-    let want = expected_of(mode, SIGNAL_TESTS);
+    // One process with `--snapshot`: the `snapshot_` tests SIGNAL_TESTS
+    // names run too (and continue after their own snapshots).
+    let want = expected_of(mode, SIGNAL_TESTS, true);
     let run = signal_after(
         &[
             "--irqchip",

@@ -360,6 +360,14 @@ pub fn reset_ap_tickets() {
     unsafe { ap_ticket.store(0, core::sync::atomic::Ordering::SeqCst) };
 }
 
+/// Sets the next AP ticket (the stack the next AP to start takes) to
+/// `ticket`: for restarting one AP (INIT, SIPI) on a stack no running AP
+/// uses.
+pub fn set_ap_ticket(ticket: u32) {
+    // SAFETY: as in `reset_ap_tickets`.
+    unsafe { ap_ticket.store(ticket, core::sync::atomic::Ordering::SeqCst) };
+}
+
 /// Address of the entry stub of `vector`.
 pub fn isr_stub(vector: u8) -> u64 {
     // The stubs are 16-byte aligned slots, one per vector (see the asm above).

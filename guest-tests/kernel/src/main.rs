@@ -29,6 +29,7 @@ mod pv;
 mod runner;
 mod serial;
 mod smp;
+mod snapshot;
 mod spinlock;
 mod testdev;
 mod tests;

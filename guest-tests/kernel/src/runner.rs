@@ -215,50 +215,48 @@ fn reset_aps() {
     percpu::reset_counters();
 }
 
-/// With the command-line key `snapshot=each` and the VMM's snapshot
-/// device enabled (`irqconnect_abi::snapshot`): asks for a snapshot of the
-/// whole VM, tagged with the number of tests run so far. The VMM pauses
-/// every processor before this one runs its next instruction; a VMM run
-/// with `--snapshot-then exit` ends here and its restore goes on from here.
-fn snapshot_between_tests(each: bool, tests_run: u32) {
-    use irqconnect_abi::snapshot::{SIGNATURE, SNAPSHOT_PORT, reg};
-    if !each {
-        return;
+/// Command-line key `snapshot=each`: a snapshot between every two tests
+/// (see [`snapshot_between`]).
+fn snapshot_each() -> bool {
+    crate::multiboot::option("snapshot") == Some("each")
+}
+
+/// `snapshot=each`: before every test but the first, with the previous
+/// test's clean-up done and every AP idle, asks the VMM for a snapshot
+/// (tagged with the number of tests run so far), so the host can run the
+/// suite as a chain of restores. Nothing happens when the VMM takes no
+/// snapshots (no device, or no `--snapshot`). Returns whether one was
+/// requested. Prints what the guest saw of the pause, its TSC across the
+/// request (after a restore, counted from the saved TSC on):
+/// `# snapshot N: paused U us` (the VMM's snapshot benchmark reads it).
+fn snapshot_between(ran: u32) -> bool {
+    if !crate::snapshot::enabled() {
+        return false;
     }
-    // SAFETY: the snapshot device's registers; reading REQUEST changes
-    // nothing, writing it pauses the VM and changes no guest memory.
-    let before = unsafe {
-        if cpu::inl(SNAPSHOT_PORT + reg::REQUEST) != SIGNATURE {
-            return;
-        }
-        let before = cpu::rdtsc();
-        cpu::outl(SNAPSHOT_PORT + reg::REQUEST, tests_run);
-        before
-    };
-    // What the guest saw of the pause: its TSC across the request (after a
-    // restore, from the saved TSC on).
+    let before = cpu::rdtsc();
+    crate::snapshot::take(ran);
     let us = cpu::rdtsc().wrapping_sub(before) / time::tsc_per_us().max(1);
     println!(
         "# snapshot {}: paused {} us",
-        crate::display::dec(tests_run),
+        crate::display::dec(ran),
         crate::display::dec(us)
     );
+    true
 }
 
 /// Runs every test of `suites` that `filter` selects, prints the closing
-/// line and exits. With `snapshot=each` on the command line, a snapshot is
-/// asked for between every two tests ([`snapshot_between_tests`]).
+/// line and exits.
 pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
-    let each = crate::multiboot::option("snapshot") == Some("each");
-    let mut tests_run = 0u32;
+    let each = snapshot_each();
+    let (mut ran, mut snapshots) = (0u32, 0u32);
     for test in suites.iter().flat_map(|s| s.iter()) {
         if !selected(test.name, filter) {
             continue;
         }
-        if tests_run > 0 {
-            snapshot_between_tests(each, tests_run);
+        if each && ran > 0 && snapshot_between(ran) {
+            snapshots += 1;
         }
-        tests_run += 1;
+        ran += 1;
         set_current(test.name);
         marker(test.name);
         reset_platform();
@@ -280,6 +278,16 @@ pub fn run(suites: &[&[Test]], filter: Option<&str>) -> ! {
         }
     }
     CURRENT_PTR.store(0, Ordering::Release);
+    if each {
+        match crate::snapshot::unavailable_reason() {
+            Some(why) if snapshots == 0 => println!("# snapshot=each: no snapshot taken: {}", why),
+            _ => println!(
+                "# snapshot=each: {} snapshots requested, restored {} times",
+                crate::display::dec(snapshots),
+                crate::display::dec(crate::snapshot::restores())
+            ),
+        }
+    }
     let (passed, failed) = (
         PASSED.load(Ordering::Acquire),
         FAILED.load(Ordering::Acquire),

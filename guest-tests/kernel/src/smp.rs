@@ -206,3 +206,27 @@ pub fn run_on(cpu: usize, func: WorkFn, arg: usize) -> Result<usize, &'static st
     post(cpu, func, arg)?;
     wait(cpu, 2_000_000)
 }
+
+/// Sends INIT to AP `cpu` alone: it goes back to waiting for SIPI and is
+/// marked offline (its slot, mailbox and counters stay). [`restart`]
+/// starts it again.
+pub fn init_one(cpu: usize) {
+    let slot = percpu::cpu(cpu);
+    slot.online.store(false, Ordering::Release);
+    lapic::send_ipi(0, Delivery::Init, Dest::Physical(slot.apic_id()));
+    time::delay_us(INIT_DELAY_US);
+}
+
+/// Starts AP `cpu`, waiting for SIPI after [`init_one`], with SIPI twice,
+/// on the stack of ticket `ticket` (one no running AP uses); it sets itself
+/// up as at boot and goes idle. Returns whether it came online within
+/// `timeout_us`.
+pub fn restart(cpu: usize, ticket: u32, timeout_us: u64) -> bool {
+    let slot = percpu::cpu(cpu);
+    boot::set_ap_ticket(ticket);
+    let page = (boot::TRAMPOLINE_ADDR >> 12) as u8;
+    lapic::send_ipi(page, Delivery::StartUp, Dest::Physical(slot.apic_id()));
+    time::delay_us(SIPI_DELAY_US);
+    lapic::send_ipi(page, Delivery::StartUp, Dest::Physical(slot.apic_id()));
+    time::wait_until(timeout_us, || slot.online.load(Ordering::Acquire))
+}

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use irqchip_kvm::Mode;
 
 use super::Run;
-use super::suite::SUITE;
+use super::suite::{SNAPSHOT_DISABLED, SUITE};
 
 /// Tests that need more than one CPU, with how many.
 pub const NEEDS_CPUS: &[(&str, u32)] = &[
@@ -40,6 +40,7 @@ pub const NEEDS_CPUS: &[(&str, u32)] = &[
     ("retarget_level_remote_irr_redelivers_to_new_set", 3),
     ("retarget_shared_vector_keeps_union", 4),
     ("retarget_message_based_each_message", 2),
+    ("snapshot_ipi_between_init_and_sipi", 2),
 ];
 
 /// Tests that need two logical domains in group 0 (processors no one
@@ -83,7 +84,10 @@ pub const ISR_QUIRK: &str = "host LAPIC does not hold ISR until EOI (acks and EO
 
 /// Tests that need our IOAPIC (split and user modes: the VMM sees the
 /// EOIs), with the guest's skip reason in kernel mode.
-pub const NEEDS_OUR_IOAPIC: &[&str] = &["hostile_storm_unclaimed_level_is_masked"];
+pub const NEEDS_OUR_IOAPIC: &[&str] = &[
+    "hostile_storm_unclaimed_level_is_masked",
+    "snapshot_storm_count_carried",
+];
 pub const OUR_IOAPIC_REASON: &str = "storm guard needs our IOAPIC (split/user)";
 
 /// Needs the EOI register of an IOAPIC version 0x20.
@@ -113,9 +117,21 @@ pub struct Expected {
 }
 
 /// The expected result of the suite in `mode` with `cpus` vCPUs (x2APIC
-/// or not). The guest checks the ISR probe before the CPU count, the CPU
-/// count before the domains.
+/// or not), run without `--snapshot`: the `snapshot_` tests skip
+/// ([`SNAPSHOT_DISABLED`]). The guest checks the ISR probe before the CPU
+/// count, the CPU count before the domains.
 pub fn expected(mode: Mode, cpus: u32, x2apic: bool) -> Expected {
+    expected_snapshots(mode, cpus, x2apic, false)
+}
+
+/// [`expected`] for a run that takes snapshots (`--snapshot PATH`, as a
+/// chain's links do): the `snapshot_` tests run (each takes one snapshot
+/// of its own), but where they need more CPUs or our IOAPIC.
+pub fn expected_with_snapshots(mode: Mode, cpus: u32, x2apic: bool) -> Expected {
+    expected_snapshots(mode, cpus, x2apic, true)
+}
+
+fn expected_snapshots(mode: Mode, cpus: u32, x2apic: bool, snapshots: bool) -> Expected {
     let mut ok = BTreeSet::new();
     let mut skip = BTreeMap::new();
     for &name in SUITE {
@@ -127,6 +143,8 @@ pub fn expected(mode: Mode, cpus: u32, x2apic: bool) -> Expected {
             Some(ISR_QUIRK.to_string())
         } else if cpus < needs {
             Some(format!("needs {needs} CPUs, {cpus} online"))
+        } else if !snapshots && name.starts_with("snapshot_") {
+            Some(SNAPSHOT_DISABLED.to_string())
         } else if TWO_DOMAINS.contains(&name) && one_domain(mode, cpus, x2apic) {
             Some(format!(
                 "every processor of group 0 is in processor 1's logical domain ({cpus} processors)"

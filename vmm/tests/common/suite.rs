@@ -147,9 +147,29 @@ pub const SUITE: &[&str] = &[
     "hostile_unclaimed_ports_read_ones_writes_ignored",
     "hostile_unclaimed_mmio_reads_ones_writes_ignored",
     "hostile_storm_unclaimed_level_is_masked",
+    "snapshot_level_in_service_remote_irr_set",
+    "snapshot_edge_pending_in_irr",
+    "snapshot_lapic_timer_armed_fires_once",
+    "snapshot_ipi_between_init_and_sipi",
+    "snapshot_storm_count_carried",
+    "snapshot_pv_connections_and_handles_survive",
+    "snapshot_message_pending_bit_survives",
+    "snapshot_interrupts_under_load_none_lost",
 ];
 
 /// The hostile tests: the suite's `hostile_` entries, in order.
 pub fn hostile_tests() -> impl Iterator<Item = &'static str> {
     SUITE.iter().copied().filter(|n| n.starts_with("hostile_"))
 }
+
+/// The snapshot tests: the suite's `snapshot_` entries, in order. Each
+/// takes a snapshot at its moment; without `--snapshot` it skips with
+/// [`SNAPSHOT_DISABLED`] (vmm/tests/snapshot_guest.rs runs them).
+pub fn snapshot_tests() -> impl Iterator<Item = &'static str> {
+    SUITE.iter().copied().filter(|n| n.starts_with("snapshot_"))
+}
+
+/// The guest's skip reason for the snapshot tests when the VMM takes no
+/// snapshots.
+pub const SNAPSHOT_DISABLED: &str =
+    "snapshots not enabled (the VMM was started without --snapshot)";

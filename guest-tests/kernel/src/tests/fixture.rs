@@ -187,6 +187,11 @@ pub fn probe_isr_held() -> bool {
     held
 }
 
+/// What the boot probe found: the local APIC holds ISR until EOI.
+pub fn isr_held() -> bool {
+    ISR_HELD.load(Ordering::Relaxed)
+}
+
 /// Skips a test that needs the ISR held until EOI when the boot probe found
 /// a host that does not (unless the command line says `strict=1`).
 pub fn need_isr_held() -> TestResult {

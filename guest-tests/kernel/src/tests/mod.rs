@@ -24,6 +24,7 @@ mod retarget;
 mod rule10;
 mod scale;
 mod share;
+mod snapshot;
 mod sync;
 mod timer;
 mod topo;
@@ -50,6 +51,7 @@ pub static SUITES: &[&[Test]] = &[
     load::TESTS,
     ex_load::TESTS,
     hostile::TESTS,
+    snapshot::TESTS,
     // Last, and only when asked for (see `runner::selected`).
     bench::TESTS,
 ];
