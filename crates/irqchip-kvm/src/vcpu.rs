@@ -234,7 +234,8 @@ impl VcpuChip {
     ///     match next {
     ///         Run::Exit(Some(code)) => break code,
     ///         Run::Stopped => break 0,
-    ///         Run::Exit(None) | Run::Handled => {}
+    ///         // Paused: this VMM never pauses (`Irqchip::pause`).
+    ///         Run::Exit(None) | Run::Handled | Run::Paused => {}
     ///     }
     /// };
     /// # let _ = exit_code;
