@@ -665,8 +665,7 @@ impl Service {
                 .map_or(ProcessorSet::EMPTY, |m| {
                     ProcessorSet::of_group(m.group, m.affinity)
                 });
-            if route
-                .is_none_or(|r| ProcessorSet::of_group(r.group, r.targets) != c.processors())
+            if route.is_none_or(|r| ProcessorSet::of_group(r.group, r.targets) != c.processors())
                 || !c.processors().is_subset(&allowed)
             {
                 return Err(format!(
