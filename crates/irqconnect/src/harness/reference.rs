@@ -8,6 +8,8 @@
 //! flat readings, which must agree), and every destination is checked on
 //! the APIC bus model (`irqchip::apic_bus::resolve`).
 
+use std::collections::BTreeSet;
+
 use crate::connect_ex::{BlockSpan, ConnectExRequest, ExRefusal, MESSAGE_TABLE_ALIGN};
 use crate::destination::{ApicDestination, ApicModel};
 use crate::devices::{DeviceTable, InterruptMode, ShareDisposition};
@@ -313,7 +315,7 @@ pub(super) struct Shadow {
     pub(super) quota: u32,
     pub(super) live: Vec<Live>,
     pub(super) issued: Vec<Handle>,
-    pub(super) dead: Vec<Handle>,
+    pub(super) dead: BTreeSet<Handle>,
     pub(super) storm: u32,
     pub(super) storm_count: u32,
 }
@@ -356,16 +358,20 @@ fn route_and_chain(
     if effective.is_empty() {
         return Err(Violation::NoCommonDestination);
     }
-    for cpu in effective.iter() {
-        let clash = shadow.live.iter().any(|c| {
+    // The first processor whose chain on the vector holds a connection
+    // the request may not share with.
+    let clashing = shadow
+        .live
+        .iter()
+        .filter(|c| {
             c.vector == vector
                 && Some(c.handle) != except
-                && c.processors().contains(cpu)
                 && !(c.share && share && c.mode == mode && c.irql == irql)
-        });
-        if clash {
-            return Err(Violation::SharingConflict { cpu });
-        }
+        })
+        .fold(ProcessorSet::EMPTY, |m, c| m | c.processors())
+        & effective;
+    if let Some(cpu) = clashing.first() {
+        return Err(Violation::SharingConflict { cpu });
     }
     Ok(effective)
 }
