@@ -723,6 +723,20 @@ impl Service {
             ));
         }
         let on: Vec<_> = self.registry.on_vector(vector).collect();
+        // ... and still does after any of them goes: no union of them is a
+        // set only the broadcast names.
+        for alias in self.topology.broadcast_aliases() {
+            let inside = on
+                .iter()
+                .map(|(_, c)| c.processors())
+                .filter(|set| set.is_subset(&alias))
+                .fold(ProcessorSet::EMPTY, |u, set| u | set);
+            if inside == alias {
+                return Err(format!(
+                    "connections on vector {vector:#x} could leave it on processors only the broadcast names"
+                ));
+            }
+        }
         for (i, (ha, a)) in on.iter().enumerate() {
             for (hb, b) in on.iter().skip(i + 1) {
                 if !(a.processors() & b.processors()).is_empty() && !may_chain(a, b) {

@@ -219,6 +219,36 @@ fn logical_bits(t: &ApicTarget) -> Option<(u32, u32)> {
     (bits.count_ones() == 1).then_some((cluster, bits))
 }
 
+/// The processors of one (group, cluster) whose logical destination,
+/// read from the local APICs, is the broadcast 0xFF without their being
+/// every processor.
+fn ref_broadcast_alias(topo: &Topo) -> Option<ProcessorSet> {
+    let mut keys: Vec<(u32, u32)> = Vec::new();
+    for p in topo.present.iter() {
+        if let Some((cluster, _)) = logical_member(topo, p) {
+            let key = (p / GROUP_SIZE as u32, cluster);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys.into_iter().find_map(|(group, cluster)| {
+        let set: ProcessorSet = topo
+            .present
+            .iter()
+            .filter(|&p| {
+                p / GROUP_SIZE as u32 == group
+                    && logical_member(topo, p)
+                        .is_some_and(|(c, b)| c == cluster && (c | b) & !XAPIC_BROADCAST == 0)
+            })
+            .collect();
+        let dest = set.iter().fold(cluster, |d, p| {
+            d | logical_member(topo, p).map_or(0, |(_, b)| b)
+        });
+        (dest == XAPIC_BROADCAST && set != topo.present).then_some(set)
+    })
+}
+
 /// The destination the reference picks for `wanted` together with `fixed`
 /// (docs/semantics.md, "Destinations"): the largest set one destination
 /// reaches, ties to the lowest first processor, then logical over physical.
@@ -354,7 +384,27 @@ fn route_and_chain(
     let fixed = shadow.vector_union(vector, except);
     let (_, reach) =
         ref_choose(&shadow.topo, wanted, fixed).ok_or(Violation::NoCommonDestination)?;
-    let effective = reach & wanted;
+    let mut effective = reach & wanted;
+    // No union of the vector's connections may be a set of one (group,
+    // cluster) whose destination is the broadcast without being every
+    // processor: this one gives up its highest processor there that the
+    // vector's other connections inside that set lack.
+    if let Some(alias) = ref_broadcast_alias(&shadow.topo)
+        && effective.is_subset(&alias)
+    {
+        let inside = shadow
+            .live
+            .iter()
+            .filter(|c| c.vector == vector && Some(c.handle) != except)
+            .map(|c| c.processors())
+            .filter(|set| set.is_subset(&alias))
+            .fold(ProcessorSet::EMPTY, |u, set| u | set);
+        if inside | effective == alias
+            && let Some(p) = (effective - inside).last()
+        {
+            effective.remove(p);
+        }
+    }
     if effective.is_empty() {
         return Err(Violation::NoCommonDestination);
     }
