@@ -726,12 +726,7 @@ impl Service {
         // ... and still does after any of them goes: no union of them is a
         // set only the broadcast names.
         for alias in self.topology.broadcast_aliases() {
-            let inside = on
-                .iter()
-                .map(|(_, c)| c.processors())
-                .filter(|set| set.is_subset(&alias))
-                .fold(ProcessorSet::EMPTY, |u, set| u | set);
-            if inside == alias {
+            if self.registry.union_inside(vector, alias, &[]) == alias {
                 return Err(format!(
                     "connections on vector {vector:#x} could leave it on processors only the broadcast names"
                 ));

@@ -262,13 +262,7 @@ pub fn routable(
         if !effective.is_subset(&alias) {
             continue;
         }
-        let inside = ctx
-            .registry
-            .on_vector(vector)
-            .filter(|(h, _)| !except.contains(h))
-            .map(|(_, c)| c.processors())
-            .filter(|set| set.is_subset(&alias))
-            .fold(ProcessorSet::EMPTY, |u, set| u | set);
+        let inside = ctx.registry.union_inside(vector, alias, except);
         if inside | effective == alias
             && let Some(p) = (effective - inside).last()
         {
