@@ -573,8 +573,11 @@ pub(super) fn message_plan(
         let Some((group, mask)) = reach.as_group_affinity() else {
             return Err(Violation::MessageTargetsEmpty);
         };
+        // Exclusive on every processor: any other connection of the
+        // vector refuses it.
         let taken = shadow.vector_union(vector, except);
-        if let Some(cpu) = (reach & taken).first() {
+        if !taken.is_empty() {
+            let cpu = (reach & taken).first().or(reach.first()).unwrap_or(0);
             return Err(Violation::SharingConflict { cpu });
         }
         planned.push(Planned {
