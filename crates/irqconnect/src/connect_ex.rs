@@ -413,12 +413,19 @@ pub(crate) fn message_targets(
             .filter(|r| r.targets != 0)
             .ok_or(Violation::MessageTargetsEmpty)?;
         // Rule M8: exclusive, so an earlier connection of these vectors
-        // refuses this one (rule 9).
+        // refuses this one (rule 9), on any processor: the message has one
+        // route, so a second connection elsewhere would take it from the
+        // first. The processor answered: the first of the chains both
+        // would share, else this message's first.
         let set = ProcessorSet::of_group(route.group, route.targets);
-        if let Some(cpu) =
-            ctx.registry
-                .sharing_conflict_except(vector, set, InterruptMode::Latched, false, except)
-        {
+        let conflict = ctx
+            .registry
+            .sharing_conflict_except(vector, set, InterruptMode::Latched, false, except)
+            .or_else(|| {
+                let taken = !ctx.registry.vector_mask_except(vector, except).is_empty();
+                taken.then(|| set.first()).flatten()
+            });
+        if let Some(cpu) = conflict {
             return Err(Violation::SharingConflict { cpu });
         }
         out.push((vector, route));
@@ -1082,6 +1089,21 @@ mod tests {
             refused_with_size(&mut s, &message(9), 168),
             Violation::SharingConflict { .. }
         ));
+        // On any processor: a second connection of the messages elsewhere
+        // would take their one route from the first (found by
+        // connect_sequences).
+        let mut s = service();
+        let on = |mask: u64| ConnectExRequest {
+            processor_enable_mask: mask,
+            ..message(9)
+        };
+        let first = run(&mut s, &on(0b10)).unwrap();
+        assert_eq!(first.effective_mask, 0b10);
+        assert!(matches!(
+            refusal(&mut s, &on(0b01)).violation,
+            Violation::SharingConflict { cpu: 0 }
+        ));
+        s.check_invariants().unwrap();
         // Every message has a vector of its own, which no line resource has.
         let table = s.devices();
         for v in 0x30..=0xbfu8 {

@@ -305,6 +305,26 @@ impl Topology {
         })
     }
 
+    /// The sets of processors whose logical destination would be the
+    /// broadcast 0xFF although they are not every processor of the
+    /// platform: no destination reaches one of them exactly (at most one
+    /// per domain; none in the xAPIC cluster and physical models). Rule R
+    /// keeps every union of a vector's connections off them
+    /// ([`crate::validate::routable`]).
+    pub fn broadcast_aliases(&self) -> impl Iterator<Item = ProcessorSet> + '_ {
+        self.domains.iter().filter_map(|d| {
+            let set: ProcessorSet = d
+                .members
+                .iter()
+                .filter(|&p| {
+                    let bit = self.logical_bit.get(p as usize).copied().unwrap_or(0);
+                    (d.base | bit) & !XAPIC_BROADCAST == 0
+                })
+                .collect();
+            (self.encode(d, &set) == XAPIC_BROADCAST && set != self.present).then_some(set)
+        })
+    }
+
     /// The destination reaching the most processors of `wanted`, together
     /// with all of `fixed` (the processors a shared vector's other
     /// connections hold; empty otherwise), by the rule and tie rule of the

@@ -536,6 +536,21 @@ impl Registry {
         Some(())
     }
 
+    /// The union of the processors of `vector`'s connections (but those
+    /// `except` names) that lie wholly inside `within`.
+    pub fn union_inside(
+        &self,
+        vector: u8,
+        within: ProcessorSet,
+        except: &[Handle],
+    ) -> ProcessorSet {
+        self.on_vector(vector)
+            .filter(|(h, _)| !except.contains(h))
+            .map(|(_, c)| c.processors())
+            .filter(|set| set.is_subset(&within))
+            .fold(ProcessorSet::EMPTY, |u, set| u | set)
+    }
+
     /// Live connections on `vector`.
     pub fn vector_connections(&self, vector: u8) -> u32 {
         self.vectors

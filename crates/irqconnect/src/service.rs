@@ -723,6 +723,15 @@ impl Service {
             ));
         }
         let on: Vec<_> = self.registry.on_vector(vector).collect();
+        // ... and still does after any of them goes: no union of them is a
+        // set only the broadcast names.
+        for alias in self.topology.broadcast_aliases() {
+            if self.registry.union_inside(vector, alias, &[]) == alias {
+                return Err(format!(
+                    "connections on vector {vector:#x} could leave it on processors only the broadcast names"
+                ));
+            }
+        }
         for (i, (ha, a)) in on.iter().enumerate() {
             for (hb, b) in on.iter().skip(i + 1) {
                 if !(a.processors() & b.processors()).is_empty() && !may_chain(a, b) {

@@ -241,6 +241,12 @@ pub struct Context<'a> {
 /// `vector` gets: the part of them the destination
 /// [`Topology::choose`] picks reaches together with the vector's other
 /// connections (all but those `except` names). The result is never empty.
+///
+/// The vector's processors must stay reachable by one destination after
+/// any of its connections goes, so no union of its connections may be a
+/// set only the broadcast would name ([`Topology::broadcast_aliases`]):
+/// when the connections inside such a set would cover it with this one,
+/// this one drops its highest processor the others lack there.
 pub fn routable(
     ctx: &Context<'_>,
     vector: u8,
@@ -248,9 +254,22 @@ pub fn routable(
     except: &[Handle],
 ) -> Result<ProcessorSet, Violation> {
     let fixed = ctx.registry.vector_mask_except(vector, except);
-    ctx.topology
+    let mut effective = ctx
+        .topology
         .choose(wanted, fixed)
-        .map(|c| c.reach & wanted)
+        .map_or(ProcessorSet::EMPTY, |c| c.reach & wanted);
+    for alias in ctx.topology.broadcast_aliases() {
+        if !effective.is_subset(&alias) {
+            continue;
+        }
+        let inside = ctx.registry.union_inside(vector, alias, except);
+        if inside | effective == alias
+            && let Some(p) = (effective - inside).last()
+        {
+            effective.remove(p);
+        }
+    }
+    Some(effective)
         .filter(|e| !e.is_empty())
         .ok_or(Violation::NoCommonDestination)
 }
@@ -984,5 +1003,46 @@ mod tests {
             ..req()
         };
         assert_eq!(s.connect(&r, &ram()).map(|c| c.effective_mask), Ok(0x7f));
+    }
+
+    /// Rule R holds after a disconnect too: sharers inside processors
+    /// 0..7 of a larger platform never cover them all, or the vector would
+    /// be left on a set only the broadcast names (found by
+    /// `connect_sequences`: x2APIC, 15-bit destinations, a sharer on 0..14,
+    /// one on 0..7, the first disconnected).
+    #[test]
+    fn rule_r_sharers_never_cover_the_broadcast_set() {
+        for model in [crate::ApicModel::X2apic, crate::ApicModel::XapicFlat] {
+            let mut s = declared(32, model);
+            let wide = if model == crate::ApicModel::X2apic {
+                0x7fff
+            } else {
+                0xff
+            };
+            let a = connected(&mut s, &shared(2, wide));
+            // The vector reaches 0..14 (x2APIC) or 0..6 (flat: 0..7 is the broadcast).
+            let b = s.connect(&shared(3, 0xff), &ram()).unwrap();
+            assert_eq!(b.effective_mask, 0x7f, "{model:?}");
+            s.check_invariants().unwrap();
+            s.disconnect(a).unwrap();
+            s.check_invariants().unwrap();
+            let route = s.route(18).unwrap();
+            assert_eq!(route.destination, 0x7f, "{model:?}");
+            // Two sharers of four each: the second loses processor 7.
+            let mut s = declared(32, model);
+            connected(&mut s, &shared(2, wide));
+            connected(&mut s, &shared(3, 0x0f));
+            let c = s.connect(&shared(3, 0xf0), &ram()).unwrap();
+            assert_eq!(c.effective_mask, 0x70, "{model:?}");
+            s.check_invariants().unwrap();
+        }
+        // On a platform of 8, 0xFF names exactly processors 0..7.
+        let mut s = declared(8, crate::ApicModel::X2apic);
+        connected(&mut s, &shared(2, 0x0f));
+        assert_eq!(
+            s.connect(&shared(3, 0xf0), &ram())
+                .map(|c| c.effective_mask),
+            Ok(0xf0)
+        );
     }
 }

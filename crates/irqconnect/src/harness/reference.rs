@@ -8,6 +8,8 @@
 //! flat readings, which must agree), and every destination is checked on
 //! the APIC bus model (`irqchip::apic_bus::resolve`).
 
+use std::collections::BTreeSet;
+
 use crate::connect_ex::{BlockSpan, ConnectExRequest, ExRefusal, MESSAGE_TABLE_ALIGN};
 use crate::destination::{ApicDestination, ApicModel};
 use crate::devices::{DeviceTable, InterruptMode, ShareDisposition};
@@ -217,6 +219,36 @@ fn logical_bits(t: &ApicTarget) -> Option<(u32, u32)> {
     (bits.count_ones() == 1).then_some((cluster, bits))
 }
 
+/// The processors of one (group, cluster) whose logical destination,
+/// read from the local APICs, is the broadcast 0xFF without their being
+/// every processor.
+fn ref_broadcast_alias(topo: &Topo) -> Option<ProcessorSet> {
+    let mut keys: Vec<(u32, u32)> = Vec::new();
+    for p in topo.present.iter() {
+        if let Some((cluster, _)) = logical_member(topo, p) {
+            let key = (p / GROUP_SIZE as u32, cluster);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys.into_iter().find_map(|(group, cluster)| {
+        let set: ProcessorSet = topo
+            .present
+            .iter()
+            .filter(|&p| {
+                p / GROUP_SIZE as u32 == group
+                    && logical_member(topo, p)
+                        .is_some_and(|(c, b)| c == cluster && (c | b) & !XAPIC_BROADCAST == 0)
+            })
+            .collect();
+        let dest = set.iter().fold(cluster, |d, p| {
+            d | logical_member(topo, p).map_or(0, |(_, b)| b)
+        });
+        (dest == XAPIC_BROADCAST && set != topo.present).then_some(set)
+    })
+}
+
 /// The destination the reference picks for `wanted` together with `fixed`
 /// (docs/semantics.md, "Destinations"): the largest set one destination
 /// reaches, ties to the lowest first processor, then logical over physical.
@@ -313,7 +345,7 @@ pub(super) struct Shadow {
     pub(super) quota: u32,
     pub(super) live: Vec<Live>,
     pub(super) issued: Vec<Handle>,
-    pub(super) dead: Vec<Handle>,
+    pub(super) dead: BTreeSet<Handle>,
     pub(super) storm: u32,
     pub(super) storm_count: u32,
 }
@@ -352,20 +384,44 @@ fn route_and_chain(
     let fixed = shadow.vector_union(vector, except);
     let (_, reach) =
         ref_choose(&shadow.topo, wanted, fixed).ok_or(Violation::NoCommonDestination)?;
-    let effective = reach & wanted;
+    let mut effective = reach & wanted;
+    // No union of the vector's connections may be a set of one (group,
+    // cluster) whose destination is the broadcast without being every
+    // processor: this one gives up its highest processor there that the
+    // vector's other connections inside that set lack.
+    if let Some(alias) = ref_broadcast_alias(&shadow.topo)
+        && effective.is_subset(&alias)
+    {
+        let inside = shadow
+            .live
+            .iter()
+            .filter(|c| c.vector == vector && Some(c.handle) != except)
+            .map(|c| c.processors())
+            .filter(|set| set.is_subset(&alias))
+            .fold(ProcessorSet::EMPTY, |u, set| u | set);
+        if inside | effective == alias
+            && let Some(p) = (effective - inside).last()
+        {
+            effective.remove(p);
+        }
+    }
     if effective.is_empty() {
         return Err(Violation::NoCommonDestination);
     }
-    for cpu in effective.iter() {
-        let clash = shadow.live.iter().any(|c| {
+    // The first processor whose chain on the vector holds a connection
+    // the request may not share with.
+    let clashing = shadow
+        .live
+        .iter()
+        .filter(|c| {
             c.vector == vector
                 && Some(c.handle) != except
-                && c.processors().contains(cpu)
                 && !(c.share && share && c.mode == mode && c.irql == irql)
-        });
-        if clash {
-            return Err(Violation::SharingConflict { cpu });
-        }
+        })
+        .fold(ProcessorSet::EMPTY, |m, c| m | c.processors())
+        & effective;
+    if let Some(cpu) = clashing.first() {
+        return Err(Violation::SharingConflict { cpu });
     }
     Ok(effective)
 }
@@ -517,8 +573,11 @@ pub(super) fn message_plan(
         let Some((group, mask)) = reach.as_group_affinity() else {
             return Err(Violation::MessageTargetsEmpty);
         };
+        // Exclusive on every processor: any other connection of the
+        // vector refuses it.
         let taken = shadow.vector_union(vector, except);
-        if let Some(cpu) = (reach & taken).first() {
+        if !taken.is_empty() {
+            let cpu = (reach & taken).first().or(reach.first()).unwrap_or(0);
             return Err(Violation::SharingConflict { cpu });
         }
         planned.push(Planned {

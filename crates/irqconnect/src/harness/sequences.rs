@@ -9,7 +9,7 @@
 //! [`Service::retarget`], [`Service::set_apic_model`],
 //! [`Service::disconnect`], [`Service::disconnect_ex`],
 //! [`Service::report_storm_masked`] and snapshots, beside a shadow list of
-//! live connections, and checks after every operation:
+//! live connections. Every operation is checked:
 //!
 //! - each CONNECT is accepted or refused exactly as the reference
 //!   validator (`expected_verdict`, rules 2..11 with rule R in order)
@@ -24,22 +24,43 @@
 //!   processors, exactly the ones the message reaches on the bus
 //!   (`irqchip::apic_bus::resolve`), inside the policy's set;
 //! - each RETARGET likewise (`expected_retarget`: RT1..RT5, R, 9, 11),
-//!   moving every line or message of the connection and nothing else;
-//! - each SET_APIC_MODEL is refused while connections are live;
-//! - each DISCONNECT_EX removes the whole group, and a group handle is
-//!   refused by DISCONNECT;
-//! - every pin's route equals what the live connections imply: the union
-//!   of their processors on the pin's vector (one group), the destination
-//!   the reference chooses for it, which reaches on the bus exactly that
-//!   union, the oldest one's trigger mode, lowest priority for more than
-//!   one processor, masked when none or while the storm guard holds it;
-//! - the objects in use equal the live masks' processors and never exceed
-//!   the quota;
-//! - a disconnected (or forged) handle is never accepted again;
+//!   answering the union and count of the reference's new masks, moving
+//!   every line or message of the connection and nothing else, and
+//!   (MESSAGE_BASED) rewriting the table at the request's buffer with the
+//!   group's unified IRQL and the new programming;
+//! - each SET_APIC_MODEL is accepted or refused as the reference decides
+//!   (undefined model, x2APIC not offered, connections live);
+//! - each DISCONNECT_EX removes the whole group and unprograms its
+//!   messages, and a group handle is refused by DISCONNECT;
+//! - a new handle is none handed out before;
+//! - a snapshot restores to a service equal to the one saved;
 //! - an asserted device line reaches, through the route's APIC destination
 //!   on the bus, exactly the route's processors, each of which holds an
 //!   interrupt object on the vector, and reaches one whenever the device is
-//!   connected;
+//!   connected; each of its messages reaches exactly its connection's
+//!   processors (an unconnected one is unprogrammed);
+//!
+//! and then compared with the shadow where it touched it (the vectors of
+//! connections that came, went or moved, a RETARGET's included, and of
+//! pins whose storm mark moved, and those handles), everywhere after an
+//! accepted SET_APIC_MODEL, every [`FULL_CHECK_EVERY`] operations that
+//! touched something and after the last operation:
+//!
+//! - the service's invariants ([`Service::check_vectors`] of the touched
+//!   vectors; [`Service::check_invariants`] in full);
+//! - the pins' routes (touched or all) equal what the live connections
+//!   imply: the union of their processors on the pin's vector (one group),
+//!   the destination the reference chooses for it, which reaches on the
+//!   bus exactly that union, the oldest one's trigger mode, lowest priority
+//!   for more than one processor, masked when none or while the storm
+//!   guard holds it;
+//! - the handles' connections (touched or all live: message, vector,
+//!   processor group, mask) are the shadow's, and no disconnected (or
+//!   forged) handle is accepted again (among the touched vectors'
+//!   connections; every dead handle in full);
+//! - after every operation, the objects in use equal the live masks'
+//!   processors and never exceed the quota, the live connections are the
+//!   shadow's count, the storm marks are the shadow's;
 //! - disconnecting everything returns to the initial state.
 //!
 //! Input format: byte 0 picks the processor count (`1 + b % 64` below
@@ -53,6 +74,8 @@
 //! storm / snapshot / SET_APIC_MODEL / disconnect all / RETARGET, 7
 //! DISCONNECT_EX) and operands.
 
+use std::collections::BTreeSet;
+
 use super::reference::{
     self, BLOCK, ExpectedEx, Live, RAM_SIZE, Shadow, TABLE_AT, Topo, bus_reach, expected_ex,
     expected_retarget, expected_verdict, msi_reach, ref_choose,
@@ -60,11 +83,12 @@ use super::reference::{
 use crate::connect_ex::ConnectExRequest;
 use crate::destination::{ApicDestination, ApicModel};
 use crate::devices::{Device, DeviceTable, InterruptMode, ShareDisposition};
+use crate::error::Error;
 use crate::handle::Handle;
 use crate::messages::MessageRoute;
 use crate::platform::{IrqchipMode, Platform, PlatformFacts, present_mask};
 use crate::processors::ProcessorSet;
-use crate::ram::FlatRam;
+use crate::ram::GuestRam;
 use crate::retarget::RetargetRequest;
 use crate::route::PinRoute;
 use crate::service::{ConnectedEx, Service};
@@ -73,6 +97,43 @@ use irqconnect_abi::layout::IOAPIC_PINS;
 use irqconnect_abi::pv::{connect_version, interrupt_mode, message_table_size, polarity};
 
 const QUOTAS: [u32; 8] = [64, 1, 2, 3, 5, 8, 16, 256];
+
+/// The full comparison of the service with the reference (`compare`) runs
+/// after every this many operations that touched the live connections,
+/// the storm marks or the APIC model, and after the last operation; the
+/// operations between compare what they touched (`compare_touched`).
+pub const FULL_CHECK_EVERY: u32 = 16;
+
+/// Guest RAM of [`RAM_SIZE`] zero bytes at 0 (the service only asks
+/// whether its pointers are resident and reads nothing that matters),
+/// without a buffer to allocate per input.
+struct ResidentRam;
+
+impl ResidentRam {
+    fn check(gpa: u64, len: u64) -> Result<(), Error> {
+        if reference::resident(gpa, len) {
+            Ok(())
+        } else {
+            Err(Error::NotRam { gpa, len })
+        }
+    }
+}
+
+impl GuestRam for ResidentRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
+        Self::check(gpa, buf.len() as u64)?;
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Error> {
+        Self::check(gpa, buf.len() as u64)
+    }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        reference::resident(gpa, len)
+    }
+}
 
 /// One operation of a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -601,13 +662,13 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
         .set_apic_model(sequence.model)
         .map_err(|v| format!("the first SET_APIC_MODEL {:?}: {v:?}", sequence.model))?;
     let fresh = service.clone();
-    let ram = FlatRam::new(0, RAM_SIZE as usize);
+    let ram = ResidentRam;
     let mut shadow = Shadow {
         topo: Topo::new(&platform, sequence.model),
         quota: sequence.quota,
         live: Vec::new(),
         issued: Vec::new(),
-        dead: Vec::new(),
+        dead: BTreeSet::new(),
         storm: 0,
         storm_count: 0,
     };
@@ -615,11 +676,29 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
         .ops
         .iter()
         .chain(core::iter::once(&Op::DisconnectAll));
+    let mut changes = 0u32;
+    let mut keys = live_keys(&shadow);
     for (n, op) in ops.enumerate() {
+        let before = core::mem::take(&mut keys);
+        let (storm, model) = (shadow.storm, shadow.topo.model);
         apply(&mut service, &mut shadow, &devices, &ram, op)
-            .and_then(|()| compare(&service, &shadow, &devices))
+            .and_then(|()| {
+                keys = live_keys(&shadow);
+                let touched = touched(&before, &keys, storm ^ shadow.storm, &devices);
+                compare_touched(&service, &shadow, &devices, &touched)?;
+                let remodelled = model != shadow.topo.model;
+                if !touched.is_empty() || remodelled {
+                    changes += 1;
+                    // A new model may move every route: compare them all.
+                    if remodelled || changes.is_multiple_of(FULL_CHECK_EVERY) {
+                        compare(&service, &shadow, &devices)?;
+                    }
+                }
+                Ok(())
+            })
             .map_err(|what| format!("op {n} ({op:?}): {what}"))?;
     }
+    compare(&service, &shadow, &devices).map_err(|what| format!("after the last op: {what}"))?;
     // Everything disconnected: the live state of a fresh service, given
     // the same storm-guard marks (a VMM fact, not connection state) and
     // the same declared model.
@@ -650,7 +729,7 @@ fn disconnect(service: &mut Service, shadow: &mut Shadow, handle: Handle) -> Res
         (Some(_), Err(Violation::GroupNeedsDisconnectEx)) if group => Ok(()),
         (Some(i), Ok(_)) if !group => {
             let gone = shadow.live.remove(i);
-            shadow.dead.push(handle);
+            shadow.dead.insert(handle);
             let vector = gone.vector;
             clear_storm(shadow, service, vector);
             Ok(())
@@ -695,7 +774,7 @@ fn disconnect_ex(
                 .copied()
                 .collect();
             shadow.live.retain(|c| c.handle != handle);
-            shadow.dead.push(handle);
+            shadow.dead.insert(handle);
             let messages = gone.iter().filter(|c| c.message.is_some()).count();
             if done.messages.len() != messages || done.messages.iter().any(|u| u.route.is_some()) {
                 return Err(format!(
@@ -725,7 +804,7 @@ fn apply(
     service: &mut Service,
     shadow: &mut Shadow,
     devices: &DeviceTable,
-    ram: &FlatRam,
+    ram: &ResidentRam,
     op: &Op,
 ) -> Result<(), String> {
     match *op {
@@ -911,7 +990,7 @@ fn retarget(
     service: &mut Service,
     shadow: &mut Shadow,
     devices: &DeviceTable,
-    ram: &FlatRam,
+    ram: &ResidentRam,
     handle: Handle,
     group: Option<u16>,
     mask: u64,
@@ -1120,20 +1199,127 @@ fn raise_messages(service: &Service, shadow: &Shadow, d: &Device) -> Result<(), 
     Ok(())
 }
 
-/// The service against the shadow, after every operation.
-fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<(), String> {
-    service
-        .check_invariants()
-        .map_err(|what| format!("invariant broken: {what}"))?;
-    for pin in 0..IOAPIC_PINS {
-        let expected = expected_route(pin, shadow, devices)?;
-        if service.route(pin) != Some(expected) {
-            return Err(format!(
-                "pin {pin} routed {:?}, live connections imply {expected:?}",
-                service.route(pin)
-            ));
+/// A shadow connection as a sortable key: handle, vector, message,
+/// processor group, mask. A RETARGET changes the key of every connection
+/// it moves.
+type Key = (Handle, u8, Option<u8>, u16, u64);
+
+/// The shadow's live connections as sorted keys.
+fn live_keys(shadow: &Shadow) -> Vec<Key> {
+    let mut keys: Vec<Key> = shadow
+        .live
+        .iter()
+        .map(|c| (c.handle, c.vector, c.message, c.group, c.mask))
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// What one operation touched: the vectors of connections that came, went
+/// or moved (keys in one of `before` and `after` only) and of pins whose
+/// storm mark moved, ascending; and the handles of those connections.
+struct Touched {
+    vectors: Vec<u8>,
+    handles: Vec<Handle>,
+}
+
+impl Touched {
+    fn is_empty(&self) -> bool {
+        self.vectors.is_empty()
+    }
+}
+
+fn touched(before: &[Key], after: &[Key], storm_moved: u32, devices: &DeviceTable) -> Touched {
+    let mut vectors = Vec::new();
+    let mut handles = Vec::new();
+    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        let gone = match (b.peek(), a.peek()) {
+            (None, None) => break,
+            (Some(x), Some(y)) if x == y => {
+                b.next();
+                a.next();
+                continue;
+            }
+            (Some(x), Some(y)) => x < y,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        let key = if gone { b.next() } else { a.next() };
+        if let Some(&(h, v, ..)) = key {
+            vectors.push(v);
+            handles.push(h);
         }
     }
+    for pin in 0..IOAPIC_PINS {
+        if storm_moved & (1 << pin) != 0
+            && let Some(r) = devices.resource_on_pin(pin)
+        {
+            vectors.push(r.vector);
+        }
+    }
+    vectors.sort_unstable();
+    vectors.dedup();
+    handles.sort_unstable();
+    handles.dedup();
+    Touched { vectors, handles }
+}
+
+/// The service against the shadow where one operation touched it: the
+/// invariants of the touched vectors ([`Service::check_vectors`]), their
+/// pins' routes, no dead handle among their connections, the touched
+/// handles' connections; and after every operation the counts of objects
+/// and connections and the storm marks.
+fn compare_touched(
+    service: &Service,
+    shadow: &Shadow,
+    devices: &DeviceTable,
+    touched: &Touched,
+) -> Result<(), String> {
+    service
+        .check_vectors(&touched.vectors)
+        .map_err(|what| format!("invariant broken: {what}"))?;
+    for &vector in &touched.vectors {
+        let pins = devices.pins_of_vector(vector);
+        for pin in (0..IOAPIC_PINS).filter(|p| pins & (1 << p) != 0) {
+            check_pin(service, shadow, devices, pin)?;
+        }
+        for (h, _) in service.registry().on_vector(vector) {
+            if shadow.dead.contains(&h) {
+                return Err(format!(
+                    "handle {:#x} accepted after its disconnect",
+                    h.raw()
+                ));
+            }
+        }
+    }
+    check_counts(service, shadow)?;
+    for &h in &touched.handles {
+        check_handle(service, shadow, h)?;
+    }
+    check_storm(service, shadow)
+}
+
+/// `pin`'s route is what the shadow's live connections imply.
+fn check_pin(
+    service: &Service,
+    shadow: &Shadow,
+    devices: &DeviceTable,
+    pin: u8,
+) -> Result<(), String> {
+    let expected = expected_route(pin, shadow, devices)?;
+    if service.route(pin) != Some(expected) {
+        return Err(format!(
+            "pin {pin} routed {:?}, live connections imply {expected:?}",
+            service.route(pin)
+        ));
+    }
+    Ok(())
+}
+
+/// Objects in use and live connections equal the shadow's, within the
+/// quota.
+fn check_counts(service: &Service, shadow: &Shadow) -> Result<(), String> {
     let objects = shadow.objects();
     let registry = service.registry();
     if registry.objects_in_use() != objects || objects > shadow.quota {
@@ -1146,50 +1332,76 @@ fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<
     if registry.connections() as usize != shadow.live.len() {
         return Err("live connection count differs".into());
     }
-    let mut handles: Vec<Handle> = shadow.live.iter().map(|c| c.handle).collect();
-    handles.dedup();
-    type Key = (Option<u8>, u8, u16, u64);
-    for h in handles {
-        let mut mine: Vec<Key> = shadow
-            .live
+    Ok(())
+}
+
+/// The registry holds exactly the shadow's connections under `h` (message,
+/// vector, processor group and mask; none for a handle the shadow holds
+/// dead).
+fn check_handle(service: &Service, shadow: &Shadow, h: Handle) -> Result<(), String> {
+    type Held = (Option<u8>, u8, u16, u64);
+    let registry = service.registry();
+    let mut mine: Vec<Held> = shadow
+        .live
+        .iter()
+        .filter(|c| c.handle == h)
+        .map(|c| (c.message, c.vector, c.group, c.mask))
+        .collect();
+    mine.sort_unstable();
+    let theirs: Vec<Held> = match registry.group(h) {
+        Some(g) => g
             .iter()
-            .filter(|c| c.handle == h)
             .map(|c| (c.message, c.vector, c.group, c.mask))
-            .collect();
-        mine.sort_unstable();
-        let theirs: Option<Vec<Key>> = match registry.group(h) {
-            Some(g) => Some(
-                g.iter()
-                    .map(|c| (c.message, c.vector, c.group, c.mask))
-                    .collect(),
-            ),
-            None => registry
-                .get(h)
-                .map(|c| vec![(c.message, c.vector, c.group, c.mask)]),
-        };
-        if theirs.as_ref() != Some(&mine) {
-            return Err(format!(
-                "live handle {:#x}: registry holds {theirs:?}, reference {mine:?}",
-                h.raw()
-            ));
-        }
-    }
-    for h in &shadow.dead {
-        if registry.get(*h).is_some() {
-            return Err(format!(
-                "handle {:#x} accepted after its disconnect",
-                h.raw()
-            ));
-        }
-    }
-    if service.storm_bits() != shadow.storm {
+            .collect(),
+        None => registry
+            .get(h)
+            .map(|c| vec![(c.message, c.vector, c.group, c.mask)])
+            .unwrap_or_default(),
+    };
+    if theirs != mine {
         return Err(format!(
-            "storm marks {:#x}, reference {:#x}",
-            service.storm_bits(),
-            shadow.storm
+            "handle {:#x}: registry holds {theirs:?}, reference {mine:?}",
+            h.raw()
         ));
     }
     Ok(())
+}
+
+/// The storm marks equal the shadow's.
+fn check_storm(service: &Service, shadow: &Shadow) -> Result<(), String> {
+    let (marks, reference) = (service.storm_bits(), shadow.storm);
+    (marks == reference)
+        .then_some(())
+        .ok_or_else(|| format!("storm marks {marks:#x}, reference {reference:#x}"))
+}
+
+/// The service against the shadow in full: [`Service::check_invariants`],
+/// every pin's route, the counts, every live handle's connections, no dead
+/// handle live, the storm marks.
+fn compare(service: &Service, shadow: &Shadow, devices: &DeviceTable) -> Result<(), String> {
+    service
+        .check_invariants()
+        .map_err(|what| format!("invariant broken: {what}"))?;
+    for pin in 0..IOAPIC_PINS {
+        check_pin(service, shadow, devices, pin)?;
+    }
+    check_counts(service, shadow)?;
+    let mut handles: Vec<Handle> = shadow.live.iter().map(|c| c.handle).collect();
+    handles.dedup();
+    for h in handles {
+        check_handle(service, shadow, h)?;
+    }
+    if let Some(h) = shadow
+        .dead
+        .iter()
+        .find(|&&h| service.registry().get(h).is_some())
+    {
+        return Err(format!(
+            "handle {:#x} accepted after its disconnect",
+            h.raw()
+        ));
+    }
+    check_storm(service, shadow)
 }
 
 #[cfg(test)]
