@@ -292,7 +292,10 @@ fn user_mode_255_vcpus_whole_suite() {
 
 /// The evidence for the ISR quirk: told to ignore its probe, the guest
 /// fails exactly the EOI-timing tests under KVM's in-kernel irqchip, and
-/// nothing else changes.
+/// nothing else changes. The EOI-timing part of [`EOI_TIMING_PART`] may
+/// pass or fail: under the quirk the level pin's next delivery may or may
+/// not be pending before the move (the guest test's documentation), and
+/// this host has shown both.
 #[test]
 fn kernel_mode_strict_fails_exactly_the_eoi_timing_tests() {
     if !require_kvm() {
@@ -300,8 +303,13 @@ fn kernel_mode_strict_fails_exactly_the_eoi_timing_tests() {
     }
     let (r, rep, xml) = boot(Mode::Kernel, 4, &["--cmdline", "strict=1"], "strict-kernel");
     check_consistent(&r, &rep, &xml, Mode::Kernel, 4, true);
-    let failed: BTreeSet<&str> = rep.fail.keys().map(String::as_str).collect();
-    let timing: BTreeSet<&str> = EOI_TIMING.iter().chain(EOI_TIMING_PART).copied().collect();
+    let failed: BTreeSet<&str> = rep
+        .fail
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !EOI_TIMING_PART.contains(n))
+        .collect();
+    let timing: BTreeSet<&str> = EOI_TIMING.iter().copied().collect();
     assert_eq!(failed, timing, "{}", r.stdout);
     assert!(
         rep.fail["lapic_isr_set_in_handler_cleared_by_eoi"].contains("not set in its handler"),
@@ -310,7 +318,16 @@ fn kernel_mode_strict_fails_exactly_the_eoi_timing_tests() {
     );
     let mut normal = expected(Mode::Kernel, 4, true);
     normal.ok.retain(|n| !EOI_TIMING_PART.contains(&n.as_str()));
-    assert_eq!(rep.ok, normal.ok, "{}", r.stdout);
+    let mut ok = rep.ok.clone();
+    ok.retain(|n| !EOI_TIMING_PART.contains(&n.as_str()));
+    assert_eq!(ok, normal.ok, "{}", r.stdout);
+    for name in EOI_TIMING_PART {
+        assert!(
+            rep.ok.contains(*name) || rep.fail.contains_key(*name),
+            "{name} neither passed nor failed\n{}",
+            r.stdout
+        );
+    }
     // The usual skips but the EOI-timing ones (which ran, and failed).
     let skips: BTreeSet<&str> = rep.skip.keys().map(String::as_str).collect();
     let want: BTreeSet<&str> = normal

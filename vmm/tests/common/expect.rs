@@ -76,7 +76,7 @@ pub const EOI_TIMING: &[&str] = &[
 
 /// Tests that run under the ISR quirk but check their EOI-timing part only
 /// where the LAPIC holds ISR until EOI (or with `strict=1`, where that part
-/// fails under KVM's LAPIC).
+/// may fail under KVM's LAPIC).
 pub const EOI_TIMING_PART: &[&str] = &["retarget_level_remote_irr_redelivers_to_new_set"];
 
 /// The guest's skip reason for [`EOI_TIMING`] when its probe fails.
