@@ -470,13 +470,11 @@ fn sigusr1_then_exit_restores_user_mode() {
 
 /// SIGUSR1 with `--snapshot-then continue`: the VM finishes the run with
 /// every test passing, and its snapshot restores and finishes it again.
-#[test]
-fn sigusr1_then_continue_finishes_and_the_file_restores() {
+fn sigusr1_continue(mode: Mode) {
     if !require_kvm() {
         return;
     }
     let _one = ONE_VM.lock().unwrap_or_else(PoisonError::into_inner);
-    let mode = Mode::User;
     let snap = scratch("continue.snap");
     let tests = SIGNAL_TESTS.join(",");
     // One process with `--snapshot`: the `snapshot_` tests SIGNAL_TESTS
@@ -517,6 +515,21 @@ fn sigusr1_then_continue_finishes_and_the_file_restores() {
         "the restore ran other tests:\n{}",
         again.stdout
     );
+}
+
+#[test]
+fn sigusr1_then_continue_finishes_and_the_file_restores_kernel_mode() {
+    sigusr1_continue(Mode::Kernel);
+}
+
+#[test]
+fn sigusr1_then_continue_finishes_and_the_file_restores_split_mode() {
+    sigusr1_continue(Mode::Split);
+}
+
+#[test]
+fn sigusr1_then_continue_finishes_and_the_file_restores_user_mode() {
+    sigusr1_continue(Mode::User);
 }
 
 /// Bad files: each gets one line and exit status 3 before any guest runs.
