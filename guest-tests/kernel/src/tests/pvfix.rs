@@ -1100,6 +1100,33 @@ pub fn check_counts(dev: &Dev, base: (u32, u32), claimed: u32, n: u32) -> TestRe
     Ok(())
 }
 
+/// After a storm-masked pin's connection went: a new claiming connection
+/// of `s` (context slot 2, processors `online`) re-arms the pin (unmasked,
+/// on the device's vector), takes exactly 3 causes, and disconnects.
+pub fn rearmed_by_new_connect(s: &Dev, online: u64) -> TestResult {
+    let (pin, vector) = (s.line(), s.vector());
+    let again = CTX[2].bind(Some(s), Policy::One, online);
+    let h2 = connect_ok(s, &Args::of(s, 0, &CTX[2]))?;
+    let r = route(pin)?;
+    check!(
+        r.masked == 0 && r.vector == vector,
+        "pin {} not re-armed by a new CONNECT: masked {} vector {}",
+        crate::display::dec(pin),
+        crate::display::dec(r.masked),
+        crate::display::hex(r.vector)
+    );
+    let base = counters(s);
+    s.td.enable(true);
+    s.td.raise(3);
+    wait_for("the re-connected ISR to claim 3 causes", || {
+        again.claimed() >= 3
+    })?;
+    settle();
+    s.td.enable(false);
+    check_counts(s, base, again.claimed(), 3)?;
+    disconnect_ok(h2)
+}
+
 /// The device's (assert, ack) counters now.
 pub fn counters(dev: &Dev) -> (u32, u32) {
     (dev.td.assert_count(), dev.td.ack_count())

@@ -581,26 +581,7 @@ fn storm_run(devs: &[Option<Dev>; MAX_DEVICES], threshold: u32) -> TestResult {
     s.td.drain(10);
     disconnect_ok(hs)?;
     let online = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
-    let again = CTX[2].bind(Some(&s), Policy::One, online);
-    let h2 = connect_ok(&s, &Args::of(&s, 0, &CTX[2]))?;
-    let r = route(pin)?;
-    check!(
-        r.masked == 0 && r.vector == vector,
-        "pin {} not re-armed by a new CONNECT: masked {} vector {}",
-        crate::display::dec(pin),
-        crate::display::dec(r.masked),
-        crate::display::hex(r.vector)
-    );
-    let base = counters(&s);
-    s.td.enable(true);
-    s.td.raise(3);
-    pvfix::wait_for("the re-connected ISR to claim 3 causes", || {
-        again.claimed() >= 3
-    })?;
-    pvfix::settle();
-    s.td.enable(false);
-    check_counts(&s, base, again.claimed(), 3)?;
-    disconnect_ok(h2)
+    pvfix::rearmed_by_new_connect(&s, online)
 }
 
 // ---- PV connections and handles ----

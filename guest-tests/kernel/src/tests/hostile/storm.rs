@@ -259,26 +259,7 @@ fn storm(devs: &[Option<Dev>; MAX_DEVICES], masked_before: u32, threshold: u32) 
         crate::display::dec(r.masked),
         crate::display::dec(r.connections)
     );
-    let again = CTX[2].bind(Some(&s), Policy::One, online);
-    let h2 = connect_ok(&s, &Args::of(&s, 0, &CTX[2]))?;
-    let r = route(pin)?;
-    check!(
-        r.masked == 0 && r.vector == vector,
-        "pin {} not re-armed by a new CONNECT: masked {} vector {}",
-        crate::display::dec(pin),
-        crate::display::dec(r.masked),
-        crate::display::hex(r.vector)
-    );
-    let s_base = counters(&s);
-    s.td.enable(true);
-    s.td.raise(3);
-    pvfix::wait_for("the re-connected ISR to claim 3 causes", || {
-        again.claimed() >= 3
-    })?;
-    pvfix::settle();
-    s.td.enable(false);
-    check_counts(&s, s_base, again.claimed(), 3)?;
-    disconnect_ok(h2)?;
+    pvfix::rearmed_by_new_connect(&s, online)?;
     b.td.enable(false);
     disconnect_ok(hb)?;
     Ok(())
