@@ -48,6 +48,17 @@ pub(crate) struct MsidevSpec {
 pub(crate) struct MsiDevice {
     spec: MsidevSpec,
     sink: Arc<dyn MsiSink>,
+    /// Everything that changes: what a snapshot saves.
+    state: MsidevState,
+}
+
+/// Shared between the bus (vCPU threads) and the PV service.
+pub(crate) type SharedMsidev = Arc<Mutex<MsiDevice>>;
+
+/// A message-signaled test device's state: what changes as it runs, and
+/// what a snapshot saves (its spec is the VM's configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MsidevState {
     /// Bit `k`: message `k` masked.
     mask: u32,
     /// Bit `k`: message `k` fired while masked, not sent yet.
@@ -64,23 +75,6 @@ pub(crate) struct MsiDevice {
     bad_accesses: u64,
 }
 
-/// Shared between the bus (vCPU threads) and the PV service.
-pub(crate) type SharedMsidev = Arc<Mutex<MsiDevice>>;
-
-/// A message-signaled test device's snapshot state (its spec is the VM's
-/// configuration).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct MsidevState {
-    mask: u32,
-    pending: u32,
-    select: u32,
-    programmed: Vec<Option<MessageRoute>>,
-    sent: Vec<u32>,
-    dropped: u32,
-    send_errors: u64,
-    bad_accesses: u64,
-}
-
 impl MsiDevice {
     /// The device `spec` describes, sending through `sink`; its count is
     /// clamped to [`MAX_MESSAGES`] (the device table never asks for more).
@@ -93,14 +87,16 @@ impl MsiDevice {
         Self {
             spec,
             sink,
-            mask: 0,
-            pending: 0,
-            select: 0,
-            programmed: vec![None; n],
-            sent: vec![0; n],
-            dropped: 0,
-            send_errors: 0,
-            bad_accesses: 0,
+            state: MsidevState {
+                mask: 0,
+                pending: 0,
+                select: 0,
+                programmed: vec![None; n],
+                sent: vec![0; n],
+                dropped: 0,
+                send_errors: 0,
+                bad_accesses: 0,
+            },
         }
     }
 
@@ -116,28 +112,7 @@ impl MsiDevice {
 
     /// The snapshot state.
     pub(crate) fn save(&self) -> MsidevState {
-        let Self {
-            spec: _,
-            sink: _,
-            mask,
-            pending,
-            select,
-            programmed,
-            sent,
-            dropped,
-            send_errors,
-            bad_accesses,
-        } = self;
-        MsidevState {
-            mask: *mask,
-            pending: *pending,
-            select: *select,
-            programmed: programmed.clone(),
-            sent: sent.clone(),
-            dropped: *dropped,
-            send_errors: *send_errors,
-            bad_accesses: *bad_accesses,
-        }
+        self.state.clone()
     }
 
     /// Restores a snapshot state of a device with this one's message count.
@@ -151,21 +126,18 @@ impl MsiDevice {
             ));
         }
         let all = self.all_messages();
-        self.mask = state.mask & all;
-        self.pending = state.pending & all;
-        self.select = state.select;
-        self.programmed.clone_from(&state.programmed);
-        self.sent.clone_from(&state.sent);
-        self.dropped = state.dropped;
-        self.send_errors = state.send_errors;
-        self.bad_accesses = state.bad_accesses;
+        self.state = MsidevState {
+            mask: state.mask & all,
+            pending: state.pending & all,
+            ..state.clone()
+        };
         Ok(())
     }
 
     /// The PV service (re)programs message `k`: `None` unprograms it.
     /// Ignored for a message the device lacks.
     pub(crate) fn program(&mut self, k: u8, route: Option<MessageRoute>) {
-        if let Some(slot) = self.programmed.get_mut(usize::from(k)) {
+        if let Some(slot) = self.state.programmed.get_mut(usize::from(k)) {
             *slot = route;
         }
     }
@@ -173,27 +145,27 @@ impl MsiDevice {
     /// Message `k`'s programming.
     #[cfg(test)]
     pub(crate) fn programmed(&self, k: u8) -> Option<MessageRoute> {
-        self.programmed.get(usize::from(k)).copied().flatten()
+        self.state.programmed.get(usize::from(k)).copied().flatten()
     }
 
     /// Accesses the model ignored.
     pub(crate) fn bad_accesses(&self) -> u64 {
-        self.bad_accesses
+        self.state.bad_accesses
     }
 
     /// Sends the interrupt controller refused.
     pub(crate) fn send_errors(&self) -> u64 {
-        self.send_errors
+        self.state.send_errors
     }
 
     /// Sends of every message.
     pub(crate) fn sent_total(&self) -> u64 {
-        self.sent.iter().map(|&n| u64::from(n)).sum()
+        self.state.sent.iter().map(|&n| u64::from(n)).sum()
     }
 
     /// Raises dropped for want of an address.
     pub(crate) fn dropped(&self) -> u32 {
-        self.dropped
+        self.state.dropped
     }
 
     fn bit(k: u32) -> u32 {
@@ -209,8 +181,8 @@ impl MsiDevice {
 
     /// A 32-bit register read.
     pub(crate) fn read(&mut self, offset: u16) -> u32 {
-        let selected = usize::try_from(self.select).ok();
-        let route = selected.and_then(|k| self.programmed.get(k).copied().flatten());
+        let selected = usize::try_from(self.state.select).ok();
+        let route = selected.and_then(|k| self.state.programmed.get(k).copied().flatten());
         match offset {
             reg::ID => encode_id(
                 self.spec.device_id,
@@ -220,18 +192,18 @@ impl MsiDevice {
                 },
                 self.spec.count,
             ),
-            reg::MASK => self.mask,
-            reg::PENDING => self.pending,
-            reg::SELECT => self.select,
+            reg::MASK => self.state.mask,
+            reg::PENDING => self.state.pending,
+            reg::SELECT => self.state.select,
             reg::ADDRESS_LO => route.map_or(0, |r| r.address as u32),
             reg::ADDRESS_HI => route.map_or(0, |r| (r.address >> 32) as u32),
             reg::DATA => route.map_or(0, |r| r.data),
             reg::SENT => selected
-                .and_then(|k| self.sent.get(k).copied())
+                .and_then(|k| self.state.sent.get(k).copied())
                 .unwrap_or(0),
-            reg::DROPPED => self.dropped,
+            reg::DROPPED => self.state.dropped,
             _ => {
-                self.bad_accesses += 1;
+                self.state.bad_accesses += 1;
                 u32::MAX
             }
         }
@@ -243,28 +215,28 @@ impl MsiDevice {
             reg::RAISE => self.raise(value),
             reg::MASK => {
                 let value = value & self.all_messages();
-                let unmasked = self.mask & !value;
-                self.mask = value;
+                let unmasked = self.state.mask & !value;
+                self.state.mask = value;
                 // Unmasking a pending message sends it once.
-                let due = unmasked & self.pending;
-                self.pending &= !due;
+                let due = unmasked & self.state.pending;
+                self.state.pending &= !due;
                 for k in 0..u32::from(self.spec.count) {
                     if due & Self::bit(k) != 0 {
                         self.send(k);
                     }
                 }
             }
-            reg::SELECT => self.select = value,
-            _ => self.bad_accesses += 1,
+            reg::SELECT => self.state.select = value,
+            _ => self.state.bad_accesses += 1,
         }
     }
 
     /// Message `k` fires.
     fn raise(&mut self, k: u32) {
         if k >= u32::from(self.spec.count) {
-            self.bad_accesses += 1;
-        } else if self.mask & Self::bit(k) != 0 {
-            self.pending |= Self::bit(k);
+            self.state.bad_accesses += 1;
+        } else if self.state.mask & Self::bit(k) != 0 {
+            self.state.pending |= Self::bit(k);
         } else {
             self.send(k);
         }
@@ -275,19 +247,19 @@ impl MsiDevice {
         let Some(i) = usize::try_from(k).ok() else {
             return;
         };
-        let Some(route) = self.programmed.get(i).copied().flatten() else {
-            self.dropped = self.dropped.wrapping_add(1);
+        let Some(route) = self.state.programmed.get(i).copied().flatten() else {
+            self.state.dropped = self.state.dropped.wrapping_add(1);
             return;
         };
         match self.sink.signal_msi(route.address, route.data) {
             Ok(()) => {
-                if let Some(n) = self.sent.get_mut(i) {
+                if let Some(n) = self.state.sent.get_mut(i) {
                     *n = n.wrapping_add(1);
                 }
             }
             Err(e) => {
-                self.send_errors += 1;
-                if self.send_errors == 1 {
+                self.state.send_errors += 1;
+                if self.state.send_errors == 1 {
                     log::warn!(
                         "message-signaled test device {}: message {k} not sent: {e}",
                         self.spec.index
@@ -322,7 +294,7 @@ impl BusDevice for MsidevPort {
                 data.copy_from_slice(&dev.read(offset).to_le_bytes());
             }
             _ => {
-                dev.bad_accesses += 1;
+                dev.state.bad_accesses += 1;
                 data.fill(0xff);
             }
         }
@@ -334,7 +306,7 @@ impl BusDevice for MsidevPort {
             (Ok(offset), Ok(bytes)) if offset % 4 == 0 => {
                 dev.write(offset, u32::from_le_bytes(bytes));
             }
-            _ => dev.bad_accesses += 1,
+            _ => dev.state.bad_accesses += 1,
         }
     }
 }
