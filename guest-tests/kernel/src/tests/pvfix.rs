@@ -413,17 +413,23 @@ fn quiesce(env: &Env) -> u32 {
         left += m.md.quiet(m.count()).count_ones();
     }
     for d in env.all() {
-        d.td.timer_stop();
-        d.td.enable(false);
-        d.td.drain(100_000);
+        quiet(d);
         left += d.td.status();
-        for r in d.obj.allocated_resources_translated() {
-            if let Ok(line) = u8::try_from(r.line) {
-                lines::set(line, false);
-            }
-        }
     }
     left
+}
+
+/// Stops every cause of `d`: timer off, source disabled, causes drained,
+/// its lines low.
+fn quiet(d: &Dev) {
+    d.td.timer_stop();
+    d.td.enable(false);
+    d.td.drain(100_000);
+    for r in d.obj.allocated_resources_translated() {
+        if let Ok(line) = u8::try_from(r.line) {
+            lines::set(line, false);
+        }
+    }
 }
 
 /// The started devices: with line resources and a test device, and with
@@ -1096,6 +1102,58 @@ pub fn check_counts(dev: &Dev, base: (u32, u32), claimed: u32, n: u32) -> TestRe
         crate::display::dec(acks),
         crate::display::dec(claimed),
         crate::display::dec(n)
+    );
+    Ok(())
+}
+
+/// Device objects started for the first `count` devices of the host's
+/// table (those with a test device), by id.
+pub fn started_devices(count: u32) -> [Option<Dev>; MAX_DEVICES] {
+    let mut out = [None; MAX_DEVICES];
+    for (id, slot) in out.iter_mut().enumerate().take(count as usize) {
+        if let (Ok(obj), Some(td)) = (DEVICE_OBJECT::start(id as u32), TestDev::new(id as u32)) {
+            *slot = Some(Dev { obj, td });
+        }
+    }
+    out
+}
+
+/// Stops every cause of `devs` ([`quiet`]).
+pub fn quiesce_all(devs: &[Option<Dev>; MAX_DEVICES]) {
+    devs.iter().flatten().for_each(quiet);
+}
+
+/// The first (or, `last`, the last) device of `devs` with one exclusive
+/// resource of `mode`.
+pub fn exclusive(
+    devs: &[Option<Dev>; MAX_DEVICES],
+    mode: KINTERRUPT_MODE,
+    last: bool,
+) -> Option<Dev> {
+    let mut it = devs.iter().flatten().filter(|d| {
+        let r = d.res(0);
+        d.res_count() == 1 && !r.share_vector() && r.interrupt_mode() == mode
+    });
+    if last { it.next_back() } else { it.next() }.copied()
+}
+
+/// After one storm and a full disconnect: the host masked exactly one
+/// more pin than at `start` and holds as many objects and connections.
+pub fn check_storm_aftermath(start: &QueryPlatform) -> TestResult {
+    let end = platform()?;
+    check!(
+        end.storm_masked_pins == start.storm_masked_pins + 1,
+        "storm_masked_pins went from {} to {}, expected one more",
+        crate::display::dec(start.storm_masked_pins),
+        crate::display::dec(end.storm_masked_pins)
+    );
+    check!(
+        end.objects_in_use == start.objects_in_use && end.connections == start.connections,
+        "host not back at its baseline: {} objects / {} connections, was {} / {}",
+        crate::display::dec(end.objects_in_use),
+        crate::display::dec(end.connections),
+        crate::display::dec(start.objects_in_use),
+        crate::display::dec(start.connections)
     );
     Ok(())
 }

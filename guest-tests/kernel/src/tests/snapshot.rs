@@ -30,8 +30,7 @@ use crate::ioapic::{self, RTE_REMOTE_IRR, Rte};
 use crate::lapic::{self, Delivery, Dest};
 use crate::runner::{Failure, Test, TestResult};
 use crate::snapshot::{self, Resumed};
-use crate::testdev::TestDev;
-use crate::wdm::{self, DEVICE_OBJECT, KAFFINITY, KINTERRUPT, KINTERRUPT_MODE, PVOID};
+use crate::wdm::{self, KAFFINITY, KINTERRUPT, KINTERRUPT_MODE, PVOID};
 use crate::{check, cpu, fail, interrupts, irql, lines, percpu, println, pv, skip, smp, time};
 
 /// The suite.
@@ -421,29 +420,6 @@ fn storm_isr(_interrupt: &KINTERRUPT, _context: PVOID) -> bool {
     false
 }
 
-fn storm_devices(count: u32) -> [Option<Dev>; MAX_DEVICES] {
-    let mut out = [None; MAX_DEVICES];
-    for (id, slot) in out.iter_mut().enumerate().take(count as usize) {
-        if let (Ok(obj), Some(td)) = (DEVICE_OBJECT::start(id as u32), TestDev::new(id as u32)) {
-            *slot = Some(Dev { obj, td });
-        }
-    }
-    out
-}
-
-fn storm_quiesce(devs: &[Option<Dev>; MAX_DEVICES]) {
-    for d in devs.iter().flatten() {
-        d.td.timer_stop();
-        d.td.enable(false);
-        d.td.drain(100_000);
-        for r in d.obj.allocated_resources_translated() {
-            if let Ok(line) = u8::try_from(r.line) {
-                lines::set(line, false);
-            }
-        }
-    }
-}
-
 /// A storm of unclaimed level re-deliveries (as in
 /// `hostile_storm_unclaimed_level_is_masked`) with the snapshot taken by
 /// the ISR at half the host's threshold: after the resume the storm guard
@@ -459,42 +435,17 @@ fn storm_count() -> TestResult {
     if start.irqchip_mode == irqchip_mode::KERNEL {
         skip!("storm guard needs our IOAPIC (split/user)");
     }
-    let devs = storm_devices(start.device_count);
-    storm_quiesce(&devs);
+    let devs = pvfix::started_devices(start.device_count);
+    pvfix::quiesce_all(&devs);
     let result = storm_run(&devs, start.storm_threshold);
     wdm::disconnect_all();
-    storm_quiesce(&devs);
+    pvfix::quiesce_all(&devs);
     result?;
-    let end = pvfix::platform()?;
-    check!(
-        end.storm_masked_pins == start.storm_masked_pins + 1,
-        "storm_masked_pins went from {} to {}, expected one more",
-        crate::display::dec(start.storm_masked_pins),
-        crate::display::dec(end.storm_masked_pins)
-    );
-    check!(
-        end.objects_in_use == start.objects_in_use && end.connections == start.connections,
-        "host not back at its baseline: {} objects / {} connections, was {} / {}",
-        crate::display::dec(end.objects_in_use),
-        crate::display::dec(end.connections),
-        crate::display::dec(start.objects_in_use),
-        crate::display::dec(start.connections)
-    );
-    Ok(())
+    pvfix::check_storm_aftermath(&start)
 }
 
 fn storm_run(devs: &[Option<Dev>; MAX_DEVICES], threshold: u32) -> TestResult {
-    let Some(s) = devs
-        .iter()
-        .flatten()
-        .rfind(|d| {
-            let r = d.res(0);
-            d.res_count() == 1
-                && !r.share_vector()
-                && r.interrupt_mode() == KINTERRUPT_MODE::LevelSensitive
-        })
-        .copied()
-    else {
+    let Some(s) = pvfix::exclusive(devs, KINTERRUPT_MODE::LevelSensitive, true) else {
         skip!("the host's device table has no exclusive level device");
     };
     s.check_wiring()?;

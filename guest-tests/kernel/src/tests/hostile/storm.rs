@@ -20,9 +20,8 @@ use super::pvfix::{
 };
 use super::{check_suite_baseline, expect_host_counter, record_suite_baseline};
 use crate::runner::TestResult;
-use crate::testdev::TestDev;
-use crate::wdm::{self, DEVICE_OBJECT, KINTERRUPT, KINTERRUPT_MODE, PVOID};
-use crate::{check, fail, lines, percpu, println, skip, time};
+use crate::wdm::{self, KINTERRUPT, KINTERRUPT_MODE, PVOID};
+use crate::{check, fail, percpu, println, skip, time};
 
 /// How long the storm may take before the test gives up (the guest runs
 /// emulated here: about 4M instructions/s, and a delivery costs a few
@@ -45,39 +44,6 @@ fn never_claims(_interrupt: &KINTERRUPT, _context: PVOID) -> bool {
 }
 
 /// Every device of the host's table, quiet.
-fn devices(count: u32) -> ([Option<Dev>; MAX_DEVICES], usize) {
-    let mut out = [None; MAX_DEVICES];
-    let mut n = 0;
-    for (id, slot) in out.iter_mut().enumerate().take(count as usize) {
-        if let (Ok(obj), Some(td)) = (DEVICE_OBJECT::start(id as u32), TestDev::new(id as u32)) {
-            *slot = Some(Dev { obj, td });
-            n += 1;
-        }
-    }
-    (out, n)
-}
-
-fn quiesce(devs: &[Option<Dev>; MAX_DEVICES]) {
-    for d in devs.iter().flatten() {
-        d.td.timer_stop();
-        d.td.enable(false);
-        d.td.drain(100_000);
-        for r in d.obj.allocated_resources_translated() {
-            if let Ok(line) = u8::try_from(r.line) {
-                lines::set(line, false);
-            }
-        }
-    }
-}
-
-fn exclusive(devs: &[Option<Dev>; MAX_DEVICES], mode: KINTERRUPT_MODE, last: bool) -> Option<Dev> {
-    let mut it = devs.iter().flatten().filter(|d| {
-        let r = d.res(0);
-        d.res_count() == 1 && !r.share_vector() && r.interrupt_mode() == mode
-    });
-    if last { it.next_back() } else { it.next() }.copied()
-}
-
 /// The test: skips without the PV device and in kernel mode (KVM's IOAPIC:
 /// the VMM never sees the EOIs, so there is no storm guard).
 pub fn run() -> TestResult {
@@ -87,37 +53,23 @@ pub fn run() -> TestResult {
     if start.irqchip_mode == irqchip_mode::KERNEL {
         skip!("storm guard needs our IOAPIC (split/user)");
     }
-    let (devs, _) = devices(start.device_count);
-    quiesce(&devs);
+    let devs = pvfix::started_devices(start.device_count);
+    pvfix::quiesce_all(&devs);
     let result = storm(&devs, start.storm_masked_pins, start.storm_threshold);
     wdm::disconnect_all();
-    quiesce(&devs);
+    pvfix::quiesce_all(&devs);
     result?;
-    let end = pvfix::platform()?;
-    check!(
-        end.storm_masked_pins == start.storm_masked_pins + 1,
-        "storm_masked_pins went from {} to {}, expected one more",
-        crate::display::dec(start.storm_masked_pins),
-        crate::display::dec(end.storm_masked_pins)
-    );
-    check!(
-        end.objects_in_use == start.objects_in_use && end.connections == start.connections,
-        "host not back at its baseline: {} objects / {} connections, was {} / {}",
-        crate::display::dec(end.objects_in_use),
-        crate::display::dec(end.connections),
-        crate::display::dec(start.objects_in_use),
-        crate::display::dec(start.connections)
-    );
+    pvfix::check_storm_aftermath(&start)?;
     check_suite_baseline()
 }
 
 fn storm(devs: &[Option<Dev>; MAX_DEVICES], masked_before: u32, threshold: u32) -> TestResult {
-    let Some(s) = exclusive(devs, KINTERRUPT_MODE::LevelSensitive, true) else {
+    let Some(s) = pvfix::exclusive(devs, KINTERRUPT_MODE::LevelSensitive, true) else {
         skip!("the host's device table has no exclusive level device");
     };
-    let Some(b) = exclusive(devs, KINTERRUPT_MODE::LevelSensitive, false)
+    let Some(b) = pvfix::exclusive(devs, KINTERRUPT_MODE::LevelSensitive, false)
         .filter(|b| b.id() != s.id())
-        .or_else(|| exclusive(devs, KINTERRUPT_MODE::Latched, false))
+        .or_else(|| pvfix::exclusive(devs, KINTERRUPT_MODE::Latched, false))
     else {
         skip!("the host's device table has no second exclusive device");
     };
