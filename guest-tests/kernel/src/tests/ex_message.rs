@@ -16,7 +16,7 @@ use irqconnect_abi::pv::{irq_policy, message_table_size, platform_flags};
 
 use super::fixture::need_cpus;
 use super::msgfix::{
-    MAX_MSG, MCTX, MCtx, check_exact, connect_messages, connect_table, disconnect_messages,
+    self, MAX_MSG, MCTX, MCtx, check_exact, connect_messages, connect_table, disconnect_messages,
     disconnect_table, message_isr, params, raise_one, sent_now, settle_io, taken_now, wait_io,
 };
 use super::pvfix::{
@@ -746,23 +746,7 @@ fn masked_pending(env: &Env) -> TestResult {
         crate::display::dec(m.md.sent(k).wrapping_sub(sent0[k as usize])),
         crate::display::dec(ctx.total())
     );
-    m.md.set_mask(m.all() & !(1 << k));
-    wait_io(&m, "the pending message after its unmask", || {
-        ctx.handled(k as usize) >= 1
-    })?;
-    settle_io(&m);
-    check!(
-        m.md.pending() == 0,
-        "pending {} after the unmask",
-        crate::display::hex(m.md.pending())
-    );
-    check_exact(&m, ctx, t, &sent0, &taken0, |i| u32::from(i as u32 == k))?;
-    raise_one(&m, ctx, k, 2)?;
-    settle_io(&m);
-    m.md.set_mask(m.all());
-    check_exact(&m, ctx, t, &sent0, &taken0, |i| {
-        2 * u32::from(i as u32 == k)
-    })?;
+    msgfix::unmask_delivers_pending_once(&m, ctx, t, k, &sent0, &taken0)?;
     ctx.check_clean("masking")?;
     disconnect_messages(t)
 }

@@ -458,3 +458,32 @@ pub fn check_exact(
     }
     Ok(())
 }
+
+/// Message `k` of `m` is masked with its pending bit set (nothing else
+/// pending or sent since `sent0` / `taken0`): unmasking it delivers it
+/// exactly once and clears the bit; raised again it arrives once more;
+/// then every message is masked again.
+pub fn unmask_delivers_pending_once(
+    m: &MsgDev,
+    ctx: &MCtx,
+    t: PIO_INTERRUPT_MESSAGE_INFO,
+    k: u32,
+    sent0: &[u32; MAX_MSG],
+    taken0: &[Taken; MAX_MSG],
+) -> TestResult {
+    m.md.set_mask(m.all() & !(1 << k));
+    wait_io(m, "the pending message after its unmask", || {
+        ctx.handled(k as usize) >= 1
+    })?;
+    settle_io(m);
+    check!(
+        m.md.pending() == 0,
+        "pending {} after the unmask",
+        crate::display::hex(m.md.pending())
+    );
+    check_exact(m, ctx, t, sent0, taken0, |i| u32::from(i as u32 == k))?;
+    raise_one(m, ctx, k, 2)?;
+    settle_io(m);
+    m.md.set_mask(m.all());
+    check_exact(m, ctx, t, sent0, taken0, |i| 2 * u32::from(i as u32 == k))
+}

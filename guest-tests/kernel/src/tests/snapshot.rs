@@ -19,8 +19,7 @@ use irqconnect_abi::pv::{Connect, irqchip_mode};
 
 use super::fixture::{self, PIN_A, PIN_B, apic_id, count, need_cpus};
 use super::msgfix::{
-    MCTX, check_exact, connect_messages, disconnect_messages, raise_one, sent_now, settle_io,
-    taken_now, wait_io,
+    self, MCTX, connect_messages, disconnect_messages, sent_now, settle_io, taken_now,
 };
 use super::pvfix::{
     self, Args, CTX, Dev, Env, MAX_DEVICES, MsgDev, Policy, check_counts, connect_ok, counters,
@@ -733,23 +732,7 @@ fn message_pending(env: &Env) -> TestResult {
         crate::display::dec(before.2),
         crate::display::dec(before.3)
     );
-    m.md.set_mask(m.all() & !(1 << k));
-    wait_io(&m, "the pending message after its unmask", || {
-        ctx.handled(k as usize) >= 1
-    })?;
-    settle_io(&m);
-    check!(
-        m.md.pending() == 0,
-        "pending {} after the unmask",
-        crate::display::hex(m.md.pending())
-    );
-    check_exact(&m, ctx, t, &sent0, &taken0, |i| u32::from(i as u32 == k))?;
-    raise_one(&m, ctx, k, 2)?;
-    settle_io(&m);
-    m.md.set_mask(m.all());
-    check_exact(&m, ctx, t, &sent0, &taken0, |i| {
-        2 * u32::from(i as u32 == k)
-    })?;
+    msgfix::unmask_delivers_pending_once(&m, ctx, t, k, &sent0, &taken0)?;
     ctx.check_clean("across the snapshot")?;
     disconnect_messages(t)
 }
