@@ -109,11 +109,10 @@ impl Platform {
                 got: facts.apic_ids.len(),
             });
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for &id in &facts.apic_ids {
-            if !seen.insert(id) {
-                return Err(Error::DuplicateApicId { apic_id: id });
-            }
+        let mut sorted = facts.apic_ids.clone();
+        sorted.sort_unstable();
+        if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(Error::DuplicateApicId { apic_id: pair[0] });
         }
         if facts.online_mask == 0 || facts.online_mask & !present_mask(facts.cpu_count) != 0 {
             return Err(Error::OnlineMaskInvalid {

@@ -586,10 +586,16 @@ impl Service {
     ///   (storm-masked pins aside, which must read masked).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.registry.check_consistency()?;
-        self.check_connections()
+        self.check_connections()?;
+        for pin in 0..IOAPIC_PINS {
+            self.check_route(pin)?;
+        }
+        Ok(())
     }
 
-    /// [`Service::check_invariants`] but the registry's own consistency.
+    /// [`Service::check_invariants`] but the registry's own consistency
+    /// and the routes: what a restore checks, whose routes it has just
+    /// computed from the restored connections.
     fn check_connections(&self) -> Result<(), String> {
         for (h, c) in self.registry.iter() {
             self.check_connection(h, c)?;
@@ -599,9 +605,6 @@ impl Service {
         }
         for vector in self.registry.vectors_in_use() {
             self.check_chains(vector)?;
-        }
-        for pin in 0..IOAPIC_PINS {
-            self.check_route(pin)?;
         }
         Ok(())
     }
@@ -822,7 +825,8 @@ impl Service {
             routes,
             storm_masked_pins: state.storm_masked_pins,
         };
-        // `Registry::from_state` checked the registry's consistency.
+        // `Registry::from_state` checked the registry's consistency, and
+        // the routes were just computed from it (the storm marks aside).
         service
             .check_connections()
             .map_err(|what| Error::SnapshotInconsistent { what })?;

@@ -85,11 +85,16 @@ pub(super) struct Topo {
     pub(super) model: ApicModel,
     /// One or two readings of every local APIC (which must agree).
     pub(super) readings: Vec<Vec<ApicTarget>>,
+    /// [`logical_member`] of every processor, worked out once from the
+    /// readings (they never change: a new model builds a new `Topo`).
+    members: Vec<Option<(u32, u32)>>,
+    /// [`ref_broadcast_alias`], worked out once from `members`.
+    broadcast_alias: Option<ProcessorSet>,
 }
 
 impl Topo {
     pub(super) fn new(platform: &Platform, model: ApicModel) -> Self {
-        Self {
+        let mut topo = Self {
             cpus: platform.cpu_count(),
             present: platform.present(),
             online: platform.online(),
@@ -98,7 +103,14 @@ impl Topo {
             apic_ids: platform.apic_ids().to_vec(),
             model,
             readings: readings(platform, model),
-        }
+            members: Vec::new(),
+            broadcast_alias: None,
+        };
+        topo.members = (0..topo.cpus)
+            .map(|p| read_logical_member(&topo, p))
+            .collect();
+        topo.broadcast_alias = ref_broadcast_alias(&topo);
+        topo
     }
 
     pub(super) fn group_online(&self, group: u16) -> u64 {
@@ -188,8 +200,9 @@ pub(super) fn msi_reach(
 /// Processors one logical destination can address together under the
 /// readings: keyed by (processor group, cluster), with each processor's
 /// member bit, read from the (first) reading's LDR; for two readings only
-/// the processors whose LDRs agree.
-fn logical_member(topo: &Topo, p: u32) -> Option<(u32, u32)> {
+/// the processors whose LDRs agree. Read once per processor into
+/// `Topo::members` ([`logical_member`] looks it up).
+fn read_logical_member(topo: &Topo, p: u32) -> Option<(u32, u32)> {
     let first = topo.readings.first()?.get(p as usize)?;
     if topo.readings.iter().any(|r| {
         r.get(p as usize)
@@ -204,6 +217,11 @@ fn logical_member(topo: &Topo, p: u32) -> Option<(u32, u32)> {
     let fits = u64::from(dest) < 1u64 << topo.width.min(if first.x2apic { 32 } else { 8 });
     let broadcast_cluster = !first.x2apic && !first.dfr_flat && cluster == 0xf0;
     (fits && !broadcast_cluster).then_some((cluster, bit))
+}
+
+/// [`read_logical_member`] of processor `p`, as `Topo::new` worked it out.
+fn logical_member(topo: &Topo, p: u32) -> Option<(u32, u32)> {
+    topo.members.get(p as usize).copied().flatten()
 }
 
 /// (cluster part, member bit) of a target's LDR as a destination reads it;
@@ -221,7 +239,7 @@ fn logical_bits(t: &ApicTarget) -> Option<(u32, u32)> {
 
 /// The processors of one (group, cluster) whose logical destination,
 /// read from the local APICs, is the broadcast 0xFF without their being
-/// every processor.
+/// every processor. Worked out once per `Topo` (`Topo::broadcast_alias`).
 fn ref_broadcast_alias(topo: &Topo) -> Option<ProcessorSet> {
     let mut keys: Vec<(u32, u32)> = Vec::new();
     for p in topo.present.iter() {
@@ -389,7 +407,7 @@ fn route_and_chain(
     // cluster) whose destination is the broadcast without being every
     // processor: this one gives up its highest processor there that the
     // vector's other connections inside that set lack.
-    if let Some(alias) = ref_broadcast_alias(&shadow.topo)
+    if let Some(alias) = shadow.topo.broadcast_alias
         && effective.is_subset(&alias)
     {
         let inside = shadow
