@@ -204,6 +204,8 @@ pub struct Topology {
     apic_ids: Vec<u32>,
     /// Per processor: its bit in a logical destination of its domain.
     logical_bit: Vec<u32>,
+    /// [`Topology::broadcast_aliases`], worked out once from the rest.
+    aliases: Vec<ProcessorSet>,
 }
 
 impl Topology {
@@ -283,14 +285,17 @@ impl Topology {
                 domain(members, 0);
             }
         }
-        Self {
+        let mut topology = Self {
             model,
             present: platform.present(),
             physical,
             domains,
             apic_ids,
             logical_bit,
-        }
+            aliases: Vec::new(),
+        };
+        topology.aliases = topology.find_broadcast_aliases();
+        topology
     }
 
     /// The guest's model this topology follows.
@@ -312,17 +317,25 @@ impl Topology {
     /// keeps every union of a vector's connections off them
     /// ([`crate::validate::routable`]).
     pub fn broadcast_aliases(&self) -> impl Iterator<Item = ProcessorSet> + '_ {
-        self.domains.iter().filter_map(|d| {
-            let set: ProcessorSet = d
-                .members
-                .iter()
-                .filter(|&p| {
-                    let bit = self.logical_bit.get(p as usize).copied().unwrap_or(0);
-                    (d.base | bit) & !XAPIC_BROADCAST == 0
-                })
-                .collect();
-            (self.encode(d, &set) == XAPIC_BROADCAST && set != self.present).then_some(set)
-        })
+        self.aliases.iter().copied()
+    }
+
+    /// [`Topology::broadcast_aliases`] from the domains, once per topology.
+    fn find_broadcast_aliases(&self) -> Vec<ProcessorSet> {
+        self.domains
+            .iter()
+            .filter_map(|d| {
+                let set: ProcessorSet = d
+                    .members
+                    .iter()
+                    .filter(|&p| {
+                        let bit = self.logical_bit.get(p as usize).copied().unwrap_or(0);
+                        (d.base | bit) & !XAPIC_BROADCAST == 0
+                    })
+                    .collect();
+                (self.encode(d, &set) == XAPIC_BROADCAST && set != self.present).then_some(set)
+            })
+            .collect()
     }
 
     /// The destination reaching the most processors of `wanted`, together
