@@ -46,8 +46,9 @@
 //! - NMIs are counted as KVM's `process_nmi` and the SDM's NMI latch
 //!   allow: an NMI reaching an enabled APIC (a bus message, or a local
 //!   source in NMI mode) is latched while fewer than two are pending and
-//!   merges into them at two; the vCPU loop takes exactly the count, and
-//!   an INIT or a reset clears it;
+//!   merges into them at two; the vCPU loop takes exactly the count, an
+//!   INIT clears it, and a global disable or enable (which resets the
+//!   registers) keeps it;
 //! - the IOAPIC sends, per pin, exactly what the reference model
 //!   ([`super::pin_model::RefIoapic`]) sends, Remote IRR sits on level pins
 //!   only, and every other observable matches the reference.
@@ -335,13 +336,23 @@ impl System {
         usize::from(input.u8()) % self.apics.len().max(1)
     }
 
-    /// vCPU `cpu`'s APIC was reset: nothing in service.
+    /// vCPU `cpu` took an INIT: its APIC was reset and its pending NMIs
+    /// dropped.
     fn reset(&mut self, cpu: usize) {
-        if let Some(set) = self.in_service.get_mut(cpu) {
-            *set = Vectors::default();
-        }
+        self.reset_registers(cpu);
         if let Some(n) = self.nmis.get_mut(cpu) {
             *n = 0;
+        }
+    }
+
+    /// vCPU `cpu`'s APIC registers were reset (IA32_APIC_BASE EN cleared or
+    /// set): nothing in service. The NMIs it had accepted stay pending: they
+    /// belong to the vCPU, not to the register file (KVM's
+    /// `kvm_lapic_set_base` leaves `nmi_pending` alone; only a vCPU reset,
+    /// as INIT does, drops them).
+    fn reset_registers(&mut self, cpu: usize) {
+        if let Some(set) = self.in_service.get_mut(cpu) {
+            *set = Vectors::default();
         }
     }
 
@@ -712,7 +723,7 @@ impl System {
             .apics
             .with(cpu, |l| l.msr_write(IA32_APIC_BASE, value, now).is_ok());
         if written == Some(true) && (before & BASE_EN != 0) != (value & BASE_EN != 0) {
-            self.reset(cpu);
+            self.reset_registers(cpu);
         }
         Ok(())
     }
@@ -971,6 +982,22 @@ mod tests {
             7, 1, // cpu 1 acknowledges
             8, 1, 0,  // cpu 1 EOIs: broadcast, re-delivery
             13, // snapshot
+        ];
+        assert_eq!(run(&data), Ok(()));
+    }
+
+    /// Found by the fuzzer (minimised): two NMIs pending on cpu 1 survive a
+    /// global disable and re-enable, so the next NMI merges; the oracle used
+    /// to forget them at the disable and expect a latch.
+    #[test]
+    fn regression_nmis_survive_global_disable() {
+        let data = [
+            0x00, 0x9d, 0x4e, 0x4e, // 2 vCPUs, directed EOI, IDs 0 and 1
+            0x32, 0x3b, 0x34, 0x13, 0x13,
+            0x01, // RTE: level NMI to APIC 1, pin asserted (active low)
+            0x05, 0x01, 0x00, // cpu 1 globally disabled
+            0x05, 0x23, 0xb5, // cpu 1 enabled again (xAPIC)
+            0x13, 0x13, 0x13, 0x13, // IOAPIC EOIs: the NMI is sent again
         ];
         assert_eq!(run(&data), Ok(()));
     }
