@@ -28,8 +28,18 @@
 //! | 14 | SVR write (software enable, EOI-broadcast suppression) |
 //! | 15 | x2APIC SELF IPI |
 //!
-//! Checked after every operation, with oracles independent of the code
-//! under test:
+//! Checked with oracles independent of the code under test: what an
+//! operation does (who a message reaches, what an acknowledge, EOI, CR8
+//! write or NMI gives) as it happens; the state invariants below after
+//! every operation on what it touched (the IOAPIC if it wrote it; the APICs
+//! a message had to reach or reached, the one a vCPU operation ran on,
+//! every APIC when time advances or a snapshot is taken), reading registers
+//! through [`Lapic::peek_register`] and the banks as words; and on the
+//! whole chip every 16 operations that touched something and after the
+//! last, reading every APIC through RDMSR and MMIO or x2APIC MSR reads on a
+//! copy (the guest's own interface), the banks' registers against the
+//! model's words, and, for APICs touched since the previous full check, the
+//! words against the per-vector accessors (`is_requested`, ...):
 //!
 //! - every bus message reaches exactly the APICs whose registers, read back
 //!   through MMIO or MSRs, match its destination and accept its delivery
