@@ -397,6 +397,26 @@ fn apic_system_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 .0,
         ),
         (
+            // Two vectors in service at once, the EOI must retire the
+            // higher; a TPR in the class of the highest in-service vector
+            // is the PPR (SDM Vol. 3A 11.8.3.1: ties go to the TPR).
+            "nested-in-service-and-tpr-tie",
+            Bytes::new(&[0x00, 0x00, 0x00])
+                .sy_svr(0)
+                .sy_ipi(0, 0x0004_4040, 0)
+                .sy_ack(0)
+                .sy_ipi(0, 0x0004_4050, 0)
+                .sy_ack(0)
+                .sy_reg(0, 1, 0x55)
+                .sy_reg(0, 1, 0)
+                .sy_eoi(0, 0)
+                .sy_ipi(0, 0x0004_4060, 0)
+                .sy_ack(0)
+                .sy_eoi(0, 2)
+                .sy_eoi(0, 0)
+                .0,
+        ),
+        (
             "timer-and-directed-eoi",
             Bytes::new(&[0x00, 0x80, 0x00])
                 .b(&[14, 0, 3])

@@ -480,6 +480,22 @@ impl Lapic {
         self.tmr.contains(v)
     }
 
+    /// The IRR as four words, vector `v` at bit `v % 64` of word `v / 64`:
+    /// [`Self::is_requested`] of all 256 vectors at once.
+    pub const fn requested_words(&self) -> [u64; 4] {
+        self.irr.0
+    }
+
+    /// The ISR as four words, laid out as [`Self::requested_words`].
+    pub const fn in_service_words(&self) -> [u64; 4] {
+        self.isr.0
+    }
+
+    /// The TMR as four words, laid out as [`Self::requested_words`].
+    pub const fn level_words(&self) -> [u64; 4] {
+        self.tmr.0
+    }
+
     /// What the APIC bus needs to decide whether a message reaches this APIC.
     pub const fn bus_target(&self) -> ApicTarget {
         let x2apic = self.is_x2apic();

@@ -133,6 +133,21 @@ impl Lapic {
         Ok(u64::from(value))
     }
 
+    /// The register at xAPIC `offset` (a multiple of 16) as a guest reads it
+    /// now through the interface of the current mode (the MMIO page in
+    /// xAPIC mode, MSR `0x800 + offset / 16` in x2APIC mode), without a
+    /// read's side effects: the timer is not first brought up to `now` (see
+    /// [`Self::tick`]) and no counter moves. `None` while globally disabled
+    /// and where the mode has no readable register at `offset` (an MMIO read
+    /// gives 0 there, RDMSR faults).
+    pub fn peek_register(&self, offset: u16, now: u64) -> Option<u64> {
+        if !self.hw_enabled() {
+            return None;
+        }
+        let reg = Reg::decode(offset, self.is_x2apic())?;
+        self.read_register(reg, now).ok()
+    }
+
     /// In x2APIC mode, faults when `value` has a bit outside `allowed` (SDM
     /// Vol. 3A 11.12.1.3). Through MMIO the caller masks instead.
     fn check_reserved(&self, value: u64, allowed: u64) -> Result<(), Gp> {
@@ -343,6 +358,42 @@ mod tests {
         // Assert
         assert_eq!(data, [0xff; 4]);
         assert_eq!(lapic.counters().disabled_mmio_accesses, 1);
+    }
+
+    #[test]
+    fn peek_register_reads_as_mmio_and_msr_without_side_effects() {
+        // Arrange: a fixed vector requested, a one-shot timer due at 100.
+        let mut lapic = enabled_lapic(0);
+        let _ = lapic.accept(&fixed(0x45, TriggerMode::Level));
+        set32(&mut lapic, REG_LVT_TIMER, 0x30);
+        set32(&mut lapic, REG_TIMER_DIVIDE, 0xb);
+        set32(&mut lapic, REG_TIMER_INITIAL, 100);
+        let before = lapic.clone();
+        // Act / Assert: xAPIC, the MMIO values; the timer not ticked.
+        for offset in [
+            REG_ID,
+            REG_TPR,
+            REG_PPR,
+            REG_SVR,
+            REG_IRR0 + 0x20,
+            REG_TMR0 + 0x20,
+        ] {
+            let peeked = lapic.peek_register(offset, 200);
+            assert_eq!(
+                peeked,
+                Some(u64::from(read32(&mut before.clone(), offset, 0)))
+            );
+        }
+        assert_eq!(lapic, before);
+        assert_eq!(lapic.peek_register(0x40, 0), None);
+        // x2APIC: the MSR values, DFR gone.
+        to_x2apic(&mut lapic);
+        let peeked = lapic.peek_register(REG_LDR, 0);
+        assert_eq!(peeked, lapic.clone().msr_read(0x80d, 0).ok());
+        assert_eq!(lapic.peek_register(REG_DFR, 0), None);
+        // Globally disabled: nothing reads.
+        let _ = lapic.msr_write(IA32_APIC_BASE, 0xfee0_0000, 0);
+        assert_eq!(lapic.peek_register(REG_SVR, 0), None);
     }
 
     #[test]

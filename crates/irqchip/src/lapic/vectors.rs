@@ -4,7 +4,7 @@
 
 /// One bit per vector, vector `v` at bit `v % 64` of word `v / 64`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub(crate) struct VectorSet([u64; 4]);
+pub(crate) struct VectorSet(pub(super) [u64; 4]);
 
 impl VectorSet {
     /// The empty set.
