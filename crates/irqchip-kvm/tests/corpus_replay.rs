@@ -48,6 +48,38 @@ fn corpus_replay_kvm_differential_twice_is_reproducible() {
 }
 
 #[test]
+fn regression_lowest_priority_beside_another_pin_with_the_same_vector() {
+    // Two vCPUs, vCPU 0 xAPIC flat (LDR bit 0), vCPU 1 x2APIC (LDR 0x2);
+    // pins 15 (logical 0x07) and 17 (logical 0x1a) level, lowest priority,
+    // vector 0x1a, lines high, Remote IRR clear (nobody matched before).
+    // A host entry write re-services both (N11): KVM gives pin 15 to vCPU
+    // 0 and pin 17 to vCPU 1, the only APIC it reaches. The harness used to
+    // credit both IRR changes to pin 15 and report a lowest-priority
+    // message delivered twice (`regression-kvm-lowest-priority-beside-
+    // another-pin-same-vector`, minimised from a one-hour campaign).
+    if !guest_image::require_kvm() {
+        return;
+    }
+    let input = [
+        0x02, 0x00, 0x00, 0x03, 0x00, 0x04, 0xff, 0x01, 0x00, 0x00, 0x03, 0x01, 0x04, 0xff, 0x01,
+        0xd8, 0xd8, 0x24, 0xff, 0xb9, 0x1a, 0x1a, 0x07, 0x3d, 0xb9, 0xb9, 0xb9, 0x1a, 0x1a, 0xff,
+        0x41, 0xff, 0x03, 0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0xff, 0xff, 0x04, 0x01, 0x02,
+        0x56,
+    ];
+    assert_eq!(
+        std::fs::read(
+            workspace()
+                .join("resources/fuzz-corpus")
+                .join(TARGET)
+                .join("regression-kvm-lowest-priority-beside-another-pin-same-vector")
+        )
+        .unwrap(),
+        input
+    );
+    assert_eq!(differential::run(&input), Ok(()));
+}
+
+#[test]
 fn seeds_pass() {
     if !guest_image::require_kvm() {
         return;

@@ -572,9 +572,26 @@ impl<'a> Diff<'a> {
         // credited with the same change.
         let mut consumed: Vec<(usize, u8)> = Vec::new();
         let vectors: Vec<u8> = messages.iter().map(|(_, m)| m.vector).collect();
-        for (pin, message) in messages {
+        // Where each message can land, on the targets as they stand before
+        // any of them is delivered (an INIT, which changes them, comes last).
+        let targets: Vec<ApicTarget> = self.apics.targets().to_vec();
+        let reach: Vec<ApicSet> = messages
+            .iter()
+            .map(|(_, m)| apic_bus::resolve(m, &targets, None))
+            .collect();
+        for (n, (pin, message)) in messages.into_iter().enumerate() {
             let shared = vectors.iter().filter(|&&v| v == message.vector).count() > 1;
-            let took = self.deliver(&message, &before, &mut consumed, shared)?;
+            // The APICs a later message with the same vector can reach: an
+            // IRR change there may be that message's.
+            let mut later = ApicSet::new();
+            for (m, r) in reach.iter().enumerate().skip(n + 1) {
+                if vectors.get(m) == Some(&message.vector) {
+                    for i in r.iter() {
+                        later.insert(i);
+                    }
+                }
+            }
+            let took = self.deliver(&message, &before, &mut consumed, shared, &later)?;
             if let Some(pin) = pin
                 && message.trigger_mode == TriggerMode::Level
                 && took.is_empty()
@@ -600,6 +617,7 @@ impl<'a> Diff<'a> {
         before: &[Page],
         consumed: &mut Vec<(usize, u8)>,
         shared_vector: bool,
+        later: &ApicSet,
     ) -> Result<ApicSet, String> {
         let mut took = ApicSet::new();
         let smm = self.smm;
@@ -616,6 +634,11 @@ impl<'a> Diff<'a> {
                     took.insert(i);
                 }
             });
+            // Its IRR changes are its own: a lowest-priority message of
+            // this step with the same vector is not credited with them.
+            for i in took.iter() {
+                consumed.push((i, message.vector));
+            }
             return Ok(took);
         }
         // N2: lowest priority. Any one APIC of the set is right; KVM hashes
@@ -677,6 +700,14 @@ impl<'a> Diff<'a> {
                         .is_some_and(|a| bit(a, IRR0, v) && bit(a, TMR0, v) == level)
                 })
             }
+            // Another message of this step with the vector can account
+            // for the other changes: this one took an APIC that no later
+            // one can reach (any, when all of them can).
+            several if shared_vector => several
+                .iter()
+                .copied()
+                .find(|&i| !later.contains(i))
+                .or(several.first().copied()),
             several => {
                 return Err(format!(
                     "KVM delivered lowest-priority {message:?} to {several:?}"
