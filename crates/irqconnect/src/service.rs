@@ -11,7 +11,7 @@ use zerocopy::FromZeros;
 
 use crate::connect_ex::{self, BlockSpan, ConnectExRequest, ExRefusal, MessageTable};
 use crate::destination::{ApicModel, Topology};
-use crate::devices::{DeviceTable, TableConfig};
+use crate::devices::{DeviceTable, InterruptMode, TableConfig};
 use crate::error::Error;
 use crate::handle::Handle;
 use crate::messages::{MessageRoute, MessageUpdate};
@@ -154,7 +154,11 @@ impl Service {
         if self.registry.connections() != 0 {
             return Err(Violation::ConnectionsLive);
         }
-        self.topology = Topology::new(&self.platform, model);
+        // The topology is the platform's under the model: the same model
+        // again leaves it as it is.
+        if self.topology.model() != model {
+            self.topology = Topology::new(&self.platform, model);
+        }
         Ok(())
     }
 
@@ -735,15 +739,48 @@ impl Service {
                 ));
             }
         }
-        for (i, (ha, a)) in on.iter().enumerate() {
-            for (hb, b) in on.iter().skip(i + 1) {
-                if !(a.processors() & b.processors()).is_empty() && !may_chain(a, b) {
-                    return Err(format!(
-                        "connections {:#x} and {:#x} share a chain illegally",
-                        ha.raw(),
-                        hb.raw()
-                    ));
-                }
+        // Every pair of them that meets on a processor may chain. One pass
+        // in connection order: a connection clashes with an earlier one
+        // where it meets a processor holding one that does not share, or,
+        // not sharing itself, any; or, sharing, one of another (mode, IRQL).
+        // The first clash is the first illegal pair, so this answers as
+        // the check of every pair does, in linear time.
+        let mut all = ProcessorSet::EMPTY;
+        let mut exclusive = ProcessorSet::EMPTY;
+        let mut shared = ProcessorSet::EMPTY;
+        let mut kinds: Vec<((InterruptMode, u8), ProcessorSet)> = Vec::new();
+        for (i, (hb, b)) in on.iter().enumerate() {
+            let set = b.processors();
+            let kind = (b.mode, b.irql);
+            let slot = kinds.iter().position(|(k, _)| *k == kind);
+            let clash = if b.share_vector {
+                let same_kind = slot
+                    .and_then(|k| kinds.get(k))
+                    .map_or(ProcessorSet::EMPTY, |(_, s)| *s);
+                set & (exclusive | (shared - same_kind))
+            } else {
+                set & all
+            };
+            if !clash.is_empty() {
+                let earlier = on
+                    .iter()
+                    .take(i)
+                    .find(|(_, a)| !(a.processors() & set).is_empty() && !may_chain(a, b));
+                let ha = earlier.map_or(0, |(h, _)| h.raw());
+                return Err(format!(
+                    "connections {ha:#x} and {:#x} share a chain illegally",
+                    hb.raw()
+                ));
+            }
+            all |= set;
+            if !b.share_vector {
+                exclusive |= set;
+                continue;
+            }
+            shared |= set;
+            match slot.and_then(|k| kinds.get_mut(k)) {
+                Some((_, s)) => *s |= set,
+                None => kinds.push((kind, set)),
             }
         }
         Ok(())
@@ -1087,5 +1124,57 @@ mod tests {
         state.registry.order.clear();
         let r = Service::restore(s.platform.clone(), s.devices.clone(), &state);
         assert!(matches!(r, Err(Error::SnapshotInconsistent { .. })));
+    }
+
+    /// The sharing rule on one vector, as its statement reads: every pair
+    /// of connections that meet on a processor may chain.
+    fn every_pair_may_chain(on: &[crate::registry::Connection]) -> bool {
+        on.iter().enumerate().all(|(i, a)| {
+            on.iter()
+                .skip(i + 1)
+                .all(|b| (a.processors() & b.processors()).is_empty() || may_chain(a, b))
+        })
+    }
+
+    proptest::proptest! {
+        /// `check_chains` answers as checking every pair does, for any
+        /// connections on one vector, legal or not (inserted into the
+        /// registry directly, past the validator).
+        #[test]
+        fn check_chains_answers_as_every_pair(
+            specs in proptest::collection::vec(
+                (1u64..16, proptest::bool::ANY, proptest::bool::ANY, 0u8..3),
+                0..8,
+            )
+        ) {
+            let mut s = service(4);
+            let mut on = Vec::new();
+            for (mask, share, level, irql) in specs {
+                let connection = crate::registry::Connection {
+                    device: 2,
+                    vector: 0x70,
+                    irql: 6 + irql,
+                    synchronize_irql: 8,
+                    mode: if level { LEVEL } else { LATCHED },
+                    share_vector: share,
+                    floating_save: false,
+                    mask,
+                    service_routine: 0x1000,
+                    service_context: 0,
+                    spin_lock: 0,
+                    version: irqconnect_abi::pv::connect_version::FULLY_SPECIFIED,
+                    lead: None,
+                    message: None,
+                    group: 0,
+                };
+                proptest::prop_assert!(s.registry.insert(connection).is_some());
+                on.push(connection);
+            }
+            let got = s.check_chains(0x70);
+            proptest::prop_assert_eq!(got.is_ok(), every_pair_may_chain(&on), "{:?}", got);
+            if let Err(what) = got {
+                proptest::prop_assert!(what.contains("share a chain illegally"), "{}", what);
+            }
+        }
     }
 }

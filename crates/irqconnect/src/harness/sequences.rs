@@ -40,11 +40,16 @@
 //!   connected; each of its messages reaches exactly its connection's
 //!   processors (an unconnected one is unprogrammed);
 //!
-//! and then compared with the shadow where it touched it (the vectors of
-//! connections that came, went or moved, a RETARGET's included, and of
-//! pins whose storm mark moved, and those handles), everywhere after an
-//! accepted SET_APIC_MODEL, every [`FULL_CHECK_EVERY`] operations that
-//! touched something and after the last operation:
+//! A snapshot or an assert that repeats one made since the last operation
+//! that could change anything (any but these two) is skipped: it would
+//! check the same state again.
+//!
+//! Each operation is then compared with the shadow where it touched it
+//! (the vectors of connections that came, went or moved, a RETARGET's
+//! included, and of pins whose storm mark moved, and those handles),
+//! everywhere after an accepted SET_APIC_MODEL, every
+//! [`FULL_CHECK_EVERY`] operations that touched something and after the
+//! last operation:
 //!
 //! - the service's invariants ([`Service::check_vectors`] of the touched
 //!   vectors; [`Service::check_invariants`] in full);
@@ -677,14 +682,31 @@ pub fn check(sequence: &Sequence) -> Result<(), String> {
         .iter()
         .chain(core::iter::once(&Op::DisconnectAll));
     let mut changes = 0u32;
-    let mut keys = live_keys(&shadow);
+    // The live keys before and after an operation, and what it touched:
+    // buffers refilled for every operation.
+    let (mut before, mut keys) = (Vec::new(), Vec::new());
+    live_keys(&shadow, &mut keys);
+    let mut touched = Touched::default();
+    // The read-only operations (a snapshot, an asserted line) made since
+    // the last one that could change the service or the shadow: the same
+    // one again would repeat its checks on the same state, so it is left
+    // out.
+    let mut unchanged: Vec<Op> = Vec::new();
     for (n, op) in ops.enumerate() {
-        let before = core::mem::take(&mut keys);
+        if matches!(op, Op::Snapshot | Op::Assert(_)) {
+            if unchanged.contains(op) {
+                continue;
+            }
+            unchanged.push(*op);
+        } else {
+            unchanged.clear();
+        }
+        core::mem::swap(&mut before, &mut keys);
         let (storm, model) = (shadow.storm, shadow.topo.model);
         apply(&mut service, &mut shadow, &devices, &ram, op)
             .and_then(|()| {
-                keys = live_keys(&shadow);
-                let touched = touched(&before, &keys, storm ^ shadow.storm, &devices);
+                live_keys(&shadow, &mut keys);
+                touched.fill(&before, &keys, storm ^ shadow.storm, &devices);
                 compare_touched(&service, &shadow, &devices, &touched)?;
                 let remodelled = model != shadow.topo.model;
                 if !touched.is_empty() || remodelled {
@@ -901,9 +923,10 @@ fn apply(
                 None => Err(Violation::UnknownApicModel),
             };
             match (expected, got) {
-                (Ok(m), Ok(())) => {
+                (Ok(m), Ok(())) if m != shadow.topo.model => {
                     shadow.topo = Topo::new(service.platform(), m);
                 }
+                (Ok(_), Ok(())) => {}
                 (Err(a), Err(b)) if a == b => {}
                 (e, g) => {
                     return Err(format!(
@@ -1205,19 +1228,21 @@ fn raise_messages(service: &Service, shadow: &Shadow, d: &Device) -> Result<(), 
 type Key = (Handle, u8, Option<u8>, u16, u64);
 
 /// The shadow's live connections as sorted keys.
-fn live_keys(shadow: &Shadow) -> Vec<Key> {
-    let mut keys: Vec<Key> = shadow
-        .live
-        .iter()
-        .map(|c| (c.handle, c.vector, c.message, c.group, c.mask))
-        .collect();
+fn live_keys(shadow: &Shadow, keys: &mut Vec<Key>) {
+    keys.clear();
+    keys.extend(
+        shadow
+            .live
+            .iter()
+            .map(|c| (c.handle, c.vector, c.message, c.group, c.mask)),
+    );
     keys.sort_unstable();
-    keys
 }
 
 /// What one operation touched: the vectors of connections that came, went
 /// or moved (keys in one of `before` and `after` only) and of pins whose
 /// storm mark moved, ascending; and the handles of those connections.
+#[derive(Default)]
 struct Touched {
     vectors: Vec<u8>,
     handles: Vec<Handle>,
@@ -1227,42 +1252,44 @@ impl Touched {
     fn is_empty(&self) -> bool {
         self.vectors.is_empty()
     }
-}
 
-fn touched(before: &[Key], after: &[Key], storm_moved: u32, devices: &DeviceTable) -> Touched {
-    let mut vectors = Vec::new();
-    let mut handles = Vec::new();
-    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
-    loop {
-        let gone = match (b.peek(), a.peek()) {
-            (None, None) => break,
-            (Some(x), Some(y)) if x == y => {
-                b.next();
-                a.next();
-                continue;
+    /// Refills `self` with what an operation that took the live keys from
+    /// `before` to `after` and moved the storm marks `storm_moved` touched.
+    fn fill(&mut self, before: &[Key], after: &[Key], storm_moved: u32, devices: &DeviceTable) {
+        let (vectors, handles) = (&mut self.vectors, &mut self.handles);
+        vectors.clear();
+        handles.clear();
+        let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+        loop {
+            let gone = match (b.peek(), a.peek()) {
+                (None, None) => break,
+                (Some(x), Some(y)) if x == y => {
+                    b.next();
+                    a.next();
+                    continue;
+                }
+                (Some(x), Some(y)) => x < y,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+            };
+            let key = if gone { b.next() } else { a.next() };
+            if let Some(&(h, v, ..)) = key {
+                vectors.push(v);
+                handles.push(h);
             }
-            (Some(x), Some(y)) => x < y,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-        };
-        let key = if gone { b.next() } else { a.next() };
-        if let Some(&(h, v, ..)) = key {
-            vectors.push(v);
-            handles.push(h);
         }
-    }
-    for pin in 0..IOAPIC_PINS {
-        if storm_moved & (1 << pin) != 0
-            && let Some(r) = devices.resource_on_pin(pin)
-        {
-            vectors.push(r.vector);
+        for pin in 0..IOAPIC_PINS {
+            if storm_moved & (1 << pin) != 0
+                && let Some(r) = devices.resource_on_pin(pin)
+            {
+                vectors.push(r.vector);
+            }
         }
+        vectors.sort_unstable();
+        vectors.dedup();
+        handles.sort_unstable();
+        handles.dedup();
     }
-    vectors.sort_unstable();
-    vectors.dedup();
-    handles.sort_unstable();
-    handles.dedup();
-    Touched { vectors, handles }
 }
 
 /// The service against the shadow where one operation touched it: the
