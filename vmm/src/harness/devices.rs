@@ -242,6 +242,8 @@ struct Vm {
     testdevs: Vec<TestdevSpec>,
     /// Message count per message-signaled device, by index.
     msidevs: Vec<u8>,
+    /// The platform's port map ([`port_map`]), fixed with the devices.
+    ports: Vec<(u64, u64, &'static str)>,
     expect: Expect,
 }
 
@@ -361,7 +363,7 @@ impl Vm {
         let mem = crate::memory::create(RAM_SIZE).map_err(|e| e.to_string())?;
         let chip = ChipRecorder::new(flags & 1 != 0);
         let msi = ChipRecorder::new(flags & 2 != 0);
-        let msidevs = msidev_specs(service.devices())
+        let msidevs: Vec<u8> = msidev_specs(service.devices())
             .iter()
             .map(|s| s.count)
             .collect();
@@ -411,6 +413,7 @@ impl Vm {
             mem,
             control,
             trace,
+            ports: port_map(mode, &testdevs, msidevs.len()),
             testdevs,
             msidevs,
             expect,
@@ -479,22 +482,19 @@ impl Vm {
         }
     }
 
-    fn port_map(&self) -> Vec<(u64, u64, &'static str)> {
-        port_map(self.mode, &self.testdevs, self.msidevs.len())
-    }
-
     fn port_read(&mut self, access: Access, port: u16, width: usize) -> Result<(), String> {
-        let mut data = vec![0u8; width];
-        self.devices.pio.read(access, u64::from(port), &mut data);
-        let map = self.port_map();
-        let Some((name, base)) = claimed(&map, u64::from(port)) else {
+        let mut buf = [0u8; 8];
+        let data = buf.get_mut(..width).ok_or("a port read wider than 8 bytes")?;
+        self.devices.pio.read(access, u64::from(port), data);
+        let data = &*data;
+        let Some((name, base)) = claimed(&self.ports, u64::from(port)) else {
             self.expect.pio_unclaimed.0 += 1;
-            return all_ones(&data, "port", u64::from(port));
+            return all_ones(data, "port", u64::from(port));
         };
         self.expect.pio.entry(name).or_default().0 += 1;
         let offset = u64::from(port) - base;
         match name {
-            "fw_cfg" => self.check_fw_cfg_read(offset, &data)?,
+            "fw_cfg" => self.check_fw_cfg_read(offset, data)?,
             "pv-doorbell" if !(width == 4 && offset == 0) => self.expect.doorbell_bad += 1,
             "msidev" => self.msidev_read(base, offset, width),
             _ => {}
@@ -504,8 +504,7 @@ impl Vm {
 
     fn port_write(&mut self, access: Access, port: u16, data: &[u8]) {
         self.devices.pio.write(access, u64::from(port), data);
-        let map = self.port_map();
-        let Some((name, base)) = claimed(&map, u64::from(port)) else {
+        let Some((name, base)) = claimed(&self.ports, u64::from(port)) else {
             self.expect.pio_unclaimed.1 += 1;
             return;
         };
