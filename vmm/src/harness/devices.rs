@@ -484,7 +484,9 @@ impl Vm {
 
     fn port_read(&mut self, access: Access, port: u16, width: usize) -> Result<(), String> {
         let mut buf = [0u8; 8];
-        let data = buf.get_mut(..width).ok_or("a port read wider than 8 bytes")?;
+        let data = buf
+            .get_mut(..width)
+            .ok_or("a port read wider than 8 bytes")?;
         self.devices.pio.read(access, u64::from(port), data);
         let data = &*data;
         let Some((name, base)) = claimed(&self.ports, u64::from(port)) else {
