@@ -1031,11 +1031,17 @@ fn kvm_hash_misses(
         return false;
     };
     // KVM's xAPIC logical map gives up (slow path, no drop) when an APIC's
-    // member bits are not a single bit or two APICs share one.
+    // member bits are more than one bit or two APICs share one. An APIC
+    // with no member bits (an LDR with only a cluster part) set the mode
+    // above but takes no slot and leaves the map as it is
+    // (`kvm_recalculate_logical_map` returns on an empty mask).
     if enabled.iter().all(|t| !t.x2apic) {
         let mut seen: Vec<(u32, u32)> = Vec::new();
         for t in &enabled {
             let (c, members) = of(t);
+            if members == 0 {
+                continue;
+            }
             if !members.is_power_of_two() || seen.contains(&(c, members)) {
                 return false;
             }
@@ -1106,6 +1112,21 @@ mod tests {
         let targets = [flat(0, 0x04), cluster];
         // Bits 0, 1, 2; vector 0x51 = 81, 81 mod 3 = 0: bit 0, a hole.
         assert!(kvm_hash_misses(&lowest(0x07, 0x51), &[0], &targets, false));
+    }
+
+    #[test]
+    fn kvm_hash_misses_despite_an_apic_with_no_member_bits() {
+        // Cluster model: APIC 1 is cluster 0 member bit 1, APIC 2 has LDR
+        // 0x50 (cluster 5, no member bit): KVM's map stays on and skips
+        // APIC 2. Destination 0x07 has bits 0..2; vector 80 mod 3 = 2: bit
+        // 2, a hole (crash 10 in fuzz/README.md).
+        let mut one = flat(1, 0x02);
+        one.dfr_flat = false;
+        let mut two = flat(2, 0x50);
+        two.dfr_flat = false;
+        let targets = [one, two];
+        assert!(kvm_hash_misses(&lowest(0x07, 80), &[0], &targets, false));
+        assert!(!kvm_hash_misses(&lowest(0x07, 82), &[0], &targets, false));
     }
 
     #[test]
