@@ -12,6 +12,11 @@
 # $LOGS/bin, or an older build kept for a before/after comparison); without
 # it the targets are built (cargo fuzz build, AddressSanitizer).
 #
+# PROCS=N runs N processes of each target at once (one per core: what the
+# machine does on all its cores), each from the same starting corpus into
+# its own scratch folder; the line then sums their executions, exec/s and
+# CPU time.
+#
 # Prints one line per target: executions, libFuzzer's exec/s (wall clock),
 # executions per second of CPU time the process used (user + system; on a
 # machine shared with other work this is the figure that compares two
@@ -21,33 +26,50 @@ cd "$(dirname "$0")"
 seconds="${1:-60}"
 mapfile -t targets < <(./targets.sh "${@:2}")
 bin="${BIN:-}"
+procs="${PROCS:-1}"
 if [ -z "$bin" ]; then
     RUSTC_BOOTSTRAP=1 cargo fuzz build
     bin="target/x86_64-unknown-linux-gnu/release"
 fi
 printf '%-18s %11s %8s %10s %6s %7s  %s\n' target executions exec/s exec/cpu-s cov ft load
 for t in "${targets[@]}"; do
-    scratch="$(mktemp -d)"
-    log="$scratch/log"
-    mkdir "$scratch/corpus"
     options=()
     [ -n "${NO_OPTIONS:-}" ] || mapfile -t options < <(./target_options.sh "$t")
-    /usr/bin/time -o "$scratch/cpu" -f '%U %S' "$bin/$t" -max_total_time="$seconds" \
-        -print_final_stats=1 "${options[@]}" "$scratch/corpus" "../resources/fuzz-corpus/$t" \
-        >"$log" 2>&1 || true
-    execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
-    rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")"
-    cpu="$(awk '/^[0-9.]+ [0-9.]+$/ { print $1 + $2 }' "$scratch/cpu")"
-    per_cpu="$(awk -v e="${execs:-0}" -v c="${cpu:-0}" 'BEGIN { if (c > 0) printf "%d", e / c; else print "?" }')"
-    last="$(grep -E '^#[0-9]+' "$log" | tail -n 1)"
-    cov="$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")"
-    ft="$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")"
-    if grep -qE 'ERROR: libFuzzer|panicked|SUMMARY: AddressSanitizer' "$log"; then
-        echo "$t: the run failed; log kept in $log" >&2
-        rate="FAILED"
-    else
-        rm -rf "$scratch"
-    fi
-    printf '%-18s %11s %8s %10s %6s %7s  %s\n' "$t" "${execs:-?}" "${rate:-?}" "$per_cpu" \
+    scratches=()
+    for p in $(seq "$procs"); do
+        scratch="$(mktemp -d)"
+        scratches+=("$scratch")
+        mkdir "$scratch/corpus"
+        /usr/bin/time -o "$scratch/cpu" -f '%U %S' "$bin/$t" -max_total_time="$seconds" \
+            -print_final_stats=1 "${options[@]}" "$scratch/corpus" "../resources/fuzz-corpus/$t" \
+            >"$scratch/log" 2>&1 &
+    done
+    wait
+    execs=0 cpu=0 failed="" libfuzzer_rate=0
+    for scratch in "${scratches[@]}"; do
+        log="$scratch/log"
+        e="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
+        r="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")"
+        c="$(awk '/^[0-9.]+ [0-9.]+$/ { print $1 + $2 }' "$scratch/cpu")"
+        execs=$((execs + ${e:-0}))
+        libfuzzer_rate=$((libfuzzer_rate + ${r:-0}))
+        cpu="$(awk -v a="$cpu" -v b="${c:-0}" 'BEGIN { print a + b }')"
+        # cov and ft of the first process (they fuzz the same way).
+        if [ "$scratch" = "${scratches[0]}" ]; then
+            last="$(grep -E '^#[0-9]+' "$log" | tail -n 1)"
+            cov="$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")"
+            ft="$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")"
+        fi
+        if grep -qE 'ERROR: libFuzzer|panicked|SUMMARY: AddressSanitizer' "$log"; then
+            echo "$t: a run failed; log kept in $log" >&2
+            failed=1
+        else
+            rm -rf "$scratch"
+        fi
+    done
+    per_cpu="$(awk -v e="$execs" -v c="$cpu" 'BEGIN { if (c > 0) printf "%d", e / c; else print "?" }')"
+    rate="$libfuzzer_rate"
+    [ -z "$failed" ] || rate="FAILED"
+    printf '%-18s %11s %8s %10s %6s %7s  %s\n' "$t" "$execs" "$rate" "$per_cpu" \
         "${cov:-?}" "${ft:-?}" "$(cut -d' ' -f1-3 /proc/loadavg)"
 done
