@@ -12,7 +12,12 @@
 # -max_total_time=SECONDS -jobs=1 -workers=1` does. With CORES=N > 1 it is
 # libFuzzer's fork mode (-fork=N): N child processes fuzz at once from one
 # corpus, the parent merges what they find and counts their executions
-# together, so RUNS counts the whole target's executions. A target's options
+# together, so RUNS counts the whole target's executions. With PARALLEL=jobs
+# (and CORES=N > 1) it is libFuzzer's -jobs=N -workers=N instead: N whole
+# fuzzers sharing the corpus folder, each stopping after RUNS/N executions;
+# fork mode starts every job from a few dozen seeds, and a target with tens
+# of thousands of features (connect_sequences) then spends its jobs
+# re-finding what the corpus already covers. A target's options
 # in fuzz/options/TARGET.options (fuzz/target_options.sh) are passed too.
 #
 # The binaries are built up front so that edits to the crates during a long
@@ -27,6 +32,8 @@ cd "$(dirname "$0")"
 seconds="${1:-600}"
 mapfile -t targets < <(./targets.sh "${@:2}")
 cores="${CORES:-1}"
+parallel="${PARALLEL:-fork}"
+here="$PWD"
 runs="${RUNS:-}"
 logs="${LOGS:-/tmp/fuzz-campaign}"
 mkdir -p "$logs/bin"
@@ -44,18 +51,36 @@ for t in "${targets[@]}"; do
     args=(-artifact_prefix="$PWD/artifacts/$t/" -max_total_time="$seconds" -print_final_stats=1)
     mapfile -t options < <(./target_options.sh "$t")
     args+=("${options[@]}")
-    [ -n "$runs" ] && args+=(-runs="$runs")
-    if [ "$cores" -gt 1 ]; then
-        args+=(-fork="$cores")
+    jobs=""
+    if [ "$cores" -gt 1 ] && [ "$parallel" = jobs ]; then
+        # Each worker stops after its share of RUNS.
+        [ -n "$runs" ] && args+=(-runs="$(((runs + cores - 1) / cores))")
+        args+=(-jobs="$cores" -workers="$cores")
+        jobs="$logs/$t.jobs"
+        rm -rf "$jobs"
+        mkdir -p "$jobs"
+    else
+        [ -n "$runs" ] && args+=(-runs="$runs")
+        [ "$cores" -gt 1 ] && args+=(-fork="$cores")
     fi
-    shown="CORES=$cores${runs:+ RUNS=$runs} fuzz/campaign.sh $seconds $t"
+    shown="CORES=$cores${jobs:+ PARALLEL=jobs}${runs:+ RUNS=$runs} fuzz/campaign.sh $seconds $t"
     echo "== $t: $shown, started $(date -u +%FT%TZ)" | tee -a "$logs/summary.txt"
     artifacts_before="$(find "artifacts/$t" -type f | wc -l)"
     start="$(date +%s)"
-    /usr/bin/time -o "$logs/$t.time" -f '%e %U %S' "$logs/bin/$t" "${args[@]}" \
-        "corpus/$t" "../resources/fuzz-corpus/$t" >"$logs/$t.log" 2>&1 || true
+    # Jobs mode: libFuzzer writes each worker's log to fuzz-N.log in the
+    # current folder, so the workers run in $jobs, on absolute paths.
+    (cd "${jobs:-.}" && /usr/bin/time -o "$logs/$t.time" -f '%e %U %S' "$logs/bin/$t" "${args[@]}" \
+        "$here/corpus/$t" "$here/../resources/fuzz-corpus/$t") >"$logs/$t.log" 2>&1 || true
     wall="$(($(date +%s) - start))"
-    if [ "$cores" -gt 1 ]; then
+    if [ -n "$jobs" ]; then
+        # Every worker's executions; cov, ft and corpus of worker 0's last
+        # progress line ("#RUNS ... cov: C ft: F corp: N/SIZE ...").
+        execs="$(cat "$jobs"/fuzz-*.log | sed -n 's/^stat::number_of_executed_units: *//p' |
+            awk '{ n += $1 } END { print n + 0 }')"
+        last="$(grep -E '^#[0-9]+' "$jobs/fuzz-0.log" | tail -n 1 || true)"
+        corpus="$(sed -n 's/.* corp: \([0-9]*\)\/.*/\1/p' <<<"$last")"
+        cat "$jobs"/fuzz-*.log >>"$logs/$t.log"
+    elif [ "$cores" -gt 1 ]; then
         # The parent's last progress line: "#RUNS: cov: C ft: F corp: N ...".
         last="$(grep -E '^#[0-9]+: cov:' "$logs/$t.log" | tail -n 1 || true)"
         execs="$(sed -n 's/^#\([0-9]*\): .*/\1/p' <<<"$last")"
