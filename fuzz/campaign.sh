@@ -33,10 +33,27 @@ seconds="${1:-600}"
 mapfile -t targets < <(./targets.sh "${@:2}")
 cores="${CORES:-1}"
 parallel="${PARALLEL:-fork}"
+if ! [[ "$cores" =~ ^[1-9][0-9]*$ ]] || ! [[ "${RUNS:-1}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "campaign.sh: CORES and RUNS must be whole numbers, 1 or more" >&2
+    exit 2
+fi
+case "$parallel" in
+fork | jobs) ;;
+*)
+    echo "campaign.sh: PARALLEL must be fork or jobs, not '$parallel'" >&2
+    exit 2
+    ;;
+esac
 here="$PWD"
 runs="${RUNS:-}"
 logs="${LOGS:-/tmp/fuzz-campaign}"
 mkdir -p "$logs/bin"
+# Inputs libFuzzer wrote for a failure (crash-, leak-, oom-, timeout-):
+# a slow-unit- file only reports an input slower than -report_slow_units
+# in wall-clock time, which a paused or starved process also produces.
+failures() {
+    find "artifacts/$1" -type f ! -name 'slow-unit-*' | wc -l
+}
 RUSTC_BOOTSTRAP=1 cargo fuzz build
 built_from="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- .. || echo +dirty)"
 for t in "${targets[@]}"; do
@@ -65,7 +82,7 @@ for t in "${targets[@]}"; do
     fi
     shown="CORES=$cores${jobs:+ PARALLEL=jobs}${runs:+ RUNS=$runs} fuzz/campaign.sh $seconds $t"
     echo "== $t: $shown, started $(date -u +%FT%TZ)" | tee -a "$logs/summary.txt"
-    artifacts_before="$(find "artifacts/$t" -type f | wc -l)"
+    artifacts_before="$(failures "$t")"
     start="$(date +%s)"
     # Jobs mode: libFuzzer writes each worker's log to fuzz-N.log in the
     # current folder, so the workers run in $jobs, on absolute paths.
@@ -93,7 +110,7 @@ for t in "${targets[@]}"; do
     cov="$(sed -n 's/.* cov: \([0-9]*\) .*/\1/p' <<<"$last")"
     ft="$(sed -n 's/.* ft: \([0-9]*\) .*/\1/p' <<<"$last")"
     cpu="$(awk 'NF == 3 { print $2 + $3 }' "$logs/$t.time")"
-    crashes="$(($(find "artifacts/$t" -type f | wc -l) - artifacts_before))"
+    crashes="$(($(failures "$t") - artifacts_before))"
     rate="$(awk -v e="${execs:-0}" -v w="$wall" 'BEGIN { printf "%d", (w > 0 ? e / w : 0) }')"
     per_core="$(awk -v e="${execs:-0}" -v c="${cpu:-0}" 'BEGIN { printf "%d", (c > 0 ? e / c : 0) }')"
     printf '| `%s` | %s | %s | %s | %s s | %s | %s | %s | %s | %s files, %s bytes | %s | `%s` |\n' \

@@ -27,6 +27,10 @@ seconds="${1:-60}"
 mapfile -t targets < <(./targets.sh "${@:2}")
 bin="${BIN:-}"
 procs="${PROCS:-1}"
+if ! [[ "$procs" =~ ^[1-9][0-9]*$ ]]; then
+    echo "throughput.sh: PROCS must be a whole number of processes, 1 or more, not '$procs'" >&2
+    exit 2
+fi
 if [ -z "$bin" ]; then
     RUSTC_BOOTSTRAP=1 cargo fuzz build
     bin="target/x86_64-unknown-linux-gnu/release"
@@ -36,7 +40,7 @@ for t in "${targets[@]}"; do
     options=()
     [ -n "${NO_OPTIONS:-}" ] || mapfile -t options < <(./target_options.sh "$t")
     scratches=()
-    for p in $(seq "$procs"); do
+    for _ in $(seq "$procs"); do
         scratch="$(mktemp -d)"
         scratches+=("$scratch")
         mkdir "$scratch/corpus"
@@ -45,6 +49,10 @@ for t in "${targets[@]}"; do
             >"$scratch/log" 2>&1 &
     done
     wait
+    # cov and ft of the first process (they all fuzz the same way).
+    last="$(grep -E '^#[0-9]+' "${scratches[0]}/log" | tail -n 1 || true)"
+    cov="$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")"
+    ft="$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")"
     execs=0 cpu=0 failed="" libfuzzer_rate=0
     for scratch in "${scratches[@]}"; do
         log="$scratch/log"
@@ -54,12 +62,6 @@ for t in "${targets[@]}"; do
         execs=$((execs + ${e:-0}))
         libfuzzer_rate=$((libfuzzer_rate + ${r:-0}))
         cpu="$(awk -v a="$cpu" -v b="${c:-0}" 'BEGIN { print a + b }')"
-        # cov and ft of the first process (they fuzz the same way).
-        if [ "$scratch" = "${scratches[0]}" ]; then
-            last="$(grep -E '^#[0-9]+' "$log" | tail -n 1)"
-            cov="$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")"
-            ft="$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")"
-        fi
         if grep -qE 'ERROR: libFuzzer|panicked|SUMMARY: AddressSanitizer' "$log"; then
             echo "$t: a run failed; log kept in $log" >&2
             failed=1
