@@ -729,7 +729,6 @@ impl Service {
                 "no destination reaches exactly the processors of vector {vector:#x}"
             ));
         }
-        let on: Vec<_> = self.registry.on_vector(vector).collect();
         // ... and still does after any of them goes: no union of them is a
         // set only the broadcast names.
         for alias in self.topology.broadcast_aliases() {
@@ -749,7 +748,7 @@ impl Service {
         let mut exclusive = ProcessorSet::EMPTY;
         let mut shared = ProcessorSet::EMPTY;
         let mut kinds: Vec<((InterruptMode, u8), ProcessorSet)> = Vec::new();
-        for (i, (hb, b)) in on.iter().enumerate() {
+        for (i, (hb, b)) in self.registry.on_vector(vector).enumerate() {
             let set = b.processors();
             let kind = (b.mode, b.irql);
             let slot = kinds.iter().position(|(k, _)| *k == kind);
@@ -762,8 +761,9 @@ impl Service {
                 set & all
             };
             if !clash.is_empty() {
-                let earlier = on
-                    .iter()
+                let earlier = self
+                    .registry
+                    .on_vector(vector)
                     .take(i)
                     .find(|(_, a)| !(a.processors() & set).is_empty() && !may_chain(a, b));
                 let ha = earlier.map_or(0, |(h, _)| h.raw());
