@@ -106,21 +106,39 @@ done
 
 # One target at a time, so that a skipped target (and what only it depends
 # on) is never compiled; the shared dependencies are built once.
+# Targets built without comparison tracing (fuzz/untraced_targets.sh reads
+# [package.metadata.no-trace-compares]), in their own target folder so that
+# the two sets of flags do not rebuild each other's dependencies.
+mapfile -t untraced < <(./untraced_targets.sh)
+untraced_dir="$target_dir/no-trace-compares"
+bin_of() {
+    if [ "$sanitizer" != coverage ] && is_listed "$1" "${untraced[@]}"; then
+        echo "$untraced_dir/$triple/release/$1"
+    else
+        echo "$target_dir/$triple/release/$1"
+    fi
+}
+
 if [ "$sanitizer" = coverage ]; then
     cargo fuzz build "${build_args[@]}"
 else
     for t in "${build[@]}"; do
-        cargo fuzz build "${build_args[@]}" "$t"
+        if is_listed "$t" "${untraced[@]}"; then
+            say "$t: built without comparison tracing ([package.metadata.no-trace-compares])"
+            cargo fuzz build "${build_args[@]}" --no-trace-compares --target-dir "$untraced_dir" "$t"
+        else
+            cargo fuzz build "${build_args[@]}" "$t"
+        fi
     done
 fi
 
-bin_dir="$target_dir/$triple/release"
 for t in "${build[@]}"; do
-    if [ ! -x "$bin_dir/$t" ]; then
-        say "error: cargo fuzz build left no binary at $bin_dir/$t" >&2
+    bin="$(bin_of "$t")"
+    if [ ! -x "$bin" ]; then
+        say "error: cargo fuzz build left no binary at $bin" >&2
         exit 1
     fi
-    cp "$bin_dir/$t" "$OUT/$t"
+    cp "$bin" "$OUT/$t"
 
     zip="$OUT/${t}_seed_corpus.zip"
     rm -f "$zip"

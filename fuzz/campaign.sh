@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A fuzzing campaign: builds the targets once (cargo fuzz build, AddressSanitizer),
-# snapshots the binaries, then runs each target in turn, starting from the
-# previous campaigns' corpus and the checked-in seeds.
+# A fuzzing campaign: builds the targets once (fuzz/build.sh: cargo fuzz
+# build, AddressSanitizer), snapshots the binaries, then runs each target in
+# turn, starting from the previous campaigns' corpus and the checked-in seeds.
 #
 #   fuzz/campaign.sh [SECONDS] [TARGET...]      (default: 600, every target)
 #
@@ -54,11 +54,8 @@ mkdir -p "$logs/bin"
 failures() {
     find "artifacts/$1" -type f ! -name 'slow-unit-*' | wc -l
 }
-RUSTC_BOOTSTRAP=1 cargo fuzz build
+./build.sh "$logs/bin" "${targets[@]}"
 built_from="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- .. || echo +dirty)"
-for t in "${targets[@]}"; do
-    cp "target/x86_64-unknown-linux-gnu/release/$t" "$logs/bin/$t"
-done
 [ -f "$logs/table.md" ] || {
     echo "| target | built from | cores | executions | wall time | exec/s | exec/s per core (CPU time) | cov | ft | corpus at end | crashes | command |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|"

@@ -174,6 +174,13 @@ for t in "${expected[@]}"; do
     say "ok $t: $(stat -c %s "$bin") byte binary, $(echo "$have" | wc -l) seeds, all run"
 done
 
+mapfile -t untraced < <(cd "$copy/fuzz" && ./untraced_targets.sh)
+for t in "${untraced[@]}"; do
+    grep -q "^cflite build.sh: $t: built without comparison tracing" "$log" ||
+        fail "$t is in [package.metadata.no-trace-compares] but build.sh did not build it without comparison tracing"
+    say "ok $t: built without comparison tracing"
+done
+
 for t in "${skipped[@]}"; do
     grep -q "^cflite build.sh: skipping $t: needs /dev/kvm" "$log" || fail "build.sh did not report $t as skipped"
     if [ -e "$OUT/$t" ] || [ -e "$OUT/${t}_seed_corpus.zip" ]; then

@@ -16,8 +16,8 @@ logs="${LOGS:-/tmp/fuzz-campaign}"
 for t in "$@"; do
     bin="$logs/bin/$t"
     if [ ! -x "$bin" ]; then
-        RUSTC_BOOTSTRAP=1 cargo fuzz build "$t"
-        bin="target/x86_64-unknown-linux-gnu/release/$t"
+        ./build.sh target/minimize-bin "$t"
+        bin="target/minimize-bin/$t"
     fi
     out="$(mktemp -d)"
     "$bin" -set_cover_merge=1 -use_counters=0 "$out" "corpus/$t" "../resources/fuzz-corpus/$t" >"$logs/$t.merge.log" 2>&1

@@ -10,7 +10,11 @@
 #
 # BIN=DIR takes the binaries from DIR (e.g. the ones campaign.sh snapshots in
 # $LOGS/bin, or an older build kept for a before/after comparison); without
-# it the targets are built (cargo fuzz build, AddressSanitizer).
+# it the targets are built (fuzz/build.sh: cargo fuzz build, AddressSanitizer).
+#
+# CORPUS=DIR starts from DIR (read-only; e.g. a campaign's fuzz/corpus/TARGET)
+# instead of the checked-in corpus: the rate a long campaign settles at,
+# once its inputs have grown, rather than the rate of its first minutes.
 #
 # PROCS=N runs N processes of each target at once (one per core: what the
 # machine does on all its cores), each from the same starting corpus into
@@ -22,6 +26,14 @@
 # machine shared with other work this is the figure that compares two
 # builds), cov and ft at the end, and the load average when it ended.
 set -euo pipefail
+seeds="${CORPUS:-}"
+if [ -n "$seeds" ]; then
+    if ! [ -d "$seeds" ]; then
+        echo "throughput.sh: CORPUS must be a folder of inputs, not '$seeds'" >&2
+        exit 2
+    fi
+    seeds="$(realpath "$seeds")"
+fi
 cd "$(dirname "$0")"
 seconds="${1:-60}"
 mapfile -t targets < <(./targets.sh "${@:2}")
@@ -32,8 +44,8 @@ if ! [[ "$procs" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 if [ -z "$bin" ]; then
-    RUSTC_BOOTSTRAP=1 cargo fuzz build
-    bin="target/x86_64-unknown-linux-gnu/release"
+    bin="target/throughput-bin"
+    ./build.sh "$bin" "${targets[@]}"
 fi
 printf '%-18s %11s %8s %10s %6s %7s  %s\n' target executions exec/s exec/cpu-s cov ft load
 for t in "${targets[@]}"; do
@@ -45,7 +57,7 @@ for t in "${targets[@]}"; do
         scratches+=("$scratch")
         mkdir "$scratch/corpus"
         /usr/bin/time -o "$scratch/cpu" -f '%U %S' "$bin/$t" -max_total_time="$seconds" \
-            -print_final_stats=1 "${options[@]}" "$scratch/corpus" "../resources/fuzz-corpus/$t" \
+            -print_final_stats=1 "${options[@]}" "$scratch/corpus" "${seeds:-../resources/fuzz-corpus/$t}" \
             >"$scratch/log" 2>&1 &
     done
     wait
