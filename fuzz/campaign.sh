@@ -9,10 +9,11 @@
 # RUNS=N, until it has made N executions, whichever comes first. With
 # CORES=1 (the default) that is one libFuzzer process, what `cargo fuzz run
 # TARGET fuzz/corpus/TARGET resources/fuzz-corpus/TARGET --
-# -max_total_time=SECONDS -jobs=1 -workers=1` does. With CORES=N > 1 it is
-# libFuzzer's fork mode (-fork=N): N child processes fuzz at once from one
-# corpus, the parent merges what they find and counts their executions
-# together, so RUNS counts the whole target's executions. With PARALLEL=jobs
+# -max_total_time=SECONDS -jobs=1 -workers=1` does (built as fuzz/build.sh
+# builds it: untraced for the targets fuzz/untraced_targets.sh lists). With
+# CORES=N > 1 it is libFuzzer's fork mode (-fork=N): N child processes fuzz
+# at once from one corpus, the parent merges what they find and counts their
+# executions together, so RUNS counts the whole target's executions. With PARALLEL=jobs
 # (and CORES=N > 1) it is libFuzzer's -jobs=N -workers=N instead: N whole
 # fuzzers sharing the corpus folder, each stopping after RUNS/N executions;
 # fork mode starts every job from a few dozen seeds, and a target with tens

@@ -26,18 +26,21 @@
 # machine shared with other work this is the figure that compares two
 # builds), cov and ft at the end, and the load average when it ended.
 set -euo pipefail
-seeds="${CORPUS:-}"
-if [ -n "$seeds" ]; then
-    if ! [ -d "$seeds" ]; then
-        echo "throughput.sh: CORPUS must be a folder of inputs, not '$seeds'" >&2
+# The absolute path of folder $2, given in variable $1 (empty stays
+# empty): both are read before the script moves into fuzz/.
+folder() {
+    [ -n "$2" ] || return 0
+    if ! [ -d "$2" ]; then
+        echo "throughput.sh: $1 must be a folder ($3), not '$2'" >&2
         exit 2
     fi
-    seeds="$(realpath "$seeds")"
-fi
+    realpath "$2"
+}
+seeds="$(folder CORPUS "${CORPUS:-}" "of inputs")"
+bin="$(folder BIN "${BIN:-}" "of fuzz binaries")"
 cd "$(dirname "$0")"
 seconds="${1:-60}"
 mapfile -t targets < <(./targets.sh "${@:2}")
-bin="${BIN:-}"
 procs="${PROCS:-1}"
 if ! [[ "$procs" =~ ^[1-9][0-9]*$ ]]; then
     echo "throughput.sh: PROCS must be a whole number of processes, 1 or more, not '$procs'" >&2
@@ -47,6 +50,12 @@ if [ -z "$bin" ]; then
     bin="target/throughput-bin"
     ./build.sh "$bin" "${targets[@]}"
 fi
+for t in "${targets[@]}"; do
+    if ! [ -x "$bin/$t" ]; then
+        echo "throughput.sh: no fuzz binary $bin/$t (BIN names the folder that holds one per target)" >&2
+        exit 2
+    fi
+done
 printf '%-18s %11s %8s %10s %6s %7s  %s\n' target executions exec/s exec/cpu-s cov ft load
 for t in "${targets[@]}"; do
     options=()
