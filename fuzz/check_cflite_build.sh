@@ -45,6 +45,7 @@ say() { echo "check_cflite_build: $*"; }
 for tool in git jq zip unzip; do
     command -v "$tool" >/dev/null || fail "$tool is needed (apt-get install $tool)"
 done
+command -v objdump >/dev/null || fail "objdump is needed (apt-get install binutils)"
 if ! cargo fuzz --version >/dev/null 2>&1; then
     say "cargo-fuzz is missing: cargo install cargo-fuzz --locked"
     cargo install cargo-fuzz --locked
@@ -174,11 +175,22 @@ for t in "${expected[@]}"; do
     say "ok $t: $(stat -c %s "$bin") byte binary, $(echo "$have" | wc -l) seeds, all run"
 done
 
+# Calls into libFuzzer's comparison hooks in a binary's code.
+cmp_hook_calls() {
+    objdump -d --no-show-raw-insn "$1" | grep -c 'call.*<__sanitizer_cov_trace_[a-z_]*cmp' || true
+}
 mapfile -t untraced < <(cd "$copy/fuzz" && ./untraced_targets.sh)
-for t in "${untraced[@]}"; do
-    grep -q "^cflite build.sh: $t: built without comparison tracing" "$log" ||
-        fail "$t is in [package.metadata.no-trace-compares] but build.sh did not build it without comparison tracing"
-    say "ok $t: built without comparison tracing"
+for t in "${expected[@]}"; do
+    calls="$(cmp_hook_calls "$OUT/$t")"
+    if listed "$t" "${untraced[@]}"; then
+        grep -q "^cflite build.sh: $t: built without comparison tracing" "$log" ||
+            fail "$t is in [package.metadata.no-trace-compares] but build.sh did not say it built it so"
+        [ "$calls" -eq 0 ] || fail "$t is in [package.metadata.no-trace-compares] but its binary makes $calls calls to comparison hooks"
+        say "ok $t: built without comparison tracing (no comparison hook called)"
+    else
+        [ "$calls" -gt 0 ] || fail "$t is not in [package.metadata.no-trace-compares] but its binary calls no comparison hook"
+        say "ok $t: comparison tracing ($calls hook calls)"
+    fi
 done
 
 for t in "${skipped[@]}"; do
