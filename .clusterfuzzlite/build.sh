@@ -104,8 +104,6 @@ for t in "${targets[@]}"; do
     fi
 done
 
-# One target at a time, so that a skipped target (and what only it depends
-# on) is never compiled; the shared dependencies are built once.
 # Targets built without comparison tracing (fuzz/untraced_targets.sh reads
 # [package.metadata.no-trace-compares]), in their own target folder so that
 # the two sets of flags do not rebuild each other's dependencies.
@@ -119,6 +117,8 @@ bin_of() {
     fi
 }
 
+# One target at a time, so that a skipped target (and what only it depends
+# on) is never compiled; the shared dependencies are built once.
 if [ "$sanitizer" = coverage ]; then
     cargo fuzz build "${build_args[@]}"
 else

@@ -21,16 +21,9 @@ cd "$(dirname "$0")"
 mapfile -t targets < <(./targets.sh "${@:2}")
 mapfile -t untraced < <(./untraced_targets.sh)
 untraced_dir=target/no-trace-compares
-is_untraced() {
-    local u
-    for u in "${untraced[@]}"; do
-        [ "$u" = "$1" ] && return 0
-    done
-    return 1
-}
 RUSTC_BOOTSTRAP=1 cargo fuzz build
 for t in "${targets[@]}"; do
-    if is_untraced "$t"; then
+    if printf '%s\n' "${untraced[@]}" | grep -qx -- "$t"; then
         RUSTC_BOOTSTRAP=1 cargo fuzz build --no-trace-compares --target-dir "$untraced_dir" "$t"
         cp "$untraced_dir/x86_64-unknown-linux-gnu/release/$t" "$dir/$t"
     else

@@ -13,9 +13,10 @@
 # builds it: untraced for the targets fuzz/untraced_targets.sh lists). With
 # CORES=N > 1 it is libFuzzer's fork mode (-fork=N): N child processes fuzz
 # at once from one corpus, the parent merges what they find and counts their
-# executions together, so RUNS counts the whole target's executions. With PARALLEL=jobs
-# (and CORES=N > 1) it is libFuzzer's -jobs=N -workers=N instead: N whole
-# fuzzers sharing the corpus folder, each stopping after RUNS/N executions;
+# executions together, so RUNS counts the whole target's executions. With
+# PARALLEL=jobs (and CORES=N > 1) it is libFuzzer's -jobs=N -workers=N
+# instead: N whole fuzzers sharing the corpus folder, each stopping after
+# RUNS/N executions;
 # fork mode starts every job from a few dozen seeds, and a target with tens
 # of thousands of features (connect_sequences) then spends its jobs
 # re-finding what the corpus already covers. A target's options
